@@ -1,0 +1,5 @@
+"""PTQLogic: post-training INT8 quantization and inference engines for 3D medical segmentation.
+
+No Slicer imports here: the Slicer module (PTQSegmentation) is thin glue over this package.
+"""
+__version__ = "0.1.0"

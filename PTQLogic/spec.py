@@ -1,0 +1,198 @@
+"""Model spec: everything needed to run a 3D segmentation network on a volume.
+
+A spec is a small JSON (or YAML) file next to the weights. Paths inside it are relative to the
+spec file. Loading a spec never executes code: the architecture is looked up by name in a fixed
+table of MONAI networks (see :mod:`PTQLogic.models`).
+
+Example::
+
+    {"name": "phantom-unet", "architecture": "UNet",
+     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 5,
+                "channels": [16, 32, 64, 128], "strides": [2, 2, 2]},
+     "in_channels": 1,
+     "classes": [{"name": "background"}, {"name": "liver", "color": [221, 130, 101]}, ...],
+     "patch_size": [64, 64, 64],
+     "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5],
+                       "intensity": "ct", "ct_window": [-1000, 1000]},
+     "overlap": 0.25, "blend_mode": "gaussian",
+     "weights": "phantom-unet.pt", "weights_format": "state_dict"}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+INTENSITY_MODES = ("ct", "zscore", "none")
+WEIGHTS_FORMATS = ("state_dict", "torchscript", "onnx")
+BLEND_MODES = ("gaussian", "constant")
+
+# A few distinct, readable colors for classes without one (Slicer's GenericAnatomyColors style).
+DEFAULT_COLORS = [
+    (0, 0, 0), (221, 130, 101), (157, 108, 162), (185, 102, 83), (216, 101, 79), (255, 253, 229),
+    (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (230, 220, 70),
+    (183, 156, 220), (0, 151, 206), (250, 250, 225), (244, 214, 49), (200, 200, 235),
+]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output channel of the network; its position in ``ModelSpec.classes`` is its label value."""
+
+    name: str
+    color: tuple[int, int, int] = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    orientation: str | None = "RAS"  # axcodes of the network's input grid; None keeps the file's
+    spacing: tuple[float, float, float] | None = None  # mm along the network's i, j, k axes; None keeps
+    intensity: str = "ct"  # "ct": clip to ct_window and scale to [0, 1]; "zscore": per-volume; "none"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str  # a MONAI network name (models.ARCHITECTURES), "torchscript" or "onnx"
+    classes: tuple[ClassInfo, ...]
+    patch_size: tuple[int, int, int]
+    in_channels: int = 1
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing = Preprocessing()
+    overlap: float = 0.25
+    blend_mode: str = "gaussian"
+    weights: str | None = None  # path, relative to the spec file's folder
+    weights_format: str = "state_dict"
+    base_dir: str = "."  # folder that relative paths are resolved against (not saved)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def weights_path(self) -> Path | None:
+        if self.weights is None:
+            return None
+        path = Path(self.weights)
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("base_dir")
+        data["classes"] = [{"name": c.name, "color": list(c.color)} for c in self.classes]
+        return data
+
+    def save(self, path: str | Path) -> None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _tuple3(value: Any, what: str, cast=float) -> tuple:
+    try:
+        items = tuple(cast(v) for v in value)
+    except (TypeError, ValueError):
+        raise ModelError(f"Model spec: {what} must be a list of 3 numbers, got {value!r}.") from None
+    if len(items) != 3 or any(v <= 0 for v in items):
+        raise ModelError(f"Model spec: {what} must be 3 positive numbers, got {value!r}.")
+    return items
+
+
+def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpec:
+    """Validate a parsed spec and build a :class:`ModelSpec`; every problem is a :class:`ModelError`."""
+    if not isinstance(data, dict):
+        raise ModelError("Model spec must be a JSON/YAML object (a mapping of keys to values).")
+    known = {f for f in ModelSpec.__dataclass_fields__ if f != "base_dir"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ModelError(f"Model spec has unknown keys {unknown}; allowed keys are {sorted(known)}.")
+    for key in ("name", "architecture", "classes", "patch_size"):
+        if key not in data:
+            raise ModelError(f"Model spec is missing required key '{key}'.")
+    raw_classes = data["classes"]
+    if not isinstance(raw_classes, list) or len(raw_classes) < 2:
+        raise ModelError("Model spec: 'classes' must list every output channel, background first (>= 2).")
+    classes = []
+    for i, item in enumerate(raw_classes):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ModelError(f"Model spec: classes[{i}] needs a 'name' string, got {item!r}.")
+        color = item.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        if len(color) != 3 or not all(0 <= int(c) <= 255 for c in color):
+            raise ModelError(f"Model spec: classes[{i}].color must be 3 integers 0-255, got {color!r}.")
+        classes.append(ClassInfo(item["name"], tuple(int(c) for c in color)))
+
+    pre = data.get("preprocessing", {}) or {}
+    if not isinstance(pre, dict):
+        raise ModelError("Model spec: 'preprocessing' must be an object.")
+    bad = sorted(set(pre) - set(Preprocessing.__dataclass_fields__))
+    if bad:
+        raise ModelError(f"Model spec: unknown preprocessing keys {bad}.")
+    intensity = pre.get("intensity", "ct")
+    if intensity not in INTENSITY_MODES:
+        raise ModelError(f"Model spec: preprocessing.intensity must be one of {INTENSITY_MODES}, got {intensity!r}.")
+    window = tuple(float(v) for v in pre.get("ct_window", (-1000.0, 1000.0)))
+    if len(window) != 2 or window[0] >= window[1]:
+        raise ModelError(f"Model spec: preprocessing.ct_window must be [low, high] with low < high, got {window}.")
+    spacing = pre.get("spacing")
+    preprocessing = Preprocessing(
+        orientation=pre.get("orientation", "RAS"),
+        spacing=None if spacing is None else _tuple3(spacing, "preprocessing.spacing"),
+        intensity=intensity,
+        ct_window=window,
+    )
+    weights_format = data.get("weights_format", "state_dict")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ModelError(f"Model spec: weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}.")
+    blend = data.get("blend_mode", "gaussian")
+    if blend not in BLEND_MODES:
+        raise ModelError(f"Model spec: blend_mode must be one of {BLEND_MODES}, got {blend!r}.")
+    overlap = float(data.get("overlap", 0.25))
+    if not 0.0 <= overlap < 1.0:
+        raise ModelError(f"Model spec: overlap must be in [0, 1), got {overlap}.")
+    in_channels = int(data.get("in_channels", 1))
+    if in_channels < 1:
+        raise ModelError(f"Model spec: in_channels must be >= 1, got {in_channels}.")
+    kwargs = data.get("kwargs", {}) or {}
+    if not isinstance(kwargs, dict):
+        raise ModelError("Model spec: 'kwargs' must be an object of constructor arguments.")
+    return ModelSpec(
+        name=str(data["name"]),
+        architecture=str(data["architecture"]),
+        classes=tuple(classes),
+        patch_size=_tuple3(data["patch_size"], "patch_size", int),
+        in_channels=in_channels,
+        kwargs=dict(kwargs),
+        preprocessing=preprocessing,
+        overlap=overlap,
+        blend_mode=blend,
+        weights=data.get("weights"),
+        weights_format=weights_format,
+        base_dir=str(base_dir),
+    )
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read a spec from ``.json``/``.yaml``/``.yml`` (YAML via ``yaml.safe_load``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Model spec '{path}' does not exist or is not a file.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # any parse failure is a user-facing error
+        raise ModelError(f"Model spec '{path}' is not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
+    return spec_from_dict(data, base_dir=path.parent)
