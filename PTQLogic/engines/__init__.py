@@ -1,0 +1,170 @@
+"""Runtimes behind one :class:`~PTQLogic.engines.base.Engine` protocol, and how to pick one.
+
+Runtime modules are imported lazily: a missing TensorRT or OpenVINO only matters when requested.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from ..errors import EngineUnavailable, InputError, ModelError
+from ..progress import Monitor
+from .base import PRECISIONS, RUNTIMES, Engine, EngineInfo
+
+__all__ = ["Engine", "EngineInfo", "RUNTIMES", "PRECISIONS", "available_runtimes", "choose_runtime", "create_engine"]
+
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime",
+    "openvino": "pip install openvino",
+    "tensorrt": "pip install tensorrt",
+}
+# which runtimes can run which precision at all (fp16 needs an NVIDIA GPU)
+SUPPORTED_PRECISIONS = {
+    "torch": ("fp32", "fp16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
+
+
+def _importable(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+        return None
+    except Exception as exc:
+        return f"not installed ({type(exc).__name__}: {exc}); try: {INSTALL_HINTS.get(module, 'pip install ' + module)}"
+
+
+def available_runtimes() -> dict[str, str | None]:
+    """runtime -> None when usable here, else the reason it is not."""
+    status: dict[str, str | None] = {"torch": None}
+    status["onnxruntime"] = _importable("onnxruntime")
+    status["openvino"] = _importable("openvino")
+    if status["openvino"] is None:
+        import openvino
+
+        if "CPU" not in openvino.Core().available_devices:
+            status["openvino"] = "OpenVINO finds no CPU device here"
+    status["tensorrt"] = _importable("tensorrt")
+    if status["tensorrt"] is None and not torch.cuda.is_available():
+        status["tensorrt"] = "no CUDA GPU usable by PyTorch here (TensorRT needs an NVIDIA GPU)"
+    return status
+
+
+def choose_runtime(precision: str) -> tuple[str, str]:
+    """The fastest usable runtime for ``precision`` here, with a one-line reason."""
+    if precision not in PRECISIONS:
+        raise InputError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
+    status = available_runtimes()
+    if status["tensorrt"] is None:
+        return "tensorrt", "TensorRT: fastest runtime on this NVIDIA GPU"
+    if precision == "fp16":
+        if torch.cuda.is_available():
+            return "torch", f"PyTorch CUDA: FP16 without TensorRT ({status['tensorrt']})"
+        raise EngineUnavailable("FP16 needs an NVIDIA GPU (TensorRT or PyTorch CUDA); use fp32 or int8 on this CPU.")
+    if status["openvino"] is None:
+        return "openvino", "OpenVINO: fastest CPU runtime (no NVIDIA GPU/TensorRT here)"
+    if status["onnxruntime"] is None:
+        return "onnxruntime", f"ONNX Runtime: portable CPU runtime (OpenVINO {status['openvino']})"
+    if precision == "fp32":
+        return "torch", "PyTorch: the only runtime installed (no OpenVINO, ONNX Runtime or TensorRT)"
+    raise EngineUnavailable("INT8 needs OpenVINO, ONNX Runtime or TensorRT; install one (pip install openvino).")
+
+
+def _artifact(path: str | Path | None, what: str, hint: str) -> Path:
+    if path is None:
+        raise ModelError(f"No {what} was given; {hint}")
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what} '{path}' does not exist; {hint}")
+    return path
+
+
+def create_engine(
+    runtime: str,
+    precision: str,
+    *,
+    fp32_onnx: str | Path | None = None,
+    int8_onnx: str | Path | None = None,
+    torch_model: torch.nn.Module | None = None,
+    weights_path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    max_batch: int = 4,
+    monitor: Monitor | None = None,
+) -> Engine:
+    """An engine for ``runtime`` ("auto" picks one) at ``precision``, from the matching artifact.
+
+    fp32 runs ``fp32_onnx`` (or ``torch_model`` for "torch"), int8 runs ``int8_onnx``; TensorRT plans
+    (and the FP16 ONNX TensorRT needs) are built once and kept in ``cache_dir``.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
+    if runtime == "auto":
+        runtime, _ = choose_runtime(precision)
+    if runtime not in RUNTIMES:
+        raise InputError(f"Unknown runtime {runtime!r}; choose one of {('auto',) + RUNTIMES}.")
+    reason = available_runtimes()[runtime]
+    if reason is not None:
+        raise EngineUnavailable(f"Runtime '{runtime}' cannot run here: {reason}.")
+    if precision not in SUPPORTED_PRECISIONS[runtime]:
+        raise EngineUnavailable(
+            f"Runtime '{runtime}' does not run {precision}; it runs {SUPPORTED_PRECISIONS[runtime]}."
+        )
+    if runtime in ("torch", "onnxruntime") and device is not None:
+        device = device.lower()  # torch device names
+    if runtime == "torch":
+        if torch_model is None:
+            raise ModelError("The 'torch' runtime needs the PyTorch model (a spec with weights), not only ONNX files.")
+        from .torch_engine import TorchEngine
+
+        return TorchEngine(torch_model, precision, device=device, weights_path=weights_path)
+
+    if precision == "int8":
+        onnx_path = _artifact(int8_onnx, "INT8 ONNX", "quantize the model first (ptqseg quantize) or pick fp32.")
+    else:
+        onnx_path = _artifact(fp32_onnx, "FP32 ONNX", "export the model first (ptqseg quantize writes fp32.onnx).")
+    if runtime == "onnxruntime":
+        from .onnxruntime_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(onnx_path, precision, device=device, threads=threads)
+    if runtime == "openvino":
+        from .openvino_engine import OpenVINOEngine
+
+        ov_cache = None if cache_dir is None else Path(cache_dir) / "openvino"
+        ov_device = "CPU" if device in (None, "cpu", "CPU") else device  # OpenVINO device names
+        return OpenVINOEngine(onnx_path, precision, device=ov_device, threads=threads, cache_dir=ov_cache)
+    return _tensorrt_engine(onnx_path, precision, cache_dir, device, max_batch, monitor or Monitor())
+
+
+def _tensorrt_engine(onnx_path: Path, precision: str, cache_dir, device, max_batch: int, monitor: Monitor) -> Engine:
+    import tensorrt
+
+    from ..cache import EngineCache, engine_fields
+    from .tensorrt_engine import TensorRTEngine, build_tensorrt_plan, make_fp16_onnx
+
+    cache = EngineCache(cache_dir if cache_dir is not None else onnx_path.parent / "engines")
+    gpu = torch.device(device or "cuda")
+    props = torch.cuda.get_device_properties(gpu)
+    device_name = f"{props.name} sm_{props.major}{props.minor}"
+    source = onnx_path
+    if precision == "fp16":  # strongly-typed TensorRT builds FP16 only from an FP16 graph
+        import onnxconverter_common
+
+        fp16_fields = engine_fields(onnx_path, "fp16", "onnxconverter-common", onnxconverter_common.__version__,
+                                    "any", {}, keep_io_types=True)
+        source = cache.get_or_build(fp16_fields, lambda tmp: make_fp16_onnx(onnx_path, tmp), suffix=".onnx")
+    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch}
+    fields = engine_fields(source, precision, "tensorrt", tensorrt.__version__, device_name, profile)
+    timing_cache = cache.root / f"timing-{tensorrt.__version__}-{props.name.replace(' ', '_')}.cache"
+
+    def build(tmp: Path) -> None:
+        with torch.cuda.device(gpu):
+            build_tensorrt_plan(source, precision, tmp, min_batch=1, opt_batch=1, max_batch=max_batch,
+                                timing_cache_path=timing_cache, monitor=monitor)
+
+    plan = cache.get_or_build(fields, build, suffix=".plan")
+    return TensorRTEngine(plan, precision, device=gpu)

@@ -1,0 +1,80 @@
+"""ONNX Runtime: the portable runtime for the FP32 and the Q/DQ INT8 ONNX (CPU, or CUDA when present)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EngineUnavailable, ModelError
+from .base import EngineInfo
+
+
+def _cuda_usable() -> bool:
+    # onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available()
+
+
+class OnnxRuntimeEngine:
+    """Runs an exported ONNX; ``precision`` names the artifact ("fp32" for fp32.onnx, "int8" for int8.onnx)."""
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        precision: str,
+        device: str | torch.device | None = None,
+        threads: int | None = None,
+    ):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise EngineUnavailable("ONNX Runtime is not installed (pip install onnxruntime).") from None
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ModelError(f"ONNX file '{onnx_path}' does not exist.")
+        self.device = torch.device(device or "cpu")
+        if self.device.type == "cuda":
+            if not _cuda_usable():
+                raise EngineUnavailable("ONNX Runtime CUDA needs onnxruntime-gpu and an NVIDIA GPU; use device 'cpu'.")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = onnxruntime.SessionOptions()
+        # ENABLE_ALL lets the CPU provider fuse Q/DQ pairs into integer kernels where it can
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime cannot load '{onnx_path}': {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.precision = precision
+        self.info = EngineInfo(
+            runtime="onnxruntime",
+            precision=precision,
+            device=str(self.device),
+            runtime_version=onnxruntime.__version__,
+            bytes_on_disk=onnx_path.stat().st_size,
+            path=str(onnx_path),
+        )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._run_cuda(batch)
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()  # shares memory when possible
+        (logits,) = self.session.run([self.output_name], {self.input_name: array})
+        return torch.from_numpy(logits)
+
+    def _run_cuda(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().to(self.device, torch.float32).contiguous()
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", self.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output_name, "cuda", self.device.index or 0)
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        logits = binding.copy_outputs_to_cpu()[0]
+        return torch.from_numpy(logits).to(self.device)

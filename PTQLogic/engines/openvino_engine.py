@@ -1,0 +1,106 @@
+"""OpenVINO: the fast CPU runtime; reads the FP32 ONNX and the Q/DQ INT8 ONNX (convolutions run in i8)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import EngineUnavailable, ModelError
+from .base import EngineInfo
+
+CONV_LAYER_TYPES = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul")
+INT8_PRECISIONS = ("i8", "u8")
+
+
+class OpenVINOEngine:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        precision: str,
+        device: str = "CPU",
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        patch_size: Sequence[int] | None = None,
+    ):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise EngineUnavailable("OpenVINO is not installed (pip install openvino).") from None
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ModelError(f"ONNX file '{onnx_path}' does not exist.")
+        if precision == "fp16" and device.upper().startswith("CPU"):
+            raise EngineUnavailable("OpenVINO on CPU runs fp32 or int8; fp16 needs TensorRT or PyTorch on an NVIDIA GPU.")
+        core = ov.Core()
+        if device not in core.available_devices and device != "AUTO":
+            raise EngineUnavailable(f"OpenVINO device {device!r} is not available here (found {core.available_devices}).")
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        try:
+            model = core.read_model(str(onnx_path))
+        except Exception as exc:
+            raise ModelError(f"OpenVINO cannot read '{onnx_path}': {exc}") from None
+        model.reshape({model.inputs[0]: self._batch_dynamic_shape(ov, model.inputs[0].get_partial_shape(), patch_size)})
+        config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        # AMX CPUs default to bf16 for float layers; keep fp32 (and the float parts of int8) exact
+        config["INFERENCE_PRECISION_HINT"] = "f16" if precision == "fp16" else "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise ModelError(f"OpenVINO cannot compile '{onnx_path}' for {device}: {exc}") from None
+        self._request = self.compiled.create_infer_request()
+        self._output = self.compiled.outputs[0]
+        self.precision = precision
+        self.device = torch.device("cpu")  # inputs and outputs live in host memory
+        self.info = EngineInfo(
+            runtime="openvino",
+            precision=precision,
+            device=f"{device} (OpenVINO)",
+            runtime_version=ov.__version__,
+            bytes_on_disk=onnx_path.stat().st_size,
+            path=str(onnx_path),
+        )
+
+    @staticmethod
+    def _batch_dynamic_shape(ov, shape, patch_size: Sequence[int] | None):
+        dims = list(shape)
+        if len(dims) != 5:
+            raise ModelError(f"Expected a 5-D (N, C, D, H, W) network input, got shape {shape}.")
+        dims[0] = ov.Dimension()  # dynamic batch
+        if patch_size is not None:
+            dims[2:] = [ov.Dimension(int(s)) for s in patch_size]
+        return ov.PartialShape(dims)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        # share_outputs=False (default) copies the result out of the request's reusable buffer
+        result = self._request.infer({0: array}, share_inputs=True)
+        return torch.from_numpy(result[self._output])
+
+    def layer_precisions(self) -> dict[str, tuple[str, str]]:
+        """Executed layers of the compiled model: friendly name -> (layer type, runtime precision)."""
+        layers = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and "runtimePrecision" in info:
+                layers[op.get_friendly_name()] = (info["layerType"].astype(str), info["runtimePrecision"].astype(str))
+        return layers
+
+    def int8_layer_summary(self) -> dict:
+        """How many convolution-like layers execute in int8 (i8/u8) and which do not."""
+        convs = {name: prec for name, (kind, prec) in self.layer_precisions().items() if kind in CONV_LAYER_TYPES}
+        int8 = sorted(name for name, prec in convs.items() if prec in INT8_PRECISIONS)
+        other = sorted(name for name, prec in convs.items() if prec not in INT8_PRECISIONS)
+        return {
+            "convolutions": len(convs),
+            "int8": len(int8),
+            "not_int8": len(other),
+            "int8_layers": int8,
+            "not_int8_layers": other,
+            "precisions": dict(Counter(convs.values())),
+        }

@@ -1,0 +1,191 @@
+"""Volumes in and out: NIfTI, NRRD, MetaImage and DICOM series via SimpleITK.
+
+ITK keeps geometry in LPS (direction columns, spacing, origin); a :class:`~PTQLogic.volume.Volume`
+keeps Slicer's RAS ``ijk_to_ras``. The conversion is ``ijk_to_ras = diag(-1, -1, 1, 1) @ ijk_to_lps``
+with ``ijk_to_lps = [[D @ diag(spacing), origin], [0, 0, 0, 1]]``. ``sitk.GetArrayFromImage``
+already returns the KJI (slice, row, column) order a Volume uses.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .fileio import atomic_path, atomic_write_text
+from .spec import ClassInfo
+from .volume import Volume
+
+READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# A 4D file whose 4th axis is at most this long is read as channels (e.g. multi-modal MR);
+# longer ones are time series, which a 3D segmentation network cannot take.
+MAX_CHANNELS = 8
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def volume_suffix(path: str | Path) -> str | None:
+    """The recognised image suffix of ``path`` (lower case, ``.nii.gz`` as one), or None."""
+    name = Path(path).name.lower()
+    return next((s for s in READ_SUFFIXES if name.endswith(s)), None)
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def dicom_series_ids(folder: str | Path) -> list[str]:
+    """Series instance UIDs of the DICOM files directly inside ``folder`` (empty when none)."""
+    return list(_sitk().ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def _read_dicom_folder(folder: Path):
+    sitk = _sitk()
+    series = dicom_series_ids(folder)
+    if not series:
+        raise InputError(f"Folder '{folder}' holds no DICOM series; give a NIfTI/NRRD/MHA file or a DICOM folder.")
+    if len(series) > 1:
+        raise InputError(
+            f"Folder '{folder}' holds {len(series)} DICOM series ({', '.join(series)}); "
+            "put each series in its own folder and choose one."
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def _ijk_to_ras(image) -> np.ndarray:
+    dim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction @ np.diag(image.GetSpacing()[:3])
+    ijk_to_lps[:3, 3] = image.GetOrigin()[:3]
+    return _LPS_TO_RAS @ ijk_to_lps
+
+
+def _to_volume(image, source: str) -> Volume:
+    size = tuple(image.GetSize())
+    if any(s == 0 for s in size):
+        raise InputError(f"'{source}' is empty (size {size}).")
+    dim = image.GetDimension()
+    if dim == 2:
+        raise InputError(f"'{source}' is a 2D image (size {size}); a 3D volume is needed.")
+    if dim not in (3, 4):
+        raise InputError(f"'{source}' has {dim} dimensions (size {size}); a 3D volume is needed.")
+    components = image.GetNumberOfComponentsPerPixel()
+    if dim == 4 and components > 1:
+        raise InputError(f"'{source}' is a 4D vector image (size {size}, {components} components); not supported.")
+    array = np.array(_sitk().GetArrayFromImage(image), copy=True)
+    if dim == 4:  # array is (T, K, J, I)
+        if size[3] > MAX_CHANNELS:
+            raise InputError(
+                f"'{source}' is a 4D series with {size[3]} volumes; a 3D volume (or at most {MAX_CHANNELS} "
+                "channels) is needed. Extract the volume to segment first."
+            )
+        if size[3] == 1:
+            array = array[0]
+    elif components > 1:  # (K, J, I, C) -> (C, K, J, I)
+        if components > MAX_CHANNELS:
+            raise InputError(f"'{source}' has {components} components per voxel; at most {MAX_CHANNELS} are supported.")
+        array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+    volume = Volume(array=array, ijk_to_ras=_ijk_to_ras(image))
+    return volume.validate(f"image '{source}'")
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a NIfTI/NRRD/MetaImage file or a folder with exactly one DICOM series as a :class:`Volume`."""
+    sitk = _sitk()
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Input '{path}' does not exist.")
+    if path.is_dir():
+        try:
+            image = _read_dicom_folder(path)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise InputError(f"Could not read the DICOM series in '{path}': {reason}") from None
+        return _to_volume(image, str(path))
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(
+            f"Could not read '{path}' as an image; supported are {', '.join(READ_SUFFIXES)} files "
+            "and folders holding one DICOM series."
+        ) from None
+    return _to_volume(image, str(path))
+
+
+def _label_array(volume: Volume) -> np.ndarray:
+    array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise InputError(f"A label map must be 3D (K, J, I); got shape {array.shape}.")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        if not np.array_equal(array, np.round(array)):
+            raise InputError("A label map must hold whole numbers; got fractional values.")
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise InputError(f"Label values must lie in 0..65535; got {low}..{high}.")
+    return array.astype(np.uint8 if high <= 255 else np.uint16, copy=False)
+
+
+def to_sitk_image(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
+    """A SimpleITK image (LPS geometry) for a KJI array on ``ijk_to_ras``."""
+    sitk = _sitk()
+    ijk_to_lps = _LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float)
+    columns = ijk_to_lps[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    direction = columns / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+        raise InputError("The IJK-to-RAS matrix is sheared (axes not perpendicular); ITK formats cannot store it.")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    image.SetOrigin(tuple(float(v) for v in ijk_to_lps[:3, 3]))
+    return image
+
+
+def write_labelmap(volume: Volume, path: str | Path) -> None:
+    """Write a label map atomically on exactly ``volume``'s grid (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)."""
+    path = Path(path)
+    if path.name.lower().endswith(".nhdr") or path.name.lower().endswith(".mhd"):
+        raise InputError(f"'{path}': detached-header formats are not written; use .nrrd, .nii.gz or .mha.")
+    if volume_suffix(path) is None:
+        raise InputError(f"Cannot write label map '{path}': use one of {', '.join(WRITE_SUFFIXES)}.")
+    image = to_sitk_image(_label_array(volume), volume.ijk_to_ras)
+    try:
+        with atomic_path(path) as tmp:
+            _sitk().WriteImage(image, str(tmp), True)
+    except RuntimeError as exc:
+        raise InputError(f"Could not write '{path}': {str(exc).strip().splitlines()[-1]}") from None
+
+
+def label_table_paths(labelmap_path: str | Path) -> tuple[Path, Path]:
+    """``labels.nii.gz`` -> (``labels.json``, ``labels.csv``) next to it."""
+    path = Path(labelmap_path)
+    suffix = volume_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.stem
+    return path.with_name(stem + ".json"), path.with_name(stem + ".csv")
+
+
+def write_label_table(classes: Sequence[ClassInfo], path: str | Path) -> None:
+    """Write label value -> name/color as ``.json`` (``{"labels": [...]}``) or ``.csv`` (value,name,r,g,b)."""
+    path = Path(path)
+    rows = [(value, c.name, [int(v) for v in c.color]) for value, c in enumerate(classes)]
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = {"labels": [{"value": v, "name": n, "color": col} for v, n, col in rows]}
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    elif suffix == ".csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["value", "name", "r", "g", "b"])
+        writer.writerows([v, n, *col] for v, n, col in rows)
+        atomic_write_text(path, buffer.getvalue())
+    else:
+        raise InputError(f"Label table '{path}' must end in .json or .csv.")

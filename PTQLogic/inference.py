@@ -1,0 +1,113 @@
+"""Whole-volume segmentation: preprocess, MONAI sliding window over an Engine, argmax, back to the input grid."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .engines.base import Engine
+from .errors import InputError, ModelError, PTQError
+from .preprocess import labels_to_input_grid, to_network_space
+from .progress import Monitor
+from .spec import ModelSpec
+from .volume import Volume
+
+STAGE = "sliding window"
+
+
+@dataclass
+class SegmentationResult:
+    labels: Volume  # KJI uint8/uint16 label map on exactly the input volume's grid
+    seconds: float  # total wall time (preprocessing, network, blending, resampling back)
+    network_seconds: float  # time spent inside the engine
+    patches: int  # number of windows the engine ran
+
+
+def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
+    """Number of windows MONAI's ``sliding_window_inference`` runs for one image of ``image_shape``."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    padded = tuple(max(s, r) for s, r in zip(image_shape, roi_size))
+    interval = _get_scan_interval(padded, roi_size, len(roi_size), (overlap,) * len(roi_size))
+    return len(dense_patch_slices(padded, roi_size, interval))
+
+
+class _CountingPredictor:
+    """Calls the engine, checks its output, times it and reports progress per batch."""
+
+    def __init__(self, engine: Engine, spec: ModelSpec, total: int, monitor: Monitor):
+        self.engine, self.spec, self.total, self.monitor = engine, spec, total, monitor
+        self.patches = 0
+        self.seconds = 0.0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.monitor.check()
+        batch = batch.to(device=self.engine.device, dtype=torch.float32).contiguous()
+        started = time.perf_counter()
+        try:
+            logits = self.engine(batch)
+        except PTQError:
+            raise
+        except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
+            raise ModelError(f"The engine failed on a batch of shape {tuple(batch.shape)}: {exc}") from exc
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        self.seconds += time.perf_counter() - started
+        expected = (batch.shape[0], self.spec.num_classes, *batch.shape[2:])
+        if tuple(logits.shape) != expected:
+            raise ModelError(
+                f"The engine returned logits of shape {tuple(logits.shape)} for a batch of {tuple(batch.shape)}; "
+                f"expected {expected} ({self.spec.num_classes} classes in the spec). "
+                "Check that the spec's classes match the network's output channels."
+            )
+        self.patches += batch.shape[0]
+        self.monitor.update(STAGE, self.patches, self.total)
+        return logits.float()
+
+
+def segment_volume(
+    volume: Volume,
+    spec: ModelSpec,
+    engine: Engine,
+    batch_size: int = 1,
+    monitor: Monitor | None = None,
+) -> SegmentationResult:
+    """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid."""
+    from monai.inferers import sliding_window_inference
+
+    monitor = monitor or Monitor()
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise InputError(f"Batch size must be >= 1, got {batch_size}.")
+    image, grid = to_network_space(volume, spec)
+    roi_size = tuple(int(s) for s in spec.patch_size)
+    total = count_windows(grid.shape, roi_size, spec.overlap)
+    predictor = _CountingPredictor(engine, spec, total, monitor)
+    monitor.update(STAGE, 0, total)
+    inputs = image[None].to(engine.device)
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            inputs,
+            roi_size=roi_size,
+            sw_batch_size=batch_size,
+            predictor=predictor,
+            overlap=spec.overlap,
+            mode=spec.blend_mode,
+            padding_mode="constant",
+            cval=0.0,
+        )
+        labels_ijk = torch.argmax(logits[0], dim=0)
+    del logits, inputs
+    dtype = np.uint8 if spec.num_classes <= 256 else np.uint16
+    labels_ijk = labels_ijk.cpu().numpy().astype(dtype)
+    labels_kji = labels_to_input_grid(labels_ijk, grid)
+    labels = Volume(array=labels_kji, ijk_to_ras=grid.input_ijk_to_ras.copy())
+    return SegmentationResult(
+        labels=labels,
+        seconds=time.perf_counter() - started,
+        network_seconds=predictor.seconds,
+        patches=predictor.patches,
+    )

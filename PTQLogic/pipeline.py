@@ -1,0 +1,311 @@
+"""The stable calls behind the CLI and the Slicer module: quantize a model, segment a volume.
+
+``quantize_model`` turns a model spec into a *model directory* (spec + weights, verified FP32 ONNX,
+calibrated INT8 Q/DQ ONNX, a quantization report); ``segment`` runs any engine of a model directory
+on a volume file and writes a label map on the volume's own grid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InputError, ModelError
+from .progress import Monitor
+from .spec import ModelSpec, load_spec
+
+SPEC_NAME = "spec.json"
+FP32_NAME = "fp32.onnx"
+INT8_NAME = "int8.onnx"
+REPORT_NAME = "quantization.json"
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A folder produced by :func:`quantize_model`."""
+
+    root: Path
+
+    @property
+    def spec_path(self) -> Path:
+        return self.root / SPEC_NAME
+
+    @property
+    def fp32_onnx(self) -> Path:
+        return self.root / FP32_NAME
+
+    @property
+    def int8_onnx(self) -> Path:
+        return self.root / INT8_NAME
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT_NAME
+
+    @property
+    def engine_cache(self) -> Path:
+        return self.root / "engines"
+
+    def spec(self) -> ModelSpec:
+        return load_spec(self.spec_path)
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.report_path.read_text()) if self.report_path.is_file() else {}
+
+
+def open_model_dir(path: str | Path) -> ModelDir:
+    root = Path(path)
+    if not (root / SPEC_NAME).is_file() or not (root / FP32_NAME).is_file():
+        raise InputError(
+            f"'{path}' is not a quantized model folder (it needs {SPEC_NAME} and {FP32_NAME}); "
+            "create one with `ptqseg quantize --model SPEC --calibration VOLUMES --out FOLDER`."
+        )
+    return ModelDir(root)
+
+
+@dataclass
+class QuantizeResult:
+    model_dir: Path
+    fp32_bytes: int
+    int8_bytes: int
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_dir": str(self.model_dir),
+            "fp32_onnx": str(self.model_dir / FP32_NAME),
+            "int8_onnx": str(self.model_dir / INT8_NAME),
+            "fp32_mb": self.fp32_bytes / 1e6,
+            "int8_mb": self.int8_bytes / 1e6,
+            "size_ratio": self.int8_bytes / self.fp32_bytes,
+            "seconds": self.seconds,
+            "qdq_ok": self.report.get("qdq", {}).get("ok"),
+        }
+
+
+def _stage_weights(spec: ModelSpec, staging: Path) -> ModelSpec:
+    """Copy the weights next to the staged spec so the model folder is self-contained."""
+    source = spec.weights_path()
+    if source is None:
+        if spec.architecture in ("onnx", "torchscript"):
+            raise ModelError(f"Model spec '{spec.name}' has architecture '{spec.architecture}' but no 'weights' file.")
+        return replace(spec, base_dir=str(staging))
+    if not source.is_file():
+        raise ModelError(f"Model weights '{source}' (from spec '{spec.name}') do not exist.")
+    target = staging / ("weights" + "".join(source.suffixes[-1:]) if source.suffix else "weights.bin")
+    shutil.copyfile(source, target)
+    return replace(spec, weights=target.name, base_dir=str(staging))
+
+
+def _publish_dir(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with two renames, so readers never see a half-written folder."""
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    os.replace(staging, final)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def quantize_model(
+    model: str | Path,
+    calibration: Sequence[str | Path] | str | Path,
+    out_dir: str | Path,
+    *,
+    num_patches: int = 32,
+    seed: int = 0,
+    method: str = "max",
+    exclude_nodes: Sequence[str] = (),
+    monitor: Monitor | None = None,
+) -> QuantizeResult:
+    """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
+    from .calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+    from .export import copy_onnx_model, export_onnx
+    from .models import load_torch_model
+    from .quantize import QuantizeSettings, quantize_onnx
+
+    monitor = monitor or Monitor()
+    started = time.perf_counter()
+    spec = load_spec(model)
+    out_dir = Path(out_dir)
+    if method not in ("max", "entropy"):
+        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
+    if num_patches < 1:
+        raise InputError(f"Number of calibration patches must be >= 1, got {num_patches}.")
+    calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
+    # Validate every input before the long work.
+    volumes = load_calibration_volumes(calibration)
+    torch_model = None if spec.architecture == "onnx" else load_torch_model(spec)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        staged_spec = _stage_weights(spec, staging)
+        staged_spec.save(staging / SPEC_NAME)
+        monitor.update("export", 0, 1)
+        if torch_model is None:
+            copy_onnx_model(staged_spec.weights_path(), staging / FP32_NAME)
+            export_info: dict[str, Any] = {"source": "onnx"}
+        else:
+            exported = export_onnx(torch_model, spec, staging / FP32_NAME, monitor=monitor)
+            export_info = {"source": "torch", "max_abs_error": exported.max_abs_error, "opset": exported.opset}
+        monitor.update("export", 1, 1)
+        patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
+        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
+        report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
+        summary = {
+            "model": spec.name,
+            "export": export_info,
+            "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method},
+            **report.to_dict(),
+            "path": INT8_NAME,  # relative: the staging folder is renamed into place below
+        }
+        (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        monitor.check()
+        _publish_dir(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return QuantizeResult(
+        model_dir=out_dir,
+        fp32_bytes=(out_dir / FP32_NAME).stat().st_size,
+        int8_bytes=(out_dir / INT8_NAME).stat().st_size,
+        seconds=time.perf_counter() - started,
+        report=summary,
+    )
+
+
+def open_engine(
+    model_dir: ModelDir, runtime: str, precision: str, *, device: str | None = None, monitor: Monitor | None = None
+):
+    """Build or load one engine of a model folder ("auto" runtime picks the best usable one)."""
+    from .engines import choose_runtime, create_engine
+    from .models import load_torch_model
+
+    reason = ""
+    if runtime == "auto":
+        runtime, reason = choose_runtime(precision)
+    spec = model_dir.spec()
+    torch_model = load_torch_model(spec) if runtime == "torch" else None
+    engine = create_engine(
+        runtime,
+        precision,
+        fp32_onnx=model_dir.fp32_onnx,
+        int8_onnx=model_dir.int8_onnx if model_dir.int8_onnx.is_file() else None,
+        torch_model=torch_model,
+        weights_path=spec.weights_path(),
+        cache_dir=model_dir.engine_cache,
+        device=device,
+        monitor=monitor or Monitor(),
+    )
+    return engine, reason
+
+
+def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    output = Path(output)
+    name = output.name.lower()
+    if not any(name.endswith(s) for s in LABELMAP_SUFFIXES):
+        raise InputError(f"Output '{output}' must end with one of {LABELMAP_SUFFIXES} (NIfTI or NRRD label map).")
+    for item in inputs:
+        if Path(item).resolve() == output.resolve():
+            raise InputError(f"Output '{output}' is the input file; choose another path so the input is kept.")
+    if output.is_dir():
+        raise InputError(f"Output '{output}' is a folder; give a file name such as labels.nii.gz.")
+    return output
+
+
+@dataclass
+class SegmentOutcome:
+    output: Path
+    labels_json: Path
+    labels_csv: Path
+    runtime: str
+    runtime_reason: str
+    precision: str
+    engine_size_mb: float
+    seconds: float
+    network_seconds: float
+    patches: int
+    build_seconds: float
+    agreement_dice: float | None = None
+    reference_dice: float | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000.0 * self.network_seconds / max(self.patches, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        data["latency_ms"] = self.latency_ms
+        return data
+
+
+def segment(
+    model: str | Path,
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    runtime: str = "auto",
+    precision: str = "int8",
+    batch_size: int = 1,
+    compare: bool = False,
+    reference: str | Path | None = None,
+    device: str | None = None,
+    monitor: Monitor | None = None,
+) -> SegmentOutcome:
+    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map."""
+    from .evaluate import agreement_dice, dice_per_class
+    from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from .inference import segment_volume
+
+    monitor = monitor or Monitor()
+    model_dir = open_model_dir(model)
+    output = check_output_path(output, [input_path] + ([reference] if reference else []))
+    spec = model_dir.spec()
+    volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    ref_volume = read_volume(reference) if reference else None
+    if ref_volume is not None and ref_volume.spatial_shape != volume.spatial_shape:
+        raise InputError(
+            f"Reference '{reference}' has shape {ref_volume.spatial_shape}, the input {volume.spatial_shape}; "
+            "a reference must lie on the input's grid."
+        )
+    started = time.perf_counter()
+    engine, reason = open_engine(model_dir, runtime, precision, device=device, monitor=monitor)
+    build_seconds = time.perf_counter() - started
+    result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
+    labels = list(range(1, spec.num_classes))
+    agreement = None
+    if compare and precision != "fp32":
+        fp32_engine, _ = open_engine(model_dir, engine.info.runtime, "fp32", device=device, monitor=monitor)
+        fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
+        agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)
+    reference_dice = None
+    if ref_volume is not None:
+        reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
+    json_path, csv_path = label_table_paths(output)
+    write_labelmap(result.labels, output)
+    write_label_table(spec.classes, json_path)
+    write_label_table(spec.classes, csv_path)
+    return SegmentOutcome(
+        output=output,
+        labels_json=json_path,
+        labels_csv=csv_path,
+        runtime=engine.info.runtime,
+        runtime_reason=reason,
+        precision=engine.info.precision,
+        engine_size_mb=engine.info.bytes_on_disk / 1e6,
+        seconds=result.seconds,
+        network_seconds=result.network_seconds,
+        patches=result.patches,
+        build_seconds=build_seconds,
+        agreement_dice=agreement,
+        reference_dice=reference_dice,
+    )

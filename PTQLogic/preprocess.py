@@ -1,0 +1,148 @@
+"""Volume (KJI, Slicer) <-> network space (C, I, J, K, MONAI), and back for label maps.
+
+Forward: transpose KJI -> IJK, wrap as a MONAI ``MetaTensor`` whose affine is ``ijk_to_ras``, then
+MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling) as the spec
+asks, then intensity normalization:
+
+- ``"ct"``: clip to ``ct_window`` and scale linearly to [0, 1];
+- ``"zscore"``: per channel, ``(x - mean) / std`` with mean/std over the channel's *nonzero* voxels
+  (nnU-Net/MONAI ``NormalizeIntensity(nonzero=True)`` convention for MR); zero voxels stay 0;
+  a channel with no nonzero voxel is left at 0;
+- ``"none"``: unchanged.
+
+Backward (:func:`labels_to_input_grid`): each input voxel takes the label of the network voxel
+nearest to its centre, by an exact index mapping through the two affines. When the network grid is
+the input grid up to axis permutation/flips (no ``Spacing`` change), it is a pure transpose/flip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .spec import ModelSpec, Preprocessing
+from .volume import Volume
+
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # our affines are RAS
+
+
+@dataclass
+class NetworkGrid:
+    """Where the network-space array lies, and the input grid to map results back to."""
+
+    affine: np.ndarray  # 4x4 network ijk -> RAS
+    shape: tuple[int, int, int]  # network spatial shape (I, J, K after orientation/spacing)
+    input_ijk_to_ras: np.ndarray  # 4x4 of the input Volume
+    input_shape: tuple[int, int, int]  # input Volume's spatial shape, KJI order
+
+
+def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
+    """Geometry only: (C, I, J, K) float32 tensor in network orientation/spacing, raw intensities."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    volume.validate("input volume")
+    if volume.channels != spec.in_channels:
+        raise InputError(
+            f"The volume has {volume.channels} channel(s) but model '{spec.name}' expects {spec.in_channels}; "
+            "give a volume with matching channels (modalities)."
+        )
+    array = volume.array if volume.array.ndim == 4 else volume.array[None]
+    # KJI -> IJK per channel; a fresh float32 copy so nothing downstream can touch volume.array.
+    ijk = np.array(np.transpose(array, (0, 3, 2, 1)), dtype=np.float32, order="C", copy=True)
+    affine = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+    image = MetaTensor(torch.from_numpy(ijk), affine=torch.as_tensor(affine, dtype=torch.float64))
+    prep = spec.preprocessing
+    if prep.orientation:
+        image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
+    if prep.spacing is not None:
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+    grid = NetworkGrid(
+        affine=np.asarray(image.affine, dtype=np.float64).copy(),
+        shape=tuple(int(s) for s in image.shape[1:]),
+        input_ijk_to_ras=affine.copy(),
+        input_shape=tuple(int(s) for s in volume.spatial_shape),
+    )
+    return image.as_tensor().to(torch.float32).contiguous(), grid
+
+
+def normalize_intensity(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Intensity step of :func:`to_network_space` on a (C, ...) tensor (returns a new tensor)."""
+    if prep.intensity == "ct":
+        low, high = prep.ct_window
+        return (image.clamp(low, high) - low) / (high - low)
+    if prep.intensity == "zscore":
+        out = torch.zeros_like(image)
+        for c in range(image.shape[0]):
+            channel = image[c]
+            mask = channel != 0
+            if mask.any():
+                values = channel[mask].double()
+                std = float(values.std(unbiased=False)) or 1.0
+                out[c][mask] = ((values - values.mean()) / std).to(image.dtype)
+        return out
+    return image.clone()
+
+
+def to_network_space(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
+    """(C, I, J, K) float32 network input for ``volume`` and the :class:`NetworkGrid` to map results back."""
+    image, grid = resample_to_network(volume, spec)
+    return normalize_intensity(image, spec.preprocessing), grid
+
+
+def _axis_aligned(linear: np.ndarray, tol: float = 1e-6) -> bool:
+    """True when every input axis maps onto exactly one network axis (scaled permutation, no rotation)."""
+    nonzero = np.abs(linear) > tol * np.abs(linear).max()
+    return bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
+
+
+def labels_to_input_grid(labels_ijk: np.ndarray, grid: NetworkGrid) -> np.ndarray:
+    """Network-space labels (I, J, K) -> KJI array exactly on the input grid (nearest neighbour).
+
+    Input voxels whose centre falls outside the network grid get label 0.
+    """
+    labels_ijk = np.asarray(labels_ijk)
+    if tuple(labels_ijk.shape) != tuple(grid.shape):
+        raise InputError(f"Labels have shape {labels_ijk.shape}; the network grid is {grid.shape}.")
+    # input ijk -> network ijk
+    mapping = np.linalg.solve(grid.affine, grid.input_ijk_to_ras)
+    size_k, size_j, size_i = grid.input_shape
+    if _axis_aligned(mapping[:3, :3]):
+        return _separable_gather(labels_ijk, mapping, (size_i, size_j, size_k))
+    out = np.zeros((size_k, size_j, size_i), dtype=labels_ijk.dtype)
+    jj, ii = np.meshgrid(np.arange(size_j, dtype=np.float64), np.arange(size_i, dtype=np.float64), indexing="ij")
+    net_shape = np.asarray(grid.shape).reshape(3, 1, 1)
+    for k in range(size_k):  # slice by slice keeps index arrays small for big volumes
+        offset = mapping[:3, 2] * k + mapping[:3, 3]
+        points = mapping[:3, 0, None, None] * ii + mapping[:3, 1, None, None] * jj + offset[:, None, None]
+        index = np.floor(points + 0.5).astype(np.int64)
+        inside = np.all((index >= 0) & (index < net_shape), axis=0)
+        out[k][inside] = labels_ijk[index[0][inside], index[1][inside], index[2][inside]]
+    return out
+
+
+def _separable_gather(labels_ijk: np.ndarray, mapping: np.ndarray, input_shape_ijk: tuple[int, int, int]) -> np.ndarray:
+    """Axis-aligned grids (flips, permutations, spacing changes): one index list per axis.
+
+    With unchanged spacing the indices are a plain permutation/flip, so the result is bit-exact.
+    """
+    axes, index_lists, valid = [], [], []
+    for a in range(3):
+        n = int(np.argmax(np.abs(mapping[:3, a])))
+        position = mapping[n, a] * np.arange(input_shape_ijk[a]) + mapping[n, 3]
+        index = np.floor(position + 0.5).astype(np.int64)
+        ok = (index >= 0) & (index < labels_ijk.shape[n])
+        axes.append(n)
+        index_lists.append(np.where(ok, index, 0))
+        valid.append(ok)
+    # reorder the (small) network array into the input's K, J, I axes first, then gather per axis
+    result = np.ascontiguousarray(np.transpose(labels_ijk, axes[::-1]))
+    for axis, a in enumerate((2, 1, 0)):
+        result = np.take(result, index_lists[a], axis=axis)
+    if not all(ok.all() for ok in valid):
+        inside = valid[2][:, None, None] & valid[1][None, :, None] & valid[0][None, None, :]
+        result[~inside] = 0
+    return result

@@ -1,0 +1,166 @@
+"""INT8 post-training quantization of an FP32 ONNX model with NVIDIA ModelOpt (Q/DQ, TensorRT-ready).
+
+ModelOpt writes intermediate models next to its input and output, and logs every step to stdout.
+Here it works in a private temporary folder beside ``out_path`` (same filesystem, so the final rename
+is atomic); only the quantized ONNX and its log (``<out stem>.modelopt.log``) reach the user's folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .export import onnx_io_names
+from .fileio import atomic_path, atomic_write_text
+from .progress import Monitor
+from .qdq_check import QDQReport, check_qdq
+
+METHODS = ("max", "entropy")
+HIGH_PRECISION = ("fp32",)  # fp16 makes ModelOpt rewrite the graph to FP16: not supported by the engines yet
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    method: str = "max"
+    high_precision: str = "fp32"
+    dq_only: bool = True  # INT8 weight initializers + DequantizeLinear: ~4x smaller file
+    exclude_nodes: tuple[str, ...] = ()  # node-name regular expressions kept in high precision
+    exclude_op_types: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"Calibration method must be one of {METHODS}, got {self.method!r}.")
+        if self.high_precision not in HIGH_PRECISION:
+            raise InputError(f"high_precision must be one of {HIGH_PRECISION}, got {self.high_precision!r}.")
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    bytes: int
+    fp32_bytes: int
+    ratio: float  # bytes / fp32_bytes
+    seconds: float
+    calibration_patches: int
+    settings: QuantizeSettings
+    qdq: QDQReport
+    log_path: Path | None = None  # ModelOpt's full log, next to ``path``
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        # File name only: the log sits next to the model, and model folders get moved (staging -> final).
+        data["log_path"] = None if self.log_path is None else self.log_path.name
+        data["settings"]["exclude_nodes"] = list(self.settings.exclude_nodes)
+        data["settings"]["exclude_op_types"] = list(self.settings.exclude_op_types)
+        data["qdq"] = self.qdq.to_dict()
+        return data
+
+
+def validate_calibration(calibration: np.ndarray, input_shape: list) -> np.ndarray:
+    """Check ``calibration`` [N, C, *patch] against the ONNX input shape; return it as float32."""
+    if not isinstance(calibration, np.ndarray):
+        raise InputError(f"Calibration data must be a numpy array, got {type(calibration).__name__}.")
+    expected = ["N"] + [d if isinstance(d, int) and d > 0 else "any" for d in input_shape[1:]]
+    if calibration.ndim != len(input_shape) or calibration.shape[0] < 1:
+        raise InputError(f"Calibration array has shape {calibration.shape}; the model expects {expected} "
+                         "(N >= 1 patches).")
+    for axis, (got, want) in enumerate(zip(calibration.shape[1:], input_shape[1:]), start=1):
+        if isinstance(want, int) and want > 0 and got != want:
+            what = "channels" if axis == 1 else "patch size"
+            raise InputError(f"Calibration array has shape {calibration.shape} but the model expects {expected} "
+                             f"({what} differ on axis {axis}); sample patches with the model's spec.")
+    if not np.issubdtype(calibration.dtype, np.number):
+        raise InputError(f"Calibration array has non-numeric dtype {calibration.dtype}.")
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if not np.all(np.isfinite(calibration)):
+        raise InputError("Calibration array contains NaN or infinite values.")
+    return calibration
+
+
+@contextlib.contextmanager
+def _captured_modelopt_log(buffer: io.StringIO):
+    """Send ModelOpt's stdout log handler into ``buffer``, and detach it afterwards."""
+    logger = logging.getLogger("modelopt.onnx")
+    with contextlib.redirect_stdout(buffer):
+        try:
+            yield
+        finally:
+            for handler in logger.handlers[:]:
+                if getattr(handler, "stream", None) is buffer:
+                    logger.removeHandler(handler)
+            logger.setLevel(logging.WARNING)
+
+
+def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
+                  settings: QuantizeSettings, log: io.StringIO) -> None:
+    with _captured_modelopt_log(log):
+        from modelopt.onnx.quantization import quantize
+
+        quantize(
+            str(src),
+            quantize_mode="int8",
+            calibration_data={input_name: calibration},
+            calibration_method=settings.method,
+            calibration_eps=["cpu"],
+            output_path=str(dst),
+            high_precision_dtype=settings.high_precision,
+            dq_only=settings.dq_only,
+            op_types_to_exclude=list(settings.exclude_op_types) or None,
+            nodes_to_exclude=list(settings.exclude_nodes) or None,
+            log_level="INFO",
+        )
+
+
+def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path,
+                  settings: QuantizeSettings | None = None, monitor: Monitor | None = None) -> QuantizeReport:
+    """Calibrate on CPU and write an INT8 Q/DQ model to ``out_path`` (atomic); see :class:`QuantizeReport`."""
+    settings = settings or QuantizeSettings()
+    monitor = monitor or Monitor()
+    settings.validate()
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    input_name, _, input_shape = onnx_io_names(fp32_onnx)
+    calibration = validate_calibration(calibration, input_shape)
+    if fp32_onnx.resolve() == out_path.resolve():
+        raise InputError(f"The quantized model would overwrite its FP32 source '{fp32_onnx}'; choose another path.")
+    monitor.update("quantize", 0, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log = io.StringIO()
+    log_path = out_path.with_name(out_path.name.split(".")[0] + ".modelopt.log")
+    start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_path.parent))
+    try:
+        src = workdir / "fp32.onnx"
+        shutil.copyfile(fp32_onnx, src)  # ModelOpt writes intermediates next to its input
+        produced = workdir / "out" / "int8.onnx"
+        produced.parent.mkdir()
+        try:
+            _run_modelopt(src, produced, input_name, calibration, settings, log)
+        except Exception as exc:
+            tail = " | ".join(line for line in log.getvalue().splitlines()[-3:])
+            raise ModelError(f"ModelOpt INT8 quantization failed: {type(exc).__name__}: {exc} "
+                             f"(last log lines: {tail or 'none'})") from None
+        if not produced.is_file():
+            raise ModelError(f"ModelOpt finished without writing a model; log: {log.getvalue()[-300:]}")
+        qdq = check_qdq(produced)
+        monitor.check()  # ModelOpt cannot be interrupted; honour a cancel that arrived meanwhile
+        with atomic_path(out_path, suffix=".onnx") as tmp:
+            shutil.move(str(produced), tmp)
+        atomic_write_text(log_path, log.getvalue())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    size, fp32_size = out_path.stat().st_size, fp32_onnx.stat().st_size
+    monitor.update("quantize", 1, 1)
+    return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
+                          seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
+                          qdq=qdq, log_path=log_path)

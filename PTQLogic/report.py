@@ -1,0 +1,127 @@
+"""Benchmark tables (Markdown like the paper's Table 1, CSV, JSON) and a latency-vs-size plot.
+
+Speedup and size ratio compare each row with the FP32 row of the same model, runtime and device:
+``speedup = fp32 latency / latency`` and ``size ratio = fp32 size / size`` (x smaller).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+from .errors import InputError
+from .fileio import atomic_path, atomic_write_text
+
+
+@dataclass
+class BenchmarkRow:
+    model: str
+    runtime: str
+    precision: str
+    size_mb: float
+    latency_ms: float  # median per patch batch
+    volume_s: float | None = None  # whole-volume segmentation time
+    dice: float | None = None  # mean Dice against reference labels
+    agreement_dice: float | None = None  # mean Dice against the FP32 prediction
+    peak_mem_mb: float | None = None
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fp32_reference(rows: Sequence[BenchmarkRow], row: BenchmarkRow) -> BenchmarkRow | None:
+    for other in rows:
+        if (other.model, other.runtime, other.device, other.precision) == (row.model, row.runtime, row.device, "fp32"):
+            return other
+    return None
+
+
+def speedup_and_ratio(rows: Sequence[BenchmarkRow], row: BenchmarkRow) -> tuple[float | None, float | None]:
+    """(latency speedup, size ratio) of ``row`` against its FP32 reference row, None without one."""
+    ref = _fp32_reference(rows, row)
+    if ref is None:
+        return None, None
+    speedup = ref.latency_ms / row.latency_ms if row.latency_ms > 0 else None
+    ratio = ref.size_mb / row.size_mb if row.size_mb > 0 else None
+    return speedup, ratio
+
+
+def _fmt(value: float | None, digits: int, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _check_rows(rows: Sequence[BenchmarkRow]) -> None:
+    if not rows:
+        raise InputError("No benchmark rows to report; run at least one runtime/precision first.")
+    for row in rows:
+        if not isinstance(row, BenchmarkRow):
+            raise InputError(f"Report rows must be BenchmarkRow objects; got {type(row).__name__}.")
+
+
+def to_markdown(rows: Sequence[BenchmarkRow], title: str = "Benchmark") -> str:
+    _check_rows(rows)
+    header = ["Model", "Runtime", "Precision", "Device", "Size (MB)", "Size ratio", "Latency (ms)", "Speedup",
+              "Volume (s)", "Dice", "Agreement Dice", "Peak mem (MB)"]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        speedup, ratio = speedup_and_ratio(rows, row)
+        cells = [row.model, row.runtime, row.precision.upper(), row.device, _fmt(row.size_mb, 2), _fmt(ratio, 2, "x"),
+                 _fmt(row.latency_ms, 1), _fmt(speedup, 2, "x"), _fmt(row.volume_s, 2), _fmt(row.dice, 4),
+                 _fmt(row.agreement_dice, 4), _fmt(row.peak_mem_mb, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Speedup and size ratio are relative to the FP32 row of the same model, runtime and device; "
+              "agreement Dice compares each prediction with the FP32 prediction."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[BenchmarkRow], path: str | Path) -> None:
+    _check_rows(rows)
+    buffer = io.StringIO()
+    names = [f.name for f in fields(BenchmarkRow)] + ["speedup", "size_ratio"]
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        speedup, ratio = speedup_and_ratio(rows, row)
+        writer.writerow({**row.to_dict(), "speedup": speedup, "size_ratio": ratio})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_json(rows: Sequence[BenchmarkRow], path: str | Path) -> None:
+    _check_rows(rows)
+    items = []
+    for row in rows:
+        speedup, ratio = speedup_and_ratio(rows, row)
+        items.append({**row.to_dict(), "speedup": speedup, "size_ratio": ratio})
+    atomic_write_text(path, json.dumps({"rows": items}, indent=2) + "\n")
+
+
+def plot_latency_vs_size(rows: Sequence[BenchmarkRow], path_png: str | Path, title: str = "Latency vs model size") -> None:
+    """Scatter of latency against size, one marker per runtime, one color per precision, points labelled."""
+    _check_rows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"torch": "o", "onnxruntime": "s", "openvino": "^", "tensorrt": "D"}
+    colors = {"fp32": "tab:blue", "fp16": "tab:orange", "int8": "tab:green"}
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    try:
+        for row in rows:
+            axes.scatter(row.size_mb, row.latency_ms, marker=markers.get(row.runtime, "x"),
+                         color=colors.get(row.precision, "tab:gray"), s=60)
+            axes.annotate(f"{row.model} {row.runtime}/{row.precision}", (row.size_mb, row.latency_ms),
+                          textcoords="offset points", xytext=(5, 4), fontsize=7)
+        axes.set_xlabel("Model size on disk (MB)")
+        axes.set_ylabel("Latency per patch batch (ms, median)")
+        axes.set_title(title)
+        axes.grid(True, alpha=0.3)
+        figure.tight_layout()
+        with atomic_path(path_png) as tmp:
+            figure.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(figure)

@@ -1,0 +1,187 @@
+"""Command lines for the engine CLI and a cancellable background process (no Qt, no Slicer).
+
+The Slicer module runs ``PythonSlicer -m PTQLogic.cli ...`` through :class:`BackgroundProcess`
+and polls it from a ``qt.QTimer``: reader threads collect output lines, ``poll()`` hands them to the
+GUI thread, ``cancel()`` ends the whole process tree (the CLI writes atomically, so nothing
+partial remains).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .errors import PTQError
+from .progress import parse_progress_line
+
+_FLAGS = ["--progress-lines", "--json"]
+
+
+def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
+                     out_dir: str | Path, patches: int, method: str) -> list[str]:
+    """``python -m PTQLogic.cli quantize ...`` (always machine progress + JSON result)."""
+    if not calibration_paths:
+        raise PTQError("Choose at least one calibration volume or a folder of volumes.")
+    if int(patches) < 1:
+        raise PTQError(f"The number of calibration patches must be >= 1, got {patches}.")
+    return [str(python_exe), "-m", "PTQLogic.cli", "quantize", "--model", str(spec_path),
+            "--calibration", *[str(p) for p in calibration_paths], "--out", str(out_dir),
+            "--patches", str(int(patches)), "--method", str(method), *_FLAGS]
+
+
+def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
+                    runtime: str, precision: str, compare: bool, reference: str | Path | None = None) -> list[str]:
+    """``python -m PTQLogic.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice."""
+    command = [str(python_exe), "-m", "PTQLogic.cli", "segment", "--model", str(model_dir),
+               "--input", str(input_path), "--output", str(output_path),
+               "--runtime", str(runtime), "--precision", str(precision)]
+    if compare:
+        command.append("--compare")
+    if reference is not None:
+        command += ["--reference", str(reference)]
+    return command + _FLAGS
+
+
+def parse_progress(line: str) -> tuple[float, str] | None:
+    """A ``PTQSEG_PROGRESS`` line -> (fraction 0..1 of the current stage, "stage done/total"); else None."""
+    parsed = parse_progress_line(line.strip())
+    if parsed is None:
+        return None
+    stage, done, total = parsed
+    fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    return fraction, f"{stage} {done}/{total}"
+
+
+def parse_result(stdout_text: str) -> dict:
+    """The last JSON object printed on stdout (the CLI's ``--json`` result)."""
+    decoder = json.JSONDecoder()
+    last, index = None, 0
+    while (start := stdout_text.find("{", index)) != -1:
+        try:
+            value, end = decoder.raw_decode(stdout_text, start)
+        except ValueError:
+            index = start + 1
+            continue
+        if isinstance(value, dict):
+            last = value
+        index = end
+    if last is None:
+        raise PTQError("The engine process finished without printing a result; see the log for details.")
+    return last
+
+
+def parse_error(stderr_text: str) -> str:
+    """The one-line reason for a failure: the last ``error: ...`` line, else the last meaningful line."""
+    lines = [ln.strip() for ln in stderr_text.splitlines() if ln.strip() and parse_progress_line(ln.strip()) is None]
+    for line in reversed(lines):
+        if line.lower().startswith("error:"):
+            return line[len("error:"):].strip()
+    return lines[-1] if lines else "The engine process failed without a message; see the log."
+
+
+def ptqlogic_parent_dir(module_dir: str | Path) -> Path:
+    """Folder to put on PYTHONPATH so ``-m PTQLogic.cli`` works: the module folder (installed
+    extension: PTQLogic is copied next to the module) or its parent (source checkout)."""
+    module_dir = Path(module_dir).resolve()
+    for candidate in (module_dir, module_dir.parent):
+        if (candidate / "PTQLogic" / "__init__.py").is_file():
+            return candidate
+    raise PTQError(f"PTQLogic was not found next to '{module_dir}'; reinstall the extension.")
+
+
+def engine_environment(base_env: Mapping[str, str], ptqlogic_parent: str | Path) -> dict[str, str]:
+    """Environment for the engine process: PTQLogic first on PYTHONPATH, unbuffered output."""
+    env = dict(base_env)
+    paths = [str(ptqlogic_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class BackgroundProcess:
+    """One engine process; ``poll()`` never blocks, so a GUI timer can drive it."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None):
+        self.command = [str(c) for c in command]
+        self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self.cancelled = False
+        kwargs: dict = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel reaches grandchildren
+        self._process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=None if env is None else dict(env), cwd=cwd, text=True, encoding="utf-8", errors="replace",
+            bufsize=1, **kwargs,
+        )
+        self._readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
+                         for stream, name in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr"))]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _read(self, stream, name: str) -> None:
+        for line in iter(stream.readline, ""):
+            self._lines.put((name, line.rstrip("\r\n")))
+        stream.close()
+
+    def poll(self) -> tuple[list[tuple[str, str]], int | None]:
+        """New (stream, line) pairs since the last call, and the exit code once finished and drained."""
+        returncode = self._process.poll()
+        if returncode is not None:
+            for reader in self._readers:
+                reader.join(timeout=5)
+        new = []
+        while True:
+            try:
+                stream, line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            (self.stdout_lines if stream == "stdout" else self.stderr_lines).append(line)
+            new.append((stream, line))
+        return new, returncode
+
+    def cancel(self, timeout: float = 10.0) -> None:
+        """End the process and everything it started."""
+        if self._process.poll() is not None:
+            return
+        self.cancelled = True
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/PID", str(self._process.pid), "/T", "/F"], capture_output=True, check=False)
+        else:
+            try:
+                os.killpg(self._process.pid, signal.SIGTERM)
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:  # grandchildren that ignored SIGTERM
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._process.wait(timeout=timeout)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until finished (tests and scripts only; the GUI uses :meth:`poll`)."""
+        self._process.wait(timeout=timeout)
+        return self.poll()[1]
+
+
+def default_python() -> str:
+    """The interpreter for engine processes: Slicer's ``PythonSlicer`` when present, else this one."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable

@@ -1,0 +1,113 @@
+"""What this machine offers: CPU features that matter for INT8 (AVX2, AVX512-VNNI, AMX), GPUs, versions."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+from typing import Any
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+# module import name -> distribution name (for the version lookup)
+PACKAGES = {
+    "torch": "torch",
+    "monai": "monai",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "modelopt": "nvidia-modelopt",
+    "tensorrt": "tensorrt",
+}
+
+
+def _cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+        known = True
+    except OSError:  # not Linux: report what we can, flags unknown
+        known = False
+    return {
+        "model": model or "unknown",
+        "flags": {name: (name in flags) if known else None for name in CPU_FLAGS},
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+
+
+def _memory_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return None
+
+
+def _version(module_name: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return {"missing": f"not importable ({type(exc).__name__}: {exc})"}
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(PACKAGES[module_name])
+        except Exception:
+            version = "unknown"
+    return str(version)
+
+
+def _gpus() -> list[dict[str, Any]] | dict[str, str]:
+    try:
+        import torch
+    except ImportError:
+        return {"missing": "torch is not installed"}
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append({
+            "index": index,
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "memory_bytes": int(props.total_memory),
+        })
+    return gpus
+
+
+def system_info() -> dict[str, Any]:
+    """CPU, memory, GPUs and the versions of every runtime (a version string or {"missing": reason})."""
+    versions: dict[str, Any] = {"python": platform.python_version()}
+    for module_name, dist_name in PACKAGES.items():
+        versions[dist_name] = _version(module_name)
+    if isinstance(versions["onnxruntime"], str):
+        import onnxruntime
+
+        versions["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+    if isinstance(versions["openvino"], str):
+        try:
+            import openvino
+
+            versions["openvino_devices"] = list(openvino.Core().available_devices)
+        except Exception as exc:
+            versions["openvino_devices"] = {"missing": f"{type(exc).__name__}: {exc}"}
+    torch_mod = sys.modules.get("torch")
+    return {
+        "platform": platform.platform(),
+        "cpu": _cpu_info(),
+        "memory_bytes": _memory_bytes(),
+        "gpus": _gpus(),
+        "cuda": getattr(getattr(torch_mod, "version", None), "cuda", None),
+        "versions": versions,
+    }

@@ -1,0 +1,71 @@
+"""End to end on CPU: quantize sample networks, run INT8 on OpenVINO and ONNX Runtime, segment real CT."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from PTQLogic.benchmark import run_benchmark
+from PTQLogic.cli import main
+from PTQLogic.fileio import sha256_file
+from PTQLogic.imageio import read_volume
+from PTQLogic.pipeline import open_model_dir, quantize_model
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def quantized_segresnet(tmp_path_factory, phantom_files):
+    out = tmp_path_factory.mktemp("models") / "segresnet-int8"
+    quantize_model(ROOT / "PTQLogic" / "data" / "phantom_segresnet.json", phantom_files["calibration"], out, num_patches=8)
+    return out
+
+
+def test_model_folder_contents(quantized_unet):
+    model_dir = open_model_dir(quantized_unet)
+    report = model_dir.report()
+    assert report["qdq"]["ok"], report["qdq"]
+    assert report["calibration"]["patches"] == 8
+    assert model_dir.int8_onnx.stat().st_size <= 0.35 * model_dir.fp32_onnx.stat().st_size
+    assert (quantized_unet / model_dir.spec().weights).is_file()  # self-contained
+    assert not [p for p in quantized_unet.parent.iterdir() if ".partial" in p.name]
+
+
+@pytest.mark.parametrize("sample", ["unet", "segresnet"])
+def test_int8_keeps_dice_on_cpu_runtimes(sample, request, phantom_files, tmp_path):
+    model = request.getfixturevalue("quantized_unet" if sample == "unet" else "quantized_segresnet")
+    summary = run_benchmark(
+        model, phantom_files["image"], tmp_path, runtimes=["openvino", "onnxruntime"],
+        precisions=["fp32", "int8"], reference=phantom_files["truth"], repeats=1, warmup=0,
+    )
+    rows = {(r["runtime"], r["precision"]): r for r in summary["rows"]}
+    assert set(rows) == {(rt, p) for rt in ("openvino", "onnxruntime") for p in ("fp32", "int8")}
+    for runtime in ("openvino", "onnxruntime"):
+        fp32, int8 = rows[runtime, "fp32"], rows[runtime, "int8"]
+        assert fp32["dice"] > 0.85, fp32
+        assert int8["dice"] >= fp32["dice"] - 0.01, (fp32, int8)
+        assert int8["agreement_dice"] >= 0.98, int8
+        assert int8["size_mb"] <= 0.35 * fp32["size_mb"]
+    assert (tmp_path / "benchmark.md").read_text().count("|") > 10
+    assert (tmp_path / "latency_vs_size.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime", "torch"])
+def test_segment_real_ct_on_its_grid(runtime, quantized_unet, shared_data, tmp_path, capsys):
+    ct = shared_data / "example_ct_sm.nii.gz"
+    before = sha256_file(ct)
+    output = tmp_path / "labels.nrrd"
+    precision = "fp32" if runtime == "torch" else "int8"
+    code = main(["segment", "--model", str(quantized_unet), "--input", str(ct), "--output", str(output),
+                 "--runtime", runtime, "--precision", precision, "--json"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["runtime"] == runtime and result["precision"] == precision
+    image, labels = read_volume(ct), read_volume(output)
+    assert labels.array.shape == image.array.shape
+    np.testing.assert_allclose(labels.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
+    assert labels.array.min() >= 0 and labels.array.max() < open_model_dir(quantized_unet).spec().num_classes
+    table = json.loads((tmp_path / "labels.json").read_text())
+    assert table["labels"][0]["value"] == 0 and len(table["labels"]) == open_model_dir(quantized_unet).spec().num_classes
+    assert sha256_file(ct) == before

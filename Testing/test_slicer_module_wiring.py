@@ -1,0 +1,269 @@
+"""Static wiring checks of the Slicer module (Slicer itself cannot run here).
+
+The .ui, the module code, the parameter node and the CMake lists must agree; PTQLogic must stay
+Slicer-free; MRML calls stay in a few named methods; the packaging lists every shipped file.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "PTQSegmentation"
+MODULE_PY = MODULE_DIR / "PTQSegmentation.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "PTQSegmentation.ui"
+ICON = MODULE_DIR / "Resources" / "Icons" / "PTQSegmentation.png"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+SLICER_MODULES = {"slicer", "qt", "vtk", "ctk", "MRMLCorePython", "SampleData", "SegmentEditorEffects"}
+HEAVY = {"torch", "monai", "onnx", "onnxruntime", "openvino", "modelopt", "tensorrt"}
+# The only methods that may use ``slicer.`` (MRML, dialogs, pip); the self-test class is exempt.
+MRML_ALLOWED = {
+    "setup", "initializeParameterNode", "showError", "workDirectory", "onCheckDependencies", "ensureDependencies",
+    "installDependencies", "volumeFromNode", "exportReferenceLabels", "createOrUpdateSegmentation",
+}
+INTERACTIVE = {"QPushButton", "QComboBox", "QSpinBox", "qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox",
+               "ctkPathLineEdit", "QTableWidget", "QPlainTextEdit", "QProgressBar"}
+
+
+def _ui_widgets() -> dict[str, tuple[str, str | None]]:
+    """objectName -> (class, SlicerParameterName or None)."""
+    widgets = {}
+    for element in ET.parse(UI_FILE).getroot().iter("widget"):
+        param = element.find("./property[@name='SlicerParameterName']/string")
+        widgets[element.get("name")] = (element.get("class"), None if param is None else param.text)
+    return widgets
+
+
+def _module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+
+def _ui_attributes(tree: ast.AST) -> set[str]:
+    """Names used as ``self.ui.<name>``."""
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+def _connected_widgets(tree: ast.AST) -> dict[str, str]:
+    """``self.ui.<name>.connect("signal", ...)`` -> {name: signal}."""
+    found = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Attribute)
+                and node.func.value.value.attr == "ui"):
+            found[node.func.value.attr] = node.args[0].value
+    return found
+
+
+def _parameter_fields(tree: ast.Module) -> set[str]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationParameterNode")
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+def _cmake_list(text: str, name: str) -> list[str]:
+    match = re.search(rf"set\({name}\s+(.*?)\)", text, re.S)
+    assert match, f"set({name} ...) missing"
+    return [line.split("#")[0].strip() for line in match.group(1).splitlines() if line.split("#")[0].strip()]
+
+
+def test_ui_and_code_agree():
+    widgets, tree = _ui_widgets(), _module_tree()
+    used = _ui_attributes(tree)
+    assert used - set(widgets) == set(), "self.ui names missing from the .ui"
+    bound = {name for name, (_, param) in widgets.items() if param}
+    unused = {n for n, (cls, _) in widgets.items() if cls in INTERACTIVE} - used - bound
+    assert unused == set(), "interactive widgets neither used by the code nor bound to the parameter node"
+    connected = _connected_widgets(tree)
+    buttons = {n for n, (cls, _) in widgets.items() if cls == "QPushButton"}
+    assert {b: connected.get(b) for b in buttons} == {b: "clicked(bool)" for b in buttons}
+    assert connected["modelPathLineEdit"] == "currentPathChanged(QString)"
+    assert {"quantizeButton", "segmentButton", "compareButton", "cancelButton", "progressBar", "statusLabel",
+            "logTextEdit", "resultsTable"} <= used
+    for section in ("inputsCollapsibleButton", "calibrationCollapsibleButton", "precisionCollapsibleButton",
+                    "outputCollapsibleButton", "logCollapsibleButton"):
+        assert widgets[section][0] == "ctkCollapsibleButton"
+
+
+def test_parameter_node_bindings():
+    widgets, tree = _ui_widgets(), _module_tree()
+    fields = _parameter_fields(tree)
+    params = {param for _, param in widgets.values() if param}
+    assert params - fields == set(), "SlicerParameterName values that the parameter node lacks"
+    assert fields - params == {"calibrationVolumes"}  # set from the checkable combo box in code
+    assert "calibrationVolumes" in MODULE_PY.read_text()
+    combos = {param: [i.text for i in ET.parse(UI_FILE).getroot().findall(f".//widget[@name='{name}']/item/property/string")]
+              for name, (cls, param) in widgets.items() if cls == "QComboBox" and param}
+    source = MODULE_PY.read_text()
+    assert combos["precision"] == ["int8", "fp16", "fp32"] and combos["method"] == ["max", "entropy"]
+    assert combos["runtime"] == ["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
+    for choices in combos.values():  # Choice(...) annotations list the same values as the combo boxes
+        assert all(f'"{c}"' in source for c in choices)
+
+
+def test_module_compiles_and_imports_only_what_slicer_provides(tmp_path):
+    py_compile.compile(str(MODULE_PY), cfile=str(tmp_path / "m.pyc"), doraise=True)
+    tree = _module_tree()
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add(node.module.split(".")[0])
+    assert "PTQLogic" in top and {"slicer", "qt", "vtk"} <= top
+    assert top - SLICER_MODULES - set(sys.stdlib_module_names) - {"PTQLogic"} == set()
+    everywhere = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    everywhere |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert everywhere & HEAVY == set(), "the module must leave heavy work to the engine process"
+
+
+def test_ptqlogic_never_imports_slicer():
+    offenders = []
+    for path in sorted((ROOT / "PTQLogic").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in SLICER_MODULES]
+    assert offenders == []
+
+
+def test_mrml_calls_only_in_allowed_methods():
+    tree = _module_tree()
+    offenders = []
+
+    def visit(node: ast.AST, owner: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef) and child.name == "PTQSegmentationTest":
+                continue  # the self-test drives Slicer directly
+            name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and owner is None else owner
+            if (isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "slicer"
+                    and name not in MRML_ALLOWED):
+                offenders.append(f"{name or '<module>'}: slicer.{child.attr} (line {child.lineno})")
+            visit(child, name)
+
+    visit(tree, None)
+    assert offenders == []
+    assert len(MRML_ALLOWED) <= 10
+
+
+def test_self_test_is_registered_and_real():
+    tree = _module_tree()
+    test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationTest")
+    assert [b.id for b in test_cls.bases if isinstance(b, ast.Name)] == ["ScriptedLoadableModuleTest"]
+    methods = {f.name: f for f in test_cls.body if isinstance(f, ast.FunctionDef)}
+    tests = {name for name in methods if name.startswith("test_")}
+    called = {n.func.attr for n in ast.walk(methods["runTest"]) if isinstance(n, ast.Call)
+              and isinstance(n.func, ast.Attribute)}
+    assert tests and tests <= called
+    body = ast.unparse(methods["test_QuantizeSegmentCompare"])
+    for needle in ("phantom_unet.json", "quantize_command", "segment_command", "'int8', True", "agreement_dice",
+                   "Reference image geometry", "arrayFromVolume(inputNode) == before"):
+        assert needle in body
+    cmake = MODULE_CMAKE.read_text()
+    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", cmake, re.S)
+    assert "WITH_GENERIC_TESTS" in cmake and "add_subdirectory(Testing)" in cmake
+    assert (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text().strip() == "add_subdirectory(Python)"
+    assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_cmake_lists_every_shipped_file():
+    cmake = MODULE_CMAKE.read_text()
+    scripts = {s.replace("${MODULE_NAME}", "PTQSegmentation") for s in _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
+    resources = {s.replace("${MODULE_NAME}", "PTQSegmentation") for s in _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
+    module_py = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    assert module_py - scripts == set()
+    assert {UI_FILE.relative_to(MODULE_DIR).as_posix(), ICON.relative_to(MODULE_DIR).as_posix()} <= resources
+    package = ROOT / "PTQLogic"
+    logic_py = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "__pycache__" not in p.parts}
+    assert logic_py - set(_cmake_list(cmake, "PTQLOGIC_PYTHON_FILES")) == set(), "add new PTQLogic files to CMake"
+    data = {p.relative_to(package).as_posix() for p in (package / "data").glob("*") if p.is_file()}
+    assert data - set(_cmake_list(cmake, "PTQLOGIC_DATA_FILES")) == set(), "add new PTQLogic/data files to CMake"
+    top = (ROOT / "CMakeLists.txt").read_text()
+    for needle in ("EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"', "EXTENSION_CONTRIBUTORS",
+                   "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "NA"',
+                   "find_package(Slicer REQUIRED)", "add_subdirectory(PTQSegmentation)",
+                   "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK"):
+        assert needle in top
+
+
+def test_every_listed_file_exists():
+    cmake = MODULE_CMAKE.read_text()
+    listed = [MODULE_DIR / s.replace("${MODULE_NAME}", "PTQSegmentation")
+              for s in _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS") + _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")]
+    listed += [ROOT / "PTQLogic" / s for s in
+               _cmake_list(cmake, "PTQLOGIC_PYTHON_FILES") + _cmake_list(cmake, "PTQLOGIC_DATA_FILES")]
+    assert [str(p.relative_to(ROOT)) for p in listed if not p.is_file()] == []
+
+
+def test_catalog_files():
+    entry = json.loads((ROOT / "Resources" / "PTQSegmentation.json").read_text())
+    assert {"$schema", "category", "scm_url", "scm_revision", "build_dependencies", "tier"} <= set(entry)
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == []
+    catalog = json.loads((ROOT / "Resources" / "model_catalog.json").read_text())
+    assert [m["name"] for m in catalog["models"]] == ["phantom_unet", "phantom_segresnet"]
+    from PTQLogic.spec import load_spec
+
+    for model in catalog["models"]:
+        spec_path = ROOT / model["spec"]
+        if spec_path.is_file():  # shipped by the training step
+            assert load_spec(spec_path).class_names == model["classes"]
+
+
+def test_cmake_configures_with_a_stand_in_slicer(tmp_path):
+    """Configure the extension against a minimal stand-in SlicerConfig.cmake: syntax, and PTQLogic lands next
+    to the module in the layout the installed extension will have."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    fake = tmp_path / "fake-slicer"
+    fake.mkdir()
+    (fake / "SlicerConfig.cmake").write_text(f"""
+set(Slicer_USE_FILE {fake}/use.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG {fake}/empty.cmake)
+set(Slicer_EXTENSION_CPACK {fake}/empty.cmake)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+""")
+    (fake / "empty.cmake").write_text("")
+    (fake / "use.cmake").write_text("""
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(file ${MY_SCRIPTS} ${MY_RESOURCES})
+    if(IS_ABSOLUTE ${file})
+      file(RELATIVE_PATH rel ${CMAKE_CURRENT_BINARY_DIR} ${file})
+      set(src ${file})
+    else()
+      set(rel ${file})
+      set(src ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+    endif()
+    if(NOT EXISTS ${src})
+      message(FATAL_ERROR "missing ${src}")
+    endif()
+    file(APPEND ${CMAKE_BINARY_DIR}/shipped.txt "${rel}\\n")
+  endforeach()
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(T "" "SCRIPT;TESTNAME_PREFIX" "SLICER_ARGS" ${ARGN})
+  file(APPEND ${CMAKE_BINARY_DIR}/tests.txt "${T_SCRIPT}\\n")
+endmacro()
+""")
+    build = tmp_path / "build"
+    done = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={fake}", "-DBUILD_TESTING=ON"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shipped = set((build / "shipped.txt").read_text().split())
+    assert {"PTQSegmentation.py", "Resources/UI/PTQSegmentation.ui", "PTQLogic/__init__.py",
+            "PTQLogic/slicer_support.py", "PTQLogic/engines/base.py"} <= shipped
+    assert all(not s.startswith("..") for s in shipped)
+    assert (build / "PTQSegmentation" / "PTQLogic" / "cli.py").read_bytes() == (ROOT / "PTQLogic" / "cli.py").read_bytes()
+    data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/data"
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in (ROOT / "PTQLogic/data").iterdir())
+    assert (build / "tests.txt").read_text().split() == ["PTQSegmentation.py"]

@@ -1,0 +1,61 @@
+"""system_info(): CPU features, memory, GPUs and runtime versions (or why each is missing)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+
+from PTQLogic.sysinfo import CPU_FLAGS, system_info
+
+
+def test_system_info_reports_this_machine():
+    info = system_info()
+    json.dumps(info)  # the CLI prints it as JSON
+    assert {"platform", "cpu", "memory_bytes", "gpus", "versions"} <= set(info)
+    cpu = info["cpu"]
+    assert set(cpu["flags"]) == set(CPU_FLAGS) and cpu["logical_cores"] >= 1 and cpu["model"]
+    assert info["memory_bytes"] > 100 * 2**20
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        cpuinfo = None
+    if cpuinfo is not None:
+        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+        for name in CPU_FLAGS:
+            assert cpu["flags"][name] == (name in flags)
+
+
+def test_versions_match_the_imported_modules():
+    import modelopt
+    import monai
+    import onnx
+    import onnxruntime
+    import openvino
+    import torch
+
+    versions = system_info()["versions"]
+    assert versions["python"] == platform.python_version()
+    assert versions["torch"] == torch.__version__
+    assert versions["monai"] == monai.__version__
+    assert versions["onnx"] == onnx.__version__
+    assert versions["onnxruntime"] == onnxruntime.__version__
+    assert versions["openvino"] == openvino.__version__
+    assert versions["nvidia-modelopt"] == modelopt.__version__
+    assert "CPUExecutionProvider" in versions["onnxruntime_providers"]
+    assert "CPU" in versions["openvino_devices"]
+    if importlib.util.find_spec("tensorrt") is None:
+        missing = versions["tensorrt"]
+        assert isinstance(missing, dict) and "tensorrt" in missing["missing"]
+    else:
+        import tensorrt
+
+        assert versions["tensorrt"] == tensorrt.__version__
+
+
+def test_gpus_follow_torch_cuda():
+    import torch
+
+    gpus = system_info()["gpus"]
+    assert isinstance(gpus, list) and len(gpus) == torch.cuda.device_count()
+    for gpu in gpus:
+        assert gpu["name"] and gpu["memory_bytes"] > 0 and "." in gpu["compute_capability"]
