@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import EngineUnavailable, InputError
+from .fileio import atomic_write_text
 from .progress import Monitor
 
 
@@ -85,7 +86,7 @@ def run_benchmark(
                 dice=None if ref is None else dice_per_class(result.labels.array, ref.array, labels).mean,
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(result.labels.array, fp32_labels, labels),
-                peak_mem_mb=peak_memory_bytes().get("process_peak_rss", 0) / 1e6,
+                peak_mem_mb=peak_memory_bytes().get("cpu_peak_rss", 0) / 1e6,
                 device=engine.info.device,
             ))
             rows[-1].build_s = build_s  # type: ignore[attr-defined]
@@ -93,7 +94,7 @@ def run_benchmark(
         raise EngineUnavailable("No engine could run here: " + "; ".join(s["reason"] for s in skipped))
     title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
     markdown = to_markdown(rows, title)
-    (out / "benchmark.md").write_text(markdown + "\n")
+    atomic_write_text(out / "benchmark.md", markdown + "\n")
     write_csv(rows, out / "benchmark.csv")
     write_json(rows, out / "benchmark.json")
     plot_latency_vs_size(rows, out / "latency_vs_size.png")

@@ -118,7 +118,25 @@ def read_volume(path: str | Path) -> Volume:
             f"Could not read '{path}' as an image; supported are {', '.join(READ_SUFFIXES)} files "
             "and folders holding one DICOM series."
         ) from None
+    if volume_suffix(path) in (".nii", ".nii.gz"):
+        _refuse_nifti_nan(path)
     return _to_volume(image, str(path))
+
+
+def _refuse_nifti_nan(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN voxels into 0; look at the stored floats ourselves."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception:  # SimpleITK read it; nibabel's opinion on odd headers is not needed here
+        return
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return  # integer voxels cannot hold NaN
+    data = np.asanyarray(image.dataobj)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"'{path}' has {bad} NaN/infinite voxels; fix or mask them before segmenting.")
 
 
 def _label_array(volume: Volume) -> np.ndarray:

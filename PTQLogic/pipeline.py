@@ -56,7 +56,7 @@ class ModelDir:
         return load_spec(self.spec_path)
 
     def report(self) -> dict[str, Any]:
-        return json.loads(self.report_path.read_text()) if self.report_path.is_file() else {}
+        return json.loads(self.report_path.read_text(encoding="utf-8")) if self.report_path.is_file() else {}
 
 
 def open_model_dir(path: str | Path) -> ModelDir:
@@ -168,7 +168,7 @@ def quantize_model(
             **report.to_dict(),
             "path": INT8_NAME,  # relative: the staging folder is renamed into place below
         }
-        (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
         _publish_dir(staging, out_dir)
     finally:

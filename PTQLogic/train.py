@@ -8,51 +8,29 @@ polynomial learning-rate decay. Same spec, seed and phantoms -> the same weights
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .errors import InputError, ModelError
+from .errors import InputError
+from .models import build_network
 from .phantom import make_phantom
-from .preprocess import labels_to_input_grid, to_network_space
+from .preprocess import labels_to_input_grid, resample_to_network, to_network_space
 from .progress import Monitor
 from .spec import ModelSpec
 from .volume import Volume
 
 TRAIN_SEED_BASE = 1000  # training phantoms use seeds >= this; held-out evaluation uses seeds below it
 PHANTOM_SHAPE = (64, 64, 64)
-_FALLBACK_ARCHITECTURES = ("UNet", "SegResNet", "BasicUNet", "DynUNet", "AttentionUnet", "VNet")
-
-
-def build_untrained_network(spec: ModelSpec) -> torch.nn.Module:
-    """The spec's MONAI network with fresh weights (``models.build_network`` when available)."""
-    try:
-        from .models import build_network
-    except ImportError:
-        build_network = None
-    if build_network is not None:
-        return build_network(spec)
-    import monai.networks.nets as nets
-
-    if spec.architecture not in _FALLBACK_ARCHITECTURES:
-        raise ModelError(f"Cannot train architecture '{spec.architecture}'; use one of {_FALLBACK_ARCHITECTURES}.")
-    try:
-        return getattr(nets, spec.architecture)(**spec.kwargs)
-    except TypeError as exc:
-        raise ModelError(f"Model spec kwargs do not fit MONAI {spec.architecture}: {exc}") from None
 
 
 def _labels_to_network(labels: Volume, spec: ModelSpec) -> torch.Tensor:
-    """(I, J, K) int64 labels with the same orientation as :func:`to_network_space` gives the image."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation
-
-    ijk = np.ascontiguousarray(np.transpose(labels.array, (2, 1, 0)).astype(np.int64))
-    tensor = MetaTensor(torch.from_numpy(ijk)[None], affine=torch.as_tensor(labels.ijk_to_ras, dtype=torch.float64))
-    if spec.preprocessing.orientation:
-        tensor = Orientation(axcodes=spec.preprocessing.orientation)(tensor)
-    return tensor.as_tensor()[0].contiguous()
+    """(I, J, K) int64 labels, oriented by the very code that orients the image (no resampling)."""
+    geometry_only = replace(spec, in_channels=1, preprocessing=replace(spec.preprocessing, spacing=None))
+    tensor, _ = resample_to_network(labels, geometry_only)  # small integers are exact in float32
+    return tensor[0].round().to(torch.int64).contiguous()
 
 
 def phantoms_to_network(phantoms: Sequence[tuple[Volume, Volume]], spec: ModelSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,7 +101,7 @@ def train_on_phantoms(
     rng = np.random.default_rng(seed)
     data = phantoms_to_network(phantoms if phantoms is not None else default_training_phantoms(spec, num_phantoms, seed), spec)
     data = [(image.to(device), labels.to(device)) for image, labels in data]
-    model = build_untrained_network(spec).to(device).train()
+    model = build_network(spec).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / steps) ** 0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -9,9 +9,11 @@ import torch
 
 from PTQLogic.errors import InputError
 from PTQLogic.evaluate import dice_per_class
+from PTQLogic.models import build_network
 from PTQLogic.phantom import LABELS, PHANTOM_CLASSES, make_phantom, write_phantom_set
+from PTQLogic.progress import Monitor
 from PTQLogic.spec import load_spec, spec_from_dict
-from PTQLogic.train import TRAIN_SEED_BASE, build_untrained_network, segment_phantom, train_on_phantoms
+from PTQLogic.train import TRAIN_SEED_BASE, segment_phantom, train_on_phantoms
 
 DATA = Path(__file__).resolve().parents[1] / "PTQLogic" / "data"
 
@@ -39,7 +41,6 @@ def test_phantom_grid_classes_and_hu():
     assert np.median(hu[0, 0, :5]) < -900  # air corner
     for name, low, high in [("liver", 70, 130), ("spleen", 55, 120), ("aorta", 110, 220), ("vertebra", 250, 700)]:
         assert low < np.median(hu[labels.array == LABELS[name]]) < high, name
-    body = hu[labels.array == 0]
     assert np.std(hu[labels.array == LABELS["liver"]]) > 10  # noisy like CT, not flat
 
 
@@ -88,8 +89,7 @@ def test_short_training_decreases_loss_and_is_deterministic():
     losses: list[float] = []
     progress = []
     state = train_on_phantoms(spec, steps=40, batch_size=2, lr=1e-2, seed=0, phantoms=phantoms, loss_history=losses,
-                              monitor=__import__("PTQLogic.progress", fromlist=["Monitor"]).Monitor(
-                                  on_progress=lambda s, d, t: progress.append((s, d, t))))
+                              monitor=Monitor(on_progress=lambda *args: progress.append(args)))
     assert len(losses) == 40 and progress[-1] == ("train", 40, 40)
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
     again = train_on_phantoms(spec, steps=40, batch_size=2, lr=1e-2, seed=0, phantoms=phantoms)
@@ -106,7 +106,7 @@ def test_shipped_sample_model_segments_held_out_phantom(stem):
     weights = spec.weights_path()
     assert weights.is_file() and weights.stat().st_size < 3.5e6
     state = torch.load(weights, weights_only=True, map_location="cpu")
-    model = build_untrained_network(spec)
+    model = build_network(spec)
     model.load_state_dict(state)  # strict: every key matches the spec's network
     image, labels = make_phantom(11, spacing=spec.preprocessing.spacing)  # seed < TRAIN_SEED_BASE: held out
     with torch.inference_mode():

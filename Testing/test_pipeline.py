@@ -47,7 +47,7 @@ def test_int8_keeps_dice_on_cpu_runtimes(sample, request, phantom_files, tmp_pat
         assert int8["dice"] >= fp32["dice"] - 0.01, (fp32, int8)
         assert int8["agreement_dice"] >= 0.98, int8
         assert int8["size_mb"] <= 0.35 * fp32["size_mb"]
-    assert (tmp_path / "benchmark.md").read_text().count("|") > 10
+    assert (tmp_path / "benchmark.md").read_text(encoding="utf-8").count("|") > 10
     assert (tmp_path / "latency_vs_size.png").stat().st_size > 1000
 
 

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PTQLogic.evaluate import dice_per_class  # noqa: E402
 from PTQLogic.fileio import atomic_path  # noqa: E402
+from PTQLogic.models import build_network  # noqa: E402
 from PTQLogic.phantom import PHANTOM_CLASSES, make_phantom  # noqa: E402
 from PTQLogic.spec import spec_from_dict  # noqa: E402
-from PTQLogic.train import build_untrained_network, segment_phantom, train_on_phantoms  # noqa: E402
+from PTQLogic.train import segment_phantom, train_on_phantoms  # noqa: E402
 
 CLASSES = [{"name": c.name, "color": list(c.color)} for c in PHANTOM_CLASSES]
 PREPROCESSING = {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": "ct", "ct_window": [-200.0, 300.0]}
@@ -47,7 +48,7 @@ def full_spec(stem: str) -> dict:
 
 
 def held_out_dice(spec, state_dict, device) -> dict:
-    model = build_untrained_network(spec)
+    model = build_network(spec)
     model.load_state_dict(state_dict)
     model.to(device)
     per_class = {c: [] for c in range(1, len(CLASSES))}
