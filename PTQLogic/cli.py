@@ -114,8 +114,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .sysinfo import system_info
 
     info = system_info()
-    text = "\n".join(f"{key}: {value}" for key, value in info.items())
-    _emit(args, info, text)
+    cpu = info["cpu"]
+    flags = ", ".join(name for name, present in cpu["flags"].items() if present) or "none of AVX2/AVX-512/AMX"
+    lines = [
+        f"platform: {info['platform']}",
+        f"cpu: {cpu['model']} ({cpu['usable_cores']} usable cores; {flags})",
+        f"memory: {info['memory_bytes'] / 2**30:.1f} GiB",
+        f"gpus: {', '.join(map(str, info['gpus'])) or 'none'}",
+    ]
+    for name, version in info["versions"].items():
+        shown = version.get("missing") if isinstance(version, dict) else version
+        lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
+    _emit(args, info, "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
