@@ -90,6 +90,25 @@ class QuantizeResult:
         }
 
 
+def load_model_spec(model: str | Path) -> ModelSpec:
+    """A spec file, a model folder, or an ONNX/TorchScript/weights file with a spec of the same name beside it."""
+    from .slicer_models import choose_model_source
+
+    path = Path(model)
+    if path.is_dir() and (path / SPEC_NAME).is_file():
+        return load_spec(path / SPEC_NAME)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        return load_spec(path)
+    source = choose_model_source(path)
+    if source.spec_path is None:
+        raise ModelError(f"'{path}' needs a model spec: {source.description}.")
+    spec = load_spec(source.spec_path)
+    if spec.weights is None:  # the spec describes the file it sits next to
+        fmt = "state_dict" if source.kind == "state_dict" else source.kind
+        spec = replace(spec, weights=str(path.resolve()), weights_format=fmt)
+    return spec
+
+
 def _stage_weights(spec: ModelSpec, staging: Path) -> ModelSpec:
     """Copy the weights next to the staged spec so the model folder is self-contained."""
     source = spec.weights_path()
@@ -134,7 +153,7 @@ def quantize_model(
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
-    spec = load_spec(model)
+    spec = load_model_spec(model)
     out_dir = Path(out_dir)
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
@@ -143,20 +162,24 @@ def quantize_model(
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     # Validate every input before the long work.
     volumes = load_calibration_volumes(calibration)
-    torch_model = None if spec.architecture == "onnx" else load_torch_model(spec)
+    is_onnx = "onnx" in (spec.architecture, spec.weights_format)
+    if is_onnx and spec.weights_path() is None:
+        raise ModelError(f"Model spec '{spec.name}' is an ONNX model but names no 'weights' file (the .onnx).")
+    torch_model = None if is_onnx else load_torch_model(spec)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        staged_spec = _stage_weights(spec, staging)
-        staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 0, 1)
-        if torch_model is None:
-            copy_onnx_model(staged_spec.weights_path(), staging / FP32_NAME)
+        if is_onnx:
+            copy_onnx_model(spec.weights_path(), staging / FP32_NAME)
+            staged_spec = replace(spec, weights=FP32_NAME, base_dir=str(staging))
             export_info: dict[str, Any] = {"source": "onnx"}
         else:
+            staged_spec = _stage_weights(spec, staging)
             exported = export_onnx(torch_model, spec, staging / FP32_NAME, monitor=monitor)
             export_info = {"source": "torch", "max_abs_error": exported.max_abs_error, "opset": exported.opset}
+        staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
         patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
         settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
