@@ -111,9 +111,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .engines import choose_runtime
     from .sysinfo import system_info
 
     info = system_info()
+    info["auto_runtime"] = {}
+    for precision in PRECISIONS:
+        try:
+            runtime, reason = choose_runtime(precision)
+            info["auto_runtime"][precision] = {"runtime": runtime, "reason": reason}
+        except PTQError as exc:
+            info["auto_runtime"][precision] = {"runtime": None, "reason": str(exc)}
     cpu = info["cpu"]
     flags = ", ".join(name for name, present in cpu["flags"].items() if present) or "none of AVX2/AVX-512/AMX"
     lines = [
@@ -125,6 +133,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     for name, version in info["versions"].items():
         shown = version.get("missing") if isinstance(version, dict) else version
         lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
+    for precision, choice in info["auto_runtime"].items():
+        lines.append(f"auto runtime for {precision}: {choice['runtime'] or 'none'} ({choice['reason']})")
     _emit(args, info, "\n".join(lines))
 
 

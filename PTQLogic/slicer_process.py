@@ -35,6 +35,18 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
             "--patches", str(int(patches)), "--method", str(method), *_FLAGS]
 
 
+def info_command(python_exe: str) -> list[str]:
+    """``python -m PTQLogic.cli info --json``: versions, CPU/GPU features and the automatic runtime choice."""
+    return [str(python_exe), "-m", "PTQLogic.cli", "info", "--json"]
+
+
+def runtime_choice_text(info: dict) -> str:
+    """One line per precision saying which runtime "auto" picks here and why (from ``info_command``)."""
+    choices = info.get("auto_runtime") or {}
+    return "\n".join(f"{precision.upper()}: {choice.get('runtime') or 'unavailable'} - {choice.get('reason', '')}"
+                     for precision, choice in choices.items())
+
+
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
                     runtime: str, precision: str, compare: bool, reference: str | Path | None = None) -> list[str]:
     """``python -m PTQLogic.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice."""

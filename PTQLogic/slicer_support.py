@@ -23,8 +23,8 @@ from .slicer_deps import (  # noqa: F401  (re-export)
 )
 from .slicer_models import ModelSource, choose_model_source  # noqa: F401  (re-export)
 from .slicer_process import (  # noqa: F401  (re-export)
-    BackgroundProcess, default_python, engine_environment, parse_error, parse_progress, parse_result, ptqlogic_parent_dir,
-    quantize_command, segment_command,
+    BackgroundProcess, default_python, engine_environment, info_command, parse_error, parse_progress, parse_result,
+    ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
 )
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse

@@ -297,8 +297,14 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return Path(slicer.app.cachePath) / "PTQSegmentation"
 
     def onCheckDependencies(self):
-        if self.ensureDependencies():
-            slicer.util.infoDisplay(support.versions_report(), windowTitle=_("PTQSegmentation packages"))
+        if self._job or not self.ensureDependencies():
+            return
+        self.ui.logTextEdit.appendPlainText(support.versions_report())
+        # Which runtime "auto" picks needs torch/OpenVINO/TensorRT imports: ask the engine process.
+        self.startJob(support.info_command(self.logic.pythonExecutable()), _("Checking runtimes"), self.onInfoFinished)
+
+    def onInfoFinished(self, info):
+        self.ui.runtimeReasonLabel.text = support.runtime_choice_text(info)
 
     def ensureDependencies(self):
         plan = self.logic.dependencyPlan()

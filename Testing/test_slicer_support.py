@@ -329,3 +329,20 @@ def test_choose_model_source(tmp_path):
     (tmp_path / "broken.json").write_text("{nope")
     with pytest.raises(InputError, match="not a usable model spec"):
         ss.choose_model_source(tmp_path / "broken.json")
+
+
+def test_info_command_reports_the_auto_runtime_choice():
+    """The module's runtime line comes from the real `ptqseg info --json` in a separate process."""
+    import subprocess
+    import sys
+
+    from PTQLogic.slicer_support import info_command, parse_result, runtime_choice_text
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(info_command(sys.executable), capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = runtime_choice_text(parse_result(proc.stdout))
+    lines = text.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["FP32", "FP16", "INT8"]
+    assert lines[2].startswith("INT8: openvino - OpenVINO")  # no NVIDIA GPU here
+    assert lines[1].startswith("FP16: unavailable - FP16 needs an NVIDIA GPU")
