@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from .errors import EngineUnavailable, InputError
 from .fileio import atomic_write_text
 from .progress import Monitor
@@ -52,8 +54,8 @@ def run_benchmark(
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref = read_volume(reference) if reference else None
-    if ref is not None and ref.spatial_shape != volume.spatial_shape:
-        raise InputError(f"Reference '{reference}' is not on the input's grid ({ref.spatial_shape} vs {volume.spatial_shape}).")
+    if ref is not None:
+        volume.require_same_grid(ref, f"Reference '{reference}'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = list(range(1, spec.num_classes))
@@ -64,11 +66,14 @@ def run_benchmark(
         for precision in ordered:
             try:
                 started = time.perf_counter()
-                engine, _ = open_engine(model_dir, runtime, precision, monitor=monitor)
+                engine, _ = open_engine(model_dir, runtime, precision, batch_size=batch_size, monitor=monitor)
                 build_s = time.perf_counter() - started
             except EngineUnavailable as exc:
                 skipped.append({"runtime": runtime, "precision": precision, "reason": str(exc)})
                 continue
+            on_gpu = engine.device.type == "cuda"
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(engine.device)
             shape = (batch_size, spec.in_channels, *spec.patch_size)
             latency = measure_latency(engine, shape, warmup=warmup, repeats=repeats)
             result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
@@ -86,10 +91,10 @@ def run_benchmark(
                 dice=None if ref is None else dice_per_class(result.labels.array, ref.array, labels).mean,
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(result.labels.array, fp32_labels, labels),
-                peak_mem_mb=peak_memory_bytes().get("cpu_peak_rss", 0) / 1e6,
+                peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
                 device=engine.info.device,
+                build_s=build_s,
             ))
-            rows[-1].build_s = build_s  # type: ignore[attr-defined]
     if not rows:
         raise EngineUnavailable("No engine could run here: " + "; ".join(s["reason"] for s in skipped))
     title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"

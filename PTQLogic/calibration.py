@@ -43,9 +43,11 @@ class CalibrationSettings:
     foreground_fraction: float = 0.75  # share of patches centred inside the body mask
 
 
-def _validate(settings: CalibrationSettings) -> None:
+def validate_settings(settings: CalibrationSettings) -> None:
     if settings.num_patches < 1:
         raise InputError(f"Number of calibration patches must be >= 1, got {settings.num_patches}.")
+    if settings.seed < 0:
+        raise InputError(f"The calibration seed must be a non-negative integer, got {settings.seed}.")
     if not 0.0 <= settings.foreground_fraction <= 1.0:
         raise InputError(f"Foreground fraction must be in [0, 1], got {settings.foreground_fraction}.")
 
@@ -105,7 +107,7 @@ def sample_calibration_patches(
 ) -> np.ndarray:
     """``settings.num_patches`` preprocessed patches, shape (N, C, *spec.patch_size), float32."""
     monitor = monitor or Monitor()
-    _validate(settings)
+    validate_settings(settings)
     if not volumes:
         raise InputError("No calibration volumes were given; give at least one image like those you will segment.")
     total = settings.num_patches

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
 from .engines.base import PRECISIONS, RUNTIMES
-from .errors import Cancelled, PTQError
+from .errors import Cancelled, InputError, PTQError
 from .progress import Monitor, TqdmProgress, line_monitor
 
 
@@ -44,7 +46,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _emit(args, data, (
         f"Quantized model written to {data['model_dir']}\n"
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
-        f"({data['size_ratio']:.2f}x) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
+        f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
         f"{'pass' if data['qdq_ok'] else 'FAIL (see quantization.json)'}"
     ))
 
@@ -84,8 +86,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import dice_per_class
     from .imageio import read_volume
 
+    import numpy as np
+
     pred, ref = read_volume(args.prediction), read_volume(args.reference)
-    labels = args.labels or sorted(int(v) for v in set(pred.array.ravel().tolist()) | set(ref.array.ravel().tolist()) if v)
+    pred.require_same_grid(ref, f"Reference '{args.reference}'")
+    values = np.union1d(np.unique(pred.array), np.unique(ref.array))
+    if not np.array_equal(values, np.round(values)):
+        raise InputError("Label maps must hold whole numbers; one of them has fractional values.")
+    labels = args.labels or [int(v) for v in values if v != 0]
     result = dice_per_class(pred.array, ref.array, labels)
     data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean}
     rows = [f"  {label}: {dice:.4f}" for label, dice in result.per_class.items()]
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="model folder to write")
     q.add_argument("--patches", type=int, default=32, help="calibration patches (default 32)")
     q.add_argument("--method", choices=["max", "entropy"], default="max")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="calibration patch sampling seed (>= 0)")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
@@ -201,9 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cancel_on_terminate() -> None:
+    """SIGTERM (the Slicer module's Cancel) unwinds like Ctrl-C, so staging files are removed."""
+
+    def handler(signum, frame):
+        raise Cancelled("Cancelled (terminated); no partial output was kept.")
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        _cancel_on_terminate()
     try:
         args.func(args)
         return 0
@@ -219,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked
         if args.debug or os.environ.get("PTQSEG_DEBUG"):
             traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        message = f"unexpected {type(exc).__name__}: {exc}".replace("\n", " ")
+        print(f"error: {message} (rerun with --debug for details)", file=sys.stderr)
         return 1
 
 

@@ -118,9 +118,30 @@ def _stage_weights(spec: ModelSpec, staging: Path) -> ModelSpec:
         return replace(spec, base_dir=str(staging))
     if not source.is_file():
         raise ModelError(f"Model weights '{source}' (from spec '{spec.name}') do not exist.")
-    target = staging / ("weights" + "".join(source.suffixes[-1:]) if source.suffix else "weights.bin")
+    target = staging / ("weights" + (source.suffix or ".bin"))
     shutil.copyfile(source, target)
     return replace(spec, weights=target.name, base_dir=str(staging))
+
+
+def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
+    """The folder ``quantize`` may (re)place: new, empty, or an earlier model folder holding no input."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.parent == out_dir:
+        raise InputError(f"'{out_dir}' cannot be a model folder; choose a new folder such as ./my-model-int8.")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError(f"Output '{out_dir}' is a file; give a folder for the quantized model.")
+        is_model_dir = (out_dir / SPEC_NAME).is_file() and (out_dir / FP32_NAME).is_file()
+        if any(out_dir.iterdir()) and not is_model_dir:
+            raise InputError(
+                f"Output folder '{out_dir}' already holds other files; choose a new or empty folder "
+                "(only an earlier quantized model folder is replaced)."
+            )
+        for item in inputs:
+            item = Path(item).resolve()
+            if item == out_dir or out_dir in item.parents:
+                raise InputError(f"Input '{item}' lies inside the output folder '{out_dir}', which would be replaced.")
+    return out_dir
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
@@ -146,7 +167,9 @@ def quantize_model(
     monitor: Monitor | None = None,
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
-    from .calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+    from .calibration import (
+        CalibrationSettings, load_calibration_volumes, sample_calibration_patches, validate_settings,
+    )
     from .export import copy_onnx_model, export_onnx
     from .models import load_torch_model
     from .quantize import QuantizeSettings, quantize_onnx
@@ -154,12 +177,13 @@ def quantize_model(
     monitor = monitor or Monitor()
     started = time.perf_counter()
     spec = load_model_spec(model)
-    out_dir = Path(out_dir)
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
-    if num_patches < 1:
-        raise InputError(f"Number of calibration patches must be >= 1, got {num_patches}.")
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
+    validate_settings(calib_settings)
+    calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
+    weights = [spec.weights_path()] if spec.weights_path() else []
+    out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
     # Validate every input before the long work.
     volumes = load_calibration_volumes(calibration)
     is_onnx = "onnx" in (spec.architecture, spec.weights_format)
@@ -207,7 +231,13 @@ def quantize_model(
 
 
 def open_engine(
-    model_dir: ModelDir, runtime: str, precision: str, *, device: str | None = None, monitor: Monitor | None = None
+    model_dir: ModelDir,
+    runtime: str,
+    precision: str,
+    *,
+    device: str | None = None,
+    batch_size: int = 1,
+    monitor: Monitor | None = None,
 ):
     """Build or load one engine of a model folder ("auto" runtime picks the best usable one)."""
     from .engines import choose_runtime, create_engine
@@ -227,6 +257,7 @@ def open_engine(
         weights_path=spec.weights_path(),
         cache_dir=model_dir.engine_cache,
         device=device,
+        max_batch=max(4, batch_size),  # TensorRT's optimization profile must cover the batch
         monitor=monitor or Monitor(),
     )
     return engine, reason
@@ -295,19 +326,18 @@ def segment(
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref_volume = read_volume(reference) if reference else None
-    if ref_volume is not None and ref_volume.spatial_shape != volume.spatial_shape:
-        raise InputError(
-            f"Reference '{reference}' has shape {ref_volume.spatial_shape}, the input {volume.spatial_shape}; "
-            "a reference must lie on the input's grid."
-        )
+    if ref_volume is not None:
+        volume.require_same_grid(ref_volume, f"Reference '{reference}'")
     started = time.perf_counter()
-    engine, reason = open_engine(model_dir, runtime, precision, device=device, monitor=monitor)
+    engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor)
     build_seconds = time.perf_counter() - started
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     labels = list(range(1, spec.num_classes))
     agreement = None
     if compare and precision != "fp32":
-        fp32_engine, _ = open_engine(model_dir, engine.info.runtime, "fp32", device=device, monitor=monitor)
+        fp32_engine, _ = open_engine(
+            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size, monitor=monitor
+        )
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
         agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)
     reference_dice = None

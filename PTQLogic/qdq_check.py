@@ -68,6 +68,10 @@ class _Graph:
             for name in node.input:
                 self.consumers[name].append(node)
         self.graph_outputs = {o.name for o in graph.output}
+        for node in self.nodes:  # a QuantizeLinear's integer type: its zero point's, else output_dtype/uint8
+            if node.op_type == "QuantizeLinear":
+                zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                self.dtypes[node.output[0]] = self.dtypes.get(zp) if zp else _attr(node, "output_dtype", 2)
 
     def is_constant(self, name: str) -> bool:
         """An initializer/Constant, possibly behind Identity nodes (exporters emit those for shared weights)."""
@@ -126,7 +130,14 @@ def _check_scale_and_zero_point(g: _Graph, node, violations: list[str]) -> np.nd
         violations.append(f"{name}: scale has non-positive or non-finite values (min {np.min(scale):.3g}).")
     zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if zp_name is None:
-        violations.append(f"{name}: no zero point, which means uint8; TensorRT needs int8 with zero point 0.")
+        # Without a zero point the integer type comes from DQ's input or Q's output_dtype (uint8 by default).
+        if node.op_type == "DequantizeLinear":
+            int8 = g.dtypes.get(node.input[0]) == TensorProto.INT8
+        else:
+            int8 = _attr(node, "output_dtype", TensorProto.UINT8) == TensorProto.INT8
+        if not int8:
+            violations.append(f"{name}: no zero point and no int8 type, which means uint8; "
+                              "TensorRT needs int8 with zero point 0.")
     elif zp_name not in g.constants:
         violations.append(f"{name}: zero point is not a constant.")
     else:

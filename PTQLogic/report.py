@@ -26,8 +26,9 @@ class BenchmarkRow:
     volume_s: float | None = None  # whole-volume segmentation time
     dice: float | None = None  # mean Dice against reference labels
     agreement_dice: float | None = None  # mean Dice against the FP32 prediction
-    peak_mem_mb: float | None = None
+    peak_mem_mb: float | None = None  # GPU: peak allocated by this engine's run; CPU: process peak RSS so far
     device: str = "cpu"
+    build_s: float | None = None  # engine build (TensorRT, cached afterwards) or load time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +75,8 @@ def to_markdown(rows: Sequence[BenchmarkRow], title: str = "Benchmark") -> str:
                  _fmt(row.agreement_dice, 4), _fmt(row.peak_mem_mb, 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Speedup and size ratio are relative to the FP32 row of the same model, runtime and device; "
-              "agreement Dice compares each prediction with the FP32 prediction."]
+              "agreement Dice compares each prediction with the FP32 prediction. Peak mem: GPU memory allocated by "
+              "PyTorch for CUDA engines, the process's peak resident memory so far for CPU engines."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Iterable, Mapping
@@ -14,6 +15,15 @@ SLICER_SHIPPED = frozenset({
 })
 REQUIRED = ("torch", "monai", "onnx", "onnxruntime", "openvino", "nvidia-modelopt")
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+MODELOPT_MIN_PYTHON = (3, 10)
+QUANTIZE_NEEDS_NEWER_PYTHON = (
+    "Quantization uses NVIDIA ModelOpt, which needs Python 3.10 or newer (3D Slicer 5.10 or newer); this Slicer "
+    "can still segment with a model folder quantized elsewhere (`ptqseg quantize` on any Python 3.10+)."
+)
+
+
+def quantization_supported(python_version: tuple[int, int] | None = None) -> bool:
+    return (python_version or tuple(sys.version_info[:2])) >= MODELOPT_MIN_PYTHON
 # Approximate download sizes in MB (wheels plus the dependencies they pull in).
 SIZES_MB = {
     "torch": 200, "torch-cuda": 2500, "monai": 5, "onnx": 17, "onnxruntime": 15, "onnxruntime-gpu": 280,
@@ -58,26 +68,33 @@ class DependencyPlan:
 
 def dependency_plan(installed: Mapping[str, str | None], has_nvidia_gpu: bool,
                     requested: Iterable[str] = REQUIRED, system: str | None = None,
-                    machine: str | None = None) -> DependencyPlan:
+                    machine: str | None = None, python_version: tuple[int, int] | None = None) -> DependencyPlan:
     """Decide what to install so quantization and all available runtimes work.
 
     ``installed`` maps distribution names to versions (None = missing), e.g. from
     :func:`installed_versions`. TensorRT is only planned with an NVIDIA GPU. On x86-64 Linux
     ``nvidia-modelopt[onnx]`` brings ``onnxruntime-gpu`` (it includes the CPU provider), so the plain
-    ``onnxruntime`` is neither installed next to it nor kept (both install the same module).
+    ``onnxruntime`` is neither installed next to it nor kept (both install the same module); on Windows
+    x86-64 it does the same, and elsewhere it brings the plain ``onnxruntime``. ModelOpt needs Python
+    3.10+: on older Pythons (Slicer < 5.10) it is left out and the message says quantization needs a
+    newer Slicer, while segmentation with existing model folders still works.
     """
     have = {canonical(k): v for k, v in installed.items() if v}
     system = (system or platform.system()).lower()
     machine = (machine or platform.machine()).lower()
     linux_x86 = system == "linux" and machine in ("x86_64", "amd64")
+    ort_gpu_with_modelopt = system in ("linux", "windows") and machine in ("x86_64", "amd64")
     wanted = [canonical(n) for n in requested]
+    notes: list[str] = []
+    if not quantization_supported(python_version) and "nvidia-modelopt" in wanted:
+        wanted.remove("nvidia-modelopt")
+        notes.append(QUANTIZE_NEEDS_NEWER_PYTHON.rstrip("."))
     if has_nvidia_gpu and "tensorrt" not in wanted:
         wanted.append("tensorrt")
     skipped = sorted({n for n in wanted if n in SLICER_SHIPPED})
     wanted = [n for n in dict.fromkeys(wanted) if n not in SLICER_SHIPPED]
 
     items: list[str] = []  # keys of SIZES_MB / REQUIREMENTS
-    notes: list[str] = []
     to_uninstall: list[str] = []
     has_ort = any(have.get(d) for d in ORT_DISTRIBUTIONS)
     for name in wanted:
@@ -94,21 +111,21 @@ def dependency_plan(installed: Mapping[str, str | None], has_nvidia_gpu: bool,
         else:
             items.append(name)
     if "onnxruntime" in wanted or "nvidia-modelopt" in wanted:
-        modelopt_brings_ort = linux_x86 and "nvidia-modelopt[onnx]" in items
-        if modelopt_brings_ort:
-            notes.append("onnxruntime-gpu comes with nvidia-modelopt[onnx] and includes the CPU provider")
-            if have.get("onnxruntime") and not have.get("onnxruntime-gpu"):
+        if "nvidia-modelopt[onnx]" in items:  # it brings its own ONNX Runtime on every platform
+            if ort_gpu_with_modelopt:
+                notes.append("onnxruntime-gpu comes with nvidia-modelopt[onnx] and includes the CPU provider")
+            if ort_gpu_with_modelopt and have.get("onnxruntime") and not have.get("onnxruntime-gpu"):
                 to_uninstall.append("onnxruntime")
                 notes.append("the plain onnxruntime is removed first: both provide the same 'onnxruntime' module")
         elif not has_ort and "onnxruntime" in wanted:
-            items.append("onnxruntime-gpu" if linux_x86 and have.get("nvidia-modelopt") else "onnxruntime")
+            items.append("onnxruntime-gpu" if ort_gpu_with_modelopt and have.get("nvidia-modelopt") else "onnxruntime")
 
     cuda_torch = "torch" in items and (has_nvidia_gpu or linux_x86)  # PyPI's Linux torch carries CUDA
     sizes = {item: SIZES_MB["torch-cuda" if item == "torch" and cuda_torch else item] for item in items}
     total = sum(sizes.values())
     constraints = [f"{name}=={version}" for name, version in sorted(have.items()) if name in SLICER_SHIPPED]
     if not items and not to_uninstall:
-        message = "All required Python packages are installed."
+        message = "All required Python packages are installed." + ("".join(" " + n + "." for n in notes))
     else:
         listing = ", ".join(f"{REQUIREMENTS[i]} (~{_size(sizes[i])})" for i in items)
         message = f"PTQSegmentation needs to install: {listing}. Total download about {_size(total)}."

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -108,11 +109,12 @@ def ptqlogic_parent_dir(module_dir: str | Path) -> Path:
 
 
 def engine_environment(base_env: Mapping[str, str], ptqlogic_parent: str | Path) -> dict[str, str]:
-    """Environment for the engine process: PTQLogic first on PYTHONPATH, unbuffered output."""
+    """Environment for the engine process: PTQLogic first on PYTHONPATH, unbuffered UTF-8 output."""
     env = dict(base_env)
     paths = [str(ptqlogic_parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # the module decodes UTF-8; Windows pipes default to the ANSI code page
     return env
 
 
@@ -125,6 +127,8 @@ class BackgroundProcess:
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.cancelled = False
+        self.kill_after_s = 5.0
+        self._cancel_time = 0.0
         kwargs: dict = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -152,9 +156,11 @@ class BackgroundProcess:
     def poll(self) -> tuple[list[tuple[str, str]], int | None]:
         """New (stream, line) pairs since the last call, and the exit code once finished and drained."""
         returncode = self._process.poll()
+        if returncode is None and self.cancelled and time.monotonic() - self._cancel_time > self.kill_after_s:
+            self._kill_tree(force=True)  # did not unwind in time after SIGTERM
         if returncode is not None:
             for reader in self._readers:
-                reader.join(timeout=5)
+                reader.join(timeout=1)
         new = []
         while True:
             try:
@@ -165,31 +171,36 @@ class BackgroundProcess:
             new.append((stream, line))
         return new, returncode
 
-    def cancel(self, timeout: float = 10.0) -> None:
-        """End the process and everything it started."""
-        if self._process.poll() is not None:
+    def cancel(self) -> None:
+        """Ask the process tree to stop; never blocks. The engine unwinds on SIGTERM (removing its
+        staging files); :meth:`poll` kills the whole tree if it has not ended ``kill_after_s`` later."""
+        if self._process.poll() is not None or self.cancelled:
             return
         self.cancelled = True
+        self._cancel_time = time.monotonic()
+        self._kill_tree(force=os.name == "nt")
+
+    def _kill_tree(self, force: bool) -> None:
         if os.name == "nt":
             subprocess.run(["taskkill", "/PID", str(self._process.pid), "/T", "/F"], capture_output=True, check=False)
-        else:
-            try:
-                os.killpg(self._process.pid, signal.SIGTERM)
-                self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:  # grandchildren that ignored SIGTERM
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self._process.wait(timeout=timeout)
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL if force else signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if force:
+            self._process.wait()
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until finished (tests and scripts only; the GUI uses :meth:`poll`)."""
-        self._process.wait(timeout=timeout)
-        return self.poll()[1]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            returncode = self.poll()[1]
+            if returncode is not None:
+                return returncode
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.command, timeout)
+            time.sleep(0.05)
 
 
 def default_python() -> str:

@@ -19,7 +19,8 @@ from .errors import InputError
 from .fileio import atomic_path
 from .volume import Volume
 from .slicer_deps import (  # noqa: F401  (re-export)
-    REQUIRED, DependencyPlan, dependency_plan, has_nvidia_gpu, installed_versions, versions_report,
+    QUANTIZE_NEEDS_NEWER_PYTHON, REQUIRED, DependencyPlan, dependency_plan, has_nvidia_gpu, installed_versions,
+    quantization_supported, versions_report,
 )
 from .slicer_models import ModelSource, choose_model_source  # noqa: F401  (re-export)
 from .slicer_process import (  # noqa: F401  (re-export)
@@ -100,7 +101,7 @@ def slicer_arrays_from_volume(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
 
 def same_grid(a: Volume, b: Volume, atol: float = 1e-4) -> bool:
     """True when both volumes have the same spatial shape and IJK-to-RAS (within ``atol`` mm)."""
-    return a.spatial_shape == b.spatial_shape and bool(np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=atol))
+    return a.same_grid(b, atol)
 
 
 def save_volume_file(volume: Volume, path: str | Path) -> Path:

@@ -31,6 +31,19 @@ class Volume:
         """Voxel size in mm along I, J, K."""
         return tuple(float(v) for v in np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0))
 
+    def same_grid(self, other: "Volume", atol: float = 1e-4) -> bool:
+        """Same spatial shape and IJK-to-RAS (within ``atol`` mm): voxel i of one is voxel i of the other."""
+        return self.spatial_shape == other.spatial_shape and bool(
+            np.allclose(self.ijk_to_ras, other.ijk_to_ras, atol=atol)
+        )
+
+    def require_same_grid(self, other: "Volume", what: str, atol: float = 1e-3) -> None:
+        if not self.same_grid(other, atol):
+            raise InputError(
+                f"{what} is not on the same voxel grid (shape {other.spatial_shape} vs {self.spatial_shape}, or a "
+                "different IJK-to-RAS matrix); resample it onto the image's grid first."
+            )
+
     def validate(self, what: str = "volume") -> "Volume":
         """Raise :class:`InputError` unless this is a usable 3D (optionally multi-channel) image."""
         if self.array.ndim not in (3, 4):

@@ -73,6 +73,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobFinished = None
         self._jobTemp = None
+        self._installing = False
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPollJob)
@@ -123,8 +124,10 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume:  # the first scalar volume that is not a label map
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            self._parameterNode.inputVolume = next(
+                (node for node in volumes if not node.IsA("vtkMRMLLabelMapVolumeNode")), None)
         checked = {node.GetID() for node in self._parameterNode.calibrationVolumes if node}
         for index in range(self.ui.calibrationVolumesSelector.nodeCount()):
             node = self.ui.calibrationVolumesSelector.nodeFromIndex(index)
@@ -165,6 +168,9 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ actions
 
     def onQuantize(self):
+        if not support.quantization_supported():
+            self.showError(support.QUANTIZE_NEEDS_NEWER_PYTHON)
+            return
         if self._job or not self.ensureDependencies():
             return
         params = self._parameterNode
@@ -180,7 +186,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outDir = self.workDirectory() / "models" / f"{Path(source.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             command = support.quantize_command(self.logic.pythonExecutable(), source.spec_path, calibration, outDir,
                                                params.patches, params.method)
-        except PTQError as error:
+        except Exception as error:  # PTQError, or SimpleITK/OS errors while exporting the scene volumes
+            self.cleanupJobTemp()
             self.showError(str(error))
             return
         self.startJob(command, _("Quantizing"), self.onQuantizeFinished)
@@ -208,7 +215,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                              Path(params.modelDir) / "spec.json", temp / "reference.nrrd")
             command = support.segment_command(self.logic.pythonExecutable(), params.modelDir, inputPath,
                                               temp / "labels.nrrd", params.runtime, precision, compare, reference)
-        except PTQError as error:
+        except Exception as error:  # PTQError, or SimpleITK/segmentation/OS errors while exporting inputs
+            self.cleanupJobTemp()
             self.showError(str(error))
             return
         self.startJob(command, _("Comparing FP32 and INT8") if compare else _("Segmenting"), self.onSegmentFinished)
@@ -270,9 +278,12 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:  # a failed import into the scene must not kill the timer callback silently
             self.showError(str(error))
         finally:
-            if self._jobTemp:
-                self._jobTemp.cleanup()
-                self._jobTemp = None
+            self.cleanupJobTemp()
+
+    def cleanupJobTemp(self):
+        if self._jobTemp:
+            self._jobTemp.cleanup()
+            self._jobTemp = None
 
     def onCancel(self):
         if self._job:
@@ -291,7 +302,10 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showError(self, message, details=""):
         self.ui.statusLabel.text = _("Failed: ") + message
         self.ui.logTextEdit.appendPlainText("error: " + message)
-        slicer.util.errorDisplay(message, detailedText=details or None)
+        if details:
+            slicer.util.errorDisplay(message, detailedText=details)
+        else:
+            slicer.util.errorDisplay(message)
 
     def workDirectory(self):
         return Path(slicer.app.cachePath) / "PTQSegmentation"
@@ -310,8 +324,14 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         plan = self.logic.dependencyPlan()
         if not plan.needed:
             return True
-        if not slicer.util.confirmOkCancelDisplay(plan.message, windowTitle=_("Install Python packages?")):
+        if self._installing or not slicer.util.confirmOkCancelDisplay(
+                plan.message, windowTitle=_("Install Python packages?")):
             return False
+        # pip_install blocks this thread; disable the buttons so no second job or install starts meanwhile
+        self._installing = True
+        self.setBusy(True)
+        self.ui.cancelButton.enabled = False
+        self.ui.statusLabel.text = _("Installing Python packages (this can take several minutes)...")
         slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             self.logic.installDependencies(plan)
@@ -320,6 +340,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         finally:
             slicer.app.restoreOverrideCursor()
+            self._installing = False
+            self.setBusy(False)
         self.ui.logTextEdit.appendPlainText(support.versions_report())
         return True
 
@@ -432,9 +454,10 @@ class PTQSegmentationTest(ScriptedLoadableModuleTest):
         try:
             import SampleData
 
-            return SampleData.downloadSample("CTChest")
+            node = SampleData.downloadSample("CTChest")
         except Exception:  # offline: a CT-like phantom exercises the same geometry path
-            return self._phantomNode(3, "phantom")
+            node = None
+        return node or self._phantomNode(3, "phantom")
 
     def test_VolumeGeometryRoundTrip(self):
         self.delayDisplay("Export a volume for the engine and read it back")

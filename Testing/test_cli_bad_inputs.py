@@ -144,3 +144,34 @@ def test_console_entry_point_reports_errors(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_never_replaces_a_folder_with_other_files(inputs, tmp_path, capsys):
+    """--out on a user's folder must not wipe it (only an earlier model folder is replaced)."""
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    shutil.copy(inputs["ok"], user / "ct.nii.gz")
+    before = {p.name: sha256_file(p) for p in user.iterdir()}
+    for out, mention in ((user, "already holds other files"), (tmp_path, "already holds other files")):
+        code, _, err = run_cli(["quantize", "--model", str(SAMPLE_UNET), "--calibration", str(user / "ct.nii.gz"),
+                                "--out", str(out), "--patches", "2"], capsys)
+        assert code != 0 and mention in err
+    assert {p.name: sha256_file(p) for p in user.iterdir()} == before
+
+
+def test_quantize_rejects_negative_seed_before_work(inputs, tmp_path, capsys):
+    code, _, err = run_cli(["quantize", "--model", str(SAMPLE_UNET), "--calibration", str(inputs["ok"]),
+                            "--out", str(tmp_path / "out"), "--seed", "-1"], capsys)
+    assert_clean_failure(code, err, tmp_path, must_mention="seed")
+
+
+def test_evaluate_refuses_labels_on_another_grid(tmp_path, capsys):
+    labels = np.zeros((8, 9, 10), np.uint8)
+    labels[2:5, 3:6, 4:8] = 1
+    a = write_image(tmp_path / "a.nii.gz", labels)
+    b = write_image(tmp_path / "b.nii.gz", labels, spacing=(1.5, 1.5, 3.0))
+    code, out, _ = run_cli(["evaluate", "--prediction", str(a), "--reference", str(a), "--json"], capsys)
+    assert code == 0 and json.loads(out)["mean"] == 1.0
+    code, _, err = run_cli(["evaluate", "--prediction", str(a), "--reference", str(b)], capsys)
+    assert code != 0 and "same voxel grid" in err

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from PTQLogic.cli import main
 from PTQLogic.progress import parse_progress_line
 
@@ -24,7 +26,9 @@ def test_segment_progress_lines_and_json(quantized_unet, phantom_files, tmp_path
     assert result["agreement_dice"] >= 0.98 and result["latency_ms"] > 0 and result["engine_size_mb"] > 0
 
 
-def test_ctrl_c_cancels_quantize_and_leaves_nothing(phantom_files, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_cancels_quantize_and_leaves_nothing(signum, phantom_files, tmp_path):
+    """Ctrl-C in a terminal, SIGTERM from the Slicer module's Cancel: same clean unwinding."""
     out = tmp_path / "models" / "unet-int8"
     proc = subprocess.Popen(
         [sys.executable, "-m", "PTQLogic", "quantize", "--model", str(SAMPLE_UNET), "--calibration",
@@ -35,7 +39,7 @@ def test_ctrl_c_cancels_quantize_and_leaves_nothing(phantom_files, tmp_path):
     for line in proc.stderr:  # wait until real work has started
         if parse_progress_line(line) or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error:")

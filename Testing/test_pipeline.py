@@ -69,3 +69,14 @@ def test_segment_real_ct_on_its_grid(runtime, quantized_unet, shared_data, tmp_p
     table = json.loads((tmp_path / "labels.json").read_text())
     assert table["labels"][0]["value"] == 0 and len(table["labels"]) == open_model_dir(quantized_unet).spec().num_classes
     assert sha256_file(ct) == before
+
+
+def test_requantize_replaces_an_earlier_model_folder(quantized_unet, phantom_files, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(quantized_unet, folder)
+    quantize_model(ROOT / "PTQLogic" / "data" / "phantom_unet.json", phantom_files["calibration"], folder,
+                   num_patches=2, seed=3)
+    assert open_model_dir(folder).report()["calibration"] == {"volumes": 2, "patches": 2, "seed": 3, "method": "max"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or backup folder left

@@ -83,9 +83,13 @@ def test_uint8_and_missing_zero_point(int8_model):
     set_initializer(model, activation_q(model).input[2], np.array(0, np.uint8))
     assert any("zero point type is UINT8" in v for v in check_qdq(model).violations)
     model = broken(int8_model)
-    dq = weight_dq(model)
+    q = activation_q(model)  # without a zero point or output_dtype, QuantizeLinear produces uint8
+    del q.input[2]
+    assert any(v.startswith(q.name) and "no zero point" in v for v in check_qdq(model).violations)
+    model = broken(int8_model)
+    dq = weight_dq(model)  # an INT8 weight needs no zero point: DQ takes its type from its input
     del dq.input[2]
-    assert any(v.startswith(dq.name) and "no zero point" in v for v in check_qdq(model).violations)
+    assert not any(v.startswith(dq.name) for v in check_qdq(model).violations)
 
 
 def test_wrong_per_channel_axis(int8_model):
@@ -172,3 +176,23 @@ def test_unquantized_reasons_and_missing_file(tmp_path):
     assert check_qdq(model).unquantized == {"op": "input not quantized; weight not quantized"}
     with pytest.raises(ModelError, match="does not exist"):
         check_qdq(tmp_path / "missing.onnx")
+
+
+def test_int8_typed_qdq_without_zero_point_is_symmetric_int8():
+    """ONNX takes DQ's type from its input (and Q's from output_dtype): no zero point is fine when that is int8."""
+    w = numpy_helper.from_array(np.ones((4, 1, 3, 3, 3), np.int8), "w_q")
+    ws = numpy_helper.from_array(np.full((4,), 0.1, np.float32), "w_s")
+    xs = numpy_helper.from_array(np.array(0.1, np.float32), "x_s")
+    xz = numpy_helper.from_array(np.array(0, np.int8), "x_z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["wd"], name="wdq", axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, ws, xs, xz])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    report = check_qdq(model)
+    assert report.ok, report.violations
+    assert report.quantized == ["conv"]
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 1, 3, 3, 3), np.uint8), "w_q"))
+    assert any("uint8" in v for v in check_qdq(model).violations)

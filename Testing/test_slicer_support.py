@@ -220,10 +220,28 @@ def test_cancel_ends_the_whole_process_tree(tmp_path):
     grandchild = psutil.Process(int(job.stdout_lines[0]))
     started = time.time()
     job.cancel()
-    _, code = job.poll()
-    assert code is not None and code != 0 and job.cancelled
+    assert time.time() - started < 1  # never blocks the GUI thread
+    code = job.wait(timeout=15)
+    assert code != 0 and job.cancelled
     grandchild.wait(timeout=10)
     assert not grandchild.is_running() and time.time() - started < 10
+
+
+def test_cancel_kills_a_process_that_ignores_sigterm(tmp_path):
+    script = _write(tmp_path / "stubborn.py", """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    job = ss.BackgroundProcess([sys.executable, str(script)])
+    job.kill_after_s = 0.5
+    deadline = time.time() + 20
+    while not job.stdout_lines and time.time() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(timeout=15) == -9
 
 
 def test_real_cli_failure_gives_one_line_reason(tmp_path):
@@ -254,8 +272,18 @@ def test_dependency_plan():
 
     clash = ss.dependency_plan({"onnxruntime": "1.20"}, False, system="Linux", machine="x86_64")
     assert clash.to_uninstall == ["onnxruntime"] and not any(r.startswith("onnxruntime") for r in clash.to_install)
+    # nvidia-modelopt[onnx] pins onnxruntime-gpu on Windows x86-64 too: never a second ORT next to it
     windows = ss.dependency_plan({}, False, system="Windows", machine="AMD64")
-    assert "onnxruntime>=1.17" in windows.to_install and "onnxruntime-gpu>=1.17" not in windows.to_install
+    assert not any(r.startswith("onnxruntime") for r in windows.to_install)
+    assert "onnxruntime-gpu comes with nvidia-modelopt" in windows.message
+    mac = ss.dependency_plan({}, False, system="Darwin", machine="arm64")
+    assert not any(r.startswith("onnxruntime") for r in mac.to_install)  # ModelOpt brings plain onnxruntime
+
+    # Slicer < 5.10 has Python 3.9, which ModelOpt does not support: segment-only packages, said plainly
+    old = ss.dependency_plan({}, False, system="Linux", machine="x86_64", python_version=(3, 9))
+    assert not any("modelopt" in r for r in old.to_install) and "onnxruntime>=1.17" in old.to_install
+    assert "Python 3.10" in old.message and not ss.quantization_supported((3, 9))
+    assert ss.quantization_supported((3, 12))
 
     asked = ss.dependency_plan(everything, False, requested=["numpy", "SimpleITK", "openvino", "scipy"])
     assert asked.skipped_shipped == ["numpy", "scipy", "simpleitk"] and not asked.to_install

@@ -50,6 +50,10 @@ class OnnxRuntimeEngine:
             self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load '{onnx_path}': {exc}") from None
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # ORT falls back to CPU silently when the CUDA provider fails to start (e.g. no matching cuDNN)
+            raise EngineUnavailable("ONNX Runtime could not start its CUDA provider here (check CUDA/cuDNN "
+                                    "versions for this onnxruntime-gpu); use device 'cpu' or TensorRT.")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.precision = precision
@@ -73,8 +77,15 @@ class OnnxRuntimeEngine:
         x = batch.detach().to(self.device, torch.float32).contiguous()
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", self.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(self.output_name, "cuda", self.device.index or 0)
+        dims = [x.shape[0], *self.session.get_outputs()[0].shape[1:]]
+        out = None
+        if all(isinstance(d, int) for d in dims):  # static output: ORT writes straight into a torch tensor
+            out = torch.empty(dims, dtype=torch.float32, device=self.device)
+            binding.bind_output(self.output_name, "cuda", self.device.index or 0, np.float32, dims, out.data_ptr())
+        else:
+            binding.bind_output(self.output_name, "cuda", self.device.index or 0)
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        logits = binding.copy_outputs_to_cpu()[0]
-        return torch.from_numpy(logits).to(self.device)
+        if out is not None:
+            return out
+        return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(self.device)

@@ -31,8 +31,10 @@ class TorchEngine:
             raise EngineUnavailable("FP16 with PyTorch needs a CUDA GPU (CPU FP16 convolutions are slow and inexact); use fp32 on CPU.")
         self.precision = precision
         self._dtype = torch.float16 if precision == "fp16" else torch.float32
-        # fp16 converts weights in place, so work on a copy and leave the caller's model untouched
-        model = copy.deepcopy(model) if precision == "fp16" else model
+        # eval()/to() change a module in place: work on a copy unless nothing would change
+        params = [p for p in model.parameters()] or [torch.zeros(0)]
+        unchanged = not model.training and all(p.device == self.device and p.dtype == self._dtype for p in params)
+        model = model if unchanged else copy.deepcopy(model)
         self.model = model.eval().to(device=self.device, dtype=self._dtype)
         if weights_path is not None:
             weights_path = Path(weights_path)
