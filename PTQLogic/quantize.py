@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, PTQError
 from .export import onnx_io_names
 from .fileio import atomic_path, atomic_write_text
 from .progress import Monitor
@@ -101,15 +101,42 @@ def _captured_modelopt_log(buffer: io.StringIO):
             logger.setLevel(logging.WARNING)
 
 
+CALIBRATION_STAGE = "calibration (ModelOpt)"
+
+
+def _progress_reader(src: Path, input_name: str, calibration: np.ndarray, monitor: Monitor):
+    """ModelOpt's own calibration data provider, reporting each calibration batch to ``monitor``.
+
+    ``monitor.update`` raises :class:`Cancelled` between batches, which unwinds ModelOpt cleanly.
+    """
+    from modelopt.onnx.quantization.calib_utils import CalibrationDataProvider
+
+    class ProgressReader(CalibrationDataProvider):
+        def get_next(self):
+            item = super().get_next()
+            if item is not None:
+                self.done = getattr(self, "done", 0) + 1
+                monitor.update(CALIBRATION_STAGE, min(self.done, self.total), self.total)
+            return item
+
+        def rewind(self):  # ModelOpt/ORT may pass over the data more than once (entropy)
+            super().rewind()
+            self.done = 0
+
+    reader = ProgressReader(str(src), {input_name: calibration})
+    reader.total = len(reader.calibration_data_list)
+    return reader
+
+
 def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
-                  settings: QuantizeSettings, log: io.StringIO) -> None:
+                  settings: QuantizeSettings, log: io.StringIO, monitor: Monitor) -> None:
     with _captured_modelopt_log(log):
         from modelopt.onnx.quantization import quantize
 
         quantize(
             str(src),
             quantize_mode="int8",
-            calibration_data={input_name: calibration},
+            calibration_data_reader=_progress_reader(src, input_name, calibration, monitor),
             calibration_method=settings.method,
             calibration_eps=["cpu"],
             output_path=str(dst),
@@ -144,7 +171,9 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
         produced = workdir / "out" / "int8.onnx"
         produced.parent.mkdir()
         try:
-            _run_modelopt(src, produced, input_name, calibration, settings, log)
+            _run_modelopt(src, produced, input_name, calibration, settings, log, monitor)
+        except PTQError:  # cancelled between calibration batches
+            raise
         except Exception as exc:
             tail = " | ".join(line for line in log.getvalue().splitlines()[-3:])
             raise ModelError(f"ModelOpt INT8 quantization failed: {type(exc).__name__}: {exc} "
@@ -152,7 +181,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
         if not produced.is_file():
             raise ModelError(f"ModelOpt finished without writing a model; log: {log.getvalue()[-300:]}")
         qdq = check_qdq(produced)
-        monitor.check()  # ModelOpt cannot be interrupted; honour a cancel that arrived meanwhile
+        monitor.check()  # a cancel that arrived after the last calibration batch
         with atomic_path(out_path, suffix=".onnx") as tmp:
             shutil.move(str(produced), tmp)
         atomic_write_text(log_path, log.getvalue())

@@ -44,7 +44,10 @@ def test_int8_dq_only_is_small_valid_and_close(fp32_onnx, tmp_path):
     events = []
     report = quantize_onnx(fp32_onnx, calibration(), tmp_path / "int8.onnx",
                            monitor=Monitor(lambda *e: events.append(e)))
-    assert events == [("quantize", 0, 1), ("quantize", 1, 1)]
+    assert events[0] == ("quantize", 0, 1) and events[-1] == ("quantize", 1, 1)
+    calibration_steps = events[1:-1]  # one per calibration batch, from ModelOpt's own data reader
+    assert calibration_steps and all(e[0] == "calibration (ModelOpt)" and e[2] == 4 for e in calibration_steps)
+    assert ("calibration (ModelOpt)", 4, 4) in calibration_steps
     assert report.path == tmp_path / "int8.onnx" and report.bytes == report.path.stat().st_size
     assert report.fp32_bytes == fp32_onnx.stat().st_size
     assert report.ratio == pytest.approx(report.bytes / report.fp32_bytes)
@@ -93,6 +96,19 @@ def test_bad_settings_overwrite_and_cancel(fp32_onnx, tmp_path):
         quantize_onnx(fp32_onnx, calibration(), fp32_onnx)
     monitor = Monitor()
     monitor.cancel()
+    with pytest.raises(Cancelled):
+        quantize_onnx(fp32_onnx, calibration(), tmp_path / "int8.onnx", monitor=monitor)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_between_calibration_batches_stops_modelopt(fp32_onnx, tmp_path):
+    monitor = Monitor()
+
+    def cancel_after_second_batch(stage, done, total):
+        if stage == "calibration (ModelOpt)" and done == 2:
+            monitor.cancel()
+
+    monitor.on_progress = cancel_after_second_batch
     with pytest.raises(Cancelled):
         quantize_onnx(fp32_onnx, calibration(), tmp_path / "int8.onnx", monitor=monitor)
     assert list(tmp_path.iterdir()) == []
