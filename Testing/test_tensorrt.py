@@ -324,3 +324,23 @@ def test_enqueue_uses_a_dedicated_stream_and_waits(standin):
     stream = _StreamStandIn(0x7F00)
     tr.enqueue(context, stream)
     assert context.streams == [0x7F00] and stream.synchronized == 1
+
+
+def test_cli_tensorrt_options(tmp_path, capsys):
+    """`ptqseg build/segment/benchmark --trt-opt-level/--trt-timing-cache` set the options of every build."""
+    from PTQLogic import cli
+
+    parser = cli.build_parser()
+    base = {"build": ["--model", "m"], "segment": ["--model", "m", "--input", "i", "--output", "o.nrrd"],
+            "benchmark": ["--model", "m", "--input", "i", "--out", "b"]}
+    for command, rest in base.items():
+        args = parser.parse_args([command, *rest, "--trt-opt-level", "0", "--trt-timing-cache", "off"])
+        with cli._tensorrt_options(args):
+            assert te.current_build_options() == te.TensorRTBuildOptions(optimization_level=0, timing_cache="off")
+        assert te.current_build_options() == te.TensorRTBuildOptions()  # restored afterwards
+        args = parser.parse_args([command, *rest])
+        with cli._tensorrt_options(args):
+            assert te.current_build_options().optimization_level == te.DEFAULT_OPTIMIZATION_LEVEL
+    with pytest.raises(SystemExit) as bad:
+        parser.parse_args(["build", "--model", "m", "--trt-opt-level", "9"])
+    assert bad.value.code == 2 and "--trt-opt-level" in capsys.readouterr().err
