@@ -57,8 +57,10 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     engine, reason = open_engine(open_model_dir(args.model), args.runtime, args.precision, monitor=_monitor(args))
     data = {**engine.info.to_dict(), "reason": reason}
+    built = (engine.info.build or {}).get("build_seconds")
     _emit(args, data, f"{engine.info.runtime} {engine.info.precision} engine ready on {engine.info.device} "
-          f"({engine.info.bytes_on_disk / 1e6:.2f} MB){': ' + reason if reason else ''}")
+          f"({engine.info.bytes_on_disk / 1e6:.2f} MB{f', built in {built:.1f} s' if built else ''})"
+          f"{': ' + reason if reason else ''}")
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
