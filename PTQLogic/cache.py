@@ -1,7 +1,9 @@
 """Engine cache: built artifacts (TensorRT plans, derived ONNX files) keyed by everything they depend on.
 
-A key is a stable hash of the fields (model file sha256, precision, calibration settings, shape
-profile, runtime name + version, device name). A matching artifact is reused; otherwise it is built
+A key is a stable hash of the fields (model content sha256, precision, calibration settings, shape
+profile, runtime name + version, device name, and the build recipe passed as extra fields). The
+model's file name is not part of it: a renamed identical model reuses its artifacts. A matching
+artifact is reused; otherwise it is built
 into a temporary file and renamed, so a failed or cancelled build leaves nothing behind. A small JSON
 with the fields sits next to each artifact for humans.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +33,6 @@ def engine_fields(
     """The standard cache fields for an engine built from ``model_path``."""
     return {
         "model_sha256": sha256_file(model_path),
-        "model_file": Path(model_path).name,
         "precision": precision,
         "calibration": calibration or {},
         "shape_profile": shape_profile,
@@ -39,6 +41,16 @@ def engine_fields(
         "device": device,
         **extra,
     }
+
+
+def user_cache_dir() -> Path:
+    """Per-user cache folder (``PTQSEG_CACHE_DIR`` overrides it), e.g. for TensorRT timing caches."""
+    override = os.environ.get("PTQSEG_CACHE_DIR")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ptqseg", appauthor=False))
 
 
 class EngineCache:

@@ -7,6 +7,7 @@ prints one ``error: ...`` line and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -73,8 +74,10 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     engine, reason = open_engine(open_model_dir(args.model), args.runtime, args.precision, monitor=_monitor(args))
     data = {**engine.info.to_dict(), "reason": reason}
+    built = (engine.info.build or {}).get("build_seconds")
     _emit(args, data, f"{engine.info.runtime} {engine.info.precision} engine ready on {engine.info.device} "
-          f"({engine.info.bytes_on_disk / 1e6:.2f} MB){': ' + reason if reason else ''}")
+          f"({engine.info.bytes_on_disk / 1e6:.2f} MB{f', built in {built:.1f} s' if built else ''})"
+          f"{': ' + reason if reason else ''}")
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
@@ -163,6 +166,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     _emit(args, info, "\n".join(lines))
 
 
+def _add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
+    group = cmd.add_argument_group("TensorRT build (used only when a TensorRT engine is built)")
+    group.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5", default=None,
+                       help="builder optimization level (default 2: shorter builds than TensorRT's 3)")
+    group.add_argument("--trt-timing-cache", default="auto", metavar="PATH|auto|off",
+                       help="kernel timing cache reused across builds (default auto: the user cache folder)")
+
+
+def _tensorrt_options(args: argparse.Namespace):
+    """A context applying the --trt-* options to every TensorRT build of this command."""
+    if not hasattr(args, "trt_opt_level"):
+        return contextlib.nullcontext()
+    from .engines.tensorrt_engine import DEFAULT_OPTIMIZATION_LEVEL, TensorRTBuildOptions, use_build_options
+
+    level = DEFAULT_OPTIMIZATION_LEVEL if args.trt_opt_level is None else args.trt_opt_level
+    return use_build_options(TensorRTBuildOptions(optimization_level=level, timing_cache=args.trt_timing_cache))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptqseg", description=__doc__.split("\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -229,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="unet", help="shipped sample: unet or segresnet")
     d.add_argument("--train", action="store_true", help="train the sample network instead of loading shipped weights")
 
+    for cmd in (b, s, m):
+        _add_tensorrt_options(cmd)
     add("info", cmd_info, "CPU features, GPUs and runtime versions")
     return parser
 
@@ -250,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
     try:
-        args.func(args)
+        with _tensorrt_options(args):
+            args.func(args)
         return 0
     except Cancelled as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -49,8 +49,10 @@ def runtime_choice_text(info: dict) -> str:
 
 
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
-                    runtime: str, precision: str, compare: bool, reference: str | Path | None = None) -> list[str]:
-    """``python -m PTQLogic.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice."""
+                    runtime: str, precision: str, compare: bool, reference: str | Path | None = None,
+                    trt_opt_level: int | None = None) -> list[str]:
+    """``python -m PTQLogic.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice;
+    ``trt_opt_level`` is the TensorRT builder optimization level (0-5) if a TensorRT engine gets built."""
     command = [str(python_exe), "-m", "PTQLogic.cli", "segment", "--model", str(model_dir),
                "--input", str(input_path), "--output", str(output_path),
                "--runtime", str(runtime), "--precision", str(precision)]
@@ -58,6 +60,10 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
         command.append("--compare")
     if reference is not None:
         command += ["--reference", str(reference)]
+    if trt_opt_level is not None:
+        if not 0 <= int(trt_opt_level) <= 5:
+            raise PTQError(f"The TensorRT optimization level must be 0-5, got {trt_opt_level}.")
+        command += ["--trt-opt-level", str(int(trt_opt_level))]
     return command + _FLAGS
 
 
@@ -128,7 +134,9 @@ class BackgroundProcess:
         self.stderr_lines: list[str] = []
         self.cancelled = False
         self.kill_after_s = 5.0
+        self.reap_after_kill_s = 5.0  # upper bound on waiting for SIGKILLed processes to disappear
         self._cancel_time = 0.0
+        self._killed = False
         kwargs: dict = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -154,10 +162,22 @@ class BackgroundProcess:
         stream.close()
 
     def poll(self) -> tuple[list[tuple[str, str]], int | None]:
-        """New (stream, line) pairs since the last call, and the exit code once finished and drained."""
+        """New (stream, line) pairs since the last call, and the exit code once finished and drained.
+
+        After :meth:`cancel` the job counts as finished only when its whole process group is gone:
+        ``PythonSlicer`` is a launcher that dies on SIGTERM at once while its child (``python-real``,
+        maybe inside a native TensorRT build) carries on, so the group is SIGKILLed after the grace period.
+        """
         returncode = self._process.poll()
-        if returncode is None and self.cancelled and time.monotonic() - self._cancel_time > self.kill_after_s:
-            self._kill_tree(force=True)  # did not unwind in time after SIGTERM
+        if self.cancelled and os.name != "nt":
+            waited = time.monotonic() - self._cancel_time
+            if _group_running(self._process.pid):
+                if waited > self.kill_after_s and not self._killed:
+                    self._kill_tree(force=True)  # did not unwind in time after SIGTERM
+                if waited < self.kill_after_s + self.reap_after_kill_s:
+                    returncode = None  # the engine may still run under a launcher that already exited
+        elif returncode is None and self.cancelled and time.monotonic() - self._cancel_time > self.kill_after_s:
+            self._kill_tree(force=True)
         if returncode is not None:
             for reader in self._readers:
                 reader.join(timeout=1)
@@ -189,6 +209,7 @@ class BackgroundProcess:
         except (ProcessLookupError, PermissionError):
             pass
         if force:
+            self._killed = True
             self._process.wait()
 
     def wait(self, timeout: float | None = None) -> int:
@@ -201,6 +222,27 @@ class BackgroundProcess:
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(self.command, timeout)
             time.sleep(0.05)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies waiting to be reaped do not count)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited while scanning
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def default_python() -> str:

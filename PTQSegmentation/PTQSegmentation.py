@@ -15,6 +15,7 @@ import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
@@ -39,7 +40,8 @@ class PTQSegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("PTQ Segmentation")
-        self.parent.categories = [_("Segmentation")]
+        # core modules' context: the category merges with Slicer's own (translated) Segmentation category
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["PTQSegmentation contributors"]
         self.parent.helpText = _(
@@ -58,6 +60,7 @@ class PTQSegmentationParameterNode:
     method: Annotated[str, Choice(["max", "entropy"])] = "max"
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
+    trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
     modelDir: Path
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
@@ -89,6 +92,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.sampleModelComboBox.addItem(sample.stem, str(sample))
         self.ui.sampleModelComboBox.connect("activated(int)", self.onSampleModelChosen)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.modelFolderButton.connect("clicked(bool)", self.onBrowseModelFolder)
         self.ui.quantizeButton.connect("clicked(bool)", self.onQuantize)
         self.ui.segmentButton.connect("clicked(bool)", lambda _checked=False: self.onSegment(compare=False))
         self.ui.compareButton.connect("clicked(bool)", lambda _checked=False: self.onSegment(compare=True))
@@ -110,7 +114,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        if self._parameterNode and self._parameterNodeGuiTag:
+        # a GUI tag can be 0 (Slicer 5.10's first) or None (connectGui returns None before 5.10): test "is not None"
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
@@ -135,18 +140,26 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                               else qt.Qt.Unchecked)
 
     def setParameterNode(self, parameterNode):
-        if self._parameterNode and self._parameterNodeGuiTag:
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
         self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        if self._parameterNode is not None:
+            tag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = 0 if tag is None else tag
             self.onModelPathChanged(str(self._parameterNode.modelPath or ""))
 
     # ------------------------------------------------------------------ inputs
 
     def onSampleModelChosen(self, index):
         self.ui.modelPathLineEdit.currentPath = self.ui.sampleModelComboBox.itemData(index)
+
+    def onBrowseModelFolder(self, _checked=False):
+        # ctkPathLineEdit's own button opens a file dialog whenever Files is allowed: folders need their own
+        start = str(self.ui.modelPathLineEdit.currentPath or "")
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a model folder"), start)
+        if folder:
+            self.ui.modelPathLineEdit.currentPath = folder
 
     def onModelPathChanged(self, path):
         if not path or path == ".":
@@ -214,7 +227,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 reference = self.logic.exportReferenceLabels(params.referenceSegmentation, params.inputVolume,
                                                              Path(params.modelDir) / "spec.json", temp / "reference.nrrd")
             command = support.segment_command(self.logic.pythonExecutable(), params.modelDir, inputPath,
-                                              temp / "labels.nrrd", params.runtime, precision, compare, reference)
+                                              temp / "labels.nrrd", params.runtime, precision, compare, reference,
+                                              trt_opt_level=params.trtOptLevel)
         except Exception as error:  # PTQError, or SimpleITK/segmentation/OS errors while exporting inputs
             self.cleanupJobTemp()
             self.showError(str(error))
@@ -400,24 +414,44 @@ class PTQSegmentationLogic(ScriptedLoadableModuleLogic):
         labels = support.load_volume_file(labelmapPath)
         if not support.same_grid(labels, self.volumeFromNode(referenceVolume)):
             raise PTQError("The engine's label map is not on the input volume's grid.")
-        if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(referenceVolume.GetName() + " PTQ"))
-            segmentationNode.CreateDefaultDisplayNodes()
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
-        segmentation = segmentationNode.GetSegmentation()
-        wasModified = segmentationNode.StartModify()
-        segmentation.RemoveAllSegments()
-        for spec in support.segments_from_label_table(labelsJson):
-            segmentId = segmentation.AddEmptySegment(f"label_{spec.value}", spec.name, spec.color_rgb_float)
-            segment = segmentation.GetSegment(segmentId)
-            if spec.terminology and hasattr(segment, "SetTerminology"):  # Slicer >= 5.7
-                segment.SetTerminology(spec.terminology)
-            elif spec.terminology:
-                segment.SetTag(segment.GetTerminologyEntryTagName(), spec.terminology)
-            slicer.util.updateSegmentBinaryLabelmapFromArray(
-                (labels.array == spec.value).astype("uint8"), segmentationNode, segmentId, referenceVolume)
-        segmentationNode.EndModify(wasModified)
+        specs = support.segments_from_label_table(labelsJson)
+        # Build the result in a scratch node first: the user's segments are replaced only once it is complete.
+        scratch = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "PTQ scratch")
+        scratch.SetHideFromEditors(True)
+        try:
+            scratch.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+            result = scratch.GetSegmentation()
+            for spec in specs:
+                segmentId = result.AddEmptySegment(f"label_{spec.value}", spec.name, spec.color_rgb_float)
+                segment = result.GetSegment(segmentId)
+                if spec.terminology and hasattr(segment, "SetTerminology"):  # Slicer >= 5.7
+                    segment.SetTerminology(spec.terminology)
+                elif spec.terminology:
+                    segment.SetTag(segment.GetTerminologyEntryTagName(), spec.terminology)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(
+                    (labels.array == spec.value).astype("uint8"), scratch, segmentId, referenceVolume)
+            if segmentationNode is None:
+                segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(referenceVolume.GetName() + " PTQ"))
+                segmentationNode.CreateDefaultDisplayNodes()
+            segmentation = segmentationNode.GetSegmentation()
+            wasModified = segmentationNode.StartModify()
+            try:
+                # binary labelmap source first: importing into a closed-surface source node fails after clearing
+                labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+                if hasattr(segmentation, "SetSourceRepresentationName"):  # Slicer >= 5.4 ("Master" before)
+                    segmentation.SetSourceRepresentationName(labelmapName)
+                else:
+                    segmentation.SetMasterRepresentationName(labelmapName)
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+                segmentation.RemoveAllSegments()
+                for index in range(result.GetNumberOfSegments()):
+                    if not segmentation.CopySegmentFromSegmentation(result, result.GetNthSegmentID(index)):
+                        raise PTQError("Copying the new segments into the output segmentation failed.")
+            finally:
+                segmentationNode.EndModify(wasModified)
+        finally:
+            slicer.mrmlScene.RemoveNode(scratch)
         segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode
 
@@ -439,6 +473,8 @@ class PTQSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_VolumeGeometryRoundTrip()
+        self.setUp()
+        self.test_ReuseSegmentationNode()
         self.setUp()
         self.test_QuantizeSegmentCompare()
 
@@ -471,6 +507,29 @@ class PTQSegmentationTest(ScriptedLoadableModuleTest):
         self.assertTrue(support.same_grid(restored, original))
         self.assertTrue((restored.array == before).all())
         self.assertTrue((slicer.util.arrayFromVolume(volumeNode) == before).all())
+
+    def test_ReuseSegmentationNode(self):
+        self.delayDisplay("Re-run into an output node whose source representation is a closed surface")
+        logic = PTQSegmentationLogic()
+        volumeNode = self._phantomNode(5, "reuse input")
+        array = slicer.util.arrayFromVolume(volumeNode)
+        labels = (array > array.mean()).astype("uint8")
+        binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+        with tempfile.TemporaryDirectory() as temp:
+            path = support.save_volume_file(support.Volume(labels, logic.volumeFromNode(volumeNode).ijk_to_ras),
+                                            Path(temp) / "labels.nrrd")
+            node = logic.createOrUpdateSegmentation(path, {0: "background", 1: "liver"}, volumeNode)
+            node.GetSegmentation().SetSourceRepresentationName(closed)
+            again = logic.createOrUpdateSegmentation(path, {0: "background", 1: "spleen"}, volumeNode, node)
+        segmentation = again.GetSegmentation()
+        self.assertIs(again, node)
+        self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())],
+                         ["spleen"])
+        self.assertEqual(segmentation.GetSourceRepresentationName(), binary)
+        self.assertGreater(slicer.util.arrayFromSegmentBinaryLabelmap(again, segmentation.GetNthSegmentID(0),
+                                                                      volumeNode).sum(), 0)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 1)  # no scratch node left
 
     def test_QuantizeSegmentCompare(self):
         logic = PTQSegmentationLogic()

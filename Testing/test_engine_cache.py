@@ -111,3 +111,37 @@ def test_engine_fields_hash_the_model_file(tmp_path):
                           "runtime_version", "device"}
     # keys are stable across processes/runs: a pure function of the field values
     assert EngineCache.key(**first) == EngineCache.key(**json.loads(json.dumps(first)))
+
+
+def test_engine_fields_key_on_content_not_file_name(tmp_path):
+    """Issue 10 item 12: a renamed (or moved) identical model reuses its engines."""
+    first, second = tmp_path / "int8.onnx", tmp_path / "copy" / "renamed-model.onnx"
+    second.parent.mkdir()
+    first.write_bytes(b"same model bytes")
+    second.write_bytes(b"same model bytes")
+    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": 4}
+    a = engine_fields(first, "int8", "tensorrt", "10.13", "H100", profile)
+    b = engine_fields(second, "int8", "tensorrt", "10.13", "H100", profile)
+    assert EngineCache.key(**a) == EngineCache.key(**b)
+    assert "renamed" not in json.dumps(b) and "int8.onnx" not in json.dumps(a)
+
+
+@pytest.mark.parametrize("change", [{"optimization_level": 1}, {"typing": "weak"}, {"high_precision": "fp32"},
+                                    {"workspace_bytes": 1 << 30}, {"tf32": "default"}, {"recipe_version": 3},
+                                    {"graph": ["dq-only weights to Q/DQ"]}])
+def test_build_recipe_is_part_of_the_key(tmp_path, change):
+    recipe = {"recipe_version": 2, "typing": "strong", "high_precision": "fp16", "graph": [], "tf32": "off",
+              "optimization_level": 2, "workspace_bytes": 2 << 30, "instancenorm": "native"}
+    cache, build = EngineCache(tmp_path), CountingBuild()
+    first = cache.get_or_build({**FIELDS, "recipe": recipe}, build)
+    second = cache.get_or_build({**FIELDS, "recipe": {**recipe, **change}}, build)
+    assert first != second and build.calls == 2
+
+
+def test_user_cache_dir(monkeypatch, tmp_path):
+    from PTQLogic.cache import user_cache_dir
+
+    monkeypatch.setenv("PTQSEG_CACHE_DIR", str(tmp_path / "c"))
+    assert user_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("PTQSEG_CACHE_DIR")
+    assert "ptqseg" in str(user_cache_dir())

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -267,3 +268,154 @@ endmacro()
     data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/data"
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in (ROOT / "PTQLogic/data").iterdir())
     assert (build / "tests.txt").read_text().split() == ["PTQSegmentation.py"]
+
+
+# ---------------------------------------------------------------- issue 10, items 1-5 (Slicer 5.6-5.10 behaviour)
+
+
+def _method(class_name: str, name: str, **globals_):
+    """One method of the module, compiled alone with the given globals (Slicer cannot be imported here)."""
+    cls = next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    function = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == name)
+    namespace = dict(globals_)
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(MODULE_PY), "exec"), namespace)
+    return namespace[name]
+
+
+class _ParameterNodeStandIn:
+    """The two calls of Slicer's parameterNodeWrapper the widget uses; ``tags`` are what connectGui returns
+    (5.10 counts from 0 per wrapper; 5.6/5.8 return None)."""
+
+    def __init__(self, tags):
+        self.tags, self.connected, self.calls = list(tags), 0, []
+        self.modelPath = ""
+
+    def connectGui(self, gui):
+        self.connected += 1
+        self.calls.append("connect")
+        return self.tags.pop(0)
+
+    def disconnectGui(self, tag):
+        self.connected -= 1
+        self.calls.append(("disconnect", tag))
+
+
+@pytest.mark.parametrize("tags", [[0, 1, 2, 3], [None] * 4], ids=["slicer-5.10", "slicer-5.6-5.8"])
+def test_parameter_node_gui_is_disconnected_on_exit_and_reconnect(tags):
+    """Item 1: a falsy tag (0 or None) must still be disconnected, so enter() never stacks connections."""
+    widget = types.SimpleNamespace(_parameterNode=None, _parameterNodeGuiTag=None, ui=object(),
+                                   onModelPathChanged=lambda path: None)
+    setParameterNode = _method("PTQSegmentationWidget", "setParameterNode")
+    exit_ = _method("PTQSegmentationWidget", "exit")
+    node = _ParameterNodeStandIn(tags)
+    for _ in range(3):  # enter() three times, as Slicer does when the user comes back to the module
+        setParameterNode(widget, node)
+        assert node.connected == 1
+    exit_(widget)
+    assert node.connected == 0 and widget._parameterNodeGuiTag is None
+    setParameterNode(widget, node)
+    setParameterNode(widget, None)
+    assert node.connected == 0
+
+
+def test_model_path_can_browse_folders_and_files():
+    """Item 3: ctkPathLineEdit's button opens a file dialog whenever Files is set; a Folder button picks folders."""
+    root = ET.parse(UI_FILE).getroot()
+    layout = next(lay for lay in root.iter("layout") if lay.find("./item/widget[@name='modelPathLineEdit']") is not None)
+    assert {w.get("name") for w in layout.findall("./item/widget")} == {"modelPathLineEdit", "modelFolderButton"}
+    filters = root.find(".//widget[@name='modelPathLineEdit']/property[@name='filters']/set").text
+    assert "ctkPathLineEdit::Files" in filters  # files stay pickable with the line edit's own button
+    asked = []
+
+    def get_existing_directory(parent, title, start):
+        asked.append(start)
+        return "/data/nnUNet_results/Dataset001"
+
+    qt_standin = types.SimpleNamespace(QFileDialog=types.SimpleNamespace(getExistingDirectory=get_existing_directory))
+    browse = _method("PTQSegmentationWidget", "onBrowseModelFolder", qt=qt_standin, _=lambda text: text)
+    widget = types.SimpleNamespace(parent=None, ui=types.SimpleNamespace(
+        modelPathLineEdit=types.SimpleNamespace(currentPath="/data/old.json")))
+    browse(widget)
+    assert asked == ["/data/old.json"] and widget.ui.modelPathLineEdit.currentPath == "/data/nnUNet_results/Dataset001"
+    qt_standin.QFileDialog.getExistingDirectory = lambda parent, title, start: ""  # dialog cancelled
+    browse(widget)
+    assert widget.ui.modelPathLineEdit.currentPath == "/data/nnUNet_results/Dataset001"
+
+
+def test_reusing_a_segmentation_node_never_loses_its_segments():
+    """Item 4: the result is built in a scratch node; the target gets a binary-labelmap source before it is
+    cleared, and is cleared only when the result is complete; the scratch node is always removed."""
+    function = next(f for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationLogic"
+                    for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "createOrUpdateSegmentation")
+    first = {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            first.setdefault(node.func.attr, node.lineno)
+    assert first["updateSegmentBinaryLabelmapFromArray"] < first["RemoveAllSegments"]
+    assert first["SetSourceRepresentationName"] < first["RemoveAllSegments"]
+    assert first["SetMasterRepresentationName"] < first["RemoveAllSegments"]  # Slicer < 5.4 name
+    assert first["RemoveAllSegments"] < first["CopySegmentFromSegmentation"]
+    outer = next(n for n in function.body if isinstance(n, ast.Try))
+    assert "RemoveNode(scratch)" in ast.unparse(outer.finalbody)
+    assert "RemoveAllSegments" in ast.unparse(outer.body)
+    assert "test_ReuseSegmentationNode" in MODULE_PY.read_text()  # exercised for real in Slicer's self-test
+
+
+def test_category_uses_the_core_modules_translation_context():
+    """Item 5: translated like core modules, so the module joins Slicer's own Segmentation category."""
+    cls = next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentation")
+    assignment = next(n for n in ast.walk(cls) if isinstance(n, ast.Assign)
+                      and ast.unparse(n.targets[0]) == "self.parent.categories")
+    assert ast.unparse(assignment.value) == "[translate('qSlicerAbstractCoreModule', 'Segmentation')]"
+
+
+def test_tensorrt_optimization_level_is_an_advanced_option():
+    from PTQLogic.engines.tensorrt_engine import DEFAULT_OPTIMIZATION_LEVEL
+    from PTQLogic.slicer_process import segment_command
+
+    spin = ET.parse(UI_FILE).getroot().find(".//widget[@name='trtOptLevelSpinBox']")
+    values = {p.get("name"): p.find("./number").text for p in spin.findall("property") if p.find("./number") is not None}
+    assert values == {"minimum": "0", "maximum": "5", "value": str(DEFAULT_OPTIMIZATION_LEVEL)}
+    assert f"trtOptLevel: Annotated[int, WithinRange(0, 5)] = {DEFAULT_OPTIMIZATION_LEVEL}" in MODULE_PY.read_text()
+    assert "trt_opt_level=params.trtOptLevel" in MODULE_PY.read_text()
+    command = segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False, trt_opt_level=1)
+    assert command[command.index("--trt-opt-level") + 1] == "1"
+    from PTQLogic.cli import build_parser
+
+    assert build_parser().parse_args(command[3:]).trt_opt_level == 1  # the CLI accepts what the module sends
+
+
+def test_extensions_index_requirements():
+    """Item 6: a LICENSE at the root (Apache-2.0, as pyproject says), the screenshot the CMake metadata
+    points to exists in the repository, and the README shows it and names the licence."""
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text and len(license_text.splitlines()) > 190
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    top = (ROOT / "CMakeLists.txt").read_text()
+    url = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]+)"\)', top).group(1)
+    relative = url.split("/main/", 1)[1]
+    screenshot = ROOT / relative
+    assert screenshot.is_file() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(screenshot.read_bytes()[16:20], "big"), int.from_bytes(screenshot.read_bytes()[20:24], "big")
+    assert width >= 300 and height >= 500
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"]({relative})" in readme and "render_screenshot.py" in readme
+    assert "## License" in readme and "Apache License 2.0" in readme
+    icon = re.search(r'set\(EXTENSION_ICONURL "([^"]+)"\)', top).group(1).split("/main/", 1)[1]
+    assert (ROOT / icon).is_file()
+
+
+def test_screenshot_renderer_uses_the_real_ui():
+    """The screenshot's renderer loads the module's own .ui; CTK/MRML classes become their Qt bases."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from render_screenshot import SUBSTITUTES, qt_only_ui
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    converted = ET.fromstring(qt_only_ui(UI_FILE.read_text(encoding="utf-8")))
+    classes = {w.get("class") for w in converted.iter("widget")}
+    assert classes.isdisjoint(SUBSTITUTES) and {"QGroupBox", "QLineEdit", "QComboBox", "QPushButton"} <= classes
+    assert {w.get("name") for w in converted.iter("widget")} == set(_ui_widgets())  # nothing dropped
+    custom = {c.find("class").text for c in ET.parse(UI_FILE).getroot().iter("customwidget")}
+    assert custom <= set(SUBSTITUTES)

@@ -244,6 +244,41 @@ def test_cancel_kills_a_process_that_ignores_sigterm(tmp_path):
     assert job.wait(timeout=15) == -9
 
 
+def test_cancel_through_a_launcher_ends_the_engine_process(tmp_path):
+    """Issue 10 item 2: PythonSlicer is a CTKAppLauncher-style parent: it starts python-real as a child, has
+    no SIGTERM handler (dies at once, forwards nothing). The child here ignores SIGTERM like a process
+    inside a native TensorRT build. Cancel must not report the job finished while the child still runs."""
+    psutil = pytest.importorskip("psutil")
+    launcher = _write(tmp_path / "launcher.py", """
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('engine', flush=True); "
+            "time.sleep(60)"])
+        print(child.pid, flush=True)
+        sys.exit(child.wait())
+    """)
+    job = ss.BackgroundProcess([sys.executable, str(launcher)])
+    job.kill_after_s = 0.5
+    deadline = time.time() + 20
+    while len(job.stdout_lines) < 2 and time.time() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    engine = psutil.Process(int(next(line for line in job.stdout_lines if line.isdigit())))
+    started = time.time()
+    job.cancel()
+    code = None
+    while code is None and time.time() - started < 20:
+        code = job.poll()[1]
+        if code is None:
+            time.sleep(0.05)
+            continue
+        try:  # the moment the job reports an end, the engine must be gone (or a zombie awaiting its reaper)
+            assert engine.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
+    assert code is not None and job.cancelled and time.time() - started < 10
+
+
 def test_real_cli_failure_gives_one_line_reason(tmp_path):
     env = ss.engine_environment(os.environ, ROOT)
     command = ss.segment_command(sys.executable, tmp_path / "missing-model", tmp_path / "in.nrrd",

@@ -141,30 +141,6 @@ def create_engine(
 
 
 def _tensorrt_engine(onnx_path: Path, precision: str, cache_dir, device, max_batch: int, monitor: Monitor) -> Engine:
-    import tensorrt
+    from .tensorrt_engine import tensorrt_engine_for
 
-    from ..cache import EngineCache, engine_fields
-    from .tensorrt_engine import TensorRTEngine, build_tensorrt_plan, make_fp16_onnx
-
-    cache = EngineCache(cache_dir if cache_dir is not None else onnx_path.parent / "engines")
-    gpu = torch.device(device or "cuda")
-    props = torch.cuda.get_device_properties(gpu)
-    device_name = f"{props.name} sm_{props.major}{props.minor}"
-    source = onnx_path
-    if precision == "fp16":  # strongly-typed TensorRT builds FP16 only from an FP16 graph
-        import onnxconverter_common
-
-        fp16_fields = engine_fields(onnx_path, "fp16", "onnxconverter-common", onnxconverter_common.__version__,
-                                    "any", {}, keep_io_types=True)
-        source = cache.get_or_build(fp16_fields, lambda tmp: make_fp16_onnx(onnx_path, tmp), suffix=".onnx")
-    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch}
-    fields = engine_fields(source, precision, "tensorrt", tensorrt.__version__, device_name, profile)
-    timing_cache = cache.root / f"timing-{tensorrt.__version__}-{props.name.replace(' ', '_')}.cache"
-
-    def build(tmp: Path) -> None:
-        with torch.cuda.device(gpu):
-            build_tensorrt_plan(source, precision, tmp, min_batch=1, opt_batch=1, max_batch=max_batch,
-                                timing_cache_path=timing_cache, monitor=monitor)
-
-    plan = cache.get_or_build(fields, build, suffix=".plan")
-    return TensorRTEngine(plan, precision, device=gpu)
+    return tensorrt_engine_for(onnx_path, precision, cache_dir, device, max_batch, monitor)

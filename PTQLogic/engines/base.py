@@ -18,6 +18,7 @@ class EngineInfo:
     runtime_version: str
     bytes_on_disk: int  # size of the artifact this engine runs (ONNX, engine plan, weights)
     path: str | None = None  # that artifact
+    build: dict | None = None  # how it was built (TensorRT: recipe, build_seconds, from_cache)
 
     def to_dict(self) -> dict:
         return asdict(self)

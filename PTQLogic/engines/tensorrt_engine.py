@@ -3,124 +3,197 @@
 TensorRT is imported lazily (this module imports fine without it). Builder differences are feature
 detected, not parsed from version strings (see /work/shared/notes/tensorrt.md):
 - 10.x/11.x: strongly-typed network, precision follows the ONNX types; never set precision flags.
-  An FP16 engine needs an FP16 ONNX (:func:`make_fp16_onnx`).
+  FP16 engines build from an FP16 ONNX, INT8 engines from the Q/DQ graph with FP16 as the high
+  precision (:mod:`.trt_graphs`), both derived at build time and cached.
 - 8.6: EXPLICIT_BATCH; INT8 (+FP16) flags for Q/DQ graphs, FP16 flag for fp16. DQ-only INT8 weights
   are turned back into FP32 + Q/DQ (:func:`dq_only_to_qdq`) before parsing.
+Everything that changes a plan is one *recipe* (:func:`build_recipe`), used both to build and as
+part of the cache key.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+import warnings
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Iterator
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
-from ..errors import Cancelled, EngineUnavailable, ModelError
-from ..fileio import atomic_path, atomic_write_bytes
+from ..errors import Cancelled, InputError, ModelError
+from ..fileio import atomic_write_bytes
 from ..progress import Monitor
-from .base import EngineInfo
+from .tensorrt_runner import TensorRTEngine, import_tensorrt
+from .trt_graphs import dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
+
+__all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
+           "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
+
+RECIPE_VERSION = 2  # bump whenever the builder code changes what a plan contains
+# TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches: measured builds at level 3
+# took 230-393 s on TensorRT 8.6 for a small UNet; the timing cache makes later builds faster still.
+DEFAULT_OPTIMIZATION_LEVEL = 2
 
 
-def import_tensorrt():
+@dataclass(frozen=True)
+class TensorRTBuildOptions:
+    """How plans are built. ``timing_cache``: "auto" (user cache folder), "off", or a file path."""
+
+    optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
+    workspace_bytes: int = 2 << 30
+    timing_cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.optimization_level) <= 5:
+            raise InputError(f"TensorRT optimization level must be 0-5, got {self.optimization_level}.")
+        if int(self.workspace_bytes) < 1 << 20:
+            raise InputError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_bytes} bytes.")
+
+    def timing_cache_path(self, trt_version: str, device_name: str) -> Path | None:
+        if self.timing_cache == "off":
+            return None
+        if self.timing_cache != "auto":
+            return Path(self.timing_cache)
+        from ..cache import user_cache_dir
+
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in device_name)
+        return user_cache_dir() / "tensorrt" / f"timing-{trt_version}-{safe}.cache"
+
+
+_OPTIONS: ContextVar[TensorRTBuildOptions] = ContextVar("tensorrt_build_options", default=TensorRTBuildOptions())
+
+
+@contextlib.contextmanager
+def use_build_options(options: TensorRTBuildOptions) -> Iterator[TensorRTBuildOptions]:
+    """Builds started inside this block (CLI command, benchmark) use ``options``."""
+    token = _OPTIONS.set(options)
     try:
-        import tensorrt
-    except ImportError:
-        raise EngineUnavailable("TensorRT is not installed (pip install tensorrt; needs an NVIDIA GPU).") from None
-    return tensorrt
+        yield options
+    finally:
+        _OPTIONS.reset(token)
 
 
-def make_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
-    """FP16 copy of an FP32 ONNX with FP32 inputs/outputs (for strongly-typed TensorRT FP16 engines)."""
-    from onnxconverter_common import float16
+def current_build_options() -> TensorRTBuildOptions:
+    return _OPTIONS.get()
 
+
+def strongly_typed(trt) -> bool:
+    """11.x: always strongly typed (no INT8 builder flag); 10.x: opt-in flag; 8.x: weakly typed."""
+    return hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") or not hasattr(trt.BuilderFlag, "INT8")
+
+
+def _native_instancenorm_flag(trt):
+    """The parser flag for TensorRT's native InstanceNorm: NATIVE_INSTANCENORM from 8.6.1 (on by default
+    in 10+), VERSION_COMPATIBLE in 8.6.0 (same bit, renamed); without it 8.6 uses a cuDNN-8 plugin."""
+    flags = getattr(trt, "OnnxParserFlag", None)
+    for name in ("NATIVE_INSTANCENORM", "VERSION_COMPATIBLE"):  # enum members may be falsy (value 0)
+        if hasattr(flags, name):
+            return getattr(flags, name)
+    return None
+
+
+def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = None) -> dict[str, Any]:
+    """Everything besides the ONNX content, shapes, TensorRT version and GPU that decides the plan."""
+    options = options or TensorRTBuildOptions()
+    strong = strongly_typed(trt)
+    graph: list[str] = []
+    high = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}[precision]
+    if precision == "fp16" and strong:
+        graph.append(f"fp16 (onnxconverter-common {_version('onnxconverter_common')})")
+    if precision == "int8" and strong:
+        converter = int8_fp16_converter()
+        if converter is None:
+            high = "fp32"  # no ModelOpt here: the rest of the graph stays FP32 (slower, still correct)
+        else:
+            graph.append(f"int8 high precision fp16 ({converter})")
+    if precision == "int8" and not strong:
+        graph.append("dq-only weights to Q/DQ")
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "typing": "strong" if strong else "weak",
+        "high_precision": high,
+        "graph": graph,
+        "tf32": "off" if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32") else "default",
+        "optimization_level": int(options.optimization_level),
+        "workspace_bytes": int(options.workspace_bytes),
+        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else "parser default",
+    }
+
+
+def _version(module: str) -> str:
     try:
-        model = onnx.load(str(src))
-    except Exception as exc:
-        raise ModelError(f"Cannot read ONNX '{src}': {exc}") from None
-    fp16 = float16.convert_float_to_float16(model, keep_io_types=True)
-    dst = Path(dst)
-    with atomic_path(dst) as tmp:
-        onnx.save(fp16, str(tmp))
-    return dst
-
-
-def _along_axis(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """Per-tensor values stay scalars; per-channel values broadcast along ``axis``."""
-    values = np.asarray(values, dtype=np.float32)
-    if values.ndim == 0:
-        return values
-    return values.reshape([-1 if i == axis % ndim else 1 for i in range(ndim)])
-
-
-def dq_only_to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn INT8 weight initializers + DequantizeLinear into FP32 initializer + QuantizeLinear + DequantizeLinear.
-
-    Same scales, zero points and axis, so the dequantized weights are bit-identical; the file gets
-    ~4x larger, which is why this runs only at build time for TensorRT versions that need it.
-    Returns a new model; the argument is not modified.
-    """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    new_nodes = []
-    for node in graph.node:
-        weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if weight is None or weight.data_type != onnx.TensorProto.INT8 or attrs.get("block_size"):
-            new_nodes.append(node)
-            continue
-        q = numpy_helper.to_array(weight).astype(np.float32)
-        axis = attrs.get("axis", 1)
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
-        weight_float = (q - _along_axis(zero, q.ndim, axis)) * _along_axis(scale, q.ndim, axis)
-        float_name = f"{weight.name}_float"
-        graph.initializer.append(numpy_helper.from_array(weight_float.astype(scale.dtype), float_name))
-        quantized_name = f"{weight.name}_QuantizeLinear_Output"
-        new_nodes.append(onnx.helper.make_node(
-            "QuantizeLinear", [float_name, *node.input[1:]], [quantized_name],
-            name=f"{node.name or weight.name}_weight_QuantizeLinear",
-            **({"axis": attrs["axis"]} if "axis" in attrs else {}),
-        ))
-        node.input[0] = quantized_name
-        new_nodes.append(node)
-        users[weight.name] -= 1
-        if users[weight.name] == 0:
-            graph.initializer.remove(weight)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    return model
+        return str(__import__(module).__version__)
+    except Exception:  # noqa: BLE001 - missing: the conversion itself reports it
+        return "missing"
 
 
 def _progress_adapter(trt, monitor: Monitor):
-    """TensorRT's IProgressMonitor (10.x+) reporting to our Monitor; returning False cancels the build."""
+    """TensorRT's IProgressMonitor (10.x+) reporting to our Monitor; returning False cancels the build.
+
+    The binding swallows exceptions raised in ``step_complete`` (the build just stops), so every
+    exception, Cancelled and the SIGTERM handler's included, is kept and re-raised after the build.
+    """
 
     class Adapter(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
-            self.cancelled = False
+            self.error: BaseException | None = None
             self.steps: dict[str, int] = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self.steps[phase_name] = num_steps
 
         def step_complete(self, phase_name, step):
+            if self.error is not None:
+                return False
             try:
                 monitor.update(f"TensorRT: {phase_name}", step + 1, self.steps.get(phase_name, step + 1))
                 return True
-            except Cancelled:
-                self.cancelled = True
+            except BaseException as exc:  # noqa: BLE001 - re-raised by build_tensorrt_plan
+                self.error = exc
                 return False
 
         def phase_finish(self, phase_name):
             self.steps.pop(phase_name, None)
 
     return Adapter()
+
+
+def _attach_timing_cache(config, path: Path | None):
+    """Load the timing cache at ``path`` (or start one); a damaged or foreign cache is replaced, with a warning."""
+    if path is None:
+        return None
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception:  # noqa: BLE001 - any failure means: start fresh
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        warnings.warn(f"TensorRT timing cache '{path}' is damaged or from another TensorRT/GPU; "
+                      "starting a fresh one (this build times every kernel).", RuntimeWarning, stacklevel=3)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        warnings.warn("TensorRT refused a new timing cache; building without one.", RuntimeWarning, stacklevel=3)
+        return None
+    return cache
+
+
+def _save_timing_cache(config, path: Path | None) -> None:
+    """Never lets a timing-cache problem cost the finished plan."""
+    if path is None:
+        return
+    try:
+        cache = config.get_timing_cache()
+        if cache is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, bytes(cache.serialize()))
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"Could not save the TensorRT timing cache '{path}': {exc}", RuntimeWarning, stacklevel=3)
 
 
 def build_tensorrt_plan(
@@ -131,19 +204,27 @@ def build_tensorrt_plan(
     min_batch: int = 1,
     opt_batch: int = 1,
     max_batch: int = 4,
-    workspace_bytes: int = 2 << 30,
+    workspace_bytes: int | None = None,
     timing_cache_path: str | Path | None = None,
     optimization_level: int | None = None,
     monitor: Monitor | None = None,
 ) -> Path:
-    """Build a serialized TensorRT engine from ``onnx_path`` and write it atomically to ``plan_path``."""
+    """Build a serialized TensorRT engine from ``onnx_path`` and write it atomically to ``plan_path``.
+
+    ``onnx_path`` must already be the graph the recipe asks for (FP16 / INT8-with-FP16 graphs on
+    strongly typed TensorRT, see :func:`tensorrt_engine_for`). Defaults come from :func:`use_build_options`.
+    """
     monitor = monitor or Monitor()
+    defaults = current_build_options()
+    options = replace(defaults,
+                      optimization_level=defaults.optimization_level if optimization_level is None else optimization_level,
+                      workspace_bytes=defaults.workspace_bytes if workspace_bytes is None else workspace_bytes)
     trt = import_tensorrt()
+    recipe = build_recipe(trt, precision, options)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     creation_flags = trt.NetworkDefinitionCreationFlag
-    # 11.x: always strongly typed (no INT8 builder flag); 10.x: opt in; 8.x: explicit batch + precision flags
-    strongly_typed = hasattr(creation_flags, "STRONGLY_TYPED") or not hasattr(trt.BuilderFlag, "INT8")
+    strong = recipe["typing"] == "strong"
     if hasattr(creation_flags, "STRONGLY_TYPED"):
         flags = 1 << int(creation_flags.STRONGLY_TYPED)
     elif hasattr(creation_flags, "EXPLICIT_BATCH"):
@@ -152,31 +233,34 @@ def build_tensorrt_plan(
         flags = 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if hasattr(getattr(trt, "OnnxParserFlag", None), "NATIVE_INSTANCENORM"):
-        # 8.6 otherwise maps InstanceNormalization to a plugin that needs cuDNN 8 at run time
-        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
+    native = _native_instancenorm_flag(trt)
+    if native is not None:
+        parser.set_flag(native)
     monitor.update("TensorRT: parse", 0, 1)
-    model = onnx.load(str(onnx_path))
-    if not strongly_typed and precision == "int8":
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:
+        raise ModelError(f"Cannot read ONNX '{onnx_path}': {exc}") from None
+    if not strong and precision == "int8":
         model = dq_only_to_qdq(model)
-    if strongly_typed and precision == "fp16" and not _has_fp16_tensors(model):
+    if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse '{onnx_path}': {errors}")
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, recipe["workspace_bytes"])
+    if recipe["tf32"] == "off":
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32, comparable to PyTorch
-    if not strongly_typed:
+    if not strong:
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)  # layers left unquantized may use FP16
         elif precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
-    if optimization_level is not None:
-        config.builder_optimization_level = int(optimization_level)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = recipe["optimization_level"]
 
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -187,24 +271,25 @@ def build_tensorrt_plan(
         profile.set_shape(tensor.name, (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))
     config.add_optimization_profile(profile)
 
-    timing_cache_path = Path(timing_cache_path) if timing_cache_path else None
-    cached = timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else b""
-    timing_cache = config.create_timing_cache(cached)
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if timing_cache_path is None and options.timing_cache not in ("auto", "off"):
+        timing_cache_path = options.timing_cache
+    timing_path = Path(timing_cache_path) if timing_cache_path else None
+    timing_cache = _attach_timing_cache(config, timing_path)  # must outlive the build
 
     progress = _progress_adapter(trt, monitor) if hasattr(trt, "IProgressMonitor") else None
     if progress is not None:
         config.progress_monitor = progress
     monitor.update("TensorRT: build", 0, 1)
     serialized = builder.build_serialized_network(network, config)
-    if progress is not None and progress.cancelled:
-        raise Cancelled("TensorRT build cancelled by the user; no engine was written.")
+    if progress is not None and progress.error is not None:
+        if isinstance(progress.error, Cancelled):
+            raise Cancelled("TensorRT build cancelled by the user; no engine was written.") from progress.error
+        raise progress.error
     if serialized is None:
         raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above).")
     plan_path = Path(plan_path)
     atomic_write_bytes(plan_path, bytes(serialized))
-    if timing_cache_path is not None:
-        atomic_write_bytes(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(config, timing_path if timing_cache is not None else None)
     monitor.update("TensorRT: build", 1, 1)
     return plan_path
 
@@ -213,54 +298,48 @@ def _has_fp16_tensors(model: onnx.ModelProto) -> bool:
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
 
 
-class TensorRTEngine:
-    """Runs a serialized plan on the current CUDA stream; inputs and outputs are torch CUDA tensors."""
+def cached_plan(onnx_path: Path, precision: str, cache_dir: Path, device_name: str, max_batch: int,
+                monitor: Monitor, build_context=contextlib.nullcontext) -> tuple[Path, dict[str, Any]]:
+    """The plan for ``onnx_path`` under the current build options, built into ``cache_dir`` unless cached.
 
-    def __init__(self, plan_path: str | Path, precision: str, device: str | torch.device | None = None):
-        trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise EngineUnavailable("TensorRT needs an NVIDIA GPU with CUDA; none is usable here.")
-        plan_path = Path(plan_path)
-        if not plan_path.is_file():
-            raise ModelError(f"TensorRT engine '{plan_path}' does not exist; build it first.")
-        self.device = torch.device(device or "cuda")
-        self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        with torch.cuda.device(self.device):
-            self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
-            if self.engine is None:
-                raise EngineUnavailable(
-                    f"'{plan_path.name}': engine built for another TensorRT version or GPU, rebuild it."
-                )
-            self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.precision = precision
-        self.info = EngineInfo(
-            runtime="tensorrt",
-            precision=precision,
-            device=f"{self.device} ({torch.cuda.get_device_name(self.device)})",
-            runtime_version=trt.__version__,
-            bytes_on_disk=plan_path.stat().st_size,
-            path=str(plan_path),
-        )
+    The key holds the ONNX content (not its name), precision, shapes, TensorRT version, GPU and the whole
+    recipe; graphs the recipe derives (FP16, INT8-with-FP16) are cached artifacts of their own.
+    """
+    from ..cache import EngineCache, engine_fields
 
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        trt = self._trt
-        return {trt.float32: torch.float32, trt.float16: torch.float16}[self.engine.get_tensor_dtype(name)]
+    trt = import_tensorrt()
+    options = current_build_options()
+    recipe = build_recipe(trt, precision, options)
+    cache = EngineCache(cache_dir)
+    source = onnx_path
+    derive = {"fp16": make_fp16_onnx, "int8": make_int8_fp16_onnx}.get(precision)
+    if recipe["graph"] and recipe["typing"] == "strong" and derive is not None:
+        fields = engine_fields(onnx_path, precision, "onnx-graph", "", "any", {}, graph=recipe["graph"])
+        source = cache.get_or_build(fields, lambda tmp: derive(onnx_path, tmp), suffix=".onnx")
+    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch}
+    fields = engine_fields(onnx_path, precision, "tensorrt", trt.__version__, device_name, profile, recipe=recipe)
+    timing_cache = options.timing_cache_path(trt.__version__, device_name)
+    seconds: list[float] = []
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.detach().to(self.device, self._torch_dtype(self.input_name)).contiguous()
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise ModelError(f"TensorRT engine does not accept input shape {tuple(x.shape)} (outside its batch profile).")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                          dtype=self._torch_dtype(self.output_name), device=self.device)
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        with torch.cuda.device(self.device):
-            if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-                raise ModelError("TensorRT execution failed (see the TensorRT log).")
-        return out.float()
+    def build(tmp: Path) -> None:
+        started = time.perf_counter()
+        with build_context():
+            build_tensorrt_plan(source, precision, tmp, min_batch=1, opt_batch=1, max_batch=max_batch,
+                                timing_cache_path=timing_cache, optimization_level=options.optimization_level,
+                                workspace_bytes=options.workspace_bytes, monitor=monitor)
+        seconds.append(time.perf_counter() - started)
+
+    plan = cache.get_or_build(fields, build, suffix=".plan")
+    return plan, {**recipe, "build_seconds": seconds[0] if seconds else None, "from_cache": not seconds,
+                  "timing_cache": str(timing_cache) if timing_cache else None}
+
+
+def tensorrt_engine_for(onnx_path: Path, precision: str, cache_dir: Path | None, device: str | None,
+                        max_batch: int, monitor: Monitor) -> TensorRTEngine:
+    """Build (or reuse) the plan on the GPU ``device`` and open it."""
+    gpu = torch.device(device or "cuda")
+    props = torch.cuda.get_device_properties(gpu)
+    plan, build_info = cached_plan(onnx_path, precision, cache_dir if cache_dir is not None else onnx_path.parent / "engines",
+                                   f"{props.name} sm_{props.major}{props.minor}", max_batch, monitor,
+                                   build_context=lambda: torch.cuda.device(gpu))
+    return TensorRTEngine(plan, precision, device=gpu, build=build_info)
