@@ -115,7 +115,9 @@ def test_real_ct_geometry_round_trip():
     volume = read_volume(path)
     reference = read_volume(path)
     native = segment_volume(volume, make_spec(patch=(32, 32, 32)), ThresholdEngine(), batch_size=4)
-    np.testing.assert_array_equal(native.labels.array, expected_classes(reference.array))
+    # -400 and 200 HU fall exactly on a class boundary (a tie of two logits): argmax may go either way.
+    decided = ~np.isin(reference.array, (-400, 200))
+    np.testing.assert_array_equal(native.labels.array[decided], expected_classes(reference.array)[decided])
     np.testing.assert_array_equal(native.labels.ijk_to_ras, reference.ijk_to_ras)
     result = segment_volume(volume, make_spec(spacing=(2.0, 2.0, 2.0), patch=(32, 32, 32)), ThresholdEngine(),
                             batch_size=4)
