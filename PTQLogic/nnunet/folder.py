@@ -206,7 +206,9 @@ def open_nnunet_folder(path: str | Path, folds: list[str] | None = None,
     plans = _read_json(root / PLANS_JSON)
     class_names(dataset)
     parts = root.name.split("__")
-    configurations = plans.get("configurations") or {}
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or not configurations:
+        raise ModelError(f"nnU-Net plans.json in '{root}' has no 'configurations'; it is not a trained model's plans.")
     if len(parts) == 3 and parts[2] in configurations:
         configuration = parts[2]
     elif "3d_fullres" in configurations:

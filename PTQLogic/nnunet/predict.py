@@ -214,6 +214,7 @@ class NnUNetRunner:
         return windows * (2 ** axes)
 
 
+@torch.inference_mode()
 def _predict_logits(predictor, network: _EngineNetwork, engines: Sequence[Engine], data: torch.Tensor) -> torch.Tensor:
     """``nnUNetPredictor.predict_logits_from_preprocessed_data`` with one engine per fold instead of weights."""
     from nnunetv2.configuration import default_num_processes
