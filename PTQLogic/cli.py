@@ -41,6 +41,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), monitor=_monitor(args), folds=args.folds,
+        checkpoint=args.checkpoint,
     )
     data = result.to_dict()
     _emit(args, data, (
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="calibration patch sampling seed (>= 0)")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
     q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
+    q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
+                   default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
     b.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")

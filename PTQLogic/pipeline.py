@@ -166,6 +166,7 @@ def quantize_model(
     exclude_nodes: Sequence[str] = (),
     monitor: Monitor | None = None,
     folds: Sequence[str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
     from .nnunet.folder import is_nnunet_folder
@@ -174,7 +175,8 @@ def quantize_model(
         from .nnunet.model_dir import quantize_nnunet
 
         return quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
-                               exclude_nodes=exclude_nodes, folds=folds, monitor=monitor)
+                               exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
+                               monitor=monitor)
     from .calibration import (
         CalibrationSettings, load_calibration_volumes, sample_calibration_patches, validate_settings,
     )

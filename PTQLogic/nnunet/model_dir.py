@@ -66,7 +66,8 @@ class NnUNetModel:
         return f"{kind} '{self.spec.name}', {len(names)} classes, folds {', '.join(self.folds)}"
 
 
-def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None) -> NnUNetModel:
+def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
+                      checkpoint: str = "checkpoint_final.pth") -> NnUNetModel:
     """A quantized nnU-Net model folder, or an original results folder (loaded for the torch runtime)."""
     from ..sources.nnunet import NnUNetSource
     from .folder import class_names, validate_plans
@@ -87,7 +88,7 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None) -> N
             raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {missing} (it has {meta['folds']}).")
         return NnUNetModel(root, load_spec(root / "spec.json"), plans, dataset, meta["configuration"], chosen,
                            meta.get("mirror_axes"), float(meta.get("step_size", 0.5)), quantized=True)
-    loaded = NnUNetSource().load(root, folds=list(folds) if folds else None)
+    loaded = NnUNetSource().load(root, folds=list(folds) if folds else None, checkpoint=checkpoint)
     details = loaded.details
     return NnUNetModel(root, loaded.spec, details["plans"], details["dataset"], details["configuration"],
                        details["folds"], details["mirror_axes"], 0.5, quantized=False, networks=loaded.networks)
@@ -181,7 +182,7 @@ def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
 
 def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_patches: int = 32, seed: int = 0,
                     method: str = "max", exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
-                    monitor: Monitor | None = None):
+                    checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX."""
     import torch
 
@@ -198,7 +199,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     out_dir = _check_out_dir(out_dir, [model, *calibration_paths])
     volumes = load_calibration_volumes(calibration)
-    source = open_nnunet_model(model, folds)
+    source = open_nnunet_model(model, folds, checkpoint)
     if source.quantized:
         raise InputError(f"'{model}' is already a quantized model folder; quantize the original nnU-Net folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             reports[fold] = {"export": {"max_abs_error": exported.max_abs_error, "opset": exported.opset},
                              **report.to_dict(), "path": f"fold_{fold}/int8.onnx"}
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
-                "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size,
+                "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size, "checkpoint": checkpoint,
                 "original": str(source.root.resolve())}
         (staging / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         fp32 = sum((staging / f"fold_{f}" / "fp32.onnx").stat().st_size for f in source.folds)
