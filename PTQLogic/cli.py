@@ -67,7 +67,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outcome = segment(
         args.model, args.input, args.output, runtime=args.runtime, precision=args.precision,
         batch_size=args.batch_size, compare=args.compare, reference=args.reference, monitor=_monitor(args),
-        mirroring=args.mirroring,
+        mirroring=args.mirroring, step_size=args.step_size,
     )
     data = outcome.to_dict()
     lines = [
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compare", action="store_true", help="also run FP32 and report agreement Dice")
     s.add_argument("--reference", help="reference label map for Dice")
     s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
+    s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
 
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
     e.add_argument("--prediction", required=True)

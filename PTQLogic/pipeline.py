@@ -325,11 +325,13 @@ def segment(
     device: str | None = None,
     monitor: Monitor | None = None,
     mirroring: bool = False,
+    step_size: float | None = None,
 ) -> SegmentOutcome:
     """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map.
 
     nnU-Net models (a quantized nnU-Net folder, an original results folder, several part folders or a
-    parts file) run nnU-Net's own inference (``mirroring``: its test-time mirroring) and merge parts.
+    parts file) run nnU-Net's own inference (``mirroring``: its test-time mirroring; ``step_size``: its
+    sliding-window step, default the model's 0.5) and merge parts.
     """
     from .evaluate import agreement_dice, dice_per_class
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
@@ -339,7 +341,8 @@ def segment(
     monitor = monitor or Monitor()
     if is_nnunet_target(model):
         return segment_nnunet(model, input_path, output, runtime=runtime, precision=precision, compare=compare,
-                              reference=reference, device=device, mirroring=mirroring, monitor=monitor)
+                              reference=reference, device=device, mirroring=mirroring, step_size=step_size,
+                              monitor=monitor)
     if not isinstance(model, (str, Path)):
         if len(model) != 1:
             raise InputError("Several --model values are only for nnU-Net part folders (e.g. TotalSegmentator's).")

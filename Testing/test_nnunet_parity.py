@@ -31,21 +31,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def nnunet_reference(folder, image_file, folds, mirroring=False):
+def nnunet_reference(folder, image_file, folds, mirroring=False, step=0.5):
     """nnU-Net's own predictor, exactly as its docs use it (SimpleITKIO + predict_single_npy_array)."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+        predictor = nnUNetPredictor(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
                                     device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
         data, properties = SimpleITKIO().read_images([str(image_file)])
         return predictor.predict_single_npy_array(data, properties, None, None, True)
 
 
-def ours(folder, image_file, mirroring=False):
+def ours(folder, image_file, mirroring=False, step=0.5):
     model = open_nnunet_model(folder)
+    model.step_size = step
     engines = [TorchEngine(net, "fp32", device="cpu") for net in model.networks]
     return model.runner().predict(read_volume(image_file), engines, mirroring=mirroring, return_probabilities=True)
 
@@ -78,6 +79,17 @@ def test_mirroring_matches_nnunet_predictor(tmp_path):
     result = ours(folder, image_file, mirroring=True)
     assert_same(nnunet_reference(folder, image_file, (0,), mirroring=True), result)
     assert result.patches == 8 * 8  # 8 windows x (1 + 7 flips over the 3 allowed axes)
+
+
+def test_step_size_08_matches_nnunet_predictor(tmp_path):
+    """TotalSegmentator runs "total" with step size 0.8."""
+    image, _ = make_phantom(8, (26, 30, 30), (1.5, 1.5, 1.5))
+    image_file = write_image(image, tmp_path / "case_0000.nii.gz")
+    arch = architecture(features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernels=((3, 3, 3),) * 2)
+    folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [16, 16, 16], arch=arch), dataset(LABELS), seed=2)
+    result = ours(folder, image_file, step=0.8)
+    assert_same(nnunet_reference(folder, image_file, (0,), step=0.8), result)
+    assert result.patches < ours(folder, image_file).patches
 
 
 def test_anisotropic_zscore_with_border_matches_nnunet_predictor(tmp_path):

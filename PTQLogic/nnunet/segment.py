@@ -133,7 +133,7 @@ def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_class
 
 def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precision: str = "int8",
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
-                   monitor: Monitor | None = None):
+                   step_size: float | None = None, monitor: Monitor | None = None):
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
     from ..evaluate import agreement_dice, dice_per_class
     from ..imageio import label_table_paths, read_volume, write_label_table, write_labelmap
@@ -142,7 +142,11 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     monitor = monitor or Monitor()
     paths, labels = expand_models(models)
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
+    if step_size is not None and not 0 < step_size <= 1:
+        raise InputError(f"--step-size must be in (0, 1], got {step_size}.")
     opened = [open_nnunet_model(p) for p in paths]
+    for model in opened:
+        model.step_size = model.step_size if step_size is None else float(step_size)
     classes, lookups = merged_classes(opened, labels)
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref_volume = read_volume(reference) if reference else None
