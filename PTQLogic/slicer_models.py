@@ -79,7 +79,8 @@ def _nnunet_folder(path: Path) -> ModelSource | None:
                            str(path), str(path / "spec.json"), quantizable=False, segmentable=True)
     if NnUNetSource().can_open(path):
         try:
-            return ModelSource("nnunet", NnUNetSource().describe(path), str(path), quantizable=True)
+            # spec_path is what `quantize --model` takes: for nnU-Net the folder itself
+            return ModelSource("nnunet", NnUNetSource().describe(path), str(path), str(path), quantizable=True)
         except PTQError as exc:  # say what is wrong in the UI instead of failing the whole dialog
             return ModelSource("nnunet", f"nnU-Net results folder that cannot be used: {exc}", str(path))
     return None

@@ -62,7 +62,9 @@ def _segment(model, image, output, capsys, *extra):
 def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, capsys):
     folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(LABELS), folds=(0, 1))
     before = _digest(folder)
-    assert choose_model_source(folder).kind == "nnunet" and choose_model_source(folder).quantizable
+    found = choose_model_source(folder)  # what the Slicer Model field shows and quantizes
+    assert found.kind == "nnunet" and found.quantizable and found.spec_path == str(folder)
+    assert "PlainConvUNet" in found.description and "3 classes" in found.description and "folds 0, 1" in found.description
     out = tmp_path / "int8"
     summary = _quantize(folder, out, images, capsys)
     assert summary["qdq_ok"] and summary["source"] == "nnunet" and len(summary["int8_onnx"]) == 2
