@@ -61,6 +61,9 @@ class ModelDir:
 
 def open_model_dir(path: str | Path) -> ModelDir:
     root = Path(path)
+    if (root / "nnunet_model.json").is_file():
+        raise InputError(f"'{path}' is a quantized nnU-Net model folder (one ONNX per fold); this command does not take "
+                         "it yet: use `ptqseg segment --model FOLDER --compare` (sizes, latency, FP32-vs-INT8 agreement).")
     if not (root / SPEC_NAME).is_file() or not (root / FP32_NAME).is_file():
         raise InputError(
             f"'{path}' is not a quantized model folder (it needs {SPEC_NAME} and {FP32_NAME}); "

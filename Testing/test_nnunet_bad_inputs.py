@@ -119,3 +119,30 @@ def test_weights_that_do_not_fit_the_plans_are_one_clear_error(setup, capsys):
     _edit_plans(folder, lambda c: c.update(architecture=architecture(features=(8, 16, 32))))
     err = _quantize_fails(folder, image, tmp_path, capsys)
     assert "do not fit the network built from plans.json" in err
+
+
+def test_checkpoint_pickled_by_numpy_1_loads(tmp_path):
+    """Checkpoints written under numpy 1.x name numpy.core.multiarray (TotalSegmentator's weights do)."""
+    import zipfile
+
+    import numpy as np
+
+    from PTQLogic.nnunet.checkpoint import load_checkpoint
+
+    torch.save({"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.5), "curve": np.arange(3.0)},
+               tmp_path / "new.pth")
+    with zipfile.ZipFile(tmp_path / "new.pth") as src, zipfile.ZipFile(tmp_path / "old.pth", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    loaded = load_checkpoint(tmp_path / "old.pth")
+    assert loaded["_best_ema"] == 0.5 and list(loaded["curve"]) == [0.0, 1.0, 2.0]
+
+
+def test_build_and_benchmark_say_what_to_use_for_nnunet_folders(tmp_path, capsys):
+    (tmp_path / "nnunet_model.json").write_text("{}")
+    assert main(["build", "--model", str(tmp_path), "--runtime", "onnxruntime", "--precision", "fp32"]) != 0
+    assert "ptqseg segment --model FOLDER --compare" in capsys.readouterr().err
