@@ -220,8 +220,8 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             reports[fold] = {"export": {"max_abs_error": exported.max_abs_error, "opset": exported.opset},
                              **report.to_dict(), "path": f"fold_{fold}/int8.onnx"}
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
-                "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size, "checkpoint": checkpoint,
-                "original": str(source.root.resolve())}
+                "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size,
+                "checkpoint": checkpoint, "original": str(source.root.resolve())}
         (staging / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         fp32 = sum((staging / f"fold_{f}" / "fp32.onnx").stat().st_size for f in source.folds)
         int8 = sum((staging / f"fold_{f}" / "int8.onnx").stat().st_size for f in source.folds)
