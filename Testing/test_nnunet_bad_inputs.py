@@ -146,3 +146,22 @@ def test_build_and_benchmark_say_what_to_use_for_nnunet_folders(tmp_path, capsys
     (tmp_path / "nnunet_model.json").write_text("{}")
     assert main(["build", "--model", str(tmp_path), "--runtime", "onnxruntime", "--precision", "fp32"]) != 0
     assert "ptqseg segment --model FOLDER --compare" in capsys.readouterr().err
+
+
+def test_progress_is_reported_and_cancel_leaves_no_output(setup):
+    from PTQLogic.errors import Cancelled
+    from PTQLogic.pipeline import segment
+    from PTQLogic.progress import Monitor
+
+    folder, image, tmp_path = setup
+    events = []
+    segment(folder, image, tmp_path / "ok.nii.gz", runtime="torch", precision="fp32",
+            monitor=Monitor(on_progress=lambda *e: events.append(e)))
+    windows = [e for e in events if e[0] == "nnU-Net sliding window"]
+    assert windows and windows[-1][1] == windows[-1][2] == 1  # 32^3 image, 32^3 patch: one window
+
+    monitor = Monitor()
+    monitor.on_progress = lambda stage, done, total: monitor.cancel() if stage == "nnU-Net sliding window" else None
+    with pytest.raises(Cancelled):
+        segment(folder, image, tmp_path / "cancelled.nii.gz", runtime="torch", precision="fp32", monitor=monitor)
+    assert not (tmp_path / "cancelled.nii.gz").exists() and not (tmp_path / "cancelled.json").exists()

@@ -191,6 +191,7 @@ class NnUNetRunner:
             result = convert_predicted_logits_to_segmentation_with_correct_shape(
                 logits, self.plans_manager, self.config, self.label_manager, properties,
                 return_probabilities=return_probabilities)
+        monitor.check()
         labels, probabilities = (result if return_probabilities else (result, None))
         return NnUNetPrediction(labels=np.asarray(labels), probabilities=probabilities,
                                 seconds=time.perf_counter() - started, network_seconds=network.seconds,

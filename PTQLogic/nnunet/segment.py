@@ -162,6 +162,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         fp32_parts = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)[0]
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
+    monitor.check()
     json_path, csv_path = label_table_paths(output)
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output)
     write_label_table(classes, json_path)
