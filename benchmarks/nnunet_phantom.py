@@ -31,7 +31,7 @@ LABELS = [c.name for c in PHANTOM_CLASSES]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="/tmp/nnunet-phantom")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def main() -> None:
     torch.save(checkpoint(network.eval(), plan, data_json, 0), folder / "fold_0" / "checkpoint_final.pth")
 
     calibration = [write_image(make_phantom(s, SHAPE, SPACING)[0], out / f"cal_{s}.nii.gz") for s in (200, 201)]
-    image, truth = make_phantom(0, (56, 60, 64), (1.3, 1.3, 1.7))
+    image, truth = make_phantom(0, (44, 52, 52), (1.4, 1.4, 1.6))  # resampled to about the training size
     image_file = write_image(image, out / "test.nii.gz")
     write_image(truth, out / "truth.nii.gz")
     result = quantize_model(folder, calibration, out / "int8", num_patches=16)
