@@ -136,3 +136,13 @@ def test_network_built_from_plans_is_nnunets(tmp_path, residual):
     with torch.no_grad():
         assert torch.equal(mine(x), ref(x))
     assert type(mine) is type(ref)
+
+
+def test_real_ct_matches_nnunet_predictor(tmp_path, shared_data):
+    """TotalSegmentator's example CT (LPS-like direction, 3 mm) through a 4.5 mm in-plane plan."""
+    arch = architecture(strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)), kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3)))
+    folder = write_folder(tmp_path, plans([3.0, 4.5, 4.5], [16, 64, 64], arch=arch), dataset(LABELS), seed=5)
+    image_file = shared_data / "example_ct_sm.nii.gz"
+    result = ours(folder, image_file)
+    assert_same(nnunet_reference(folder, image_file, (0,)), result)
+    assert result.labels.shape == read_volume(image_file).array.shape

@@ -5,7 +5,7 @@ own labels): each part runs on the whole image and its labels are written into o
 overwriting earlier ones where they find foreground (TotalSegmentator's own merge rule). Global label
 values follow a labels file (``{"1": "spleen", ...}``, e.g. TotalSegmentator's class map) when one is
 given, else the parts' classes in order. A *parts file* is a JSON ``{"parts": [folders...],
-"labels": {...}}`` (paths relative to the file).
+"labels": {...} or "labels.json"}`` (paths relative to the file).
 """
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def read_parts_file(path: str | Path) -> tuple[list[Path], dict[int, str] | None
     if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
         raise InputError(f"Parts file '{path}': 'parts' must be a non-empty list of model folders.")
     labels = data.get("labels")
+    if isinstance(labels, str):  # a JSON file {"1": "spleen", ...} next to the parts file
+        where = path.parent / labels
+        try:
+            labels = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"Labels file '{where}' (from parts file '{path}') is not readable JSON: {exc}") from None
     return [(path.parent / p) for p in parts], (None if labels is None else parse_label_map(labels, str(path)))
 
 
