@@ -165,3 +165,17 @@ def test_progress_is_reported_and_cancel_leaves_no_output(setup):
     with pytest.raises(Cancelled):
         segment(folder, image, tmp_path / "cancelled.nii.gz", runtime="torch", precision="fp32", monitor=monitor)
     assert not (tmp_path / "cancelled.nii.gz").exists() and not (tmp_path / "cancelled.json").exists()
+
+
+def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
+    from PTQLogic.engines.torch_engine import TorchEngine
+    from PTQLogic.errors import ModelError
+    from PTQLogic.imageio import read_volume
+    from PTQLogic.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.nnunet.network import build_network
+
+    folder, image, _ = setup
+    model = open_nnunet_model(folder)
+    wrong = build_network(architecture(), 1, len(LABELS) + 2)
+    with pytest.raises(ModelError, match="nnU-Net expects"):
+        model.runner().predict(read_volume(image), [TorchEngine(wrong, "fp32", device="cpu")])

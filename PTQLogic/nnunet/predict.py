@@ -106,10 +106,11 @@ def _preprocessor():
 class _EngineNetwork(torch.nn.Module):
     """Looks like nnU-Net's network to its predictor; runs the current fold's engine and reports progress."""
 
-    def __init__(self, monitor: Monitor):
+    def __init__(self, monitor: Monitor, channels: int):
         super().__init__()
         self.engine: Engine | None = None
         self.monitor = monitor
+        self.channels = channels
         self.calls = 0
         self.total = 1
         self.seconds = 0.0
@@ -124,6 +125,10 @@ class _EngineNetwork(torch.nn.Module):
         except Exception as exc:
             raise ModelError(f"The engine failed on a patch of shape {tuple(x.shape)}: {exc}") from exc
         self.seconds += time.perf_counter() - started
+        expected = (x.shape[0], self.channels, *x.shape[2:])
+        if tuple(logits.shape) != expected:
+            raise ModelError(f"The engine returned logits of shape {tuple(logits.shape)} for a patch of "
+                             f"{tuple(x.shape)}; nnU-Net expects {expected} (classes from dataset.json).")
         self.calls += 1
         self.monitor.update(STAGE, min(self.calls, self.total), self.total)
         return logits.to(device=x.device, dtype=torch.float32)
@@ -183,7 +188,7 @@ class NnUNetRunner:
         monitor.update("nnU-Net preprocessing", 0, 1)
         data, properties = self.preprocess(volume)
         monitor.update("nnU-Net preprocessing", 1, 1)
-        network = _EngineNetwork(monitor)
+        network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads)
         predictor = self._predictor(network, mirroring)
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
         with contextlib.redirect_stdout(io.StringIO()):
