@@ -120,6 +120,15 @@ def test_two_fold_ensemble_matches_nnunet_predictor(tmp_path):
     assert not np.array_equal(single.labels, result.labels)  # the second fold really took part
 
 
+def test_residual_encoder_unet_matches_nnunet_predictor(tmp_path):
+    """ResEnc presets (nnUNetResEncUNetM/L/XLPlans) use ResidualEncoderUNet."""
+    image, _ = make_phantom(9, (22, 24, 24), (1.5, 1.5, 1.5))
+    image_file = write_image(image, tmp_path / "case_0000.nii.gz")
+    arch = architecture(features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernels=((3, 3, 3),) * 2, residual=True)
+    folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [16, 16, 16], arch=arch), dataset(LABELS), seed=4)
+    assert_same(nnunet_reference(folder, image_file, (0,)), ours(folder, image_file))
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_network_built_from_plans_is_nnunets(tmp_path, residual):
     """Same module tree and outputs as nnU-Net's get_network_from_plans (pydoc.locate) for both classes."""
