@@ -38,10 +38,17 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .pipeline import quantize_model
 
+    guard = None
+    if args.min_agreement is not None or args.max_dice_drop is not None:
+        from .quantization.guard import GuardTarget
+
+        guard = GuardTarget(min_agreement=args.min_agreement, max_dice_drop=args.max_dice_drop,
+                            runtime=args.guard_runtime, max_kept=args.max_kept_layers)
+        guard.validate()
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
-        method=args.method, exclude_nodes=args.exclude_nodes or (), monitor=_monitor(args), folds=args.folds,
-        checkpoint=args.checkpoint,
+        method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
+        folds=args.folds, checkpoint=args.checkpoint,
     )
     data = result.to_dict()
     _emit(args, data, (
@@ -49,7 +56,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
         f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
         f"{'pass' if data['qdq_ok'] else 'FAIL (see quantization.json)'}"
+        + _guard_text(result.report.get("guard"))
     ))
+
+
+def _guard_text(guard: dict[str, Any] | None) -> str:
+    if not guard:
+        return ""
+    kept = ", ".join(guard["kept"]) or "none"
+    return (f"\n  accuracy guard on {guard['runtime']}: agreement {guard['initial_agreement']:.4f} -> "
+            f"{guard['final_agreement']:.4f} (target {guard['threshold']:.4f}); kept in FP32: {kept}; "
+            f"size x{guard['size_cost']:.2f}, latency x{guard['latency_cost']:.2f}")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -173,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
     q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
                    default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
+    q.add_argument("--min-agreement", type=float, help="accuracy guard: least INT8-vs-FP32 Dice on held-out data; "
+                   "the most sensitive layers stay FP32 until it holds")
+    q.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
+                   "prediction (same as --min-agreement 1-D)")
+    q.add_argument("--guard-runtime", choices=runtime_choices, default="auto",
+                   help="runtime whose INT8 result the guard checks (default: the one segment would pick)")
+    q.add_argument("--max-kept-layers", type=int, default=8, help="accuracy guard: most layers kept in FP32")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
     b.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")

@@ -13,11 +13,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
+
+if TYPE_CHECKING:
+    from .quantization.guard import GuardTarget
 
 SPEC_NAME = "spec.json"
 FP32_NAME = "fp32.onnx"
@@ -167,6 +170,7 @@ def quantize_model(
     seed: int = 0,
     method: str = "max",
     exclude_nodes: Sequence[str] = (),
+    guard: "GuardTarget | None" = None,
     monitor: Monitor | None = None,
     folds: Sequence[str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
@@ -176,6 +180,10 @@ def quantize_model(
 
     if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
         from .nnunet.model_dir import quantize_nnunet
+
+        if guard is not None:
+            raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
+                             "quantize without it and check agreement with `ptqseg segment --compare`.")
 
         return quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
                                exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
@@ -194,6 +202,8 @@ def quantize_model(
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
+    if guard is not None:
+        guard.validate()
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     weights = [spec.weights_path()] if spec.weights_path() else []
     out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
@@ -218,14 +228,19 @@ def quantize_model(
             export_info = {"source": "torch", "max_abs_error": exported.max_abs_error, "opset": exported.opset}
         staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
-        patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
         settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
-        report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
+        guard_info = None
+        if guard is None:
+            patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
+            report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
+        else:
+            report, guard_info = _guarded(staging, volumes, spec, calib_settings, settings, guard, monitor)
         summary = {
             "model": spec.name,
             "export": export_info,
             "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method},
             **report.to_dict(),
+            **({"guard": guard_info.to_dict()} if guard_info is not None else {}),
             "path": INT8_NAME,  # relative: the staging folder is renamed into place below
         }
         (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
@@ -241,6 +256,27 @@ def quantize_model(
         seconds=time.perf_counter() - started,
         report=summary,
     )
+
+
+def _guarded(staging: Path, volumes, spec: ModelSpec, calib_settings, settings, guard, monitor: Monitor):
+    """Calibrate, and check agreement on held-out data: whole volumes when there are 3 or more."""
+    from .calibration import sample_calibration_patches
+    from .quantization.guard import guarded_quantize
+
+    held_count = max(4, calib_settings.num_patches // 4)
+    if len(volumes) >= 3:
+        n_held = max(1, len(volumes) // 4)
+        calib_volumes, held_volumes = volumes[:-n_held], volumes[-n_held:]
+        note = f"{held_count} patches from {n_held} held-out calibration volume(s)"
+    else:
+        calib_volumes, held_volumes = volumes, volumes
+        note = (f"{held_count} patches drawn apart from the calibration patches (seed + 1); give 3 or more "
+                "calibration volumes to hold whole volumes out")
+    patches = sample_calibration_patches(calib_volumes, spec, calib_settings, monitor)
+    held_settings = replace(calib_settings, num_patches=held_count, seed=calib_settings.seed + 1)
+    held_out = sample_calibration_patches(held_volumes, spec, held_settings, monitor)
+    return guarded_quantize(staging / FP32_NAME, patches, held_out, staging / INT8_NAME, settings, guard,
+                            spec.num_classes, note, monitor)
 
 
 def open_engine(

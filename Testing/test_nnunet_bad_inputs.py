@@ -179,3 +179,8 @@ def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
     wrong = build_network(architecture(), 1, len(LABELS) + 2)
     with pytest.raises(ModelError, match="nnU-Net expects"):
         model.runner().predict(read_volume(image), [TorchEngine(wrong, "fp32", device="cpu")])
+
+
+def test_accuracy_guard_is_refused_for_nnunet_folders(setup, capsys):
+    folder, image, tmp_path = setup
+    assert "accuracy guard" in _quantize_fails(folder, image, tmp_path, capsys, "--min-agreement", "0.99")

@@ -1,0 +1,1 @@
+"""Quantization beyond ModelOpt's defaults: the accuracy guard (and Q/DQ placement)."""

@@ -1,0 +1,153 @@
+"""Accuracy guard: INT8 that misses its FP32-agreement target keeps its most sensitive layers in FP32.
+
+No labels are needed. The FP32 model's own prediction on held-out patches is the reference, so
+``--max-dice-drop D`` means "INT8 Dice against the FP32 prediction is at least 1 - D", and
+``--min-agreement A`` means that Dice is at least ``A``. Agreement is measured on the runtime that
+will run the model (its INT8 kernels, not ONNX Runtime's reference semantics). Layers are ranked
+once (:mod:`.sensitivity`); the top 1, 2, 4, ... are excluded from quantization and the model is
+re-quantized until the target holds or ``max_kept`` layers are kept, which is an error: quantization
+never silently costs accuracy.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import AccuracyError, InputError
+from ..evaluate import agreement_dice
+from ..progress import Monitor
+from ..quantize import QuantizeReport, QuantizeSettings, quantize_onnx
+from .sensitivity import rank_sensitivity
+
+STAGE = "accuracy guard"
+
+
+@dataclass(frozen=True)
+class GuardTarget:
+    min_agreement: float | None = None
+    max_dice_drop: float | None = None
+    runtime: str = "auto"  # the runtime whose INT8 result is checked ("auto": the one `segment` would pick)
+    max_kept: int = 8  # at most this many layers kept in higher precision
+
+    def validate(self) -> None:
+        if self.min_agreement is None and self.max_dice_drop is None:
+            raise InputError("The accuracy guard needs --min-agreement or --max-dice-drop.")
+        if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
+            raise InputError(f"--min-agreement must be in (0, 1], got {self.min_agreement}.")
+        if self.max_dice_drop is not None and not 0.0 <= self.max_dice_drop < 1.0:
+            raise InputError(f"--max-dice-drop must be in [0, 1), got {self.max_dice_drop}.")
+        if self.max_kept < 1:
+            raise InputError(f"--max-kept-layers must be >= 1, got {self.max_kept}.")
+
+    @property
+    def threshold(self) -> float:
+        values = [v for v in (self.min_agreement, None if self.max_dice_drop is None else 1.0 - self.max_dice_drop)
+                  if v is not None]
+        return max(values)
+
+
+@dataclass
+class GuardStep:
+    kept: list[str]  # compute nodes kept in higher precision in this attempt
+    agreement: float  # INT8-vs-FP32 Dice on the held-out patches, on the guard's runtime
+    int8_bytes: int
+    int8_latency_ms: float  # median per held-out patch on the guard's runtime
+
+
+@dataclass
+class GuardReport:
+    runtime: str
+    threshold: float
+    held_out: str  # what the agreement was measured on
+    steps: list[GuardStep] = field(default_factory=list)
+    ranking: list[tuple[str, float]] = field(default_factory=list)  # node, local relative error
+
+    @property
+    def met(self) -> bool:
+        return bool(self.steps) and self.steps[-1].agreement >= self.threshold
+
+    @property
+    def kept(self) -> list[str]:
+        return self.steps[-1].kept if self.steps else []
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        first, last = self.steps[0], self.steps[-1]
+        data.update(met=self.met, kept=self.kept, initial_agreement=first.agreement, final_agreement=last.agreement,
+                    size_cost=last.int8_bytes / first.int8_bytes,
+                    latency_cost=last.int8_latency_ms / max(first.int8_latency_ms, 1e-9))
+        data["ranking"] = [{"node": n, "local_error": s} for n, s in self.ranking[:20]]
+        return data
+
+
+def _labels(engine, patches: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for patch in patches:
+            batch = torch.from_numpy(np.ascontiguousarray(patch[None])).to(engine.device)
+            started = time.perf_counter()
+            logits = engine(batch)
+            if timings is not None:
+                timings.append(1000.0 * (time.perf_counter() - started))
+            out.append(torch.argmax(logits[0], dim=0).cpu().numpy().astype(np.int16))
+    return np.stack(out)
+
+
+def _measure(runtime: str, int8_onnx: Path, patches: np.ndarray, reference: np.ndarray,
+             num_classes: int) -> tuple[float, float]:
+    from ..engines import create_engine
+
+    engine = create_engine(runtime, "int8", int8_onnx=int8_onnx)
+    timings: list[float] = []
+    labels = _labels(engine, patches, timings)
+    del engine
+    return agreement_dice(labels, reference, range(1, num_classes)), statistics.median(timings)
+
+
+def _exclusion(settings: QuantizeSettings, nodes: list[str]) -> QuantizeSettings:
+    patterns = tuple(f"^{re.escape(name)}$" for name in nodes)
+    return replace(settings, exclude_nodes=tuple(settings.exclude_nodes) + patterns)
+
+
+def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: np.ndarray, out_path: str | Path,
+                     settings: QuantizeSettings, target: GuardTarget, num_classes: int, held_out_note: str,
+                     monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
+    """Quantize, check agreement on ``held_out`` patches, and keep sensitive layers in FP32 until it holds."""
+    from ..engines import choose_runtime, create_engine
+
+    monitor = monitor or Monitor()
+    target.validate()
+    runtime = target.runtime if target.runtime != "auto" else choose_runtime("int8")[0]
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    reference = _labels(create_engine(runtime, "fp32", fp32_onnx=fp32_onnx), held_out)
+    guard = GuardReport(runtime=runtime, threshold=target.threshold, held_out=held_out_note)
+    report = quantize_onnx(fp32_onnx, calibration, out_path, settings, monitor)
+    agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
+    guard.steps.append(GuardStep([], agreement, report.bytes, latency))
+    if guard.met:
+        return report, guard
+    guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out)
+    limit = min(target.max_kept, len(guard.ranking))
+    count = 0
+    while not guard.met and count < limit:
+        count = min(max(1, 2 * count), limit)
+        kept = [name for name, _ in guard.ranking[:count]]
+        monitor.update(STAGE, count, limit)
+        report = quantize_onnx(fp32_onnx, calibration, out_path, _exclusion(settings, kept), monitor)
+        agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
+        guard.steps.append(GuardStep(kept, agreement, report.bytes, latency))
+    if not guard.met:
+        best = max(step.agreement for step in guard.steps)
+        raise AccuracyError(
+            f"INT8 misses the accuracy target on {runtime}: best agreement with FP32 {best:.4f} < "
+            f"{guard.threshold:.4f}, trying up to {len(guard.kept)} layer(s) kept in FP32 ({held_out_note}). "
+            "Allow more layers (--max-kept-layers), loosen the target, calibrate on more volumes, or use FP32."
+        )
+    return report, guard

@@ -1,0 +1,111 @@
+"""Accuracy guard: a model that plain INT8 breaks is rescued by keeping its sensitive layers in FP32.
+
+The network is built so that per-tensor activation quantization must fail: one channel feeding each
+of two convolutions is scaled up 1000x (and the consuming weights down 1000x), which leaves the FP32
+function unchanged but makes the INT8 activation step so coarse that every other channel rounds to 0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from PTQLogic.errors import AccuracyError
+from PTQLogic.pipeline import quantize_model
+from PTQLogic.quantization.guard import GuardTarget
+from PTQLogic.quantization.sensitivity import rank_sensitivity
+
+SCALE = 1000.0
+OUTLIER_NODES = {"/conv2/Conv", "/head/Conv"}
+
+
+class OutlierNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv3d(1, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv3d(32, 32, 3, padding=1)
+        self.head = torch.nn.Conv3d(32, 3, 1)
+        with torch.no_grad():
+            for producer, consumer in ((self.conv1, self.conv2), (self.conv2, self.head)):
+                producer.weight[0] *= SCALE
+                producer.bias[0] *= SCALE
+                consumer.weight[:, 0] /= SCALE
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x * 4.0 - 2.0)))))
+
+
+@pytest.fixture(scope="module")
+def outlier_spec(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("outlier")
+    torch.onnx.export(OutlierNet().eval(), torch.zeros(1, 1, 16, 16, 16), str(folder / "outlier.onnx"),
+                      input_names=["image"], output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    spec = {"name": "outlier", "architecture": "onnx", "weights": "outlier.onnx", "weights_format": "onnx",
+            "classes": ["background", "a", "b"], "patch_size": [16, 16, 16],
+            "preprocessing": {"orientation": "RAS", "intensity": "ct", "ct_window": [-200, 300]}}
+    (folder / "outlier.json").write_text(json.dumps(spec))
+    return folder / "outlier.json"
+
+
+def test_ranking_finds_the_layers_with_outlier_inputs(outlier_spec, phantom_files, tmp_path):
+    model_dir = quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "plain", num_patches=8).model_dir
+    from PTQLogic.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+    from PTQLogic.spec import load_spec
+
+    patches = sample_calibration_patches(load_calibration_volumes(phantom_files["calibration"]),
+                                         load_spec(outlier_spec), CalibrationSettings(num_patches=4, seed=5), None)
+    ranking = rank_sensitivity(model_dir / "fp32.onnx", model_dir / "int8.onnx", patches)
+    assert {name for name, _ in ranking[:2]} == OUTLIER_NODES, ranking
+    assert ranking[1][1] > 5 * abs(ranking[2][1])
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_guard_rescues_a_model_that_plain_int8_breaks(outlier_spec, phantom_files, tmp_path, runtime):
+    target = GuardTarget(min_agreement=0.99, runtime=runtime)
+    result = quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "guarded", num_patches=8,
+                            guard=target)
+    guard = json.loads((result.model_dir / "quantization.json").read_text())["guard"]
+    assert guard["runtime"] == runtime
+    assert guard["initial_agreement"] < 0.97  # plain INT8 misses the target ...
+    assert guard["final_agreement"] >= 0.99 and guard["met"]  # ... the guard brings it within
+    assert set(guard["kept"]) >= OUTLIER_NODES and len(guard["kept"]) <= 2
+    assert guard["size_cost"] > 1.0  # FP32 weights for the kept layers: the cost is reported
+    kept_pattern = {p for p in json.loads((result.model_dir / "quantization.json").read_text())["settings"]
+                    ["exclude_nodes"]}
+    assert kept_pattern == {"^/conv2/Conv$", "^/head/Conv$"}
+    assert result.report["qdq"]["ok"]
+
+
+def test_guard_that_cannot_meet_its_target_fails_and_writes_nothing(outlier_spec, phantom_files, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(AccuracyError, match="misses the accuracy target.*up to 1 layer"):
+        quantize_model(outlier_spec, phantom_files["calibration"], out, num_patches=8,
+                       guard=GuardTarget(max_dice_drop=0.01, runtime="onnxruntime", max_kept=1))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_guard_cli_reports_kept_layers(outlier_spec, phantom_files, tmp_path, capsys):
+    from PTQLogic.cli import main
+
+    code = main(["quantize", "--model", str(outlier_spec), "--calibration", *map(str, phantom_files["calibration"]),
+                 "--out", str(tmp_path / "cli"), "--patches", "8", "--min-agreement", "0.99",
+                 "--guard-runtime", "onnxruntime"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "accuracy guard on onnxruntime" in out and "/conv2/Conv" in out and "/head/Conv" in out
+
+
+@pytest.mark.parametrize("args", [["--min-agreement", "1.5"], ["--max-dice-drop", "-0.1"],
+                                  ["--min-agreement", "0.9", "--max-kept-layers", "0"]])
+def test_guard_settings_are_validated_before_work(outlier_spec, tmp_path, capsys, args):
+    from PTQLogic.cli import main
+
+    code = main(["quantize", "--model", str(outlier_spec), "--calibration", str(tmp_path / "missing.nii.gz"),
+                 "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --m") and not (tmp_path / "x").exists()
