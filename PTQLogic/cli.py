@@ -49,6 +49,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
+        folds=args.folds, checkpoint=args.checkpoint,
     )
     data = result.to_dict()
     _emit(args, data, (
@@ -86,6 +87,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outcome = segment(
         args.model, args.input, args.output, runtime=args.runtime, precision=args.precision,
         batch_size=args.batch_size, compare=args.compare, reference=args.reference, monitor=_monitor(args),
+        mirroring=args.mirroring, step_size=args.step_size,
     )
     data = outcome.to_dict()
     lines = [
@@ -199,13 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     runtime_choices = ["auto", *RUNTIMES]
     q = add("quantize", cmd_quantize, "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes")
-    q.add_argument("--model", required=True, help="model spec (.json/.yaml)")
+    q.add_argument("--model", required=True, help="model spec (.json/.yaml) or nnU-Net v2 results folder")
     q.add_argument("--calibration", required=True, nargs="+", help="calibration volumes and/or one folder")
     q.add_argument("--out", required=True, help="model folder to write")
     q.add_argument("--patches", type=int, default=32, help="calibration patches (default 32)")
     q.add_argument("--method", choices=["max", "entropy"], default="max")
     q.add_argument("--seed", type=int, default=0, help="calibration patch sampling seed (>= 0)")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
+    q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
+    q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
+                   default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
     q.add_argument("--min-agreement", type=float, help="accuracy guard: least INT8-vs-FP32 Dice on held-out data; "
                    "the most sensitive layers stay FP32 until it holds")
     q.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
@@ -220,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", choices=PRECISIONS, default="int8")
 
     s = add("segment", cmd_segment, "segment a volume and write a label map on its grid")
-    s.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
+    s.add_argument("--model", required=True, action="append",
+                   help="model folder from `ptqseg quantize`; repeat for nnU-Net parts (TotalSegmentator) or give a parts file")
     s.add_argument("--input", required=True, help="NIfTI/NRRD file or DICOM series folder")
     s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nrrd)")
     s.add_argument("--runtime", choices=runtime_choices, default="auto")
@@ -228,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--compare", action="store_true", help="also run FP32 and report agreement Dice")
     s.add_argument("--reference", help="reference label map for Dice")
+    s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
+    s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
 
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
     e.add_argument("--prediction", required=True)

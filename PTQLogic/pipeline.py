@@ -64,6 +64,9 @@ class ModelDir:
 
 def open_model_dir(path: str | Path) -> ModelDir:
     root = Path(path)
+    if (root / "nnunet_model.json").is_file():
+        raise InputError(f"'{path}' is a quantized nnU-Net model folder (one ONNX per fold); this command does not take "
+                         "it yet: use `ptqseg segment --model FOLDER --compare` (sizes, latency, FP32-vs-INT8 agreement).")
     if not (root / SPEC_NAME).is_file() or not (root / FP32_NAME).is_file():
         raise InputError(
             f"'{path}' is not a quantized model folder (it needs {SPEC_NAME} and {FP32_NAME}); "
@@ -169,8 +172,22 @@ def quantize_model(
     exclude_nodes: Sequence[str] = (),
     guard: "GuardTarget | None" = None,
     monitor: Monitor | None = None,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
+    from .nnunet.folder import is_nnunet_folder
+
+    if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
+        from .nnunet.model_dir import quantize_nnunet
+
+        if guard is not None:
+            raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
+                             "quantize without it and check agreement with `ptqseg segment --compare`.")
+
+        return quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
+                               exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
+                               monitor=monitor)
     from .calibration import (
         CalibrationSettings, load_calibration_volumes, sample_calibration_patches, validate_settings,
     )
@@ -335,7 +352,7 @@ class SegmentOutcome:
 
 
 def segment(
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
     input_path: str | Path,
     output: str | Path,
     *,
@@ -346,13 +363,29 @@ def segment(
     reference: str | Path | None = None,
     device: str | None = None,
     monitor: Monitor | None = None,
+    mirroring: bool = False,
+    step_size: float | None = None,
 ) -> SegmentOutcome:
-    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map."""
+    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map.
+
+    nnU-Net models (a quantized nnU-Net folder, an original results folder, several part folders or a
+    parts file) run nnU-Net's own inference (``mirroring``: its test-time mirroring; ``step_size``: its
+    sliding-window step, default the model's 0.5) and merge parts.
+    """
     from .evaluate import agreement_dice, dice_per_class
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from .inference import segment_volume
+    from .nnunet.segment import is_nnunet_target, segment_nnunet
 
     monitor = monitor or Monitor()
+    if is_nnunet_target(model):
+        return segment_nnunet(model, input_path, output, runtime=runtime, precision=precision, compare=compare,
+                              reference=reference, device=device, mirroring=mirroring, step_size=step_size,
+                              monitor=monitor)
+    if not isinstance(model, (str, Path)):
+        if len(model) != 1:
+            raise InputError("Several --model values are only for nnU-Net part folders (e.g. TotalSegmentator's).")
+        model = model[0]
     model_dir = open_model_dir(model)
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()

@@ -70,7 +70,26 @@ def _json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _nnunet_folder(path: Path) -> ModelSource | None:
+    from .nnunet.model_dir import is_nnunet_model_dir
+    from .sources.nnunet import NnUNetSource
+
+    if is_nnunet_model_dir(path) and (path / "spec.json").is_file():
+        return ModelSource("model_dir", "Quantized nnU-Net model folder: " + _describe_spec(path / "spec.json"),
+                           str(path), str(path / "spec.json"), quantizable=False, segmentable=True)
+    if NnUNetSource().can_open(path):
+        try:
+            # spec_path is what `quantize --model` takes: for nnU-Net the folder itself
+            return ModelSource("nnunet", NnUNetSource().describe(path), str(path), str(path), quantizable=True)
+        except PTQError as exc:  # say what is wrong in the UI instead of failing the whole dialog
+            return ModelSource("nnunet", f"nnU-Net results folder that cannot be used: {exc}", str(path))
+    return None
+
+
 def _folder(path: Path) -> ModelSource:
+    nnunet = _nnunet_folder(path)
+    if nnunet is not None:
+        return nnunet
     if (path / "spec.json").is_file() and ((path / "fp32.onnx").is_file() or (path / "int8.onnx").is_file()):
         return ModelSource("model_dir", "Quantized model folder: " + _describe_spec(path / "spec.json"),
                            str(path), str(path / "spec.json"), quantizable=False, segmentable=True)

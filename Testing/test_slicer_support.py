@@ -373,7 +373,7 @@ def test_choose_model_source(tmp_path):
     (nnunet / "plans.json").write_text("{}")
     (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
     found = ss.choose_model_source(nnunet)
-    assert found.kind == "nnunet" and "liver" in found.description and "not yet supported" in found.description
+    assert found.kind == "nnunet" and not found.quantizable and "plans.json" in found.description
 
     model_dir = tmp_path / "quantized"
     model_dir.mkdir()

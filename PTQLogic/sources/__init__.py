@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from .base import LoadedModel, ModelSource
+from .nnunet import NnUNetSource
 
-SOURCES: list[ModelSource] = []
+SOURCES: list[ModelSource] = [NnUNetSource()]
 
 
 def find_source(path: str | Path) -> ModelSource:

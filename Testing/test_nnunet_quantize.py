@@ -1,0 +1,129 @@
+"""nnU-Net results folders through `ptqseg quantize` and `ptqseg segment`: per-fold ONNX, every runtime,
+INT8 agreement, and TotalSegmentator-style parts merged into one named label map."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_factory import dataset, plans, write_folder, write_image
+from PTQLogic.cli import main
+from PTQLogic.imageio import read_volume
+from PTQLogic.phantom import make_phantom
+from PTQLogic.slicer_models import choose_model_source
+
+LABELS = ["background", "liver", "spleen", "kidney_right"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet_images")
+    calibration = [write_image(make_phantom(s, (36, 36, 36), (1.5, 1.5, 1.5))[0], root / f"cal_{s}.nii.gz")
+                   for s in (11, 12)]
+    test = write_image(make_phantom(13, (34, 38, 40), (1.4, 1.4, 1.6))[0], root / "test.nii.gz")
+    return {"calibration": [str(c) for c in calibration], "image": str(test)}
+
+
+def _quantize(folder, out, images, capsys, patches=4):
+    code = main(["quantize", "--model", str(folder), "--calibration", *images["calibration"], "--out", str(out),
+                 "--patches", str(patches), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def _segment(model, image, output, capsys, *extra):
+    models = [a for m in ([model] if not isinstance(model, list) else model) for a in ("--model", str(m))]
+    code = main(["segment", *models, "--input", image, "--output", str(output), "--json", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, capsys):
+    folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(LABELS), folds=(0, 1))
+    before = _digest(folder)
+    found = choose_model_source(folder)  # what the Slicer Model field shows and quantizes
+    assert found.kind == "nnunet" and found.quantizable and found.spec_path == str(folder)
+    assert "PlainConvUNet" in found.description and "3 classes" in found.description and "folds 0, 1" in found.description
+    out = tmp_path / "int8"
+    summary = _quantize(folder, out, images, capsys)
+    assert summary["qdq_ok"] and summary["source"] == "nnunet" and len(summary["int8_onnx"]) == 2
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"nnunet_model.json", "spec.json", "plans.json", "dataset.json", "quantization.json",
+            "fold_0/fp32.onnx", "fold_0/int8.onnx", "fold_0/weights.pt", "fold_1/int8.onnx"} <= names
+    assert _digest(folder) == before  # the original folder is never modified
+    found = choose_model_source(out)
+    assert found.kind == "model_dir" and found.segmentable and "liver" in found.description
+
+    original = _segment(folder, images["image"], tmp_path / "original.nii.gz", capsys, "--runtime", "torch",
+                        "--precision", "fp32")
+    assert original["patches"] == 2 * 8  # both folds ran the whole sliding window
+    reference = read_volume(tmp_path / "original.nii.gz")
+    assert reference.same_grid(read_volume(images["image"]))
+    assert len(np.unique(reference.array)) == 4
+    torch_fp32 = _segment(out, images["image"], tmp_path / "torch.nii.gz", capsys, "--runtime", "torch",
+                          "--precision", "fp32")
+    assert torch_fp32["runtime"] == "torch"
+    assert np.array_equal(read_volume(tmp_path / "torch.nii.gz").array, reference.array)
+    _segment(out, images["image"], tmp_path / "ort.nii.gz", capsys, "--runtime", "onnxruntime", "--precision", "fp32")
+    assert np.mean(read_volume(tmp_path / "ort.nii.gz").array == reference.array) > 0.999
+    for runtime in ("openvino", "onnxruntime"):
+        result = _segment(out, images["image"], tmp_path / f"{runtime}8.nii.gz", capsys, "--runtime", runtime,
+                          "--precision", "int8", "--compare")
+        assert result["precision"] == "int8" and result["agreement_dice"] > 0.85, result
+    table = json.loads((tmp_path / "openvino8.json").read_text())
+    assert [row["name"] for row in table["labels"]] == LABELS
+
+
+def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images, capsys):
+    """Two part folders (own labels each, like Dataset291..295), quantized, segmented together."""
+    parts = {"part_organs": ["background", "spleen", "kidney_right"], "part_more": ["background", "liver", "stomach"]}
+    quantized = []
+    for seed, (name, labels) in enumerate(parts.items()):
+        folder = write_folder(tmp_path / name, plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(labels), seed=10 * seed)
+        quantized.append(tmp_path / f"{name}-int8")
+        _quantize(folder, quantized[-1], images, capsys, patches=2)
+    run = ("--runtime", "openvino", "--precision", "int8")
+    singles = []
+    for index, model in enumerate(quantized):
+        _segment(model, images["image"], tmp_path / f"single{index}.nii.gz", capsys, *run)
+        singles.append(read_volume(tmp_path / f"single{index}.nii.gz").array)
+
+    _segment(quantized, images["image"], tmp_path / "merged.nii.gz", capsys, *run)
+    merged = read_volume(tmp_path / "merged.nii.gz").array
+    table = [row["name"] for row in json.loads((tmp_path / "merged.json").read_text())["labels"]]
+    assert table == ["background", "spleen", "kidney_right", "liver", "stomach"]
+    expected = singles[0].copy()
+    expected[singles[1] > 0] = singles[1][singles[1] > 0] + 2  # later parts overwrite, as TotalSegmentator does
+    assert np.array_equal(merged, expected) and len(np.unique(merged)) >= 4
+
+    # a parts file with TotalSegmentator's class values (a subset of its "total" map)
+    total = {"1": "spleen", "2": "kidney_right", "5": "liver", "6": "stomach"}
+    parts_file = tmp_path / "total_parts.json"
+    parts_file.write_text(json.dumps({"parts": [q.name for q in quantized], "labels": total}))
+    _segment(parts_file, images["image"], tmp_path / "total.nii.gz", capsys, *run)
+    total_map = read_volume(tmp_path / "total.nii.gz").array
+    lookup = np.array([0, 1, 2, 5, 6])
+    assert np.array_equal(total_map, lookup[merged])
+    names = {row["value"]: row["name"] for row in json.loads((tmp_path / "total.json").read_text())["labels"]}
+    assert all(names[int(k)] == v for k, v in total.items())
