@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class SegmentationResult:
     seconds: float  # total wall time (preprocessing, network, blending, resampling back)
     network_seconds: float  # time spent inside the engine
     patches: int  # number of windows the engine ran
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, where measured
 
 
 def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
@@ -78,6 +79,10 @@ def segment_volume(
     """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid."""
     from monai.inferers import sliding_window_inference
 
+    if torch.device(engine.device).type == "cuda":  # GPU engines: the whole pipeline stays on the GPU
+        from .resident import segment_volume_resident
+
+        return segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     monitor = monitor or Monitor()
     started = time.perf_counter()
     if batch_size < 1:

@@ -56,5 +56,8 @@ class TorchEngine:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.model(batch.to(device=self.device, dtype=self._dtype))
-        # outside inference mode, so callers may modify the result in place (inference tensors refuse that)
-        return logits.float() if logits.dtype != torch.float32 else logits.clone()
+        if logits.dtype != torch.float32:
+            return logits.float()
+        # a caller outside inference mode may modify the result in place (inference tensors refuse that), so
+        # it gets a copy; a caller inside inference mode (the GPU pipeline) saves that copy's memory
+        return logits if torch.is_inference_mode_enabled() else logits.clone()
