@@ -39,8 +39,10 @@ def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overl
 class _CountingPredictor:
     """Calls the engine, checks its output, times it and reports progress per batch."""
 
-    def __init__(self, engine: Engine, spec: ModelSpec, total: int, monitor: Monitor):
+    def __init__(self, engine: Engine, spec: ModelSpec, total: int, monitor: Monitor, native: bool = False):
         self.engine, self.spec, self.total, self.monitor = engine, spec, total, monitor
+        # native: keep the engine's own output precision (FP16) when it offers that, instead of float32 copies
+        self.native = native and hasattr(engine, "forward_native")
         self.patches = 0
         self.seconds = 0.0
 
@@ -49,7 +51,7 @@ class _CountingPredictor:
         batch = batch.to(device=self.engine.device, dtype=torch.float32).contiguous()
         started = time.perf_counter()
         try:
-            logits = self.engine(batch)
+            logits = self.engine.forward_native(batch) if self.native else self.engine(batch)
         except PTQError:
             raise
         except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
@@ -66,7 +68,7 @@ class _CountingPredictor:
             )
         self.patches += batch.shape[0]
         self.monitor.update(STAGE, self.patches, self.total)
-        return logits.float()
+        return logits if self.native else logits.float()
 
 
 def segment_volume(

@@ -127,28 +127,13 @@ def run(classes: int, volume: Volume, repeats: int) -> dict:
     model = SegResNet(**kwargs).eval().cuda()
     fp32 = TorchEngine(model, "fp32", device="cuda")
     fp16 = TorchEngine(model, "fp16", device="cuda")
-    fp16_cl = TorchEngine(copy.deepcopy(model).half().to(memory_format=torch.channels_last_3d), "fp16", device="cuda")
-    half = torch.float16
-
-    def tuned(fn):  # cuDNN autotuning (fixed window shapes) for the variants that ask for it
-        def call():
-            torch.backends.cudnn.benchmark = True
-            try:
-                return fn()
-            finally:
-                torch.backends.cudnn.benchmark = False
-        return call
-
+    f32, f16 = torch.float32, torch.float16
     variants = {
         "baseline (CPU prep, MONAI SW FP32)": lambda: baseline(volume, spec, model),
-        "baseline + cudnn.benchmark": tuned(lambda: baseline(volume, spec, model)),
-        "GPU pipeline FP32, batch 4": lambda: resident(volume, spec, fp32),
-        "GPU pipeline FP32, batch 4, cudnn.benchmark": tuned(lambda: resident(volume, spec, fp32)),
-        "GPU pipeline FP32, batch 2, fp16 blending, cudnn.benchmark":
-            tuned(lambda: resident(volume, spec, fp32, batch=2, accumulate=half)),
-        "GPU pipeline FP16 engine, batch 4, cudnn.benchmark": tuned(lambda: resident(volume, spec, fp16)),
-        "GPU pipeline FP16 channels-last engine, batch 2, fp16 blending, cudnn.benchmark":
-            tuned(lambda: resident(volume, spec, fp16_cl, batch=2, accumulate=half)),
+        "GPU pipeline FP32 engine, fp32 blending": lambda: resident(volume, spec, fp32, accumulate=f32),
+        "GPU pipeline FP32 engine, fp16 blending": lambda: resident(volume, spec, fp32, accumulate=f16),
+        "GPU pipeline FP16 engine, fp32 blending": lambda: resident(volume, spec, fp16, accumulate=f32),
+        "GPU pipeline FP16 engine, fp16 blending (default for FP16)": lambda: resident(volume, spec, fp16),
     }
     results = {name: measure(fn, repeats) for name, fn in variants.items()}
     reference = results["baseline (CPU prep, MONAI SW FP32)"]["labels"]
@@ -156,7 +141,25 @@ def run(classes: int, volume: Volume, repeats: int) -> dict:
         r["agreement_with_baseline"] = float(np.mean(r["labels"] == reference))
     for r in results.values():
         del r["labels"]
+    results["network only, ms per window"] = network_only(spec, {"fp32": fp32, "fp16": fp16})
     return results
+
+
+def network_only(spec, engines: dict) -> dict:
+    """The engine alone on random windows: ms per window by batch size (what bounds any pipeline)."""
+    out = {}
+    for name, engine in engines.items():
+        for batch in (1, 2, 4):
+            x = torch.randn((batch, 1, *spec.patch_size), device="cuda")
+            for _ in range(2):
+                engine.forward_native(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                engine.forward_native(x)
+            torch.cuda.synchronize()
+            out[f"{name} batch {batch}"] = 1000 * (time.perf_counter() - start) / (5 * batch)
+    return out
 
 
 def sample_agreement(npz: str) -> dict:
@@ -222,6 +225,8 @@ def markdown(report: dict) -> str:
              f"Synthetic CT {report['volume']['shape_kji'][::-1]} voxels at {report['volume']['spacing_mm']} mm -> "
              f"1.5 mm; file I/O excluded; median of {report['repeats']} runs after one warm-up (min-max shown).\n"]
     for model, variants in report["models"].items():
+        variants = dict(variants)
+        network = variants.pop("network only, ms per window", {})
         base = variants["baseline (CPU prep, MONAI SW FP32)"]
         lines += [f"## {model}\n", "| pipeline | end to end (s) | speedup | peak GPU (GB) | memory ratio | "
                   "agreement with baseline | stages (s, median) |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -231,6 +236,8 @@ def markdown(report: dict) -> str:
                 f"| {name} | {r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
                 f"{base['seconds_median'] / r['seconds_median']:.2f}x | {r['peak_gpu_bytes'] / 1e9:.2f} | "
                 f"{r['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x | {r['agreement_with_baseline']:.5f} | {stages} |")
+        if network:
+            lines.append("Engine alone, ms per 96^3 window: " + ", ".join(f"{k} {v:.1f}" for k, v in network.items()))
         lines.append("")
     for name, r in report.get("sample_models", {}).items():
         lines.append(f"Sample model {name} on a phantom: CPU path vs GPU pipeline agreement "

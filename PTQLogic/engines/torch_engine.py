@@ -53,6 +53,11 @@ class TorchEngine:
             path=None if weights_path is None else str(weights_path),
         )
 
+    def forward_native(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits in the engine's own precision (FP16 stays FP16), for callers that blend in that precision."""
+        with torch.inference_mode():
+            return self.model(batch.to(device=self.device, dtype=self._dtype))
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.model(batch.to(device=self.device, dtype=self._dtype))

@@ -34,15 +34,21 @@ def segment_volume_resident(
     engine: Engine,
     batch_size: int = 1,
     monitor: Monitor | None = None,
-    accumulate: torch.dtype = torch.float32,
+    accumulate: torch.dtype | None = None,
 ):
-    """Like :func:`PTQLogic.inference.segment_volume`, every step on ``engine.device``; result has ``stages``."""
+    """Like :func:`PTQLogic.inference.segment_volume`, every step on ``engine.device``; result has ``stages``.
+
+    ``accumulate``: blending precision; by default float16 for FP16 engines (their logits are FP16
+    anyway, and the buffer halves) and float32 otherwise.
+    """
     from ..inference import SegmentationResult, _CountingPredictor, count_windows
 
     monitor = monitor or Monitor()
     if batch_size < 1:
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
     device = torch.device(engine.device)
+    if accumulate is None:
+        accumulate = torch.float16 if engine.info.precision == "fp16" and device.type == "cuda" else torch.float32
     stages: dict[str, float] = {}
     started = time.perf_counter()
     with torch.inference_mode():
@@ -50,7 +56,8 @@ def segment_volume_resident(
         _sync(device)
         stages["preprocess"] = time.perf_counter() - started
         roi = tuple(int(s) for s in spec.patch_size)
-        predictor = _CountingPredictor(engine, spec, count_windows(grid.shape, roi, spec.overlap), monitor)
+        total = count_windows(grid.shape, roi, spec.overlap)
+        predictor = _CountingPredictor(engine, spec, total, monitor, native=True)
         mark = time.perf_counter()
         labels_ijk = sliding_window_argmax(
             image, roi, predictor, num_classes=spec.num_classes, overlap=spec.overlap,
