@@ -92,7 +92,7 @@ def baseline(volume: Volume, spec, model: torch.nn.Module, batch: int = 4):
     return out, stages
 
 
-def resident(volume: Volume, spec, engine, batch: int = 4, accumulate=torch.float32):
+def resident(volume: Volume, spec, engine, batch: int = 4, accumulate=None):
     from PTQLogic.resident import segment_volume_resident
 
     result = segment_volume_resident(volume, spec, engine, batch_size=batch, accumulate=accumulate)
