@@ -143,3 +143,27 @@ def test_bad_inputs_fail_before_any_work(quantized_unet, tmp_path):
     )
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "missing.nii.gz" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_from_lists_and_repeated_names(tmp_path):
+    from PTQLogic.cohort import collect_inputs
+
+    for patient in ("p1", "p2"):
+        (tmp_path / patient).mkdir()
+        (tmp_path / patient / "ct.nii.gz").write_bytes(b"x")
+    listing = tmp_path / "cohort.txt"
+    listing.write_text("# two patients\np1/ct.nii.gz\n\np2/ct.nii.gz\np1/ct.nii.gz\n")
+    items = collect_inputs([listing], tmp_path / "out")
+    assert [i.input for i in items] == [(tmp_path / p / "ct.nii.gz").resolve() for p in ("p1", "p2")]
+    assert [i.output.name for i in items] == ["p1__ct_labels.nii.gz", "p2__ct_labels.nii.gz"]
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(InputError, match="single-file volume"):
+        collect_inputs([tmp_path / "notes.json"], tmp_path / "out")
+
+
+def test_broken_manifest_is_refused(tmp_path):
+    from PTQLogic.cohort import Manifest
+
+    (tmp_path / "manifest.jsonl").write_text('{"input": "a"}\nnot json\n')
+    with pytest.raises(InputError, match="line 2"):
+        Manifest(tmp_path)

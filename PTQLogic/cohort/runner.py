@@ -190,7 +190,13 @@ def run_cohort(
             for index in pool.ready():
                 while pool.load[index] < IN_FLIGHT_PER_WORKER and queue:
                     item = queue.popleft()
-                    data = item.input.read_bytes()
+                    try:
+                        data = item.input.read_bytes()
+                    except OSError as exc:  # vanished or unreadable since the listing: its row says so
+                        finish(item, {"input": str(item.input), "output": None, "sha256": None, "model": fingerprint,
+                                      "attempts": 0, "status": "error", "runtime": None, "precision": precision,
+                                      "seconds": None, "timings": {}, "error": f"cannot read it: {exc.strerror}"})
+                        continue
                     hashes[item.input] = hashlib.sha256(data).hexdigest()
                     if item.input not in attempts and manifest.is_done(item.input, hashes[item.input], fingerprint):
                         counts["skipped"] += 1
