@@ -87,17 +87,22 @@ def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runt
     actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
               .remote(files, runtime, precision, device, threads) for _ in range(n)]
     pending = {actor.info.options(concurrency_group="control").remote(): actor for actor in actors}
-    monitor.update("starting workers", 0, n)
-    while pending:  # wait for every engine to be built or loaded, staying cancellable
-        monitor.check()
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        for ref in done:
-            pending.pop(ref)
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                raise EngineUnavailable(f"A Ray worker could not open the model: {_error_text(exc)}") from None
-        monitor.update("starting workers", n - len(pending), n)
+    try:
+        monitor.update("starting workers", 0, n)
+        while pending:  # wait for every engine to be built or loaded, staying cancellable
+            monitor.check()
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in done:
+                pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise EngineUnavailable(f"A Ray worker could not open the model: {_error_text(exc)}") from None
+            monitor.update("starting workers", n - len(pending), n)
+    except BaseException:
+        for actor in actors:  # on a shared cluster they would otherwise keep their CPUs
+            ray.kill(actor, no_restart=True)
+        raise
     return _Pool(ray, actors, files)
 
 
