@@ -114,3 +114,14 @@ def test_sample_models_agree_with_cpu_path(name):
     assert set(got.stages) == {"preprocess", "sliding_window", "resample_back"}
     foreground = truth.array > 0
     assert np.mean(got.labels.array[foreground] == truth.array[foreground]) > 0.5  # a real segmentation
+
+
+def test_blending_precision_choice():
+    from PTQLogic.resident import blending_dtype
+
+    assert blending_dtype("fp16", 10**12, torch.device("cpu")) == torch.float32  # CPUs always blend in fp32
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        assert blending_dtype("fp16", 1, gpu) == torch.float16
+        assert blending_dtype("fp32", 1, gpu) == torch.float32
+        assert blending_dtype("fp32", torch.cuda.get_device_properties(gpu).total_memory, gpu) == torch.float16

@@ -20,12 +20,23 @@ from ..volume import Volume
 from .geometry import labels_to_input_grid_on, to_network_space_on
 from .sliding import sliding_window_argmax
 
-__all__ = ["segment_volume_resident", "labels_to_input_grid_on", "to_network_space_on", "sliding_window_argmax"]
+__all__ = ["blending_dtype", "segment_volume_resident", "labels_to_input_grid_on", "to_network_space_on", "sliding_window_argmax"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def blending_dtype(engine_precision: str, ring_bytes_fp32: int, device: torch.device) -> torch.dtype:
+    """float16 for FP16 engines (their logits are FP16 anyway) or when an fp32 slab buffer would take more
+    than a quarter of the GPU (8-12 GB cards with 100+ classes); float32 otherwise and on CPUs."""
+    if device.type != "cuda":
+        return torch.float32
+    if engine_precision == "fp16":
+        return torch.float16
+    total = torch.cuda.get_device_properties(device).total_memory
+    return torch.float16 if ring_bytes_fp32 > total // 4 else torch.float32
 
 
 def segment_volume_resident(
@@ -38,8 +49,7 @@ def segment_volume_resident(
 ):
     """Like :func:`PTQLogic.inference.segment_volume`, every step on ``engine.device``; result has ``stages``.
 
-    ``accumulate``: blending precision; by default float16 for FP16 engines (their logits are FP16
-    anyway, and the buffer halves) and float32 otherwise.
+    ``accumulate``: blending precision; by default chosen by :func:`blending_dtype`.
     """
     from ..inference import SegmentationResult, _CountingPredictor, count_windows
 
@@ -47,8 +57,6 @@ def segment_volume_resident(
     if batch_size < 1:
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
     device = torch.device(engine.device)
-    if accumulate is None:
-        accumulate = torch.float16 if engine.info.precision == "fp16" and device.type == "cuda" else torch.float32
     stages: dict[str, float] = {}
     started = time.perf_counter()
     with torch.inference_mode():
@@ -56,6 +64,9 @@ def segment_volume_resident(
         _sync(device)
         stages["preprocess"] = time.perf_counter() - started
         roi = tuple(int(s) for s in spec.patch_size)
+        if accumulate is None:
+            plane = max(grid.shape[1], roi[1]) * max(grid.shape[2], roi[2])
+            accumulate = blending_dtype(engine.info.precision, 4 * spec.num_classes * roi[0] * plane, device)
         total = count_windows(grid.shape, roi, spec.overlap)
         predictor = _CountingPredictor(engine, spec, total, monitor, native=True)
         mark = time.perf_counter()
