@@ -108,6 +108,14 @@ def test_killed_worker_loses_only_its_volume(cluster, volumes, quantized_unet, t
     _no_partials(out)
 
 
+def test_workers_that_cannot_open_the_engine_fail_clearly(cluster, volumes, quantized_unet, tmp_path):
+    from PTQLogic.errors import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="(?i)tensorrt"):
+        run_cohort(quantized_unet, volumes[:1], tmp_path / "out", workers=2, runtime="tensorrt")
+    assert not list((tmp_path / "out").glob("*_labels.nii.gz"))  # the next test reuses the freed CPUs
+
+
 def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
     monitor = Monitor()
 
