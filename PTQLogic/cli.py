@@ -104,6 +104,25 @@ def cmd_segment(args: argparse.Namespace) -> None:
     _emit(args, data, "\n".join(lines))
 
 
+def cmd_segment_batch(args: argparse.Namespace) -> None:
+    from .cohort import run_cohort
+
+    summary = run_cohort(
+        args.model, args.inputs, args.output_dir, ray_address=args.ray_address, workers=args.workers,
+        threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker,
+        runtime=args.runtime, precision=args.precision, monitor=_monitor(args),
+    )
+    data = summary.to_dict()
+    lines = [f"{summary.done} segmented, {summary.skipped} already done, {summary.failed} failed of {summary.total} "
+             f"in {summary.seconds:.1f} s ({summary.volumes_per_second:.2f} volumes/s on {summary.workers} workers)",
+             f"  manifest: {summary.manifest}"]
+    lines += [f"  failed: {name}: {error}" for name, error in summary.errors.items()]
+    _emit(args, data, "\n".join(lines))
+    if summary.failed:
+        raise InputError(f"{summary.failed} of {summary.total} volume(s) failed (see {summary.manifest}); "
+                         "fix them and rerun the same command: finished volumes are skipped.")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import dice_per_class
     from .imageio import read_volume
@@ -236,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", help="reference label map for Dice")
     s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
     s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
+
+    sb = add("segment-batch", cmd_segment_batch, "segment a cohort of volumes on a Ray cluster (local by default)")
+    sb.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
+    sb.add_argument("--inputs", required=True, nargs="+", help="folder(s), list file(s) (.txt) and/or volume files")
+    sb.add_argument("--output-dir", required=True, help="folder for the label maps and manifest.jsonl")
+    sb.add_argument("--ray-address", help="existing Ray cluster ('auto' or HOST:PORT); default: start a local one")
+    sb.add_argument("--workers", type=int, default=2, help="worker actors, one engine each (default 2)")
+    sb.add_argument("--threads-per-worker", type=int, default=1, help="CPU threads per worker (default 1)")
+    sb.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 or 0.5 (default 0)")
+    sb.add_argument("--runtime", choices=runtime_choices, default="auto")
+    sb.add_argument("--precision", choices=PRECISIONS, default="int8")
 
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
     e.add_argument("--prediction", required=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class SegmentationResult:
     seconds: float  # total wall time (preprocessing, network, blending, resampling back)
     network_seconds: float  # time spent inside the engine
     patches: int  # number of windows the engine ran
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, where measured
 
 
 def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
@@ -38,8 +39,10 @@ def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overl
 class _CountingPredictor:
     """Calls the engine, checks its output, times it and reports progress per batch."""
 
-    def __init__(self, engine: Engine, spec: ModelSpec, total: int, monitor: Monitor):
+    def __init__(self, engine: Engine, spec: ModelSpec, total: int, monitor: Monitor, native: bool = False):
         self.engine, self.spec, self.total, self.monitor = engine, spec, total, monitor
+        # native: keep the engine's own output precision (FP16) when it offers that, instead of float32 copies
+        self.native = native and hasattr(engine, "forward_native")
         self.patches = 0
         self.seconds = 0.0
 
@@ -48,7 +51,7 @@ class _CountingPredictor:
         batch = batch.to(device=self.engine.device, dtype=torch.float32).contiguous()
         started = time.perf_counter()
         try:
-            logits = self.engine(batch)
+            logits = self.engine.forward_native(batch) if self.native else self.engine(batch)
         except PTQError:
             raise
         except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
@@ -65,7 +68,7 @@ class _CountingPredictor:
             )
         self.patches += batch.shape[0]
         self.monitor.update(STAGE, self.patches, self.total)
-        return logits.float()
+        return logits if self.native else logits.float()
 
 
 def segment_volume(
@@ -78,6 +81,10 @@ def segment_volume(
     """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid."""
     from monai.inferers import sliding_window_inference
 
+    if torch.device(engine.device).type == "cuda":  # GPU engines: the whole pipeline stays on the GPU
+        from .resident import segment_volume_resident
+
+        return segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     monitor = monitor or Monitor()
     started = time.perf_counter()
     if batch_size < 1:

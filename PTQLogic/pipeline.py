@@ -286,6 +286,7 @@ def open_engine(
     *,
     device: str | None = None,
     batch_size: int = 1,
+    threads: int | None = None,
     monitor: Monitor | None = None,
 ):
     """Build or load one engine of a model folder ("auto" runtime picks the best usable one)."""
@@ -306,6 +307,7 @@ def open_engine(
         weights_path=spec.weights_path(),
         cache_dir=model_dir.engine_cache,
         device=device,
+        threads=threads,
         max_batch=max(4, batch_size),  # TensorRT's optimization profile must cover the batch
         monitor=monitor or Monitor(),
     )

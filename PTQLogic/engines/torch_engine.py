@@ -53,8 +53,16 @@ class TorchEngine:
             path=None if weights_path is None else str(weights_path),
         )
 
+    def forward_native(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits in the engine's own precision (FP16 stays FP16), for callers that blend in that precision."""
+        with torch.inference_mode():
+            return self.model(batch.to(device=self.device, dtype=self._dtype))
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.model(batch.to(device=self.device, dtype=self._dtype))
-        # outside inference mode, so callers may modify the result in place (inference tensors refuse that)
-        return logits.float() if logits.dtype != torch.float32 else logits.clone()
+        if logits.dtype != torch.float32:
+            return logits.float()
+        # a caller outside inference mode may modify the result in place (inference tensors refuse that), so
+        # it gets a copy; a caller inside inference mode (the GPU pipeline) saves that copy's memory
+        return logits if torch.is_inference_mode_enabled() else logits.clone()

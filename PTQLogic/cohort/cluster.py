@@ -1,0 +1,42 @@
+"""Start a local Ray cluster on demand (no dashboard, no usage stats) or join an existing one."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import EngineUnavailable, InputError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding PTQLogic/
+
+
+def import_ray():
+    try:
+        import ray
+    except Exception as exc:  # noqa: BLE001 - a missing or broken install is said in one line
+        raise EngineUnavailable(f"segment-batch needs Ray ({type(exc).__name__}: {exc}); try: pip install 'ray>=2.9'") from None
+    return ray
+
+
+def connect(address: str | None, cpus: int, gpus: int | None) -> bool:
+    """Make sure Ray is initialised; True when this call started a local cluster (and must shut it down)."""
+    ray = import_ray()
+    if ray.is_initialized():  # an embedding program (or a test) already set Ray up
+        return False
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never report usage to anyone
+    if address:
+        import PTQLogic
+
+        try:  # the cluster's nodes may not have PTQLogic installed: ship this copy with the job
+            ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [PTQLogic]})
+        except ConnectionError as exc:
+            raise InputError(f"Cannot reach the Ray cluster at '{address}': {exc}. Start it with `ray start --head` "
+                             "or leave out --ray-address to use a local cluster.") from None
+        return False
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}})
+    return True
+
+
+def available_gpus() -> float:
+    return float(import_ray().cluster_resources().get("GPU", 0.0))

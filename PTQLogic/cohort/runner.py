@@ -1,0 +1,260 @@
+"""Drive a cohort: stream volumes to worker actors, retry what a dead worker held, keep the manifest."""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import EngineUnavailable, InputError, PTQError
+from ..fileio import atomic_write_bytes
+from ..progress import Monitor
+from .cluster import available_gpus, connect, import_ray
+from .inputs import CohortItem, batch_suffix, collect_inputs
+from .manifest import Manifest, model_fingerprint
+from .worker import VolumeWorker, pack_model_dir
+
+STAGE = "volumes"
+IN_FLIGHT_PER_WORKER = 2  # the next volume's bytes travel while the current one is segmented
+MAX_ATTEMPTS = 3  # a volume whose worker died this often is recorded as an error
+
+
+@dataclass
+class CohortSummary:
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    seconds: float
+    startup_seconds: float  # starting the workers and building/loading their engines
+    volumes_per_second: float  # volumes segmented per second once the workers were up
+    workers: int
+    output_dir: str
+    manifest: str
+    errors: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, PTQError):
+        return str(cause)
+    lines = [line.strip() for line in str(cause or exc).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else type(exc).__name__)
+
+
+class _Pool:
+    """Worker actors and their state: ready to take volumes, restarting after a crash, or gone."""
+
+    def __init__(self, ray, actors: list, model_files):
+        self.ray, self.actors = ray, actors
+        self.model_files = model_files  # restarted actors rebuild from it: keep it referenced
+        self.load = [0] * len(actors)
+        self.restarting: dict[Any, int] = {}  # pid() call -> actor index, for actors coming back
+        self.dead: set[int] = set()
+
+    def ready(self) -> list[int]:
+        busy = set(self.restarting.values()) | self.dead
+        return sorted((i for i in range(len(self.actors)) if i not in busy), key=lambda i: self.load[i])
+
+    def crashed(self, index: int) -> None:
+        if index not in self.restarting.values() and index not in self.dead:
+            self.restarting[self.actors[index].pid.options(concurrency_group="control").remote()] = index
+
+    def poll_restarts(self) -> None:
+        if not self.restarting:
+            return
+        done, _ = self.ray.wait(list(self.restarting), num_returns=len(self.restarting), timeout=0)
+        for ref in done:
+            index = self.restarting.pop(ref)
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.ActorUnavailableError:
+                self.crashed(index)  # still restarting: ask again
+            except self.ray.exceptions.RayActorError:
+                self.dead.add(index)
+
+
+def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runtime: str, precision: str,
+                   monitor: Monitor) -> _Pool:
+    remote = ray.remote(concurrency_groups={"control": 1})(VolumeWorker)
+    files = ray.put(pack_model_dir(model_dir))
+    device = "cuda" if gpus > 0 else None
+    actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
+              .remote(files, runtime, precision, device, threads) for _ in range(n)]
+    pending = {actor.info.options(concurrency_group="control").remote(): actor for actor in actors}
+    try:
+        monitor.update("starting workers", 0, n)
+        while pending:  # wait for every engine to be built or loaded, staying cancellable
+            monitor.check()
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in done:
+                pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    raise EngineUnavailable(f"A Ray worker could not open the model: {_error_text(exc)}") from None
+            monitor.update("starting workers", n - len(pending), n)
+    except BaseException:
+        for actor in actors:  # on a shared cluster they would otherwise keep their CPUs
+            ray.kill(actor, no_restart=True)
+        raise
+    return _Pool(ray, actors, files)
+
+
+def _stop(ray, pool: _Pool | None, inflight: dict, graceful: bool) -> None:
+    for ref in inflight:
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - the worker may already be gone
+            pass
+    if pool is None:
+        return
+    if graceful:
+        live = [pool.actors[i].close.remote() for i in pool.ready()]
+        ray.wait(live, num_returns=len(live), timeout=10)
+    for actor in pool.actors:
+        ray.kill(actor, no_restart=True)
+
+
+def run_cohort(
+    model: str | Path,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    ray_address: str | None = None,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    gpus_per_worker: float = 0.0,
+    runtime: str = "auto",
+    precision: str = "int8",
+    monitor: Monitor | None = None,
+    on_dispatch: Callable[[Path, int], None] | None = None,
+) -> CohortSummary:
+    """Segment every input volume on a Ray cluster; label maps and ``manifest.jsonl`` land in ``output_dir``.
+
+    ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
+    """
+    from ..imageio import label_table_paths, write_label_table
+    from ..pipeline import open_model_dir
+
+    monitor = monitor or Monitor()
+    if workers < 1 or threads_per_worker < 1 or gpus_per_worker < 0:
+        raise InputError("--workers and --threads-per-worker must be >= 1 and --gpus-per-worker >= 0.")
+    model_dir = open_model_dir(model)
+    spec = model_dir.spec()
+    items = collect_inputs(inputs, output_dir)
+    output_dir = Path(output_dir).resolve()
+    manifest = Manifest(output_dir)
+    fingerprint = model_fingerprint(model_dir.root, precision)
+    ray = import_ray()
+    started_here = connect(ray_address, workers * threads_per_worker, None)
+    pool, inflight = None, {}
+    started = time.perf_counter()
+    startup = 0.0
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    errors: dict[str, str] = {}
+    clean = False
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        if cpus < workers * threads_per_worker:
+            raise InputError(f"{workers} worker(s) x {threads_per_worker} thread(s) need {workers * threads_per_worker} "
+                             f"CPUs but the Ray cluster has {cpus:g}; use fewer workers or threads.")
+        if gpus_per_worker > 0 and available_gpus() < gpus_per_worker:
+            raise EngineUnavailable(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has "
+                                    f"{available_gpus():g} GPU(s); use 0 for CPU workers.")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        json_path, csv_path = label_table_paths(output_dir / "labels.nii.gz")
+        write_label_table(spec.classes, json_path)
+        write_label_table(spec.classes, csv_path)
+        pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
+                              monitor)
+        startup = time.perf_counter() - started
+        pids = [ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
+        queue: deque[CohortItem] = deque(items)
+        attempts: dict[Path, int] = {}
+        hashes: dict[Path, str] = {}
+        total = len(items)
+        monitor.update(STAGE, 0, total)
+
+        def finish(item: CohortItem, row: dict[str, Any]) -> None:
+            manifest.record(row)
+            key = "done" if row["status"] == "done" else "failed"
+            counts[key] += 1
+            if row["error"]:
+                errors[str(item.input)] = row["error"]
+            monitor.update(STAGE, sum(counts.values()), total)
+
+        while queue or inflight:
+            monitor.check()
+            pool.poll_restarts()
+            for index in pool.ready():
+                while pool.load[index] < IN_FLIGHT_PER_WORKER and queue:
+                    item = queue.popleft()
+                    try:
+                        data = item.input.read_bytes()
+                    except OSError as exc:  # vanished or unreadable since the listing: its row says so
+                        finish(item, {"input": str(item.input), "output": None, "sha256": None, "model": fingerprint,
+                                      "attempts": 0, "status": "error", "runtime": None, "precision": precision,
+                                      "seconds": None, "timings": {}, "error": f"cannot read it: {exc.strerror}"})
+                        continue
+                    hashes[item.input] = hashlib.sha256(data).hexdigest()
+                    if item.input not in attempts and manifest.is_done(item.input, hashes[item.input], fingerprint):
+                        counts["skipped"] += 1
+                        monitor.update(STAGE, sum(counts.values()), total)
+                        continue
+                    attempts[item.input] = attempts.get(item.input, 0) + 1
+                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data)
+                    inflight[ref] = (item, index)
+                    pool.load[index] += 1
+                    if on_dispatch is not None:
+                        on_dispatch(item.input, pids[index])
+            if not inflight:
+                if queue and not pool.ready() and not pool.restarting:
+                    raise EngineUnavailable(f"Every Ray worker died; {len(queue)} volume(s) were not segmented. "
+                                            "Rerun the same command to retry them.")
+                time.sleep(0.1) if queue else None
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                item, index = inflight.pop(ref)
+                pool.load[index] -= 1
+                base = {"input": str(item.input), "output": None, "sha256": hashes[item.input], "model": fingerprint,
+                        "attempts": attempts[item.input]}
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    pool.crashed(index)
+                    if attempts[item.input] < MAX_ATTEMPTS:
+                        queue.appendleft(item)  # goes to whichever worker is free next
+                    else:
+                        finish(item, {**base, "status": "error", "runtime": None, "precision": precision,
+                                      "seconds": None, "timings": {},
+                                      "error": f"its worker died {MAX_ATTEMPTS} times ({_error_text(exc)})"})
+                    continue
+                labels = result.pop("labels")
+                if labels is not None:
+                    atomic_write_bytes(item.output, labels)
+                timings = result.pop("timings")
+                finish(item, {**base, "output": str(item.output) if labels is not None else None,
+                              "status": "done" if labels is not None else "error",
+                              "seconds": sum(v for k, v in timings.items() if k != "network") or None,
+                              "timings": timings, **result})
+        clean = True
+    finally:
+        try:
+            _stop(ray, pool, inflight, graceful=clean)
+        finally:
+            if started_here:
+                ray.shutdown()
+    seconds = time.perf_counter() - started
+    return CohortSummary(
+        total=len(items), done=counts["done"], skipped=counts["skipped"], failed=counts["failed"],
+        seconds=seconds, startup_seconds=startup,
+        volumes_per_second=counts["done"] / (seconds - startup) if seconds > startup else 0.0, workers=workers,
+        output_dir=str(output_dir), manifest=str(manifest.path), errors=errors,
+    )

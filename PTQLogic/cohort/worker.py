@@ -1,0 +1,83 @@
+"""The Ray worker actor: builds or loads one engine at start, then segments volumes sent as file bytes.
+
+Volumes and label maps travel as the bytes of one file each, so workers need no shared file system
+and the driver alone writes outputs (atomically): a worker that dies leaves nothing half written.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL_FILES_SKIPPED = ("engines",)  # build caches are rebuilt per worker when needed
+
+
+def pack_model_dir(model_dir: Path) -> dict[str, bytes]:
+    """The model folder's files (spec, ONNX, weights, report) as name -> bytes, to ship to the cluster."""
+    return {p.name: p.read_bytes() for p in sorted(Path(model_dir).iterdir())
+            if p.is_file() and p.name not in MODEL_FILES_SKIPPED}
+
+
+class VolumeWorker:
+    """One engine per worker process, reused for every volume it is given."""
+
+    def __init__(self, model_files: dict[str, bytes], runtime: str, precision: str, device: str | None,
+                 threads: int | None):
+        import torch
+        from monai.inferers import sliding_window_inference  # noqa: F401 - imported now, not on the first volume
+
+        from ..pipeline import open_engine, open_model_dir
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.root = Path(tempfile.mkdtemp(prefix="ptqseg-worker-"))
+        for name, data in model_files.items():
+            (self.root / name).write_bytes(data)
+        model_dir = open_model_dir(self.root)
+        self.spec = model_dir.spec()
+        started = time.perf_counter()
+        self.engine, _ = open_engine(model_dir, runtime, precision, device=device, threads=threads)
+        self.build_seconds = time.perf_counter() - started
+        self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-"))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "build_seconds": self.build_seconds, **self.engine.info.to_dict()}
+
+    def segment(self, suffix: str, data: bytes) -> dict[str, Any]:
+        """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
+        from ..errors import PTQError
+        from ..imageio import read_volume, write_labelmap
+        from ..inference import segment_volume
+
+        facts = {"runtime": self.engine.info.runtime, "precision": self.engine.info.precision,
+                 "device": self.engine.info.device, "worker_pid": os.getpid()}
+        source, target = self.scratch / ("input" + suffix), self.scratch / "labels.nii.gz"
+        try:
+            started = time.perf_counter()
+            source.write_bytes(data)
+            volume = read_volume(source).validate("input volume")
+            loaded = time.perf_counter()
+            result = segment_volume(volume, self.spec, self.engine)
+            segmented = time.perf_counter()
+            write_labelmap(result.labels, target)
+            labels = target.read_bytes()
+            timings = {"read": loaded - started, "segment": segmented - loaded, "network": result.network_seconds,
+                       "encode": time.perf_counter() - segmented}
+            return {**facts, "labels": labels, "timings": timings, "error": None}
+        except PTQError as exc:
+            return {**facts, "labels": None, "timings": {}, "error": str(exc).replace(str(source), "the volume")}
+        except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the cohort
+            return {**facts, "labels": None, "timings": {}, "error": f"unexpected {type(exc).__name__}: {exc}"}
+        finally:
+            for path in (source, target):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""Network-space preprocessing and the way back, in torch on the engine's device.
+
+Same MONAI ``Orientation``/``Spacing`` transforms and the same intensity step as
+:mod:`PTQLogic.preprocess`, applied to a tensor that already lives on the device (only the raw
+voxels cross the bus, in their stored dtype); labels go back to the input grid by an index gather
+on the device. On a CPU tensor this is exactly the CPU path's code, which is how it is tested.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..preprocess import _RAS_LABELS, NetworkGrid, _axis_aligned, labels_to_input_grid, normalize_intensity
+from ..spec import ModelSpec
+from ..volume import Volume
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The stored voxels on ``device`` as float32; they cross the bus in their stored (often 16-bit) type."""
+    if array.dtype.byteorder == ">" or array.dtype in (np.uint16, np.uint32, np.uint64):
+        array = array.astype(np.float32)  # types torch cannot convert on the device
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device).to(torch.float32)
+
+
+def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | str) -> tuple[torch.Tensor, NetworkGrid]:
+    """(C, I, J, K) float32 network input on ``device`` and the grid to map results back."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    device = torch.device(device)
+    volume.validate("input volume")
+    if volume.channels != spec.in_channels:
+        raise InputError(
+            f"The volume has {volume.channels} channel(s) but model '{spec.name}' expects {spec.in_channels}; "
+            "give a volume with matching channels (modalities)."
+        )
+    array = volume.array if volume.array.ndim == 4 else volume.array[None]
+    ijk = _upload(array, device).permute(0, 3, 2, 1).contiguous()  # KJI -> IJK
+    affine = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+    image = MetaTensor(ijk, affine=torch.as_tensor(affine, dtype=torch.float64))
+    prep = spec.preprocessing
+    if prep.orientation:
+        image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
+    if prep.spacing is not None:
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+    grid = NetworkGrid(
+        affine=np.asarray(image.affine, dtype=np.float64).copy(),
+        shape=tuple(int(s) for s in image.shape[1:]),
+        input_ijk_to_ras=affine.copy(),
+        input_shape=tuple(int(s) for s in volume.spatial_shape),
+    )
+    tensor = image.as_tensor().to(torch.float32).contiguous()
+    return normalize_intensity(tensor, prep), grid
+
+
+def labels_to_input_grid_on(labels_ijk: torch.Tensor, grid: NetworkGrid) -> np.ndarray:
+    """Network-space labels (I, J, K) on any device -> KJI numpy array on the input grid (nearest neighbour).
+
+    Axis-aligned grids (flips, permutations, spacing changes) gather on the device, one index list per
+    axis, like :func:`PTQLogic.preprocess.labels_to_input_grid`; rotated grids use that CPU function.
+    """
+    if tuple(labels_ijk.shape) != tuple(grid.shape):
+        raise InputError(f"Labels have shape {tuple(labels_ijk.shape)}; the network grid is {grid.shape}.")
+    mapping = np.linalg.solve(grid.affine, grid.input_ijk_to_ras)
+    if not _axis_aligned(mapping[:3, :3]):
+        return labels_to_input_grid(labels_ijk.cpu().numpy(), grid)
+    size_k, size_j, size_i = grid.input_shape
+    device = labels_ijk.device
+    axes, index_lists, valid = [], [], []
+    for a, size in enumerate((size_i, size_j, size_k)):
+        n = int(np.argmax(np.abs(mapping[:3, a])))
+        index = np.floor(mapping[n, a] * np.arange(size) + mapping[n, 3] + 0.5).astype(np.int64)
+        ok = (index >= 0) & (index < labels_ijk.shape[n])
+        axes.append(n)
+        index_lists.append(torch.from_numpy(np.where(ok, index, 0)).to(device))
+        valid.append(torch.from_numpy(ok).to(device))
+    result = labels_ijk.permute(axes[::-1])  # network axes in the input's K, J, I order
+    for axis, a in enumerate((2, 1, 0)):
+        result = torch.index_select(result, axis, index_lists[a])
+    if not all(bool(v.all()) for v in valid):
+        inside = valid[2][:, None, None] & valid[1][None, :, None] & valid[0][None, None, :]
+        result = result.masked_fill(~inside, 0)
+    return result.cpu().numpy()

@@ -1,0 +1,177 @@
+"""segment-batch on a real local Ray cluster (one per module): workers, a killed worker, resume, a corrupt volume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from PTQLogic.cohort import run_cohort  # noqa: E402
+from PTQLogic.cohort.cluster import connect  # noqa: E402
+from PTQLogic.errors import Cancelled, InputError  # noqa: E402
+from PTQLogic.progress import Monitor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = connect(None, cpus=2, gpus=0)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> list[Path]:
+    from PTQLogic.phantom import make_phantom, _write_image
+
+    folder = tmp_path_factory.mktemp("cohort")
+    paths = []
+    for seed in range(4):
+        image, _ = make_phantom(300 + seed, shape=(40, 48, 44))
+        paths.append(folder / f"case{seed}.nii.gz")
+        _write_image(image, paths[-1])
+    return paths
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def _no_partials(out: Path) -> None:
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet, tmp_path):
+    from PTQLogic.imageio import read_volume
+    from PTQLogic.inference import segment_volume
+    from PTQLogic.pipeline import open_engine, open_model_dir
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in volumes:
+        shutil.copy(path, inputs / path.name)
+    (inputs / "broken.nii.gz").write_bytes(b"not a NIfTI volume at all" * 10)
+    out = tmp_path / "out"
+    summary = run_cohort(quantized_unet, [inputs], out, workers=2)
+    assert (summary.total, summary.done, summary.failed) == (5, 4, 1)
+    rows = {Path(r["input"]).name: r for r in _rows(out)}
+    assert sorted(rows) == sorted([p.name for p in volumes] + ["broken.nii.gz"])
+    broken = rows.pop("broken.nii.gz")
+    assert broken["status"] == "error" and broken["output"] is None and "Could not read" in broken["error"]
+    assert not (out / "broken_labels.nii.gz").exists()
+    assert all(r["status"] == "done" and r["error"] is None and r["precision"] == "int8" for r in rows.values())
+    assert len({r["worker_pid"] for r in rows.values()}) == 2  # both workers took volumes
+    # the cohort's label map is what segmenting the volume in this process gives (same runtime; INT8 kernels
+    # may round differently with another thread count, so a few boundary voxels may differ)
+    row = rows[volumes[0].name]
+    model_dir = open_model_dir(quantized_unet)
+    engine, _ = open_engine(model_dir, row["runtime"], "int8", threads=1)
+    expected = segment_volume(read_volume(row["input"]), model_dir.spec(), engine).labels
+    got = read_volume(row["output"])
+    assert got.same_grid(expected) and np.mean(got.array == expected.array) > 0.999 and got.array.max() > 0
+
+    # a rerun skips what is done, segments a changed input again and retries the failure
+    shutil.copy(volumes[1], inputs / volumes[0].name)
+    again = run_cohort(quantized_unet, [inputs], out, workers=2)
+    assert (again.done, again.skipped, again.failed) == (1, 3, 1)
+    rows = {Path(r["input"]).name: r for r in _rows(out)}
+    assert len(rows) == 5 and rows[volumes[0].name]["sha256"] == rows[volumes[1].name]["sha256"]
+    _no_partials(out)
+
+
+def test_killed_worker_loses_only_its_volume(cluster, volumes, quantized_unet, tmp_path):
+    killed: list[int] = []
+
+    def kill_first(path: Path, pid: int) -> None:
+        if not killed:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    out = tmp_path / "out"
+    summary = run_cohort(quantized_unet, volumes, out, workers=2, on_dispatch=kill_first)
+    rows = _rows(out)
+    assert summary.done == 4 and summary.failed == 0
+    assert sorted(r["input"] for r in rows) == sorted(str(p) for p in volumes)  # each volume exactly once
+    assert all(r["status"] == "done" and Path(r["output"]).is_file() for r in rows)
+    assert max(r["attempts"] for r in rows) == 2  # the killed worker's volume was retried
+    assert killed[0] not in {r["worker_pid"] for r in rows}
+    _no_partials(out)
+
+
+def test_workers_that_cannot_open_the_engine_fail_clearly(cluster, volumes, quantized_unet, tmp_path):
+    from PTQLogic.errors import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="(?i)tensorrt"):
+        run_cohort(quantized_unet, volumes[:1], tmp_path / "out", workers=2, runtime="tensorrt")
+    assert not list((tmp_path / "out").glob("*_labels.nii.gz"))  # the next test reuses the freed CPUs
+
+
+def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
+    monitor = Monitor()
+
+    def stop_after_first(stage: str, done: int, total: int) -> None:
+        if stage == "volumes" and done >= 1:
+            monitor.cancel()
+
+    monitor.on_progress = stop_after_first
+    out = tmp_path / "out"
+    with pytest.raises(Cancelled):
+        run_cohort(quantized_unet, volumes, out, workers=2, monitor=monitor)
+    first = _rows(out)
+    assert 1 <= len(first) < len(volumes)
+    written = sorted(p.name for p in out.glob("*_labels.nii.gz"))
+    assert written == sorted(Path(r["output"]).name for r in first)  # no label map without its manifest row
+    _no_partials(out)
+    summary = run_cohort(quantized_unet, volumes, out, workers=2)
+    assert (summary.skipped, summary.done) == (len(first), len(volumes) - len(first))
+    assert sorted(r["input"] for r in _rows(out)) == sorted(str(p) for p in volumes)
+
+
+def test_bad_inputs_fail_before_any_work(quantized_unet, tmp_path):
+    listing = tmp_path / "cohort.txt"
+    listing.write_text("missing.nii.gz\n")
+    with pytest.raises(InputError, match="missing.nii.gz"):
+        run_cohort(quantized_unet, [listing], tmp_path / "out")
+    with pytest.raises(InputError, match="also the input folder"):
+        run_cohort(quantized_unet, [tmp_path], tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "PTQLogic.cli", "segment-batch", "--model", str(quantized_unet),
+         "--inputs", str(listing), "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "missing.nii.gz" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_from_lists_and_repeated_names(tmp_path):
+    from PTQLogic.cohort import collect_inputs
+
+    for patient in ("p1", "p2"):
+        (tmp_path / patient).mkdir()
+        (tmp_path / patient / "ct.nii.gz").write_bytes(b"x")
+    listing = tmp_path / "cohort.txt"
+    listing.write_text("# two patients\np1/ct.nii.gz\n\np2/ct.nii.gz\np1/ct.nii.gz\n")
+    items = collect_inputs([listing], tmp_path / "out")
+    assert [i.input for i in items] == [(tmp_path / p / "ct.nii.gz").resolve() for p in ("p1", "p2")]
+    assert [i.output.name for i in items] == ["p1__ct_labels.nii.gz", "p2__ct_labels.nii.gz"]
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(InputError, match="single-file volume"):
+        collect_inputs([tmp_path / "notes.json"], tmp_path / "out")
+
+
+def test_broken_manifest_is_refused(tmp_path):
+    from PTQLogic.cohort import Manifest
+
+    (tmp_path / "manifest.jsonl").write_text('{"input": "a"}\nnot json\n')
+    with pytest.raises(InputError, match="line 2"):
+        Manifest(tmp_path)
