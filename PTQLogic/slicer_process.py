@@ -25,15 +25,19 @@ _FLAGS = ["--progress-lines", "--json"]
 
 
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
-                     out_dir: str | Path, patches: int, method: str) -> list[str]:
-    """``python -m PTQLogic.cli quantize ...`` (always machine progress + JSON result)."""
+                     out_dir: str | Path, patches: int, method: str, min_agreement: float | None = None) -> list[str]:
+    """``python -m PTQLogic.cli quantize ...`` (always machine progress + JSON result).
+
+    ``min_agreement`` turns on the accuracy guard (INT8-vs-FP32 Dice on held-out data).
+    """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
     if int(patches) < 1:
         raise PTQError(f"The number of calibration patches must be >= 1, got {patches}.")
     return [str(python_exe), "-m", "PTQLogic.cli", "quantize", "--model", str(spec_path),
             "--calibration", *[str(p) for p in calibration_paths], "--out", str(out_dir),
-            "--patches", str(int(patches)), "--method", str(method), *_FLAGS]
+            "--patches", str(int(patches)), "--method", str(method),
+            *(["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else []), *_FLAGS]
 
 
 def info_command(python_exe: str) -> list[str]:

@@ -58,6 +58,7 @@ class PTQSegmentationParameterNode:
     calibrationFolder: Path
     patches: Annotated[int, WithinRange(1, 4096)] = 32
     method: Annotated[str, Choice(["max", "entropy"])] = "max"
+    minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # accuracy guard; 0 = off
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
@@ -198,7 +199,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 calibration.append(params.calibrationFolder)
             outDir = self.workDirectory() / "models" / f"{Path(source.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             command = support.quantize_command(self.logic.pythonExecutable(), source.spec_path, calibration, outDir,
-                                               params.patches, params.method)
+                                               params.patches, params.method,
+                                               min_agreement=params.minAgreement or None)
         except Exception as error:  # PTQError, or SimpleITK/OS errors while exporting the scene volumes
             self.cleanupJobTemp()
             self.showError(str(error))

@@ -144,6 +144,11 @@ def test_command_lines_and_parsing():
     q = ss.quantize_command("py", "spec.json", ["a.nrrd", Path("b")], "out", 4, "entropy")
     assert q == ["py", "-m", "PTQLogic.cli", "quantize", "--model", "spec.json", "--calibration", "a.nrrd", "b",
                  "--out", "out", "--patches", "4", "--method", "entropy", "--progress-lines", "--json"]
+    guarded = ss.quantize_command("py", "spec.json", ["a.nrrd"], "out", 4, "max", min_agreement=0.98)
+    assert guarded[guarded.index("--min-agreement") + 1] == "0.98"
+    from PTQLogic.cli import build_parser  # the option the module passes exists in the real CLI
+
+    assert build_parser().parse_args(guarded[3:-2]).min_agreement == 0.98
     s = ss.segment_command("py", "m", "in.nrrd", "out.nrrd", "auto", "int8", True, reference="ref.nrrd")
     assert s[:4] == ["py", "-m", "PTQLogic.cli", "segment"] and s[-2:] == ["--progress-lines", "--json"]
     assert "--compare" in s and s[s.index("--reference") + 1] == "ref.nrrd"
