@@ -51,7 +51,21 @@ def _memory_bytes() -> int | None:
         return None
 
 
+# Reported from package metadata without importing (import monai alone takes seconds); the others are
+# imported because what matters is whether they load (and torch/onnxruntime/openvino are queried below).
+METADATA_ONLY = ("monai",)
+
+
 def _version(module_name: str) -> Any:
+    if module_name in METADATA_ONLY and module_name not in sys.modules:
+        from importlib.metadata import PackageNotFoundError, version
+        from importlib.util import find_spec
+
+        try:
+            if find_spec(module_name) is not None:
+                return version(PACKAGES[module_name])
+        except (PackageNotFoundError, ValueError):
+            pass
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or a broken install raising something else
