@@ -9,18 +9,20 @@ from __future__ import annotations
 # Only the standard library and PTQLogic's light modules here: `ptqseg --help`, `--version` and a
 # wrong option must answer at once. torch/MONAI/ONNX are imported inside the command functions.
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 from . import __version__
-from .errors import Cancelled, InputError, InputWarning, PTQError
-from .progress import LOADING_STAGE, Monitor, TqdmProgress, line_monitor
+from .cli_support import HelpFormatter, Parser, UsageError, int_at_least
+from .cli_support import close_bars as _close_bars, emit as _emit, fail as _fail, make_monitor as _make_monitor
+from .cli_support import note as _note, route_warnings as _route_warnings
+from .errors import Cancelled, InputError, PTQError
+from .progress import LOADING_STAGE, Monitor
 
 # Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
 RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
@@ -30,54 +32,12 @@ DEFAULT_PRECISION = "int8"
 NO_GPU_NOTE = "fp16 needs an NVIDIA GPU"
 
 
-class UsageError(Exception):
-    """A command line argparse refuses; main() prints it (and a JSON error with --json)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}", self.format_usage())
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" where there is a real default (not for flags, required or unset options)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or action.default in (None, False, argparse.SUPPRESS):
-            return action.help or ""
-        return super()._get_help_string(action) or ""
-
-
 def _monitor(args: argparse.Namespace) -> Monitor:
     """The monitor main() made for this run (shows a 'loading' stage at once); a fresh one when called directly."""
     monitor = getattr(args, "monitor", None)
     if monitor is None:
         monitor = args.monitor = _make_monitor(args)
     return monitor
-
-
-def _make_monitor(args: argparse.Namespace) -> Monitor:
-    if args.progress_lines:
-        return line_monitor(sys.stderr)
-    if args.json or not sys.stderr.isatty():
-        return Monitor()
-    return Monitor(on_progress=TqdmProgress(sys.stderr))
-
-
-def _note(args: argparse.Namespace, message: str) -> None:
-    """A one-line remark on stderr (kept in the JSON result under "notes")."""
-    args.notes = [*getattr(args, "notes", []), message]
-    _close_bars(args)
-    print(f"note: {message}", file=sys.stderr)
-
-
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    _close_bars(args)
-    notes = getattr(args, "notes", [])
-    if args.json:
-        print(json.dumps({**data, "notes": notes} if notes else data, default=str))
-    else:
-        print(text)
 
 
 def _resolve_precision(args: argparse.Namespace) -> str:
@@ -219,26 +179,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     _emit(args, info, "\n".join(lines))
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line in one place; add a command with ``add(name, function, help)``."""
-    formatter = _HelpFormatter
-    parser = _Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
+    formatter = HelpFormatter
+    parser = Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object (also for errors) instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -257,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", required=True, nargs="+",
                    help="unlabeled calibration volumes (like those you will segment) and/or folders of them")
     q.add_argument("--out", required=True, help="model folder to write")
-    q.add_argument("--patches", type=_int_at_least(1), default=32, help="number of calibration patches")
+    q.add_argument("--patches", type=int_at_least(1), default=32, help="number of calibration patches")
     q.add_argument("--method", choices=["max", "entropy"], default="max",
                    help="activation range calibration (entropy: for outlier-heavy activations)")
-    q.add_argument("--seed", type=_int_at_least(0), default=0, help="calibration patch sampling seed")
+    q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
@@ -274,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nii/.nrrd/.seg.nrrd)")
     s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
     s.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
-    s.add_argument("--batch-size", type=_int_at_least(1), default=1, help="patches per network call")
+    s.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
     s.add_argument("--compare", action="store_true",
                    help="also run FP32 on the same runtime; report its time and the agreement Dice")
     s.add_argument("--reference", help="reference label map for Dice")
@@ -292,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--runtimes", nargs="+", default=["auto"], choices=RUNTIME_CHOICES, help="runtimes to compare")
     m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,
                    help=f"precisions to compare ({NO_GPU_NOTE}; combinations a runtime cannot run are skipped)")
-    m.add_argument("--repeats", type=_int_at_least(1), default=10, help="timed repetitions per engine")
-    m.add_argument("--batch-size", type=_int_at_least(1), default=1, help="patches per network call")
+    m.add_argument("--repeats", type=int_at_least(1), default=10, help="timed repetitions per engine")
+    m.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
 
     d = add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table")
     d.add_argument("--out", default=None,
@@ -317,27 +263,6 @@ def _cancel_on_terminate() -> None:
             signal.signal(getattr(signal, name), handler)
 
 
-def _close_bars(args: argparse.Namespace) -> None:
-    """Clear live progress bars, so a message is never printed over one."""
-    monitor = getattr(args, "monitor", None)
-    if monitor is not None:
-        monitor.end_loading()
-    close = getattr(getattr(monitor, "on_progress", None), "close", None)
-    if close is not None:
-        close()
-
-
-def _fail(args: argparse.Namespace | None, wants_json: bool, message: str, exit_code: int) -> int:
-    """One ``error: ...`` line on stderr (and a JSON error object on stdout with --json)."""
-    if args is not None:
-        _close_bars(args)
-    message = message.replace("\n", " ")
-    print(f"error: {message}", file=sys.stderr)
-    if wants_json:
-        print(json.dumps({"error": message, "exit_code": exit_code}))
-    return exit_code
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -352,23 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         _route_warnings(args)
         return _run(args)
-
-
-def _route_warnings(args: argparse.Namespace) -> None:
-    """Our InputWarnings become ``warning: ...`` lines (and JSON "notes"); libraries' warnings only with --debug."""
-    if not args.debug:
-        warnings.simplefilter("ignore")
-    warnings.simplefilter("always", InputWarning)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, InputWarning):
-            args.notes = [*getattr(args, "notes", []), f"warning: {message}"]
-            _close_bars(args)
-            print(f"warning: {message}", file=sys.stderr)
-        else:
-            print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
-
-    warnings.showwarning = show
 
 
 def _run(args: argparse.Namespace) -> int:
