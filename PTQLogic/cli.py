@@ -112,12 +112,13 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import dice_per_class
     from .imageio import read_volume
 
     import numpy as np
 
     pred, ref = read_volume(args.prediction), read_volume(args.reference)
+    from .evaluate import dice_per_class  # imports torch: after the inputs were found readable
+
     pred.require_same_grid(ref, f"Reference '{args.reference}'")
     values = np.union1d(np.unique(pred.array), np.unique(ref.array))
     if not np.array_equal(values, np.round(values)):
@@ -131,6 +132,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .pipeline import open_model_dir
+
+    open_model_dir(args.model)  # a wrong folder fails before the heavy imports
+    for what, path in (("Input", args.input), ("Reference", args.reference)):
+        if path is not None and not os.path.exists(path):
+            raise InputError(f"{what} '{path}' does not exist.")
     from .benchmark import run_benchmark
 
     summary = run_benchmark(

@@ -168,6 +168,11 @@ def quantize_model(
     monitor: Monitor | None = None,
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
+    monitor = monitor or Monitor()
+    started = time.perf_counter()
+    spec = load_model_spec(model)  # checked before the heavy imports below: a wrong path fails at once
+    if method not in ("max", "entropy"):
+        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     from .calibration import (
         CalibrationSettings, calibration_inputs, load_calibration_volumes, sample_calibration_patches,
         validate_settings,
@@ -176,11 +181,6 @@ def quantize_model(
     from .models import load_torch_model
     from .quantize import QuantizeSettings, quantize_onnx
 
-    monitor = monitor or Monitor()
-    started = time.perf_counter()
-    spec = load_model_spec(model)
-    if method not in ("max", "entropy"):
-        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
@@ -327,15 +327,15 @@ def segment(
     monitor: Monitor | None = None,
 ) -> SegmentOutcome:
     """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map."""
+    monitor = monitor or Monitor()
+    model_dir = open_model_dir(model)  # checked before the heavy imports below: a wrong path fails at once
+    output = check_output_path(output, [input_path] + ([reference] if reference else []))
+    spec = model_dir.spec()
     from .calibration import warn_intensity_mismatch
     from .evaluate import agreement_dice, dice_per_class
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from .inference import segment_volume
 
-    monitor = monitor or Monitor()
-    model_dir = open_model_dir(model)
-    output = check_output_path(output, [input_path] + ([reference] if reference else []))
-    spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     warn_intensity_mismatch(volume, spec, input_path)
     ref_volume = read_volume(reference) if reference else None

@@ -53,6 +53,18 @@ def test_fast_answers_import_no_heavy_module(argv, code):
     assert seconds < 10, f"{argv} took {seconds:.1f} s"  # was ~10 s; generous for a loaded 2-core CI
 
 
+@pytest.mark.parametrize("argv", [
+    ["segment", "--model", "/nonexistent", "--input", "x.nii.gz", "--output", "y.nii.gz"],
+    ["quantize", "--model", "/nonexistent.json", "--calibration", "x.nii.gz", "--out", "o"],
+    ["evaluate", "--prediction", "/nonexistent/a.nii.gz", "--reference", "/nonexistent/b.nii.gz"],
+    ["benchmark", "--model", "/nonexistent", "--input", "x.nii.gz", "--out", "b"],
+], ids=["segment", "quantize", "evaluate", "benchmark"])
+def test_wrong_paths_fail_before_torch_is_imported(argv):
+    result, output, _ = _probe(*argv)
+    assert result["code"] == 2 and "error: " in output, output
+    assert not {"torch", "monai", "onnx", "openvino", "modelopt"} & set(result["heavy"]), result["heavy"]
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
