@@ -5,6 +5,7 @@ reference (if given), agreement Dice vs the same runtime's FP32 output, and peak
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,14 @@ def _resolve_runtimes(runtimes: Sequence[str], precisions: Sequence[str]) -> lis
     return resolved
 
 
+def device_label(device: torch.device) -> str:
+    """The benchmark's device column, the same wording for every runtime: "CPU" or "GPU <index> (<name>)"."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"GPU {index} ({torch.cuda.get_device_name(index)})"
+    return device.type.upper()
+
+
 def run_benchmark(
     model: str | Path,
     input_path: str | Path,
@@ -41,11 +50,8 @@ def run_benchmark(
     save_labels: bool = False,
     monitor: Monitor | None = None,
 ) -> dict[str, Any]:
-    from .evaluate import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
-    from .imageio import read_volume, write_labelmap
-    from .inference import segment_volume
-    from .pipeline import open_engine, open_model_dir
-    from .report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
+    from .imageio import read_volume
+    from .pipeline import open_model_dir
 
     monitor = monitor or Monitor()
     if repeats < 1:
@@ -57,7 +63,25 @@ def run_benchmark(
     if ref is not None:
         volume.require_same_grid(ref, f"Reference '{reference}'")
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(model_dir, spec, volume, ref, input_path, out, runtimes, precisions, repeats, warmup,
+                    batch_size, save_labels, monitor)
+    except BaseException:  # cancelled or failed: a folder this run created is not left behind half-filled
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(model_dir, spec, volume, ref, input_path, out: Path, runtimes, precisions, repeats, warmup, batch_size,
+         save_labels, monitor) -> dict[str, Any]:
+    from .evaluate import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
+    from .imageio import write_labelmap
+    from .inference import segment_volume
+    from .pipeline import open_engine
+    from .report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
+
     labels = list(range(1, spec.num_classes))
     ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
     rows, skipped = [], []
@@ -92,7 +116,7 @@ def run_benchmark(
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(result.labels.array, fp32_labels, labels),
                 peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
-                device=engine.info.device,
+                device=device_label(engine.device),
                 build_s=build_s,
             ))
     if not rows:

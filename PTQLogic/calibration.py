@@ -17,6 +17,8 @@ Strategy (no labels needed):
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, InputWarning
 from .imageio import dicom_series_ids, read_volume, volume_suffix
 from .preprocess import normalize_intensity, resample_to_network
 from .progress import Monitor
@@ -34,6 +36,10 @@ from .volume import Volume
 CT_BODY_HU = -500.0
 OTHER_BODY_PERCENTILE = 10.0
 STAGE = "calibration patches"
+# Input checks: a label map has few distinct whole values; a CT in Hounsfield units has air (about -1000 HU).
+MAX_LABEL_VALUES = 256
+CT_AIR_HU = -200.0  # the darkest 1 % of a CT lies below this (air, lungs, bowel gas); MR/PET never do
+CHECK_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -134,13 +140,31 @@ def sample_calibration_patches(
     return np.stack(ordered).astype(np.float32, copy=False)
 
 
+@contextlib.contextmanager
+def _quiet_itk():
+    """GDCM warns "No Series were found" on stderr for every non-DICOM folder it is asked about."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    with _quiet_itk():
+        return bool(dicom_series_ids(folder))
+
+
 def _expand(entry: Path) -> list[Path]:
     """Files and DICOM-series folders to read for one user-given path."""
     if not entry.exists():
         raise InputError(f"Calibration input '{entry}' does not exist.")
     if entry.is_file():
         return [entry]
-    if dicom_series_ids(entry):
+    if _is_dicom_series(entry):
         return [entry]
     found = []
     for child in sorted(entry.iterdir()):
@@ -148,14 +172,13 @@ def _expand(entry: Path) -> list[Path]:
             continue
         if child.is_file() and volume_suffix(child):
             found.append(child)
-        elif child.is_dir() and dicom_series_ids(child):
+        elif child.is_dir() and _is_dicom_series(child):
             found.append(child)
     return found
 
 
-def load_calibration_volumes(paths: Sequence[str | Path] | str | Path) -> list[Volume]:
-    """Read calibration volumes from files and/or folders (a folder: its image files and DICOM-series
-    subfolders, sorted by name; a folder holding DICOM files is one volume)."""
+def calibration_inputs(paths: Sequence[str | Path] | str | Path) -> list[Path]:
+    """The files and DICOM-series folders that calibration will read, in order (folders expanded)."""
     entries = [paths] if isinstance(paths, (str, Path)) else list(paths)
     targets = [target for entry in entries for target in _expand(Path(entry))]
     if not targets:
@@ -163,4 +186,67 @@ def load_calibration_volumes(paths: Sequence[str | Path] | str | Path) -> list[V
             f"No calibration volumes found in {[str(e) for e in entries]}; give NIfTI/NRRD/MHA files "
             "or a folder of them (or of DICOM series)."
         )
-    return [read_volume(target) for target in targets]
+    return targets
+
+
+def load_calibration_volumes(paths: Sequence[str | Path] | str | Path, spec: ModelSpec | None = None) -> list[Volume]:
+    """Read calibration volumes from files and/or folders (a folder: its image files and DICOM-series
+    subfolders, sorted by name; a folder holding DICOM files is one volume). With ``spec``, each volume is
+    checked against it (:func:`check_calibration_volume`)."""
+    volumes = []
+    for target in calibration_inputs(paths):
+        volume = read_volume(target)
+        if spec is not None:
+            check_calibration_volume(volume, spec, str(target))
+        volumes.append(volume)
+    return volumes
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    flat = np.asarray(array).reshape(-1)
+    step = max(1, flat.size // CHECK_SAMPLES)
+    return flat[::step]
+
+
+def looks_like_label_map(volume: Volume) -> bool:
+    """Few distinct whole-number values (at most MAX_LABEL_VALUES): a segmentation, not an image."""
+    values = np.unique(_sample(volume.array))
+    return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
+
+
+def intensity_mismatch(volume: Volume, spec: ModelSpec) -> str | None:
+    """Why ``volume`` does not look like what ``spec``'s intensity preprocessing expects, or None.
+
+    A model with a CT window expects Hounsfield units, where the darkest voxels are air (~ -1000 HU);
+    an MR (or a CT stored without its rescale slope/intercept) has none below ``CT_AIR_HU``.
+    """
+    if spec.preprocessing.intensity != "ct":
+        return None
+    first = _sample(volume.array[0] if volume.array.ndim == 4 else volume.array)
+    low = float(np.percentile(first, 1))
+    if low > CT_AIR_HU:
+        return (f"its darkest 1 % of voxels are at {low:.0f} or above, but model '{spec.name}' windows CT in "
+                f"Hounsfield units (air is about -1000 HU): this looks like an MR or a CT without HU rescaling, "
+                "and the result will likely be wrong")
+    return None
+
+
+def check_calibration_volume(volume: Volume, spec: ModelSpec, name: str) -> None:
+    """Refuse a label map as calibration input; warn (:class:`InputWarning`) about an image unlike the model's."""
+    if looks_like_label_map(volume):
+        count = np.unique(_sample(volume.array)).size
+        raise InputError(
+            f"Calibration input '{name}' looks like a label map ({count} distinct whole values), not an image; "
+            "calibration needs unlabeled images like those you will segment. Remove it from --calibration."
+        )
+    reason = intensity_mismatch(volume, spec)
+    if reason:
+        warnings.warn(f"calibration input '{name}': {reason}; calibrate with images like those you will segment.",
+                      InputWarning, stacklevel=2)
+
+
+def warn_intensity_mismatch(volume: Volume, spec: ModelSpec, name: str | Path) -> None:
+    """Warn (:class:`InputWarning`) when a volume to segment does not look like the model's input modality."""
+    reason = intensity_mismatch(volume, spec)
+    if reason:
+        warnings.warn(f"input '{name}': {reason}.", InputWarning, stacklevel=2)

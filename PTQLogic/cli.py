@@ -6,6 +6,8 @@ prints one ``error: ...`` line and exits non-zero.
 """
 from __future__ import annotations
 
+# Only the standard library and PTQLogic's light modules here: `ptqseg --help`, `--version` and a
+# wrong option must answer at once. torch/MONAI/ONNX are imported inside the command functions.
 import argparse
 import contextlib
 import json
@@ -14,26 +16,43 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Callable
 
-from .engines.base import PRECISIONS, RUNTIMES
+from . import __version__
+from .cli_support import HelpFormatter, Parser, UsageError, int_at_least
+from .cli_support import close_bars as _close_bars, emit as _emit, fail as _fail, make_monitor as _make_monitor
+from .cli_support import note as _note, route_warnings as _route_warnings
 from .errors import Cancelled, InputError, PTQError
-from .progress import Monitor, TqdmProgress, line_monitor
+from .progress import LOADING_STAGE, Monitor
+
+# Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
+RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
+DEFAULT_PRECISION = "int8"
+NO_GPU_NOTE = "fp16 needs an NVIDIA GPU"
 
 
 def _monitor(args: argparse.Namespace) -> Monitor:
-    if args.progress_lines:
-        return line_monitor(sys.stderr)
-    if args.json or not sys.stderr.isatty():
-        return Monitor()
-    return Monitor(on_progress=TqdmProgress(sys.stderr))
+    """The monitor main() made for this run (shows a 'loading' stage at once); a fresh one when called directly."""
+    monitor = getattr(args, "monitor", None)
+    if monitor is None:
+        monitor = args.monitor = _make_monitor(args)
+    return monitor
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    if args.json:
-        print(json.dumps(data, default=str))
-    else:
-        print(text)
+def _resolve_precision(args: argparse.Namespace) -> str:
+    """--precision, defaulting to int8 (fp32 for the PyTorch runtime, which has no INT8 engine)."""
+    if args.runtime == "torch":
+        if args.precision is None:
+            _note(args, "--runtime torch runs the FP32 PyTorch reference (PyTorch has no INT8 engine; "
+                        "use --runtime openvino, onnxruntime or tensorrt for INT8).")
+            return "fp32"
+        if args.precision == "int8":
+            raise InputError("--runtime torch cannot run int8: PyTorch is the FP32 reference (fp16 only on an NVIDIA "
+                             "GPU). Use --precision fp32, or --runtime openvino|onnxruntime|tensorrt for INT8.")
+    return args.precision or DEFAULT_PRECISION
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -52,7 +71,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         folds=args.folds, checkpoint=args.checkpoint,
     )
     data = result.to_dict()
+    inputs = data["calibration_inputs"]
     _emit(args, data, (
+        f"Calibrated on {len(inputs)} volume(s): {', '.join(inputs)}\n"
         f"Quantized model written to {data['model_dir']}\n"
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
         f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
@@ -71,9 +92,10 @@ def _guard_text(guard: dict[str, Any] | None) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
+    precision = _resolve_precision(args)
     from .pipeline import open_engine, open_model_dir
 
-    engine, reason = open_engine(open_model_dir(args.model), args.runtime, args.precision, monitor=_monitor(args))
+    engine, reason = open_engine(open_model_dir(args.model), args.runtime, precision, monitor=_monitor(args))
     data = {**engine.info.to_dict(), "reason": reason}
     built = (engine.info.build or {}).get("build_seconds")
     _emit(args, data, f"{engine.info.runtime} {engine.info.precision} engine ready on {engine.info.device} "
@@ -82,11 +104,16 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
+    precision = _resolve_precision(args)
+    compare = args.compare
+    if compare and precision == "fp32":
+        _note(args, "--compare is ignored with --precision fp32 (it compares INT8/FP16 against FP32).")
+        compare = False
     from .pipeline import segment
 
     outcome = segment(
-        args.model, args.input, args.output, runtime=args.runtime, precision=args.precision,
-        batch_size=args.batch_size, compare=args.compare, reference=args.reference, monitor=_monitor(args),
+        args.model, args.input, args.output, runtime=args.runtime, precision=precision,
+        batch_size=args.batch_size, compare=compare, reference=args.reference, monitor=_monitor(args),
         mirroring=args.mirroring, step_size=args.step_size,
     )
     data = outcome.to_dict()
@@ -97,6 +124,9 @@ def cmd_segment(args: argparse.Namespace) -> None:
     ]
     if outcome.runtime_reason:
         lines.append(f"  runtime: {outcome.runtime_reason}")
+    if outcome.fp32_seconds is not None:
+        lines.append(f"  {outcome.runtime} fp32: {outcome.fp32_seconds:.2f} s for the volume, "
+                     f"{outcome.fp32_latency_ms:.1f} ms per patch")
     if outcome.agreement_dice is not None:
         lines.append(f"  FP32-vs-{outcome.precision.upper()} agreement Dice {outcome.agreement_dice:.4f}")
     if outcome.reference_dice is not None:
@@ -124,12 +154,13 @@ def cmd_segment_batch(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import dice_per_class
     from .imageio import read_volume
 
     import numpy as np
 
     pred, ref = read_volume(args.prediction), read_volume(args.reference)
+    from .evaluate import dice_per_class  # imports torch: after the inputs were found readable
+
     pred.require_same_grid(ref, f"Reference '{args.reference}'")
     values = np.union1d(np.unique(pred.array), np.unique(ref.array))
     if not np.array_equal(values, np.round(values)):
@@ -143,6 +174,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .pipeline import open_model_dir
+
+    open_model_dir(args.model)  # a wrong folder fails before the heavy imports
+    for what, path in (("Input", args.input), ("Reference", args.reference)):
+        if path is not None and not os.path.exists(path):
+            raise InputError(f"{what} '{path}' does not exist.")
     from .benchmark import run_benchmark
 
     summary = run_benchmark(
@@ -153,9 +190,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import format_demo, run_demo
+    from .demo import default_demo_dir, format_demo, run_demo
 
-    result = run_demo(args.out, runtime=args.runtime, train=args.train, model=args.model, monitor=_monitor(args))
+    out = args.out or default_demo_dir()
+    result = run_demo(out, runtime=args.runtime, train=args.train, model=args.model, monitor=_monitor(args))
     _emit(args, result, format_demo(result))
 
 
@@ -180,6 +218,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"gpus: {', '.join(map(str, info['gpus'])) or 'none'}",
     ]
     for name, version in info["versions"].items():
+        if name == "onnxruntime_providers_unusable":
+            lines.append(f"onnxruntime providers not usable here: {', '.join(version)} (no GPU)")
+            continue
         shown = version.get("missing") if isinstance(version, dict) else version
         lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
     for precision, choice in info["auto_runtime"].items():
@@ -197,8 +238,8 @@ def _add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
 
 def _tensorrt_options(args: argparse.Namespace):
     """A context applying the --trt-* options to every TensorRT build of this command."""
-    if not hasattr(args, "trt_opt_level"):
-        return contextlib.nullcontext()
+    if getattr(args, "trt_opt_level", None) is None and getattr(args, "trt_timing_cache", "auto") == "auto":
+        return contextlib.nullcontext()  # the builder's defaults; importing the engines (torch) would slow startup
     from .engines.tensorrt_engine import DEFAULT_OPTIMIZATION_LEVEL, TensorRTBuildOptions, use_build_options
 
     level = DEFAULT_OPTIMIZATION_LEVEL if args.trt_opt_level is None else args.trt_opt_level
@@ -206,26 +247,34 @@ def _tensorrt_options(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptqseg", description=__doc__.split("\n")[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    """The whole command line in one place; add a command with ``add(name, function, help)``."""
+    formatter = HelpFormatter
+    parser = Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object (also for errors) instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=formatter)
         cmd.set_defaults(func=func)
         return cmd
 
-    runtime_choices = ["auto", *RUNTIMES]
+    precision_help = (f"engine precision ({NO_GPU_NOTE}) (default: {DEFAULT_PRECISION}; "
+                      "fp32 with --runtime torch)")
+    runtime_help = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
     q = add("quantize", cmd_quantize, "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes")
-    q.add_argument("--model", required=True, help="model spec (.json/.yaml) or nnU-Net v2 results folder")
-    q.add_argument("--calibration", required=True, nargs="+", help="calibration volumes and/or one folder")
+    q.add_argument("--model", required=True,
+                   help="model spec (.json/.yaml), a model file with a spec beside it, or an nnU-Net v2 results folder")
+    q.add_argument("--calibration", required=True, nargs="+",
+                   help="unlabeled calibration volumes (like those you will segment) and/or folders of them")
     q.add_argument("--out", required=True, help="model folder to write")
-    q.add_argument("--patches", type=int, default=32, help="calibration patches (default 32)")
-    q.add_argument("--method", choices=["max", "entropy"], default="max")
-    q.add_argument("--seed", type=int, default=0, help="calibration patch sampling seed (>= 0)")
+    q.add_argument("--patches", type=int_at_least(1), default=32, help="number of calibration patches")
+    q.add_argument("--method", choices=["max", "entropy"], default="max",
+                   help="activation range calibration (entropy: for outlier-heavy activations)")
+    q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
     q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
     q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
@@ -234,24 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "the most sensitive layers stay FP32 until it holds")
     q.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
                    "prediction (same as --min-agreement 1-D)")
-    q.add_argument("--guard-runtime", choices=runtime_choices, default="auto",
+    q.add_argument("--guard-runtime", choices=RUNTIME_CHOICES, default="auto",
                    help="runtime whose INT8 result the guard checks (default: the one segment would pick)")
-    q.add_argument("--max-kept-layers", type=int, default=8, help="accuracy guard: most layers kept in FP32")
+    q.add_argument("--max-kept-layers", type=int_at_least(1), default=8, help="accuracy guard: most layers kept in FP32")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
     b.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
-    b.add_argument("--runtime", choices=runtime_choices, default="auto")
-    b.add_argument("--precision", choices=PRECISIONS, default="int8")
+    b.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
+    b.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
 
     s = add("segment", cmd_segment, "segment a volume and write a label map on its grid")
     s.add_argument("--model", required=True, action="append",
                    help="model folder from `ptqseg quantize`; repeat for nnU-Net parts (TotalSegmentator) or give a parts file")
-    s.add_argument("--input", required=True, help="NIfTI/NRRD file or DICOM series folder")
-    s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nrrd)")
-    s.add_argument("--runtime", choices=runtime_choices, default="auto")
-    s.add_argument("--precision", choices=PRECISIONS, default="int8")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--compare", action="store_true", help="also run FP32 and report agreement Dice")
+    s.add_argument("--input", required=True, help="NIfTI/NRRD/MHA file or DICOM series folder")
+    s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nii/.nrrd/.seg.nrrd)")
+    s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
+    s.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
+    s.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
+    s.add_argument("--compare", action="store_true",
+                   help="also run FP32 on the same runtime; report its time and the agreement Dice")
     s.add_argument("--reference", help="reference label map for Dice")
     s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
     s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
@@ -264,12 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--workers", type=int, default=2, help="worker actors, one engine each (default 2)")
     sb.add_argument("--threads-per-worker", type=int, default=1, help="CPU threads per worker (default 1)")
     sb.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 or 0.5 (default 0)")
-    sb.add_argument("--runtime", choices=runtime_choices, default="auto")
+    sb.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto")
     sb.add_argument("--precision", choices=PRECISIONS, default="int8")
 
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
-    e.add_argument("--prediction", required=True)
-    e.add_argument("--reference", required=True)
+    e.add_argument("--prediction", required=True, help="label map to score")
+    e.add_argument("--reference", required=True, help="reference (ground-truth) label map")
     e.add_argument("--labels", type=int, nargs="*", help="label values (default: all present)")
 
     m = add("benchmark", cmd_benchmark, "paper-style table: size, latency, Dice per runtime and precision")
@@ -277,15 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--input", required=True, help="volume to segment")
     m.add_argument("--reference", help="reference label map for Dice")
     m.add_argument("--out", required=True, help="folder for the Markdown/CSV/JSON tables and the plot")
-    m.add_argument("--runtimes", nargs="+", default=["auto"], choices=runtime_choices)
-    m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS)
-    m.add_argument("--repeats", type=int, default=10)
-    m.add_argument("--batch-size", type=int, default=1)
+    m.add_argument("--runtimes", nargs="+", default=["auto"], choices=RUNTIME_CHOICES, help="runtimes to compare")
+    m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,
+                   help=f"precisions to compare ({NO_GPU_NOTE}; combinations a runtime cannot run are skipped)")
+    m.add_argument("--repeats", type=int_at_least(1), default=10, help="timed repetitions per engine")
+    m.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
 
     d = add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table")
-    d.add_argument("--out", default="ptqseg-demo", help="working folder (default ./ptqseg-demo)")
-    d.add_argument("--runtime", choices=runtime_choices, default="auto")
-    d.add_argument("--model", default="unet", help="shipped sample: unet or segresnet")
+    d.add_argument("--out", default=None,
+                   help="working folder (default: 'demo' in the user cache folder, replaced on each run; printed at the end)")
+    d.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
+    d.add_argument("--model", default="unet", choices=["unet", "segresnet"], help="shipped sample network")
     d.add_argument("--train", action="store_true", help="train the sample network instead of loading shipped weights")
 
     for cmd in (b, s, m):
@@ -306,29 +358,40 @@ def _cancel_on_terminate() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        message, usage = exc.args
+        print(usage, file=sys.stderr, end="")
+        return _fail(None, "--json" in argv, f"{message} (see --help)", 2)
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
+    with warnings.catch_warnings():
+        _route_warnings(args)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        args.monitor = _make_monitor(args)
+        args.monitor.update(LOADING_STAGE, 0, 1)  # something shows at once, before the heavy imports
         with _tensorrt_options(args):
             args.func(args)
         return 0
     except Cancelled as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, args.json, str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted; no partial output was kept.", file=sys.stderr)
-        return 130
+        return _fail(args, args.json, "interrupted; no partial output was kept.", 130)
     except PTQError as exc:
-        print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, args.json, str(exc), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked
+        _close_bars(args)
         if args.debug or os.environ.get("PTQSEG_DEBUG"):
             traceback.print_exc()
-        message = f"unexpected {type(exc).__name__}: {exc}".replace("\n", " ")
-        print(f"error: {message} (rerun with --debug for details)", file=sys.stderr)
-        return 1
+        message = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)"
+        return _fail(args, args.json, message, 1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ available engine -> size, latency, Dice vs truth and FP32-vs-INT8 agreement.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,28 @@ from .progress import Monitor
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_MODELS = {"unet": "phantom_unet.json", "segresnet": "phantom_segresnet.json"}
 CALIBRATION_SEED, TEST_SEED = 100, 1000
+MARKER = "demo.json"  # written last: a folder holding it is an earlier demo's and may be replaced
+
+
+def default_demo_dir() -> Path:
+    """Where ``ptqseg demo`` works without ``--out``: the user's cache folder, never the current folder."""
+    override = os.environ.get("PTQSEG_DEMO_DIR")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ptqseg", appauthor=False)) / "demo"
+
+
+def _check_demo_dir(out: Path) -> Path:
+    out = out.resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"Demo folder '{out}' is a file; give a new folder with --out.")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise InputError(f"Demo folder '{out}' already holds other files; give a new or empty folder with --out "
+                             "(only an earlier demo's folder is replaced).")
+    return out
 
 
 def sample_spec_path(model: str) -> Path:
@@ -38,7 +64,7 @@ def _trained_spec(spec_path: Path, work: Path, monitor: Monitor) -> Path:
 
 
 def run_demo(
-    out: str | Path = "ptqseg-demo",
+    out: str | Path,
     *,
     runtime: str = "auto",
     train: bool = False,
@@ -47,15 +73,41 @@ def run_demo(
     calibration_patches: int = 16,
     monitor: Monitor | None = None,
 ) -> dict[str, Any]:
+    monitor = monitor or Monitor()
+    final = _check_demo_dir(Path(out))
+    spec_path = sample_spec_path(model)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Work in a staging folder and rename it into place at the end: an interrupted demo leaves nothing.
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        result = _run_demo_in(work, final, spec_path, runtime, train, calibration_volumes, calibration_patches,
+                              monitor)
+        (work / MARKER).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+        monitor.check()
+        _publish(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _publish(staging: Path, final: Path) -> None:
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+        os.replace(staging, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _run_demo_in(work: Path, final: Path, spec_path: Path, runtime: str, train: bool, calibration_volumes: int,
+                 calibration_patches: int, monitor: Monitor) -> dict[str, Any]:
     from .benchmark import run_benchmark
     from .phantom import write_phantom_set
     from .pipeline import quantize_model
     from .spec import load_spec
 
-    monitor = monitor or Monitor()
-    work = Path(out)
-    work.mkdir(parents=True, exist_ok=True)
-    spec_path = sample_spec_path(model)
     if train:
         spec_path = _trained_spec(spec_path, work, monitor)
     spacing = load_spec(spec_path).preprocessing.spacing or (1.5, 1.5, 1.5)
@@ -70,7 +122,7 @@ def run_demo(
     )
     result: dict[str, Any] = {
         "model": load_spec(spec_path).name,
-        "output_dir": str(work),
+        "output_dir": str(final),
         "quantize_seconds": quantized.seconds,
         "qdq_ok": quantized.report.get("qdq", {}).get("ok"),
         "markdown": bench["markdown"],

@@ -27,3 +27,7 @@ class Cancelled(PTQError):
     """The user cancelled long-running work; nothing partial was left behind."""
 
     exit_code = 130
+
+
+class InputWarning(UserWarning):
+    """An input that works but probably is not what was meant (the CLI prints ``warning: ...``)."""

@@ -93,6 +93,7 @@ class QuantizeResult:
             "size_ratio": self.int8_bytes / self.fp32_bytes,
             "seconds": self.seconds,
             "qdq_ok": self.report.get("qdq", {}).get("ok"),
+            "calibration_inputs": self.report.get("calibration", {}).get("inputs", []),
         }
 
 
@@ -188,18 +189,19 @@ def quantize_model(
         return quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
                                exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
                                monitor=monitor)
+    monitor = monitor or Monitor()
+    started = time.perf_counter()
+    spec = load_model_spec(model)  # checked before the heavy imports below: a wrong path fails at once
+    if method not in ("max", "entropy"):
+        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     from .calibration import (
-        CalibrationSettings, load_calibration_volumes, sample_calibration_patches, validate_settings,
+        CalibrationSettings, calibration_inputs, load_calibration_volumes, sample_calibration_patches,
+        validate_settings,
     )
     from .export import copy_onnx_model, export_onnx
     from .models import load_torch_model
     from .quantize import QuantizeSettings, quantize_onnx
 
-    monitor = monitor or Monitor()
-    started = time.perf_counter()
-    spec = load_model_spec(model)
-    if method not in ("max", "entropy"):
-        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
     if guard is not None:
@@ -208,7 +210,8 @@ def quantize_model(
     weights = [spec.weights_path()] if spec.weights_path() else []
     out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
     # Validate every input before the long work.
-    volumes = load_calibration_volumes(calibration)
+    inputs = calibration_inputs(calibration)
+    volumes = load_calibration_volumes(inputs, spec)
     is_onnx = "onnx" in (spec.architecture, spec.weights_format)
     if is_onnx and spec.weights_path() is None:
         raise ModelError(f"Model spec '{spec.name}' is an ONNX model but names no 'weights' file (the .onnx).")
@@ -238,7 +241,8 @@ def quantize_model(
         summary = {
             "model": spec.name,
             "export": export_info,
-            "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method},
+            "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method,
+                            "inputs": [str(path) for path in inputs]},
             **report.to_dict(),
             **({"guard": guard_info.to_dict()} if guard_info is not None else {}),
             "path": INT8_NAME,  # relative: the staging folder is renamed into place below
@@ -342,14 +346,21 @@ class SegmentOutcome:
     build_seconds: float
     agreement_dice: float | None = None
     reference_dice: float | None = None
+    fp32_seconds: float | None = None  # with compare: the FP32 run of the same runtime
+    fp32_network_seconds: float | None = None
 
     @property
     def latency_ms(self) -> float:
         return 1000.0 * self.network_seconds / max(self.patches, 1)
 
+    @property
+    def fp32_latency_ms(self) -> float | None:
+        return None if self.fp32_network_seconds is None else 1000.0 * self.fp32_network_seconds / max(self.patches, 1)
+
     def to_dict(self) -> dict[str, Any]:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
         data["latency_ms"] = self.latency_ms
+        data["fp32_latency_ms"] = self.fp32_latency_ms
         return data
 
 
@@ -374,12 +385,9 @@ def segment(
     parts file) run nnU-Net's own inference (``mirroring``: its test-time mirroring; ``step_size``: its
     sliding-window step, default the model's 0.5) and merge parts.
     """
-    from .evaluate import agreement_dice, dice_per_class
-    from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
-    from .inference import segment_volume
-    from .nnunet.segment import is_nnunet_target, segment_nnunet
-
     monitor = monitor or Monitor()
+    from .nnunet.segment import is_nnunet_target, segment_nnunet  # light: json/numpy only
+
     if is_nnunet_target(model):
         return segment_nnunet(model, input_path, output, runtime=runtime, precision=precision, compare=compare,
                               reference=reference, device=device, mirroring=mirroring, step_size=step_size,
@@ -388,10 +396,16 @@ def segment(
         if len(model) != 1:
             raise InputError("Several --model values are only for nnU-Net part folders (e.g. TotalSegmentator's).")
         model = model[0]
-    model_dir = open_model_dir(model)
+    model_dir = open_model_dir(model)  # checked before the heavy imports below: a wrong path fails at once
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
+    from .calibration import warn_intensity_mismatch
+    from .evaluate import agreement_dice, dice_per_class
+    from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from .inference import segment_volume
+
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    warn_intensity_mismatch(volume, spec, input_path)
     ref_volume = read_volume(reference) if reference else None
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
@@ -400,7 +414,7 @@ def segment(
     build_seconds = time.perf_counter() - started
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     labels = list(range(1, spec.num_classes))
-    agreement = None
+    agreement = fp32_result = None
     if compare and precision != "fp32":
         fp32_engine, _ = open_engine(
             model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size, monitor=monitor
@@ -411,7 +425,7 @@ def segment(
     if ref_volume is not None:
         reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
     json_path, csv_path = label_table_paths(output)
-    write_labelmap(result.labels, output)
+    write_labelmap(result.labels, output, spec.classes)
     write_label_table(spec.classes, json_path)
     write_label_table(spec.classes, csv_path)
     return SegmentOutcome(
@@ -428,4 +442,6 @@ def segment(
         build_seconds=build_seconds,
         agreement_dice=agreement,
         reference_dice=reference_dice,
+        fp32_seconds=None if fp32_result is None else fp32_result.seconds,
+        fp32_network_seconds=None if fp32_result is None else fp32_result.network_seconds,
     )

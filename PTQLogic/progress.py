@@ -16,6 +16,7 @@ from .errors import Cancelled
 
 ProgressCallback = Callable[[str, int, int], None]
 PROGRESS_PREFIX = "PTQSEG_PROGRESS "
+LOADING_STAGE = "loading"  # reported by the CLI at once, before its heavy imports; ends with the first real stage
 
 
 @dataclass
@@ -25,10 +26,23 @@ class Monitor:
     on_progress: ProgressCallback | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
 
+    _loading: bool = field(default=False, init=False, repr=False)
+
     def update(self, stage: str, done: int, total: int) -> None:
         self.check()
-        if self.on_progress is not None:
-            self.on_progress(stage, done, total)
+        if self.on_progress is None:
+            return
+        if stage == LOADING_STAGE:
+            self._loading = done < total
+        else:
+            self.end_loading()
+        self.on_progress(stage, done, total)
+
+    def end_loading(self) -> None:
+        """Complete an open ``loading`` stage (the first real stage, or the end of the command, does this)."""
+        if self._loading and self.on_progress is not None:
+            self._loading = False
+            self.on_progress(LOADING_STAGE, 1, 1)
 
     def check(self) -> None:
         if self.cancel_event.is_set():

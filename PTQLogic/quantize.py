@@ -87,18 +87,68 @@ def validate_calibration(calibration: np.ndarray, input_shape: list) -> np.ndarr
     return calibration
 
 
+class _GpuCountFilter(logging.Filter):
+    """ModelOpt logs "ERROR - Failed to get GPU count" whenever NVML finds no NVIDIA driver: normal on a CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to get GPU count"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "No NVIDIA GPU visible (NVML); calibrating on the CPU.", ()
+        return True
+
+
 @contextlib.contextmanager
 def _captured_modelopt_log(buffer: io.StringIO):
     """Send ModelOpt's stdout log handler into ``buffer``, and detach it afterwards."""
     logger = logging.getLogger("modelopt.onnx")
+    gpu_filter = _GpuCountFilter()
+    logger.addFilter(gpu_filter)
     with contextlib.redirect_stdout(buffer):
         try:
             yield
         finally:
+            logger.removeFilter(gpu_filter)
             for handler in logger.handlers[:]:
                 if getattr(handler, "stream", None) is buffer:
                     logger.removeHandler(handler)
             logger.setLevel(logging.WARNING)
+
+
+# Modules whose own tqdm bars (unlabelled "0/27" bars per calibration batch with entropy) would be drawn on
+# stderr, even without a terminal and between --progress-lines: silenced while we call them.
+_THIRD_PARTY_BARS = (
+    "modelopt.onnx.quantization.ort_patching",
+    "modelopt.onnx.quantization.int4",
+    "onnxruntime.quantization.calibrate",
+)
+
+
+@contextlib.contextmanager
+def _silent_third_party_bars():
+    """Disable the tqdm bars of ModelOpt/ONNX Runtime inside this call only; progress goes through our Monitor."""
+    import importlib
+
+    from tqdm import tqdm
+
+    class SilentTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    patched = []
+    for name in _THIRD_PARTY_BARS:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - optional parts of ModelOpt (int4 needs more packages)
+            continue
+        if getattr(module, "tqdm", None) is tqdm:
+            patched.append(module)
+            module.tqdm = SilentTqdm
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.tqdm = tqdm
 
 
 CALIBRATION_STAGE = "calibration (ModelOpt)"
@@ -130,7 +180,7 @@ def _progress_reader(src: Path, input_name: str, calibration: np.ndarray, monito
 
 def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
                   settings: QuantizeSettings, log: io.StringIO, monitor: Monitor) -> None:
-    with _captured_modelopt_log(log):
+    with _captured_modelopt_log(log), _silent_third_party_bars():
         from modelopt.onnx.quantization import quantize
 
         quantize(

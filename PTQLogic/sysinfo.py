@@ -51,7 +51,21 @@ def _memory_bytes() -> int | None:
         return None
 
 
+# Reported from package metadata without importing (import monai alone takes seconds); the others are
+# imported because what matters is whether they load (and torch/onnxruntime/openvino are queried below).
+METADATA_ONLY = ("monai",)
+
+
 def _version(module_name: str) -> Any:
+    if module_name in METADATA_ONLY and module_name not in sys.modules:
+        from importlib.metadata import PackageNotFoundError, version
+        from importlib.util import find_spec
+
+        try:
+            if find_spec(module_name) is not None:
+                return version(PACKAGES[module_name])
+        except (PackageNotFoundError, ValueError):
+            pass
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or a broken install raising something else
@@ -86,15 +100,54 @@ def _gpus() -> list[dict[str, Any]] | dict[str, str]:
     return gpus
 
 
+# ONNX Runtime providers that need a GPU: onnxruntime-gpu lists them as "available" on any machine.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "NvTensorRTRTXExecutionProvider",
+                 "ROCMExecutionProvider", "MIGraphXExecutionProvider", "DmlExecutionProvider")
+
+
+def _onnxruntime_package() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime-gpu", "onnxruntime", "onnxruntime-openvino", "onnxruntime-directml"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def usable_onnxruntime_providers(has_gpu: bool) -> tuple[list[str], dict[str, str]]:
+    """(providers usable here, {provider built in but unusable here: why})."""
+    import onnxruntime
+
+    usable, unusable = [], {}
+    for name in onnxruntime.get_available_providers():
+        if name in GPU_PROVIDERS and not has_gpu:
+            unusable[name] = "built into this ONNX Runtime, but there is no GPU here"
+        else:
+            usable.append(name)
+    return usable, unusable
+
+
 def system_info() -> dict[str, Any]:
-    """CPU, memory, GPUs and the versions of every runtime (a version string or {"missing": reason})."""
+    """CPU, memory, GPUs and the versions of every runtime (a version string or {"missing": reason}).
+
+    Runtime features that need a GPU (ONNX Runtime's CUDA/TensorRT providers, TensorRT) are listed as
+    usable only when a GPU is present.
+    """
     versions: dict[str, Any] = {"python": platform.python_version()}
     for module_name, dist_name in PACKAGES.items():
         versions[dist_name] = _version(module_name)
+    gpus = _gpus()
+    has_gpu = isinstance(gpus, list) and bool(gpus)
+    if isinstance(versions["tensorrt"], str) and not has_gpu:
+        versions["tensorrt"] = {"missing": f"{versions['tensorrt']} is installed but unusable: no NVIDIA GPU here"}
     if isinstance(versions["onnxruntime"], str):
-        import onnxruntime
-
-        versions["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+        versions["onnxruntime_package"] = _onnxruntime_package()
+        usable, unusable = usable_onnxruntime_providers(has_gpu)
+        versions["onnxruntime_providers"] = usable
+        if unusable:
+            versions["onnxruntime_providers_unusable"] = unusable
     if isinstance(versions["openvino"], str):
         try:
             import openvino
@@ -107,7 +160,7 @@ def system_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_info(),
         "memory_bytes": _memory_bytes(),
-        "gpus": _gpus(),
+        "gpus": gpus,
         "cuda": getattr(getattr(torch_mod, "version", None), "cuda", None),
         "versions": versions,
     }

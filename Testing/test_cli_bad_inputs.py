@@ -136,13 +136,14 @@ def test_quantize_rejects_empty_calibration_folder(tmp_path, capsys):
 
 
 def test_console_entry_point_reports_errors(tmp_path):
-    """The real process: one error line on stderr, exit code 2, nothing on stdout."""
+    """The real process: one error line on stderr, exit code 2, with --json one JSON error object on stdout."""
     proc = subprocess.run(
         [sys.executable, "-m", "PTQLogic", "segment", "--model", str(tmp_path), "--input", "nope.nii.gz",
          "--output", str(tmp_path / "o.nii.gz"), "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {"error": proc.stderr.strip()[len("error: "):], "exit_code": 2}
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
 
 

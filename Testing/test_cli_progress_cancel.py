@@ -36,8 +36,9 @@ def test_interrupt_cancels_quantize_and_leaves_nothing(signum, phantom_files, tm
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 120
-    for line in proc.stderr:  # wait until real work has started
-        if parse_progress_line(line) or time.time() > deadline:
+    for line in proc.stderr:  # wait until real work has started (past the "loading" stage shown at once)
+        event = parse_progress_line(line)
+        if (event and event[0] != "loading") or time.time() > deadline:
             break
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)

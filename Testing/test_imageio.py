@@ -153,8 +153,8 @@ def test_four_d_with_few_volumes_reads_as_channels(tmp_path):
 def test_label_tables(tmp_path):
     classes = [ClassInfo("background", (0, 0, 0)), ClassInfo("liver", (221, 130, 101))]
     json_path, csv_path = label_table_paths(tmp_path / "case.seg.nii.gz")
-    assert (json_path.name, csv_path.name) == ("case.seg.json", "case.seg.csv")
-    assert label_table_paths("x/labels.nrrd")[0] == Path("x/labels.json")
+    assert (json_path.name, csv_path.name) == ("case.seg.nii.gz.labels.json", "case.seg.nii.gz.labels.csv")
+    assert label_table_paths("x/labels.nrrd")[0] == Path("x/labels.nrrd.labels.json")
     write_label_table(classes, json_path)
     write_label_table(classes, csv_path)
     assert json.loads(json_path.read_text())["labels"][1] == {"value": 1, "name": "liver", "color": [221, 130, 101]}

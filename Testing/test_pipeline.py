@@ -66,7 +66,8 @@ def test_segment_real_ct_on_its_grid(runtime, quantized_unet, shared_data, tmp_p
     assert labels.array.shape == image.array.shape
     np.testing.assert_allclose(labels.ijk_to_ras, image.ijk_to_ras, atol=1e-4)
     assert labels.array.min() >= 0 and labels.array.max() < open_model_dir(quantized_unet).spec().num_classes
-    table = json.loads((tmp_path / "labels.json").read_text())
+    table = json.loads((tmp_path / "labels.nrrd.labels.json").read_text())
+    assert result["labels_json"] == str(tmp_path / "labels.nrrd.labels.json")
     assert table["labels"][0]["value"] == 0 and len(table["labels"]) == open_model_dir(quantized_unet).spec().num_classes
     assert sha256_file(ct) == before
 
@@ -78,5 +79,7 @@ def test_requantize_replaces_an_earlier_model_folder(quantized_unet, phantom_fil
     shutil.copytree(quantized_unet, folder)
     quantize_model(ROOT / "PTQLogic" / "data" / "phantom_unet.json", phantom_files["calibration"], folder,
                    num_patches=2, seed=3)
-    assert open_model_dir(folder).report()["calibration"] == {"volumes": 2, "patches": 2, "seed": 3, "method": "max"}
+    assert open_model_dir(folder).report()["calibration"] == {
+        "volumes": 2, "patches": 2, "seed": 3, "method": "max", "inputs": [str(p) for p in phantom_files["calibration"]],
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or backup folder left
