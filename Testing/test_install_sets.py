@@ -71,7 +71,8 @@ def test_readme_first_command_picks_the_set_for_the_machine():
     assert ".[all" not in first
     assert "`.[cpu]`" in readme and "`.[gpu]`" in readme
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert '".[cpu,test]"' in ci
+    assert "set_name=cpu" in ci and '".[$set_name,nnunet,cluster,test]" torch==2.13.0' in ci
+    assert first.count("torch==2.13.0") == 2  # named again: keeps the CPU torch while nnunet brings torchvision
 
 
 def test_info_lists_no_gpu_provider_without_a_gpu():
