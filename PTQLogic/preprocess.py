@@ -8,7 +8,9 @@ asks, then intensity normalization:
 - ``"zscore"``: per channel, ``(x - mean) / std`` with mean/std over the channel's *nonzero* voxels
   (nnU-Net/MONAI ``NormalizeIntensity(nonzero=True)`` convention for MR); zero voxels stay 0;
   a channel with no nonzero voxel is left at 0;
-- ``"none"``: unchanged.
+- ``"none"``: unchanged;
+
+then ``preprocessing.steps`` (MONAI bundles): MONAI's own intensity transforms, in order.
 
 Backward (:func:`labels_to_input_grid`): each input voxel takes the label of the network voxel
 nearest to its centre, by an exact index mapping through the two affines. When the network grid is
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .spec import ModelSpec, Preprocessing
+from .spec import INTENSITY_STEPS, ModelSpec, Preprocessing
 from .volume import Volume
 
 
@@ -71,6 +73,19 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
 
 def normalize_intensity(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """Intensity step of :func:`to_network_space` on a (C, ...) tensor (returns a new tensor)."""
+    image = _normalize_mode(image, prep)
+    if prep.steps:
+        import monai.transforms as mt
+
+        for step in prep.steps:
+            if step.get("transform") not in INTENSITY_STEPS:
+                raise InputError(f"Unknown intensity step {step!r}; known: {sorted(INTENSITY_STEPS)}.")
+            transform = getattr(mt, step["transform"])(**{k: v for k, v in step.items() if k != "transform"})
+            image = torch.as_tensor(transform(image), dtype=torch.float32)
+    return image
+
+
+def _normalize_mode(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     if prep.intensity == "ct":
         low, high = prep.ct_window
         return (image.clamp(low, high) - low) / (high - low)

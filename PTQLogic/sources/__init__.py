@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from .base import LoadedModel, ModelSource
+from .bundle import BundleSource
 
-SOURCES: list[ModelSource] = []
+SOURCES: list[ModelSource] = [BundleSource()]
 
 
 def find_source(path: str | Path) -> ModelSource:
