@@ -22,10 +22,11 @@ from PTQLogic.sources.bundle import BundleSource
 
 from test_bundle_zoo import PIXDIM, monai_bundle_labels, write_bundle
 
-CASES = {  # bundle: (roi, phantom shape KJI); SwinUNETR's instance norm needs roi >= 64 (bottleneck 2^3)
-    "spleen_ct_segmentation": (32, (40, 56, 60)),
-    "swin_unetr_btcv_segmentation": (64, (40, 64, 64)),
-    "wholeBody_ct_segmentation": (32, (40, 56, 60)),
+CASES = {  # bundle: (roi, phantom shape KJI, quantize too); SwinUNETR's instance norm needs roi >= 64
+    "spleen_ct_segmentation": (32, (32, 40, 48), True),
+    # ModelOpt needs ~3 min for this SwinUNETR on 2 CPU cores; its INT8 path is tested with the architectures
+    "swin_unetr_btcv_segmentation": (64, (40, 64, 64), False),
+    "wholeBody_ct_segmentation": (32, (32, 40, 48), True),
 }
 
 
@@ -35,7 +36,7 @@ def _files_bytes(folder):
 
 @pytest.mark.parametrize("which", sorted(CASES))
 def test_bundle_fp32_matches_monai_then_int8_runs(which, tmp_path, capsys):
-    roi, shape = CASES[which]
+    roi, shape, quantize = CASES[which]
     bundle = write_bundle(tmp_path / which, which, roi=roi)
     (image, _), = write_phantom_set(tmp_path / "images", 1, 11, shape=shape, spacing=PIXDIM[which])
     before = _files_bytes(bundle)
@@ -50,6 +51,9 @@ def test_bundle_fp32_matches_monai_then_int8_runs(which, tmp_path, capsys):
     reference = monai_bundle_labels(bundle, image)
     assert len(np.unique(reference)) > 1  # a non-trivial label map, so equality means something
     np.testing.assert_array_equal(ours, reference)  # same grid: nothing resampled, so identical labels
+    if not quantize:
+        assert _files_bytes(bundle) == before
+        return
 
     out = tmp_path / "int8-model"
     assert main(["quantize", "--model", str(bundle), "--calibration", str(image), "--out", str(out),
@@ -66,5 +70,6 @@ def test_bundle_fp32_matches_monai_then_int8_runs(which, tmp_path, capsys):
                      "--runtime", runtime, "--precision", "int8"]) == 0, capsys.readouterr().err
         int8 = read_volume(labels).array
         assert int8.shape == reference.shape and int8.max() < len(channel_def)
-        print(which, runtime, "INT8 voxels equal to FP32:", float(np.mean(int8 == reference)))
+        # random weights, 2 calibration patches: measured 0.999 (UNet) and 0.945 (SegResNet, 105 classes)
+        assert np.mean(int8 == reference) >= 0.9, (runtime, float(np.mean(int8 == reference)))
     assert _files_bytes(bundle) == before  # the bundle is only read
