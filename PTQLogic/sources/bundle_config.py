@@ -146,7 +146,7 @@ class BundleConfig:
 
         refuse = (f"Bundle config key '{key_name(path)}' holds the Python expression '${text.strip()}', which this "
                   "tool does not run (it reads bundles as data; only literals, @references and 'a if cond else b' "
-                  "are understood). Replace it by its value in configs/inference")
+                  f"are understood). Replace it by its value in configs/{self.file.name}")
         try:
             tree = ast.parse(_REF.sub(bind, text.strip()), mode="eval")
         except SyntaxError:
