@@ -109,10 +109,10 @@ def test_bundle_preprocessing_maps_onto_spec_and_monai(tmp_path):
 
     from test_bundle_zoo import spleen_config, wholebody_config
 
-    spleen, notes = map_preprocessing(_config(spleen_config(), tmp_path), 1)
+    spleen, notes = map_preprocessing(_config(spleen_config(), tmp_path))
     assert (spleen.orientation, spleen.spacing, spleen.intensity, spleen.ct_window, spleen.steps, notes) == \
         ("RAS", (1.5, 1.5, 2.0), "ct", (-57.0, 164.0), (), [])
-    body, _ = map_preprocessing(_config(wholebody_config(), tmp_path), 1)
+    body, _ = map_preprocessing(_config(wholebody_config(), tmp_path))
     assert body.spacing == (1.5, 1.5, 1.5) and body.intensity == "none"
     assert body.steps == ({"transform": "NormalizeIntensity", "nonzero": True},
                           {"transform": "ScaleIntensity", "minv": -1.0, "maxv": 1.0})
@@ -157,3 +157,20 @@ def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
         assert words in found.description
     spec = load_model_spec(bundle)
     assert spec.num_classes == 105 and spec.overlap == 0.25 and spec.weights_path() == bundle / "models" / "model.pt"
+
+
+def test_model_catalog_lists_sources_and_architectures():
+    """Every registered source and every network a spec or bundle can name is in Resources/model_catalog.json."""
+    from PTQLogic.models import ARCHITECTURES
+    from PTQLogic.sources import SOURCES
+
+    from conftest import ROOT
+
+    catalog = json.loads((ROOT / "Resources" / "model_catalog.json").read_text())
+    kinds = {s["kind"] for s in catalog["sources"]}
+    assert {s.kind for s in SOURCES} | {"spec", "onnx", "torchscript"} <= kinds
+    listed = {a["name"]: a for a in catalog["architectures"]}
+    assert set(ARCHITECTURES) <= set(listed)
+    assert all(set(a["sources"]) <= kinds for a in listed.values())
+    for name in ARCHITECTURES:
+        assert "monai_bundle" in listed[name]["sources"]

@@ -87,12 +87,20 @@ def _network(config: BundleConfig) -> tuple[str, dict[str, Any], list[str]]:
             raise ModelError(f"Bundle config key '{key}#{arg}' is a component ('_target_'); network arguments must "
                              "be plain values.")
     notes = []
-    accepted = inspect.signature(ARCHITECTURES[name].__init__).parameters
     for arg in _DEPRECATED_ARGS.get(name, ()):
-        if arg in kwargs and arg not in accepted:
+        if arg in kwargs and not _accepts(name, arg):
             kwargs.pop(arg)
             notes.append(f"{name} argument '{arg}' dropped (removed from MONAI; it does not change the weights)")
     return name, kwargs, notes
+
+
+def _accepts(architecture: str, arg: str) -> bool:
+    from ..models import ARCHITECTURES
+
+    try:  # imports MONAI; where it is missing (Slicer before installing dependencies) keep the argument
+        return arg in inspect.signature(ARCHITECTURES[architecture].__init__).parameters
+    except ImportError:
+        return True
 
 
 def _has_component(value: Any) -> bool:
@@ -116,7 +124,7 @@ def read_bundle(path: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
         if key not in config.data:
             raise ModelError(f"Bundle config '{config_file.name}' has no '{key}'; this tool reproduces the bundle's "
                              "own preprocessing and sliding window and needs both.")
-    preprocessing, pre_notes = map_preprocessing(config, in_channels)
+    preprocessing, pre_notes = map_preprocessing(config)
     patch, overlap, blend, inferer_details, inferer_notes = map_inferer(config)
     post_names, post_notes = (map_postprocessing(config)
                               if "postprocessing" in config.data else ([], []))

@@ -2,7 +2,7 @@
 
 Only the allow-listed transforms below are understood; each is read as data (its ``_target_`` name
 and arguments), never imported from the config. Geometry becomes ``Preprocessing.orientation`` and
-``spacing``; intensity becomes the ``"ct"``/``"zscore"`` modes where they are exactly equivalent,
+``spacing``; intensity becomes the ``"ct"`` mode where it is exactly equivalent,
 otherwise ``Preprocessing.steps`` (MONAI's own intensity transforms, applied in order).
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _args(config: BundleConfig, item: dict, path: tuple, skip: set[str] = frozen
             if k not in _ROUTING and k not in skip and not (k.startswith("_") and k.endswith("_"))}
 
 
-def map_preprocessing(config: BundleConfig, in_channels: int, id_: str = "preprocessing") -> tuple[Preprocessing, list]:
+def map_preprocessing(config: BundleConfig, id_: str = "preprocessing") -> tuple[Preprocessing, list]:
     known = _PRE_NO_OPS | {"Orientation", "Spacing", "CropForeground", *INTENSITY_STEPS}
     orientation, spacing, steps, notes, geometry_after_intensity = None, None, [], [], False
     for item_path, raw in _compose_items(config, id_, "preprocessing"):
@@ -147,7 +147,7 @@ def map_preprocessing(config: BundleConfig, in_channels: int, id_: str = "prepro
         notes.append("intensity transforms run after resampling here")
     prep = Preprocessing(orientation=orientation, spacing=spacing, intensity="none")
     if len(steps) == 1:
-        prep = _as_mode(prep, steps[0], in_channels) or _with_steps(prep, steps)
+        prep = _as_mode(prep, steps[0]) or _with_steps(prep, steps)
     elif steps:
         prep = _with_steps(prep, steps)
     return prep, notes
@@ -161,18 +161,19 @@ def _with_steps(prep: Preprocessing, steps: list[dict]) -> Preprocessing:
     return replace(prep, steps=_intensity_steps(steps))
 
 
-def _as_mode(prep: Preprocessing, step: dict, in_channels: int) -> Preprocessing | None:
-    """The project's own 'ct'/'zscore' modes where they compute exactly what the one MONAI transform does."""
+def _as_mode(prep: Preprocessing, step: dict) -> Preprocessing | None:
+    """The project's 'ct' mode where it computes what the one MONAI transform does (clip, then scale to [0, 1]).
+
+    NormalizeIntensity stays a MONAI step: the 'zscore' mode takes its statistics in float64, MONAI in
+    float32, and bundles should give MONAI's labels.
+    """
     from dataclasses import replace
 
     if (step["transform"] == "ScaleIntensityRange" and step.get("clip") is True
-            and float(step.get("b_min", 0)) == 0.0 and float(step.get("b_max", 1)) == 1.0
-            and float(step["a_min"]) < float(step["a_max"])):
+            and step.get("b_min", 0.0) == 0.0 and step.get("b_max", 1.0) == 1.0
+            and isinstance(step.get("a_min"), (int, float)) and isinstance(step.get("a_max"), (int, float))
+            and step["a_min"] < step["a_max"]):
         return replace(prep, intensity="ct", ct_window=(float(step["a_min"]), float(step["a_max"])))
-    if (step["transform"] == "NormalizeIntensity" and step.get("nonzero") is True
-            and step.get("subtrahend") is None and step.get("divisor") is None
-            and (step.get("channel_wise") is True or in_channels == 1)):
-        return replace(prep, intensity="zscore")
     return None
 
 
