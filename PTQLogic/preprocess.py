@@ -1,8 +1,9 @@
 """Volume (KJI, Slicer) <-> network space (C, I, J, K, MONAI), and back for label maps.
 
 Forward: transpose KJI -> IJK, wrap as a MONAI ``MetaTensor`` whose affine is ``ijk_to_ras``, then
-MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling) as the spec
-asks, then intensity normalization:
+MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling, computed in
+float64 like MONAI's default so MONAI bundles get MONAI's inputs; stored as float32) as the spec asks,
+then intensity normalization:
 
 - ``"ct"``: clip to ``ct_window`` and scale linearly to [0, 1];
 - ``"zscore"``: per channel, ``(x - mean) / std`` with mean/std over the channel's *nonzero* voxels
@@ -61,7 +62,7 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float64)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
         shape=tuple(int(s) for s in image.shape[1:]),
