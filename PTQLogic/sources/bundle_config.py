@@ -176,9 +176,13 @@ def _evaluate(node: ast.AST, bound: dict[str, Any]) -> Any:
         return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.IfExp):
         return ev(node.body) if ev(node.test) else ev(node.orelse)
-    if isinstance(node, ast.BoolOp):
-        values = [ev(v) for v in node.values]
-        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.BoolOp):  # Python's semantics: short-circuit, the deciding operand is the value
+        value = None
+        for operand in node.values:
+            value = ev(operand)
+            if bool(value) != isinstance(node.op, ast.And):
+                return value
+        return value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub, ast.UAdd)):
         value = ev(node.operand)
         if isinstance(node.op, ast.Not):
