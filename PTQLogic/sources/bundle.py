@@ -157,7 +157,7 @@ def _describe(spec: ModelSpec, details: dict[str, Any]) -> str:
     patch = "x".join(str(v) for v in spec.patch_size)
     notes = f"; note: {'; '.join(details['notes'])}" if details["notes"] else ""
     return (f"MONAI bundle '{spec.name}'{version}: {spec.architecture} ({details['model_file']}), "
-            f"{len(names)} classes ({shown}), patch {patch}, overlap {spec.overlap:g}, {spec.blend_mode} blend"
+            f"{len(names)} class{'es' if len(names) != 1 else ''} ({shown}), patch {patch}, overlap {spec.overlap:g}, {spec.blend_mode} blend"
             f"{notes}")
 
 
