@@ -97,13 +97,28 @@ class QuantizeResult:
         }
 
 
+def load_from_source(model: str | Path):
+    """The :class:`~PTQLogic.sources.LoadedModel` of a folder a registered source reads (MONAI bundle, ...), else None."""
+    from .sources import SOURCES
+
+    path = Path(model)
+    if path.is_dir() and not (path / SPEC_NAME).is_file():
+        for source in SOURCES:
+            if source.can_open(path):
+                return source.load(path)
+    return None
+
+
 def load_model_spec(model: str | Path) -> ModelSpec:
-    """A spec file, a model folder, or an ONNX/TorchScript/weights file with a spec of the same name beside it."""
+    """A spec file, a model folder, a source folder (bundle, ...), or a model file with a spec beside it."""
     from .slicer_models import choose_model_source
 
     path = Path(model)
     if path.is_dir() and (path / SPEC_NAME).is_file():
         return load_spec(path / SPEC_NAME)
+    loaded = load_from_source(path)
+    if loaded is not None:
+        return loaded.spec
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         return load_spec(path)
     source = choose_model_source(path)
@@ -191,7 +206,8 @@ def quantize_model(
                                monitor=monitor)
     monitor = monitor or Monitor()
     started = time.perf_counter()
-    spec = load_model_spec(model)  # checked before the heavy imports below: a wrong path fails at once
+    loaded = load_from_source(model)  # a MONAI bundle (or another registered source), else a spec
+    spec = loaded.spec if loaded is not None else load_model_spec(model)  # a wrong path fails before heavy imports
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     from .calibration import (
@@ -215,7 +231,7 @@ def quantize_model(
     is_onnx = "onnx" in (spec.architecture, spec.weights_format)
     if is_onnx and spec.weights_path() is None:
         raise ModelError(f"Model spec '{spec.name}' is an ONNX model but names no 'weights' file (the .onnx).")
-    torch_model = None if is_onnx else load_torch_model(spec)
+    torch_model = None if is_onnx else loaded.networks[0] if loaded is not None else load_torch_model(spec)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

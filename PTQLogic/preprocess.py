@@ -1,14 +1,17 @@
 """Volume (KJI, Slicer) <-> network space (C, I, J, K, MONAI), and back for label maps.
 
 Forward: transpose KJI -> IJK, wrap as a MONAI ``MetaTensor`` whose affine is ``ijk_to_ras``, then
-MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling) as the spec
-asks, then intensity normalization:
+MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling, computed in
+float64 like MONAI's default so MONAI bundles get MONAI's inputs; stored as float32) as the spec asks,
+then intensity normalization:
 
 - ``"ct"``: clip to ``ct_window`` and scale linearly to [0, 1];
 - ``"zscore"``: per channel, ``(x - mean) / std`` with mean/std over the channel's *nonzero* voxels
   (nnU-Net/MONAI ``NormalizeIntensity(nonzero=True)`` convention for MR); zero voxels stay 0;
   a channel with no nonzero voxel is left at 0;
-- ``"none"``: unchanged.
+- ``"none"``: unchanged;
+
+then ``preprocessing.steps`` (MONAI bundles): MONAI's own intensity transforms, in order.
 
 Backward (:func:`labels_to_input_grid`): each input voxel takes the label of the network voxel
 nearest to its centre, by an exact index mapping through the two affines. When the network grid is
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .spec import ModelSpec, Preprocessing
+from .spec import INTENSITY_STEPS, ModelSpec, Preprocessing
 from .volume import Volume
 
 
@@ -59,7 +62,7 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float64)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
         shape=tuple(int(s) for s in image.shape[1:]),
@@ -71,6 +74,19 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
 
 def normalize_intensity(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """Intensity step of :func:`to_network_space` on a (C, ...) tensor (returns a new tensor)."""
+    image = _normalize_mode(image, prep)
+    if prep.steps:
+        import monai.transforms as mt
+
+        for step in prep.steps:
+            if step.get("transform") not in INTENSITY_STEPS:
+                raise InputError(f"Unknown intensity step {step!r}; known: {sorted(INTENSITY_STEPS)}.")
+            transform = getattr(mt, step["transform"])(**{k: v for k, v in step.items() if k != "transform"})
+            image = torch.as_tensor(transform(image), dtype=torch.float32)
+    return image
+
+
+def _normalize_mode(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     if prep.intensity == "ct":
         low, high = prep.ct_window
         return (image.clamp(low, high) - low) / (high - low)

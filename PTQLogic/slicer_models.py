@@ -1,8 +1,9 @@
 """Recognize what the user picked as a model and describe it in one line (no Slicer imports).
 
 Never executes model code: specs are parsed as data, ONNX graphs are read without weights,
-TorchScript/state_dict archives are only listed (zip directory), bundles and nnU-Net folders are
-recognized by their JSON files.
+TorchScript/state_dict archives are only listed (zip directory); folders that a registered model
+source reads (MONAI bundles, nnU-Net results folders: :data:`PTQLogic.sources.SOURCES`) are described
+by that source's ``describe`` (configs read as data, no weights loaded).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class ModelSource:
     kind: str  # one of KINDS
     description: str  # one line for the UI: architecture, classes, patch size, or what is missing
     path: str
-    spec_path: str | None = None  # the model spec to quantize with (spec, or a spec found next to a file)
+    spec_path: str | None = None  # what to pass to `quantize --model`: a spec (or one found next to a file), a source folder
     quantizable: bool = False  # can `quantize` run on it as is
     segmentable: bool = False  # is it already a quantized model folder
 
@@ -83,6 +84,19 @@ def _nnunet_folder(path: Path) -> ModelSource | None:
             return ModelSource("nnunet", NnUNetSource().describe(path), str(path), str(path), quantizable=True)
         except PTQError as exc:  # say what is wrong in the UI instead of failing the whole dialog
             return ModelSource("nnunet", f"nnU-Net results folder that cannot be used: {exc}", str(path))
+
+
+def _describe_with_source(path: Path) -> ModelSource | None:
+    """A folder a registered source claims: its one-line description, or what is wrong with it (not quantizable)."""
+    from .sources import SOURCES
+
+    for source in SOURCES:
+        if source.can_open(path):
+            try:
+                description = source.describe(path)
+            except PTQError as exc:
+                return ModelSource(source.kind, str(exc), str(path))
+            return ModelSource(source.kind, description, str(path), str(path), quantizable=True)
     return None
 
 
@@ -93,12 +107,9 @@ def _folder(path: Path) -> ModelSource:
     if (path / "spec.json").is_file() and ((path / "fp32.onnx").is_file() or (path / "int8.onnx").is_file()):
         return ModelSource("model_dir", "Quantized model folder: " + _describe_spec(path / "spec.json"),
                            str(path), str(path / "spec.json"), quantizable=False, segmentable=True)
-    if (path / "configs").is_dir() and (path / "models").is_dir():
-        meta = _json(path / "configs" / "metadata.json")
-        name = meta.get("name") or path.name
-        version = f" {meta['version']}" if meta.get("version") else ""
-        return ModelSource("monai_bundle", f"MONAI bundle '{name}'{version}: not yet supported for quantization "
-                           "(write a model spec for its network and weights instead).", str(path))
+    described = _describe_with_source(path)
+    if described is not None:
+        return described
     if (path / "dataset.json").is_file() and (path / "plans.json").is_file() and any(path.glob("fold_*")):
         labels = _json(path / "dataset.json").get("labels", {})
         folds = sorted(p.name for p in path.glob("fold_*"))

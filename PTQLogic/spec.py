@@ -27,6 +27,14 @@ from typing import Any
 from .errors import ModelError
 
 INTENSITY_MODES = ("ct", "zscore", "none")
+# MONAI intensity transforms a spec may chain after ``intensity`` (read from MONAI bundles), with their
+# accepted arguments; values are plain numbers/booleans, applied by MONAI itself (preprocess.py).
+INTENSITY_STEPS: dict[str, tuple[str, ...]] = {
+    "ScaleIntensityRange": ("a_min", "a_max", "b_min", "b_max", "clip"),
+    "NormalizeIntensity": ("subtrahend", "divisor", "nonzero", "channel_wise"),
+    "ScaleIntensity": ("minv", "maxv", "factor", "channel_wise"),
+    "ScaleIntensityRangePercentiles": ("lower", "upper", "b_min", "b_max", "clip", "relative", "channel_wise"),
+}
 WEIGHTS_FORMATS = ("state_dict", "torchscript", "onnx")
 BLEND_MODES = ("gaussian", "constant")
 
@@ -52,6 +60,10 @@ class Preprocessing:
     spacing: tuple[float, float, float] | None = None  # mm along the network's i, j, k axes; None keeps
     intensity: str = "ct"  # "ct": clip to ct_window and scale to [0, 1]; "zscore": per-volume; "none"
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    # MONAI intensity transforms applied, in order, after ``intensity`` (MONAI bundles whose chain has no
+    # equivalent above), e.g. ({"transform": "NormalizeIntensity", "nonzero": True}, {"transform": "ScaleIntensity",
+    # "minv": -1.0, "maxv": 1.0}); names and arguments from INTENSITY_STEPS.
+    steps: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,24 @@ def _tuple3(value: Any, what: str, cast=float) -> tuple:
     return items
 
 
+def _intensity_steps(raw: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise ModelError("Model spec: preprocessing.steps must be a list of {\"transform\": NAME, ...} objects.")
+    steps = []
+    for i, step in enumerate(raw):
+        name = step.get("transform") if isinstance(step, dict) else None
+        if name not in INTENSITY_STEPS:
+            raise ModelError(f"Model spec: preprocessing.steps[{i}] must name a transform out of "
+                             f"{sorted(INTENSITY_STEPS)}, got {step!r}.")
+        bad = sorted(set(step) - {"transform", *INTENSITY_STEPS[name]})
+        values = [v for k, v in step.items() if k != "transform"]
+        if bad or not all(v is None or isinstance(v, (bool, int, float)) for v in values):
+            raise ModelError(f"Model spec: preprocessing.steps[{i}] ({name}) takes numbers/booleans for "
+                             f"{list(INTENSITY_STEPS[name])}, got {step!r}.")
+        steps.append(dict(step))
+    return tuple(steps)
+
+
 def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpec:
     """Validate a parsed spec and build a :class:`ModelSpec`; every problem is a :class:`ModelError`."""
     if not isinstance(data, dict):
@@ -143,11 +173,13 @@ def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpe
     if len(window) != 2 or window[0] >= window[1]:
         raise ModelError(f"Model spec: preprocessing.ct_window must be [low, high] with low < high, got {window}.")
     spacing = pre.get("spacing")
+    steps = _intensity_steps(pre.get("steps", []))
     preprocessing = Preprocessing(
         orientation=pre.get("orientation", "RAS"),
         spacing=None if spacing is None else _tuple3(spacing, "preprocessing.spacing"),
         intensity=intensity,
         ct_window=window,
+        steps=steps,
     )
     weights_format = data.get("weights_format", "state_dict")
     if weights_format not in WEIGHTS_FORMATS:

@@ -371,7 +371,7 @@ def test_choose_model_source(tmp_path):
     (bundle / "models").mkdir()
     (bundle / "configs" / "metadata.json").write_text(json.dumps({"name": "Spleen CT", "version": "0.5"}))
     found = ss.choose_model_source(bundle)
-    assert found.kind == "monai_bundle" and "not yet supported" in found.description and not found.quantizable
+    assert found.kind == "monai_bundle" and "configs/inference.json" in found.description and not found.quantizable
 
     nnunet = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     (nnunet / "fold_0").mkdir(parents=True)

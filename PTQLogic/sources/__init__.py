@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ..errors import InputError
 from .base import LoadedModel, ModelSource
+from .bundle import BundleSource
 from .nnunet import NnUNetSource
 
-SOURCES: list[ModelSource] = [NnUNetSource()]
+SOURCES: list[ModelSource] = [NnUNetSource(), BundleSource()]
 
 
 def find_source(path: str | Path) -> ModelSource:
