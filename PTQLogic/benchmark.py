@@ -57,7 +57,6 @@ def run_benchmark(
     if ref is not None:
         volume.require_same_grid(ref, f"Reference '{reference}'")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     labels = list(range(1, spec.num_classes))
     ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
     rows, skipped = [], []
@@ -99,6 +98,7 @@ def run_benchmark(
         raise EngineUnavailable("No engine could run here: " + "; ".join(s["reason"] for s in skipped))
     title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
     markdown = to_markdown(rows, title)
+    out.mkdir(parents=True, exist_ok=True)  # only now: an interrupted or failed run leaves no folder
     atomic_write_text(out / "benchmark.md", markdown + "\n")
     write_csv(rows, out / "benchmark.csv")
     write_json(rows, out / "benchmark.json")

@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
+        from .interrupts import route_signals_through_watcher
+
+        route_signals_through_watcher()  # no signal frames on engine threads (Ctrl-C crashed OpenVINO+ORT)
     try:
         args.func(args)
         return 0
