@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    common.add_argument("--cache-dir", help="engine cache folder (default: $PTQSEG_CACHE_DIR or the user cache folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -223,6 +224,8 @@ def _cancel_on_terminate() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cache_dir:
+        os.environ["PTQSEG_CACHE_DIR"] = os.path.abspath(args.cache_dir)  # read by PTQLogic.cache.cache_root
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
         from .interrupts import route_signals_through_watcher

@@ -6,16 +6,17 @@ on a volume file and writes a label map on the volume's own grid.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InputError, ModelError
+from .fileio import check_writable_dir, make_temp_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -48,9 +49,13 @@ class ModelDir:
     def report_path(self) -> Path:
         return self.root / REPORT_NAME
 
-    @property
+    @functools.cached_property
     def engine_cache(self) -> Path:
-        return self.root / "engines"
+        """Engine caches of this model: in the user cache folder, keyed by the model's content, so a
+        read-only or shared model folder works and is never written to."""
+        from .cache import model_cache_dir
+
+        return model_cache_dir([self.spec_path, self.fp32_onnx, self.int8_onnx])
 
     def spec(self) -> ModelSpec:
         return load_spec(self.spec_path)
@@ -128,6 +133,7 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
     out_dir = Path(out_dir).resolve()
     if out_dir.parent == out_dir:
         raise InputError(f"'{out_dir}' cannot be a model folder; choose a new folder such as ./my-model-int8.")
+    check_writable_dir(out_dir.parent, "quantized model folder")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise InputError(f"Output '{out_dir}' is a file; give a folder for the quantized model.")
@@ -192,7 +198,7 @@ def quantize_model(
     torch_model = None if is_onnx else load_torch_model(spec)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = make_temp_dir(f".{out_dir.name}.partial-", out_dir.parent)
     try:
         monitor.update("export", 0, 1)
         if is_onnx:
@@ -273,6 +279,7 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> 
             raise InputError(f"Output '{output}' is the input file; choose another path so the input is kept.")
     if output.is_dir():
         raise InputError(f"Output '{output}' is a folder; give a file name such as labels.nii.gz.")
+    check_writable_dir(output.parent, f"label map '{output.name}'")
     return output
 
 

@@ -143,10 +143,10 @@ def create_engine(
 def _tensorrt_engine(onnx_path: Path, precision: str, cache_dir, device, max_batch: int, monitor: Monitor) -> Engine:
     import tensorrt
 
-    from ..cache import EngineCache, engine_fields
+    from ..cache import EngineCache, engine_fields, model_cache_dir
     from .tensorrt_engine import TensorRTEngine, build_tensorrt_plan, make_fp16_onnx
 
-    cache = EngineCache(cache_dir if cache_dir is not None else onnx_path.parent / "engines")
+    cache = EngineCache(cache_dir if cache_dir is not None else model_cache_dir([onnx_path]))
     gpu = torch.device(device or "cuda")
     props = torch.cuda.get_device_properties(gpu)
     device_name = f"{props.name} sm_{props.major}{props.minor}"
