@@ -66,6 +66,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     outcome = segment(
         args.model, args.input, args.output, runtime=args.runtime, precision=args.precision,
         batch_size=args.batch_size, compare=args.compare, reference=args.reference, monitor=_monitor(args),
+        label_map=args.label_map,
     )
     data = outcome.to_dict()
     lines = [
@@ -79,26 +80,19 @@ def cmd_segment(args: argparse.Namespace) -> None:
         lines.append(f"  FP32-vs-{outcome.precision.upper()} agreement Dice {outcome.agreement_dice:.4f}")
     if outcome.reference_dice is not None:
         lines.append(f"  mean Dice vs reference {outcome.reference_dice:.4f}")
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _emit(args, data, "\n".join(lines))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import dice_per_class
-    from .imageio import read_volume
+    from .evaluate import evaluate_files, format_comparison
 
-    import numpy as np
-
-    pred, ref = read_volume(args.prediction), read_volume(args.reference)
-    pred.require_same_grid(ref, f"Reference '{args.reference}'")
-    values = np.union1d(np.unique(pred.array), np.unique(ref.array))
-    if not np.array_equal(values, np.round(values)):
-        raise InputError("Label maps must hold whole numbers; one of them has fractional values.")
-    labels = args.labels or [int(v) for v in values if v != 0]
-    result = dice_per_class(pred.array, ref.array, labels)
-    data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean}
-    rows = [f"  {label}: {dice:.4f}" for label, dice in result.per_class.items()]
-    mean = "n/a" if result.mean is None else f"{result.mean:.4f}"
-    _emit(args, data, "\n".join(["Dice per label:", *rows, f"mean Dice {mean}; absent from both: {result.excluded}"]))
+    result = evaluate_files(args.prediction, args.reference, label_map=args.label_map,
+                            reference_labels=args.reference_labels, labels=args.labels)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _emit(args, result.to_dict(), format_comparison(result))
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -184,11 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--compare", action="store_true", help="also run FP32 and report agreement Dice")
     s.add_argument("--reference", help="reference label map for Dice")
+    s.add_argument("--label-map", help="model class=reference label pairs for Dice, e.g. 1=5,2=1 (default: by name, else value)")
 
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
     e.add_argument("--prediction", required=True)
     e.add_argument("--reference", required=True)
-    e.add_argument("--labels", type=int, nargs="*", help="label values (default: all present)")
+    e.add_argument("--labels", type=int, nargs="*", help="prediction label values (default: its label table, else all present)")
+    e.add_argument("--label-map", help="prediction=reference label pairs, e.g. 1=5,2=1, or a JSON file/object")
+    e.add_argument("--reference-labels", help="label table of the reference (JSON/CSV; default: <reference>.json beside it)")
 
     m = add("benchmark", cmd_benchmark, "paper-style table: size, latency, Dice per runtime and precision")
     m.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")

@@ -298,6 +298,8 @@ class SegmentOutcome:
     build_seconds: float
     agreement_dice: float | None = None
     reference_dice: float | None = None
+    reference_per_class: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def latency_ms(self) -> float:
@@ -321,9 +323,13 @@ def segment(
     reference: str | Path | None = None,
     device: str | None = None,
     monitor: Monitor | None = None,
+    label_map: str | dict[int, int] | None = None,
 ) -> SegmentOutcome:
-    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map."""
-    from .evaluate import agreement_dice, dice_per_class
+    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map
+    (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, name, else value)."""
+    from .evaluate import (
+        agreement_dice, check_label_map, compare_label_maps, label_table_next_to, parse_label_map,
+    )
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from .inference import segment_volume
 
@@ -332,9 +338,13 @@ def segment(
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
-    ref_volume = read_volume(reference) if reference else None
-    if ref_volume is not None:
-        volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+    ref_volume, warnings = None, []
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    if reference:
+        ref_volume = read_volume(reference)
+        check_label_map(ref_volume.array, f"Reference '{reference}'")
+        ref_volume, note = ref_volume.aligned_to(volume, f"Reference '{reference}'")
+        warnings += [note] if note else []
     started = time.perf_counter()
     engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor)
     build_seconds = time.perf_counter() - started
@@ -347,9 +357,15 @@ def segment(
         )
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
         agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)
-    reference_dice = None
+    reference_dice = reference_per_class = None
     if ref_volume is not None:
-        reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
+        comparison = compare_label_maps(
+            result.labels.array, ref_volume.array, pred_names={i: c.name for i, c in enumerate(spec.classes)},
+            ref_names=label_table_next_to(reference), label_map=mapping, labels=labels)
+        reference_dice = comparison.dice.mean
+        reference_per_class = {f"{k} {comparison.names.get(k, '')}".strip(): v
+                               for k, v in comparison.dice.per_class.items()}
+        warnings += comparison.warnings
     json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output)
     write_label_table(spec.classes, json_path)
@@ -368,4 +384,6 @@ def segment(
         build_seconds=build_seconds,
         agreement_dice=agreement,
         reference_dice=reference_dice,
+        reference_per_class=reference_per_class,
+        warnings=warnings,
     )
