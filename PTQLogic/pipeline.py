@@ -338,6 +338,9 @@ def segment(
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    from .preprocess import check_memory
+
+    check_memory(volume, spec, f"input volume '{input_path}'")  # before any engine is built
     ref_volume, warnings = None, []
     mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
     if reference:
