@@ -139,6 +139,10 @@ class EngineCache:
         with build_lock(final):
             if self.is_valid(final, fields, suffix):  # another process built it while we waited
                 return final
+            # leftovers of a builder that was killed (SIGKILL, power loss): nobody else builds it now
+            for stale in final.parent.glob(f".{final.name.split('.')[0]}.*.partial{suffix}"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
             with atomic_path(final, suffix=suffix) as tmp:
                 build(tmp)
                 if not tmp.is_file() or tmp.stat().st_size == 0:

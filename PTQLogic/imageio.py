@@ -238,11 +238,25 @@ def write_labelmap(volume: Volume, path: str | Path) -> None:
     try:
         with atomic_path(path) as tmp:
             _sitk().WriteImage(image, str(tmp), True)
+            _verify_written(tmp, image)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1]
         if tmp is not None:  # the temporary name means nothing to the user
             reason = reason.replace(str(tmp), str(path))
         raise InputError(f"Could not write '{path}': {reason}; check free disk space and permissions.") from None
+
+
+def _verify_written(tmp: Path, image) -> None:
+    """ITK does not notice every failed write (a full disk can leave a cut-off .nii.gz): read it back."""
+    sitk = _sitk()
+    try:
+        back = sitk.ReadImage(str(tmp))
+        same = back.GetSize() == image.GetSize() and np.array_equal(
+            sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    except RuntimeError:
+        same = False
+    if not same:
+        raise OSError(28, "the file on disk is incomplete (disk full or write refused)", str(tmp))
 
 
 def label_table_paths(labelmap_path: str | Path) -> tuple[Path, Path]:

@@ -341,6 +341,10 @@ def segment(
     from .preprocess import check_memory
 
     check_memory(volume, spec, f"input volume '{input_path}'")  # before any engine is built
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low == high:
+        raise InputError(f"Input volume '{input_path}' is constant (every voxel is {low:g}): there is nothing to "
+                         "segment; check that the right file was exported.")
     ref_volume, warnings = None, []
     mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
     if reference:
@@ -371,8 +375,13 @@ def segment(
         warnings += comparison.warnings
     json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output)
-    write_label_table(spec.classes, json_path)
-    write_label_table(spec.classes, csv_path)
+    try:
+        write_label_table(spec.classes, json_path)
+        write_label_table(spec.classes, csv_path)
+    except BaseException:  # a label map without its table is half an output: take it back
+        for path in (output, json_path):
+            path.unlink(missing_ok=True)
+        raise
     return SegmentOutcome(
         output=output,
         labels_json=json_path,
