@@ -41,7 +41,9 @@ def run_benchmark(
     save_labels: bool = False,
     monitor: Monitor | None = None,
 ) -> dict[str, Any]:
-    from .evaluate import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
+    from .evaluate import (
+        agreement_dice, check_label_map, compare_label_maps, label_table_next_to, measure_latency, peak_memory_bytes,
+    )
     from .imageio import read_volume, write_labelmap
     from .inference import segment_volume
     from .pipeline import open_engine, open_model_dir
@@ -54,8 +56,10 @@ def run_benchmark(
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref = read_volume(reference) if reference else None
-    if ref is not None:
-        volume.require_same_grid(ref, f"Reference '{reference}'")
+    if ref is not None:  # the same checks and Dice as `ptqseg evaluate` and `segment --reference`
+        check_label_map(ref.array, f"Reference '{reference}'")
+        ref, _ = ref.aligned_to(volume, f"Reference '{reference}'")
+        ref_names = label_table_next_to(reference)
     out = Path(out)
     labels = list(range(1, spec.num_classes))
     ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
@@ -87,7 +91,9 @@ def run_benchmark(
                 size_mb=engine.info.bytes_on_disk / 1e6,
                 latency_ms=latency.median_ms,
                 volume_s=result.seconds,
-                dice=None if ref is None else dice_per_class(result.labels.array, ref.array, labels).mean,
+                dice=None if ref is None else compare_label_maps(
+                    result.labels.array, ref.array, pred_names={i: c.name for i, c in enumerate(spec.classes)},
+                    ref_names=ref_names, labels=labels).dice.mean,
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(result.labels.array, fp32_labels, labels),
                 peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,

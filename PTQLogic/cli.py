@@ -223,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["PTQSEG_CACHE_DIR"] = os.path.abspath(args.cache_dir)  # read by PTQLogic.cache.cache_root
+    restore_signals = None
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
         from .interrupts import route_signals_through_watcher
 
-        route_signals_through_watcher()  # no signal frames on engine threads (Ctrl-C crashed OpenVINO+ORT)
+        restore_signals = route_signals_through_watcher()  # no signal frames on engine threads (Ctrl-C crashed OpenVINO+ORT)
     try:
         args.func(args)
         return 0
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         message = f"unexpected {type(exc).__name__}: {exc}".replace("\n", " ")
         print(f"error: {message} (rerun with --debug for details)", file=sys.stderr)
         return 1
+    finally:
+        if restore_signals is not None:
+            restore_signals()
 
 
 if __name__ == "__main__":

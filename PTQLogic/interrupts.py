@@ -13,6 +13,7 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
+from typing import Callable
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
@@ -26,16 +27,23 @@ def _watch(signals: frozenset) -> None:
             _thread.interrupt_main()
 
 
-def route_signals_through_watcher() -> bool:
+_watcher: threading.Thread | None = None
+
+
+def route_signals_through_watcher() -> Callable[[], None]:
     """Block SIGINT/SIGTERM in this (main) thread and deliver them from a watcher thread instead.
 
-    Returns False (and changes nothing) where POSIX signal masks are unavailable (Windows) or when
-    not called from the main thread.
+    Returns a function that restores the previous signal mask (the CLI calls it when it returns, so
+    in-process callers such as tests get their usual Ctrl-C back). Does nothing where POSIX signal
+    masks are unavailable (Windows) or off the main thread.
     """
+    global _watcher
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return False
+        return lambda: None
     signals = frozenset(_SIGNALS)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    # the watcher starts with the same mask; sigwait takes blocked signals, which is what it needs
-    threading.Thread(target=_watch, args=(signals,), name="ptqseg-signals", daemon=True).start()
-    return True
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    if _watcher is None or not _watcher.is_alive():
+        # the watcher starts with the blocked mask; sigwait takes blocked signals, which is what it needs
+        _watcher = threading.Thread(target=_watch, args=(signals,), name="ptqseg-signals", daemon=True)
+        _watcher.start()
+    return lambda: signal.pthread_sigmask(signal.SIG_SETMASK, previous)
