@@ -130,3 +130,23 @@ def test_a_real_geometry_mismatch_shows_both_geometries(tmp_path, capsys):
     # (x, y, z) order: NIfTI x is the fastest (last) numpy axis
     assert "shape (16, 14, 12)" in line and "spacing (1, 1.5, 2)" in line and "spacing (1.5, 1.5, 2)" in line
     assert "origin" in line and "axes" in line
+
+
+def test_real_totalsegmentator_reference_matched_by_name(shared_data, tmp_path, capsys):
+    """A 3-class prediction (liver=1, spleen=2, aorta=3) against TotalSegmentator's 41-label mask."""
+    ref_path = shared_data / "example_seg.nii.gz"
+    ref = sitk.ReadImage(str(ref_path))
+    ts = sitk.GetArrayFromImage(ref)
+    pred = np.zeros_like(ts, dtype=np.uint8)
+    pred[ts == 5], pred[ts == 1], pred[ts == 52] = 1, 2, 3
+    image = sitk.GetImageFromArray(pred)
+    image.CopyInformation(ref)
+    sitk.WriteImage(image, str(tmp_path / "pred.nii.gz"))
+    (tmp_path / "pred.json").write_text(json.dumps({"labels": [{"value": i, "name": n} for i, n in
+                                                                enumerate(["background", "liver", "spleen", "aorta"])]}))
+    code, stdout, err = run(["evaluate", "--prediction", tmp_path / "pred.nii.gz", "--reference", ref_path,
+                             "--reference-labels", shared_data / "totalsegmentator_total_labels.json", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["pairs"] == {"1": 5, "2": 1, "3": 52} and result["mean"] == 1.0
+    assert "label(s) no predicted class pairs with" in err
