@@ -91,7 +91,7 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
                 apply_umask(tmp_path)
             os.replace(tmp_path, final)
         except OSError as exc:
-            if exc.filename is not None and Path(exc.filename) == tmp_path or exc.filename is None:
+            if exc.filename is None or Path(exc.filename) == tmp_path:
                 raise InputError(f"Cannot write '{final}': {exc.strerror or exc}; "
                                  "check free disk space and permissions.") from None
             raise
