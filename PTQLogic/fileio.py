@@ -18,7 +18,7 @@ from .errors import InputError
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (``os.umask`` is process-wide)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as status:
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)

@@ -163,8 +163,9 @@ def _refuse_truncated_nifti(path: Path) -> None:
 
     try:
         header = nib.load(str(path)).header
-        expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape(), dtype=np.int64)) * \
-            header.get_data_dtype().itemsize
+        # vox_offset 0 in a single-file NIfTI means "right after the header" (352 bytes for NIfTI-1)
+        offset = max(int(header["vox_offset"]), int(getattr(header, "single_vox_offset", 0)))
+        expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
         if path.name.lower().endswith(".gz"):
             stored = 0
             with gzip.open(path, "rb") as handle:
@@ -191,7 +192,10 @@ def _refuse_nifti_nan(path: Path) -> None:
         return
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return  # integer voxels cannot hold NaN
-    data = np.asanyarray(image.dataobj)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except (OSError, EOFError, ValueError) as exc:
+        raise InputError(f"'{path}' is truncated or damaged ({str(exc).splitlines()[0]}); copy the file again.") from None
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise InputError(f"'{path}' has {bad} NaN/infinite voxels; fix or mask them before segmenting.")

@@ -224,7 +224,7 @@ def test_full_disk_leaves_no_partial_output(quantized_unet, phantom_files, tmp_p
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-c", code, "segment", "--model", str(quantized_unet), "--input",
                              str(phantom_files["image"]), "--output", str(out / "labels.nii.gz"), "--runtime",
-                             "onnxruntime"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "onnxruntime"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode != 0
     line, = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert "labels" in line and ".partial" not in line and "disk space" in line, line

@@ -28,7 +28,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
 
 def cli(args, env=None, cwd=ROOT, timeout=600, umask=None):
     return subprocess.run([sys.executable, "-m", "PTQLogic", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
                           preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
@@ -109,7 +109,7 @@ def test_read_only_model_folder_is_never_written(quantized_unet, phantom_files, 
         env = {**os.environ, "HOME": str(out), "PTQSEG_CACHE_DIR": str(out / "cache")}
         result = subprocess.run([*as_nobody, "-m", "PTQLogic", "segment", "--model", str(model), "--input", str(phantom_files["image"]),
                                  "--output", str(out / "labels.nii.gz"), "--runtime", "openvino"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                                cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         assert (out / "labels.nii.gz").is_file()
         assert snapshot(model) == before

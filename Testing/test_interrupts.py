@@ -21,7 +21,7 @@ def test_ctrl_c_during_openvino_then_onnxruntime_benchmark(quantized_unet, phant
         [sys.executable, "-m", "PTQLogic", "benchmark", "--model", str(quantized_unet), "--input",
          str(phantom_files["image"]), "--out", str(out), "--runtimes", "openvino", "onnxruntime",
          "--repeats", "2", "--progress-lines"],
-        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
     )
     starts, deadline = 0, time.time() + 240
     for line in proc.stderr:  # OpenVINO fp32, OpenVINO int8, then ONNX Runtime fp32: interrupt that one

@@ -20,7 +20,7 @@ from PTQLogic.volume import Volume
 
 from conftest import SAMPLE_UNET
 
-FAST = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @st.composite
@@ -109,7 +109,7 @@ def _seed_files(folder):
     return paths
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_fuzz_volume_reader(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("fuzz")
@@ -143,7 +143,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 300) | st
                            max_leaves=12)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(SPEC_KEYS), json_values, max_size=8), st.booleans())
 def test_fuzz_spec_reader(tmp_path_factory, changes, start_from_sample):
     base = json.loads(SAMPLE_UNET.read_text()) if start_from_sample else {}
