@@ -50,6 +50,7 @@ def run_benchmark(
     save_labels: bool = False,
     monitor: Monitor | None = None,
 ) -> dict[str, Any]:
+    from .evaluate import check_label_map, label_table_next_to
     from .imageio import read_volume
     from .pipeline import open_model_dir
 
@@ -60,13 +61,15 @@ def run_benchmark(
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref = read_volume(reference) if reference else None
-    if ref is not None:
-        volume.require_same_grid(ref, f"Reference '{reference}'")
+    ref_names = None
+    if ref is not None:  # the same checks and Dice as `ptqseg evaluate` and `segment --reference`
+        check_label_map(ref.array, f"Reference '{reference}'")
+        ref, _ = ref.aligned_to(volume, f"Reference '{reference}'")
+        ref_names = label_table_next_to(reference)
     out = Path(out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(model_dir, spec, volume, ref, input_path, out, runtimes, precisions, repeats, warmup,
+        return _run(model_dir, spec, volume, ref, ref_names, input_path, out, runtimes, precisions, repeats, warmup,
                     batch_size, save_labels, monitor)
     except BaseException:  # cancelled or failed: a folder this run created is not left behind half-filled
         if created:
@@ -74,9 +77,9 @@ def run_benchmark(
         raise
 
 
-def _run(model_dir, spec, volume, ref, input_path, out: Path, runtimes, precisions, repeats, warmup, batch_size,
-         save_labels, monitor) -> dict[str, Any]:
-    from .evaluate import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
+def _run(model_dir, spec, volume, ref, ref_names, input_path, out: Path, runtimes, precisions, repeats, warmup,
+         batch_size, save_labels, monitor) -> dict[str, Any]:
+    from .evaluate import agreement_dice, compare_label_maps, measure_latency, peak_memory_bytes
     from .imageio import write_labelmap
     from .inference import segment_volume
     from .pipeline import open_engine
@@ -112,7 +115,9 @@ def _run(model_dir, spec, volume, ref, input_path, out: Path, runtimes, precisio
                 size_mb=engine.info.bytes_on_disk / 1e6,
                 latency_ms=latency.median_ms,
                 volume_s=result.seconds,
-                dice=None if ref is None else dice_per_class(result.labels.array, ref.array, labels).mean,
+                dice=None if ref is None else compare_label_maps(
+                    result.labels.array, ref.array, pred_names={i: c.name for i, c in enumerate(spec.classes)},
+                    ref_names=ref_names, labels=labels).dice.mean,
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(result.labels.array, fp32_labels, labels),
                 peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
@@ -123,6 +128,7 @@ def _run(model_dir, spec, volume, ref, input_path, out: Path, runtimes, precisio
         raise EngineUnavailable("No engine could run here: " + "; ".join(s["reason"] for s in skipped))
     title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
     markdown = to_markdown(rows, title)
+    out.mkdir(parents=True, exist_ok=True)  # only now: an interrupted or failed run leaves no folder
     atomic_write_text(out / "benchmark.md", markdown + "\n")
     write_csv(rows, out / "benchmark.csv")
     write_json(rows, out / "benchmark.json")

@@ -115,6 +115,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         args.model, args.input, args.output, runtime=args.runtime, precision=precision,
         batch_size=args.batch_size, compare=compare, reference=args.reference, monitor=_monitor(args),
         mirroring=args.mirroring, step_size=args.step_size,
+        label_map=args.label_map,
     )
     data = outcome.to_dict()
     lines = [
@@ -131,6 +132,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         lines.append(f"  FP32-vs-{outcome.precision.upper()} agreement Dice {outcome.agreement_dice:.4f}")
     if outcome.reference_dice is not None:
         lines.append(f"  mean Dice vs reference {outcome.reference_dice:.4f}")
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _emit(args, data, "\n".join(lines))
 
 
@@ -154,23 +157,18 @@ def cmd_segment_batch(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .imageio import read_volume
+    from pathlib import Path
 
-    import numpy as np
+    for what, path in (("Prediction", args.prediction), ("Reference", args.reference)):
+        if not Path(path).exists():  # before the heavy imports: a wrong path fails at once
+            raise InputError(f"{what} '{path}' does not exist; give a label map file (.nii.gz, .nrrd, ...).")
+    from .evaluate import evaluate_files, format_comparison
 
-    pred, ref = read_volume(args.prediction), read_volume(args.reference)
-    from .evaluate import dice_per_class  # imports torch: after the inputs were found readable
-
-    pred.require_same_grid(ref, f"Reference '{args.reference}'")
-    values = np.union1d(np.unique(pred.array), np.unique(ref.array))
-    if not np.array_equal(values, np.round(values)):
-        raise InputError("Label maps must hold whole numbers; one of them has fractional values.")
-    labels = args.labels or [int(v) for v in values if v != 0]
-    result = dice_per_class(pred.array, ref.array, labels)
-    data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean}
-    rows = [f"  {label}: {dice:.4f}" for label, dice in result.per_class.items()]
-    mean = "n/a" if result.mean is None else f"{result.mean:.4f}"
-    _emit(args, data, "\n".join(["Dice per label:", *rows, f"mean Dice {mean}; absent from both: {result.excluded}"]))
+    result = evaluate_files(args.prediction, args.reference, label_map=args.label_map,
+                            reference_labels=args.reference_labels, labels=args.labels)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _emit(args, result.to_dict(), format_comparison(result))
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -255,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object (also for errors) instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    common.add_argument("--cache-dir", help="engine cache folder (default: $PTQSEG_CACHE_DIR or the user cache folder)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
@@ -305,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", help="reference label map for Dice")
     s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
     s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
+    s.add_argument("--label-map",
+                   help="model class=reference label pairs for Dice, e.g. 1=5,2=1 (default: by name, else value)")
 
     sb = add("segment-batch", cmd_segment_batch, "segment a cohort of volumes on a Ray cluster (local by default)")
     sb.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
@@ -320,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
     e.add_argument("--prediction", required=True, help="label map to score")
     e.add_argument("--reference", required=True, help="reference (ground-truth) label map")
-    e.add_argument("--labels", type=int, nargs="*", help="label values (default: all present)")
+    e.add_argument("--labels", type=int, nargs="*",
+                   help="prediction label values (default: its label table, else all present)")
+    e.add_argument("--label-map", help="prediction=reference label pairs, e.g. 1=5,2=1, or a JSON file/object")
+    e.add_argument("--reference-labels",
+                   help="label table of the reference (JSON/CSV; default: one beside the reference)")
 
     m = add("benchmark", cmd_benchmark, "paper-style table: size, latency, Dice per runtime and precision")
     m.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
@@ -366,11 +371,22 @@ def main(argv: list[str] | None = None) -> int:
         message, usage = exc.args
         print(usage, file=sys.stderr, end="")
         return _fail(None, "--json" in argv, f"{message} (see --help)", 2)
+    if args.cache_dir:
+        os.environ["PTQSEG_CACHE_DIR"] = os.path.abspath(args.cache_dir)  # read by PTQLogic.cache.cache_root
+    restore_signals = None
     if threading.current_thread() is threading.main_thread():
         _cancel_on_terminate()
-    with warnings.catch_warnings():
-        _route_warnings(args)
-        return _run(args)
+        from .interrupts import route_signals_through_watcher
+
+        # no signal frames on engine threads (Ctrl-C crashed OpenVINO + ONNX Runtime runs)
+        restore_signals = route_signals_through_watcher()
+    try:
+        with warnings.catch_warnings():
+            _route_warnings(args)
+            return _run(args)
+    finally:
+        if restore_signals is not None:
+            restore_signals()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -138,3 +138,189 @@ def file_size_mb(path: str | Path) -> float:
     if not path.is_file():
         raise InputError(f"'{path}' is not a file; cannot measure its size.")
     return path.stat().st_size / 1e6
+
+
+# --- label maps against references: one definition for `evaluate` and `segment --reference` ---------
+
+MAX_LABELS = 1000  # more distinct values than this is an image, not a label map
+
+
+def check_label_map(volume_array: np.ndarray, what: str) -> np.ndarray:
+    """Refuse images given as label maps (fractional, negative, huge or too many values)."""
+    array = np.asarray(volume_array)
+    if array.ndim != 3:
+        raise InputError(f"{what} must be a 3D label map; it has shape {array.shape}.")
+    hint = "it looks like an image, not a label map; give the segmentation (e.g. the output of `ptqseg segment`)."
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+        raise InputError(f"{what} holds fractional values; {hint}")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise InputError(f"{what} holds values {low:g}..{high:g} (labels are 0..65535); {hint}")
+    values = np.unique(array)
+    if values.size > MAX_LABELS:
+        raise InputError(f"{what} holds {values.size} distinct values (more than {MAX_LABELS} labels); {hint}")
+    return array.astype(np.int64, copy=False)
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """Label value -> name from a label table: ours (``{"labels": [{"value", "name"}]}``), a plain
+    ``{"1": "spleen", ...}`` mapping (TotalSegmentator), or a CSV with value,name columns."""
+    import csv
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            return {int(row["value"]): str(row["name"]) for row in rows}
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("labels"), list):
+            return {int(item["value"]): str(item["name"]) for item in data["labels"]}
+        if isinstance(data, dict):
+            return {int(key): str(value) for key, value in data.items()}
+        raise ValueError("expected an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"Label table '{path}' cannot be read ({exc}); give a JSON like "
+                         '{"1": "liver", "2": "spleen"} or a CSV with value,name columns.') from None
+
+
+def parse_label_map(text: str | None) -> dict[int, int]:
+    """``"1=5,2=1"`` or a JSON file/object ``{"1": 5}``: prediction label -> reference label."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        if Path(text).suffix.lower() == ".json" and Path(text).is_file():
+            data = json.loads(Path(text).read_text(encoding="utf-8"))
+        elif text.strip().startswith("{"):
+            data = json.loads(text)
+        else:
+            data = dict(item.split("=", 1) for item in text.replace(" ", "").split(",") if item)
+        mapping = {int(k): int(v) for k, v in data.items()}
+    except (ValueError, TypeError, AttributeError, OSError):
+        raise InputError(f"--label-map {text!r} is not understood; write PRED=REF pairs such as 1=5,2=1 "
+                         'or a JSON object {"1": 5, "2": 1}.') from None
+    if any(k <= 0 or v < 0 for k, v in mapping.items()):
+        raise InputError(f"--label-map {text!r}: labels must be positive (0 is background).")
+    return mapping
+
+
+def _name_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+@dataclass
+class LabelComparison:
+    dice: DiceResult
+    pairs: dict[int, int]  # prediction label -> reference label
+    names: dict[int, str]  # prediction label -> name (when known)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "per_class": {str(k): v for k, v in self.dice.per_class.items()},
+            "excluded": self.dice.excluded,
+            "mean": self.dice.mean,
+            "pairs": {str(k): v for k, v in self.pairs.items()},
+            "names": {str(k): v for k, v in self.names.items()},
+            "warnings": self.warnings,
+        }
+
+
+def compare_label_maps(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    *,
+    pred_names: dict[int, str] | None = None,
+    ref_names: dict[int, str] | None = None,
+    label_map: dict[int, int] | None = None,
+    labels: Sequence[int] | None = None,
+) -> LabelComparison:
+    """Dice of each prediction class against its reference label.
+
+    Classes are the prediction's: ``labels``, else its label table, else the values present in it.
+    Each is paired with a reference label by ``label_map``, else by name through the two label tables,
+    else by the same value. Reference labels that no class pairs with are ignored, with a warning.
+    """
+    pred, ref = _check_pair(pred, ref, "prediction and reference")
+    pred_names, ref_names, label_map = pred_names or {}, ref_names or {}, dict(label_map or {})
+    if labels is None:
+        labels = sorted(k for k in pred_names if k > 0) or [int(v) for v in np.unique(pred) if v > 0]
+    by_name = {_name_key(name): value for value, name in ref_names.items()}
+    pairs, warnings = {}, []
+    for label in labels:
+        if label in label_map:
+            pairs[label] = label_map[label]
+        elif label in pred_names and ref_names:
+            match = by_name.get(_name_key(pred_names[label]))
+            if match is None:
+                warnings.append(f"class {label} ({pred_names[label]}) has no reference label of that name; "
+                                "compared with the same value")
+            pairs[label] = label if match is None else match
+        else:
+            pairs[label] = label
+    per_class, excluded = {}, []
+    for label, target in pairs.items():
+        in_pred, in_ref = pred == label, ref == target
+        total = int(np.count_nonzero(in_pred)) + int(np.count_nonzero(in_ref))
+        if total == 0:
+            excluded.append(int(label))
+            continue
+        per_class[int(label)] = 2.0 * int(np.count_nonzero(in_pred & in_ref)) / total
+    mean = float(np.mean(list(per_class.values()))) if per_class else None
+    unpaired = sorted(set(int(v) for v in np.unique(ref) if v > 0) - set(pairs.values()))
+    if unpaired:
+        shown = ", ".join(f"{v} ({ref_names[v]})" if v in ref_names else str(v) for v in unpaired[:8])
+        warnings.append(f"the reference has {len(unpaired)} label(s) no predicted class pairs with, ignored: {shown}"
+                        f"{' ...' if len(unpaired) > 8 else ''}; pair them with --label-map PRED=REF if they match")
+    names = {label: pred_names.get(label) or ref_names.get(pairs[label], "") for label in pairs}
+    return LabelComparison(DiceResult(per_class, excluded, mean), pairs, names, warnings)
+
+
+def label_table_next_to(path: str | Path) -> dict[int, str]:
+    """Names from ``<name>.json`` beside a label map (written by ``ptqseg segment``), if present."""
+    from .imageio import label_table_paths
+
+    json_path = label_table_paths(path)[0]
+    return read_label_names(json_path) if json_path.is_file() else {}
+
+
+def evaluate_files(
+    prediction: str | Path,
+    reference: str | Path,
+    *,
+    label_map: str | dict[int, int] | None = None,
+    reference_labels: str | Path | None = None,
+    labels: Sequence[int] | None = None,
+) -> LabelComparison:
+    """`ptqseg evaluate`: read, validate and align both label maps, then :func:`compare_label_maps`."""
+    from .imageio import read_volume
+
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    pred = read_volume(prediction)
+    check_label_map(pred.array, f"Prediction '{prediction}'")
+    ref = read_volume(reference)
+    check_label_map(ref.array, f"Reference '{reference}'")
+    ref, note = ref.aligned_to(pred, f"Reference '{reference}'")
+    ref_names = read_label_names(reference_labels) if reference_labels else label_table_next_to(reference)
+    result = compare_label_maps(pred.array, ref.array, pred_names=label_table_next_to(prediction),
+                                ref_names=ref_names, label_map=mapping, labels=labels)
+    if note:
+        result.warnings.insert(0, note)
+    return result
+
+
+def format_comparison(result: LabelComparison) -> str:
+    rows = []
+    for label, dice in result.dice.per_class.items():
+        name = result.names.get(label) or ""
+        target = result.pairs[label]
+        rows.append(f"  {label:>3} {name:<24} vs reference {target:>3}: {dice:.4f}")
+    mean = "n/a" if result.dice.mean is None else f"{result.dice.mean:.4f}"
+    lines = ["Dice per class:", *rows, f"mean Dice {mean} over {len(result.dice.per_class)} classes"]
+    if result.dice.excluded:
+        lines.append(f"absent from both (not counted): {result.dice.excluded}")
+    lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)

@@ -111,16 +111,75 @@ def read_volume(path: str | Path) -> Volume:
             reason = str(exc).strip().splitlines()[-1]
             raise InputError(f"Could not read the DICOM series in '{path}': {reason}") from None
         return _to_volume(image, str(path))
+    _refuse_oversized(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"'{path}' is an empty file (0 bytes); it may have been cut off while copying.")
     try:
         image = sitk.ReadImage(str(path))
-    except RuntimeError:
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = next((line for line in reversed(lines) if "ideal" not in line and "actual" not in line), "")
         raise InputError(
-            f"Could not read '{path}' as an image; supported are {', '.join(READ_SUFFIXES)} files "
-            "and folders holding one DICOM series."
+            f"Could not read '{path}' as an image ({detail[-160:] or 'unknown reason'}); the file may be damaged "
+            f"or truncated. Supported are {', '.join(READ_SUFFIXES)} files and folders holding one DICOM series."
         ) from None
     if volume_suffix(path) in (".nii", ".nii.gz"):
+        _refuse_truncated_nifti(path)
         _refuse_nifti_nan(path)
     return _to_volume(image, str(path))
+
+
+MAX_VOLUME_BYTES_ENV = "PTQSEG_MAX_MEMORY_GB"
+
+
+def _refuse_oversized(path: Path) -> None:
+    """Read only the header; refuse a volume whose voxels would not fit in memory, before allocating them."""
+    from .preprocess import available_memory_bytes
+
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable headers are reported by the full read with the usual message
+    size = [int(s) for s in reader.GetSize()]
+    voxels = float(np.prod(size, dtype=float)) * reader.GetNumberOfComponents()
+    needed = voxels * 4  # read as-is, then converted to float32 for the network
+    available = available_memory_bytes()
+    if needed * 2 > available:  # the voxels plus one working copy
+        raise InputError(
+            f"'{path}' holds {'x'.join(map(str, size))} voxels (about {needed / 2**30:.1f} GiB as float32); "
+            f"only about {available / 2**30:.1f} GiB of memory is available. Crop or downsample it first, "
+            f"or raise {MAX_VOLUME_BYTES_ENV}."
+        )
+
+
+def _refuse_truncated_nifti(path: Path) -> None:
+    """ITK's NIfTI reader fills a cut-off file with zeros; compare the stored bytes with the header."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        # vox_offset 0 in a single-file NIfTI means "right after the header" (352 bytes for NIfTI-1)
+        offset = max(int(header["vox_offset"]), int(getattr(header, "single_vox_offset", 0)))
+        expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+        if path.name.lower().endswith(".gz"):
+            stored = 0
+            with gzip.open(path, "rb") as handle:
+                while block := handle.read(1 << 22):
+                    stored += len(block)
+        else:
+            stored = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"'{path}' is truncated or damaged ({exc}); copy the file again.") from None
+    except Exception:  # nibabel's opinion on odd headers is not needed: SimpleITK read it
+        return
+    if stored < expected:
+        raise InputError(f"'{path}' is truncated: it holds {stored} of the {expected} bytes its header announces; "
+                         "copy the file again.")
 
 
 def _refuse_nifti_nan(path: Path) -> None:
@@ -133,7 +192,10 @@ def _refuse_nifti_nan(path: Path) -> None:
         return
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return  # integer voxels cannot hold NaN
-    data = np.asanyarray(image.dataobj)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except (OSError, EOFError, ValueError) as exc:
+        raise InputError(f"'{path}' is truncated or damaged ({str(exc).splitlines()[0]}); copy the file again.") from None
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise InputError(f"'{path}' has {bad} NaN/infinite voxels; fix or mask them before segmenting.")
@@ -184,11 +246,29 @@ def write_labelmap(volume: Volume, path: str | Path, classes: Sequence[ClassInfo
     if path.name.lower().endswith(SEG_NRRD):
         for key, value in slicer_segmentation_header(labels, classes).items():
             image.SetMetaData(key, value)
+    tmp = None
     try:
         with atomic_path(path) as tmp:
             _sitk().WriteImage(image, str(tmp), True)
+            _verify_written(tmp, image)
     except RuntimeError as exc:
-        raise InputError(f"Could not write '{path}': {str(exc).strip().splitlines()[-1]}") from None
+        reason = str(exc).strip().splitlines()[-1]
+        if tmp is not None:  # the temporary name means nothing to the user
+            reason = reason.replace(str(tmp), str(path))
+        raise InputError(f"Could not write '{path}': {reason}; check free disk space and permissions.") from None
+
+
+def _verify_written(tmp: Path, image) -> None:
+    """ITK does not notice every failed write (a full disk can leave a cut-off .nii.gz): read it back."""
+    sitk = _sitk()
+    try:
+        back = sitk.ReadImage(str(tmp))
+        same = back.GetSize() == image.GetSize() and np.array_equal(
+            sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    except RuntimeError:
+        same = False
+    if not same:
+        raise OSError(28, "the file on disk is incomplete (disk full or write refused)", str(tmp))
 
 
 def label_table_paths(labelmap_path: str | Path) -> tuple[Path, Path]:

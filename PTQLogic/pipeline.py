@@ -6,16 +6,17 @@ on a volume file and writes a label map on the volume's own grid.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
+from .fileio import check_writable_dir, make_temp_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -51,9 +52,13 @@ class ModelDir:
     def report_path(self) -> Path:
         return self.root / REPORT_NAME
 
-    @property
+    @functools.cached_property
     def engine_cache(self) -> Path:
-        return self.root / "engines"
+        """Engine caches of this model: in the user cache folder, keyed by the model's content, so a
+        read-only or shared model folder works and is never written to."""
+        from .cache import model_cache_dir
+
+        return model_cache_dir([self.spec_path, self.fp32_onnx, self.int8_onnx])
 
     def spec(self) -> ModelSpec:
         return load_spec(self.spec_path)
@@ -150,6 +155,7 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
     out_dir = Path(out_dir).resolve()
     if out_dir.parent == out_dir:
         raise InputError(f"'{out_dir}' cannot be a model folder; choose a new folder such as ./my-model-int8.")
+    check_writable_dir(out_dir.parent, "quantized model folder")
     if out_dir.exists():
         if not out_dir.is_dir():
             raise InputError(f"Output '{out_dir}' is a file; give a folder for the quantized model.")
@@ -234,7 +240,7 @@ def quantize_model(
     torch_model = None if is_onnx else loaded.networks[0] if loaded is not None else load_torch_model(spec)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = make_temp_dir(f".{out_dir.name}.partial-", out_dir.parent)
     try:
         monitor.update("export", 0, 1)
         if is_onnx:
@@ -344,6 +350,7 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> 
             raise InputError(f"Output '{output}' is the input file; choose another path so the input is kept.")
     if output.is_dir():
         raise InputError(f"Output '{output}' is a folder; give a file name such as labels.nii.gz.")
+    check_writable_dir(output.parent, f"label map '{output.name}'")
     return output
 
 
@@ -364,6 +371,8 @@ class SegmentOutcome:
     reference_dice: float | None = None
     fp32_seconds: float | None = None  # with compare: the FP32 run of the same runtime
     fp32_network_seconds: float | None = None
+    reference_per_class: dict[str, float] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def latency_ms(self) -> float:
@@ -394,8 +403,10 @@ def segment(
     monitor: Monitor | None = None,
     mirroring: bool = False,
     step_size: float | None = None,
+    label_map: str | dict[int, int] | None = None,
 ) -> SegmentOutcome:
-    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map.
+    """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map
+    (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, name, else value).
 
     nnU-Net models (a quantized nnU-Net folder, an original results folder, several part folders or a
     parts file) run nnU-Net's own inference (``mirroring``: its test-time mirroring; ``step_size``: its
@@ -416,15 +427,28 @@ def segment(
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
     from .calibration import warn_intensity_mismatch
-    from .evaluate import agreement_dice, dice_per_class
+    from .evaluate import (
+        agreement_dice, check_label_map, compare_label_maps, label_table_next_to, parse_label_map,
+    )
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from .inference import segment_volume
 
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     warn_intensity_mismatch(volume, spec, input_path)
-    ref_volume = read_volume(reference) if reference else None
-    if ref_volume is not None:
-        volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+    from .preprocess import check_memory
+
+    check_memory(volume, spec, f"input volume '{input_path}'")  # before any engine is built
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low == high:
+        raise InputError(f"Input volume '{input_path}' is constant (every voxel is {low:g}): there is nothing to "
+                         "segment; check that the right file was exported.")
+    ref_volume, warnings = None, []
+    mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+    if reference:
+        ref_volume = read_volume(reference)
+        check_label_map(ref_volume.array, f"Reference '{reference}'")
+        ref_volume, note = ref_volume.aligned_to(volume, f"Reference '{reference}'")
+        warnings += [note] if note else []
     started = time.perf_counter()
     engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor)
     build_seconds = time.perf_counter() - started
@@ -437,13 +461,24 @@ def segment(
         )
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
         agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)
-    reference_dice = None
+    reference_dice = reference_per_class = None
     if ref_volume is not None:
-        reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
+        comparison = compare_label_maps(
+            result.labels.array, ref_volume.array, pred_names={i: c.name for i, c in enumerate(spec.classes)},
+            ref_names=label_table_next_to(reference), label_map=mapping, labels=labels)
+        reference_dice = comparison.dice.mean
+        reference_per_class = {f"{k} {comparison.names.get(k, '')}".strip(): v
+                               for k, v in comparison.dice.per_class.items()}
+        warnings += comparison.warnings
     json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output, spec.classes)
-    write_label_table(spec.classes, json_path)
-    write_label_table(spec.classes, csv_path)
+    try:
+        write_label_table(spec.classes, json_path)
+        write_label_table(spec.classes, csv_path)
+    except BaseException:  # a label map without its table is half an output: take it back
+        for path in (output, json_path):
+            path.unlink(missing_ok=True)
+        raise
     return SegmentOutcome(
         output=output,
         labels_json=json_path,
@@ -460,4 +495,6 @@ def segment(
         reference_dice=reference_dice,
         fp32_seconds=None if fp32_result is None else fp32_result.seconds,
         fp32_network_seconds=None if fp32_result is None else fp32_result.network_seconds,
+        reference_per_class=reference_per_class,
+        warnings=warnings,
     )

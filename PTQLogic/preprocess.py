@@ -42,12 +42,57 @@ class NetworkGrid:
     input_shape: tuple[int, int, int]  # input Volume's spatial shape, KJI order
 
 
+MEMORY_ENV = "PTQSEG_MAX_MEMORY_GB"  # optional cap on the estimated working memory of one volume
+
+
+def available_memory_bytes() -> int:
+    """Memory this process may use: $PTQSEG_MAX_MEMORY_GB if set, else what the OS reports as available."""
+    import os
+
+    if os.environ.get(MEMORY_ENV):
+        return int(float(os.environ[MEMORY_ENV]) * 2**30)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return 1 << 62
+
+
+def network_shape(volume: Volume, spec: ModelSpec) -> tuple[int, int, int]:
+    """The network-space shape the resampling will produce (MONAI ``Spacing`` keeps the physical extent)."""
+    if spec.preprocessing.spacing is None:
+        return tuple(int(s) for s in reversed(volume.spatial_shape))
+    extent = np.asarray(volume.spacing) * np.asarray(tuple(reversed(volume.spatial_shape)), dtype=float)
+    target = np.asarray(spec.preprocessing.spacing, dtype=float)
+    # orientation may permute axes; the product (what memory depends on) does not change
+    return tuple(max(1, int(round(e / t))) for e, t in zip(sorted(extent), sorted(target)))
+
+
+def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") -> int:
+    """Refuse, before allocating, a volume whose network-space arrays would not fit in memory."""
+    shape = network_shape(volume, spec)
+    voxels = float(np.prod(shape, dtype=float))
+    # float32 image + channels, float32 logits of every class (sliding-window output + count map), labels
+    needed = int(voxels * 4 * (spec.in_channels + 2 * spec.num_classes + 2) + volume.array.nbytes * 2)
+    available = available_memory_bytes()
+    if needed > available:
+        spacing = ", ".join(f"{v:g}" for v in volume.spacing)
+        raise InputError(
+            f"The {what} would need about {needed / 2**30:.1f} GiB to segment (network grid {shape} voxels at "
+            f"{spec.preprocessing.spacing} mm from spacing ({spacing}) mm) but about {available / 2**30:.1f} GiB is "
+            f"available; check the file's voxel spacing, crop the volume, or raise {MEMORY_ENV}."
+        )
+    return needed
+
+
 def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
     """Geometry only: (C, I, J, K) float32 tensor in network orientation/spacing, raw intensities."""
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
     volume.validate("input volume")
+    check_memory(volume, spec)
     if volume.channels != spec.in_channels:
         raise InputError(
             f"The volume has {volume.channels} channel(s) but model '{spec.name}' expects {spec.in_channels}; "

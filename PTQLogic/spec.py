@@ -227,4 +227,9 @@ def load_spec(path: str | Path) -> ModelSpec:
             data = json.loads(text)
     except Exception as exc:  # any parse failure is a user-facing error
         raise ModelError(f"Model spec '{path}' is not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
-    return spec_from_dict(data, base_dir=path.parent)
+    try:
+        return spec_from_dict(data, base_dir=path.parent)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        # a value of the wrong type that a specific check missed (found by Testing/test_properties.py's fuzz)
+        raise ModelError(f"Model spec '{path}' has a value of the wrong type or range ({type(exc).__name__}: "
+                         f"{exc}); compare it with the example in the README.") from None

@@ -13,6 +13,15 @@ import numpy as np
 from .errors import InputError
 
 
+def axis_codes(ijk_to_ras: np.ndarray) -> str:
+    """Where each voxel axis points, e.g. "LPS" (ITK/DICOM default) or "RAS" (NIfTI default)."""
+    codes = []
+    for column in np.asarray(ijk_to_ras, dtype=float)[:3, :3].T:
+        axis = int(np.argmax(np.abs(column)))
+        codes.append(("LR", "PA", "IS")[axis][int(column[axis] > 0)])
+    return "".join(codes)
+
+
 @dataclass
 class Volume:
     array: np.ndarray  # (K, J, I) or (C, K, J, I): slice, row, column like slicer.util.arrayFromVolume
@@ -40,9 +49,50 @@ class Volume:
     def require_same_grid(self, other: "Volume", what: str, atol: float = 1e-3) -> None:
         if not self.same_grid(other, atol):
             raise InputError(
-                f"{what} is not on the same voxel grid (shape {other.spatial_shape} vs {self.spatial_shape}, or a "
-                "different IJK-to-RAS matrix); resample it onto the image's grid first."
+                f"{what} is not on the same voxel grid as the image ({other.describe('it')}; "
+                f"{self.describe('the image')}); resample it onto the image's grid first."
             )
+
+    def describe(self, name: str) -> str:
+        """Geometry in (x, y, z) = (I, J, K) order: shape, spacing, origin and axis directions (RAS codes)."""
+        matrix = np.asarray(self.ijk_to_ras, dtype=float)
+        shape = tuple(reversed(self.spatial_shape))
+        spacing = ", ".join(f"{v:g}" for v in self.spacing)
+        origin = ", ".join(f"{v:.4g}" for v in matrix[:3, 3])
+        return f"{name}: shape {shape}, spacing ({spacing}) mm, origin ({origin}) RAS, axes {axis_codes(matrix)}"
+
+    def aligned_to(self, target: "Volume", what: str, atol: float = 1e-3) -> tuple["Volume", str | None]:
+        """This label map on ``target``'s grid, and a note when that needed a reorientation.
+
+        Only an exact re-indexing is done: the same voxel centres stored with other axis directions or
+        order (e.g. LAS vs LPS). Anything else is refused with both geometries in the message.
+        """
+        if self.same_grid(target, atol):
+            return self, None
+        mapping = np.linalg.solve(np.asarray(self.ijk_to_ras, float), np.asarray(target.ijk_to_ras, float))
+        linear, offset = mapping[:3, :3], mapping[:3, 3]
+        is_permutation = np.allclose(np.abs(linear).sum(axis=0), 1, atol=1e-4) and np.allclose(
+            np.round(linear), linear, atol=1e-4) and np.allclose(np.round(offset), offset, atol=1e-3)
+        if is_permutation and self.array.ndim == 3:
+            linear, offset = np.round(linear).astype(int), np.round(offset).astype(int)
+            src_shape_ijk = tuple(reversed(self.spatial_shape))
+            dst_shape_ijk = tuple(reversed(target.spatial_shape))
+            axes = [int(np.argmax(np.abs(linear[:, a]))) for a in range(3)]  # source axis of each target axis
+            index = [linear[axes[a], a] * np.arange(dst_shape_ijk[a]) + offset[axes[a]] for a in range(3)]
+            inside = all(len(ix) == src_shape_ijk[axes[a]] and ix.min() >= 0 and ix.max() < src_shape_ijk[axes[a]]
+                         for a, ix in enumerate(index))
+            if inside:
+                ijk = np.transpose(self.array, (2, 1, 0))  # KJI -> IJK
+                moved = np.transpose(ijk, axes)[np.ix_(*index)]
+                array = np.ascontiguousarray(np.transpose(moved, (2, 1, 0)))
+                note = (f"{what} is stored with axes {axis_codes(self.ijk_to_ras)}, the image with "
+                        f"{axis_codes(target.ijk_to_ras)}; it was reoriented exactly (no interpolation).")
+                return Volume(array=array, ijk_to_ras=np.array(target.ijk_to_ras, dtype=float)), note
+        self_desc, target_desc = self.describe("it"), target.describe("the image")
+        raise InputError(
+            f"{what} is not on the same voxel grid as the image ({self_desc}; {target_desc}); "
+            "resample it onto the image's grid first (nearest neighbour for label maps)."
+        )
 
     def validate(self, what: str = "volume") -> "Volume":
         """Raise :class:`InputError` unless this is a usable 3D (optionally multi-channel) image."""

@@ -1,22 +1,33 @@
 """Shared fixtures: real data location, phantoms, and one quantized sample model per test session."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA_ENV = "PTQSEG_TEST_DATA"
+# real data: $PTQSEG_TEST_DATA, else ../shared/data next to the checkout
+SHARED_DATA = Path(os.environ.get(DATA_ENV) or ROOT.parent / "shared" / "data")
 SAMPLE_UNET = ROOT / "PTQLogic" / "data" / "phantom_unet.json"
 
 torch.set_num_threads(2)
+# engine caches of the test run (subprocesses inherit it) stay out of the user's cache folder
+if "PTQSEG_CACHE_DIR" not in os.environ:
+    os.environ["PTQSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="ptqseg-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PTQSEG_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "example_ct_sm.nii.gz").is_file():
-        pytest.skip(f"real data not found in {SHARED_DATA}")
+        pytest.skip(f"real data (example_ct_sm.nii.gz, example_seg.nii.gz, ...) not found in {SHARED_DATA}; "
+                    f"set {DATA_ENV}=/path/to/data to run the real-data tests")
     return SHARED_DATA
 
 

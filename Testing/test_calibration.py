@@ -14,7 +14,7 @@ from PTQLogic.progress import Monitor
 from PTQLogic.spec import spec_from_dict
 from PTQLogic.volume import Volume
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 BODY_HU, AIR_HU = 40, -1000
 BODY_VALUE = (BODY_HU + 1000) / 2000  # after the default CT window [-1000, 1000]
 
@@ -122,7 +122,7 @@ def test_load_calibration_volumes(tmp_path):
 def test_real_ct_patches():
     path = DATA / "example_ct_sm.nii.gz"
     if not path.exists():
-        pytest.skip("shared data missing")
+        pytest.skip(f"real data not found in {DATA}; set {DATA_ENV}=/path/to/data to run it")
     volumes = load_calibration_volumes([path])
     patches = sample_calibration_patches(volumes, make_spec((16, 16, 16)), CalibrationSettings(8, 0, 1.0))
     assert patches.shape == (8, 1, 16, 16, 16)

@@ -8,6 +8,7 @@ import pytest
 
 from PTQLogic.cache import EngineCache, engine_fields
 from PTQLogic.errors import Cancelled, PTQError
+from PTQLogic.fileio import sha256_file
 from PTQLogic.progress import Monitor
 
 FIELDS = {
@@ -40,6 +41,7 @@ def test_identical_fields_reuse_the_artifact(tmp_path):
     assert first.read_bytes() == b"engine-bytes1" and first.suffix == ".plan"
     assert first.name.startswith("tensorrt-int8-")
     sidecar = json.loads(first.with_name(first.name.replace(".plan", ".fields.json")).read_text())
+    assert sidecar.pop("artifact_sha256") == sha256_file(first)  # verified before every reuse
     assert sidecar == FIELDS
 
 

@@ -16,7 +16,7 @@ from PTQLogic.imageio import label_table_paths, read_volume, write_label_table, 
 from PTQLogic.spec import ClassInfo
 from PTQLogic.volume import Volume
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 
 
 def oblique_ras(spacing=(0.8, 1.2, 2.5), angle=0.3, origin=(-12.5, 30.25, 7.0)) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_labelmap_uint16_and_rejects_bad_labels(tmp_path):
 def test_real_ct_round_trip(tmp_path):
     path = DATA / "example_ct_sm.nii.gz"
     if not path.exists():
-        pytest.skip("shared data missing")
+        pytest.skip(f"real data not found in {DATA}; set {DATA_ENV}=/path/to/data to run it")
     volume = read_volume(path)
     reference = nib.load(path)
     np.testing.assert_allclose(volume.ijk_to_ras, reference.affine, atol=1e-5)

@@ -16,7 +16,7 @@ from PTQLogic.spec import spec_from_dict
 from PTQLogic.volume import Volume
 
 torch.set_num_threads(1)
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 CENTRE = np.array([2.0, -3.0, 4.0])
 
 
@@ -111,7 +111,7 @@ def test_cancel_and_wrong_class_count():
 def test_real_ct_geometry_round_trip():
     path = DATA / "example_ct_sm.nii.gz"
     if not path.exists():
-        pytest.skip("shared data missing")
+        pytest.skip(f"real data not found in {DATA}; set {DATA_ENV}=/path/to/data to run it")
     volume = read_volume(path)
     reference = read_volume(path)
     native = segment_volume(volume, make_spec(patch=(32, 32, 32)), ThresholdEngine(), batch_size=4)

@@ -26,6 +26,7 @@ import torch
 from ..errors import Cancelled, InputError, ModelError
 from ..fileio import atomic_write_bytes
 from ..progress import Monitor
+from ..cache import model_cache_dir
 from .tensorrt_runner import TensorRTEngine, import_tensorrt
 from .trt_graphs import dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
 
@@ -339,7 +340,7 @@ def tensorrt_engine_for(onnx_path: Path, precision: str, cache_dir: Path | None,
     """Build (or reuse) the plan on the GPU ``device`` and open it."""
     gpu = torch.device(device or "cuda")
     props = torch.cuda.get_device_properties(gpu)
-    plan, build_info = cached_plan(onnx_path, precision, cache_dir if cache_dir is not None else onnx_path.parent / "engines",
+    plan, build_info = cached_plan(onnx_path, precision, cache_dir if cache_dir is not None else model_cache_dir([onnx_path]),
                                    f"{props.name} sm_{props.major}{props.minor}", max_batch, monitor,
                                    build_context=lambda: torch.cuda.device(gpu))
     return TensorRTEngine(plan, precision, device=gpu, build=build_info)
