@@ -280,11 +280,16 @@ def compare_label_maps(
 
 
 def label_table_next_to(path: str | Path) -> dict[int, str]:
-    """Names from ``<name>.json`` beside a label map (written by ``ptqseg segment``), if present."""
+    """Names from the label table beside a label map, if present: ``x.nii.gz.labels.json`` (written by
+    ``ptqseg segment``), else ``x.json`` (written by earlier versions and by hand)."""
     from .imageio import label_table_paths
 
-    json_path = label_table_paths(path)[0]
-    return read_label_names(json_path) if json_path.is_file() else {}
+    path = Path(path)
+    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+    for json_path in (label_table_paths(path)[0], path.with_name(stem + ".json")):
+        if json_path.is_file():
+            return read_label_names(json_path)
+    return {}
 
 
 def evaluate_files(
