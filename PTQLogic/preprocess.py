@@ -42,6 +42,7 @@ class NetworkGrid:
     input_shape: tuple[int, int, int]  # input Volume's spatial shape, KJI order
 
 
+RESAMPLE_DTYPE = torch.float64  # MONAI's default compute type for Spacing: bundles get MONAI's exact inputs
 MEMORY_ENV = "PTQSEG_MAX_MEMORY_GB"  # optional cap on the estimated working memory of one volume
 
 
@@ -107,7 +108,7 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float64)(image)
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=RESAMPLE_DTYPE)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
         shape=tuple(int(s) for s in image.shape[1:]),

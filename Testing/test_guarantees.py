@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from PTQLogic.imageio import label_table_paths
+
 from PTQLogic.fileio import atomic_write_text, current_umask, make_temp_dir
 
 from conftest import ROOT, SAMPLE_UNET
@@ -60,7 +62,7 @@ def test_every_command_makes_no_network_call_and_writes_nothing_to_home(quantize
     assert not (home / "intel").exists(), "OpenVINO telemetry files were written"
     # third-party caches (matplotlib's ~/.config, ModelOpt's CuPy kernels in ~/.cupy) may appear; our files never
     assert not [p for p in home.rglob("*") if "ptqseg" in p.name.lower()]
-    written = [model, *model.iterdir(), tmp_path / "seg.nii.gz", tmp_path / "seg.json", tmp_path / "seg.csv",
+    written = [model, *model.iterdir(), tmp_path / "seg.nii.gz", *label_table_paths(tmp_path / "seg.nii.gz"),
                *(tmp_path / "bench").iterdir()]
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
@@ -134,7 +136,8 @@ def test_unwritable_output_fails_before_any_work(quantized_unet, phantom_files, 
     result = cli(["segment", "--model", quantized_unet, "--input", phantom_files["image"],
                   "--output", blocked / "labels.nii.gz", "--progress-lines"])
     assert result.returncode != 0
-    assert "PTQSEG_PROGRESS" not in result.stderr, "work started before the output was checked"
+    work = [line for line in result.stderr.splitlines() if line.startswith("PTQSEG_PROGRESS") and '"loading"' not in line]
+    assert not work, "work started before the output was checked"
     line, = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert "blocked" in line and ".partial" not in line
 

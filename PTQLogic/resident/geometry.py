@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess import _RAS_LABELS, NetworkGrid, _axis_aligned, labels_to_input_grid, normalize_intensity
+from ..preprocess import (
+    _RAS_LABELS, RESAMPLE_DTYPE, NetworkGrid, _axis_aligned, labels_to_input_grid, normalize_intensity,
+)
 from ..spec import ModelSpec
 from ..volume import Volume
 
@@ -43,7 +45,7 @@ def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=RESAMPLE_DTYPE)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
         shape=tuple(int(s) for s in image.shape[1:]),
