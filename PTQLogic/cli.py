@@ -41,6 +41,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), monitor=_monitor(args),
+        placement=args.placement, activations=args.activations,
     )
     data = result.to_dict()
     _emit(args, data, (
@@ -106,7 +107,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     summary = run_benchmark(
         args.model, args.input, args.out, runtimes=args.runtimes, precisions=args.precisions,
-        reference=args.reference, repeats=args.repeats, batch_size=args.batch_size, monitor=_monitor(args),
+        reference=args.reference, repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
+        monitor=_monitor(args),
     )
     _emit(args, summary, summary["markdown"] + f"\nTables and plot written to {args.out}")
 
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=["max", "entropy"], default="max")
     q.add_argument("--seed", type=int, default=0, help="calibration patch sampling seed (>= 0)")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
+    q.add_argument("--placement", choices=["modelopt", "cpu"], default="modelopt",
+                   help="Q/DQ placement: 'modelopt' (TensorRT rules, default) or 'cpu' (INT8 chains through "
+                        "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime)")
+    q.add_argument("--activations", choices=["s8", "u8"], default="s8",
+                   help="activation type of the 'cpu' placement (s8 symmetric; u8 lets ONNX Runtime fuse more)")
 
     b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
     b.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
@@ -196,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder for the Markdown/CSV/JSON tables and the plot")
     m.add_argument("--runtimes", nargs="+", default=["auto"], choices=runtime_choices)
     m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS)
-    m.add_argument("--repeats", type=int, default=10)
+    m.add_argument("--repeats", type=int, default=20, help="timed repeats per engine (default 20)")
+    m.add_argument("--warmup", type=int, default=5, help="untimed calls per engine first (default 5)")
     m.add_argument("--batch-size", type=int, default=1)
 
     d = add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table")

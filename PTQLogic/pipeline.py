@@ -165,6 +165,8 @@ def quantize_model(
     method: str = "max",
     exclude_nodes: Sequence[str] = (),
     monitor: Monitor | None = None,
+    placement: str = "modelopt",
+    activations: str = "s8",
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
     from .calibration import (
@@ -181,6 +183,8 @@ def quantize_model(
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
+    QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
+                     activations=activations).validate()
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     weights = [spec.weights_path()] if spec.weights_path() else []
     out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
@@ -206,7 +210,8 @@ def quantize_model(
         staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
         patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
-        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
+        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
+                                    activations=activations)
         report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
         summary = {
             "model": spec.name,
