@@ -177,9 +177,36 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
     return out
 
 
+def to_markdown(report: dict) -> str:
+    """The per-patch latency table (median, p10-p90, min-max, speedups) and the machine, as Markdown."""
+    m = report["machine"]
+    flags = ", ".join(k for k, v in m["flags"].items() if v) or "no AVX2/AVX-512/AMX"
+    lines = [f"### Per-patch latency, {report['patch']}^3 patch, batch 1, {report['repeats']} interleaved repeats",
+             "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}",
+             f"- threads: {report.get('threads') or 'runtime latency default'}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+             "| Model | Runtime (precision hint) | File | Median ms | p10-p90 | min-max | vs own FP32 | "
+             "vs OpenVINO bf16 FP32 |", "|---|---|---|---|---|---|---|---|"]
+    for name, result in report["models"].items():
+        for key, row in result["rows"].items():
+            runtime, variant = key.split("/")
+            own = row.get("speedup_vs_own_fp32")
+            bf16 = row.get("speedup_vs_openvino_bf16_fp32")
+            lines.append(f"| {name} | {runtime} | {variant} | {row['median_ms']:.1f} | {row['p10_ms']:.1f}-"
+                         f"{row['p90_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
+                         f"{'-' if own is None else f'{own:.2f}x'} | {'-' if bf16 is None else f'{bf16:.2f}x'} |")
+        for key, error in result["errors"].items():
+            lines.append(f"| {name} | {key} | error: {error} | | | | | |")
+    lines += ["", "File: fp32 = FP32 ONNX; modelopt = ModelOpt default (TensorRT) Q/DQ placement; cpus8 = the "
+              "project's CPU placement (PTQLogic/quantization/placement.py, symmetric int8). Runtime rows are timed "
+              "one runtime configuration at a time, its FP32 and INT8 calls interleaved round by round; the "
+              "time includes copying the logits out of the runtime."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--dir", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", default=["unet_bn", "unet_in", "segresnet"])
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=20)
@@ -189,7 +216,11 @@ def main() -> None:
     parser.add_argument("--export", action="store_true", help="export missing FP32 models first (needs monai)")
     parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters of INT8 files")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
     args = parser.parse_args()
+    if args.render:
+        print(to_markdown(json.loads(args.render.read_text())), end="")
+        return
     if args.export:
         export(args.dir, args.patch)
     report = {"machine": machine(), "patch": args.patch, "repeats": args.repeats, "warmup": args.warmup,
@@ -205,6 +236,7 @@ def main() -> None:
             print(f"{name:10s} {key:28s} ERROR {error}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(to_markdown(report))
 
 
 if __name__ == "__main__":
