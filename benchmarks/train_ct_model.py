@@ -62,10 +62,17 @@ def map_labels(totalseg: np.ndarray) -> np.ndarray:
 
 
 def load_ct_pair(data_dir: str | Path) -> tuple[Volume, Volume]:
-    """(CT image, mapped 13-class labels) on the same grid; InputError when the files are missing."""
+    """(CT image, mapped 13-class labels) on the same grid; InputError when the files are missing.
+
+    ``data_dir`` may also be an ``.npz`` written by ``--save-pair`` (for machines without SimpleITK).
+    """
+    data_dir = Path(data_dir)
+    if data_dir.suffix == ".npz" and data_dir.is_file():
+        with np.load(data_dir) as pair:
+            return (Volume(array=pair["image"], ijk_to_ras=pair["ijk_to_ras"]),
+                    Volume(array=pair["labels"], ijk_to_ras=pair["ijk_to_ras"]))
     from PTQLogic.imageio import read_volume
 
-    data_dir = Path(data_dir)
     missing = [name for name in (CT_FILE, SEG_FILE) if not (data_dir / name).is_file()]
     if missing:
         raise InputError(f"Labeled CT not found: {', '.join(str(data_dir / m) for m in missing)}; "
@@ -90,7 +97,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "PTQLogic" / "data")
+    parser.add_argument("--save-pair", type=Path, help="only write the mapped (image, labels) pair as .npz")
     args = parser.parse_args()
+    if args.save_pair:
+        image, labels = load_ct_pair(args.data)
+        np.savez_compressed(args.save_pair, image=image.array, labels=labels.array, ijk_to_ras=image.ijk_to_ras)
+        return
     if args.device == "cpu":
         torch.set_num_threads(2)
     image, labels = load_ct_pair(args.data)
