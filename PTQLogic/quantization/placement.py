@@ -13,13 +13,16 @@ output convolution in FP32, which is half of OpenVINO's INT8 time. CPU runtimes 
 - network outputs stay float (the trailing Q/DQ ORT adds on the last op is removed).
 
 Calibration and Q/DQ insertion use ONNX Runtime's static quantizer (the engine ModelOpt itself
-drives), with per-channel symmetric INT8 weights; activations are symmetric INT8 (``"s8"``, legal
+drives, here in a child process, away from ModelOpt's patches), with per-channel symmetric INT8 weights; activations are symmetric INT8 (``"s8"``, legal
 for TensorRT) or asymmetric UINT8 (``"u8"``, which ONNX Runtime's CPU kernels fuse most widely).
 The result is always checked by :func:`PTQLogic.qdq_check.check_qdq`.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, ModelError, PTQError
+from ..errors import InputError, ModelError
 
 PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
 ACTIVATIONS = ("s8", "u8")
@@ -97,6 +100,62 @@ def _reader(input_name: str, calibration: np.ndarray, on_batch: Callable[[int, i
     return Reader()
 
 
+def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types: list[str], activations: str,
+                     method: str, on_batch: Callable[[int, int], None] | None) -> None:
+    """ONNX Runtime's static Q/DQ quantizer with the CPU placement settings (runs in a clean child process)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    symmetric = activations == "s8"
+    input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
+    quantize_static(
+        prepared, out, _reader(input_name, calibration, on_batch),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=op_types,
+        per_channel=True,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": symmetric,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,  # float bias: TensorRT and OpenVINO fold it; no int32 tensors
+            "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+        },
+    )
+
+
+def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path: Path, op_types: tuple[str, ...],
+               activations: str, method: str, on_batch: Callable[[int, int], None] | None) -> None:
+    """Quantize in a child process: ModelOpt monkey-patches ONNX Runtime's calibrators process-wide, which
+    breaks a plain ``quantize_static`` run later in the same process (tests, Slicer)."""
+    calib_path = workdir / "calibration.npy"
+    np.save(calib_path, calibration)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
+               ",".join(op_types), activations, method]
+    tail: list[str] = []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("batch "):
+                done, total = (int(v) for v in line.split()[1:3])
+                if on_batch is not None:
+                    on_batch(done, total)  # may raise Cancelled: the child is stopped below
+            elif line.strip():
+                tail = (tail + [line.strip()])[-3:]
+        code = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    if code != 0 or not out_path.is_file():
+        raise ModelError(f"CPU Q/DQ placement failed (ONNX Runtime quantizer exit code {code}): "
+                         f"{' | '.join(tail) or 'no output'}")
+
+
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max",
                  on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
@@ -105,7 +164,6 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .graph_prep import drop_unused_initializers, prepare_for_int8
 
@@ -116,34 +174,14 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     model = onnx.load(str(fp32_onnx))
     rewrites = prepare_for_int8(model)
-    input_name = model.graph.input[0].name
     present = {node.op_type for node in model.graph.node}
     op_types = tuple(op for op in CPU_OP_TYPES if op in present)
-    symmetric = activations == "s8"
     workdir = Path(tempfile.mkdtemp(prefix=".placement-", dir=out_path.parent))
     try:
         prepared = workdir / "prepared.onnx"
         onnx.save(model, str(prepared))
-        try:
-            quantize_static(
-                str(prepared), str(out_path), _reader(input_name, calibration, on_batch),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types),
-                per_channel=True,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
-                extra_options={
-                    "ActivationSymmetric": symmetric,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,  # float bias: TensorRT and OpenVINO fold it; no int32 tensors
-                    "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
-                },
-            )
-        except PTQError:  # bad input, or cancelled between calibration batches
-            raise
-        except Exception as exc:
-            raise ModelError(f"CPU Q/DQ placement failed on '{fp32_onnx}': {type(exc).__name__}: {exc}") from None
+        _run_child(workdir, prepared, np.ascontiguousarray(calibration, dtype=np.float32), out_path, op_types,
+                   activations, method, on_batch)
         quantized = onnx.load(str(out_path))
         stripped = strip_output_qdq(quantized)
         if stripped:
@@ -152,3 +190,9 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped))
+
+
+if __name__ == "__main__":  # the child process of _run_child
+    _prepared, _calibration, _out, _ops, _activations, _method = sys.argv[1:7]
+    _static_quantize(_prepared, np.load(_calibration), _out, _ops.split(","), _activations, _method,
+                     lambda done, total: print(f"batch {done} {total}", flush=True))
