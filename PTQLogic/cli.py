@@ -69,6 +69,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
+        placement=args.placement, activations=args.activations,
     )
     data = result.to_dict()
     inputs = data["calibration_inputs"]
@@ -182,7 +183,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     summary = run_benchmark(
         args.model, args.input, args.out, runtimes=args.runtimes, precisions=args.precisions,
-        reference=args.reference, repeats=args.repeats, batch_size=args.batch_size, monitor=_monitor(args),
+        reference=args.reference, repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
+        monitor=_monitor(args),
     )
     _emit(args, summary, summary["markdown"] + f"\nTables and plot written to {args.out}")
 
@@ -275,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range calibration (entropy: for outlier-heavy activations)")
     q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
+    q.add_argument("--placement", choices=["modelopt", "cpu"], default="modelopt",
+                   help="Q/DQ placement: 'modelopt' (TensorRT rules, default) or 'cpu' (INT8 chains through "
+                        "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime)")
+    q.add_argument("--activations", choices=["s8", "u8"], default="s8",
+                   help="activation type of the 'cpu' placement (s8 symmetric; u8 lets ONNX Runtime fuse more)")
     q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
     q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
                    default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
@@ -335,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--runtimes", nargs="+", default=["auto"], choices=RUNTIME_CHOICES, help="runtimes to compare")
     m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,
                    help=f"precisions to compare ({NO_GPU_NOTE}; combinations a runtime cannot run are skipped)")
-    m.add_argument("--repeats", type=int_at_least(1), default=10, help="timed repetitions per engine")
+    m.add_argument("--repeats", type=int_at_least(1), default=20, help="timed repetitions per engine (FP32 and INT8 interleaved)")
+    m.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed calls per engine first")
     m.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
 
     d = add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table")

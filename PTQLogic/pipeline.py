@@ -196,6 +196,8 @@ def quantize_model(
     monitor: Monitor | None = None,
     folds: Sequence[str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
+    placement: str = "modelopt",
+    activations: str = "s8",
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
     from .nnunet.folder import is_nnunet_folder
@@ -226,8 +228,13 @@ def quantize_model(
 
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
+    QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
+                     activations=activations).validate()
     if guard is not None:
         guard.validate()
+        if placement != "modelopt":
+            raise InputError("The accuracy guard keeps layers in FP32 through ModelOpt's exclusions; use it with "
+                             "--placement modelopt (the default), or drop --min-agreement/--max-dice-drop.")
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     weights = [spec.weights_path()] if spec.weights_path() else []
     out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
@@ -253,7 +260,8 @@ def quantize_model(
             export_info = {"source": "torch", "max_abs_error": exported.max_abs_error, "opset": exported.opset}
         staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
-        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
+        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
+                                    activations=activations)
         guard_info = None
         if guard is None:
             patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)

@@ -35,8 +35,19 @@ class QuantizeSettings:
     dq_only: bool = True  # INT8 weight initializers + DequantizeLinear: ~4x smaller file
     exclude_nodes: tuple[str, ...] = ()  # node-name regular expressions kept in high precision
     exclude_op_types: tuple[str, ...] = ()
+    # "modelopt": ModelOpt's TensorRT placement; "cpu": quantization.placement (INT8 chains for OpenVINO/ORT)
+    placement: str = "modelopt"
+    activations: str = "s8"  # "cpu" placement only: symmetric int8 or asymmetric uint8 activations
 
     def validate(self) -> None:
+        from .quantization.placement import ACTIVATIONS, PLACEMENTS
+
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"Q/DQ placement must be one of {PLACEMENTS}, got {self.placement!r}.")
+        if self.activations not in ACTIVATIONS:
+            raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {self.activations!r}.")
+        if self.placement == "cpu" and (self.exclude_nodes or self.exclude_op_types):
+            raise InputError("Excluding nodes or op types is supported with the 'modelopt' placement only.")
         if self.method not in METHODS:
             raise InputError(f"Calibration method must be one of {METHODS}, got {self.method!r}.")
         if self.high_precision not in HIGH_PRECISION:
@@ -178,8 +189,23 @@ def _progress_reader(src: Path, input_name: str, calibration: np.ndarray, monito
     return reader
 
 
+def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: QuantizeSettings,
+                       log: io.StringIO, monitor: Monitor) -> None:
+    from .quantization.placement import quantize_cpu
+
+    def on_batch(done: int, total: int) -> None:
+        monitor.update(CALIBRATION_STAGE.replace("ModelOpt", "ONNX Runtime"), done, total)
+
+    report = quantize_cpu(src, calibration, dst, activations=settings.activations, method=settings.method,
+                          on_batch=on_batch)
+    log.write(f"CPU Q/DQ placement: {report.to_dict()}\n")
+
+
 def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
                   settings: QuantizeSettings, log: io.StringIO, monitor: Monitor) -> None:
+    if settings.placement == "cpu":
+        _run_cpu_placement(src, dst, calibration, settings, log, monitor)
+        return
     with _captured_modelopt_log(log), _silent_third_party_bars():
         from modelopt.onnx.quantization import quantize
 

@@ -1,0 +1,139 @@
+"""Graph rewrites that make a float ONNX graph quantize into fused INT8 chains on CPU runtimes.
+
+- ``Identity`` nodes in front of initializers are bypassed (exporters emit them for shared weights);
+- ``BatchNormalization`` after a Conv/ConvTranspose is folded into that layer's weights and bias
+  (PyTorch's exporter folds it only after Conv), so the layer's output goes straight to the activation;
+- ``PRelu`` with one learned slope (MONAI's default ``PReLU()``) becomes ``LeakyRelu(alpha)``: both
+  runtimes have an INT8 kernel (ONNX Runtime ``QLinearLeakyRelu``) or a conv post-op for it.
+The rewritten graph computes the same function (checked in the tests to 1e-4).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def bypass_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity nodes whose input is an initializer; consumers read the initializer directly."""
+    inits = _initializers(model)
+    outputs = {o.name for o in model.graph.output}
+    rename = {n.output[0]: n.input[0] for n in model.graph.node
+              if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not rename:
+        return 0
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in rename)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(rename)
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    return consumers
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            return
+    model.graph.initializer.append(numpy_helper.from_array(array, name))
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold inference BatchNormalization into the Conv/ConvTranspose that feeds it (sole consumer only)."""
+    inits = _initializers(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = _consumers(model)
+    graph_outputs = {o.name for o in model.graph.output}
+    removed, folded = set(), 0
+    for bn in model.graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(consumers[conv.output[0]]) != 1:
+            continue
+        if conv.output[0] in graph_outputs or not all(name in inits for name in bn.input[1:5]):
+            continue
+        if conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits):
+            continue
+        if sum(1 for n in model.graph.node for i in n.input if i == conv.input[1]) != 1:
+            continue  # shared weight: folding would change the other user
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
+        scale = gamma / np.sqrt(var + eps)
+        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        if conv.op_type == "Conv":
+            weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        else:  # ConvTranspose weight [Cin, Cout/group, k...]; output channel o = g * Cout/g + j
+            cin, cout_g = weight.shape[:2]
+            w = weight.reshape(group, cin // group, cout_g, *weight.shape[2:])
+            w = w * scale.reshape(group, 1, cout_g, *([1] * (weight.ndim - 2)))
+            weight = w.reshape(weight.shape)
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+            else np.zeros_like(scale)
+        bias = (bias - mean) * scale + beta
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        _set_initializer(model, conv.input[1], weight.astype(dtype))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.name + "_folded_bias"
+        _set_initializer(model, bias_name, bias.astype(dtype))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    if removed:
+        keep = [n for n in model.graph.node if id(n) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return folded
+
+
+def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
+    """Replace PRelu nodes whose slope is a single constant with LeakyRelu(alpha=slope)."""
+    inits = _initializers(model)
+    changed = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "PRelu" or node.input[1] not in inits:
+            continue
+        slope = numpy_helper.to_array(inits[node.input[1]])
+        if slope.size != 1:
+            continue
+        leaky = helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name or f"leaky_{i}",
+                                 alpha=float(slope.reshape(-1)[0]))
+        model.graph.node[i].CopyFrom(leaky)
+        changed += 1
+    return changed
+
+
+def prepare_for_int8(model: onnx.ModelProto) -> dict[str, int]:
+    """Apply every rewrite in place; returns how many of each were made."""
+    counts = {"identities_bypassed": bypass_identities(model)}
+    counts["batchnorm_folded"] = fold_batchnorm(model)
+    counts["prelu_to_leakyrelu"] = prelu_to_leakyrelu(model)
+    drop_unused_initializers(model)
+    return counts
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

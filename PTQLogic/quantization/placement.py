@@ -1,0 +1,198 @@
+"""CPU Q/DQ placement: INT8 activations through normalization, activation, residual add, concat and ConvTranspose.
+
+ModelOpt's default placement targets TensorRT: Q/DQ only on op *inputs*, and it skips convolutions
+with fewer than 16 channels (TensorRT kernel limits) -- on a MONAI UNet that leaves the full-resolution
+output convolution in FP32, which is half of OpenVINO's INT8 time. CPU runtimes want the opposite:
+
+- every Conv/ConvTranspose quantized, whatever its channel count;
+- Q/DQ on op *outputs* too (Conv, LeakyRelu, Add, Concat, pools), so ONNX Runtime fuses
+  ``DQ -> Conv -> Q`` into ``QLinearConv`` (and QLinearAdd/QLinearConcat/QLinearLeakyRelu) and
+  OpenVINO keeps the chain in int8 between convolutions;
+- BatchNorm folded into the ConvTranspose before it and single-slope PReLU turned into LeakyRelu
+  (``graph_prep``), so normalization/activation are fused instead of breaking the int8 chain;
+- network outputs stay float (the trailing Q/DQ ORT adds on the last op is removed).
+
+Calibration and Q/DQ insertion use ONNX Runtime's static quantizer (the engine ModelOpt itself
+drives, here in a child process, away from ModelOpt's patches), with per-channel symmetric INT8 weights; activations are symmetric INT8 (``"s8"``, legal
+for TensorRT) or asymmetric UINT8 (``"u8"``, which ONNX Runtime's CPU kernels fuse most widely).
+The result is always checked by :func:`PTQLogic.qdq_check.check_qdq`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+
+PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
+ACTIVATIONS = ("s8", "u8")
+CPU_OP_TYPES = ("Conv", "ConvTranspose", "Add", "Concat", "LeakyRelu", "Relu", "MaxPool", "AveragePool",
+                "GlobalAveragePool", "Resize", "Mul", "Sigmoid")
+
+
+@dataclass(frozen=True)
+class PlacementReport:
+    placement: str
+    activations: str
+    rewrites: dict[str, int]
+    op_types: tuple[str, ...]
+    float_outputs: tuple[str, ...]  # network outputs whose trailing Q/DQ was removed (float logits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def strip_output_qdq(model) -> list[str]:
+    """Remove ``Q -> DQ`` pairs that end at a graph output, so logits are not requantized to 8 bits."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    removed, stripped = set(), []
+    for output in model.graph.output:
+        dq = producer.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0], 0) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or consumers.get(q.input[0], 0) != 1:
+            continue
+        source.output[list(source.output).index(q.input[0])] = output.name
+        removed.update((id(q), id(dq)))
+        stripped.append(output.name)
+    if removed:
+        keep = [n for n in model.graph.node if id(n) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return stripped
+
+
+def _reader(input_name: str, calibration: np.ndarray, on_batch: Callable[[int, int], None] | None):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.index = 0
+
+        def get_next(self):
+            if self.index >= len(calibration):
+                return None
+            item = {input_name: calibration[self.index:self.index + 1]}
+            self.index += 1
+            if on_batch is not None:
+                on_batch(self.index, len(calibration))
+            return item
+
+        def rewind(self) -> None:
+            self.index = 0
+
+    return Reader()
+
+
+def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types: list[str], activations: str,
+                     method: str, on_batch: Callable[[int, int], None] | None) -> None:
+    """ONNX Runtime's static Q/DQ quantizer with the CPU placement settings (runs in a clean child process)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    symmetric = activations == "s8"
+    input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
+    quantize_static(
+        prepared, out, _reader(input_name, calibration, on_batch),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=op_types,
+        per_channel=True,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": symmetric,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,  # float bias: TensorRT and OpenVINO fold it; no int32 tensors
+            "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+        },
+    )
+
+
+def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path: Path, op_types: tuple[str, ...],
+               activations: str, method: str, on_batch: Callable[[int, int], None] | None) -> None:
+    """Quantize in a child process: ModelOpt monkey-patches ONNX Runtime's calibrators process-wide, which
+    breaks a plain ``quantize_static`` run later in the same process (tests, Slicer)."""
+    calib_path = workdir / "calibration.npy"
+    np.save(calib_path, calibration)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
+               ",".join(op_types), activations, method]
+    tail: list[str] = []
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("batch "):
+                done, total = (int(v) for v in line.split()[1:3])
+                if on_batch is not None:
+                    on_batch(done, total)  # may raise Cancelled: the child is stopped below
+            elif line.strip():
+                tail = (tail + [line.strip()])[-3:]
+        code = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    if code != 0 or not out_path.is_file():
+        raise ModelError(f"CPU Q/DQ placement failed (ONNX Runtime quantizer exit code {code}): "
+                         f"{' | '.join(tail) or 'no output'}")
+
+
+def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
+                 activations: str = "s8", method: str = "max",
+                 on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
+    """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
+
+    ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
+    """
+    import onnx
+
+    from .graph_prep import drop_unused_initializers, prepare_for_int8
+
+    if activations not in ACTIVATIONS:
+        raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {activations!r}.")
+    if method not in ("max", "entropy"):
+        raise InputError(f"Calibration method must be 'max' or 'entropy', got {method!r}.")
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    model = onnx.load(str(fp32_onnx))
+    rewrites = prepare_for_int8(model)
+    present = {node.op_type for node in model.graph.node}
+    op_types = tuple(op for op in CPU_OP_TYPES if op in present)
+    workdir = Path(tempfile.mkdtemp(prefix=".placement-", dir=out_path.parent))
+    try:
+        prepared = workdir / "prepared.onnx"
+        onnx.save(model, str(prepared))
+        _run_child(workdir, prepared, np.ascontiguousarray(calibration, dtype=np.float32), out_path, op_types,
+                   activations, method, on_batch)
+        quantized = onnx.load(str(out_path))
+        stripped = strip_output_qdq(quantized)
+        if stripped:
+            drop_unused_initializers(quantized)
+            onnx.save(quantized, str(out_path))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped))
+
+
+if __name__ == "__main__":  # the child process of _run_child
+    _prepared, _calibration, _out, _ops, _activations, _method = sys.argv[1:7]
+    _static_quantize(_prepared, np.load(_calibration), _out, _ops.split(","), _activations, _method,
+                     lambda done, total: print(f"batch {done} {total}", flush=True))

@@ -1,0 +1,123 @@
+"""CPU Q/DQ placement: graph rewrites keep the function, every convolution is quantized, outputs stay float,
+the TensorRT rules validator passes (s8), ONNX Runtime and OpenVINO run the result close to FP32."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from PTQLogic.errors import InputError
+from PTQLogic.qdq_check import check_qdq
+from PTQLogic.quantization.graph_prep import prepare_for_int8
+from PTQLogic.quantization.placement import quantize_cpu
+from PTQLogic.quantize import QuantizeSettings, quantize_onnx
+
+PATCH = 16
+
+
+def _unet(norm: str) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, (8, 16, 32), (2, 2), num_res_units=1, norm=norm)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding has something to get wrong
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("placement") / "fp32.onnx"
+    torch.onnx.export(_unet("batch"), torch.randn(1, 1, PATCH, PATCH, PATCH), str(path), opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamo=False)
+    return path
+
+
+def _calibration(n: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.uniform(0, 1, size=(n, 1, PATCH, PATCH, PATCH)).astype(np.float32)
+
+
+def _ort(path_or_bytes, x: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_graph_prep_folds_batchnorm_and_prelu_without_changing_the_output(fp32_onnx):
+    model = onnx.load(str(fp32_onnx))
+    before = Counter(node.op_type for node in model.graph.node)
+    counts = prepare_for_int8(model)
+    after = Counter(node.op_type for node in model.graph.node)
+    assert before["BatchNormalization"] > 0 and after["BatchNormalization"] == 0
+    assert counts["batchnorm_folded"] == before["BatchNormalization"]
+    assert after["PRelu"] == 0 and after["LeakyRelu"] == before["PRelu"] > 0
+    onnx.checker.check_model(model)
+    x = _calibration(1)
+    np.testing.assert_allclose(_ort(model.SerializeToString(), x), _ort(str(fp32_onnx), x), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_placement_quantizes_every_conv_and_keeps_logits_float(fp32_onnx, tmp_path):
+    out = tmp_path / "int8.onnx"
+    report = quantize_cpu(fp32_onnx, _calibration(), out, activations="s8")
+    assert report.float_outputs == ("logits",)
+    qdq = check_qdq(out)
+    assert qdq.ok, qdq.violations[:3]
+    for op in ("Conv", "ConvTranspose"):
+        assert qdq.counts[op]["quantized"] == qdq.counts[op]["total"] > 0, qdq.unquantized
+    model = onnx.load(str(out))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer["logits"].op_type not in ("DequantizeLinear", "QuantizeLinear")
+    # activations are quantized on op outputs too: LeakyRelu and Add results pass through QuantizeLinear
+    quantized_outputs = {producer[n.input[0]].op_type for n in model.graph.node
+                         if n.op_type == "QuantizeLinear" and n.input[0] in producer}
+    assert {"LeakyRelu", "Add"} <= quantized_outputs
+    x = _calibration(1)
+    fp32, int8 = _ort(str(fp32_onnx), x), _ort(str(out), x)
+    assert np.mean(fp32.argmax(1) == int8.argmax(1)) > 0.9
+    assert np.abs(fp32 - int8).max() < 0.25 * np.abs(fp32).max()
+
+
+def test_cpu_placement_runs_int8_convolutions_on_openvino(fp32_onnx, tmp_path):
+    pytest.importorskip("openvino")
+    from PTQLogic.engines.openvino_engine import OpenVINOEngine
+
+    out = tmp_path / "int8.onnx"
+    quantize_cpu(fp32_onnx, _calibration(), out, activations="s8")
+    engine = OpenVINOEngine(out, "int8", patch_size=(PATCH,) * 3)
+    summary = engine.int8_layer_summary()
+    assert summary["convolutions"] > 0 and summary["not_int8"] == 0, summary["not_int8_layers"]
+    x = torch.from_numpy(_calibration(1))
+    reference = torch.from_numpy(_ort(str(fp32_onnx), x.numpy()))
+    assert (engine(x).argmax(1) == reference.argmax(1)).float().mean() > 0.9
+
+
+def test_u8_activations_are_reported_by_the_tensorrt_validator(fp32_onnx, tmp_path):
+    out = tmp_path / "int8_u8.onnx"
+    quantize_cpu(fp32_onnx, _calibration(2), out, activations="u8")
+    qdq = check_qdq(out)
+    assert not qdq.ok and any("UINT8" in v for v in qdq.violations)
+    assert qdq.counts["Conv"]["quantized"] == qdq.counts["Conv"]["total"]
+
+
+def test_quantize_onnx_with_cpu_placement_and_bad_settings(fp32_onnx, tmp_path):
+    # ModelOpt first, in this process: it monkey-patches ONNX Runtime's calibrators process-wide
+    assert quantize_onnx(fp32_onnx, _calibration(2), tmp_path / "modelopt.onnx").qdq.ok
+    report = quantize_onnx(fp32_onnx, _calibration(), tmp_path / "int8.onnx", QuantizeSettings(placement="cpu"))
+    assert report.qdq.ok and report.ratio < 0.5
+    assert "CPU Q/DQ placement" in report.log_path.read_text()
+    with pytest.raises(InputError, match="placement"):
+        QuantizeSettings(placement="gpu").validate()
+    with pytest.raises(InputError, match="modelopt"):
+        QuantizeSettings(placement="cpu", exclude_nodes=("Conv_0",)).validate()
+    with pytest.raises(InputError, match="Activation"):
+        quantize_cpu(fp32_onnx, _calibration(1), tmp_path / "x.onnx", activations="fp8")

@@ -1,0 +1,243 @@
+"""Per-patch CPU latency of FP32 vs INT8 ONNX files on OpenVINO and ONNX Runtime, interleaved, with spread.
+
+Self-contained (numpy, onnxruntime, openvino; torch + monai only for ``--export``) so it runs on a bare
+benchmark machine. For every model NAME in ``--dir`` it times ``NAME_fp32.onnx`` and every
+``NAME_<variant>.onnx`` beside it on each engine configuration. Rounds are interleaved per runtime
+configuration: each round runs its FP32 and INT8 files once, so machine noise hits both alike (runtimes
+are not mixed: ONNX Runtime's and OpenVINO's thread pools would compete). Prints and writes JSON with
+median, p10, p90, min and max per configuration, the ratios against FP32 (per runtime, and OpenVINO INT8
+against OpenVINO bf16), OpenVINO's performance counters (which layers ran in which precision) and
+the machine (CPU model and flags, cores, versions).
+
+    python benchmarks/cpu_int8_latency.py --dir models --export --repeats 20 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine() -> dict:
+    model, flags = platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "onnxruntime", "openvino", "torch", "monai"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as exc:
+            versions[name] = f"missing ({type(exc).__name__})"
+    return {"cpu": model, "flags": {f: f in flags for f in CPU_FLAGS}, "cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)), "platform": platform.platform(), "versions": versions}
+
+
+def export(directory: Path, patch: int) -> None:
+    """FP32 ONNX of the three benchmark networks (random weights: latency does not depend on their values)."""
+    import torch
+    from monai.networks.nets import SegResNet, UNet
+
+    torch.manual_seed(0)
+    nets = {
+        "unet_bn": UNet(3, 1, 14, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="batch"),
+        "unet_in": UNet(3, 1, 14, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2, norm="instance"),
+        "segresnet": SegResNet(spatial_dims=3, in_channels=1, out_channels=14, init_filters=16),
+    }
+    for name, net in nets.items():
+        path = directory / f"{name}_fp32.onnx"
+        if not path.exists():
+            torch.onnx.export(net.eval(), torch.randn(1, 1, patch, patch, patch), str(path), opset_version=17,
+                              input_names=["input"], output_names=["logits"], dynamo=False)
+
+
+class OpenVINORunner:
+    def __init__(self, path: Path, precision_hint: str, threads: int | None):
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.path, self.hint, self.threads = path, precision_hint, threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: x}, share_inputs=True)[0]
+
+    def profile(self, x: np.ndarray) -> dict:
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.hint, "PERF_COUNT": True}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        request = ov.Core().compile_model(str(self.path), "CPU", config).create_infer_request()
+        for _ in range(3):
+            request.infer({0: x})
+        by_kind: dict = defaultdict(float)
+        layers = []
+        for item in request.profiling_info:
+            ms = item.real_time.total_seconds() * 1e3
+            if ms > 0:
+                by_kind[f"{item.node_type}/{item.exec_type}"] += ms
+                layers.append((round(ms, 3), item.node_type, item.exec_type, item.node_name[-70:]))
+        plain = self.compiled.create_infer_request()  # without counters, outputs not copied out
+        walls = []
+        for _ in range(10):
+            start = time.perf_counter()
+            plain.infer({0: x}, share_inputs=True, share_outputs=True)
+            walls.append((time.perf_counter() - start) * 1e3)
+        return {"layers_total_ms": round(sum(by_kind.values()), 3), "wall_no_output_copy_ms": float(np.median(walls)),
+                "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+                "top_layers": sorted(layers, reverse=True)[:12]}
+
+
+class OrtRunner:
+    def __init__(self, path: Path, threads: int | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle ORT workers spin for a while after each run and would steal cores from the next timed call
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.name: x})[0]
+
+
+def stats(times: list[float]) -> dict:
+    a = np.asarray(times)
+    return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+            "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()), "max_ms": float(a.max()), "n": len(a)}
+
+
+def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: int, threads: int | None,
+                runtimes: list[str], profile: bool) -> dict:
+    x = np.random.default_rng(0).standard_normal((1, 1, patch, patch, patch)).astype(np.float32)
+    variants = sorted(p.stem[len(name) + 1:] for p in directory.glob(f"{name}_*.onnx"))
+    variants = ["fp32"] + [v for v in variants if v != "fp32"]
+    runners, errors = {}, {}
+    for variant in variants:
+        path = directory / f"{name}_{variant}.onnx"
+        configs = []
+        if "openvino" in runtimes:
+            configs += [(f"openvino-f32/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads)),
+                        (f"openvino-bf16/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads))]
+        if "onnxruntime" in runtimes:
+            configs.append((f"onnxruntime/{variant}", lambda p=path: OrtRunner(p, threads)))
+        for key, make in configs:
+            try:
+                runner = make()
+                for _ in range(warmup):
+                    runner(x)
+                runners[key] = runner
+            except Exception as exc:  # one failing runtime becomes an error entry; the others still report
+                errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    times: dict = defaultdict(list)
+    groups: dict = defaultdict(dict)  # one runtime configuration at a time; FP32 and INT8 interleaved in it
+    for key, runner in runners.items():
+        groups[key.split("/")[0]][key] = runner
+    for group in groups.values():
+        for _ in range(repeats):
+            for key, runner in group.items():
+                start = time.perf_counter()
+                runner(x)
+                times[key].append((time.perf_counter() - start) * 1e3)
+    result = {key: stats(t) for key, t in times.items()}
+    ref = {rt: result.get(f"{rt}/fp32", {}).get("median_ms") for rt in ("openvino-f32", "openvino-bf16", "onnxruntime")}
+    for key, row in result.items():
+        runtime, variant = key.split("/")
+        if variant != "fp32" and ref.get(runtime):
+            row["speedup_vs_own_fp32"] = ref[runtime] / row["median_ms"]
+            row["speedup_p90_worst"] = result[f"{runtime}/fp32"]["p10_ms"] / row["p90_ms"]
+        if runtime.startswith("openvino") and variant != "fp32" and ref.get("openvino-bf16"):
+            row["speedup_vs_openvino_bf16_fp32"] = ref["openvino-bf16"] / row["median_ms"]
+    out = {"rows": result, "errors": errors}
+    if profile:
+        out["profiles"] = {key: runner.profile(x) for key, runner in runners.items()
+                           if key.startswith("openvino-f32/")}
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    """The per-patch latency table (median, p10-p90, min-max, speedups) and the machine, as Markdown."""
+    m = report["machine"]
+    flags = ", ".join(k for k, v in m["flags"].items() if v) or "no AVX2/AVX-512/AMX"
+    lines = [f"### Per-patch latency, {report['patch']}^3 patch, batch 1, {report['repeats']} interleaved repeats",
+             "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}",
+             f"- threads: {report.get('threads') or 'runtime latency default'}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+             "| Model | Runtime (precision hint) | File | Median ms | p10-p90 | min-max | vs own FP32 | "
+             "vs OpenVINO bf16 FP32 |", "|---|---|---|---|---|---|---|---|"]
+    for name, result in report["models"].items():
+        for key, row in result["rows"].items():
+            runtime, variant = key.split("/")
+            own = row.get("speedup_vs_own_fp32")
+            bf16 = row.get("speedup_vs_openvino_bf16_fp32")
+            lines.append(f"| {name} | {runtime} | {variant} | {row['median_ms']:.1f} | {row['p10_ms']:.1f}-"
+                         f"{row['p90_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
+                         f"{'-' if own is None else f'{own:.2f}x'} | {'-' if bf16 is None else f'{bf16:.2f}x'} |")
+        for key, error in result["errors"].items():
+            lines.append(f"| {name} | {key} | error: {error} | | | | | |")
+    lines += ["", "File: fp32 = FP32 ONNX; modelopt = ModelOpt default (TensorRT) Q/DQ placement; cpus8 = the "
+              "project's CPU placement (PTQLogic/quantization/placement.py, symmetric int8). Runtime rows are timed "
+              "one runtime configuration at a time, its FP32 and INT8 calls interleaved round by round; the "
+              "time includes copying the logits out of the runtime."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("."))
+    parser.add_argument("--models", nargs="+", default=["unet_bn", "unet_in", "segresnet"])
+    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="default: the runtime's latency default")
+    parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
+    parser.add_argument("--export", action="store_true", help="export missing FP32 models first (needs monai)")
+    parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters of INT8 files")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
+    args = parser.parse_args()
+    if args.render:
+        print(to_markdown(json.loads(args.render.read_text())), end="")
+        return
+    if args.export:
+        export(args.dir, args.patch)
+    report = {"machine": machine(), "patch": args.patch, "repeats": args.repeats, "warmup": args.warmup,
+              "threads": args.threads, "models": {}}
+    for name in args.models:
+        report["models"][name] = bench_model(args.dir, name, args.patch, args.repeats, args.warmup, args.threads,
+                                             args.runtimes, args.profile)
+        for key, row in report["models"][name]["rows"].items():
+            extra = "".join(f" {k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
+            print(f"{name:10s} {key:28s} median {row['median_ms']:8.1f} ms  p10-p90 {row['p10_ms']:.1f}-"
+                  f"{row['p90_ms']:.1f}  min-max {row['min_ms']:.1f}-{row['max_ms']:.1f}{extra}", flush=True)
+        for key, error in report["models"][name]["errors"].items():
+            print(f"{name:10s} {key:28s} ERROR {error}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

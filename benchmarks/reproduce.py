@@ -1,0 +1,94 @@
+"""One command for the committed tables under benchmarks/results/<machine>/.
+
+    python benchmarks/reproduce.py --out benchmarks/results/<machine> [--repeats 20] [--skip-latency]
+
+1. the real-CT sample model (PTQLogic/data/ct_unet.*; trained by train_ct_model.py when missing);
+2. quantized twice on the CT (ModelOpt's TensorRT placement and the project's CPU placement);
+3. ``ptqseg benchmark`` of both folders on the CT with its mapped reference labels: size, latency with
+   spread, whole-volume stages, Dice vs reference and FP32-vs-INT8 agreement per runtime;
+4. per-patch latency of the 96^3 UNet (batch and instance norm) and SegResNet, FP32 vs INT8 on OpenVINO
+   and ONNX Runtime (cpu_int8_latency.py), models exported and quantized here.
+On a machine without ModelOpt, quantize elsewhere and run step 4 alone with cpu_int8_latency.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def run(*args: str) -> None:
+    print("+", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+
+
+def ct_model(data: Path) -> Path:
+    spec = ROOT / "PTQLogic" / "data" / "ct_unet.json"
+    if not (ROOT / "PTQLogic" / "data" / "ct_unet.pt").is_file():
+        run("benchmarks/train_ct_model.py", "--data", str(data))
+    return spec
+
+
+def quantize_latency_models(folder: Path, patch: int) -> None:
+    """FP32 exports + ModelOpt and CPU-placement INT8 of the three 96^3 networks (random weights)."""
+    from cpu_int8_latency import export
+
+    from PTQLogic.quantize import QuantizeSettings, quantize_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    export(folder, patch)
+    calibration = np.random.default_rng(0).uniform(0, 1, (4, 1, patch, patch, patch)).astype(np.float32)
+    for name in ("unet_bn", "unet_in", "segresnet"):
+        for variant, settings in (("modelopt", QuantizeSettings()), ("cpus8", QuantizeSettings(placement="cpu"))):
+            target = folder / f"{name}_{variant}.onnx"
+            if not target.exists():
+                quantize_onnx(folder / f"{name}_fp32.onnx", calibration, target, settings)
+                target.with_name(f"{name}_{variant}.modelopt.log").unlink(missing_ok=True)
+
+
+def main() -> None:
+    from train_ct_model import load_ct_pair
+
+    from PTQLogic.imageio import write_labelmap
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "reproduce")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-latency", action="store_true", help="skip the 96^3 per-patch latency step")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    spec = ct_model(args.data)
+    ct = args.data / "example_ct_sm.nii.gz"
+    _, labels = load_ct_pair(args.data)
+    reference = args.work / "ct_reference_btcv.nii.gz"
+    write_labelmap(labels, reference)
+    for placement in ("modelopt", "cpu"):
+        model = args.work / f"ct_unet_{placement}"
+        if not (model / "int8.onnx").is_file():
+            run("-m", "PTQLogic.cli", "quantize", "--model", str(spec), "--calibration", str(ct), "--out", str(model),
+                "--patches", "16", "--placement", placement, "--json")
+        run("-m", "PTQLogic.cli", "benchmark", "--model", str(model), "--input", str(ct), "--reference",
+            str(reference), "--out", str(args.out / f"ct_{placement}"), "--runtimes", "openvino", "onnxruntime",
+            "--repeats", str(args.repeats), "--json")
+        (args.out / f"ct_{placement}" / "latency_vs_size.png").unlink(missing_ok=True)
+    if not args.skip_latency:
+        models = args.work / "latency_models"
+        quantize_latency_models(models, 96)
+        run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--profile",
+            "--out", str(args.out / "latency_96.json"))
+    print(json.dumps({"out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()
