@@ -172,7 +172,8 @@ def quantize_model(
     )
     from .export import copy_onnx_model, export_onnx
     from .models import load_torch_model
-    from .quantize import QuantizeSettings, quantize_onnx
+    from .networks import quantize_settings_for
+    from .quantize import quantize_onnx
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
@@ -206,7 +207,8 @@ def quantize_model(
         staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
         patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
-        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
+        # The architecture's own high-precision parts (e.g. attention MatMuls) are added to the user's.
+        settings = quantize_settings_for(spec.architecture, method=method, exclude_nodes=tuple(exclude_nodes))
         report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
         summary = {
             "model": spec.name,

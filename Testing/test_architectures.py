@@ -100,6 +100,8 @@ def test_stunet_sizes_match_the_paper():
 
 
 def test_vista3d_wrapper_is_monai_vista3d_automatic_segmentation():
+    from monai.networks.nets import VISTA3D
+
     from PTQLogic.networks.vista3d import VISTA3DAuto
 
     torch.manual_seed(0)
@@ -107,7 +109,7 @@ def test_vista3d_wrapper_is_monai_vista3d_automatic_segmentation():
     x = torch.rand(1, 1, 16, 16, 16)
     with torch.no_grad():
         ours = wrapper(x)
-        monai = wrapper.vista(x, class_vector=torch.tensor([[1], [3], [14]]), transpose=True)
+        monai = VISTA3D.forward(wrapper, x, class_vector=torch.tensor([[1], [3], [14]]), transpose=True)
     assert torch.equal(ours[:, 0], torch.zeros_like(ours[:, 0]))
     torch.testing.assert_close(ours[:, 1:], monai)
 

@@ -60,7 +60,7 @@ def evaluate(workdir: Path, spec, volumes) -> dict:
     """Held-out phantoms: agreement with ONNX Runtime FP32 and Dice vs truth for each INT8 runtime."""
     labels = list(range(1, spec.num_classes))
     engines = {name: create_engine(runtime, precision, fp32_onnx=workdir / "fp32.onnx",
-                                   int8_onnx=workdir / "int8.onnx", threads=2)
+                                   int8_onnx=workdir / "int8.onnx", threads=1)
                for name, (runtime, precision) in {"fp32": ("onnxruntime", "fp32"),
                                                   "onnxruntime": ("onnxruntime", "int8"),
                                                   "openvino": ("openvino", "int8")}.items()}
@@ -121,21 +121,32 @@ def main() -> None:
     parser.add_argument("--archs", nargs="*", default=sorted(p.stem for p in SPECS.glob("*.json")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "architectures.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {r["spec"]: r for r in previous.get("architectures", [])}
+    # One thread: on a shared 2-core machine two OpenMP threads per process made training 20x slower.
+    torch.set_num_threads(1)
     for stem in args.archs:
         print(f"--- {stem}", flush=True)
         row = run_one(stem, args.steps, args.patches)
-        rows[row["spec"]] = row
         print(json.dumps(row), flush=True)
-        result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}  # re-read: runs may overlap
+        rows = {r["spec"]: r for r in previous.get("architectures", [])}
+        rows[row["spec"]] = row
+        result = {"machine": f"{_cpu_name()}, {torch.get_num_threads()} thread per process",
                   "torch": torch.__version__, "calibration_seeds": CALIBRATION_SEEDS, "held_out_seeds": HELD_OUT_SEEDS,
                   "phantom_shape": PHANTOM_SHAPE, "stunet_parameters": stunet_parameter_check(),
                   "architectures": sorted(rows.values(), key=lambda r: r["spec"])}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")  # after each, so partial runs keep results
-    print(markdown(sorted(rows.values(), key=lambda r: r["spec"])))
+        print(markdown(sorted(rows.values(), key=lambda r: r["spec"])), flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
