@@ -9,6 +9,7 @@ exclusions are also quantized without them (``without_exclusions``), which is th
 STU-Net S/B/L/H parameter counts are checked against the paper on the meta device (nothing allocated).
 
     python benchmarks/architectures.py [--steps 300] [--archs unet swinunetr ...] [--out benchmarks/results/architectures.json]
+    python benchmarks/architectures.py --table     # the README support table from the JSON
 """
 from __future__ import annotations
 
@@ -101,16 +102,27 @@ def run_one(stem: str, steps: int, patches: int) -> dict:
     return row
 
 
+SHORT_WHY = {"SwinUNETR": "attention MatMuls (q·kᵀ, softmax·v)", "UNesT": "attention MatMuls (q·kᵀ, softmax·v)",
+             "TransUNet3D": "attention MatMuls (q·kᵀ, softmax·v)", "VISTA3DAuto": "class head (convs, MLP, MatMul)"}
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| architecture | spec | Q/DQ rules | agreement ORT INT8 | agreement OpenVINO INT8 | Dice FP32 / INT8 (OV) | "
-             "FP32 / INT8 ONNX | high precision |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The README support table's architecture rows."""
+    mean = lambda xs: f"{np.mean(xs):.3f}"  # noqa: E731
+    lines = ["| architecture | example spec | export | Q/DQ rules | agreement INT8 vs FP32: OpenVINO / ONNX Runtime "
+             "(w/o exclusions) | Dice FP32 / INT8 | FP32 / INT8 ONNX | kept in FP32 | CI test |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        h = r["held_out"]
-        mean = lambda xs: f"{np.mean(xs):.4f}"  # noqa: E731
+        h, stem = r["held_out"], Path(r["spec"]).stem
+        agreement = f"{mean(h['openvino']['agreement'])} / {mean(h['onnxruntime']['agreement'])}"
+        if "without_exclusions" in r:
+            w = r["without_exclusions"]["held_out"]
+            agreement += f" ({mean(w['openvino']['agreement'])} / {mean(w['onnxruntime']['agreement'])})"
         lines.append(
-            f"| {r['architecture']} | `{r['spec']}` | {'pass' if r['qdq_ok'] else 'FAIL'} | {mean(h['onnxruntime']['agreement'])} | "
-            f"{mean(h['openvino']['agreement'])} | {mean(h['fp32']['dice'])} / {mean(h['openvino']['dice'])} | "
-            f"{r['fp32_bytes'] / 1e6:.2f} / {r['int8_bytes'] / 1e6:.2f} MB | {', '.join(r['high_precision']['exclude_nodes']) or '-'} |")
+            f"| {r['architecture']} | [`{stem}.json`](docs/architectures/{stem}.json) | ok ({r['export_max_abs_error']:.0e}) | "
+            f"{'pass' if r['qdq_ok'] else 'FAIL'} | {agreement} | {mean(h['fp32']['dice'])} / {mean(h['openvino']['dice'])} | "
+            f"{r['fp32_bytes'] / 1e6:.2f} / {r['int8_bytes'] / 1e6:.2f} MB | {SHORT_WHY.get(r['architecture'], 'nothing')} | "
+            f"`test_architectures.py[{stem}]` |")
     return "\n".join(lines)
 
 
@@ -120,7 +132,11 @@ def main() -> None:
     parser.add_argument("--patches", type=int, default=16, help="calibration patches")
     parser.add_argument("--archs", nargs="*", default=sorted(p.stem for p in SPECS.glob("*.json")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "architectures.json")
+    parser.add_argument("--table", action="store_true", help="only print the README table from --out")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())["architectures"]))
+        return
     # One thread: on a shared 2-core machine two OpenMP threads per process made training 20x slower.
     torch.set_num_threads(1)
     for stem in args.archs:
