@@ -52,7 +52,7 @@ def test_export_quantize_rules_and_both_int8_runtimes(stem, phantoms, tmp_path):
     model = build_network(spec).eval()
     images = [image for image, _ in phantoms]
     calibration = sample_calibration_patches(images[:2], spec, CalibrationSettings(num_patches=2, seed=0))
-    result = export_and_quantize(model, spec, calibration, tmp_path)
+    result = export_and_quantize(model, spec, calibration, tmp_path, check_patches=1)
 
     assert result.qdq_ok, result.qdq_violations
     assert result.int8_bytes < 0.6 * result.fp32_bytes  # INT8 weights (DQ-only)
@@ -153,3 +153,27 @@ def test_quantize_settings_add_the_architectures_exclusions():
     settings = quantize_settings_for("SwinUNETR", exclude_nodes=("/out/.*",))
     assert settings.exclude_nodes == (*HIGH_PRECISION["SwinUNETR"].exclude_nodes, "/out/.*")
     assert quantize_settings_for("UNet").exclude_nodes == ()
+
+
+def test_a_spec_naming_a_paper_architecture_goes_through_the_cli(phantom_files, tmp_path, capsys):
+    """``ptqseg quantize`` builds the network from the table, applies its exclusions, and segments in INT8."""
+    from PTQLogic.cli import main
+    from PTQLogic.imageio import read_volume
+    from PTQLogic.phantom import write_phantom_set
+
+    data = json.loads((SPECS / "transunet3d.json").read_text())
+    torch.manual_seed(0)
+    torch.save(build_network(spec_from_dict(data)).state_dict(), tmp_path / "net.pt")
+    (tmp_path / "net.json").write_text(json.dumps({**data, "weights": "net.pt", "weights_format": "state_dict"}))
+    out = tmp_path / "int8-model"
+    assert main(["quantize", "--model", str(tmp_path / "net.json"), "--calibration",
+                 *map(str, phantom_files["calibration"]), "--out", str(out), "--patches", "2", "--json"]) == 0, \
+        capsys.readouterr().err
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["settings"]["exclude_nodes"] == list(HIGH_PRECISION["TransUNet3D"].exclude_nodes)
+    assert report["qdq"]["ok"]
+    (image, _), = write_phantom_set(tmp_path / "input", 1, seed=5, shape=(40, 40, 40))  # small: fewer windows
+    labels = tmp_path / "labels.nii.gz"
+    assert main(["segment", "--model", str(out), "--input", str(image), "--output", str(labels),
+                 "--runtime", "openvino", "--precision", "int8"]) == 0, capsys.readouterr().err
+    assert read_volume(labels).array.shape == (40, 40, 40)

@@ -44,7 +44,7 @@ def patch_agreement(fp32_logits: np.ndarray, int8_logits: np.ndarray, num_classe
 
 
 def export_and_quantize(model: torch.nn.Module, spec: ModelSpec, calibration: np.ndarray, workdir: Path,
-                        settings=None) -> SupportResult:
+                        settings=None, check_patches: int = 2) -> SupportResult:
     """FP32 ONNX (verified against PyTorch) and INT8 Q/DQ ONNX in ``workdir``; the Q/DQ rules checked."""
     from ..export import export_onnx
     from ..quantize import quantize_onnx
@@ -52,7 +52,7 @@ def export_and_quantize(model: torch.nn.Module, spec: ModelSpec, calibration: np
 
     settings = settings or quantize_settings_for(spec.architecture)
     workdir.mkdir(parents=True, exist_ok=True)
-    exported = export_onnx(model, spec, workdir / "fp32.onnx")
+    exported = export_onnx(model, spec, workdir / "fp32.onnx", check_patches=check_patches)
     report = quantize_onnx(workdir / "fp32.onnx", calibration, workdir / "int8.onnx", settings)
     counts = {op: f"{c.get('quantized', 0)}/{c['total']}" for op, c in report.qdq.counts.items()
               if op in ("Conv", "ConvTranspose", "MatMul", "Gemm")}
