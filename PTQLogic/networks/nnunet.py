@@ -33,7 +33,7 @@ def layer_type(name: str | None) -> type[nn.Module] | None:
 
 
 def _common(conv_op: str, norm_op: str | None, norm_op_kwargs: dict | None, nonlin: str | None,
-                      nonlin_kwargs: dict | None) -> dict[str, Any]:
+            nonlin_kwargs: dict | None) -> dict[str, Any]:
     if layer_type(conv_op) is not nn.Conv3d:
         raise ValueError(f"conv_op must be Conv3d for volumes, got {conv_op!r}")
     return dict(conv_op=nn.Conv3d, norm_op=layer_type(norm_op),
