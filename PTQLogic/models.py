@@ -1,6 +1,7 @@
-"""Build MONAI networks from a spec and load trained weights without executing untrusted code.
+"""Build networks from a spec and load trained weights without executing untrusted code.
 
-Architectures come from a fixed table (no dynamic imports from user strings); state dicts are read
+Architectures come from a fixed table (no dynamic imports from user strings): MONAI networks, nnU-Net's
+(``dynamic_network_architectures``) and the ones written in :mod:`PTQLogic.networks`; state dicts are read
 with ``torch.load(weights_only=True)``; TorchScript archives are loaded with ``torch.jit.load``.
 """
 from __future__ import annotations
@@ -22,11 +23,17 @@ _ARCHITECTURE_PATHS = {
     "SwinUNETR": "monai.networks.nets:SwinUNETR",
     "UNETR": "monai.networks.nets:UNETR",
     "DynUNet": "monai.networks.nets:DynUNet",
+    "PlainConvUNet": "PTQLogic.networks.nnunet:plain_conv_unet",
+    "ResidualEncoderUNet": "PTQLogic.networks.nnunet:residual_encoder_unet",
+    "STUNet": "PTQLogic.networks.stunet:STUNet",
+    "UNesT": "PTQLogic.networks.unest:UNesT",
+    "TransUNet3D": "PTQLogic.networks.transunet:TransUNet3D",
+    "VISTA3DAuto": "PTQLogic.networks.vista3d:VISTA3DAuto",
 }
 
 
 class _LazyClassTable(Mapping):
-    """Read-only name -> class mapping that imports MONAI only when a class is looked up."""
+    """Read-only name -> class (or factory) mapping that imports a module only when a name is looked up."""
 
     def __init__(self, paths: dict[str, str]) -> None:
         self._paths = dict(paths)
@@ -49,7 +56,7 @@ _LIST_LIMIT = 5
 
 def architecture_class(name: str) -> type:
     if name not in ARCHITECTURES:
-        raise ModelError(f"Unknown architecture '{name}'; known MONAI networks are {sorted(ARCHITECTURES)} "
+        raise ModelError(f"Unknown architecture '{name}'; known networks are {sorted(ARCHITECTURES)} "
                          "(or give weights_format 'torchscript' or 'onnx').")
     return ARCHITECTURES[name]
 
@@ -58,7 +65,7 @@ def build_network(spec: ModelSpec):
     """Instantiate ``spec.architecture`` from ``spec.kwargs`` (channels and 3D filled in from the spec)."""
     cls = architecture_class(spec.architecture)
     kwargs: dict[str, Any] = dict(spec.kwargs)
-    parameters = inspect.signature(cls.__init__).parameters
+    parameters = inspect.signature(cls).parameters  # a class's __init__ (without self) or a factory's
     defaults = {"spatial_dims": 3, "in_channels": spec.in_channels, "out_channels": spec.num_classes}
     if "img_size" in parameters:  # UNETR's positional embedding is sized for the patch
         defaults["img_size"] = list(spec.patch_size)
@@ -74,7 +81,9 @@ def build_network(spec: ModelSpec):
         raise ModelError(f"{spec.architecture}: kwargs out_channels={kwargs['out_channels']} but the spec lists "
                          f"{spec.num_classes} classes (background included); make them equal.")
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings():  # dynamic_network_architectures warns about unused kwargs
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(**kwargs)
     except TypeError as exc:
         unknown = sorted(set(kwargs) - set(parameters))
         detail = f"unknown argument(s) {unknown}" if unknown else str(exc)

@@ -224,7 +224,8 @@ def quantize_model(
     )
     from .export import copy_onnx_model, export_onnx
     from .models import load_torch_model
-    from .quantize import QuantizeSettings, quantize_onnx
+    from .networks import quantize_settings_for
+    from .quantize import quantize_onnx
 
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
@@ -262,6 +263,9 @@ def quantize_model(
         monitor.update("export", 1, 1)
         settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
                                     activations=activations)
+        if placement == "modelopt":  # the architecture's own high-precision parts (e.g. attention MatMuls) too
+            settings = replace(quantize_settings_for(spec.architecture, method=method,
+                                                     exclude_nodes=tuple(exclude_nodes)), placement=placement)
         guard_info = None
         if guard is None:
             patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
