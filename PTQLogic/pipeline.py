@@ -225,7 +225,7 @@ def quantize_model(
     from .export import copy_onnx_model, export_onnx
     from .models import load_torch_model
     from .networks import quantize_settings_for
-    from .quantize import quantize_onnx
+    from .quantize import QuantizeSettings, quantize_onnx
 
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
