@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
+from .fileio import staging_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -233,8 +233,7 @@ def quantize_model(
         raise ModelError(f"Model spec '{spec.name}' is an ONNX model but names no 'weights' file (the .onnx).")
     torch_model = None if is_onnx else loaded.networks[0] if loaded is not None else load_torch_model(spec)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         monitor.update("export", 0, 1)
         if is_onnx:
