@@ -169,6 +169,19 @@ def test_inputs_from_lists_and_repeated_names(tmp_path):
         collect_inputs([tmp_path / "notes.json"], tmp_path / "out")
 
 
+def test_linked_inputs_keep_their_own_names(tmp_path):
+    """git-annex/DVC/nnU-Net raw folders hold links to hashed files: label maps are named after the links."""
+    from PTQLogic.cohort import collect_inputs
+
+    store, cohort = tmp_path / "objects", tmp_path / "cohort"
+    store.mkdir(), cohort.mkdir()
+    (store / "SHA256E-s1--3f2a.nii.gz").write_bytes(b"x")
+    (cohort / "case_001.nii.gz").symlink_to(store / "SHA256E-s1--3f2a.nii.gz")
+    items = collect_inputs([cohort, cohort / "case_001.nii.gz"], tmp_path / "out")  # the same file twice
+    assert [i.input for i in items] == [cohort / "case_001.nii.gz"]
+    assert [i.output.name for i in items] == ["case_001_labels.nii.gz"]
+
+
 def test_broken_manifest_is_refused(tmp_path):
     from PTQLogic.cohort import Manifest
 
