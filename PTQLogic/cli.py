@@ -165,10 +165,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     values = np.union1d(np.unique(pred.array), np.unique(ref.array))
     if not np.array_equal(values, np.round(values)):
         raise InputError("Label maps must hold whole numbers; one of them has fractional values.")
-    labels = args.labels or [int(v) for v in values if v != 0]
-    result = dice_per_class(pred.array, ref.array, labels)
-    data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean}
-    rows = [f"  {label}: {dice:.4f}" for label, dice in result.per_class.items()]
+    names: dict[int, str] = {}
+    if args.reference_names:  # match classes by name: the two maps may number them differently
+        from pathlib import Path
+
+        from .evaluate import dice_by_name, read_label_names
+        from .imageio import label_table_paths
+
+        table = Path(args.prediction_names or label_table_paths(args.prediction)[0])
+        if not table.is_file():
+            raise InputError(f"No label names for the prediction: '{table}' does not exist; give --prediction-names.")
+        result, names = dice_by_name(pred.array, ref.array, read_label_names(table),
+                                     read_label_names(args.reference_names))
+    else:
+        result = dice_per_class(pred.array, ref.array, args.labels or [int(v) for v in values if v != 0])
+    data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean, "names": names}
+    rows = [f"  {label}{' ' + names[label] if label in names else ''}: {dice:.4f}"
+            for label, dice in result.per_class.items()]
     mean = "n/a" if result.mean is None else f"{result.mean:.4f}"
     _emit(args, data, "\n".join(["Dice per label:", *rows, f"mean Dice {mean}; absent from both: {result.excluded}"]))
 
@@ -233,7 +246,7 @@ def _add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
     group.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5", default=None,
                        help="builder optimization level (default 2: shorter builds than TensorRT's 3)")
     group.add_argument("--trt-timing-cache", default="auto", metavar="PATH|auto|off",
-                       help="kernel timing cache reused across builds (default auto: the user cache folder)")
+                       help="kernel timing cache reused across builds (auto: the user cache folder)")
 
 
 def _tensorrt_options(args: argparse.Namespace):
@@ -267,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_help = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
     q = add("quantize", cmd_quantize, "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes")
     q.add_argument("--model", required=True,
-                   help="model spec (.json/.yaml), a model file with a spec beside it, or an nnU-Net v2 results folder")
+                   help="model spec (.json/.yaml), a model file with a spec beside it, a MONAI bundle folder "
+                        "or an nnU-Net v2 results folder")
     q.add_argument("--calibration", required=True, nargs="+",
                    help="unlabeled calibration volumes (like those you will segment) and/or folders of them")
     q.add_argument("--out", required=True, help="model folder to write")
@@ -321,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prediction", required=True, help="label map to score")
     e.add_argument("--reference", required=True, help="reference (ground-truth) label map")
     e.add_argument("--labels", type=int, nargs="*", help="label values (default: all present)")
+    e.add_argument("--reference-names", metavar="JSON", help="the reference's label names (value -> name): classes "
+                   "are then matched by name, e.g. against a TotalSegmentator label map")
+    e.add_argument("--prediction-names", metavar="JSON",
+                   help="the prediction's label names (default: its .labels.json written by segment)")
 
     m = add("benchmark", cmd_benchmark, "paper-style table: size, latency, Dice per runtime and precision")
     m.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")

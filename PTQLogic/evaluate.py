@@ -55,6 +55,46 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> 
     return DiceResult(per_class, excluded, mean)
 
 
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """Label value -> name from ``{"1": "spleen", ...}`` (TotalSegmentator) or a ``.labels.json`` table of ours."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("labels"), list):
+            return {int(row["value"]): str(row["name"]) for row in data["labels"]}
+        if isinstance(data, dict):
+            return {int(value): str(name) for value, name in data.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"Cannot read label names from '{path}': {exc}. Give a JSON object of value -> name "
+                         '(e.g. {"1": "spleen"}) or a .labels.json table written by ptqseg.') from None
+    raise InputError(f"Label names '{path}' must be a JSON object of value -> name (e.g. {{\"1\": \"spleen\"}}).")
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def dice_by_name(pred: np.ndarray, ref: np.ndarray, pred_names: dict[int, str],
+                 ref_names: dict[int, str]) -> tuple[DiceResult, dict[int, str]]:
+    """Dice of the classes both tables name alike (case, spaces and dashes aside), whatever their values.
+
+    The reference's values are mapped onto the prediction's; returns the result keyed by prediction
+    value and the names of the classes compared.
+    """
+    pred, ref = _check_pair(pred, ref, "prediction and reference")
+    by_key = {_key(name): value for value, name in ref_names.items() if value != 0}
+    matched = {value: by_key[_key(name)] for value, name in pred_names.items() if value != 0 and _key(name) in by_key}
+    if not matched:
+        raise InputError("No class name of the prediction appears among the reference's label names "
+                         f"(prediction: {', '.join(sorted(pred_names.values())[:6])}; reference: "
+                         f"{', '.join(sorted(ref_names.values())[:6])}, ...); check the label name files.")
+    mapped = np.zeros(ref.shape, dtype=np.int32)
+    for value, ref_value in matched.items():
+        mapped[ref == ref_value] = value
+    return dice_per_class(pred, mapped, list(matched)), {value: pred_names[value] for value in matched}
+
+
 def mean_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float | None:
     return dice_per_class(pred, ref, labels).mean
 
