@@ -137,6 +137,34 @@ def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
     assert sorted(r["input"] for r in _rows(out)) == sorted(str(p) for p in volumes)
 
 
+def test_interrupted_run_leaves_no_worker_files(cluster, volumes, quantized_unet, tmp_path, monkeypatch):
+    """Workers killed on Ctrl-C cannot clean up: their model copies and volumes live in a folder the driver removes."""
+    import tempfile
+
+    from PTQLogic.cohort import runner
+
+    made: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):  # the real mkdtemp, remembering the run's scratch folder
+        made.append(Path(real_mkdtemp(*args, **kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr(runner.tempfile, "mkdtemp", mkdtemp)
+    seen: list[str] = []
+
+    def interrupt(_input, _pid):
+        seen.extend(sorted(p.name.split("-")[1] for p in made[0].iterdir()))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(quantized_unet, volumes, tmp_path / "out", workers=1, on_dispatch=interrupt)
+    assert made and made[0].name.startswith("ptqseg-batch-")
+    assert seen == ["volumes", "worker"]  # the worker kept its files there
+    assert not made[0].exists()
+    _no_partials(tmp_path / "out")
+
+
 def test_bad_inputs_fail_before_any_work(quantized_unet, tmp_path):
     listing = tmp_path / "cohort.txt"
     listing.write_text("missing.nii.gz\n")
