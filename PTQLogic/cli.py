@@ -401,7 +401,8 @@ def _run(args: argparse.Namespace) -> int:
     except Cancelled as exc:
         return _fail(args, args.json, str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return _fail(args, args.json, "interrupted; no partial output was kept.", 130)
+        kept = " finished volumes are kept (rerun the same command to go on);" if args.func is cmd_segment_batch else ""
+        return _fail(args, args.json, f"interrupted;{kept} no partial output was kept.", 130)
     except PTQError as exc:
         return _fail(args, args.json, str(exc), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked
