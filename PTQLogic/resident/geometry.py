@@ -44,7 +44,9 @@ def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
+        # float64 like preprocess.resample_to_network (MONAI's default): float32 moves voxels on and off
+        # exactly 0, which z-score "nonzero" normalization then treats differently (docs/bundles.md)
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float64)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
         shape=tuple(int(s) for s in image.shape[1:]),
