@@ -67,7 +67,7 @@ def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet,
     rows = {Path(r["input"]).name: r for r in _rows(out)}
     assert sorted(rows) == sorted([p.name for p in volumes] + ["broken.nii.gz"])
     broken = rows.pop("broken.nii.gz")
-    assert broken["status"] == "error" and broken["output"] is None and "Could not read" in broken["error"]
+    assert broken["status"] == "error" and broken["output"] is None and "Could not read 'broken.nii.gz'" in broken["error"]
     assert not (out / "broken_labels.nii.gz").exists()
     assert all(r["status"] == "done" and r["error"] is None and r["precision"] == "int8" for r in rows.values())
     assert len({r["worker_pid"] for r in rows.values()}) == 2  # both workers took volumes

@@ -212,7 +212,7 @@ def run_cohort(
                         monitor.update(STAGE, sum(counts.values()), total)
                         continue
                     attempts[item.input] = attempts.get(item.input, 0) + 1
-                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data)
+                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data, item.input.name)
                     inflight[ref] = (item, index)
                     pool.load[index] += 1
                     if on_dispatch is not None:

@@ -51,7 +51,7 @@ class VolumeWorker:
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "build_seconds": self.build_seconds, **self.engine.info.to_dict()}
 
-    def segment(self, suffix: str, data: bytes) -> dict[str, Any]:
+    def segment(self, suffix: str, data: bytes, name: str = "the volume") -> dict[str, Any]:
         """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
         from ..errors import PTQError
         from ..imageio import read_volume, write_labelmap
@@ -73,7 +73,7 @@ class VolumeWorker:
                        "encode": time.perf_counter() - segmented}
             return {**facts, "labels": labels, "timings": timings, "error": None}
         except PTQError as exc:
-            return {**facts, "labels": None, "timings": {}, "error": str(exc).replace(str(source), "the volume")}
+            return {**facts, "labels": None, "timings": {}, "error": str(exc).replace(str(source), name)}
         except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the cohort
             return {**facts, "labels": None, "timings": {}, "error": f"unexpected {type(exc).__name__}: {exc}"}
         finally:
