@@ -167,16 +167,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise InputError("Label maps must hold whole numbers; one of them has fractional values.")
     names: dict[int, str] = {}
     if args.reference_names:  # match classes by name: the two maps may number them differently
-        from pathlib import Path
+        from .evaluate import dice_of_named_files
 
-        from .evaluate import dice_by_name, read_label_names
-        from .imageio import label_table_paths
-
-        table = Path(args.prediction_names or label_table_paths(args.prediction)[0])
-        if not table.is_file():
-            raise InputError(f"No label names for the prediction: '{table}' does not exist; give --prediction-names.")
-        result, names = dice_by_name(pred.array, ref.array, read_label_names(table),
-                                     read_label_names(args.reference_names))
+        result, names = dice_of_named_files(args.prediction, pred.array, ref.array, args.reference_names,
+                                            args.prediction_names)
     else:
         result = dice_per_class(pred.array, ref.array, args.labels or [int(v) for v in values if v != 0])
     data = {"per_class": result.per_class, "excluded": result.excluded, "mean": result.mean, "names": names}

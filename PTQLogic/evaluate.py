@@ -95,6 +95,31 @@ def dice_by_name(pred: np.ndarray, ref: np.ndarray, pred_names: dict[int, str],
     return dice_per_class(pred, mapped, list(matched)), {value: pred_names[value] for value in matched}
 
 
+def dice_of_named_files(prediction: str | Path, pred: np.ndarray, ref: np.ndarray, reference_names: str | Path,
+                        prediction_names: str | Path | None = None) -> tuple[DiceResult, dict[int, str]]:
+    """:func:`dice_by_name` with the names read from files; the prediction's default to its ``.labels.json``."""
+    from .imageio import label_table_paths
+
+    table = Path(prediction_names or label_table_paths(prediction)[0])
+    if not table.is_file():
+        raise InputError(f"No label names for the prediction: '{table}' does not exist; give --prediction-names.")
+    return dice_by_name(pred, ref, read_label_names(table), read_label_names(reference_names))
+
+
+def warn_foreign_reference(ref: np.ndarray, num_classes: int, reference: str | Path) -> None:
+    """Warn when a reference holds label values a model with ``num_classes`` outputs cannot produce."""
+    import warnings
+
+    from .errors import InputWarning
+
+    extra = [int(v) for v in np.unique(ref) if v >= num_classes]
+    if extra:  # e.g. a TotalSegmentator map (117 classes) against a 6-class model: values mean other organs
+        warnings.warn(f"reference '{reference}' holds label values the model does not have ({len(extra)}, e.g. "
+                      f"{extra[:3]}); Dice compares label values, so it is meaningless if the two number classes "
+                      "differently: use `ptqseg evaluate --reference-names NAMES.json` to match classes by name.",
+                      InputWarning, stacklevel=2)
+
+
 def mean_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float | None:
     return dice_per_class(pred, ref, labels).mean
 

@@ -379,21 +379,6 @@ class SegmentOutcome:
         return data
 
 
-def _warn_foreign_reference(ref: Any, spec: ModelSpec, reference: str | Path) -> None:
-    import warnings
-
-    import numpy as np
-
-    from .errors import InputWarning
-
-    extra = [int(v) for v in np.unique(ref) if v >= spec.num_classes]
-    if extra:  # e.g. a TotalSegmentator map (117 classes) against a 6-class model: values mean other organs
-        warnings.warn(f"reference '{reference}' holds label values the model does not have ({len(extra)}, e.g. "
-                      f"{extra[:3]}); Dice compares label values, so it is meaningless if the two number classes "
-                      "differently: use `ptqseg evaluate --reference-names NAMES.json` to match classes by name.",
-                      InputWarning, stacklevel=2)
-
-
 def segment(
     model: str | Path | Sequence[str | Path],
     input_path: str | Path,
@@ -430,7 +415,7 @@ def segment(
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
     from .calibration import warn_intensity_mismatch
-    from .evaluate import agreement_dice, dice_per_class
+    from .evaluate import agreement_dice, dice_per_class, warn_foreign_reference
     from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from .inference import segment_volume
 
@@ -454,7 +439,7 @@ def segment(
     reference_dice = None
     if ref_volume is not None:
         reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
-        _warn_foreign_reference(ref_volume.array, spec, reference)
+        warn_foreign_reference(ref_volume.array, spec.num_classes, reference)
     json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output, spec.classes)
     write_label_table(spec.classes, json_path)
