@@ -10,11 +10,12 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from nnunet_factory import dataset, plans, write_folder, write_image
 from PTQLogic.cli import main
-from PTQLogic.imageio import read_volume
+from PTQLogic.imageio import label_table_paths, read_volume
 from PTQLogic.phantom import make_phantom
 from PTQLogic.slicer_models import choose_model_source
 
@@ -91,8 +92,11 @@ def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, cap
         result = _segment(out, images["image"], tmp_path / f"{runtime}8.nii.gz", capsys, "--runtime", runtime,
                           "--precision", "int8", "--compare")
         assert result["precision"] == "int8" and result["agreement_dice"] > 0.85, result
-    table = json.loads((tmp_path / "openvino8.json").read_text())
+    table = json.loads(label_table_paths(tmp_path / "openvino8.nii.gz")[0].read_text())
     assert [row["name"] for row in table["labels"]] == LABELS
+    _segment(out, images["image"], tmp_path / "openvino8.seg.nrrd", capsys, "--runtime", "openvino")
+    header = sitk.ReadImage(str(tmp_path / "openvino8.seg.nrrd"))  # Slicer's segment names are the classes
+    assert [header.GetMetaData(f"Segment{i}_Name") for i in range(3)] == LABELS[1:]
 
 
 def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images, capsys):
@@ -111,7 +115,7 @@ def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images,
 
     _segment(quantized, images["image"], tmp_path / "merged.nii.gz", capsys, *run)
     merged = read_volume(tmp_path / "merged.nii.gz").array
-    table = [row["name"] for row in json.loads((tmp_path / "merged.json").read_text())["labels"]]
+    table = [row["name"] for row in json.loads(label_table_paths(tmp_path / "merged.nii.gz")[0].read_text())["labels"]]
     assert table == ["background", "spleen", "kidney_right", "liver", "stomach"]
     expected = singles[0].copy()
     expected[singles[1] > 0] = singles[1][singles[1] > 0] + 2  # later parts overwrite, as TotalSegmentator does
@@ -125,5 +129,5 @@ def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images,
     total_map = read_volume(tmp_path / "total.nii.gz").array
     lookup = np.array([0, 1, 2, 5, 6])
     assert np.array_equal(total_map, lookup[merged])
-    names = {row["value"]: row["name"] for row in json.loads((tmp_path / "total.json").read_text())["labels"]}
+    names = {row["value"]: row["name"] for row in json.loads(label_table_paths(tmp_path / "total.nii.gz")[0].read_text())["labels"]}
     assert all(names[int(k)] == v for k, v in total.items())

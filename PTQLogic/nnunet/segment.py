@@ -141,7 +141,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
                    step_size: float | None = None, monitor: Monitor | None = None):
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
-    from ..evaluate import agreement_dice, dice_per_class
+    from ..evaluate import agreement_dice, dice_per_class, warn_foreign_reference
     from ..imageio import label_table_paths, read_volume, write_label_table, write_labelmap
     from ..pipeline import SegmentOutcome, check_output_path
 
@@ -167,10 +167,13 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if compare and precision != "fp32":
         fp32_parts = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)[0]
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
-    reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
+    reference_dice = None
+    if ref_volume is not None:
+        reference_dice = dice_per_class(merged, ref_volume.array, present).mean
+        warn_foreign_reference(ref_volume.array, len(classes), reference)
     monitor.check()
     json_path, csv_path = label_table_paths(output)
-    write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output)
+    write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
     write_label_table(classes, json_path)
     write_label_table(classes, csv_path)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
