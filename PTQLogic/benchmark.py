@@ -61,7 +61,10 @@ def run_benchmark(
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref = read_volume(reference) if reference else None
     if ref is not None:
+        from .evaluate import warn_foreign_reference
+
         volume.require_same_grid(ref, f"Reference '{reference}'")
+        warn_foreign_reference(ref.array, spec.num_classes, reference)
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

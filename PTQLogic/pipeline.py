@@ -422,8 +422,9 @@ def segment(
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     warn_intensity_mismatch(volume, spec, input_path)
     ref_volume = read_volume(reference) if reference else None
-    if ref_volume is not None:
+    if ref_volume is not None:  # checked before the long work
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+        warn_foreign_reference(ref_volume.array, spec.num_classes, reference)
     started = time.perf_counter()
     engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor)
     build_seconds = time.perf_counter() - started
@@ -439,7 +440,6 @@ def segment(
     reference_dice = None
     if ref_volume is not None:
         reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
-        warn_foreign_reference(ref_volume.array, spec.num_classes, reference)
     json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output, spec.classes)
     write_label_table(spec.classes, json_path)

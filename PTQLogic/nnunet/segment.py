@@ -158,6 +158,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     ref_volume = read_volume(reference) if reference else None
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+        warn_foreign_reference(ref_volume.array, len(classes), reference)
     started = time.perf_counter()
     parts, info, reason, size, net_s, patches, build_s = _run_all(opened, volume, runtime, precision, device,
                                                                  mirroring, monitor)
@@ -167,10 +168,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if compare and precision != "fp32":
         fp32_parts = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)[0]
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
-    reference_dice = None
-    if ref_volume is not None:
-        reference_dice = dice_per_class(merged, ref_volume.array, present).mean
-        warn_foreign_reference(ref_volume.array, len(classes), reference)
+    reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
     json_path, csv_path = label_table_paths(output)
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
