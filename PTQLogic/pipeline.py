@@ -416,7 +416,7 @@ def segment(
     spec = model_dir.spec()
     from .calibration import warn_intensity_mismatch
     from .evaluate import agreement_dice, dice_per_class, warn_foreign_reference
-    from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from .imageio import read_volume, write_label_tables, write_labelmap
     from .inference import segment_volume
 
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
@@ -440,10 +440,8 @@ def segment(
     reference_dice = None
     if ref_volume is not None:
         reference_dice = dice_per_class(result.labels.array, ref_volume.array, labels).mean
-    json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output, spec.classes)
-    write_label_table(spec.classes, json_path)
-    write_label_table(spec.classes, csv_path)
+    json_path, csv_path = write_label_tables(spec.classes, output)
     return SegmentOutcome(
         output=output,
         labels_json=json_path,

@@ -141,7 +141,7 @@ def run_cohort(
 
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
-    from ..imageio import label_table_paths, write_label_table
+    from ..imageio import write_label_tables
     from ..pipeline import open_model_dir
 
     monitor = monitor or Monitor()
@@ -172,9 +172,7 @@ def run_cohort(
             raise EngineUnavailable(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has "
                                     f"{available_gpus():g} GPU(s); use 0 for CPU workers.")
         output_dir.mkdir(parents=True, exist_ok=True)
-        json_path, csv_path = label_table_paths(output_dir / "labels.nii.gz")
-        write_label_table(spec.classes, json_path)
-        write_label_table(spec.classes, csv_path)
+        write_label_tables(spec.classes, output_dir / "labels.nii.gz")
         pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
                               monitor, scratch_root)
         startup = time.perf_counter() - started

@@ -142,7 +142,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                    step_size: float | None = None, monitor: Monitor | None = None):
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
     from ..evaluate import agreement_dice, dice_per_class, warn_foreign_reference
-    from ..imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from ..imageio import read_volume, write_label_tables, write_labelmap
     from ..pipeline import SegmentOutcome, check_output_path
 
     monitor = monitor or Monitor()
@@ -170,10 +170,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
-    json_path, csv_path = label_table_paths(output)
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
-    write_label_table(classes, json_path)
-    write_label_table(classes, csv_path)
+    json_path, csv_path = write_label_tables(classes, output)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
                           runtime_reason=reason, precision=info.precision, engine_size_mb=size / 1e6,
                           seconds=time.perf_counter() - started, network_seconds=net_s, patches=patches,
