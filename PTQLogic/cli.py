@@ -233,7 +233,7 @@ def _add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
     group.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5", default=None,
                        help="builder optimization level (default 2: shorter builds than TensorRT's 3)")
     group.add_argument("--trt-timing-cache", default="auto", metavar="PATH|auto|off",
-                       help="kernel timing cache reused across builds (default auto: the user cache folder)")
+                       help="kernel timing cache reused across builds (auto: the user cache folder)")
 
 
 def _tensorrt_options(args: argparse.Namespace):
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_help = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
     q = add("quantize", cmd_quantize, "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes")
     q.add_argument("--model", required=True,
-                   help="model spec (.json/.yaml), a model file with a spec beside it, or an nnU-Net v2 results folder")
+                   help="model spec (.json/.yaml), a model file with a spec beside it, a MONAI bundle folder "
+                        "or an nnU-Net v2 results folder")
     q.add_argument("--calibration", required=True, nargs="+",
                    help="unlabeled calibration volumes (like those you will segment) and/or folders of them")
     q.add_argument("--out", required=True, help="model folder to write")
@@ -407,7 +408,8 @@ def _run(args: argparse.Namespace) -> int:
     except Cancelled as exc:
         return _fail(args, args.json, str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return _fail(args, args.json, "interrupted; no partial output was kept.", 130)
+        kept = " finished volumes are kept (rerun the same command to go on);" if args.func is cmd_segment_batch else ""
+        return _fail(args, args.json, f"interrupted;{kept} no partial output was kept.", 130)
     except PTQError as exc:
         return _fail(args, args.json, str(exc), exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked

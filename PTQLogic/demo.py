@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .fileio import staging_dir
 from .progress import Monitor
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -76,9 +76,8 @@ def run_demo(
     monitor = monitor or Monitor()
     final = _check_demo_dir(Path(out))
     spec_path = sample_spec_path(model)
-    final.parent.mkdir(parents=True, exist_ok=True)
     # Work in a staging folder and rename it into place at the end: an interrupted demo leaves nothing.
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    work = staging_dir(final)
     try:
         result = _run_demo_in(work, final, spec_path, runtime, train, calibration_volumes, calibration_patches,
                               monitor)

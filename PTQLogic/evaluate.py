@@ -55,6 +55,20 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> 
     return DiceResult(per_class, excluded, mean)
 
 
+def warn_foreign_reference(ref: np.ndarray, num_classes: int, reference: str | Path) -> None:
+    """Warn when a reference holds label values a model with ``num_classes`` outputs cannot produce."""
+    import warnings
+
+    from .errors import InputWarning
+
+    extra = [int(v) for v in np.unique(ref) if v >= num_classes]
+    if extra:  # e.g. a TotalSegmentator map (117 classes) against a 6-class model: values mean other organs
+        warnings.warn(f"reference '{reference}' holds label values the model does not have ({len(extra)}, e.g. "
+                      f"{extra[:3]}); Dice compares label values, so it is meaningless if the two number classes "
+                      "differently: pair classes with --label-map or by name with `ptqseg evaluate --reference-labels NAMES.json`.",
+                      InputWarning, stacklevel=2)
+
+
 def mean_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float | None:
     return dice_per_class(pred, ref, labels).mean
 

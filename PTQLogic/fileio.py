@@ -84,6 +84,7 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
     except OSError as exc:
         raise InputError(f"Cannot write '{final}': {exc.strerror or exc}; choose a writable location.") from None
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, default_mode(directory=False))  # mkstemp makes 0600; outputs get the usual umask mode
     try:
         try:
             yield tmp_path
@@ -98,6 +99,36 @@ def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A fresh hidden folder beside ``final`` to build it in, with the mode a plain ``mkdir`` would give.
+
+    The caller renames it to ``final`` when complete (or removes it), so no half-written folder is left.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    os.chmod(path, default_mode(directory=True))  # mkdtemp makes 0700, unreadable to the user's group
+    return path
+
+
+def default_mode(directory: bool) -> int:
+    """Permission bits a new file or folder gets under the process umask."""
+    mask = _umask()
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(final: str | Path, data: bytes) -> None:

@@ -280,6 +280,14 @@ def label_table_paths(labelmap_path: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".labels.json"), path.with_name(path.name + ".labels.csv")
 
 
+def write_label_tables(classes: Sequence[ClassInfo], labelmap_path: str | Path) -> tuple[Path, Path]:
+    """Both tables of ``labelmap_path`` (:func:`label_table_paths`); returns their paths."""
+    json_path, csv_path = label_table_paths(labelmap_path)
+    write_label_table(classes, json_path)
+    write_label_table(classes, csv_path)
+    return json_path, csv_path
+
+
 SEG_NRRD = ".seg.nrrd"
 
 

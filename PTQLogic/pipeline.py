@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
-from .fileio import check_writable_dir, make_temp_dir
+from .fileio import check_writable_dir, staging_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -247,8 +247,7 @@ def quantize_model(
         raise ModelError(f"Model spec '{spec.name}' is an ONNX model but names no 'weights' file (the .onnx).")
     torch_model = None if is_onnx else loaded.networks[0] if loaded is not None else load_torch_model(spec)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(f".{out_dir.name}.partial-", out_dir.parent)
+    staging = staging_dir(out_dir)
     try:
         monitor.update("export", 0, 1)
         if is_onnx:
@@ -442,7 +441,7 @@ def segment(
     from .evaluate import (
         agreement_dice, check_label_map, compare_label_maps, label_table_next_to, parse_label_map,
     )
-    from .imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from .imageio import label_table_paths, read_volume, write_label_tables, write_labelmap
     from .inference import segment_volume
 
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
@@ -482,13 +481,11 @@ def segment(
         reference_per_class = {f"{k} {comparison.names.get(k, '')}".strip(): v
                                for k, v in comparison.dice.per_class.items()}
         warnings += comparison.warnings
-    json_path, csv_path = label_table_paths(output)
     write_labelmap(result.labels, output, spec.classes)
     try:
-        write_label_table(spec.classes, json_path)
-        write_label_table(spec.classes, csv_path)
+        json_path, csv_path = write_label_tables(spec.classes, output)
     except BaseException:  # a label map without its table is half an output: take it back
-        for path in (output, json_path):
+        for path in (output, *label_table_paths(output)):
             path.unlink(missing_ok=True)
         raise
     return SegmentOutcome(

@@ -20,6 +20,7 @@ the input grid up to axis permutation/flips (no ``Spacing`` change), it is a pur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -186,20 +187,27 @@ def labels_to_input_grid(labels_ijk: np.ndarray, grid: NetworkGrid) -> np.ndarra
     return out
 
 
+def axis_gather_indices(mapping: np.ndarray, input_shape_ijk: Sequence[int], net_shape: Sequence[int]
+                        ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """For an axis-aligned input-IJK -> network-IJK ``mapping``: per input axis, the network axis it runs
+    along, the nearest network index of each input voxel (0 where outside) and whether it is inside."""
+    axes, index_lists, valid = [], [], []
+    for a in range(3):
+        n = int(np.argmax(np.abs(mapping[:3, a])))
+        index = np.floor(mapping[n, a] * np.arange(input_shape_ijk[a]) + mapping[n, 3] + 0.5).astype(np.int64)
+        ok = (index >= 0) & (index < net_shape[n])
+        axes.append(n)
+        index_lists.append(np.where(ok, index, 0))
+        valid.append(ok)
+    return axes, index_lists, valid
+
+
 def _separable_gather(labels_ijk: np.ndarray, mapping: np.ndarray, input_shape_ijk: tuple[int, int, int]) -> np.ndarray:
     """Axis-aligned grids (flips, permutations, spacing changes): one index list per axis.
 
     With unchanged spacing the indices are a plain permutation/flip, so the result is bit-exact.
     """
-    axes, index_lists, valid = [], [], []
-    for a in range(3):
-        n = int(np.argmax(np.abs(mapping[:3, a])))
-        position = mapping[n, a] * np.arange(input_shape_ijk[a]) + mapping[n, 3]
-        index = np.floor(position + 0.5).astype(np.int64)
-        ok = (index >= 0) & (index < labels_ijk.shape[n])
-        axes.append(n)
-        index_lists.append(np.where(ok, index, 0))
-        valid.append(ok)
+    axes, index_lists, valid = axis_gather_indices(mapping, input_shape_ijk, labels_ijk.shape)
     # reorder the (small) network array into the input's K, J, I axes first, then gather per axis
     result = np.ascontiguousarray(np.transpose(labels_ijk, axes[::-1]))
     for axis, a in enumerate((2, 1, 0)):

@@ -151,3 +151,12 @@ def choose_model_source(path: str | Path) -> ModelSource:
                            quantizable=spec is not None)
     raise InputError(f"'{path.name}': unknown model type; use a model spec (.json/.yaml), .onnx, a TorchScript/"
                      "weights file (.pt/.pth/.ts), a MONAI bundle folder or an nnU-Net results folder.")
+
+
+def sample_models(data_dir: str | Path) -> list[Path]:
+    """The shipped sample model specs in ``data_dir`` (``PTQLogic/data``): specs with their weights beside them,
+    not the other JSON files there (``training_summary.json``)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return []
+    return [p for p in sorted(data_dir.glob("*.json")) if (p.with_suffix(".pt")).is_file()]

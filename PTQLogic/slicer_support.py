@@ -22,7 +22,7 @@ from .slicer_deps import (  # noqa: F401  (re-export)
     QUANTIZE_NEEDS_NEWER_PYTHON, REQUIRED, DependencyPlan, dependency_plan, has_nvidia_gpu, installed_versions,
     quantization_supported, versions_report,
 )
-from .slicer_models import ModelSource, choose_model_source  # noqa: F401  (re-export)
+from .slicer_models import ModelSource, choose_model_source, sample_models  # noqa: F401  (re-export)
 from .slicer_process import (  # noqa: F401  (re-export)
     BackgroundProcess, default_python, engine_environment, info_command, parse_error, parse_progress, parse_result,
     ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,

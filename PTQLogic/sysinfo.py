@@ -17,6 +17,8 @@ PACKAGES = {
     "openvino": "openvino",
     "modelopt": "nvidia-modelopt",
     "tensorrt": "tensorrt",
+    "nnunetv2": "nnunetv2",  # optional: nnU-Net v2 folders (the `nnunet` extra)
+    "ray": "ray",  # optional: segment-batch (the `cluster` extra)
 }
 
 
@@ -53,7 +55,7 @@ def _memory_bytes() -> int | None:
 
 # Reported from package metadata without importing (import monai alone takes seconds); the others are
 # imported because what matters is whether they load (and torch/onnxruntime/openvino are queried below).
-METADATA_ONLY = ("monai",)
+METADATA_ONLY = ("monai", "nnunetv2", "ray")
 
 
 def _version(module_name: str) -> Any:

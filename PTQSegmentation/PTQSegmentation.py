@@ -370,8 +370,7 @@ class PTQSegmentationLogic(ScriptedLoadableModuleLogic):
         return support.default_python()
 
     def sampleModels(self):
-        data = support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "data"
-        return sorted(data.glob("*.json")) if data.is_dir() else []
+        return support.sample_models(support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "data")
 
     def dependencyPlan(self):
         names = list(support.REQUIRED) + ["onnxruntime-gpu", "tensorrt", "numpy", "simpleitk"]

@@ -67,7 +67,7 @@ def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet,
     rows = {Path(r["input"]).name: r for r in _rows(out)}
     assert sorted(rows) == sorted([p.name for p in volumes] + ["broken.nii.gz"])
     broken = rows.pop("broken.nii.gz")
-    assert broken["status"] == "error" and broken["output"] is None and "Could not read" in broken["error"]
+    assert broken["status"] == "error" and broken["output"] is None and "Could not read 'broken.nii.gz'" in broken["error"]
     assert not (out / "broken_labels.nii.gz").exists()
     assert all(r["status"] == "done" and r["error"] is None and r["precision"] == "int8" for r in rows.values())
     assert len({r["worker_pid"] for r in rows.values()}) == 2  # both workers took volumes
@@ -137,6 +137,34 @@ def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
     assert sorted(r["input"] for r in _rows(out)) == sorted(str(p) for p in volumes)
 
 
+def test_interrupted_run_leaves_no_worker_files(cluster, volumes, quantized_unet, tmp_path, monkeypatch):
+    """Workers killed on Ctrl-C cannot clean up: their model copies and volumes live in a folder the driver removes."""
+    import tempfile
+
+    from PTQLogic.cohort import runner
+
+    made: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):  # the real mkdtemp, remembering the run's scratch folder
+        made.append(Path(real_mkdtemp(*args, **kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr(runner.tempfile, "mkdtemp", mkdtemp)
+    seen: list[str] = []
+
+    def interrupt(_input, _pid):
+        seen.extend(sorted(p.name.split("-")[1] for p in made[0].iterdir()))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cohort(quantized_unet, volumes, tmp_path / "out", workers=1, on_dispatch=interrupt)
+    assert made and made[0].name.startswith("ptqseg-batch-")
+    assert seen == ["volumes", "worker"]  # the worker kept its files there
+    assert not made[0].exists()
+    _no_partials(tmp_path / "out")
+
+
 def test_bad_inputs_fail_before_any_work(quantized_unet, tmp_path):
     listing = tmp_path / "cohort.txt"
     listing.write_text("missing.nii.gz\n")
@@ -167,6 +195,19 @@ def test_inputs_from_lists_and_repeated_names(tmp_path):
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(InputError, match="single-file volume"):
         collect_inputs([tmp_path / "notes.json"], tmp_path / "out")
+
+
+def test_linked_inputs_keep_their_own_names(tmp_path):
+    """git-annex/DVC/nnU-Net raw folders hold links to hashed files: label maps are named after the links."""
+    from PTQLogic.cohort import collect_inputs
+
+    store, cohort = tmp_path / "objects", tmp_path / "cohort"
+    store.mkdir(), cohort.mkdir()
+    (store / "SHA256E-s1--3f2a.nii.gz").write_bytes(b"x")
+    (cohort / "case_001.nii.gz").symlink_to(store / "SHA256E-s1--3f2a.nii.gz")
+    items = collect_inputs([cohort, cohort / "case_001.nii.gz"], tmp_path / "out")  # the same file twice
+    assert [i.input for i in items] == [cohort / "case_001.nii.gz"]
+    assert [i.output.name for i in items] == ["case_001_labels.nii.gz"]
 
 
 def test_broken_manifest_is_refused(tmp_path):

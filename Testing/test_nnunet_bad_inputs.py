@@ -164,7 +164,7 @@ def test_progress_is_reported_and_cancel_leaves_no_output(setup):
     monitor.on_progress = lambda stage, done, total: monitor.cancel() if stage == "nnU-Net sliding window" else None
     with pytest.raises(Cancelled):
         segment(folder, image, tmp_path / "cancelled.nii.gz", runtime="torch", precision="fp32", monitor=monitor)
-    assert not (tmp_path / "cancelled.nii.gz").exists() and not (tmp_path / "cancelled.json").exists()
+    assert not (tmp_path / "cancelled.nii.gz").exists() and not (tmp_path / "cancelled.nii.gz.labels.json").exists()
 
 
 def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):

@@ -10,13 +10,14 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from PTQLogic.imageio import label_table_paths
 import torch
 
 from nnunet_factory import dataset, plans, write_folder, write_image
 from PTQLogic.cli import main
-from PTQLogic.imageio import read_volume
+from PTQLogic.imageio import label_table_paths, read_volume
 from PTQLogic.phantom import make_phantom
 from PTQLogic.slicer_models import choose_model_source
 
@@ -95,6 +96,9 @@ def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, cap
         assert result["precision"] == "int8" and result["agreement_dice"] > 0.85, result
     table = json.loads(label_table_paths(tmp_path / "openvino8.nii.gz")[0].read_text())
     assert [row["name"] for row in table["labels"]] == LABELS
+    _segment(out, images["image"], tmp_path / "openvino8.seg.nrrd", capsys, "--runtime", "openvino")
+    header = sitk.ReadImage(str(tmp_path / "openvino8.seg.nrrd"))  # Slicer's segment names are the classes
+    assert [header.GetMetaData(f"Segment{i}_Name") for i in range(3)] == LABELS[1:]
 
 
 def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images, capsys):

@@ -414,3 +414,13 @@ def test_info_command_reports_the_auto_runtime_choice():
     assert [line.split(":")[0] for line in lines] == ["FP32", "FP16", "INT8"]
     assert lines[2].startswith("INT8: openvino - OpenVINO")  # no NVIDIA GPU here
     assert lines[1].startswith("FP16: unavailable - FP16 needs an NVIDIA GPU")
+
+
+def test_sample_models_are_the_shipped_specs_only():
+    from PTQLogic.spec import load_spec
+
+    data = Path(ss.__file__).parent / "data"
+    found = ss.sample_models(data)
+    assert [p.name for p in found] == ["phantom_segresnet.json", "phantom_unet.json"]  # not training_summary.json
+    assert all(load_spec(p).weights_path().is_file() for p in found)
+    assert ss.sample_models(data / "missing") == []

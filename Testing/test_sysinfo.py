@@ -50,6 +50,13 @@ def test_versions_match_the_imported_modules():
         import tensorrt
 
         assert versions["tensorrt"] == tensorrt.__version__
+    from importlib.metadata import version
+
+    for optional in ("nnunetv2", "ray"):  # the `nnunet` and `cluster` extras, reported without importing them
+        if importlib.util.find_spec(optional) is None:
+            assert "missing" in versions[optional]
+        else:
+            assert versions[optional] == version(optional)
 
 
 def test_gpus_follow_torch_cuda():

@@ -1,6 +1,7 @@
 """Which volumes a cohort holds, and where each one's label map goes."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ OUTPUT_SUFFIX = "_labels.nii.gz"
 
 @dataclass(frozen=True)
 class CohortItem:
-    input: Path  # resolved input volume file
+    input: Path  # input volume file, absolute; symbolic links are kept (their names name the label maps)
     output: Path  # label map written for it
 
 
@@ -24,21 +25,26 @@ def batch_suffix(path: Path) -> str | None:
     return next((s for s in BATCH_SUFFIXES if name.endswith(s)), None)
 
 
+def _absolute(path: Path) -> Path:
+    # Not resolve(): datasets kept as links (git-annex, DVC, nnU-Net's raw folders) point at hashed names.
+    return Path(os.path.abspath(path))
+
+
 def _read_list(path: Path) -> list[Path]:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    return [(path.parent / entry).resolve() for entry in entries]
+    return [_absolute(path.parent / entry) for entry in entries]
 
 
 def _expand(source: Path) -> list[Path]:
     if source.is_dir():
-        found = sorted(p.resolve() for p in source.iterdir() if p.is_file() and batch_suffix(p))
+        found = sorted(_absolute(p) for p in source.iterdir() if p.is_file() and batch_suffix(p))
         if not found:
             raise InputError(f"Folder '{source}' holds no volume files ({', '.join(BATCH_SUFFIXES)}).")
         return found
     if source.suffix.lower() in LIST_SUFFIXES:
         return _read_list(source)
-    return [source.resolve()]
+    return [_absolute(source)]
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -46,8 +52,6 @@ def _output_names(paths: list[Path]) -> list[str]:
     stems = [p.name[: -len(batch_suffix(p) or "")] for p in paths]
     if len(set(stems)) == len(stems):
         return stems
-    import os
-
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     relative = [p.relative_to(root).as_posix() for p in paths]
     return [r[: -len(batch_suffix(Path(r)) or "")].replace("/", "__") for r in relative]
@@ -71,12 +75,15 @@ def collect_inputs(inputs: Sequence[str | Path], output_dir: str | Path) -> list
                  if p.is_file() and not batch_suffix(p)]
     if problems:
         raise InputError(f"{len(problems)} input(s) cannot be used: {'; '.join(problems[:5])}. Fix the list and rerun.")
-    unique = list(dict.fromkeys(paths))  # the same file listed twice is segmented once
+    first: dict[Path, Path] = {}
+    for path in paths:  # the same file listed twice (or through a link) is segmented once
+        first.setdefault(path.resolve(), path)
+    unique = list(first.values())
     if not unique:
         raise InputError("No input volumes were given.")
     names = _output_names(unique)
     items = [CohortItem(p, output_dir / (name + OUTPUT_SUFFIX)) for p, name in zip(unique, names)]
     for item in items:
-        if item.output == item.input:
+        if item.output.resolve() == item.input.resolve():
             raise InputError(f"Input '{item.input}' would be overwritten by its label map; choose another output folder.")
     return items

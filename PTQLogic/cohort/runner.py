@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -11,7 +13,7 @@ from typing import Any, Callable, Sequence
 from ..errors import EngineUnavailable, InputError, PTQError
 from ..fileio import atomic_write_bytes
 from ..progress import Monitor
-from .cluster import available_gpus, connect, import_ray
+from .cluster import available_gpus, connect, import_ray, local_cluster
 from .inputs import CohortItem, batch_suffix, collect_inputs
 from .manifest import Manifest, model_fingerprint
 from .worker import VolumeWorker, pack_model_dir
@@ -80,12 +82,12 @@ class _Pool:
 
 
 def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runtime: str, precision: str,
-                   monitor: Monitor) -> _Pool:
+                   monitor: Monitor, scratch_root: str | None = None) -> _Pool:
     remote = ray.remote(concurrency_groups={"control": 1})(VolumeWorker)
     files = ray.put(pack_model_dir(model_dir))
     device = "cuda" if gpus > 0 else None
     actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
-              .remote(files, runtime, precision, device, threads) for _ in range(n)]
+              .remote(files, runtime, precision, device, threads, scratch_root) for _ in range(n)]
     pending = {actor.info.options(concurrency_group="control").remote(): actor for actor in actors}
     try:
         monitor.update("starting workers", 0, n)
@@ -139,7 +141,7 @@ def run_cohort(
 
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
-    from ..imageio import label_table_paths, write_label_table
+    from ..imageio import write_label_tables
     from ..pipeline import open_model_dir
 
     monitor = monitor or Monitor()
@@ -153,6 +155,8 @@ def run_cohort(
     fingerprint = model_fingerprint(model_dir.root, precision)
     ray = import_ray()
     started_here = connect(ray_address, workers * threads_per_worker, None)
+    # Workers of a local cluster keep their model copy and volumes here; killed ones cannot clean up.
+    scratch_root = tempfile.mkdtemp(prefix="ptqseg-batch-") if local_cluster() else None
     pool, inflight = None, {}
     started = time.perf_counter()
     startup = 0.0
@@ -168,11 +172,9 @@ def run_cohort(
             raise EngineUnavailable(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has "
                                     f"{available_gpus():g} GPU(s); use 0 for CPU workers.")
         output_dir.mkdir(parents=True, exist_ok=True)
-        json_path, csv_path = label_table_paths(output_dir / "labels.nii.gz")
-        write_label_table(spec.classes, json_path)
-        write_label_table(spec.classes, csv_path)
+        write_label_tables(spec.classes, output_dir / "labels.nii.gz")
         pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
-                              monitor)
+                              monitor, scratch_root)
         startup = time.perf_counter() - started
         pids = [ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
         queue: deque[CohortItem] = deque(items)
@@ -208,7 +210,7 @@ def run_cohort(
                         monitor.update(STAGE, sum(counts.values()), total)
                         continue
                     attempts[item.input] = attempts.get(item.input, 0) + 1
-                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data)
+                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data, item.input.name)
                     inflight[ref] = (item, index)
                     pool.load[index] += 1
                     if on_dispatch is not None:
@@ -251,6 +253,8 @@ def run_cohort(
         finally:
             if started_here:
                 ray.shutdown()
+            if scratch_root:
+                shutil.rmtree(scratch_root, ignore_errors=True)
     seconds = time.perf_counter() - started
     return CohortSummary(
         total=len(items), done=counts["done"], skipped=counts["skipped"], failed=counts["failed"],

@@ -25,7 +25,7 @@ class VolumeWorker:
     """One engine per worker process, reused for every volume it is given."""
 
     def __init__(self, model_files: dict[str, bytes], runtime: str, precision: str, device: str | None,
-                 threads: int | None):
+                 threads: int | None, scratch_root: str | None = None):
         import torch
         from monai.inferers import sliding_window_inference  # noqa: F401 - imported now, not on the first volume
 
@@ -33,7 +33,9 @@ class VolumeWorker:
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.root = Path(tempfile.mkdtemp(prefix="ptqseg-worker-"))
+        # On a local cluster the driver owns scratch_root and removes it even after a killed worker.
+        parent = scratch_root if scratch_root and Path(scratch_root).is_dir() else None
+        self.root = Path(tempfile.mkdtemp(prefix="ptqseg-worker-", dir=parent))
         for name, data in model_files.items():
             (self.root / name).write_bytes(data)
         model_dir = open_model_dir(self.root)
@@ -41,7 +43,7 @@ class VolumeWorker:
         started = time.perf_counter()
         self.engine, _ = open_engine(model_dir, runtime, precision, device=device, threads=threads)
         self.build_seconds = time.perf_counter() - started
-        self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-", dir=parent))
 
     def pid(self) -> int:
         return os.getpid()
@@ -49,7 +51,7 @@ class VolumeWorker:
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "build_seconds": self.build_seconds, **self.engine.info.to_dict()}
 
-    def segment(self, suffix: str, data: bytes) -> dict[str, Any]:
+    def segment(self, suffix: str, data: bytes, name: str = "the volume") -> dict[str, Any]:
         """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
         from ..errors import PTQError
         from ..imageio import read_volume, write_labelmap
@@ -71,7 +73,7 @@ class VolumeWorker:
                        "encode": time.perf_counter() - segmented}
             return {**facts, "labels": labels, "timings": timings, "error": None}
         except PTQError as exc:
-            return {**facts, "labels": None, "timings": {}, "error": str(exc).replace(str(source), "the volume")}
+            return {**facts, "labels": None, "timings": {}, "error": str(exc).replace(str(source), name)}
         except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the cohort
             return {**facts, "labels": None, "timings": {}, "error": f"unexpected {type(exc).__name__}: {exc}"}
         finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelError
+from ..fileio import staging_dir
 from ..pipeline import QuantizeResult
 from ..progress import Monitor
 from ..sources.nnunet import MODEL_DIR_MARKER
@@ -202,8 +202,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
     source = open_nnunet_model(model, folds, checkpoint)
     if source.quantized:
         raise InputError(f"'{model}' is already a quantized model folder; quantize the original nnU-Net folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         patches = calibration_patches(source, volumes, num_patches, seed, monitor)
         for name in (DATASET_JSON, PLANS_JSON):

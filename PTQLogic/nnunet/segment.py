@@ -141,8 +141,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
                    step_size: float | None = None, monitor: Monitor | None = None):
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
-    from ..evaluate import agreement_dice, dice_per_class
-    from ..imageio import label_table_paths, read_volume, write_label_table, write_labelmap
+    from ..evaluate import agreement_dice, dice_per_class, warn_foreign_reference
+    from ..imageio import read_volume, write_label_tables, write_labelmap
     from ..pipeline import SegmentOutcome, check_output_path
 
     monitor = monitor or Monitor()
@@ -158,6 +158,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     ref_volume = read_volume(reference) if reference else None
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+        warn_foreign_reference(ref_volume.array, len(classes), reference)
     started = time.perf_counter()
     parts, info, reason, size, net_s, patches, build_s = _run_all(opened, volume, runtime, precision, device,
                                                                  mirroring, monitor)
@@ -169,10 +170,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
-    json_path, csv_path = label_table_paths(output)
-    write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output)
-    write_label_table(classes, json_path)
-    write_label_table(classes, csv_path)
+    write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
+    json_path, csv_path = write_label_tables(classes, output)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
                           runtime_reason=reason, precision=info.precision, engine_size_mb=size / 1e6,
                           seconds=time.perf_counter() - started, network_seconds=net_s, patches=patches,

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess import (
-    _RAS_LABELS, RESAMPLE_DTYPE, NetworkGrid, _axis_aligned, labels_to_input_grid, normalize_intensity,
-)
+from ..preprocess import (_RAS_LABELS, RESAMPLE_DTYPE, NetworkGrid, _axis_aligned, axis_gather_indices, labels_to_input_grid,
+                          normalize_intensity)
 from ..spec import ModelSpec
 from ..volume import Volume
 
@@ -45,6 +44,8 @@ def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | 
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
+        # float64 like preprocess.resample_to_network (MONAI's default): float32 moves voxels on and off
+        # exactly 0, which z-score "nonzero" normalization then treats differently (docs/bundles.md)
         image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=RESAMPLE_DTYPE)(image)
     grid = NetworkGrid(
         affine=np.asarray(image.affine, dtype=np.float64).copy(),
@@ -67,16 +68,10 @@ def labels_to_input_grid_on(labels_ijk: torch.Tensor, grid: NetworkGrid) -> np.n
     mapping = np.linalg.solve(grid.affine, grid.input_ijk_to_ras)
     if not _axis_aligned(mapping[:3, :3]):
         return labels_to_input_grid(labels_ijk.cpu().numpy(), grid)
-    size_k, size_j, size_i = grid.input_shape
     device = labels_ijk.device
-    axes, index_lists, valid = [], [], []
-    for a, size in enumerate((size_i, size_j, size_k)):
-        n = int(np.argmax(np.abs(mapping[:3, a])))
-        index = np.floor(mapping[n, a] * np.arange(size) + mapping[n, 3] + 0.5).astype(np.int64)
-        ok = (index >= 0) & (index < labels_ijk.shape[n])
-        axes.append(n)
-        index_lists.append(torch.from_numpy(np.where(ok, index, 0)).to(device))
-        valid.append(torch.from_numpy(ok).to(device))
+    axes, indices, inside_axis = axis_gather_indices(mapping, tuple(grid.input_shape)[::-1], tuple(labels_ijk.shape))
+    index_lists = [torch.from_numpy(index).to(device) for index in indices]
+    valid = [torch.from_numpy(ok).to(device) for ok in inside_axis]
     result = labels_ijk.permute(axes[::-1])  # network axes in the input's K, J, I order
     for axis, a in enumerate((2, 1, 0)):
         result = torch.index_select(result, axis, index_lists[a])

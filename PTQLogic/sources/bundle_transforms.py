@@ -7,7 +7,6 @@ otherwise ``Preprocessing.steps`` (MONAI's own intensity transforms, applied in 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelError
@@ -29,16 +28,6 @@ _SPACING_DEFAULTS = {"padding_mode": "border", "align_corners": False, "diagonal
 _INFERER_RUNTIME_ONLY = {"device", "sw_device", "progress", "cache_roi_weight_map", "cpu_thresh", "buffer_steps",
                          "buffer_dim"}
 _INFERERS = {"SlidingWindowInferer", "SlidingWindowInfererAdapt"}
-
-
-@dataclass
-class Mapped:
-    preprocessing: Preprocessing
-    patch_size: tuple[int, int, int]
-    overlap: float
-    blend_mode: str
-    details: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what the bundle does that is not reproduced
 
 
 def target_name(item: Any, path: tuple, prefix: str) -> str:
