@@ -270,7 +270,10 @@ def quantize_model(
             patches = sample_calibration_patches(volumes, spec, calib_settings, monitor)
             report = quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, settings, monitor)
         else:
-            report, guard_info = _guarded(staging, volumes, spec, calib_settings, settings, guard, monitor)
+            from .quantization.guard import guarded_quantize_volumes
+
+            report, guard_info = guarded_quantize_volumes(staging / FP32_NAME, staging / INT8_NAME, volumes, spec,
+                                                          calib_settings, settings, guard, monitor)
         summary = {
             "model": spec.name,
             "export": export_info,
@@ -293,27 +296,6 @@ def quantize_model(
         seconds=time.perf_counter() - started,
         report=summary,
     )
-
-
-def _guarded(staging: Path, volumes, spec: ModelSpec, calib_settings, settings, guard, monitor: Monitor):
-    """Calibrate, and check agreement on held-out data: whole volumes when there are 3 or more."""
-    from .calibration import sample_calibration_patches
-    from .quantization.guard import guarded_quantize
-
-    held_count = max(4, calib_settings.num_patches // 4)
-    if len(volumes) >= 3:
-        n_held = max(1, len(volumes) // 4)
-        calib_volumes, held_volumes = volumes[:-n_held], volumes[-n_held:]
-        note = f"{held_count} patches from {n_held} held-out calibration volume(s)"
-    else:
-        calib_volumes, held_volumes = volumes, volumes
-        note = (f"{held_count} patches drawn apart from the calibration patches (seed + 1); give 3 or more "
-                "calibration volumes to hold whole volumes out")
-    patches = sample_calibration_patches(calib_volumes, spec, calib_settings, monitor)
-    held_settings = replace(calib_settings, num_patches=held_count, seed=calib_settings.seed + 1)
-    held_out = sample_calibration_patches(held_volumes, spec, held_settings, monitor)
-    return guarded_quantize(staging / FP32_NAME, patches, held_out, staging / INT8_NAME, settings, guard,
-                            spec.num_classes, note, monitor)
 
 
 def open_engine(

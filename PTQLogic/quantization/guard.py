@@ -151,3 +151,25 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: n
             "Allow more layers (--max-kept-layers), loosen the target, calibrate on more volumes, or use FP32."
         )
     return report, guard
+
+
+def guarded_quantize_volumes(fp32_onnx: Path, out_path: Path, volumes: list, spec, calib_settings,
+                             settings: QuantizeSettings, target: GuardTarget,
+                             monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
+    """:func:`guarded_quantize` on calibration volumes: whole volumes are held out when there are 3 or more."""
+    from ..calibration import sample_calibration_patches
+
+    held_count = max(4, calib_settings.num_patches // 4)
+    if len(volumes) >= 3:
+        n_held = max(1, len(volumes) // 4)
+        calib_volumes, held_volumes = volumes[:-n_held], volumes[-n_held:]
+        note = f"{held_count} patches from {n_held} held-out calibration volume(s)"
+    else:
+        calib_volumes, held_volumes = volumes, volumes
+        note = (f"{held_count} patches drawn apart from the calibration patches (seed + 1); give 3 or more "
+                "calibration volumes to hold whole volumes out")
+    patches = sample_calibration_patches(calib_volumes, spec, calib_settings, monitor)
+    held_settings = replace(calib_settings, num_patches=held_count, seed=calib_settings.seed + 1)
+    held_out = sample_calibration_patches(held_volumes, spec, held_settings, monitor)
+    return guarded_quantize(fp32_onnx, patches, held_out, out_path, settings, target, spec.num_classes, note,
+                            monitor)
