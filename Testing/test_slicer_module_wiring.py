@@ -210,7 +210,7 @@ def test_catalog_files():
     assert {"$schema", "category", "scm_url", "scm_revision", "build_dependencies", "tier"} <= set(entry)
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == []
     catalog = json.loads((ROOT / "Resources" / "model_catalog.json").read_text())
-    assert [m["name"] for m in catalog["models"]] == ["phantom_unet", "phantom_segresnet"]
+    assert [m["name"] for m in catalog["models"]] == ["phantom_unet", "phantom_segresnet", "ct_unet"]
     from PTQLogic.spec import load_spec
 
     for model in catalog["models"]:
