@@ -10,7 +10,6 @@ from __future__ import annotations
 # wrong option must answer at once. torch/MONAI/ONNX are imported inside the command functions.
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys

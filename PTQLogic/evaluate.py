@@ -42,10 +42,15 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> 
     the mean rather than counted as 1 or 0.
     """
     pred, ref = _check_pair(pred, ref, "prediction and reference")
+    return dice_of_pairs(pred, ref, {int(label): int(label) for label in labels})
+
+
+def dice_of_pairs(pred: np.ndarray, ref: np.ndarray, pairs: dict[int, int]) -> DiceResult:
+    """Dice of each prediction label against the reference label it is paired with (same-shape maps)."""
     per_class: dict[int, float] = {}
     excluded: list[int] = []
-    for label in labels:
-        in_pred, in_ref = pred == label, ref == label
+    for label, target in pairs.items():
+        in_pred, in_ref = pred == label, ref == target
         total = int(np.count_nonzero(in_pred)) + int(np.count_nonzero(in_ref))
         if total == 0:
             excluded.append(int(label))
@@ -275,22 +280,14 @@ def compare_label_maps(
             pairs[label] = label if match is None else match
         else:
             pairs[label] = label
-    per_class, excluded = {}, []
-    for label, target in pairs.items():
-        in_pred, in_ref = pred == label, ref == target
-        total = int(np.count_nonzero(in_pred)) + int(np.count_nonzero(in_ref))
-        if total == 0:
-            excluded.append(int(label))
-            continue
-        per_class[int(label)] = 2.0 * int(np.count_nonzero(in_pred & in_ref)) / total
-    mean = float(np.mean(list(per_class.values()))) if per_class else None
+    dice = dice_of_pairs(pred, ref, pairs)
     unpaired = sorted(set(int(v) for v in np.unique(ref) if v > 0) - set(pairs.values()))
     if unpaired:
         shown = ", ".join(f"{v} ({ref_names[v]})" if v in ref_names else str(v) for v in unpaired[:8])
         warnings.append(f"the reference has {len(unpaired)} label(s) no predicted class pairs with, ignored: {shown}"
                         f"{' ...' if len(unpaired) > 8 else ''}; pair them with --label-map PRED=REF if they match")
     names = {label: pred_names.get(label) or ref_names.get(pairs[label], "") for label in pairs}
-    return LabelComparison(DiceResult(per_class, excluded, mean), pairs, names, warnings)
+    return LabelComparison(dice, pairs, names, warnings)
 
 
 def label_table_next_to(path: str | Path) -> dict[int, str]:

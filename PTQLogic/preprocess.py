@@ -90,9 +90,6 @@ def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") ->
 
 def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
     """Geometry only: (C, I, J, K) float32 tensor in network orientation/spacing, raw intensities."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
     volume.validate("input volume")
     check_memory(volume, spec)
     if volume.channels != spec.in_channels:
@@ -103,8 +100,16 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
     # KJI -> IJK per channel; a fresh float32 copy so nothing downstream can touch volume.array.
     ijk = np.array(np.transpose(array, (0, 3, 2, 1)), dtype=np.float32, order="C", copy=True)
+    return orient_and_resample(torch.from_numpy(ijk), volume, spec)
+
+
+def orient_and_resample(ijk: torch.Tensor, volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
+    """MONAI ``Orientation``/``Spacing`` of a (C, I, J, K) tensor on ``volume``'s grid, on the tensor's device."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
     affine = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-    image = MetaTensor(torch.from_numpy(ijk), affine=torch.as_tensor(affine, dtype=torch.float64))
+    image = MetaTensor(ijk, affine=torch.as_tensor(affine, dtype=torch.float64))
     prep = spec.preprocessing
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)

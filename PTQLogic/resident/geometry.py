@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess import (_RAS_LABELS, RESAMPLE_DTYPE, NetworkGrid, _axis_aligned, axis_gather_indices, labels_to_input_grid,
-                          normalize_intensity)
+from ..preprocess import (NetworkGrid, _axis_aligned, axis_gather_indices, labels_to_input_grid, normalize_intensity,
+                          orient_and_resample)
 from ..spec import ModelSpec
 from ..volume import Volume
 
@@ -26,9 +26,6 @@ def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | str) -> tuple[torch.Tensor, NetworkGrid]:
     """(C, I, J, K) float32 network input on ``device`` and the grid to map results back."""
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, Spacing
-
     device = torch.device(device)
     volume.validate("input volume")
     if volume.channels != spec.in_channels:
@@ -38,23 +35,9 @@ def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | 
         )
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
     ijk = _upload(array, device).permute(0, 3, 2, 1).contiguous()  # KJI -> IJK
-    affine = np.asarray(volume.ijk_to_ras, dtype=np.float64)
-    image = MetaTensor(ijk, affine=torch.as_tensor(affine, dtype=torch.float64))
-    prep = spec.preprocessing
-    if prep.orientation:
-        image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
-    if prep.spacing is not None:
-        # float64 like preprocess.resample_to_network (MONAI's default): float32 moves voxels on and off
-        # exactly 0, which z-score "nonzero" normalization then treats differently (docs/bundles.md)
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=RESAMPLE_DTYPE)(image)
-    grid = NetworkGrid(
-        affine=np.asarray(image.affine, dtype=np.float64).copy(),
-        shape=tuple(int(s) for s in image.shape[1:]),
-        input_ijk_to_ras=affine.copy(),
-        input_shape=tuple(int(s) for s in volume.spatial_shape),
-    )
-    tensor = image.as_tensor().to(torch.float32).contiguous()
-    return normalize_intensity(tensor, prep), grid
+    # the CPU path's own MONAI Orientation/Spacing (float64 resampling), here on the device
+    tensor, grid = orient_and_resample(ijk, volume, spec)
+    return normalize_intensity(tensor, spec.preprocessing), grid
 
 
 def labels_to_input_grid_on(labels_ijk: torch.Tensor, grid: NetworkGrid) -> np.ndarray:
