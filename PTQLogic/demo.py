@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .fileio import staging_dir
+from .fileio import publish_dir, staging_dir
 from .progress import Monitor
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -83,21 +83,11 @@ def run_demo(
                               monitor)
         (work / MARKER).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
-        _publish(work, final)
+        publish_dir(work, final)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def _publish(staging: Path, final: Path) -> None:
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-        os.replace(staging, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 def _run_demo_in(work: Path, final: Path, spec_path: Path, runtime: str, train: bool, calibration_volumes: int,

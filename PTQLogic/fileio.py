@@ -113,6 +113,17 @@ def staging_dir(final: str | Path) -> Path:
     return path
 
 
+def publish_dir(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` (from :func:`staging_dir`) with two renames: never half-written."""
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    os.replace(staging, final)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 def default_mode(directory: bool) -> int:
     """Permission bits a new file or folder gets under the process umask."""
     mask = _umask()

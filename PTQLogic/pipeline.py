@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
-from .fileio import check_writable_dir, staging_dir
+from .fileio import check_writable_dir, publish_dir, staging_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -172,17 +171,6 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
     return out_dir
 
 
-def _publish_dir(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` with two renames, so readers never see a half-written folder."""
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-    os.replace(staging, final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def quantize_model(
     model: str | Path,
     calibration: Sequence[str | Path] | str | Path,
@@ -285,7 +273,7 @@ def quantize_model(
         }
         (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
-        _publish_dir(staging, out_dir)
+        publish_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

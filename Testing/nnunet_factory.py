@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pytest
 import torch
 
 FOLDER_NAME = "nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -118,3 +119,12 @@ def write_image(volume, path: Path) -> Path:
 
     sitk.WriteImage(to_sitk_image(volume.array, volume.ijk_to_ras), str(path), True)
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 3D convolutions run fastest on one thread (and do not fight other jobs on a 2-core runner)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_factory import architecture, dataset, plans, write_folder, write_image
+from nnunet_factory import architecture, dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.imageio import read_volume
 from PTQLogic.nnunet.model_dir import open_nnunet_model
@@ -20,15 +20,6 @@ from PTQLogic.phantom import make_phantom
 from PTQLogic.volume import Volume
 
 LABELS = ["background", "liver", "spleen", "kidney_right"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny 3D convolutions run fastest on one thread (and do not fight other jobs on a 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def nnunet_reference(folder, image_file, folds, mirroring=False, step=0.5):

@@ -12,24 +12,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.imageio import label_table_paths
-import torch
-
-from nnunet_factory import dataset, plans, write_folder, write_image
+from nnunet_factory import dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
 from PTQLogic.cli import main
 from PTQLogic.imageio import label_table_paths, read_volume
 from PTQLogic.phantom import make_phantom
 from PTQLogic.slicer_models import choose_model_source
 
 LABELS = ["background", "liver", "spleen", "kidney_right"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _digest(folder):

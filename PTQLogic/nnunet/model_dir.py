@@ -188,7 +188,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
 
     from ..calibration import CalibrationSettings, load_calibration_volumes, validate_settings
     from ..export import export_onnx
-    from ..pipeline import _publish_dir
+    from ..fileio import publish_dir
     from ..quantize import QuantizeSettings, quantize_onnx
 
     monitor = monitor or Monitor()
@@ -229,7 +229,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
                    "qdq": {"ok": all(r.get("qdq", {}).get("ok") for r in reports.values())}}
         (staging / "quantization.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
-        _publish_dir(staging, out_dir)
+        publish_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
