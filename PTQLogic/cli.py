@@ -68,7 +68,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
-        placement=args.placement, activations=args.activations,
+        placement=args.placement, activations=args.activations, subpixel=args.subpixel,
     )
     data = result.to_dict()
     inputs = data["calibration_inputs"]
@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Q/DQ placement: 'modelopt' (TensorRT rules, default) or 'cpu' (INT8 chains through "
                         "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime)")
     q.add_argument("--activations", choices=["s8", "u8"], default="s8",
-                   help="activation type of the 'cpu' placement (s8 symmetric; u8 lets ONNX Runtime fuse more)")
+                   help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 lets ONNX Runtime "
+                        "fuse every conv)")
+    q.add_argument("--subpixel", action="store_true",
+                   help="'cpu' placement for ONNX Runtime: ConvTranspose rewritten exactly as Conv + pixel shuffle "
+                        "(ONNX Runtime's 3D ConvTranspose is slow and float-only; slower on OpenVINO)")
     q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
     q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
                    default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")

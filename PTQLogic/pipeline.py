@@ -186,6 +186,7 @@ def quantize_model(
     checkpoint: str = "checkpoint_final.pth",
     placement: str = "modelopt",
     activations: str = "s8",
+    subpixel: bool = False,
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
     from .nnunet.folder import is_nnunet_folder
@@ -218,7 +219,7 @@ def quantize_model(
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
     QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
-                     activations=activations).validate()
+                     activations=activations, subpixel=subpixel).validate()
     if guard is not None:
         guard.validate()
         if placement != "modelopt":
@@ -249,7 +250,7 @@ def quantize_model(
         staged_spec.save(staging / SPEC_NAME)
         monitor.update("export", 1, 1)
         settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), placement=placement,
-                                    activations=activations)
+                                    activations=activations, subpixel=subpixel)
         if placement == "modelopt":  # the architecture's own high-precision parts (e.g. attention MatMuls) too
             settings = replace(quantize_settings_for(spec.architecture, method=method,
                                                      exclude_nodes=tuple(exclude_nodes)), placement=placement)

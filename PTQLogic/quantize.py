@@ -38,6 +38,11 @@ class QuantizeSettings:
     # "modelopt": ModelOpt's TensorRT placement; "cpu": quantization.placement (INT8 chains for OpenVINO/ORT)
     placement: str = "modelopt"
     activations: str = "s8"  # "cpu" placement only: symmetric int8 or asymmetric uint8 activations
+    # "cpu" placement only, exact rewrites (quantization.conv_rewrites): the identity residual of a full-resolution
+    # output conv folded into it (faster on every runtime); ConvTranspose as sub-pixel Conv (for ONNX Runtime only:
+    # its 3D ConvTranspose is slow and float-only; OpenVINO runs ConvTranspose well and the shuffle costs it)
+    fold_residual: bool = True
+    subpixel: bool = False
 
     def validate(self) -> None:
         from .quantization.placement import ACTIVATIONS, PLACEMENTS
@@ -46,6 +51,8 @@ class QuantizeSettings:
             raise InputError(f"Q/DQ placement must be one of {PLACEMENTS}, got {self.placement!r}.")
         if self.activations not in ACTIVATIONS:
             raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {self.activations!r}.")
+        if self.placement != "cpu" and self.subpixel:
+            raise InputError("The sub-pixel ConvTranspose rewrite (--subpixel) is part of the 'cpu' placement.")
         if self.placement == "cpu" and (self.exclude_nodes or self.exclude_op_types):
             raise InputError("Excluding nodes or op types is supported with the 'modelopt' placement only.")
         if self.method not in METHODS:
@@ -197,7 +204,7 @@ def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: 
         monitor.update(CALIBRATION_STAGE.replace("ModelOpt", "ONNX Runtime"), done, total)
 
     report = quantize_cpu(src, calibration, dst, activations=settings.activations, method=settings.method,
-                          on_batch=on_batch)
+                          fold_residual=settings.fold_residual, subpixel=settings.subpixel, on_batch=on_batch)
     log.write(f"CPU Q/DQ placement: {report.to_dict()}\n")
 
 

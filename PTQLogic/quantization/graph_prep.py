@@ -123,11 +123,17 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
     return changed
 
 
-def prepare_for_int8(model: onnx.ModelProto) -> dict[str, int]:
-    """Apply every rewrite in place; returns how many of each were made."""
+def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, subpixel: bool = False) -> dict[str, int]:
+    """Apply the rewrites in place (``conv_rewrites``' two on request); returns how many of each were made."""
+    from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
+
     counts = {"identities_bypassed": bypass_identities(model)}
     counts["batchnorm_folded"] = fold_batchnorm(model)
     counts["prelu_to_leakyrelu"] = prelu_to_leakyrelu(model)
+    if fold_residual:
+        counts["identity_residual_folded"] = fold_identity_residual(model)
+    if subpixel:
+        counts["convtranspose_to_subpixel"] = convtranspose_to_subpixel(model)
     drop_unused_initializers(model)
     return counts
 

@@ -10,7 +10,13 @@ output convolution in FP32, which is half of OpenVINO's INT8 time. CPU runtimes 
   OpenVINO keeps the chain in int8 between convolutions;
 - BatchNorm folded into the ConvTranspose before it and single-slope PReLU turned into LeakyRelu
   (``graph_prep``), so normalization/activation are fused instead of breaking the int8 chain;
-- network outputs stay float (the trailing Q/DQ ORT adds on the last op is removed).
+- network outputs stay float (the trailing Q/DQ ORT adds on the last op is removed);
+- exact conv rewrites (``conv_rewrites``): the identity residual around the full-resolution output conv
+  folded into it (always; removes a full-resolution float Add), and on request (``subpixel``, for ONNX
+  Runtime) ConvTranspose as a sub-pixel Conv + shuffle, whose Reshape/Transpose then carry int8.
+
+For ONNX Runtime use ``activations="u8"``: with symmetric int8 activations it leaves every conv whose
+input also feeds a residual branch in float (measured; u8 fuses them all into ``QLinearConv``).
 
 Calibration and Q/DQ insertion use ONNX Runtime's static quantizer (the engine ModelOpt itself
 drives, here in a child process, away from ModelOpt's patches), with per-channel symmetric INT8 weights; activations are symmetric INT8 (``"s8"``, legal
@@ -35,7 +41,7 @@ from ..errors import InputError, ModelError
 PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
 ACTIVATIONS = ("s8", "u8")
 CPU_OP_TYPES = ("Conv", "ConvTranspose", "Add", "Concat", "LeakyRelu", "Relu", "MaxPool", "AveragePool",
-                "GlobalAveragePool", "Resize", "Mul", "Sigmoid")
+                "GlobalAveragePool", "Resize", "Mul", "Sigmoid", "Reshape", "Transpose")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types:
             "ActivationSymmetric": symmetric,
             "WeightSymmetric": True,
             "QuantizeBias": False,  # float bias: TensorRT and OpenVINO fold it; no int32 tensors
+
             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
         },
     )
@@ -157,8 +164,8 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
 
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
-                 activations: str = "s8", method: str = "max",
-                 on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
+                 activations: str = "s8", method: str = "max", fold_residual: bool = True,
+                 subpixel: bool = False, on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
@@ -173,9 +180,10 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
         raise InputError(f"Calibration method must be 'max' or 'entropy', got {method!r}.")
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     model = onnx.load(str(fp32_onnx))
-    rewrites = prepare_for_int8(model)
+    rewrites = prepare_for_int8(model, fold_residual=fold_residual, subpixel=subpixel)
     present = {node.op_type for node in model.graph.node}
-    op_types = tuple(op for op in CPU_OP_TYPES if op in present)
+    # Reshape/Transpose carry int8 through the sub-pixel shuffle only (elsewhere they may feed float attention)
+    op_types = tuple(op for op in CPU_OP_TYPES if op in present and (subpixel or op not in ("Reshape", "Transpose")))
     workdir = Path(tempfile.mkdtemp(prefix=".placement-", dir=out_path.parent))
     try:
         prepared = workdir / "prepared.onnx"
