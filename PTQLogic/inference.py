@@ -43,6 +43,8 @@ class _CountingPredictor:
         self.engine, self.spec, self.total, self.monitor = engine, spec, total, monitor
         # native: keep the engine's own output precision (FP16) when it offers that, instead of float32 copies
         self.native = native and hasattr(engine, "forward_native")
+        # MONAI's sliding window blends each batch's logits before it asks for the next: no copy out needed
+        self.transient = not self.native and hasattr(engine, "forward_transient")
         self.patches = 0
         self.seconds = 0.0
 
@@ -51,7 +53,12 @@ class _CountingPredictor:
         batch = batch.to(device=self.engine.device, dtype=torch.float32).contiguous()
         started = time.perf_counter()
         try:
-            logits = self.engine.forward_native(batch) if self.native else self.engine(batch)
+            if self.native:
+                logits = self.engine.forward_native(batch)
+            elif self.transient:
+                logits = self.engine.forward_transient(batch)
+            else:
+                logits = self.engine(batch)
         except PTQError:
             raise
         except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line

@@ -199,3 +199,32 @@ def test_broken_onnx_is_a_model_error(tmp_path):
         OnnxRuntimeEngine(bad, "fp32")
     with pytest.raises(ModelError, match="OpenVINO cannot read"):
         OpenVINOEngine(bad, "fp32")
+
+
+def test_openvino_sliding_window_reads_logits_in_place_with_the_same_result(artifacts):
+    """The sliding window takes OpenVINO's logits without a copy (forward_transient): each result is blended
+    before the next call, so the labels equal those of the copying call, batch of 2 windows included."""
+    from PTQLogic.inference import segment_volume
+    from PTQLogic.volume import Volume
+
+    class Copying:  # the same engine seen through its copying __call__ only
+        def __init__(self, engine):
+            self.engine, self.device, self.info = engine, engine.device, engine.info
+
+        def __call__(self, batch):
+            return self.engine(batch)
+
+    engine = make("openvino", "int8", artifacts)
+    x = torch.randn(2, 1, *PATCH)
+    first = engine.forward_transient(x).clone()
+    assert torch.equal(first, engine(x))
+    spec = spec_from_dict({"name": "t", "architecture": "UNet", "classes": ["background", "a", "b"],
+                           "patch_size": list(PATCH), "overlap": 0.5,
+                           "preprocessing": {"orientation": "RAS", "spacing": None, "intensity": "none"}})
+    noise = torch.from_numpy(np.random.RandomState(5).randn(1, 1, 28, 30, 26).astype(np.float32))
+    image = (torch.nn.functional.avg_pool3d(noise, 3, stride=1, padding=1)[0, 0] * 3).numpy()
+    volume = Volume(image, np.diag([1.0, 1.0, 1.0, 1.0]))
+    in_place = segment_volume(volume, spec, engine, batch_size=2)
+    copied = segment_volume(volume, spec, Copying(engine), batch_size=2)
+    assert np.array_equal(in_place.labels.array, copied.labels.array)
+    assert len(np.unique(in_place.labels.array)) == 3

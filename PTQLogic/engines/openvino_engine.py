@@ -82,6 +82,16 @@ class OpenVINOEngine:
         result = self._request.infer({0: array}, share_inputs=True)
         return torch.from_numpy(result[self._output])
 
+    def forward_transient(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits read in place from the request's output buffer, valid only until the next call.
+
+        For consumers that use each result before asking for the next (the sliding window): copying a
+        fresh 14 x 96^3 float array out costs about 15 ms a window on a 16-core Xeon, a third of an INT8 call.
+        """
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        result = self._request.infer({0: array}, share_inputs=True, share_outputs=True)
+        return torch.from_numpy(result[self._output])
+
     def layer_precisions(self) -> dict[str, tuple[str, str]]:
         """Executed layers of the compiled model: friendly name -> (layer type, runtime precision)."""
         layers = {}
