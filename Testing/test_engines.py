@@ -228,3 +228,28 @@ def test_openvino_sliding_window_reads_logits_in_place_with_the_same_result(arti
     copied = segment_volume(volume, spec, Copying(engine), batch_size=2)
     assert np.array_equal(in_place.labels.array, copied.labels.array)
     assert len(np.unique(in_place.labels.array)) == 3
+
+
+def test_openvino_bf16_float_layers_on_request(artifacts, monkeypatch):
+    """--cpu-float bf16 / $PTQSEG_CPU_FLOAT: the float remainder of the INT8 graph runs in bf16 where the CPU
+    has it (AMX/AVX512-BF16), labels stay those of f32; f32 stays the default; a bad value is refused."""
+    import openvino
+
+    from PTQLogic.engines.openvino_engine import cpu_float_precision
+
+    f32 = OpenVINOEngine(artifacts["int8"], "int8", threads=2)
+    assert f32.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "bf16")
+    bf16 = OpenVINOEngine(artifacts["int8"], "int8", threads=2)
+    assert "bf16" in bf16.info.device
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" in capabilities:
+        assert bf16.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    x = artifacts["batch"]
+    assert (f32(x).argmax(1) == bf16(x).argmax(1)).float().mean() > 0.98
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "fp8")
+    with pytest.raises(InputError, match="PTQSEG_CPU_FLOAT"):
+        cpu_float_precision()
+    assert cpu_float_precision("f32") == "f32"
+    fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2, float_precision="bf16")  # FP32 stays FP32
+    assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
