@@ -54,9 +54,10 @@ def runtime_choice_text(info: dict) -> str:
 
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
                     runtime: str, precision: str, compare: bool, reference: str | Path | None = None,
-                    trt_opt_level: int | None = None) -> list[str]:
+                    trt_opt_level: int | None = None, cpu_bf16: bool = False) -> list[str]:
     """``python -m PTQLogic.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice;
-    ``trt_opt_level`` is the TensorRT builder optimization level (0-5) if a TensorRT engine gets built."""
+    ``trt_opt_level`` is the TensorRT builder optimization level (0-5) if a TensorRT engine gets built;
+    ``cpu_bf16`` runs the float remainder of OpenVINO INT8 engines in bf16 (AMX CPUs)."""
     command = [str(python_exe), "-m", "PTQLogic.cli", "segment", "--model", str(model_dir),
                "--input", str(input_path), "--output", str(output_path),
                "--runtime", str(runtime), "--precision", str(precision)]
@@ -68,6 +69,8 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
         if not 0 <= int(trt_opt_level) <= 5:
             raise PTQError(f"The TensorRT optimization level must be 0-5, got {trt_opt_level}.")
         command += ["--trt-opt-level", str(int(trt_opt_level))]
+    if cpu_bf16:
+        command += ["--cpu-float", "bf16"]
     return command + _FLAGS
 
 

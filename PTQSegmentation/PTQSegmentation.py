@@ -62,6 +62,7 @@ class PTQSegmentationParameterNode:
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
+    cpuBf16: bool = False  # OpenVINO INT8: float remainder in bf16 (AMX CPUs)
     modelDir: Path
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
@@ -230,7 +231,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                              Path(params.modelDir) / "spec.json", temp / "reference.nrrd")
             command = support.segment_command(self.logic.pythonExecutable(), params.modelDir, inputPath,
                                               temp / "labels.nrrd", params.runtime, precision, compare, reference,
-                                              trt_opt_level=params.trtOptLevel)
+                                              trt_opt_level=params.trtOptLevel, cpu_bf16=params.cpuBf16)
         except Exception as error:  # PTQError, or SimpleITK/segmentation/OS errors while exporting inputs
             self.cleanupJobTemp()
             self.showError(str(error))

@@ -419,3 +419,17 @@ def test_screenshot_renderer_uses_the_real_ui():
     assert {w.get("name") for w in converted.iter("widget")} == set(_ui_widgets())  # nothing dropped
     custom = {c.find("class").text for c in ET.parse(UI_FILE).getroot().iter("customwidget")}
     assert custom <= set(SUBSTITUTES)
+
+
+def test_cpu_bf16_is_an_advanced_option_the_cli_accepts():
+    from PTQLogic.cli import build_parser
+    from PTQLogic.slicer_process import segment_command
+
+    box = ET.parse(UI_FILE).getroot().find(".//widget[@name='cpuBf16CheckBox']")
+    assert box is not None and box.get("class") == "QCheckBox"
+    assert next(p for p in box.findall("property") if p.get("name") == "SlicerParameterName").find("string").text \
+        == "cpuBf16"
+    assert "cpuBf16: bool = False" in MODULE_PY.read_text() and "cpu_bf16=params.cpuBf16" in MODULE_PY.read_text()
+    command = segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False, cpu_bf16=True)
+    assert build_parser().parse_args(command[3:]).cpu_float == "bf16"
+    assert "--cpu-float" not in segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False)
