@@ -3,7 +3,8 @@
     python benchmarks/reproduce.py --out benchmarks/results/<machine> [--repeats 20] [--skip-latency]
 
 1. the real-CT sample model (PTQLogic/data/ct_unet.*; trained by train_ct_model.py when missing);
-2. quantized twice on the CT (ModelOpt's TensorRT placement and the project's CPU placement);
+2. quantized on the CT three ways (ModelOpt's TensorRT placement; the CPU placement for OpenVINO; its
+   ONNX Runtime preset, u8 activations + sub-pixel ConvTranspose);
 3. ``ptqseg benchmark`` of both folders on the CT with its mapped reference labels: size, latency with
    spread, whole-volume stages, Dice vs reference and FP32-vs-INT8 agreement per runtime;
 4. per-patch latency of the 96^3 UNet (batch and instance norm) and SegResNet, FP32 vs INT8 on OpenVINO
@@ -38,8 +39,8 @@ def ct_model(data: Path) -> Path:
 
 
 def quantize_latency_models(folder: Path, patch: int) -> None:
-    """FP32 exports + ModelOpt and CPU-placement INT8 of the three 96^3 networks (random weights)."""
-    from cpu_int8_latency import export
+    """FP32 exports, ModelOpt INT8 and the CPU-placement variants of the three 96^3 networks (random weights)."""
+    from cpu_int8_latency import VARIANTS, export, make_variants
 
     from PTQLogic.quantize import QuantizeSettings, quantize_onnx
 
@@ -47,11 +48,11 @@ def quantize_latency_models(folder: Path, patch: int) -> None:
     export(folder, patch)
     calibration = np.random.default_rng(0).uniform(0, 1, (4, 1, patch, patch, patch)).astype(np.float32)
     for name in ("unet_bn", "unet_in", "segresnet"):
-        for variant, settings in (("modelopt", QuantizeSettings()), ("cpus8", QuantizeSettings(placement="cpu"))):
-            target = folder / f"{name}_{variant}.onnx"
-            if not target.exists():
-                quantize_onnx(folder / f"{name}_fp32.onnx", calibration, target, settings)
-                target.with_name(f"{name}_{variant}.modelopt.log").unlink(missing_ok=True)
+        target = folder / f"{name}_modelopt.onnx"
+        if not target.exists():
+            quantize_onnx(folder / f"{name}_fp32.onnx", calibration, target, QuantizeSettings())
+            target.with_name(f"{name}_modelopt.modelopt.log").unlink(missing_ok=True)
+    make_variants(folder, ["unet_bn", "unet_in", "segresnet"], patch, sorted(VARIANTS))
 
 
 def main() -> None:
@@ -73,15 +74,17 @@ def main() -> None:
     _, labels = load_ct_pair(args.data)
     reference = args.work / "ct_reference_btcv.nii.gz"
     write_labelmap(labels, reference)
-    for placement in ("modelopt", "cpu"):
-        model = args.work / f"ct_unet_{placement}"
+    placements = {"modelopt": ["--placement", "modelopt"], "cpu": ["--placement", "cpu"],
+                  "cpu_ort": ["--placement", "cpu", "--activations", "u8", "--subpixel"]}
+    for name, options in placements.items():
+        model = args.work / f"ct_unet_{name}"
         if not (model / "int8.onnx").is_file():
             run("-m", "PTQLogic.cli", "quantize", "--model", str(spec), "--calibration", str(ct), "--out", str(model),
-                "--patches", "16", "--placement", placement, "--json")
+                "--patches", "16", *options, "--json")
         run("-m", "PTQLogic.cli", "benchmark", "--model", str(model), "--input", str(ct), "--reference",
-            str(reference), "--out", str(args.out / f"ct_{placement}"), "--runtimes", "openvino", "onnxruntime",
+            str(reference), "--out", str(args.out / f"ct_{name}"), "--runtimes", "openvino", "onnxruntime",
             "--repeats", str(args.repeats), "--json")
-        (args.out / f"ct_{placement}" / "latency_vs_size.png").unlink(missing_ok=True)
+        (args.out / f"ct_{name}" / "latency_vs_size.png").unlink(missing_ok=True)
     if not args.skip_latency:
         models = args.work / "latency_models"
         quantize_latency_models(models, 96)
