@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.perf_counter()
     spec = open_model_dir(args.model).spec()
+    about = machine()
     work = args.work or Path(tempfile.mkdtemp(prefix="ray-scaling-"))
     inputs = make_inputs(work, args.volumes, args.unique, args.shape)
     print(f"{len(inputs)} volumes written in {time.perf_counter() - began:.1f} s", flush=True)
@@ -234,13 +235,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"{run['volumes_per_second']:.2f} volumes/s (steady {run['steady_volumes_per_second'] or 0:.2f}), "
                       f"start-up {run['startup_seconds']:.1f} s, segment {run['median_volume_timings']['segment']:.2f} s"
                       f"/volume, CPUs {run['worker_cpus'][:8]}", flush=True)
+                write(args, spec, about, runs, argv)  # after every run: a run cut short keeps what finished
     finally:
         ray.shutdown()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    print(markdown(write(args, spec, about, runs, argv)))
+    return 0
+
+
+def write(args: argparse.Namespace, spec, about: dict[str, Any], runs: list[dict[str, Any]],
+          argv: list[str] | None) -> dict[str, Any]:
     result = {
         "command": "python benchmarks/ray_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(),
+        "machine": about,
         "settings": {"volumes": args.volumes, "unique": args.unique, "shape": args.shape, "rounds": args.rounds,
                      "runtime": args.runtime, "precision": args.precision, "model_name": spec.name,
                      "patch_size": list(spec.patch_size), "configs": [f"{w}x{t}" for w, t in args.configs],
@@ -251,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     Path(f"{args.out}.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
