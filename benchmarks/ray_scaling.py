@@ -76,6 +76,72 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _engine_worker(onnx: str, patch: list[int], threads: int, cpus: list[int] | None, pinning: bool | None,
+                   start_at: float, seconds: float, queue) -> None:
+    """One process: OpenVINO INT8 with the engine's settings, windows per second from ``start_at`` on."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(onnx)
+    model.reshape({model.inputs[0]: ov.PartialShape([1, 1, *patch])})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    if pinning is not None:
+        config["ENABLE_CPU_PINNING"] = pinning
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    window = np.random.default_rng(0).random((1, 1, *patch), dtype=np.float32)
+    for _ in range(5):
+        request.infer({0: window})
+    while time.time() < start_at:
+        time.sleep(0.01)
+    count = 0
+    while time.time() < start_at + seconds:
+        request.infer({0: window})
+        count += 1
+    masks = set()
+    for status in Path(f"/proc/{os.getpid()}/task").glob("*/status"):
+        masks.update(line.split()[1] for line in status.read_text().splitlines() if line.startswith("Cpus_allowed_list"))
+    queue.put({"rate": count / seconds, "affinities": sorted(masks), "pin": str(compiled.get_property("ENABLE_CPU_PINNING")),
+               "threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))})
+
+
+def engine_only(model: Path, configs: list[tuple[int, int]], seconds: float = 5.0) -> dict[str, Any]:
+    """The engine alone, no Ray and no volumes: P processes x T threads of OpenVINO INT8 on one window size.
+
+    Modes: OpenVINO's default (it pins threads to cores it picks, unaware of other processes), each
+    process on CPUs of its own (what segment-batch's local workers do), and pinning off.
+    """
+    import multiprocessing
+
+    from PTQLogic.pipeline import open_model_dir
+
+    spec = open_model_dir(model).spec()
+    context = multiprocessing.get_context("spawn")
+    results: dict[str, Any] = {}
+    for mode in ("default", "own_cpus", "no_pinning"):
+        for procs, threads in configs:
+            queue = context.Queue()
+            start_at = time.time() + 6  # after every process compiled its model
+            workers = [context.Process(target=_engine_worker, args=(
+                str(model / "int8.onnx"), list(spec.patch_size), threads,
+                list(range(i * threads, (i + 1) * threads)) if mode == "own_cpus" else None,
+                False if mode == "no_pinning" else None, start_at, seconds, queue)) for i in range(procs)]
+            for worker in workers:
+                worker.start()
+            out = [queue.get(timeout=120) for _ in workers]
+            for worker in workers:
+                worker.join()
+            results[f"{mode}_{procs}"] = {
+                "total_windows_per_s": round(sum(o["rate"] for o in out), 1),
+                "per_process": [round(o["rate"], 1) for o in out],
+                "affinities": [o["affinities"] for o in out][:3], "pin": out[0]["pin"], "threads": out[0]["threads"]}
+            print(mode, procs, json.dumps(results[f"{mode}_{procs}"]), flush=True)
+    return results
+
+
 def parse_config(text: str) -> tuple[int, int]:
     workers, _, threads = text.lower().partition("x")
     try:
@@ -159,23 +225,36 @@ def markdown(result: dict[str, Any]) -> str:
           f"OpenVINO {info['versions']['openvino']}, Ray {info['versions']['ray']}, MONAI {info['versions']['monai']}.",
         f"Cohort: {settings['volumes']} phantom CT volumes of {'x'.join(map(str, settings['shape']))} voxels at 1.5 mm "
         f"(NIfTI, {settings['unique']} distinct), model `{settings['model_name']}` (patch "
-        f"{'x'.join(map(str, settings['patch_size']))}), {settings['rounds']} interleaved round(s) after a warm-up cohort.",
+        f"{'x'.join(map(str, settings['patch_size']))}), {settings['rounds']} interleaved round(s) planned after a warm-up "
+        f"cohort; rounds completed per row in `runs` (a row of one run has no spread).",
         "Throughput: volumes over the time from the first volume handed out to the last label map written "
         "(worker start-up and engine compile excluded, shown apart); median of the rounds, [min, max]. "
         "Steady: after each worker's first volume. Pinned: each worker on its own CPUs (the default on a local "
         "cluster); unpinned: `--no-pin-cpus`.", "",
-        "| workers x threads | CPUs | volumes/s [min, max] | speedup vs first row [range] | steady volumes/s "
+        "| workers x threads | CPUs | runs | volumes/s [min, max] | speedup vs first row [range] | steady volumes/s "
         "| start-up s | segment s/volume | network s/volume |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["summary"]:
         spread = row["speedup_min_max"]
         lines.append(
-            f"| {row['config']} | {'pinned' if row['pinned'] else 'unpinned'} | {row['volumes_per_second']:.2f} "
+            f"| {row['config']} | {'pinned' if row['pinned'] else 'unpinned'} | {row['runs']} | {row['volumes_per_second']:.2f} "
             f"[{row['min']:.2f}, {row['max']:.2f}] | {row['speedup']:.2f}x [{spread[0]:.2f}, {spread[1]:.2f}] | "
             f"{row['steady_volumes_per_second'] or float('nan'):.2f} | {row['startup_seconds']:.1f} | "
             f"{row['median_segment_seconds']:.2f} | {row['median_network_seconds']:.2f} |")
     lines += ["", f"Reproduce: `{result['command']}`", ""]
+    lines += [f"- {note}" for note in result.get("notes", [])] + ([""] if result.get("notes") else [])
+    engine = result.get("engine_only")
+    if engine:
+        lines += ["## OpenVINO alone (no Ray, no volumes): why workers get CPUs of their own", "",
+                  "Processes x threads of the same INT8 model on one window, windows per second summed over processes "
+                  "(`--engine-only`, same machine, same session):", "",
+                  "| mode | " + " | ".join(k.rsplit("_", 1)[1] + " process(es)" for k in engine if k.startswith("default_"))
+                  + " | speedup |", "| --- " * (2 + sum(k.startswith("default_") for k in engine)) + "|"]
+        for mode in ("default", "own_cpus", "no_pinning"):
+            rates = [v["total_windows_per_s"] for k, v in engine.items() if k.rsplit("_", 1)[0] == mode]
+            lines.append(f"| {mode} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f}x |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -183,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="OpenVINO-ready INT8 model folder (from `ptqseg quantize`)")
     parser.add_argument("--quantize-to", type=Path, help="quantize the sample UNet into this folder and exit")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="measure OpenVINO alone (processes x threads of --configs, no Ray) into PREFIX_engine_only.json")
     parser.add_argument("--configs", type=parse_config, nargs="+", default=[(1, 2), (2, 2), (4, 2), (8, 2)],
                         help="WORKERSxTHREADS; the first is the speedup baseline (default 1x2 2x2 4x2 8x2)")
     parser.add_argument("--unpinned", type=parse_config, nargs="*", default=[(1, 2), (8, 2)],
@@ -204,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model is None:
         parser.error("--model is required (make one with --quantize-to DIR where ModelOpt is installed)")
+    if args.engine_only:
+        result = engine_only(args.model, args.configs)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}_engine_only.json").write_text(json.dumps(result, indent=1) + "\n")
+        return 0
 
     from PTQLogic.cohort.cluster import connect
     from PTQLogic.pipeline import open_model_dir
@@ -256,6 +342,9 @@ def write(args: argparse.Namespace, spec, about: dict[str, Any], runs: list[dict
         "summary": summarize(runs) if runs else [],
         "runs": runs,
     }
+    engine = Path(f"{args.out}_engine_only.json")
+    if engine.is_file():  # from a --engine-only run before
+        result["engine_only"] = json.loads(engine.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     Path(f"{args.out}.md").write_text(markdown(result))
