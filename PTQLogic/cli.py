@@ -143,7 +143,7 @@ def cmd_segment_batch(args: argparse.Namespace) -> None:
     summary = run_cohort(
         args.model, args.inputs, args.output_dir, ray_address=args.ray_address, workers=args.workers,
         threads_per_worker=args.threads_per_worker, gpus_per_worker=args.gpus_per_worker,
-        runtime=args.runtime, precision=args.precision, monitor=_monitor(args),
+        runtime=args.runtime, precision=args.precision, pin_cpus=not args.no_pin_cpus, monitor=_monitor(args),
     )
     data = summary.to_dict()
     lines = [f"{summary.done} segmented, {summary.skipped} already done, {summary.failed} failed of {summary.total} "
@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--workers", type=int_at_least(1), default=2, help="worker actors, one engine each")
     sb.add_argument("--threads-per-worker", type=int_at_least(1), default=1, help="CPU threads per worker")
     sb.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 or 0.5")
+    sb.add_argument("--no-pin-cpus", action="store_true",
+                    help="local cluster: let workers share all CPUs (default: each gets its own --threads-per-worker CPUs)")
     sb.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
     sb.add_argument("--precision", choices=PRECISIONS, default="int8", help=precision_help)
 

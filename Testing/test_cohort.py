@@ -89,6 +89,26 @@ def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet,
     _no_partials(out)
 
 
+def test_workers_get_their_threads_and_own_cpus(cluster, volumes, quantized_unet, tmp_path):
+    """Each worker runs its engine on threads_per_worker threads; on a local cluster on CPUs of its own."""
+    from PTQLogic.cohort.runner import worker_cpu_sets
+    from PTQLogic.cohort.worker import _cpu_list
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    assert worker_cpu_sets(2, 1) == [[cpus[0]], [cpus[1]]]
+    assert worker_cpu_sets(len(cpus) + 1, 1) == [None] * (len(cpus) + 1)  # more than fit: not pinned
+    summary = run_cohort(quantized_unet, volumes, tmp_path / "pinned", workers=2, threads_per_worker=1)
+    rows = _rows(tmp_path / "pinned")
+    assert summary.done == len(volumes) and {r["threads"] for r in rows} == {1}
+    by_worker = {r["worker_pid"]: r["cpus"] for r in rows}
+    assert sorted(by_worker.values()) == sorted([str(cpus[0]), str(cpus[1])])  # one CPU each, not the same one
+    run_cohort(quantized_unet, volumes[:1], tmp_path / "shared", workers=1, threads_per_worker=2, pin_cpus=False)
+    row, = _rows(tmp_path / "shared")
+    assert row["threads"] == 2 and row["cpus"] == _cpu_list() and row["status"] == "done"
+
+
 def test_killed_worker_loses_only_its_volume(cluster, volumes, quantized_unet, tmp_path):
     killed: list[int] = []
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -81,13 +82,26 @@ class _Pool:
                 self.dead.add(index)
 
 
+def worker_cpu_sets(workers: int, threads: int) -> list[list[int] | None]:
+    """Disjoint CPU sets of this machine, one per worker of a local cluster (None each when they do not fit).
+
+    OpenVINO pins its threads to cores it chooses without knowing of other processes: left alone, every
+    worker would pin to the same first cores.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers * threads > len(cpus):
+        return [None] * workers
+    return [cpus[i * threads:(i + 1) * threads] for i in range(workers)]
+
+
 def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runtime: str, precision: str,
-                   monitor: Monitor, scratch_root: str | None = None) -> _Pool:
+                   monitor: Monitor, scratch_root: str | None = None, pin: bool = False) -> _Pool:
     remote = ray.remote(concurrency_groups={"control": 1})(VolumeWorker)
     files = ray.put(pack_model_dir(model_dir))
     device = "cuda" if gpus > 0 else None
+    cpu_sets = worker_cpu_sets(n, threads) if pin else [None] * n
     actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
-              .remote(files, runtime, precision, device, threads, scratch_root) for _ in range(n)]
+              .remote(files, runtime, precision, device, threads, scratch_root, cpus) for cpus in cpu_sets]
     pending = {actor.info.options(concurrency_group="control").remote(): actor for actor in actors}
     try:
         monitor.update("starting workers", 0, n)
@@ -134,11 +148,13 @@ def run_cohort(
     gpus_per_worker: float = 0.0,
     runtime: str = "auto",
     precision: str = "int8",
+    pin_cpus: bool = True,
     monitor: Monitor | None = None,
     on_dispatch: Callable[[Path, int], None] | None = None,
 ) -> CohortSummary:
     """Segment every input volume on a Ray cluster; label maps and ``manifest.jsonl`` land in ``output_dir``.
 
+    ``pin_cpus``: on a local cluster, give each worker its own ``threads_per_worker`` CPUs (when they fit).
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
     from ..imageio import write_label_tables
@@ -174,7 +190,7 @@ def run_cohort(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_label_tables(spec.classes, output_dir / "labels.nii.gz")
         pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
-                              monitor, scratch_root)
+                              monitor, scratch_root, pin=pin_cpus and local_cluster())
         startup = time.perf_counter() - started
         pids = [ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
         queue: deque[CohortItem] = deque(items)

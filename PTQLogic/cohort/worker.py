@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 MODEL_FILES_SKIPPED = ("engines",)  # build caches are rebuilt per worker when needed
 
@@ -21,11 +21,34 @@ def pack_model_dir(model_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in MODEL_FILES_SKIPPED}
 
 
+def _restrict_to(cpus: Sequence[int]) -> None:
+    """Run every thread of this process (Ray's own ones too) on ``cpus`` only; new threads inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def _cpu_list() -> str:
+    """The CPUs this process may run on, as in /proc (e.g. "0-1" or "0,2,4")."""
+    cpus = sorted(os.sched_getaffinity(0))
+    runs: list[str] = []
+    for cpu in cpus:
+        if runs and cpu == int(runs[-1].split("-")[-1]) + 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{cpu}"
+        else:
+            runs.append(str(cpu))
+    return ",".join(runs)
+
+
 class VolumeWorker:
     """One engine per worker process, reused for every volume it is given."""
 
     def __init__(self, model_files: dict[str, bytes], runtime: str, precision: str, device: str | None,
-                 threads: int | None, scratch_root: str | None = None):
+                 threads: int | None, scratch_root: str | None = None, cpus: Sequence[int] | None = None):
+        if cpus:  # before any runtime starts its threads: they inherit the set (OpenVINO pins inside it)
+            _restrict_to(cpus)
         import torch
         from monai.inferers import sliding_window_inference  # noqa: F401 - imported now, not on the first volume
 
@@ -33,6 +56,7 @@ class VolumeWorker:
 
         if threads:
             torch.set_num_threads(int(threads))
+        self.threads = torch.get_num_threads()
         # On a local cluster the driver owns scratch_root and removes it even after a killed worker.
         parent = scratch_root if scratch_root and Path(scratch_root).is_dir() else None
         self.root = Path(tempfile.mkdtemp(prefix="ptqseg-worker-", dir=parent))
@@ -43,13 +67,25 @@ class VolumeWorker:
         started = time.perf_counter()
         self.engine, _ = open_engine(model_dir, runtime, precision, device=device, threads=threads)
         self.build_seconds = time.perf_counter() - started
+        self._warm_up()
         self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-", dir=parent))
+
+    def _warm_up(self) -> None:
+        """Load the readers and run one window now, so the first volume costs what every later one does."""
+        import torch
+
+        from ..imageio import _sitk, read_volume, write_labelmap  # noqa: F401
+        from ..inference import segment_volume  # noqa: F401
+
+        _sitk()
+        self.engine(torch.zeros(1, self.spec.in_channels, *self.spec.patch_size, device=self.engine.device))
 
     def pid(self) -> int:
         return os.getpid()
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "build_seconds": self.build_seconds, **self.engine.info.to_dict()}
+        return {"pid": os.getpid(), "build_seconds": self.build_seconds, "threads": self.threads, "cpus": _cpu_list(),
+                **self.engine.info.to_dict()}
 
     def segment(self, suffix: str, data: bytes, name: str = "the volume") -> dict[str, Any]:
         """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
@@ -58,7 +94,8 @@ class VolumeWorker:
         from ..inference import segment_volume
 
         facts = {"runtime": self.engine.info.runtime, "precision": self.engine.info.precision,
-                 "device": self.engine.info.device, "worker_pid": os.getpid()}
+                 "device": self.engine.info.device, "worker_pid": os.getpid(), "threads": self.threads,
+                 "cpus": _cpu_list()}
         source, target = self.scratch / ("input" + suffix), self.scratch / "labels.nii.gz"
         try:
             started = time.perf_counter()
