@@ -116,3 +116,33 @@ def test_compiled_engine_gives_the_same_labels():
     assert engine.compile_seconds is not None and engine.compile_seconds > 0
     assert np.mean(compiled.labels.array == plain.labels.array) >= 0.9999
     assert compiled.patches % 3 == 0 and compiled.patches >= plain.patches  # one batch shape throughout
+
+
+def test_cli_compile_modes_match_the_engine():
+    from PTQLogic.cli import TORCH_COMPILE_MODES
+    from PTQLogic.engines.torch_engine import COMPILE_MODES
+
+    assert TORCH_COMPILE_MODES == COMPILE_MODES
+
+
+def test_create_engine_passes_torch_compile():
+    from PTQLogic.engines import create_engine
+
+    spec, model = _sample("phantom_unet")
+    engine = create_engine("torch", "fp32", torch_model=model, device="cpu", torch_compile="reduce-overhead")
+    assert isinstance(engine, TorchEngine) and engine.compile_mode == "reduce-overhead" and engine.fixed_batch
+    with pytest.raises(InputError, match="--runtime torch"):
+        create_engine("onnxruntime", "fp32", fp32_onnx="unused.onnx", torch_compile="default")
+
+
+def test_segment_cli_refuses_torch_compile_on_another_runtime(quantized_unet, phantom_files, tmp_path):
+    import subprocess
+    import sys
+
+    output = tmp_path / "labels.nii.gz"
+    run = subprocess.run(
+        [sys.executable, "-m", "PTQLogic.cli", "segment", "--model", str(quantized_unet), "--input",
+         str(phantom_files["image"]), "--output", str(output), "--runtime", "onnxruntime", "--precision", "fp32",
+         "--torch-compile", "default"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "--runtime torch" in run.stderr, run.stderr
+    assert not output.exists()
