@@ -6,9 +6,13 @@ classes x volume float32 output, argmax, nearest resampling back on the CPU. GPU
 :func:`PTQLogic.resident.segment_volume_resident` (everything on the GPU, slab-deep blending).
 Input: a synthetic CT of 512x512x300 voxels at 0.8x0.8x1.5 mm (LPS-like axes, as CT NIfTIs come),
 network grid 1.5 mm RAS; random-weight SegResNets (105 and 14 classes, 96^3 windows). File I/O is
-excluded: the volume is in memory. Prints and writes (``--out``) JSON and Markdown.
+excluded: the volume is in memory. Prints and writes (``--out``) JSON and Markdown after every row.
 
-    python benchmarks/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14]
+One row per PyTorch engine speed option (``VARIANTS``: eager, cudnn.benchmark, channels_last, batch 8,
+``torch.compile`` modes), each with a fresh engine: the first volume's seconds (compiling included),
+the engine alone (ms per window), then the median end to end; ``--only`` picks rows by name.
+
+    python benchmarks/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14] [--only compile]
 """
 from __future__ import annotations
 
