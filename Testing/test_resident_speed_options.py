@@ -146,3 +146,15 @@ def test_segment_cli_refuses_torch_compile_on_another_runtime(quantized_unet, ph
          "--torch-compile", "default"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "--runtime torch" in run.stderr, run.stderr
     assert not output.exists()
+
+
+def test_a_failing_compile_is_one_clear_error():
+    class Bad(torch.nn.Module):  # fails while dynamo traces it
+        def forward(self, x):
+            return x.not_an_attribute
+
+    from PTQLogic.errors import EngineUnavailable
+
+    engine = TorchEngine(Bad(), "fp32", device="cpu", compile="default")
+    with pytest.raises(EngineUnavailable, match="leave --torch-compile out"):
+        engine(torch.zeros(1, 1, 4, 4, 4))

@@ -298,7 +298,7 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# GPU pipeline vs MONAI-bundle baseline\n",
+    lines = ["# GPU pipeline vs MONAI-bundle baseline\n",
              f"{m['gpu']} ({m['gpu_memory_gib']} GiB), {m['cpu']} ({m['cpu_threads']} CPU threads for the baseline's "
              f"preprocessing), torch {m['torch']} CUDA {m['cuda']}, MONAI {m['monai']}, Python {m['python']}. "
              f"Synthetic CT {report['volume']['shape_kji'][::-1]} voxels at {report['volume']['spacing_mm']} mm -> "

@@ -109,7 +109,13 @@ class TorchEngine:
                 x = x.clone()  # one compiled graph for every caller: inputs made outside inference mode recompile
             if self.compile_mode in ("reduce-overhead", "max-autotune"):
                 torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are consumed
-            logits = self._run(x)
+            try:
+                logits = self._run(x)
+            except Exception as exc:
+                if not first:
+                    raise
+                raise EngineUnavailable(f"torch.compile (mode {self.compile_mode!r}) failed on its first call: "
+                                        f"{type(exc).__name__}: {str(exc)[:500]}; leave --torch-compile out.") from exc
             if self.channels_last or self.compile_mode in ("reduce-overhead", "max-autotune"):
                 # callers get plain layouts and a tensor the next CUDA-graph replay does not overwrite
                 logits = logits.clone(memory_format=torch.contiguous_format)
