@@ -6,6 +6,7 @@ inductor needs on CPU) a compiled engine. Timings of these options are in benchm
 """
 from __future__ import annotations
 
+import locale
 import shutil
 
 import numpy as np
@@ -110,9 +111,14 @@ def test_compiled_engine_gives_the_same_labels():
                               torch.nn.Conv3d(8, spec.num_classes, 1)).eval()
     image, _ = make_phantom(3, shape=(30, 36, 34), spacing=(1.5, 1.5, 1.5))
     plain = segment_volume_resident(image, spec, TorchEngine(net, "fp32", device="cpu"), batch_size=3)
-    engine = TorchEngine(net, "fp32", device="cpu", compile="default")
-    assert engine.fixed_batch
-    compiled = segment_volume_resident(image, spec, engine, batch_size=3)
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # as ITK's DICOM reader leaves it: compiling must still work
+    try:
+        engine = TorchEngine(net, "fp32", device="cpu", compile="default")
+        assert engine.fixed_batch
+        compiled = segment_volume_resident(image, spec, engine, batch_size=3)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
     assert engine.compile_seconds is not None and engine.compile_seconds > 0
     assert np.mean(compiled.labels.array == plain.labels.array) >= 0.9999
     assert compiled.patches % 3 == 0 and compiled.patches >= plain.patches  # one batch shape throughout

@@ -8,7 +8,9 @@ A compiled engine wants one batch shape: the GPU pipeline pads its last batch (`
 from __future__ import annotations
 
 import copy
+import locale
 import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +21,25 @@ from ..errors import EngineUnavailable, InputError
 from .base import EngineInfo
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+@contextmanager
+def _utf8_text_files() -> Iterator[None]:
+    """UTF-8 as the default text encoding while inductor reads its (UTF-8) kernel templates: ITK's DICOM
+    reader leaves the process in the "C" locale, where ``open()`` decodes ASCII and compiling fails."""
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        yield
+        return
+    previous = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+    except locale.Error:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            locale.setlocale(locale.LC_CTYPE, previous)
 
 
 @contextmanager
@@ -70,7 +91,8 @@ class TorchEngine:
         self.model = model.eval().to(device=self.device, dtype=self._dtype)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self._run = self.model if compile is None else torch.compile(self.model, mode=compile, dynamic=False)
+        with _utf8_text_files():
+            self._run = self.model if compile is None else torch.compile(self.model, mode=compile, dynamic=False)
         if weights_path is not None:
             weights_path = Path(weights_path)
             if not weights_path.is_file():
@@ -101,7 +123,8 @@ class TorchEngine:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         first = self.compile_mode is not None and self.compile_seconds is None
         started = time.perf_counter()
-        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark):
+        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark), \
+                (_utf8_text_files() if first else contextlib.nullcontext()):
             x = batch.to(device=self.device, dtype=self._dtype)
             if self.channels_last and x.dim() == 5:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
