@@ -296,8 +296,12 @@ def open_engine(
     batch_size: int = 1,
     threads: int | None = None,
     monitor: Monitor | None = None,
+    torch_compile: str | None = None,
 ):
-    """Build or load one engine of a model folder ("auto" runtime picks the best usable one)."""
+    """Build or load one engine of a model folder ("auto" runtime picks the best usable one).
+
+    ``torch_compile``: a ``torch.compile`` mode for the PyTorch runtime (see engines.torch_engine).
+    """
     from .engines import choose_runtime, create_engine
     from .models import load_torch_model
 
@@ -318,6 +322,7 @@ def open_engine(
         threads=threads,
         max_batch=max(4, batch_size),  # TensorRT's optimization profile must cover the batch
         monitor=monitor or Monitor(),
+        torch_compile=torch_compile,
     )
     return engine, reason
 
@@ -386,6 +391,7 @@ def segment(
     mirroring: bool = False,
     step_size: float | None = None,
     label_map: str | dict[int, int] | None = None,
+    torch_compile: str | None = None,
 ) -> SegmentOutcome:
     """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map
     (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, name, else value).
@@ -398,6 +404,9 @@ def segment(
     from .nnunet.segment import is_nnunet_target, segment_nnunet  # light: json/numpy only
 
     if is_nnunet_target(model):
+        if torch_compile is not None:
+            raise InputError("--torch-compile is not available for nnU-Net models (they run nnU-Net's own "
+                             "predictor); leave it out.")
         return segment_nnunet(model, input_path, output, runtime=runtime, precision=precision, compare=compare,
                               reference=reference, device=device, mirroring=mirroring, step_size=step_size,
                               monitor=monitor)
@@ -432,14 +441,16 @@ def segment(
         ref_volume, note = ref_volume.aligned_to(volume, f"Reference '{reference}'")
         warnings += [note] if note else []
     started = time.perf_counter()
-    engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor)
+    engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor,
+                                 torch_compile=torch_compile)
     build_seconds = time.perf_counter() - started
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     labels = list(range(1, spec.num_classes))
     agreement = fp32_result = None
     if compare and precision != "fp32":
         fp32_engine, _ = open_engine(
-            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size, monitor=monitor
+            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size, monitor=monitor,
+            torch_compile=torch_compile,
         )
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
         agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)

@@ -6,9 +6,13 @@ classes x volume float32 output, argmax, nearest resampling back on the CPU. GPU
 :func:`PTQLogic.resident.segment_volume_resident` (everything on the GPU, slab-deep blending).
 Input: a synthetic CT of 512x512x300 voxels at 0.8x0.8x1.5 mm (LPS-like axes, as CT NIfTIs come),
 network grid 1.5 mm RAS; random-weight SegResNets (105 and 14 classes, 96^3 windows). File I/O is
-excluded: the volume is in memory. Prints and writes (``--out``) JSON and Markdown.
+excluded: the volume is in memory. Prints and writes (``--out``) JSON and Markdown after every row.
 
-    python benchmarks/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14]
+One row per PyTorch engine speed option (``VARIANTS``: eager, cudnn.benchmark, channels_last, batch 8,
+``torch.compile`` modes), each with a fresh engine: the first volume's seconds (compiling included),
+the engine alone (ms per window), then the median end to end; ``--only`` picks rows by name.
+
+    python benchmarks/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14] [--only compile]
 """
 from __future__ import annotations
 
@@ -96,7 +100,7 @@ def resident(volume: Volume, spec, engine, batch: int = 4, accumulate=None):
     from PTQLogic.resident import segment_volume_resident
 
     result = segment_volume_resident(volume, spec, engine, batch_size=batch, accumulate=accumulate)
-    return result.labels.array, dict(result.stages)
+    return result.labels.array, dict(result.stages, network_in_sliding_window=result.network_seconds)
 
 
 def measure(fn, repeats: int) -> dict:
@@ -117,7 +121,39 @@ def measure(fn, repeats: int) -> dict:
             "stages_median": stages, "peak_gpu_bytes": max(peaks), "labels": labels}
 
 
-def run(classes: int, volume: Volume, repeats: int) -> dict:
+BASELINE = "baseline (CPU prep, MONAI SW FP32)"
+# (row, precision, TorchEngine speed options, window batch, blending dtype: None = the pipeline's default)
+VARIANTS = [
+    ("FP32 eager, fp32 blending (previous default)", "fp32", {"cudnn_benchmark": False}, 4, "float32"),
+    ("FP16 eager, fp16 blending (previous default)", "fp16", {"cudnn_benchmark": False}, 4, None),
+    ("FP32 cudnn.benchmark", "fp32", {}, 4, "float32"),
+    ("FP32 cudnn.benchmark + channels_last", "fp32", {"channels_last": True}, 4, "float32"),
+    ("FP16 cudnn.benchmark", "fp16", {}, 4, None),
+    ("FP16 cudnn.benchmark + channels_last", "fp16", {"channels_last": True}, 4, None),
+    ("FP16 cudnn.benchmark + channels_last, batch 8", "fp16", {"channels_last": True}, 8, None),
+    ("FP16 compile default", "fp16", {"compile": "default"}, 4, None),
+    ("FP16 compile reduce-overhead (CUDA graphs)", "fp16", {"compile": "reduce-overhead"}, 4, None),
+    ("FP16 compile max-autotune-no-cudagraphs", "fp16", {"compile": "max-autotune-no-cudagraphs"}, 4, None),
+    ("FP32 compile default", "fp32", {"compile": "default"}, 4, "float32"),
+    ("FP32 compile reduce-overhead (CUDA graphs)", "fp32", {"compile": "reduce-overhead"}, 4, "float32"),
+    ("FP16 compile reduce-overhead (CUDA graphs), batch 8", "fp16", {"compile": "reduce-overhead"}, 8, None),
+]
+
+
+def engine_alone(engine, spec, batch: int, repeats: int = 10) -> dict:
+    """The engine alone on random windows: ms per window."""
+    x = torch.randn((batch, 1, *spec.patch_size), device="cuda")
+    for _ in range(3):
+        engine.forward_native(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        engine.forward_native(x)
+    torch.cuda.synchronize()
+    return {"ms_per_window": 1000 * (time.perf_counter() - start) / (repeats * batch)}
+
+
+def run(classes: int, volume: Volume, repeats: int, only: list[str], save) -> dict:
     from monai.networks.nets import SegResNet
 
     from PTQLogic.engines.torch_engine import TorchEngine
@@ -125,40 +161,71 @@ def run(classes: int, volume: Volume, repeats: int) -> dict:
     spec, kwargs = make_spec(classes)
     torch.manual_seed(0)
     model = SegResNet(**kwargs).eval().cuda()
-    fp32 = TorchEngine(model, "fp32", device="cuda")
-    fp16 = TorchEngine(model, "fp16", device="cuda")
-    f32, f16 = torch.float32, torch.float16
-    variants = {
-        "baseline (CPU prep, MONAI SW FP32)": lambda: baseline(volume, spec, model),
-        "GPU pipeline FP32 engine, fp32 blending": lambda: resident(volume, spec, fp32, accumulate=f32),
-        "GPU pipeline FP32 engine, fp16 blending": lambda: resident(volume, spec, fp32, accumulate=f16),
-        "GPU pipeline FP16 engine, fp32 blending": lambda: resident(volume, spec, fp16, accumulate=f32),
-        "GPU pipeline FP16 engine, fp16 blending (default for FP16)": lambda: resident(volume, spec, fp16),
-    }
-    results = {name: measure(fn, repeats) for name, fn in variants.items()}
-    reference = results["baseline (CPU prep, MONAI SW FP32)"]["labels"]
-    for r in results.values():
-        r["agreement_with_baseline"] = float(np.mean(r["labels"] == reference))
-    for r in results.values():
-        del r["labels"]
-    results["network only, ms per window"] = network_only(spec, {"fp32": fp32, "fp16": fp16})
+    results: dict = {}
+    results[BASELINE] = measure(lambda: baseline(volume, spec, model), repeats)
+    reference = results[BASELINE].pop("labels")
+    results[BASELINE]["agreement_with_baseline"] = 1.0
+    save(results)
+    for name, precision, options, batch, blending in VARIANTS:
+        if only and not any(word in name for word in only):
+            continue
+        row = f"GPU pipeline {name}"
+        try:
+            torch._dynamo.reset()  # each row compiles afresh (and the recompile limit is per code object)
+            engine = TorchEngine(model, precision, device="cuda", **options)
+            accumulate = None if blending is None else getattr(torch, blending)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            resident(volume, spec, engine, batch, accumulate)  # what one volume costs with a fresh engine
+            first_volume = time.perf_counter() - start
+            alone = engine_alone(engine, spec, batch)
+            r = measure(lambda: resident(volume, spec, engine, batch, accumulate), repeats)
+            r["agreement_with_baseline"] = float(np.mean(r.pop("labels") == reference))
+            r.update(batch=batch, precision=precision, options=engine.options(), engine_alone=alone,
+                     compile_seconds=engine.compile_seconds, first_volume_seconds=first_volume)
+        except Exception as exc:  # one failing option (a compile mode) must not lose the other rows
+            r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        results[row] = r
+        print(row, {k: v for k, v in r.items() if k != "stages_median"}, flush=True)
+        engine = None
+        torch.cuda.empty_cache()
+        save(results)
+    results["engine alone, other precisions"] = other_precisions(model, spec)
+    save(results)
     return results
 
 
-def network_only(spec, engines: dict) -> dict:
-    """The engine alone on random windows: ms per window by batch size (what bounds any pipeline)."""
+class _Cast:
+    """Bench-only engines: autocast over FP32 weights, or bfloat16 weights (cudnn.benchmark + channels_last)."""
+
+    def __init__(self, model, dtype, autocast: bool):
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+        if not autocast:
+            self.model = self.model.to(dtype)
+        self.dtype, self.autocast = dtype, autocast
+
+    def forward_native(self, x):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        torch.backends.cudnn.benchmark = True
+        try:
+            with torch.inference_mode():
+                if self.autocast:
+                    with torch.autocast("cuda", dtype=self.dtype):
+                        return self.model(x)
+                return self.model(x.to(self.dtype))
+        finally:
+            torch.backends.cudnn.benchmark = False
+
+
+def other_precisions(model, spec) -> dict:
     out = {}
-    for name, engine in engines.items():
-        for batch in (1, 2, 4):
-            x = torch.randn((batch, 1, *spec.patch_size), device="cuda")
-            for _ in range(2):
-                engine.forward_native(x)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(5):
-                engine.forward_native(x)
-            torch.cuda.synchronize()
-            out[f"{name} batch {batch}"] = 1000 * (time.perf_counter() - start) / (5 * batch)
+    for name, dtype, autocast in (("fp16 autocast", torch.float16, True), ("bf16 autocast", torch.bfloat16, True),
+                                  ("bf16 weights", torch.bfloat16, False)):
+        try:
+            out[f"{name}, batch 4"] = engine_alone(_Cast(model, dtype, autocast), spec, 4)
+        except Exception as exc:
+            out[f"{name}, batch 4"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        torch.cuda.empty_cache()
     return out
 
 
@@ -187,6 +254,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, nargs="+", default=[105, 14])
+    parser.add_argument("--only", nargs="*", default=[], help="run only the option rows whose names hold one of these")
     parser.add_argument("--cpu-threads", type=int, default=16)
     parser.add_argument("--phantom", help="npz (image, ijk_to_ras) for the sample models' CPU-vs-GPU agreement")
     args = parser.parse_args()
@@ -205,39 +273,59 @@ def main() -> None:
                                         if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    for classes in args.classes:
-        report["models"][f"SegResNet {classes} classes"] = run(classes, volume, args.repeats)
-        torch.cuda.empty_cache()
-    if args.phantom:
-        report["sample_models"] = sample_agreement(args.phantom)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu_pipeline.md").write_text(markdown(report))
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        (out / "gpu_pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "gpu_pipeline.md").write_text(markdown(report))
+
+    if args.phantom:
+        report["sample_models"] = sample_agreement(args.phantom)
+        save()
+    for classes in args.classes:
+        key = f"SegResNet {classes} classes"
+
+        def save_model(results: dict, key=key) -> None:
+            report["models"][key] = results
+            save()
+
+        run(classes, volume, args.repeats, args.only, save_model)
+        torch.cuda.empty_cache()
+    save()
     print(markdown(report))
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# GPU pipeline vs MONAI-bundle baseline\n",
+    lines = ["# GPU pipeline vs MONAI-bundle baseline\n",
              f"{m['gpu']} ({m['gpu_memory_gib']} GiB), {m['cpu']} ({m['cpu_threads']} CPU threads for the baseline's "
              f"preprocessing), torch {m['torch']} CUDA {m['cuda']}, MONAI {m['monai']}, Python {m['python']}. "
              f"Synthetic CT {report['volume']['shape_kji'][::-1]} voxels at {report['volume']['spacing_mm']} mm -> "
              f"1.5 mm; file I/O excluded; median of {report['repeats']} runs after one warm-up (min-max shown).\n"]
     for model, variants in report["models"].items():
         variants = dict(variants)
-        network = variants.pop("network only, ms per window", {})
-        base = variants["baseline (CPU prep, MONAI SW FP32)"]
+        others = variants.pop("engine alone, other precisions", {})
+        base = variants[BASELINE]
         lines += [f"## {model}\n", "| pipeline | end to end (s) | speedup | peak GPU (GB) | memory ratio | "
-                  "agreement with baseline | stages (s, median) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "agreement with baseline | engine alone (ms/window) | first volume, fresh engine (s) | stages (s, median) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in variants.items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error'][:300].replace('|', '/')} | | | | | | | |")
+                continue
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages_median"].items())
+            alone = r.get("engine_alone", {})
             lines.append(
                 f"| {name} | {r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
                 f"{base['seconds_median'] / r['seconds_median']:.2f}x | {r['peak_gpu_bytes'] / 1e9:.2f} | "
-                f"{r['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x | {r['agreement_with_baseline']:.5f} | {stages} |")
-        if network:
-            lines.append("Engine alone, ms per 96^3 window: " + ", ".join(f"{k} {v:.1f}" for k, v in network.items()))
+                f"{r['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x | {r['agreement_with_baseline']:.5f} | "
+                f"{alone.get('ms_per_window', float('nan')):.2f} | {r.get('first_volume_seconds', float('nan')):.1f} | "
+                f"{stages} |")
+        if others:
+            lines.append("\nEngine alone, batch 4, cudnn.benchmark + channels_last, ms per 96^3 window: " + ", ".join(
+                f"{k} {v['ms_per_window']:.2f}" if "ms_per_window" in v else f"{k} failed ({v['error'][:200]})"
+                for k, v in others.items()))
         lines.append("")
     for name, r in report.get("sample_models", {}).items():
         lines.append(f"Sample model {name} on a phantom: CPU path vs GPU pipeline agreement "

@@ -95,6 +95,7 @@ def create_engine(
     threads: int | None = None,
     max_batch: int = 4,
     monitor: Monitor | None = None,
+    torch_compile: str | None = None,
 ) -> Engine:
     """An engine for ``runtime`` ("auto" picks one) at ``precision``, from the matching artifact.
 
@@ -107,6 +108,9 @@ def create_engine(
         runtime, _ = choose_runtime(precision)
     if runtime not in RUNTIMES:
         raise InputError(f"Unknown runtime {runtime!r}; choose one of {('auto',) + RUNTIMES}.")
+    if torch_compile is not None and runtime != "torch":
+        raise InputError(f"torch.compile (--torch-compile) is for the PyTorch runtime, not '{runtime}'; "
+                         "add --runtime torch or leave --torch-compile out.")
     reason = available_runtimes()[runtime]
     if reason is not None:
         raise EngineUnavailable(f"Runtime '{runtime}' cannot run here: {reason}.")
@@ -121,7 +125,7 @@ def create_engine(
             raise ModelError("The 'torch' runtime needs the PyTorch model (a spec with weights), not only ONNX files.")
         from .torch_engine import TorchEngine
 
-        return TorchEngine(torch_model, precision, device=device, weights_path=weights_path)
+        return TorchEngine(torch_model, precision, device=device, weights_path=weights_path, compile=torch_compile)
 
     if precision == "int8":
         onnx_path = _artifact(int8_onnx, "INT8 ONNX", "quantize the model first (ptqseg quantize) or pick fp32.")

@@ -18,6 +18,7 @@ from ..progress import Monitor
 from ..spec import ModelSpec
 from ..volume import Volume
 from .geometry import labels_to_input_grid_on, to_network_space_on
+from .predictor import STAGE, QueuedPredictor
 from .sliding import sliding_window_argmax
 
 __all__ = ["blending_dtype", "segment_volume_resident", "labels_to_input_grid_on", "to_network_space_on", "sliding_window_argmax"]
@@ -51,7 +52,7 @@ def segment_volume_resident(
 
     ``accumulate``: blending precision; by default chosen by :func:`blending_dtype`.
     """
-    from ..inference import SegmentationResult, _CountingPredictor, count_windows
+    from ..inference import SegmentationResult, count_windows
 
     monitor = monitor or Monitor()
     if batch_size < 1:
@@ -68,13 +69,16 @@ def segment_volume_resident(
             plane = max(grid.shape[1], roi[1]) * max(grid.shape[2], roi[2])
             accumulate = blending_dtype(engine.info.precision, 4 * spec.num_classes * roi[0] * plane, device)
         total = count_windows(grid.shape, roi, spec.overlap)
-        predictor = _CountingPredictor(engine, spec, total, monitor, native=True)
+        predictor = QueuedPredictor(engine, spec, total, monitor)
+        monitor.update(STAGE, 0, total)
         mark = time.perf_counter()
         labels_ijk = sliding_window_argmax(
             image, roi, predictor, num_classes=spec.num_classes, overlap=spec.overlap,
             blend_mode=spec.blend_mode, batch_size=batch_size, accumulate=accumulate,
+            fixed_batch=bool(getattr(engine, "fixed_batch", False)),
         )
         del image
+        network_seconds = predictor.finish()
         _sync(device)
         stages["sliding_window"] = time.perf_counter() - mark
         mark = time.perf_counter()
@@ -83,6 +87,6 @@ def segment_volume_resident(
     dtype = np.uint8 if spec.num_classes <= 256 else np.uint16
     labels = Volume(array=labels_kji.astype(dtype, copy=False), ijk_to_ras=grid.input_ijk_to_ras.copy())
     return SegmentationResult(
-        labels=labels, seconds=time.perf_counter() - started, network_seconds=predictor.seconds,
+        labels=labels, seconds=time.perf_counter() - started, network_seconds=network_seconds,
         patches=predictor.patches, stages=stages,
     )

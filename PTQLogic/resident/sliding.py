@@ -86,9 +86,14 @@ def sliding_window_argmax(
     blend_mode: str,
     batch_size: int = 1,
     accumulate: torch.dtype = torch.float32,
+    fixed_batch: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Labels (spatial shape of ``image``, uint8/int16) for a (C, *spatial) image on its own device."""
+    """Labels (spatial shape of ``image``, uint8/int16) for a (C, *spatial) image on its own device.
+
+    ``fixed_batch``: pad the last, partial batch with empty windows so every engine call has the same
+    shape (compiled engines and CUDA graphs recompile or re-record for a new shape).
+    """
     from monai.data.utils import compute_importance_map
 
     padded, pads = _pad_to_roi(image, roi)
@@ -101,6 +106,8 @@ def sliding_window_argmax(
     for first in range(0, len(slices), batch_size):
         chunk = slices[first:first + batch_size]
         batch = torch.stack([padded[(slice(None), *window)] for window in chunk])  # device-side copies only
+        if fixed_batch and len(chunk) < batch_size:
+            batch = torch.cat([batch, batch.new_zeros((batch_size - len(chunk), *batch.shape[1:]))])
         logits = predictor(batch)
         for window, window_logits in zip(chunk, logits):
             ring.add(window, window_logits, weight)
