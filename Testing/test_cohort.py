@@ -236,3 +236,16 @@ def test_broken_manifest_is_refused(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"input": "a"}\nnot json\n')
     with pytest.raises(InputError, match="line 2"):
         Manifest(tmp_path)
+
+
+def test_torch_compile_workers(quantized_unet, volumes, tmp_path):
+    """--torch-compile: refused for other runtimes before any cluster starts; a torch worker compiles its
+    network once, at start-up (the warm-up window), not on its first volume."""
+    from PTQLogic.cohort.worker import VolumeWorker, pack_model_dir
+
+    with pytest.raises(InputError, match="--runtime torch"):
+        run_cohort(quantized_unet, volumes, tmp_path / "out", runtime="openvino", torch_compile="default")
+    assert not (tmp_path / "out").exists()
+    worker = VolumeWorker(pack_model_dir(quantized_unet), "torch", "fp32", None, 1, str(tmp_path), None,
+                          torch_compile="default")
+    assert worker.engine.compile_mode == "default" and worker.engine.compile_seconds is not None

@@ -95,13 +95,15 @@ def worker_cpu_sets(workers: int, threads: int) -> list[list[int] | None]:
 
 
 def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runtime: str, precision: str,
-                   monitor: Monitor, scratch_root: str | None = None, pin: bool = False) -> _Pool:
+                   monitor: Monitor, scratch_root: str | None = None, pin: bool = False,
+                   torch_compile: str | None = None) -> _Pool:
     remote = ray.remote(concurrency_groups={"control": 1})(VolumeWorker)
     files = ray.put(pack_model_dir(model_dir))
     device = "cuda" if gpus > 0 else None
     cpu_sets = worker_cpu_sets(n, threads) if pin else [None] * n
     actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
-              .remote(files, runtime, precision, device, threads, scratch_root, cpus) for cpus in cpu_sets]
+              .remote(files, runtime, precision, device, threads, scratch_root, cpus, torch_compile)
+              for cpus in cpu_sets]
     pending = {actor.info.options(concurrency_group="control").remote(): actor for actor in actors}
     try:
         monitor.update("starting workers", 0, n)
@@ -149,12 +151,14 @@ def run_cohort(
     runtime: str = "auto",
     precision: str = "int8",
     pin_cpus: bool = True,
+    torch_compile: str | None = None,
     monitor: Monitor | None = None,
     on_dispatch: Callable[[Path, int], None] | None = None,
 ) -> CohortSummary:
     """Segment every input volume on a Ray cluster; label maps and ``manifest.jsonl`` land in ``output_dir``.
 
     ``pin_cpus``: on a local cluster, give each worker its own ``threads_per_worker`` CPUs (when they fit).
+    ``torch_compile``: a ``torch.compile`` mode for ``runtime="torch"`` workers (compiled once per worker).
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
     from ..imageio import write_label_tables
@@ -163,6 +167,9 @@ def run_cohort(
     monitor = monitor or Monitor()
     if workers < 1 or threads_per_worker < 1 or gpus_per_worker < 0:
         raise InputError("--workers and --threads-per-worker must be >= 1 and --gpus-per-worker >= 0.")
+    if torch_compile is not None and runtime != "torch":  # before the cluster starts
+        raise InputError(f"--torch-compile is for --runtime torch workers, not '{runtime}'; add --runtime torch "
+                         "or leave --torch-compile out.")
     model_dir = open_model_dir(model)
     spec = model_dir.spec()
     items = collect_inputs(inputs, output_dir)
@@ -190,7 +197,7 @@ def run_cohort(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_label_tables(spec.classes, output_dir / "labels.nii.gz")
         pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
-                              monitor, scratch_root, pin=pin_cpus and local_cluster())
+                              monitor, scratch_root, pin=pin_cpus and local_cluster(), torch_compile=torch_compile)
         startup = time.perf_counter() - started
         pids = [ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
         queue: deque[CohortItem] = deque(items)

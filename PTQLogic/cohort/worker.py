@@ -46,7 +46,8 @@ class VolumeWorker:
     """One engine per worker process, reused for every volume it is given."""
 
     def __init__(self, model_files: dict[str, bytes], runtime: str, precision: str, device: str | None,
-                 threads: int | None, scratch_root: str | None = None, cpus: Sequence[int] | None = None):
+                 threads: int | None, scratch_root: str | None = None, cpus: Sequence[int] | None = None,
+                 torch_compile: str | None = None):
         if cpus:  # before any runtime starts its threads: they inherit the set (OpenVINO pins inside it)
             _restrict_to(cpus)
         import torch
@@ -65,7 +66,9 @@ class VolumeWorker:
         model_dir = open_model_dir(self.root)
         self.spec = model_dir.spec()
         started = time.perf_counter()
-        self.engine, _ = open_engine(model_dir, runtime, precision, device=device, threads=threads)
+        # a compiled PyTorch engine compiles here, once per worker, and pays off over the worker's volumes
+        self.engine, _ = open_engine(model_dir, runtime, precision, device=device, threads=threads,
+                                     torch_compile=torch_compile)
         self.build_seconds = time.perf_counter() - started
         self._warm_up()
         self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-", dir=parent))
