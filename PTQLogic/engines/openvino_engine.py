@@ -59,6 +59,9 @@ class OpenVINOEngine:
         model.reshape({model.inputs[0]: self._batch_dynamic_shape(ov, model.inputs[0].get_partial_shape(), patch_size)})
         # FP32 engines stay FP32 (they are the agreement reference); the setting is for INT8's float remainder
         float_precision = cpu_float_precision(float_precision) if precision == "int8" else "f32"
+        if float_precision == "bf16" and "BF16" not in core.get_property(device if device != "AUTO" else "CPU",
+                                                                           "OPTIMIZATION_CAPABILITIES"):
+            float_precision = "f32"  # no native bf16 here: OpenVINO would emulate it, slower than f32
         config: dict = {"PERFORMANCE_HINT": "LATENCY"}
         # AMX CPUs default to bf16 for float layers; f32 (the default here) keeps FP32 and the float parts of
         # INT8 exact. bf16 on request: the float remainder of an INT8 graph (output conv accumulation, norms,
