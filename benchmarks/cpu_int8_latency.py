@@ -44,6 +44,7 @@ def machine() -> dict:
         except Exception as exc:
             versions[name] = f"missing ({type(exc).__name__})"
     return {"cpu": model, "flags": {f: f in flags for f in CPU_FLAGS}, "cores": os.cpu_count(),
+            "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"),  # oneDNN (OpenVINO) kernels limited to this ISA
             "usable_cores": len(os.sched_getaffinity(0)), "platform": platform.platform(), "versions": versions}
 
 
@@ -233,7 +234,9 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     flags = ", ".join(k for k, v in m["flags"].items() if v) or "no AVX2/AVX-512/AMX"
     lines = [f"### Per-patch latency, {report['patch']}^3 patch, batch 1, {report['repeats']} interleaved repeats",
-             "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}",
+             "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}"
+             + (f"; **OpenVINO kernels capped to {m['isa_cap']}** (ONEDNN_MAX_CPU_ISA: no VNNI/AMX/bf16 used)"
+                if m.get("isa_cap") else ""),
              f"- threads: {report.get('threads') or 'runtime latency default'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
              "| Model | Runtime (precision hint) | File | Median ms | p10-p90 | min-max | vs exported FP32 | "
