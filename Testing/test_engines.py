@@ -253,3 +253,12 @@ def test_openvino_bf16_float_layers_on_request(artifacts, monkeypatch):
     assert cpu_float_precision("f32") == "f32"
     fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2, float_precision="bf16")  # FP32 stays FP32
     assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+def test_onnxruntime_fp32_runs_transposed_convs_as_subpixel_convs(artifacts):
+    """ONNX Runtime's CPU FP32 engine runs the UNet's ConvTranspose layers rewritten exactly (sub-pixel Conv +
+    shuffle: its 3D ConvTranspose is slow); the logits still match PyTorch to 1e-4. INT8 files run as written."""
+    engine = OnnxRuntimeEngine(artifacts["fp32"], "fp32", threads=2)
+    assert engine.subpixel_layers == 2  # the tiny UNet's two up-sampling layers
+    torch.testing.assert_close(engine(artifacts["batch"]), artifacts["reference"], atol=1e-4, rtol=1e-4)
+    assert OnnxRuntimeEngine(artifacts["int8"], "int8", threads=2).subpixel_layers == 0
