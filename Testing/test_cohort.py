@@ -155,6 +155,16 @@ def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
     summary = run_cohort(quantized_unet, volumes, out, workers=2)
     assert (summary.skipped, summary.done) == (len(first), len(volumes) - len(first))
     assert sorted(r["input"] for r in _rows(out)) == sorted(str(p) for p in volumes)
+    # a finished cohort rerun answers from the manifest: no cluster work, no workers started
+    import PTQLogic.cohort.runner as runner
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(runner, "_start_workers", lambda *a, **k: pytest.fail("workers started for nothing"))
+    try:
+        again = run_cohort(quantized_unet, volumes, out, workers=2)
+    finally:
+        monkeypatch.undo()
+    assert (again.skipped, again.done, again.failed) == (len(volumes), 0, 0)
 
 
 def test_interrupted_run_leaves_no_worker_files(cluster, volumes, quantized_unet, tmp_path, monkeypatch):
