@@ -88,6 +88,8 @@ class OnnxRuntimeEngine:
             runtime_version=onnxruntime.__version__,
             bytes_on_disk=onnx_path.stat().st_size,
             path=str(onnx_path),
+            build={"graph_rewrite": f"{self.subpixel_layers} ConvTranspose as sub-pixel Conv (exact)"}
+            if self.subpixel_layers else None,
         )
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
