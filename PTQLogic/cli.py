@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         message, usage = exc.args
         print(usage, file=sys.stderr, end="")
         return _fail(None, "--json" in argv, f"{message} (see --help)", 2)
+    saved_env = {name: os.environ.get(name) for name in ("PTQSEG_CACHE_DIR", "PTQSEG_CPU_FLOAT")}
     if args.cache_dir:
         os.environ["PTQSEG_CACHE_DIR"] = os.path.abspath(args.cache_dir)  # read by PTQLogic.cache.cache_root
     if getattr(args, "cpu_float", None):
@@ -414,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if restore_signals is not None:
             restore_signals()
+        for name, value in saved_env.items():  # an in-process caller's next run starts from its own settings
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ is reported as ignored and otherwise reports the FP32 time; with `--json` errors
 """
 from __future__ import annotations
 
+import os
 import argparse
 import json
 import subprocess
@@ -152,3 +153,18 @@ def test_compare_reports_the_fp32_time(quantized_unet, phantom_files, tmp_path, 
     assert "onnxruntime int8:" in out and "onnxruntime fp32:" in out and "agreement Dice" in out
     fp32_line = next(line for line in out.splitlines() if "onnxruntime fp32:" in line)
     assert "s for the volume" in fp32_line and "ms per patch" in fp32_line
+
+
+def test_cpu_float_reaches_workers_and_does_not_outlive_the_call(monkeypatch, tmp_path, capsys):
+    """--cpu-float is set for the run (and forwarded to Ray workers' environment), then restored, so an
+    in-process caller's next run does not inherit it."""
+    from PTQLogic.cli import main
+    from PTQLogic.cohort.cluster import _forwarded_env
+
+    monkeypatch.delenv("PTQSEG_CPU_FLOAT", raising=False)
+    assert main(["segment", "--model", str(tmp_path / "missing"), "--input", "x.nii.gz", "--output",
+                 str(tmp_path / "y.nii.gz"), "--cpu-float", "bf16"]) != 0
+    capsys.readouterr()
+    assert "PTQSEG_CPU_FLOAT" not in os.environ
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "bf16")
+    assert _forwarded_env() == {"PTQSEG_CPU_FLOAT": "bf16"}

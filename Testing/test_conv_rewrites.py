@@ -81,15 +81,16 @@ def test_subpixel_rewrite_leaves_other_transposed_convs(tmp_path, conv):
 
 
 class _Residual(torch.nn.Module):
-    def __init__(self, stride: int = 1, channels_out: int = 5, skip_conv: bool = False):
+    def __init__(self, conv: torch.nn.Module | None = None, also_output_conv: bool = False):
         super().__init__()
-        self.pre = torch.nn.Conv3d(1, 5, 3, padding=1)
-        self.conv = torch.nn.Conv3d(5, channels_out, 3, stride=stride, padding=1)
-        self.skip_conv = skip_conv
+        self.pre = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.conv = conv or torch.nn.Conv3d(4, 4, 3, padding=1)
+        self.also_output_conv = also_output_conv
 
     def forward(self, x):
         y = torch.relu(self.pre(x))
-        return self.conv(y) + (self.conv(y) * 0 + 1 if self.skip_conv else y)
+        z = self.conv(y)
+        return (z + y, z) if self.also_output_conv else z + y
 
 
 def test_identity_residual_is_folded_exactly_into_monai_unet_output_conv(tmp_path):
@@ -110,14 +111,24 @@ def test_identity_residual_is_folded_exactly_into_monai_unet_output_conv(tmp_pat
 
 def test_residual_fold_needs_an_identity_skip_around_a_same_size_conv(tmp_path):
     torch.manual_seed(0)
-    folded = onnx.load(str(_export(_Residual(), (1, 1, 8, 8, 8), tmp_path / "a.onnx")))
-    assert fold_identity_residual(folded) == 1
-    for name, net in (("strided", _Residual(stride=2)), ("skip_is_not_the_input", _Residual(skip_conv=True))):
-        try:
-            model = onnx.load(str(_export(net, (1, 1, 8, 8, 8), tmp_path / f"{name}.onnx")))
-        except RuntimeError:  # shapes of a strided conv + skip do not add up: nothing to test
-            continue
+    x = np.random.default_rng(4).standard_normal((1, 1, 8, 8, 8)).astype(np.float32)
+    path = _export(_Residual(), (1, 1, 8, 8, 8), tmp_path / "plain.onnx")
+    model = onnx.load(str(path))
+    assert fold_identity_residual(model) == 1
+    np.testing.assert_allclose(_ort(model, x), _ort(path, x), rtol=1e-4, atol=1e-5)
+    for name, net in (("dilated", _Residual(torch.nn.Conv3d(4, 4, 3, padding=2, dilation=2))),
+                      ("grouped", _Residual(torch.nn.Conv3d(4, 4, 3, padding=1, groups=2))),
+                      ("conv_is_an_output", _Residual(also_output_conv=True))):
+        model = onnx.load(str(_export(net, (1, 1, 8, 8, 8), tmp_path / f"{name}.onnx")))
         assert fold_identity_residual(model) == 0, name
+
+
+def test_residual_fold_leaves_a_shared_weight(tmp_path):
+    model = onnx.load(str(_export(_Residual(), (1, 1, 8, 8, 8), tmp_path / "shared.onnx")))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[0] != "input")
+    model.graph.node.append(onnx.helper.make_node("Identity", [conv.input[1]], ["weight_copy"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("weight_copy", onnx.TensorProto.FLOAT, None))
+    assert fold_identity_residual(model) == 0
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +163,35 @@ def test_onnx_runtime_preset_fuses_every_conv_but_the_float_output_one(unet_onnx
     assert fused["u8sub"]["ConvTranspose"] == 0 and fused["u8sub"]["Conv"] == 1  # only the float-logits conv
     assert fused["s8"]["Conv"] > 1
     assert fused["u8sub"]["QLinearConv"] > fused["s8"]["QLinearConv"]
+
+
+def test_subpixel_placement_quantizes_only_the_shuffle_reshapes(tmp_path):
+    """--subpixel: Q/DQ flows through the shuffle's Reshape/Transpose, not through other reshapes of the net."""
+    class UpThenFlatten(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose3d(1, 4, 3, 2, 1, 1)
+            self.head = torch.nn.Conv3d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.head(torch.relu(self.up(x)))
+            return y.reshape(y.shape[0], 2, -1).transpose(1, 2).reshape(y.shape)
+
+    path = _export(UpThenFlatten(), (1, 1, 6, 6, 6), tmp_path / "flat.onnx")
+    out = tmp_path / "flat_int8.onnx"
+    quantize_cpu(path, np.random.default_rng(5).uniform(0, 1, (2, 1, 6, 6, 6)).astype(np.float32), out,
+                 activations="u8", subpixel=True)
+    model = onnx.load(str(out))
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    moved = [n for n in model.graph.node if n.op_type in ("Reshape", "Transpose")]
+    shuffle = [n for n in moved if "_subpixel_" in n.name]
+    others = [n for n in moved if "_subpixel_" not in n.name]
+    assert len(shuffle) == 3 and len(others) >= 3
+    assert all(consumers.get(n.output[0]) == ["QuantizeLinear"] for n in shuffle)  # int8 through the shuffle
+    assert not any("QuantizeLinear" in consumers.get(n.output[0], []) for n in others)  # the rest stays float
 
 
 def test_s8_subpixel_graph_passes_the_qdq_rules_and_settings_validate(unet_onnx, tmp_path):

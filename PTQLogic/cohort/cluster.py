@@ -31,7 +31,7 @@ def connect(address: str | None, cpus: int, gpus: int | None) -> bool:
 
         try:  # the cluster's nodes may not have PTQLogic installed: ship this copy with the job
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR,
-                     runtime_env={"py_modules": [PTQLogic]})
+                     runtime_env={"py_modules": [PTQLogic], "env_vars": _forwarded_env()})
         except ConnectionError as exc:
             raise InputError(f"Cannot reach the Ray cluster at '{address}': {exc}. Start it with `ray start --head` "
                              "or leave out --ray-address to use a local cluster.") from None
@@ -39,9 +39,14 @@ def connect(address: str | None, cpus: int, gpus: int | None) -> bool:
         return False
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", **_forwarded_env()}})
     _started_local = True
     return True
+
+
+def _forwarded_env() -> dict[str, str]:
+    """Settings the workers read from their environment (``--cpu-float``), passed on to every worker."""
+    return {name: os.environ[name] for name in ("PTQSEG_CPU_FLOAT",) if name in os.environ}
 
 
 def local_cluster() -> bool:

@@ -73,7 +73,13 @@ class OnnxRuntimeEngine:
         try:
             self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as exc:
-            raise ModelError(f"ONNX Runtime cannot load '{onnx_path}': {exc}") from None
+            if self.subpixel_layers == 0:
+                raise ModelError(f"ONNX Runtime cannot load '{onnx_path}': {exc}") from None
+            self.subpixel_layers = 0  # the rewritten graph does not load: run the file as exported
+            try:
+                self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=providers)
+            except Exception as exc:
+                raise ModelError(f"ONNX Runtime cannot load '{onnx_path}': {exc}") from None
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             # ORT falls back to CPU silently when the CUDA provider fails to start (e.g. no matching cuDNN)
             raise EngineUnavailable("ONNX Runtime could not start its CUDA provider here (check CUDA/cuDNN "

@@ -17,6 +17,17 @@ FLOAT_PRECISIONS = ("f32", "bf16")
 FLOAT_ENV = "PTQSEG_CPU_FLOAT"  # set by `ptqseg --cpu-float`, so Ray workers and Slicer's process inherit it
 
 
+_NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def native_bf16(core, device: str = "CPU") -> bool:
+    """Whether OpenVINO runs bf16 natively here: the device reports BF16 and no ``ONEDNN_MAX_CPU_ISA`` cap
+    below AVX512_CORE_BF16 is set (OpenVINO still reports BF16 under such a cap, then emulates it)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
+        return False
+    return "BF16" in core.get_property(device if device != "AUTO" else "CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def cpu_float_precision(value: str | None = None) -> str:
     """The precision OpenVINO gives layers left in floating point: ``value``, else $PTQSEG_CPU_FLOAT, else f32."""
     value = value or os.environ.get(FLOAT_ENV) or "f32"
@@ -59,8 +70,7 @@ class OpenVINOEngine:
         model.reshape({model.inputs[0]: self._batch_dynamic_shape(ov, model.inputs[0].get_partial_shape(), patch_size)})
         # FP32 engines stay FP32 (they are the agreement reference); the setting is for INT8's float remainder
         float_precision = cpu_float_precision(float_precision) if precision == "int8" else "f32"
-        if float_precision == "bf16" and "BF16" not in core.get_property(device if device != "AUTO" else "CPU",
-                                                                           "OPTIMIZATION_CAPABILITIES"):
+        if float_precision == "bf16" and not native_bf16(core, device):
             float_precision = "f32"  # no native bf16 here: OpenVINO would emulate it, slower than f32
         config: dict = {"PERFORMANCE_HINT": "LATENCY"}
         # AMX CPUs default to bf16 for float layers; f32 (the default here) keeps FP32 and the float parts of

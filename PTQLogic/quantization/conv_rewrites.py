@@ -99,7 +99,7 @@ def convtranspose_to_subpixel(model: onnx.ModelProto) -> int:
             continue
         s, cout, spatial = strides[0], weight.shape[1], list(in_shape[2:])
         conv_weight, lo, hi = _subpixel_weight(weight.astype(np.float64), s, kernels[0], pads[0], dims)
-        base = node.name or node.output[0]
+        base = f"{node.name or node.output[0]}_{replaced}"  # unique even where names and tensors collide
         w_name, b_name = f"{base}_subpixel_w", f"{base}_subpixel_b"
         _set_initializer(model, w_name, conv_weight.astype(weight.dtype))
         conv_inputs = [node.input[0], w_name]
@@ -146,6 +146,7 @@ def fold_identity_residual(model: onnx.ModelProto) -> int:
     inits = _initializers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = _consumers(model)
+    graph_outputs = {o.name for o in model.graph.output}
     removed, folded = set(), 0
     for add in model.graph.node:
         if add.op_type != "Add" or len(add.input) != 2:
@@ -153,6 +154,8 @@ def fold_identity_residual(model: onnx.ModelProto) -> int:
         for conv_out, skip in (add.input, add.input[::-1]):
             conv = producer.get(conv_out)
             if conv is None or conv.op_type != "Conv" or conv.input[0] != skip or len(consumers[conv_out]) != 1:
+                continue
+            if conv_out in graph_outputs:  # the conv's own result is a network output too: it must stay
                 continue
             if conv.input[1] not in inits or sum(i == conv.input[1] for n in model.graph.node for i in n.input) != 1:
                 continue

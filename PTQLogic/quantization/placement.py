@@ -25,6 +25,7 @@ The result is always checked by :func:`PTQLogic.qdq_check.check_qdq`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -107,7 +108,7 @@ def _reader(input_name: str, calibration: np.ndarray, on_batch: Callable[[int, i
 
 
 def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types: list[str], activations: str,
-                     method: str, on_batch: Callable[[int, int], None] | None) -> None:
+                     method: str, on_batch: Callable[[int, int], None] | None, exclude: list[str] = ()) -> None:
     """ONNX Runtime's static Q/DQ quantizer with the CPU placement settings (runs in a clean child process)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -118,6 +119,7 @@ def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types:
         prepared, out, _reader(input_name, calibration, on_batch),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=op_types,
+        nodes_to_exclude=list(exclude),
         per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
@@ -140,8 +142,14 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
     np.save(calib_path, calibration)
     package_parent = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    # Reshape/Transpose carry int8 through the sub-pixel shuffle only (elsewhere they may feed float attention)
+    import onnx
+
+    exclude_path = workdir / "exclude.json"
+    exclude_path.write_text(json.dumps([n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
+                                        if n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]))
     command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
-               ",".join(op_types), activations, method]
+               ",".join(op_types), activations, method, str(exclude_path)]
     tail: list[str] = []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -182,7 +190,6 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     model = onnx.load(str(fp32_onnx))
     rewrites = prepare_for_int8(model, fold_residual=fold_residual, subpixel=subpixel)
     present = {node.op_type for node in model.graph.node}
-    # Reshape/Transpose carry int8 through the sub-pixel shuffle only (elsewhere they may feed float attention)
     op_types = tuple(op for op in CPU_OP_TYPES if op in present and (subpixel or op not in ("Reshape", "Transpose")))
     workdir = Path(tempfile.mkdtemp(prefix=".placement-", dir=out_path.parent))
     try:
@@ -201,6 +208,7 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
 
 
 if __name__ == "__main__":  # the child process of _run_child
-    _prepared, _calibration, _out, _ops, _activations, _method = sys.argv[1:7]
+    _prepared, _calibration, _out, _ops, _activations, _method, _exclude = sys.argv[1:8]
     _static_quantize(_prepared, np.load(_calibration), _out, _ops.split(","), _activations, _method,
-                     lambda done, total: print(f"batch {done} {total}", flush=True))
+                     lambda done, total: print(f"batch {done} {total}", flush=True),
+                     json.loads(Path(_exclude).read_text()))
