@@ -6,9 +6,9 @@ is reported as ignored and otherwise reports the FP32 time; with `--json` errors
 """
 from __future__ import annotations
 
-import os
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
