@@ -36,6 +36,24 @@ def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overl
     return len(dense_patch_slices(padded, roi_size, interval))
 
 
+def run_engine(engine: Engine, batch: torch.Tensor, spec: ModelSpec, method: str = "__call__") -> torch.Tensor:
+    """``engine.<method>(batch)`` with one-line errors and the logits' shape checked against ``spec``."""
+    try:
+        logits = getattr(engine, method)(batch)
+    except PTQError:
+        raise
+    except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
+        raise ModelError(f"The engine failed on a batch of shape {tuple(batch.shape)}: {exc}") from exc
+    expected = (batch.shape[0], spec.num_classes, *batch.shape[2:])
+    if tuple(logits.shape) != expected:
+        raise ModelError(
+            f"The engine returned logits of shape {tuple(logits.shape)} for a batch of {tuple(batch.shape)}; "
+            f"expected {expected} ({spec.num_classes} classes in the spec). "
+            "Check that the spec's classes match the network's output channels."
+        )
+    return logits
+
+
 class _CountingPredictor:
     """Calls the engine, checks its output, times it and reports progress per batch."""
 
@@ -52,27 +70,11 @@ class _CountingPredictor:
         self.monitor.check()
         batch = batch.to(device=self.engine.device, dtype=torch.float32).contiguous()
         started = time.perf_counter()
-        try:
-            if self.native:
-                logits = self.engine.forward_native(batch)
-            elif self.transient:
-                logits = self.engine.forward_transient(batch)
-            else:
-                logits = self.engine(batch)
-        except PTQError:
-            raise
-        except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
-            raise ModelError(f"The engine failed on a batch of shape {tuple(batch.shape)}: {exc}") from exc
+        method = "forward_native" if self.native else "forward_transient" if self.transient else "__call__"
+        logits = run_engine(self.engine, batch, self.spec, method)
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         self.seconds += time.perf_counter() - started
-        expected = (batch.shape[0], self.spec.num_classes, *batch.shape[2:])
-        if tuple(logits.shape) != expected:
-            raise ModelError(
-                f"The engine returned logits of shape {tuple(logits.shape)} for a batch of {tuple(batch.shape)}; "
-                f"expected {expected} ({self.spec.num_classes} classes in the spec). "
-                "Check that the spec's classes match the network's output channels."
-            )
         self.patches += batch.shape[0]
         self.monitor.update(STAGE, self.patches, self.total)
         return logits if self.native else logits.float()

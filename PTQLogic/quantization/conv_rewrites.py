@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_prep import _consumers, _initializers, _set_initializer
+from .graph_prep import _consumers, _initializers, _set_initializer, remove_nodes
 
 _ELEMENTWISE_AFTER = ("LeakyRelu", "Relu")
 
@@ -176,8 +176,5 @@ def fold_identity_residual(model: onnx.ModelProto) -> int:
             removed.add(id(add))
             folded += 1
             break
-    if removed:
-        keep = [n for n in model.graph.node if id(n) not in removed]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+    remove_nodes(model, removed)
     return folded

@@ -38,6 +38,14 @@ def bypass_identities(model: onnx.ModelProto) -> int:
     return len(rename)
 
 
+def remove_nodes(model: onnx.ModelProto, removed: set[int]) -> None:
+    """Drop the nodes whose ``id()`` is in ``removed``, keeping the others in order."""
+    if removed:
+        keep = [n for n in model.graph.node if id(n) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
@@ -99,10 +107,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         conv.output[0] = bn.output[0]
         removed.add(id(bn))
         folded += 1
-    if removed:
-        keep = [n for n in model.graph.node if id(n) not in removed]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+    remove_nodes(model, removed)
     return folded
 
 

@@ -59,6 +59,8 @@ class PlacementReport:
 
 def strip_output_qdq(model) -> list[str]:
     """Remove ``Q -> DQ`` pairs that end at a graph output, so logits are not requantized to 8 bits."""
+    from .graph_prep import remove_nodes
+
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
@@ -78,10 +80,7 @@ def strip_output_qdq(model) -> list[str]:
         source.output[list(source.output).index(q.input[0])] = output.name
         removed.update((id(q), id(dq)))
         stripped.append(output.name)
-    if removed:
-        keep = [n for n in model.graph.node if id(n) not in removed]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
+    remove_nodes(model, removed)
     return stripped
 
 

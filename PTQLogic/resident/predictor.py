@@ -12,7 +12,7 @@ from collections import deque
 import torch
 
 from ..engines.base import Engine
-from ..errors import ModelError, PTQError
+from ..inference import run_engine
 from ..progress import Monitor
 from ..spec import ModelSpec
 
@@ -41,19 +41,7 @@ class QueuedPredictor:
             start.record()
         else:
             started = time.perf_counter()
-        try:
-            logits = self.engine.forward_native(batch) if self.native else self.engine(batch)
-        except PTQError:
-            raise
-        except Exception as exc:  # an engine failing mid-run is a model/runtime problem, said in one line
-            raise ModelError(f"The engine failed on a batch of shape {tuple(batch.shape)}: {exc}") from exc
-        expected = (batch.shape[0], self.spec.num_classes, *batch.shape[2:])
-        if tuple(logits.shape) != expected:
-            raise ModelError(
-                f"The engine returned logits of shape {tuple(logits.shape)} for a batch of {tuple(batch.shape)}; "
-                f"expected {expected} ({self.spec.num_classes} classes in the spec). "
-                "Check that the spec's classes match the network's output channels."
-            )
+        logits = run_engine(self.engine, batch, self.spec, "forward_native" if self.native else "__call__")
         self.patches += batch.shape[0]
         if cuda:
             end.record()
