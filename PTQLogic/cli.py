@@ -78,7 +78,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"Quantized model written to {data['model_dir']}\n"
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
         f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
-        f"{'pass' if data['qdq_ok'] else 'FAIL (see quantization.json)'}"
+        + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
+           if args.activations == "u8" else "FAIL (see quantization.json)")
         + _guard_text(result.report.get("guard"))
     ))
 
