@@ -224,7 +224,11 @@ def test_openvino_sliding_window_reads_logits_in_place_with_the_same_result(arti
     noise = torch.from_numpy(np.random.RandomState(5).randn(1, 1, 28, 30, 26).astype(np.float32))
     image = (torch.nn.functional.avg_pool3d(noise, 3, stride=1, padding=1)[0, 0] * 3).numpy()
     volume = Volume(image, np.diag([1.0, 1.0, 1.0, 1.0]))
+    transient_calls = []
+    read_in_place = engine.forward_transient
+    engine.forward_transient = lambda batch: transient_calls.append(batch.shape[0]) or read_in_place(batch)
     in_place = segment_volume(volume, spec, engine, batch_size=2)
+    assert transient_calls and max(transient_calls) == 2  # the window batches did go through the no-copy call
     copied = segment_volume(volume, spec, Copying(engine), batch_size=2)
     assert np.array_equal(in_place.labels.array, copied.labels.array)
     assert len(np.unique(in_place.labels.array)) == 3
