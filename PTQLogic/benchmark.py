@@ -108,29 +108,37 @@ def paired_speedups(reference: Timing, other: Timing) -> tuple[float, float]:
 def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, monitor: Monitor,
                         write_to: Path) -> tuple[np.ndarray, dict[str, float]]:
     """Segment ``input_path`` like :func:`PTQLogic.inference.segment_volume`, timing each stage (seconds)."""
-    from monai.inferers import sliding_window_inference
-
     from .imageio import read_volume, write_labelmap
     from .inference import STAGE, _CountingPredictor, count_windows
     from .preprocess import labels_to_input_grid, to_network_space
+    from .sliding_window import sliding_window_labels
     from .volume import Volume
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     t1 = time.perf_counter()
+    if torch.device(engine.device).type == "cuda":  # the product's GPU pipeline, which times its own stages
+        from .resident import segment_volume_resident
+
+        result = segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
+        t4 = time.perf_counter()
+        write_labelmap(result.labels, write_to)
+        windows = result.network_seconds
+        return result.labels.array, {
+            "read": t1 - t0, "preprocess": result.stages["preprocess"], "windows": windows,
+            "stitch": max(0.0, result.stages["sliding_window"] - windows),
+            "resample back": result.stages["resample_back"], "write": time.perf_counter() - t4}
     image, grid = to_network_space(volume, spec)
     t2 = time.perf_counter()
     roi_size = tuple(int(s) for s in spec.patch_size)
     predictor = _CountingPredictor(engine, spec, count_windows(grid.shape, roi_size, spec.overlap), monitor)
     monitor.update(STAGE, 0, predictor.total)
     with torch.inference_mode():
-        logits = sliding_window_inference(image[None].to(engine.device), roi_size=roi_size, sw_batch_size=batch_size,
-                                          predictor=predictor, overlap=spec.overlap, mode=spec.blend_mode,
-                                          padding_mode="constant", cval=0.0)
+        labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
+                                           mode=spec.blend_mode, batch_size=batch_size)
         t3 = time.perf_counter()
-        labels_ijk = torch.argmax(logits[0], dim=0).cpu().numpy().astype(np.uint8 if spec.num_classes <= 256 else np.uint16)
-    del logits
+        labels_ijk = labels_ijk.numpy().astype(np.uint8 if spec.num_classes <= 256 else np.uint16)
     labels = Volume(array=labels_to_input_grid(labels_ijk, grid), ijk_to_ras=grid.input_ijk_to_ras.copy())
     t4 = time.perf_counter()
     write_labelmap(labels, write_to)
@@ -138,8 +146,8 @@ def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, m
     stages["read"] = t1 - t0
     stages["preprocess"] = t2 - t1
     stages["windows"] = predictor.seconds
-    stages["stitch"] = max(0.0, t3 - t2 - predictor.seconds)  # window extraction, blending, padding
-    stages["resample back"] = t4 - t3  # argmax + back to the input grid
+    stages["stitch"] = max(0.0, t3 - t2 - predictor.seconds)  # window extraction, blending, padding, argmax
+    stages["resample back"] = t4 - t3  # back to the input grid
     stages["write"] = t5 - t4
     return labels.array, stages
 

@@ -1,4 +1,4 @@
-"""Whole-volume segmentation: preprocess, MONAI sliding window over an Engine, argmax, back to the input grid."""
+"""Whole-volume segmentation: preprocess, sliding window over an Engine, argmax, back to the input grid."""
 from __future__ import annotations
 
 import time
@@ -11,6 +11,7 @@ from .engines.base import Engine
 from .errors import InputError, ModelError, PTQError
 from .preprocess import labels_to_input_grid, to_network_space
 from .progress import Monitor
+from .sliding_window import padded_size, sliding_window_labels, window_slices
 from .spec import ModelSpec
 from .volume import Volume
 
@@ -27,13 +28,8 @@ class SegmentationResult:
 
 
 def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
-    """Number of windows MONAI's ``sliding_window_inference`` runs for one image of ``image_shape``."""
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
-
-    padded = tuple(max(s, r) for s, r in zip(image_shape, roi_size))
-    interval = _get_scan_interval(padded, roi_size, len(roi_size), (overlap,) * len(roi_size))
-    return len(dense_patch_slices(padded, roi_size, interval))
+    """Number of windows the sliding window (MONAI's windows) runs for one image of ``image_shape``."""
+    return len(window_slices(padded_size(image_shape, roi_size), roi_size, overlap))
 
 
 def run_engine(engine: Engine, batch: torch.Tensor, spec: ModelSpec, method: str = "__call__") -> torch.Tensor:
@@ -61,7 +57,7 @@ class _CountingPredictor:
         self.engine, self.spec, self.total, self.monitor = engine, spec, total, monitor
         # native: keep the engine's own output precision (FP16) when it offers that, instead of float32 copies
         self.native = native and hasattr(engine, "forward_native")
-        # MONAI's sliding window blends each batch's logits before it asks for the next: no copy out needed
+        # the sliding window blends each batch's logits before it asks for the next: no copy out needed
         self.transient = not self.native and hasattr(engine, "forward_transient")
         self.patches = 0
         self.seconds = 0.0
@@ -88,8 +84,6 @@ def segment_volume(
     monitor: Monitor | None = None,
 ) -> SegmentationResult:
     """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid."""
-    from monai.inferers import sliding_window_inference
-
     if torch.device(engine.device).type == "cuda":  # GPU engines: the whole pipeline stays on the GPU
         from .resident import segment_volume_resident
 
@@ -103,20 +97,9 @@ def segment_volume(
     total = count_windows(grid.shape, roi_size, spec.overlap)
     predictor = _CountingPredictor(engine, spec, total, monitor)
     monitor.update(STAGE, 0, total)
-    inputs = image[None].to(engine.device)
     with torch.inference_mode():
-        logits = sliding_window_inference(
-            inputs,
-            roi_size=roi_size,
-            sw_batch_size=batch_size,
-            predictor=predictor,
-            overlap=spec.overlap,
-            mode=spec.blend_mode,
-            padding_mode="constant",
-            cval=0.0,
-        )
-        labels_ijk = torch.argmax(logits[0], dim=0)
-    del logits, inputs
+        labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
+                                           mode=spec.blend_mode, batch_size=batch_size)
     dtype = np.uint8 if spec.num_classes <= 256 else np.uint16
     labels_ijk = labels_ijk.cpu().numpy().astype(dtype)
     labels_kji = labels_to_input_grid(labels_ijk, grid)

@@ -13,29 +13,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from ..sliding_window import pad_to_roi
+from ..sliding_window import window_slices as monai_windows
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def window_slices(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> list[tuple[slice, ...]]:
     """MONAI's window positions over ``shape`` (already padded to at least ``roi``), sorted by first-axis start."""
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
-
-    interval = _get_scan_interval(shape, roi, len(roi), (overlap,) * len(roi))
-    slices = dense_patch_slices(shape, roi, interval)
-    return sorted(slices, key=lambda s: s[0].start)
-
-
-def _pad_to_roi(image: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Pad like MONAI (centred, constant 0) where the image is smaller than the window."""
-    before_after = []
-    for size, r in zip(image.shape[1:], roi):
-        diff = max(r - size, 0)
-        before_after.append((diff // 2, diff - diff // 2))
-    pad = [v for pair in reversed(before_after) for v in pair]
-    return (F.pad(image, pad, mode="constant", value=0.0) if any(pad) else image), before_after
+    return sorted(monai_windows(shape, roi, overlap), key=lambda s: s[0].start)
 
 
 class _RingArgmax:
@@ -96,7 +83,7 @@ def sliding_window_argmax(
     """
     from monai.data.utils import compute_importance_map
 
-    padded, pads = _pad_to_roi(image, roi)
+    padded, pads = pad_to_roi(image, roi)
     shape = tuple(int(s) for s in padded.shape[1:])
     slices = window_slices(shape, roi, overlap)
     weight = compute_importance_map(roi, mode=blend_mode, sigma_scale=0.125, device=image.device,

@@ -1,0 +1,98 @@
+"""The CPU sliding window (channels-last blending) gives MONAI's labels, and OpenVINO's channels-last logits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from PTQLogic.inference import count_windows
+from PTQLogic.sliding_window import sliding_window_labels, window_slices
+
+
+class _Net(torch.nn.Module):
+    """A fixed random conv net: smooth, position-dependent logits, so window weights decide labels."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, classes, 3, padding=1)
+        self.mix = torch.nn.Conv3d(classes, classes, 1)
+
+    def forward(self, x):
+        return self.mix(torch.tanh(self.conv(x)))
+
+
+@pytest.mark.parametrize("shape, roi, overlap, mode, batch", [
+    ((40, 37, 30), (16, 16, 16), 0.25, "gaussian", 1),
+    ((40, 37, 30), (16, 20, 12), 0.5, "constant", 3),
+    ((10, 50, 7), (16, 16, 16), 0.25, "gaussian", 2),  # smaller than the window in two axes: padded
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_labels_match_monai_sliding_window(shape, roi, overlap, mode, batch, channels_last):
+    net = _Net(5).eval()
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, *shape)).astype(np.float32))
+    calls = []
+
+    def predictor(x):
+        calls.append(x.shape[0])
+        out = net(x)
+        # OpenVINO's transient logits: channels-last memory behind an (N, C, D, H, W) view
+        return out.contiguous(memory_format=torch.channels_last_3d) if channels_last else out
+
+    with torch.inference_mode():
+        ours = sliding_window_labels(image, predictor, roi, 5, overlap=overlap, mode=mode, batch_size=batch)
+        reference = sliding_window_inference(image[None], roi, batch, net, overlap=overlap, mode=mode)[0].argmax(0)
+    assert ours.shape == shape
+    # same windows and weights; the sum is not divided by the count map, which cannot move an argmax
+    # (rounding aside): equal labels
+    assert (ours == reference).float().mean().item() > 0.9999
+    assert sum(calls) == count_windows(shape, roi, overlap) == len(window_slices(
+        tuple(max(s, r) for s, r in zip(shape, roi)), roi, overlap))
+    assert max(calls) <= batch
+
+
+def test_blending_weights_matter():
+    """Logits favour class 0 in each window's centre and class 1 near its border: the blend must weigh them."""
+    roi = (8, 8, 8)
+
+    def predictor(x):
+        n = x.shape[0]
+        centre = torch.zeros(8, 8, 8)
+        centre[2:6, 2:6, 2:6] = 1.0
+        return torch.stack([centre, 1.0 - centre + 0.1])[None].repeat(n, 1, 1, 1, 1)
+
+    image = torch.zeros(1, 12, 8, 8)
+    labels = {}
+    for mode in ("gaussian", "constant"):
+        labels[mode] = sliding_window_labels(image, predictor, roi, 2, overlap=0.5, mode=mode)
+        reference = sliding_window_inference(image[None], roi, 1, predictor, overlap=0.5, mode=mode)[0].argmax(0)
+        assert torch.equal(labels[mode], reference)
+    # where two windows overlap, the Gaussian-weighted centre of one outvotes the border of the other
+    assert (labels["gaussian"] == 0).sum() > (labels["constant"] == 0).sum() > 0
+
+
+def test_openvino_logits_are_channels_last_views_with_the_plain_values(tmp_path):
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from PTQLogic.engines.openvino_engine import OpenVINOEngine
+    from PTQLogic.errors import InputError
+
+    net = _Net(4).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False)
+    engine = OpenVINOEngine(path, "fp32", patch_size=(16, 16, 16))
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 1, 16, 16, 16)).astype(np.float32))
+    plain = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = plain({0: x.numpy()})[0]
+    one = engine.forward_transient(x[:1])
+    assert one.shape == (1, 4, 16, 16, 16) and one.stride()[1] == 1  # channels innermost: no reorder ran
+    np.testing.assert_allclose(one.numpy(), expected[:1], rtol=1e-5, atol=1e-5)
+    fresh = engine(x[:1])
+    engine.forward_transient(x[1:2])  # overwrites the transient buffer, not the fresh copy
+    np.testing.assert_allclose(fresh.numpy(), expected[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(engine(x).numpy(), expected, rtol=1e-5, atol=1e-5)  # batch 3: compiled on demand
+    with pytest.raises(InputError, match="does not fit"):
+        engine(torch.zeros(1, 2, 16, 16, 16))
