@@ -121,3 +121,50 @@ def test_quantize_onnx_with_cpu_placement_and_bad_settings(fp32_onnx, tmp_path):
         QuantizeSettings(placement="cpu", exclude_nodes=("Conv_0",)).validate()
     with pytest.raises(InputError, match="Activation"):
         quantize_cpu(fp32_onnx, _calibration(1), tmp_path / "x.onnx", activations="fp8")
+
+
+def _norm_tails(model: onnx.ModelProto) -> list[list[str]]:
+    """Op types from each normalization's output through its activation and the Q/DQ after it."""
+    consumers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    tails = []
+    for node in model.graph.node:
+        if node.op_type == "InstanceNormalization":
+            chain, name = [], node.output[0]
+            while len(consumers.get(name, [])) == 1 and consumers[name][0].op_type != "Conv":
+                chain.append(consumers[name][0].op_type)
+                name = consumers[name][0].output[0]
+                if chain[-1] == "DequantizeLinear" and {"Relu", "LeakyRelu"} & set(chain):
+                    break
+            tails.append(chain)
+    return tails
+
+
+@pytest.mark.parametrize("network", ["unet_instance", "segresnet_groupnorm"])
+def test_normalization_tail_is_quantized_once(network, tmp_path):
+    """Norm -> (reshape, affine) -> activation carries one Q/DQ, at its end; still every conv in int8."""
+    from monai.networks.nets import SegResNet
+
+    from PTQLogic.engines.openvino_engine import OpenVINOEngine
+
+    torch.manual_seed(0)
+    net = _unet("instance") if network == "unet_instance" else SegResNet(3, 8, 1, 3, blocks_down=(1, 1),
+                                                                          blocks_up=(1,)).eval()
+    fp32 = tmp_path / "fp32.onnx"
+    torch.onnx.export(net, torch.randn(1, 1, PATCH, PATCH, PATCH), str(fp32), opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamo=False)
+    report = quantize_cpu(fp32, _calibration(), tmp_path / "int8.onnx")
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    tails = _norm_tails(model)
+    assert tails and report.rewrites["norm_activation_fused"] == len(tails)
+    for tail in tails:  # e.g. [LeakyRelu, Q, DQ] or [Reshape, Mul, Add, Relu, Q, DQ]
+        assert tail[-2:] == ["QuantizeLinear", "DequantizeLinear"] and "QuantizeLinear" not in tail[:-2], tail
+    assert check_qdq(tmp_path / "int8.onnx").ok
+    summary = OpenVINOEngine(tmp_path / "int8.onnx", "int8").int8_layer_summary()
+    assert summary["not_int8"] == 0 and summary["int8"] == summary["convolutions"]
+    x = _calibration(1)
+    reference = _ort(str(fp32), x)
+    int8 = _ort(str(tmp_path / "int8.onnx"), x)
+    assert np.abs(int8 - reference).max() < 0.2 * np.abs(reference).max()

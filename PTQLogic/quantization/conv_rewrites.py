@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_prep import _consumers, _initializers, _set_initializer, remove_nodes
+from .graph_prep import consumer_map, _initializers, _set_initializer, remove_nodes
 
 _ELEMENTWISE_AFTER = ("LeakyRelu", "Relu")
 
@@ -71,7 +71,7 @@ def convtranspose_to_subpixel(model: onnx.ModelProto) -> int:
     """Replace eligible ConvTranspose nodes by Conv + pixel shuffle; returns how many were replaced."""
     inits = _initializers(model)
     shapes = _static_shapes(model)
-    consumers = _consumers(model)
+    consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
     new_nodes, replaced = [], 0
     moved: set[int] = set()
@@ -145,7 +145,7 @@ def fold_identity_residual(model: onnx.ModelProto) -> int:
     """``Add(Conv(x), x)`` -> ``Conv'(x)`` with the identity added to the centre tap; returns how many."""
     inits = _initializers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers = _consumers(model)
+    consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
     removed, folded = set(), 0
     for add in model.graph.node:

@@ -46,7 +46,7 @@ def remove_nodes(model: onnx.ModelProto, removed: set[int]) -> None:
         model.graph.node.extend(keep)
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+def consumer_map(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in model.graph.node:
         for name in node.input:
@@ -66,7 +66,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
     """Fold inference BatchNormalization into the Conv/ConvTranspose that feeds it (sole consumer only)."""
     inits = _initializers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers = _consumers(model)
+    consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
     removed, folded = set(), 0
     for bn in model.graph.node:
