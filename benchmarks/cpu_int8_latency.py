@@ -185,7 +185,7 @@ def stats(times: list[float]) -> dict:
 
 
 def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: int, threads: int | None,
-                runtimes: list[str], profile: bool) -> dict:
+                runtimes: list[str], profile: bool, only: list[str] | None = None) -> dict:
     x = np.random.default_rng(0).standard_normal((1, 1, patch, patch, patch)).astype(np.float32)
     variants = sorted(p.stem[len(name) + 1:] for p in directory.glob(f"{name}_*.onnx"))
     variants = ["fp32"] + [v for v in variants if v != "fp32"]
@@ -201,6 +201,7 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
                         (f"openvino-bf16-cl/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads, False, True))]
         if "onnxruntime" in runtimes:
             configs.append((f"onnxruntime/{variant}", lambda p=path: OrtRunner(p, threads)))
+        configs = [(key, make) for key, make in configs if not only or key.split("/")[0] in only]
         for key, make in configs:
             try:
                 runner = make()
@@ -219,7 +220,7 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
                 start = time.perf_counter()
                 runner(x)
                 times[key].append((time.perf_counter() - start) * 1e3)
-    result = {key: stats(t) for key, t in times.items()}
+    result = {key: {**stats(t), "times_ms": [round(v, 3) for v in t]} for key, t in times.items()}
     runtimes_seen = {key.split("/")[0] for key in result}
     ref = {rt: result.get(f"{rt}/fp32", {}).get("median_ms") for rt in runtimes_seen}
     # the fastest FP32 file (exported, or with the same exact rewrites as the INT8 file) per runtime configuration
@@ -239,6 +240,9 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
             row["best_fp32"] = best[runtime][1].split("/")[1]
             worst = result[best[runtime][1]]["p10_ms"] / row["p90_ms"]
             row["speedup_vs_best_fp32_p10_p90"] = worst
+            # rounds are interleaved, so round i of the FP32 and INT8 files saw the same machine state
+            paired = np.asarray(times[best[runtime][1]]) / np.asarray(times[key])
+            row["paired_speedup_p10"], row["paired_speedup_p90"] = (float(np.percentile(paired, q)) for q in (10, 90))
         bf16_fp32 = bf16.get(runtime, best.get("openvino-bf16-nocopy"))  # against bf16 FP32 of the same layout
         if runtime.startswith("openvino") and bf16_fp32:
             row["speedup_vs_openvino_bf16_fp32"] = bf16_fp32[0] / row["median_ms"]
@@ -260,14 +264,16 @@ def to_markdown(report: dict) -> str:
              f"- threads: {report.get('threads') or 'runtime latency default'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
              "| Model | Runtime (precision hint) | File | Median ms | p10-p90 | min-max | vs exported FP32 | "
-             "vs best FP32 (worst case p90/p10) | vs OpenVINO bf16 best FP32 |", "|---|---|---|---|---|---|---|---|---|"]
+             "vs best FP32 (worst case p90/p10; paired per-round p10-p90) | vs OpenVINO bf16 best FP32 |", "|---|---|---|---|---|---|---|---|---|"]
     for name, result in report["models"].items():
         for key, row in result["rows"].items():
             runtime, variant = key.split("/")
             own = row.get("speedup_vs_own_fp32")
             bf16 = row.get("speedup_vs_openvino_bf16_fp32")
             best = row.get("speedup_vs_best_fp32")
-            best_text = "-" if best is None else (f"{best:.2f}x ({row['speedup_vs_best_fp32_p10_p90']:.2f}x) "
+            paired = (f"; paired {row['paired_speedup_p10']:.2f}-{row['paired_speedup_p90']:.2f}x"
+                      if "paired_speedup_p10" in row else "")
+            best_text = "-" if best is None else (f"{best:.2f}x ({row['speedup_vs_best_fp32_p10_p90']:.2f}x{paired}) "
                                                   f"vs {row['best_fp32']}")
             lines.append(f"| {name} | {runtime} | {variant} | {row['median_ms']:.1f} | {row['p10_ms']:.1f}-"
                          f"{row['p90_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
@@ -296,6 +302,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="default: the runtime's latency default")
     parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
+    parser.add_argument("--configs", nargs="+", help="only these runtime configurations (e.g. openvino-f32-cl)")
     parser.add_argument("--export", action="store_true", help="export missing FP32 models first (needs monai)")
     parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters of INT8 files")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS),
@@ -314,7 +321,7 @@ def main() -> None:
               "threads": args.threads, "models": {}}
     for name in args.models:
         report["models"][name] = bench_model(args.dir, name, args.patch, args.repeats, args.warmup, args.threads,
-                                             args.runtimes, args.profile)
+                                             args.runtimes, args.profile, args.configs)
         for key, row in report["models"][name]["rows"].items():
             extra = "".join(f" {k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
             print(f"{name:10s} {key:28s} median {row['median_ms']:8.1f} ms  p10-p90 {row['p10_ms']:.1f}-"

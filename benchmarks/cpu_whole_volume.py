@@ -79,22 +79,45 @@ class MonaiBaseline:
         return labels_to_input_grid(labels, grid), self.seconds
 
 
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    flags = ", ".join(k for k, v in m["flags"].items() if v)
+    lines = [f"### Whole volume on the CPU: {' x '.join(map(str, reversed(report['volume_kji'])))} CT, "
+             f"{report['patch']}^3 UNet (BatchNorm or InstanceNorm per file), batch {report['batch']}, "
+             f"median of {report['repeats']} (min-max)", "",
+             f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}; file: {report.get('name', '')}",
+             "", "| Precision | Sliding window | Total s | min-max | Network s | Rest s | Labels equal |",
+             "|---|---|---|---|---|---|---|"]
+    for key, row in report["rows"].items():
+        precision, name = key.split("/")
+        label = "MONAI (before)" if name == "before" else "PTQLogic channels-last (after)"
+        lines.append(f"| {precision.upper()} | {label} | {row['total_s']:.2f} | {row['min_s']:.2f}-{row['max_s']:.2f} | "
+                     f"{row['network_s']:.2f} | {row['rest_s']:.2f} | {row['labels_equal_fraction']:.6f} |")
+    lines += ["", "Rest: preprocessing (orientation, 1.5 mm resampling, intensity), window extraction, blending, "
+              "argmax and resampling back. Labels equal: fraction of voxels with the same label before and after."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--dir", type=Path)
     parser.add_argument("--name", default="unet_bn")
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
     args = parser.parse_args()
+    if args.render:
+        print(to_markdown(json.loads(args.render.read_text())), end="")
+        return
 
     from PTQLogic.engines.openvino_engine import OpenVINOEngine
     from PTQLogic.inference import segment_volume
 
     spec, volume = make_spec(args.patch), synthetic_ct()
-    report = {"machine": machine(), "volume_kji": list(volume.array.shape), "patch": args.patch,
+    report = {"machine": machine(), "name": args.name, "volume_kji": list(volume.array.shape), "patch": args.patch,
               "batch": args.batch, "repeats": args.repeats, "rows": {}}
     for precision, variant in FILES.items():
         path = args.dir / f"{args.name}_{variant}.onnx"
@@ -123,6 +146,7 @@ def main() -> None:
                   flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(to_markdown(report))
 
 
 if __name__ == "__main__":
