@@ -8,7 +8,9 @@
 3. ``ptqseg benchmark`` of both folders on the CT with its mapped reference labels: size, latency with
    spread, whole-volume stages, Dice vs reference and FP32-vs-INT8 agreement per runtime;
 4. per-patch latency of the 96^3 UNet (batch and instance norm) and SegResNet, FP32 vs INT8 on OpenVINO
-   and ONNX Runtime (cpu_int8_latency.py), models exported and quantized here.
+   and ONNX Runtime (cpu_int8_latency.py), models exported and quantized here;
+5. whole-volume CPU time of both UNets on a 512x512x300 CT, the product's sliding window against MONAI's
+   (cpu_whole_volume.py).
 On a machine without ModelOpt, quantize elsewhere and run step 4 alone with cpu_int8_latency.py.
 """
 from __future__ import annotations
@@ -90,6 +92,9 @@ def main() -> None:
         quantize_latency_models(models, 96)
         run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--profile",
             "--out", str(args.out / "latency_96.json"))
+        for name in ("unet_bn", "unet_in"):  # whole volume: the product's sliding window vs MONAI's
+            run("benchmarks/cpu_whole_volume.py", "--dir", str(models), "--name", name, "--repeats", "3",
+                "--out", str(args.out / f"whole_volume_{name}.json"))
     print(json.dumps({"out": str(args.out)}))
 
 
