@@ -51,7 +51,7 @@ class VolumeWorker:
         if cpus:  # before any runtime starts its threads: they inherit the set (OpenVINO pins inside it)
             _restrict_to(cpus)
         import torch
-        from monai.inferers import sliding_window_inference  # noqa: F401 - imported now, not on the first volume
+        from monai.data.utils import compute_importance_map  # noqa: F401 - imported now, not on the first volume
 
         from ..pipeline import open_engine, open_model_dir
 

@@ -28,6 +28,8 @@ class EngineInfo:
 class Engine(Protocol):
     """Runs (N, C, D, H, W) float32 patches and returns (N, classes, D, H, W) float32 logits.
 
+    The logits may have any strides (OpenVINO's are channels-last in memory): do not assume contiguity.
+
     ``device`` is the torch device inputs should live on (TensorRT keeps them on the GPU); outputs
     come back on the same device. MONAI's ``sliding_window_inference`` can use an engine directly
     as its predictor.
