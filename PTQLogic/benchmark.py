@@ -136,7 +136,8 @@ def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, m
     monitor.update(STAGE, 0, predictor.total)
     with torch.inference_mode():
         labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
-                                           mode=spec.blend_mode, batch_size=batch_size)
+                                           mode=spec.blend_mode, batch_size=batch_size,
+                                           fixed_batch=bool(getattr(engine, "fixed_batch", False)))
         t3 = time.perf_counter()
         labels_ijk = labels_ijk.numpy().astype(np.uint8 if spec.num_classes <= 256 else np.uint16)
     labels = Volume(array=labels_to_input_grid(labels_ijk, grid), ijk_to_ras=grid.input_ijk_to_ras.copy())

@@ -71,7 +71,7 @@ class _CountingPredictor:
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         self.seconds += time.perf_counter() - started
-        self.patches += batch.shape[0]
+        self.patches = min(self.patches + batch.shape[0], self.total)  # padded windows are not counted
         self.monitor.update(STAGE, self.patches, self.total)
         return logits if self.native else logits.float()
 
@@ -99,7 +99,8 @@ def segment_volume(
     monitor.update(STAGE, 0, total)
     with torch.inference_mode():
         labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
-                                           mode=spec.blend_mode, batch_size=batch_size)
+                                           mode=spec.blend_mode, batch_size=batch_size,
+                                           fixed_batch=bool(getattr(engine, "fixed_batch", False)))
     dtype = np.uint8 if spec.num_classes <= 256 else np.uint16
     labels_ijk = labels_ijk.cpu().numpy().astype(dtype)
     labels_kji = labels_to_input_grid(labels_ijk, grid)

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError, ModelError
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, C_in, *roi) -> (B, classes, *roi), any strides
 
 
@@ -49,14 +51,19 @@ def sliding_window_labels(
     overlap: float = 0.25,
     mode: str = "gaussian",
     batch_size: int = 1,
+    fixed_batch: bool = False,
 ) -> torch.Tensor:
     """Argmax label map (``image``'s spatial shape) of the blended logits of windows over ``image`` (C, *spatial).
 
     ``predictor`` must hand back logits that stay valid until the next call at least (the blend reads them
-    once); images smaller than the window are zero-padded around it, as MONAI does.
+    once); images smaller than the window are zero-padded around it, as MONAI does. ``fixed_batch``: a last
+    partial batch is padded with empty windows, so the predictor sees one batch shape (engines compiled
+    per shape).
     """
     from monai.data.utils import compute_importance_map
 
+    if batch_size < 1:
+        raise InputError(f"Batch size must be >= 1, got {batch_size}.")
     spatial, roi_size = tuple(image.shape[1:]), tuple(int(r) for r in roi_size)
     image, pads = pad_to_roi(image, roi_size)
     size = tuple(image.shape[1:])
@@ -64,9 +71,16 @@ def sliding_window_labels(
     weight = compute_importance_map(roi_size, mode=mode, sigma_scale=0.125, device="cpu", dtype=torch.float32)
     weight = weight.reshape(*roi_size, 1)
     scores = torch.zeros(*size, num_classes, dtype=torch.float32)
+    batch_size = min(batch_size, len(slices))
     for start in range(0, len(slices), batch_size):
         group = slices[start:start + batch_size]
-        logits = predictor(torch.stack([image[(slice(None), *s)] for s in group]))
+        windows = [image[(slice(None), *s)] for s in group]
+        if fixed_batch:
+            windows += [torch.zeros_like(windows[0])] * (batch_size - len(group))
+        logits = predictor(torch.stack(windows))
+        expected = (len(windows), num_classes, *roi_size)
+        if tuple(logits.shape) != expected:
+            raise ModelError(f"The predictor returned logits of shape {tuple(logits.shape)}; expected {expected}.")
         for logit, s in zip(logits, group):
             scores[s].addcmul_(weight, logit.to(device="cpu", dtype=torch.float32).movedim(0, -1))
     crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, spatial))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from PTQLogic.errors import InputError, ModelError
 from PTQLogic.inference import count_windows
 from PTQLogic.sliding_window import sliding_window_labels, window_slices
 
@@ -72,12 +73,31 @@ def test_blending_weights_matter():
     assert (labels["gaussian"] == 0).sum() > (labels["constant"] == 0).sum() > 0
 
 
+def test_fixed_batch_pads_the_last_batch_and_bad_inputs_are_refused():
+    net = _Net(3).eval()
+    image = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 30, 20, 20)).astype(np.float32))
+    shapes = []
+
+    def predictor(x):
+        shapes.append(x.shape[0])
+        return net(x)
+
+    with torch.inference_mode():
+        plain = sliding_window_labels(image, net, (16, 16, 16), 3, batch_size=1)
+        padded = sliding_window_labels(image, predictor, (16, 16, 16), 3, batch_size=3, fixed_batch=True)
+        assert torch.equal(plain, padded)
+        assert len(shapes) > 1 and set(shapes) == {3}  # 8 windows: 3 + 3 + (2 padded to 3)
+        with pytest.raises(InputError, match="Batch size"):
+            sliding_window_labels(image, net, (16, 16, 16), 3, batch_size=0)
+        with pytest.raises(ModelError, match="expected"):
+            sliding_window_labels(image, net, (16, 16, 16), 4)  # the network has 3 classes
+
+
 def test_openvino_logits_are_channels_last_views_with_the_plain_values(tmp_path):
     pytest.importorskip("openvino")
     import openvino as ov
 
-    from PTQLogic.engines.openvino_engine import OpenVINOEngine
-    from PTQLogic.errors import InputError
+    from PTQLogic.engines.openvino_engine import MAX_SHAPES, OpenVINOEngine
 
     net = _Net(4).eval()
     path = tmp_path / "net.onnx"
@@ -94,5 +114,19 @@ def test_openvino_logits_are_channels_last_views_with_the_plain_values(tmp_path)
     engine.forward_transient(x[1:2])  # overwrites the transient buffer, not the fresh copy
     np.testing.assert_allclose(fresh.numpy(), expected[:1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(engine(x).numpy(), expected, rtol=1e-5, atol=1e-5)  # batch 3: compiled on demand
-    with pytest.raises(InputError, match="does not fit"):
+    with pytest.raises(ModelError, match="does not fit"):
         engine(torch.zeros(1, 2, 16, 16, 16))
+    # a sliding window with batch 3 over 8 windows compiles one more shape, not one per partial batch
+    image = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 30, 20, 20)).astype(np.float32))
+    before = set(engine._requests)
+    with torch.inference_mode():
+        labels = sliding_window_labels(image, engine.forward_transient, (16, 16, 16), 4, batch_size=3,
+                                       fixed_batch=engine.fixed_batch)
+        reference = sliding_window_labels(image, net, (16, 16, 16), 4)
+    assert (labels == reference).float().mean() > 0.999
+    assert set(engine._requests) == before  # (1, ...) and (3, ...) were compiled above
+    # least recently used shapes go first; the one in use stays
+    for n in (4, 5, 6, 3, 7):  # 3 is used again before 7 arrives: 4 is then the least recently used
+        engine(x[:1].repeat(n, 1, 1, 1, 1))
+    assert len(engine._requests) == MAX_SHAPES and (3, 1, 16, 16, 16) in engine._requests
+    assert (4, 1, 16, 16, 16) not in engine._requests

@@ -2,8 +2,9 @@
 
     python benchmarks/ort_profile.py models/unet_bn_fp32sub.onnx models/unet_bn_u8sub.onnx [--out table.md]
 
-Runs each file on a random 96^3 patch (2 warm-up runs, ``--runs`` profiled runs, intra-op spinning off as
-in cpu_int8_latency.py) and prints the median wall time and the mean kernel time per op type.
+Runs each file on a random 96^3 patch (2 warm-up runs, then ``--runs`` timed runs; intra-op spinning off as
+in cpu_int8_latency.py) and prints the median wall time of the timed runs and the kernel time per op type,
+averaged over all runs (ONNX Runtime's profiler also records the warm-ups).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .base import EngineInfo
 CONV_LAYER_TYPES = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul")
 INT8_PRECISIONS = ("i8", "u8")
 FLOAT_PRECISIONS = ("f32", "bf16")
-MAX_SHAPES = 4  # input shapes with a compiled request kept at once (windows, batches, a last partial batch)
+MAX_SHAPES = 4  # input shapes with a compiled request kept at once (the sliding window pads to one batch size)
 FLOAT_ENV = "PTQSEG_CPU_FLOAT"  # set by `ptqseg --cpu-float`, so Ray workers and Slicer's process inherit it
 
 
@@ -80,17 +80,19 @@ class OpenVINOEngine:
         config["INFERENCE_PRECISION_HINT"] = "f16" if precision == "fp16" else float_precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._ov, self._core, self._model, self._device_name, self._config = ov, core, model, device, config
+        self._ov, self._core, self._device_name, self._config = ov, core, device, config
         self._onnx_path = onnx_path
-        self._requests: dict[tuple[int, ...], tuple] = {}  # input shape -> (request, output, channels-last)
+        # input shape -> (request, output, channels-last), least recently used first
+        self._requests: dict[tuple[int, ...], tuple] = {}
         first = self._partial_shape
         if all(d.is_static for d in list(first)[1:]):
             first = ov.PartialShape([1] + list(first)[1:])  # the usual call: one window
-        self.compiled = self._compile(first)
+        self.compiled = self._compile(first, model)  # compiled now: a model OpenVINO cannot run fails here
         if first.is_static:
             self._requests[tuple(d.get_length() for d in first)] = self._bind(self.compiled, True)
         self.precision = precision
         self.device = torch.device("cpu")  # inputs and outputs live in host memory
+        self.fixed_batch = True  # a request per input shape: callers pad a last partial batch (one shape)
         self.info = EngineInfo(
             runtime="openvino",
             precision=precision,
@@ -110,16 +112,18 @@ class OpenVINOEngine:
             dims[2:] = [ov.Dimension(int(s)) for s in patch_size]
         return ov.PartialShape(dims)
 
-    def _compile(self, shape):
-        """Compile for ``shape``; a static shape gets channels-last logits (see ``_channels_last_output``)."""
-        model = self._model.clone()
-        model.reshape({model.inputs[0]: shape})
-        if shape.is_static:
-            model = self._channels_last_output(self._ov, model)
+    def _compile(self, shape, model=None):
+        """Compile for ``shape``; a static shape gets channels-last logits (see ``_channels_last_output``).
+        The model is read again for later shapes rather than kept: its weights would double the memory."""
         try:
+            model = model if model is not None else self._core.read_model(str(self._onnx_path))
+            model.reshape({model.inputs[0]: shape})
+            if shape.is_static:
+                model = self._channels_last_output(self._ov, model)
             return self._core.compile_model(model, self._device_name, self._config)
         except Exception as exc:
-            raise ModelError(f"OpenVINO cannot compile '{self._onnx_path}' for {self._device_name}: {exc}") from None
+            raise ModelError(f"OpenVINO cannot compile '{self._onnx_path}' for {self._device_name} "
+                             f"(input {shape}): {exc}") from None
 
     def _bind(self, compiled, channels_last: bool) -> tuple:
         return compiled.create_infer_request(), compiled.outputs[0], channels_last
@@ -135,15 +139,16 @@ class OpenVINOEngine:
         return ppp.build()
 
     def _request_for(self, shape: tuple[int, ...]) -> tuple:
-        """The request compiled for exactly this input shape (a few are kept; a new one compiles once)."""
-        bound = self._requests.get(shape)
+        """The request compiled for exactly this input shape; the least recently used of MAX_SHAPES goes."""
+        bound = self._requests.pop(shape, None)
         if bound is None:
             if not self._partial_shape.compatible(self._ov.PartialShape(list(shape))):
-                raise InputError(f"OpenVINO engine: input of shape {shape} does not fit the network's input "
-                                 f"{self._partial_shape}.")
+                raise ModelError(f"OpenVINO engine: a batch of shape {shape} does not fit the network's input "
+                                 f"{self._partial_shape}; check the spec's patch size and input channels.")
             if len(self._requests) >= MAX_SHAPES:
                 self._requests.pop(next(iter(self._requests)))
-            bound = self._requests[shape] = self._bind(self._compile(self._ov.PartialShape(list(shape))), True)
+            bound = self._bind(self._compile(self._ov.PartialShape(list(shape))), True)
+        self._requests[shape] = bound  # most recently used last
         return bound
 
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
