@@ -110,11 +110,12 @@ def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, m
     """Segment ``input_path`` like :func:`PTQLogic.inference.segment_volume`, timing each stage (seconds)."""
     from .imageio import read_volume, write_labelmap
     from .inference import STAGE, _CountingPredictor, count_windows
-    from .preprocess import labels_to_input_grid, to_network_space
+    from .preprocess import labels_to_input_grid, load_transforms, to_network_space
     from .sliding_window import sliding_window_labels
     from .volume import Volume
 
     stages: dict[str, float] = {}
+    load_transforms()
     t0 = time.perf_counter()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     t1 = time.perf_counter()
@@ -132,7 +133,10 @@ def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, m
     image, grid = to_network_space(volume, spec)
     t2 = time.perf_counter()
     roi_size = tuple(int(s) for s in spec.patch_size)
-    predictor = _CountingPredictor(engine, spec, count_windows(grid.shape, roi_size, spec.overlap), monitor)
+    total = count_windows(grid.shape, roi_size, spec.overlap)
+    if hasattr(engine, "prepare"):  # engines compiled per batch shape: compile it outside the timed calls
+        engine.prepare(min(batch_size, total))
+    predictor = _CountingPredictor(engine, spec, total, monitor)
     monitor.update(STAGE, 0, predictor.total)
     with torch.inference_mode():
         labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,

@@ -9,7 +9,7 @@ import torch
 
 from .engines.base import Engine
 from .errors import InputError, ModelError, PTQError
-from .preprocess import labels_to_input_grid, to_network_space
+from .preprocess import labels_to_input_grid, load_transforms, to_network_space
 from .progress import Monitor
 from .sliding_window import padded_size, sliding_window_labels, window_slices
 from .spec import ModelSpec
@@ -89,12 +89,15 @@ def segment_volume(
 
         return segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     monitor = monitor or Monitor()
+    load_transforms()
     started = time.perf_counter()
     if batch_size < 1:
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
     image, grid = to_network_space(volume, spec)
     roi_size = tuple(int(s) for s in spec.patch_size)
     total = count_windows(grid.shape, roi_size, spec.overlap)
+    if hasattr(engine, "prepare"):  # engines compiled per batch shape: compile it outside the timed calls
+        engine.prepare(min(batch_size, total))
     predictor = _CountingPredictor(engine, spec, total, monitor)
     monitor.update(STAGE, 0, total)
     with torch.inference_mode():

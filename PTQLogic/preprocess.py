@@ -103,6 +103,13 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     return orient_and_resample(torch.from_numpy(ijk), volume, spec)
 
 
+def load_transforms() -> None:
+    """Import MONAI's transforms now (about 2 s the first time in a process), so that the first volume's
+    timings measure segmentation, not library loading: callers run this before starting their clocks."""
+    import monai.data  # noqa: F401
+    import monai.transforms  # noqa: F401
+
+
 def orient_and_resample(ijk: torch.Tensor, volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
     """MONAI ``Orientation``/``Spacing`` of a (C, I, J, K) tensor on ``volume``'s grid, on the tensor's device."""
     from monai.data import MetaTensor

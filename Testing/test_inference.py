@@ -126,3 +126,32 @@ def test_real_ct_geometry_round_trip():
     truth = expected_classes(reference.array)
     agreement = (result.labels.array == truth).mean()
     assert agreement > 0.93, agreement  # measured 0.969 (2 mm network grid vs 3 mm input)
+
+
+class PerShapeEngine(ThresholdEngine):
+    """Like OpenVINOEngine: compiled per batch shape, so it asks for one shape and a prepare() before timing."""
+
+    fixed_batch = True
+
+    def __init__(self):
+        super().__init__()
+        self.events: list = []
+
+    def prepare(self, batch_size: int) -> None:
+        self.events.append(("prepare", batch_size))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.events.append(("call", batch.shape[0]))
+        return super().__call__(batch)
+
+
+def test_per_shape_engines_get_one_batch_shape_prepared_before_the_first_call():
+    volume = oblique_shells()
+    engine = PerShapeEngine()
+    result = segment_volume(volume, make_spec(spacing=(1.2, 1.2, 1.2)), engine, batch_size=3)
+    assert engine.events[0] == ("prepare", 3)
+    calls = [n for kind, n in engine.events[1:] if kind == "call"]
+    assert result.patches % 3 != 0 and set(calls) == {3}  # the last, partial batch was padded to 3
+    assert result.patches == 3 * len(calls) - (-result.patches % 3)  # padded windows are not counted
+    reference = segment_volume(volume, make_spec(spacing=(1.2, 1.2, 1.2)), ThresholdEngine(), batch_size=1)
+    assert np.array_equal(result.labels.array, reference.labels.array)

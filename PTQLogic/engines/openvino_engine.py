@@ -151,6 +151,12 @@ class OpenVINOEngine:
         self._requests[shape] = bound  # most recently used last
         return bound
 
+    def prepare(self, batch_size: int) -> None:
+        """Compile the request for batches of ``batch_size`` windows now, not inside the first timed call."""
+        dims = list(self._partial_shape)[1:]
+        if all(d.is_static for d in dims):
+            self._request_for((int(batch_size), *(d.get_length() for d in dims)))
+
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, C, D, H, W)-shaped view of the request's own channels-last output buffer."""
         array = batch.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -14,6 +14,7 @@ import torch
 
 from ..engines.base import Engine
 from ..errors import InputError
+from ..preprocess import load_transforms
 from ..progress import Monitor
 from ..spec import ModelSpec
 from ..volume import Volume
@@ -59,6 +60,7 @@ def segment_volume_resident(
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
     device = torch.device(engine.device)
     stages: dict[str, float] = {}
+    load_transforms()
     started = time.perf_counter()
     with torch.inference_mode():
         image, grid = to_network_space_on(volume, spec, device)
