@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nii/.nrrd/.seg.nrrd)")
     s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
     s.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
-    s.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
+    s.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="patches per network call (default: 4 for OpenVINO where their logits fit in 256 MB, else 1)")
     s.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES, default=None,
                    help="--runtime torch: torch.compile the network (GPU: ~1.9x faster per window, but the first "
                         "volume pays 10-25 s of compiling; 'reduce-overhead' also uses CUDA graphs)")

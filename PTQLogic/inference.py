@@ -32,6 +32,12 @@ def count_windows(image_shape: tuple[int, ...], roi_size: tuple[int, ...], overl
     return len(window_slices(padded_size(image_shape, roi_size), roi_size, overlap))
 
 
+def auto_batch_size(engine: Engine, spec: ModelSpec) -> int:
+    """The engine's preferred windows per call for ``spec`` (``engine.preferred_batch``), else 1."""
+    preferred = getattr(engine, "preferred_batch", None)
+    return max(1, int(preferred(spec.num_classes, spec.patch_size))) if preferred else 1
+
+
 def run_engine(engine: Engine, batch: torch.Tensor, spec: ModelSpec, method: str = "__call__") -> torch.Tensor:
     """``engine.<method>(batch)`` with one-line errors and the logits' shape checked against ``spec``."""
     try:
@@ -80,10 +86,14 @@ def segment_volume(
     volume: Volume,
     spec: ModelSpec,
     engine: Engine,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     monitor: Monitor | None = None,
 ) -> SegmentationResult:
-    """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid."""
+    """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid.
+
+    ``batch_size``: windows per engine call; None lets the engine choose (:func:`auto_batch_size`).
+    """
+    batch_size = auto_batch_size(engine, spec) if batch_size is None else batch_size
     if torch.device(engine.device).type == "cuda":  # GPU engines: the whole pipeline stays on the GPU
         from .resident import segment_volume_resident
 

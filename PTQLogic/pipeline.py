@@ -383,7 +383,7 @@ def segment(
     *,
     runtime: str = "auto",
     precision: str = "int8",
-    batch_size: int = 1,
+    batch_size: int | None = None,
     compare: bool = False,
     reference: str | Path | None = None,
     device: str | None = None,
@@ -441,7 +441,7 @@ def segment(
         ref_volume, note = ref_volume.aligned_to(volume, f"Reference '{reference}'")
         warnings += [note] if note else []
     started = time.perf_counter()
-    engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size, monitor=monitor,
+    engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size or 1, monitor=monitor,
                                  torch_compile=torch_compile)
     build_seconds = time.perf_counter() - started
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
@@ -449,7 +449,7 @@ def segment(
     agreement = fp32_result = None
     if compare and precision != "fp32":
         fp32_engine, _ = open_engine(
-            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size, monitor=monitor,
+            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size or 1, monitor=monitor,
             torch_compile=torch_compile,
         )
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)

@@ -140,6 +140,9 @@ class PerShapeEngine(ThresholdEngine):
     def prepare(self, batch_size: int) -> None:
         self.events.append(("prepare", batch_size))
 
+    def preferred_batch(self, num_classes: int, patch_size) -> int:
+        return 2 if num_classes == 3 and tuple(patch_size) == (16, 16, 16) else 1
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.events.append(("call", batch.shape[0]))
         return super().__call__(batch)
@@ -155,3 +158,13 @@ def test_per_shape_engines_get_one_batch_shape_prepared_before_the_first_call():
     assert result.patches == 3 * len(calls) - (-result.patches % 3)  # padded windows are not counted
     reference = segment_volume(volume, make_spec(spacing=(1.2, 1.2, 1.2)), ThresholdEngine(), batch_size=1)
     assert np.array_equal(result.labels.array, reference.labels.array)
+
+
+def test_batch_size_left_open_is_the_engines_choice():
+    engine = PerShapeEngine()
+    result = segment_volume(oblique_shells(), make_spec(spacing=(1.2, 1.2, 1.2)), engine)
+    assert engine.events[0] == ("prepare", 2)
+    assert {n for kind, n in engine.events if kind == "call"} == {2} and result.patches > 2
+    plain = ThresholdEngine()  # no preference: one window per call
+    segment_volume(oblique_shells(), make_spec(spacing=(1.2, 1.2, 1.2)), plain)
+    assert plain.calls == result.patches

@@ -104,6 +104,9 @@ def test_openvino_logits_are_channels_last_views_with_the_plain_values(tmp_path)
     torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False)
     engine = OpenVINOEngine(path, "fp32", patch_size=(16, 16, 16))
+    # windows per call when left open: 4 while their logits fit in 256 MB
+    assert engine.preferred_batch(4, (16, 16, 16)) == 4 and engine.preferred_batch(14, (96, 96, 96)) == 4
+    assert engine.preferred_batch(105, (128, 128, 128)) == 1 and engine.preferred_batch(105, (64, 64, 64)) == 2
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 1, 16, 16, 16)).astype(np.float32))
     plain = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected = plain({0: x.numpy()})[0]
@@ -130,3 +133,30 @@ def test_openvino_logits_are_channels_last_views_with_the_plain_values(tmp_path)
         engine(x[:1].repeat(n, 1, 1, 1, 1))
     assert len(engine._requests) == MAX_SHAPES and (3, 1, 16, 16, 16) in engine._requests
     assert (4, 1, 16, 16, 16) not in engine._requests
+
+
+def test_processes_sharing_an_openvino_cache_compile_one_at_a_time(tmp_path):
+    """Engines built into one cache compile one at a time (OpenVINO maps cache blobs into memory: a process
+    rewriting a blob another has mapped crashed it with SIGBUS, seen with three processes on one fresh cache)."""
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+    import time
+
+    from filelock import FileLock
+
+    net = _Net(4).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(path), input_names=["input"], output_names=["logits"],
+                      opset_version=17, dynamo=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    code = ("import sys; from PTQLogic.engines.openvino_engine import OpenVINOEngine as E; "
+            "e = E(sys.argv[1], 'fp32', cache_dir=sys.argv[2], patch_size=(16, 16, 16)); print('built')")
+    with FileLock(str(cache / ".openvino-compile.lock")):  # another process is compiling into this cache
+        run = subprocess.Popen([sys.executable, "-c", code, str(path), str(cache)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        time.sleep(8)  # ample for this engine to build (about 2 s here), were it not waiting
+        assert run.poll() is None, run.communicate()[0]
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0 and out.strip().endswith("built"), out

@@ -74,14 +74,18 @@ class VolumeWorker:
         self.scratch = Path(tempfile.mkdtemp(prefix="ptqseg-volumes-", dir=parent))
 
     def _warm_up(self) -> None:
-        """Load the readers and run one window now, so the first volume costs what every later one does."""
+        """Load the readers and transforms and run one batch of windows now, so the first volume costs what
+        every later one does."""
         import torch
 
         from ..imageio import _sitk, read_volume, write_labelmap  # noqa: F401
-        from ..inference import segment_volume  # noqa: F401
+        from ..inference import auto_batch_size
+        from ..preprocess import load_transforms
 
         _sitk()
-        self.engine(torch.zeros(1, self.spec.in_channels, *self.spec.patch_size, device=self.engine.device))
+        load_transforms()
+        batch = auto_batch_size(self.engine, self.spec)  # the batch shape segment_volume will use
+        self.engine(torch.zeros(batch, self.spec.in_channels, *self.spec.patch_size, device=self.engine.device))
 
     def pid(self) -> int:
         return os.getpid()
