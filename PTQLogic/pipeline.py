@@ -444,6 +444,10 @@ def segment(
     engine, reason = open_engine(model_dir, runtime, precision, device=device, batch_size=batch_size or 1, monitor=monitor,
                                  torch_compile=torch_compile)
     build_seconds = time.perf_counter() - started
+    if engine.info.precision == "int8" and getattr(engine.device, "type", str(engine.device)) == "cpu":
+        from .sysinfo import cpu_int8_note
+
+        warnings += [note for note in (cpu_int8_note(),) if note]
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     labels = list(range(1, spec.num_classes))
     agreement = fp32_result = None

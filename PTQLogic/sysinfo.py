@@ -166,3 +166,20 @@ def system_info() -> dict[str, Any]:
         "cuda": getattr(getattr(torch_mod, "version", None), "cuda", None),
         "versions": versions,
     }
+
+
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot-product instructions
+_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")  # ONEDNN_MAX_CPU_ISA values below VNNI
+
+
+def cpu_int8_note() -> str | None:
+    """A note for INT8 on this CPU when it has no int8 dot-product instructions (VNNI, AMX), where INT8 is
+    not faster than FP32 for most networks (measured with OpenVINO, kernels capped to AVX2)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    flags = _cpu_info()["flags"]
+    if cap not in _CAPS_WITHOUT_INT8_DOT and (any(flags[f] is None for f in INT8_DOT_FLAGS)
+                                              or any(flags[f] for f in INT8_DOT_FLAGS)):
+        return None
+    return ("This CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): INT8 runs about as "
+            "fast as FP32 here (0.9-1.0x for 96^3 UNets, 1.7x for a SegResNet, measured); the INT8 file is "
+            "still about 3.7x smaller.")

@@ -66,3 +66,16 @@ def test_gpus_follow_torch_cuda():
     assert isinstance(gpus, list) and len(gpus) == torch.cuda.device_count()
     for gpu in gpus:
         assert gpu["name"] and gpu["memory_bytes"] > 0 and "." in gpu["compute_capability"]
+
+
+def test_int8_note_on_cpus_without_int8_dot_products(monkeypatch):
+    from PTQLogic.sysinfo import INT8_DOT_FLAGS, _cpu_info, cpu_int8_note
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # OpenVINO's kernels capped below VNNI: as such a CPU
+    assert "no int8 dot-product instructions" in cpu_int8_note()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    flags = _cpu_info()["flags"]
+    if any(flags[f] for f in INT8_DOT_FLAGS):
+        assert cpu_int8_note() is None
+    elif all(flags[f] is False for f in INT8_DOT_FLAGS):
+        assert cpu_int8_note() is not None
