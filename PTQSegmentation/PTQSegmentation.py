@@ -290,7 +290,10 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = support.parse_result("\n".join(job.stdout_lines))
                 self.ui.logTextEdit.appendPlainText("\n".join(job.stdout_lines))
                 onFinished(result)
-                self.ui.statusLabel.text = _("Done.")
+                notes = result.get("warnings") or []
+                for note in notes:  # e.g. INT8 on a CPU without VNNI/AMX, a reference resampled to the input
+                    self.ui.logTextEdit.appendPlainText(_("Note: ") + note)
+                self.ui.statusLabel.text = _("Done; see the notes in the log.") if notes else _("Done.")
                 self.ui.progressBar.value = 100
         except Exception as error:  # a failed import into the scene must not kill the timer callback silently
             self.showError(str(error))
