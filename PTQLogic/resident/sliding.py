@@ -14,10 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..sliding_window import pad_to_roi
+from ..sliding_window import Predictor, pad_to_roi
 from ..sliding_window import window_slices as monai_windows
-
-Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def window_slices(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> list[tuple[slice, ...]]:
