@@ -50,15 +50,25 @@ class _Up(torch.nn.Module):
     (3, 4, 2, 1, 0, True, False),
     (2, 3, 3, 0, 0, True, True),    # stride 3, 2D
 ])
-def test_subpixel_rewrite_is_exact(tmp_path, dims, kernel, stride, pad, out_pad, bias, act):
+@pytest.mark.parametrize("shuffle", ["steps", "depth_to_space"])
+def test_subpixel_rewrite_is_exact(tmp_path, dims, kernel, stride, pad, out_pad, bias, act, shuffle):
     torch.manual_seed(0)
     cls = torch.nn.ConvTranspose3d if dims == 3 else torch.nn.ConvTranspose2d
     net = _Up(cls(6, 5, kernel, stride, pad, out_pad, bias=bias), act)
     shape = (1, 6) + (7,) * dims
     model = onnx.load(str(_export(net, shape, tmp_path / "up.onnx")))
-    assert convtranspose_to_subpixel(model) == 1
+    assert convtranspose_to_subpixel(model, shuffle) == 1
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["ConvTranspose"] == 0 and ops["Conv"] == 1 and ops["Transpose"] == 1
+    assert ops["ConvTranspose"] == 0 and ops["Conv"] == 1
+    if shuffle == "depth_to_space":  # float: DepthToSpace, and in 3D one block transpose
+        assert ops["DepthToSpace"] == 1 and ops["Transpose"] == dims - 2
+    else:
+        assert ops["Transpose"] == dims
+    for node in model.graph.node:  # each shuffle step moves one axis (ONNX Runtime's fast transpose path)
+        if node.op_type == "Transpose" and shuffle == "steps":
+            perm = list(onnx.helper.get_attribute_value(node.attribute[0]))
+            moved = perm.index(1)
+            assert perm[:moved] + perm[moved + 1:] == sorted(set(perm) - {1}) and moved > 1
     if act:  # the activation now sits between the Conv and the shuffle, so runtimes fuse it to the Conv
         conv_out = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
         assert next(n for n in model.graph.node if conv_out in n.input).op_type == "LeakyRelu"
@@ -144,25 +154,35 @@ def _calibration(n: int) -> np.ndarray:
     return np.random.default_rng(3).uniform(0, 1, (n, 1, 16, 16, 16)).astype(np.float32)
 
 
-def test_onnx_runtime_preset_fuses_every_conv_but_the_float_output_one(unet_onnx, tmp_path):
+def test_onnx_runtime_preset_fuses_every_conv_it_runs_faster_in_int8(unet_onnx, tmp_path):
     """u8 activations + sub-pixel: ONNX Runtime runs QLinearConv for every conv (s8 activations leave the
-    convs whose input also feeds a residual branch in float), and no ConvTranspose is left."""
+    convs whose input also feeds a residual branch in float), and no ConvTranspose is left; the convs it
+    runs faster in float (1-channel input, the logits conv) stay float, with no Q/DQ in front of them."""
     x = _calibration(1)
     reference = _ort(unet_onnx, x)
-    fused = {}
+    fused, reports = {}, {}
     for name, kwargs in (("s8", {"activations": "s8", "subpixel": False}),
-                         ("u8sub", {"activations": "u8", "subpixel": True})):
+                         ("u8sub", {"activations": "u8", "subpixel": True}),
+                         ("u8all", {"activations": "u8", "subpixel": True, "ort_float": False})):
         out = tmp_path / f"{name}.onnx"
-        report = quantize_cpu(unet_onnx, _calibration(4), out, **kwargs)
+        reports[name] = report = quantize_cpu(unet_onnx, _calibration(4), out, **kwargs)
         assert report.rewrites["identity_residual_folded"] == 1
         optimized = tmp_path / f"{name}.opt.onnx"
         int8 = _ort(out, x, optimized)
         assert np.mean(int8.argmax(1) == reference.argmax(1)) > 0.9
-        ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
-        fused[name] = ops
-    assert fused["u8sub"]["ConvTranspose"] == 0 and fused["u8sub"]["Conv"] == 1  # only the float-logits conv
+        fused[name] = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        if name == "u8sub":
+            model = onnx.load(str(out))
+            producer = {o: n.op_type for n in model.graph.node for o in n.output}
+            float_convs = [n for n in model.graph.node if n.name in report.float_convs]
+            assert len(float_convs) == 3 and all(producer.get(n.input[0]) != "DequantizeLinear" for n in float_convs)
+    assert reports["s8"].float_convs == () and reports["u8all"].float_convs == ()
+    # the two convs reading the 1-channel input, and the logits conv:
+    assert fused["u8sub"]["ConvTranspose"] == 0 and fused["u8sub"]["Conv"] == 3
+    assert fused["u8all"]["Conv"] == 1  # every conv quantized, only the float-logits one left
     assert fused["s8"]["Conv"] > 1
-    assert fused["u8sub"]["QLinearConv"] > fused["s8"]["QLinearConv"]
+    assert fused["u8all"]["QLinearConv"] > fused["s8"]["QLinearConv"]
+    assert fused["u8sub"]["QLinearConv"] == fused["u8all"]["QLinearConv"] - 2
 
 
 def test_subpixel_placement_quantizes_only_the_shuffle_reshapes(tmp_path):
@@ -170,16 +190,16 @@ def test_subpixel_placement_quantizes_only_the_shuffle_reshapes(tmp_path):
     class UpThenFlatten(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.up = torch.nn.ConvTranspose3d(1, 4, 3, 2, 1, 1)
+            self.up = torch.nn.ConvTranspose3d(4, 4, 3, 2, 1, 1)  # 4 input channels: ONNX Runtime's preset quantizes it
             self.head = torch.nn.Conv3d(4, 2, 1)
 
         def forward(self, x):
             y = self.head(torch.relu(self.up(x)))
             return y.reshape(y.shape[0], 2, -1).transpose(1, 2).reshape(y.shape)
 
-    path = _export(UpThenFlatten(), (1, 1, 6, 6, 6), tmp_path / "flat.onnx")
+    path = _export(UpThenFlatten(), (1, 4, 6, 6, 6), tmp_path / "flat.onnx")
     out = tmp_path / "flat_int8.onnx"
-    quantize_cpu(path, np.random.default_rng(5).uniform(0, 1, (2, 1, 6, 6, 6)).astype(np.float32), out,
+    quantize_cpu(path, np.random.default_rng(5).uniform(0, 1, (2, 4, 6, 6, 6)).astype(np.float32), out,
                  activations="u8", subpixel=True)
     model = onnx.load(str(out))
     consumers: dict[str, list[str]] = {}
@@ -189,7 +209,7 @@ def test_subpixel_placement_quantizes_only_the_shuffle_reshapes(tmp_path):
     moved = [n for n in model.graph.node if n.op_type in ("Reshape", "Transpose")]
     shuffle = [n for n in moved if "_subpixel_" in n.name]
     others = [n for n in moved if "_subpixel_" not in n.name]
-    assert len(shuffle) == 3 and len(others) >= 3
+    assert len(shuffle) == 7 and len(others) >= 3  # 4 reshapes, 3 single-axis transposes
     assert all(consumers.get(n.output[0]) == ["QuantizeLinear"] for n in shuffle)  # int8 through the shuffle
     assert not any("QuantizeLinear" in consumers.get(n.output[0], []) for n in others)  # the rest stays float
 

@@ -29,7 +29,7 @@ def _cpu_fp32_graph(onnx_path: Path) -> tuple[str | bytes, int]:
         model = onnx.load(str(onnx_path))
         if not any(node.op_type == "ConvTranspose" for node in model.graph.node):
             return str(onnx_path), 0
-        counts = prepare_for_int8(model, fold_residual=True, subpixel=True)
+        counts = prepare_for_int8(model, fold_residual=True, subpixel=True, shuffle="depth_to_space")
         if not counts.get("convtranspose_to_subpixel"):
             return str(onnx_path), 0
         drop_unused_initializers(model)

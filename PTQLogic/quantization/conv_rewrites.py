@@ -3,7 +3,7 @@
 - **ConvTranspose -> sub-pixel Conv.** A transposed convolution with stride ``s`` whose output is exactly
   ``s`` times its input (``kernel + output_padding - 2 * pad == s`` per axis, MONAI's and nnU-Net's
   up-sampling layers) equals a plain convolution producing ``s^d`` times the channels, one group per
-  output phase, followed by a pixel shuffle (``Reshape -> Transpose -> Reshape``). ONNX Runtime's 3D
+  output phase, followed by a pixel shuffle (``Reshape``/``Transpose`` steps). ONNX Runtime's 3D
   ConvTranspose is a slow reference loop (two thirds of a MONAI UNet's time) and has no INT8 kernel;
   a Conv has both. A ``LeakyRelu``/``Relu`` right after it moves in front of the shuffle so it stays
   fused to the convolution.
@@ -67,8 +67,72 @@ def _subpixel_weight(weight: np.ndarray, stride: int, kernel: int, pad: int, dim
     return out.reshape(cout * stride ** dims, cin, *(size,) * dims), lo, hi
 
 
-def convtranspose_to_subpixel(model: onnx.ModelProto) -> int:
-    """Replace eligible ConvTranspose nodes by Conv + pixel shuffle; returns how many were replaced."""
+SHUFFLES = ("steps", "depth_to_space")
+
+
+def _shape(model: onnx.ModelProto, name: str, shape: list[int]) -> str:
+    _set_initializer(model, name, np.array(shape, dtype=np.int64))
+    return name
+
+
+def _depth_to_space_shuffle(model: onnx.ModelProto, base: str, source: str, out: str, channels: int, stride: int,
+                            spatial: list[int]) -> list[onnx.NodeProto]:
+    """The float pixel shuffle: ``DepthToSpace`` interleaves the last two phases (over depth x height merged,
+    which keeps each depth slice's rows together), a block transpose moves the depth phase in behind depth.
+    Float32, 14 x 96^3, 2 cores: 38 ms, against 56 ms as single-axis steps and 73 ms as one transpose."""
+    s, nodes = stride, []
+    if len(spatial) == 2:
+        return [helper.make_node("DepthToSpace", [source], [out], blocksize=s, mode="CRD", name=f"{base}_subpixel_d2s")]
+    d, h, w = spatial
+    names = [f"{base}_subpixel_{k}" for k in ("r0", "d2s", "r1", "t")]
+    nodes.append(helper.make_node("Reshape", [source, _shape(model, f"{base}_subpixel_shape0", [-1, s * s, d * h, w])],
+                                  [names[0]], name=f"{base}_subpixel_reshape0"))
+    nodes.append(helper.make_node("DepthToSpace", [names[0]], [names[1]], blocksize=s, mode="CRD",
+                                  name=f"{base}_subpixel_d2s"))
+    nodes.append(helper.make_node("Reshape", [names[1], _shape(model, f"{base}_subpixel_shape1", [-1, s, d, s * s * h * w])],
+                                  [names[2]], name=f"{base}_subpixel_reshape1"))
+    nodes.append(helper.make_node("Transpose", [names[2]], [names[3]], perm=[0, 2, 1, 3], name=f"{base}_subpixel_transpose"))
+    nodes.append(helper.make_node("Reshape", [names[3], _shape(model, f"{base}_subpixel_shape2", [-1, channels, s * d, s * h, s * w])],
+                                  [out], name=f"{base}_subpixel_reshape2"))
+    return nodes
+
+
+def _pixel_shuffle(model: onnx.ModelProto, base: str, source: str, out: str, channels: int, stride: int,
+                   spatial: list[int]) -> list[onnx.NodeProto]:
+    """[N, C * s^d, n..] (phase-minor channels) -> [N, C, s * n..] as one single-axis move per spatial axis.
+
+    Each step moves the leading phase axis in behind its spatial axis, the move ONNX Runtime's Transpose
+    has a fast path for on 8-bit data (one 2d-axis permutation ran 52 ms on uint8 for 14 x 96^3, these
+    steps 12 ms on 2 cores); a Reshape between steps merges the axes just interleaved, so the steps are
+    not recombined.
+    """
+    dims = len(spatial)
+    nodes, current = [], source
+    for k in range(dims + 1):
+        shape = [-1] + [stride] * (dims - k) + [stride * n for n in spatial[:k]] + spatial[k:]
+        if k == dims:
+            shape = [-1, channels] + [stride * n for n in spatial]
+        name = f"{base}_subpixel_shape{k}"
+        _set_initializer(model, name, np.array(shape, dtype=np.int64))
+        reshaped = out if k == dims else f"{base}_subpixel_r{k}"
+        nodes.append(helper.make_node("Reshape", [current, name], [reshaped], name=f"{base}_subpixel_reshape{k}"))
+        if k == dims:
+            break
+        rank = len(shape)  # move axis 1 (this phase) in behind its spatial axis, at index dims + 1
+        perm = [0] + list(range(2, dims + 2)) + [1] + list(range(dims + 2, rank))
+        current = f"{base}_subpixel_t{k}"
+        nodes.append(helper.make_node("Transpose", [reshaped], [current], perm=perm,
+                                      name=f"{base}_subpixel_transpose{k}"))
+    return nodes
+
+
+def convtranspose_to_subpixel(model: onnx.ModelProto, shuffle: str = "steps") -> int:
+    """Replace eligible ConvTranspose nodes by Conv + pixel shuffle; returns how many were replaced.
+
+    ``shuffle``: ``"steps"`` (single-axis transposes, fastest on 8-bit data: for INT8 graphs) or
+    ``"depth_to_space"`` (fastest in float on ONNX Runtime, 2D and 3D; other ranks use steps)."""
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
     inits = _initializers(model)
     shapes = _static_shapes(model)
     consumers = consumer_map(model)
@@ -120,20 +184,8 @@ def convtranspose_to_subpixel(model: onnx.ModelProto) -> int:
                                               **{a.name: helper.get_attribute_value(a) for a in act.attribute}))
             moved.add(id(act))
             out = act.output[0]
-        split = np.array([0, cout] + [s] * dims + spatial, dtype=np.int64)
-        merged = np.array([0, cout] + [s * n for n in spatial], dtype=np.int64)
-        _set_initializer(model, f"{base}_subpixel_split", split)
-        _set_initializer(model, f"{base}_subpixel_merged", merged)
-        # [N, C, s.., n..] -> [N, C, n0, s, n1, s, ...]
-        perm = [0, 1] + [v for k in range(dims) for v in (2 + dims + k, 2 + k)]
-        new_nodes += [
-            helper.make_node("Reshape", [shuffle_in, f"{base}_subpixel_split"], [f"{base}_subpixel_6d"],
-                             name=f"{base}_subpixel_split"),
-            helper.make_node("Transpose", [f"{base}_subpixel_6d"], [f"{base}_subpixel_perm"], perm=perm,
-                             name=f"{base}_subpixel_transpose"),
-            helper.make_node("Reshape", [f"{base}_subpixel_perm", f"{base}_subpixel_merged"], [out],
-                             name=f"{base}_subpixel_merge"),
-        ]
+        make = _depth_to_space_shuffle if shuffle == "depth_to_space" and dims in (2, 3) else _pixel_shuffle
+        new_nodes += make(model, base, shuffle_in, out, cout, s, spatial)
         replaced += 1
     if replaced:
         del model.graph.node[:]

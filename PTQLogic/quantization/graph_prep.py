@@ -128,8 +128,10 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
     return changed
 
 
-def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, subpixel: bool = False) -> dict[str, int]:
-    """Apply the rewrites in place (``conv_rewrites``' two on request); returns how many of each were made."""
+def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, subpixel: bool = False,
+                     shuffle: str = "steps") -> dict[str, int]:
+    """Apply the rewrites in place (``conv_rewrites``' two on request; ``shuffle``: the sub-pixel shuffle's form,
+    ``"depth_to_space"`` for graphs that stay float); returns how many of each were made."""
     from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
 
     counts = {"identities_bypassed": bypass_identities(model)}
@@ -138,7 +140,7 @@ def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, sub
     if fold_residual:
         counts["identity_residual_folded"] = fold_identity_residual(model)
     if subpixel:
-        counts["convtranspose_to_subpixel"] = convtranspose_to_subpixel(model)
+        counts["convtranspose_to_subpixel"] = convtranspose_to_subpixel(model, shuffle)
     drop_unused_initializers(model)
     return counts
 

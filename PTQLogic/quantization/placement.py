@@ -53,6 +53,7 @@ class PlacementReport:
     rewrites: dict[str, int]
     op_types: tuple[str, ...]
     float_outputs: tuple[str, ...]  # network outputs whose trailing Q/DQ was removed (float logits)
+    float_convs: tuple[str, ...] = ()  # convs left in float because the target runtime runs them faster so
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +84,29 @@ def strip_output_qdq(model) -> list[str]:
         stripped.append(output.name)
     remove_nodes(model, removed)
     return stripped
+
+
+def strip_float_input_qdq(model, float_nodes: list[str]) -> int:
+    """Remove the ``Q -> DQ`` pair in front of nodes kept in float when nothing else reads it: a runtime
+    would round the values to 8 bits and convert them back for nothing. Returns how many were removed."""
+    from .graph_prep import consumer_map, remove_nodes
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = consumer_map(model)
+    outputs = {o.name for o in model.graph.output}
+    removed = set()
+    for node in (n for n in model.graph.node if n.name in set(float_nodes)):
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(name, [])) != 1 or name in outputs:
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+                continue
+            node.input[index] = q.input[0]
+            removed.update((id(q), id(dq)))
+    remove_nodes(model, removed)
+    return len(removed) // 2
 
 
 NORMALIZATIONS = ("InstanceNormalization", "BatchNormalization", "LayerNormalization", "GroupNormalization")
@@ -191,8 +215,33 @@ def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types:
     )
 
 
+ORT_FLOAT_MAX_INPUT_CHANNELS = 3
+
+
+def ort_float_convs(model) -> list[str]:
+    """Convs that ONNX Runtime's CPU kernels run faster in float than as ``QLinearConv`` (measured, 2 cores):
+
+    - those reading at most 3 channels (a network's first layers: 1->16 at 96^3 -> 48^3 took 28 ms as
+      QLinearConv against 2.6 ms in float);
+    - those writing a network output: the logits stay float, and ONNX Runtime fuses a conv into int8 only
+      with an 8-bit output, so ``DQ -> Conv`` runs in float anyway; without Q/DQ in front it skips a
+      full-resolution quantize and dequantize (and quantizing the logits made that conv 3.8x slower).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    chosen = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits or len(inits[node.input[1]].dims) < 3:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if inits[node.input[1]].dims[1] * group <= ORT_FLOAT_MAX_INPUT_CHANNELS or node.output[0] in outputs:
+            chosen.append(node.name)
+    return chosen
+
+
 def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path: Path, op_types: tuple[str, ...],
-               activations: str, method: str, on_batch: Callable[[int, int], None] | None) -> None:
+               activations: str, method: str, on_batch: Callable[[int, int], None] | None,
+               float_nodes: list[str] = ()) -> None:
     """Quantize in a child process: ModelOpt monkey-patches ONNX Runtime's calibrators process-wide, which
     breaks a plain ``quantize_static`` run later in the same process (tests, Slicer)."""
     calib_path = workdir / "calibration.npy"
@@ -204,7 +253,8 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
     exclude_path = workdir / "exclude.json"
     exclude_path.write_text(json.dumps([n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                                        if n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]))
+                                        if n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]
+                                       + list(float_nodes)))
     command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
                ",".join(op_types), activations, method, str(exclude_path)]
     tail: list[str] = []
@@ -230,10 +280,12 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max", fold_residual: bool = True,
-                 subpixel: bool = False, on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
+                 subpixel: bool = False, ort_float: bool | None = None, on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
+    ``ort_float`` (default: with ``u8`` activations, the ONNX Runtime preset) leaves :func:`ort_float_convs`
+    in float.
     """
     import onnx
 
@@ -252,18 +304,20 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     try:
         prepared = workdir / "prepared.onnx"
         onnx.save(model, str(prepared))
+        float_convs = ort_float_convs(model) if (activations == "u8" if ort_float is None else ort_float) else []
         _run_child(workdir, prepared, np.ascontiguousarray(calibration, dtype=np.float32), out_path, op_types,
-                   activations, method, on_batch)
+                   activations, method, on_batch, float_convs)
         quantized = onnx.load(str(out_path))
         stripped = strip_output_qdq(quantized)
         fused = fuse_norm_activation(quantized)
-        if stripped or fused:
+        unrounded = strip_float_input_qdq(quantized, float_convs)
+        if stripped or fused or unrounded:
             drop_unused_initializers(quantized)
             onnx.save(quantized, str(out_path))
-        rewrites = {**rewrites, "norm_activation_fused": len(fused)}
+        rewrites = {**rewrites, "norm_activation_fused": len(fused), "float_input_qdq_removed": unrounded}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped))
+    return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped), tuple(float_convs))
 
 
 if __name__ == "__main__":  # the child process of _run_child
