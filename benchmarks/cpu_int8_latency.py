@@ -69,12 +69,14 @@ def export(directory: Path, patch: int) -> None:
 # FP32 and INT8 files built by --variants (PTQLogic + ONNX Runtime's quantizer; no ModelOpt needed):
 VARIANTS = {
     "fp32rw": ("fp32", {"fold_residual": True}),  # the FP32 graph with the exact CPU rewrites (fair baseline)
-    "fp32sub": ("fp32", {"fold_residual": True, "subpixel": True}),
+    "fp32sub": ("fp32", {"fold_residual": True, "subpixel": True, "shuffle": "depth_to_space"}),  # ORT's FP32 engine
     "cpus8": ("int8", {"activations": "s8", "fold_residual": False}),  # the CPU placement before the rewrites
     "s8res": ("int8", {"activations": "s8", "fold_residual": True}),  # --placement cpu (OpenVINO default)
     "u8sub": ("int8", {"activations": "u8", "fold_residual": True, "subpixel": True}),  # --activations u8 --subpixel
+    # the ONNX Runtime preset before its float convs (first layer, logits conv) were left in float:
+    "u8subq": ("int8", {"activations": "u8", "fold_residual": True, "subpixel": True, "ort_float": False}),
 }
-ORT_ONLY = ("fp32sub", "u8sub")  # the sub-pixel shuffle is for ONNX Runtime; it slows OpenVINO
+ORT_ONLY = ("fp32sub", "u8sub", "u8subq")  # the sub-pixel shuffle is for ONNX Runtime; it slows OpenVINO
 
 
 def make_variants(directory: Path, names: list[str], patch: int, variants: list[str]) -> None:
@@ -283,9 +285,10 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {name} | {key} | error: {error} | | | | | |")
     lines += ["", "File: fp32 = exported FP32 ONNX; fp32rw/fp32sub = the same FP32 graph with the exact rewrites of "
               "the INT8 files (BatchNorm/PReLU folding, identity residual folded into the output conv; fp32sub also "
-              "ConvTranspose as sub-pixel Conv); modelopt = ModelOpt default (TensorRT) Q/DQ placement; cpus8 = the "
+              "ConvTranspose as sub-pixel Conv, its shuffle as DepthToSpace, the fastest float form); modelopt = ModelOpt default (TensorRT) Q/DQ placement; cpus8 = the "
               "CPU placement without the conv rewrites; s8res = `--placement cpu` (symmetric int8, residual folded); "
-              "u8sub = `--placement cpu --activations u8 --subpixel` (for ONNX Runtime). Runtime rows are timed "
+              "u8sub = `--placement cpu --activations u8 --subpixel` (for ONNX Runtime; convs with 1-3 input channels "
+              "and the logits conv in float); u8subq = the same with every conv quantized. Runtime rows are timed "
               "one runtime configuration at a time, its FP32 and INT8 calls interleaved round by round. "
               "`openvino-f32` includes copying the logits out of the runtime (a fresh 14x96^3 float array per "
               "call); `-nocopy` rows read them in place; `-cl` rows read them in place channels-last (N, D, H, W, C), which "
