@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Q/DQ placement: 'modelopt' (TensorRT rules, default) or 'cpu' (INT8 chains through "
                         "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime)")
     q.add_argument("--activations", choices=["s8", "u8"], default="s8",
-                   help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 lets ONNX Runtime "
-                        "fuse every conv)")
+                   help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 is ONNX Runtime's "
+                        "preset: every conv fuses into QLinearConv except those it runs faster in float, the "
+                        "first layer on 1-3 channels and the logits conv)")
     q.add_argument("--subpixel", action="store_true",
                    help="'cpu' placement for ONNX Runtime: ConvTranspose rewritten exactly as Conv + pixel shuffle "
                         "(ONNX Runtime's 3D ConvTranspose is slow and float-only; slower on OpenVINO)")
