@@ -65,13 +65,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         guard = GuardTarget(min_agreement=args.min_agreement, max_dice_drop=args.max_dice_drop,
                             runtime=args.guard_runtime, max_kept=args.max_kept_layers)
         guard.validate()
+    placement, activations, subpixel, chosen = _resolve_placement(args, guard is not None)
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
-        placement=args.placement, activations=args.activations, subpixel=args.subpixel,
+        placement=placement, activations=activations, subpixel=subpixel,
     )
     data = result.to_dict()
+    data["placement"] = {"placement": placement, "activations": activations, "subpixel": subpixel,
+                         "chosen_by_auto": bool(chosen)}
     inputs = data["calibration_inputs"]
     _emit(args, data, (
         f"Calibrated on {len(inputs)} volume(s): {', '.join(inputs)}\n"
@@ -79,9 +82,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
         f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
         + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
-           if args.activations == "u8" else "FAIL (see quantization.json)")
+           if activations == "u8" else "FAIL (see quantization.json)")
+        + (f"\n  {chosen}" if chosen else "")
         + _guard_text(result.report.get("guard"))
     ))
+
+
+def _resolve_placement(args: argparse.Namespace, guarded: bool) -> tuple[str, str, bool, str]:
+    """``--placement auto``: the placement for the runtime ``segment --runtime auto`` would pick for INT8 here
+    (the accuracy guard needs ModelOpt's). Returns (placement, activations, subpixel, a line saying why)."""
+    if args.placement != "auto":
+        return args.placement, args.activations, args.subpixel, ""
+    if guarded:
+        return "modelopt", "s8", False, "Q/DQ placement: modelopt (auto; the accuracy guard keeps layers through it)"
+    from .engines import choose_runtime
+    from .errors import EngineUnavailable
+    from .quantization.presets import placement_for_runtime
+
+    try:
+        runtime, _ = choose_runtime("int8")
+    except EngineUnavailable:
+        runtime = "tensorrt"
+    placement, activations, subpixel = placement_for_runtime(runtime)
+    flags = {"modelopt": "modelopt", "cpu": "cpu" + (" --activations u8 --subpixel" if subpixel else "")}[placement]
+    return placement, activations, subpixel, f"Q/DQ placement: {flags} (auto: INT8 runs on {runtime} here)"
 
 
 def _guard_text(guard: dict[str, Any] | None) -> str:
@@ -284,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range calibration (entropy: for outlier-heavy activations)")
     q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
-    q.add_argument("--placement", choices=["modelopt", "cpu"], default="modelopt",
-                   help="Q/DQ placement: 'modelopt' (TensorRT rules, default) or 'cpu' (INT8 chains through "
-                        "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime)")
+    q.add_argument("--placement", choices=["modelopt", "cpu", "auto"], default="modelopt",
+                   help="Q/DQ placement: 'modelopt' (TensorRT rules, default), 'cpu' (INT8 chains through "
+                        "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime) or 'auto' (the one for "
+                        "the INT8 runtime `segment --runtime auto` picks here; sets --activations/--subpixel too)")
     q.add_argument("--activations", choices=["s8", "u8"], default="s8",
                    help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 is ONNX Runtime's "
                         "preset: every conv fuses into QLinearConv except those it runs faster in float, the "

@@ -25,10 +25,13 @@ _FLAGS = ["--progress-lines", "--json"]
 
 
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
-                     out_dir: str | Path, patches: int, method: str, min_agreement: float | None = None) -> list[str]:
+                     out_dir: str | Path, patches: int, method: str, min_agreement: float | None = None,
+                     runtime: str = "auto") -> list[str]:
     """``python -m PTQLogic.cli quantize ...`` (always machine progress + JSON result).
 
-    ``min_agreement`` turns on the accuracy guard (INT8-vs-FP32 Dice on held-out data).
+    ``min_agreement`` turns on the accuracy guard (INT8-vs-FP32 Dice on held-out data; it needs ModelOpt's
+    placement). Otherwise the Q/DQ placement suits ``runtime``, the one chosen for segmenting ("auto": the
+    engine process picks, as it will for INT8).
     """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
@@ -37,7 +40,18 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
     return [str(python_exe), "-m", "PTQLogic.cli", "quantize", "--model", str(spec_path),
             "--calibration", *[str(p) for p in calibration_paths], "--out", str(out_dir),
             "--patches", str(int(patches)), "--method", str(method),
-            *(["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else []), *_FLAGS]
+            *(["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else _placement_flags(runtime)),
+            *_FLAGS]
+
+
+def _placement_flags(runtime: str) -> list[str]:
+    from .quantization.presets import PLACEMENT_FOR_RUNTIME
+
+    if runtime not in PLACEMENT_FOR_RUNTIME:
+        return ["--placement", "auto"]
+    placement, activations, subpixel = PLACEMENT_FOR_RUNTIME[runtime]
+    return ["--placement", placement] + (["--activations", activations] if activations != "s8" else []) \
+        + (["--subpixel"] if subpixel else [])
 
 
 def info_command(python_exe: str) -> list[str]:

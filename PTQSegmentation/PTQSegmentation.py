@@ -201,7 +201,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outDir = self.workDirectory() / "models" / f"{Path(source.spec_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
             command = support.quantize_command(self.logic.pythonExecutable(), source.spec_path, calibration, outDir,
                                                params.patches, params.method,
-                                               min_agreement=params.minAgreement or None)
+                                               min_agreement=params.minAgreement or None, runtime=params.runtime)
         except Exception as error:  # PTQError, or SimpleITK/OS errors while exporting the scene volumes
             self.cleanupJobTemp()
             self.showError(str(error))

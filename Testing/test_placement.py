@@ -170,3 +170,32 @@ def test_normalization_tail_is_quantized_once(network, tmp_path):
     reference = _ort(str(fp32), x)
     int8 = _ort(str(tmp_path / "int8.onnx"), x)
     assert np.abs(int8 - reference).max() < 0.2 * np.abs(reference).max()
+
+
+def test_placement_auto_follows_the_int8_runtime(tmp_path, capsys):
+    """``quantize --placement auto`` picks the placement for the runtime ``segment --runtime auto`` would use for
+    INT8 here (OpenVINO on this CPU: the 'cpu' s8 placement), says so, and records it; the guard keeps ModelOpt's."""
+    import argparse
+    import json
+
+    from PTQLogic.cli import _resolve_placement, main
+    from PTQLogic.engines import choose_runtime
+    from PTQLogic.phantom import write_phantom_set
+    from PTQLogic.quantization.presets import placement_for_runtime
+    from PTQLogic.spec import load_spec
+
+    sample = Path(__file__).resolve().parents[1] / "PTQLogic" / "data" / "phantom_unet.json"
+    runtime = choose_runtime("int8")[0]
+    assert runtime == "openvino"  # installed with the engine's CPU extras, as in CI
+    calibration = write_phantom_set(tmp_path / "calib", 1, 7, spacing=load_spec(sample).preprocessing.spacing)
+    code = main(["quantize", "--model", str(sample), "--calibration", str(calibration[0][0]), "--out",
+                 str(tmp_path / "auto"), "--patches", "2", "--placement", "auto", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["placement"] == {"placement": "cpu", "activations": "s8", "subpixel": False,
+                                               "chosen_by_auto": True}
+    assert json.loads((tmp_path / "auto" / "quantization.json").read_text())["settings"]["placement"] == "cpu"
+    guarded = argparse.Namespace(placement="auto", activations="u8", subpixel=True)
+    assert _resolve_placement(guarded, True)[:3] == ("modelopt", "s8", False)
+    assert placement_for_runtime("onnxruntime") == ("cpu", "u8", True)
+    with pytest.raises(InputError, match="runtime"):
+        placement_for_runtime("torch")

@@ -143,12 +143,22 @@ def test_reference_labels_match_classes_by_name():
 def test_command_lines_and_parsing():
     q = ss.quantize_command("py", "spec.json", ["a.nrrd", Path("b")], "out", 4, "entropy")
     assert q == ["py", "-m", "PTQLogic.cli", "quantize", "--model", "spec.json", "--calibration", "a.nrrd", "b",
-                 "--out", "out", "--patches", "4", "--method", "entropy", "--progress-lines", "--json"]
-    guarded = ss.quantize_command("py", "spec.json", ["a.nrrd"], "out", 4, "max", min_agreement=0.98)
+                 "--out", "out", "--patches", "4", "--method", "entropy", "--placement", "auto",
+                 "--progress-lines", "--json"]
+    guarded = ss.quantize_command("py", "spec.json", ["a.nrrd"], "out", 4, "max", min_agreement=0.98,
+                                  runtime="openvino")
     assert guarded[guarded.index("--min-agreement") + 1] == "0.98"
     from PTQLogic.cli import build_parser  # the option the module passes exists in the real CLI
 
-    assert build_parser().parse_args(guarded[3:-2]).min_agreement == 0.98
+    parser = build_parser()
+    parsed = parser.parse_args(guarded[3:-2])
+    assert parsed.min_agreement == 0.98 and parsed.placement == "modelopt"  # the guard keeps ModelOpt's placement
+    # the Q/DQ placement follows the runtime chosen for segmenting
+    for runtime, expected in (("tensorrt", ("modelopt", "s8", False)), ("openvino", ("cpu", "s8", False)),
+                              ("onnxruntime", ("cpu", "u8", True)), ("auto", ("auto", "s8", False)),
+                              ("torch", ("auto", "s8", False))):
+        args = parser.parse_args(ss.quantize_command("py", "spec.json", ["a"], "o", 4, "max", runtime=runtime)[3:-2])
+        assert (args.placement, args.activations, args.subpixel) == expected, runtime
     s = ss.segment_command("py", "m", "in.nrrd", "out.nrrd", "auto", "int8", True, reference="ref.nrrd")
     assert s[:4] == ["py", "-m", "PTQLogic.cli", "segment"] and s[-2:] == ["--progress-lines", "--json"]
     assert "--compare" in s and s[s.index("--reference") + 1] == "ref.nrrd"
