@@ -93,8 +93,16 @@ def _resolve_placement(args: argparse.Namespace, guarded: bool) -> tuple[str, st
     (the accuracy guard needs ModelOpt's). Returns (placement, activations, subpixel, a line saying why)."""
     if args.placement != "auto":
         return args.placement, args.activations, args.subpixel, ""
-    if guarded:
-        return "modelopt", "s8", False, "Q/DQ placement: modelopt (auto; the accuracy guard keeps layers through it)"
+    if args.activations != "s8" or args.subpixel:
+        raise InputError("--placement auto chooses --activations and --subpixel itself; drop them, or give "
+                         "--placement cpu with them.")
+    from .nnunet.folder import is_nnunet_folder
+
+    for reason, applies in (("the accuracy guard keeps layers through it", guarded),
+                            ("--exclude-nodes needs it", bool(args.exclude_nodes)),
+                            ("nnU-Net folders are quantized with it", is_nnunet_folder(args.model))):
+        if applies:
+            return "modelopt", "s8", False, f"Q/DQ placement: modelopt (auto; {reason})"
     from .engines import choose_runtime
     from .errors import EngineUnavailable
     from .quantization.presets import placement_for_runtime

@@ -194,6 +194,9 @@ def quantize_model(
     if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
         from .nnunet.model_dir import quantize_nnunet
 
+        if placement != "modelopt" or subpixel or activations != "s8":
+            raise InputError("nnU-Net folders are quantized with ModelOpt's Q/DQ placement only; drop --placement, "
+                             "--activations and --subpixel.")
         if guard is not None:
             raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
                              "quantize without it and check agreement with `ptqseg segment --compare`.")

@@ -194,8 +194,74 @@ def test_placement_auto_follows_the_int8_runtime(tmp_path, capsys):
     assert code == 0 and data["placement"] == {"placement": "cpu", "activations": "s8", "subpixel": False,
                                                "chosen_by_auto": True}
     assert json.loads((tmp_path / "auto" / "quantization.json").read_text())["settings"]["placement"] == "cpu"
-    guarded = argparse.Namespace(placement="auto", activations="u8", subpixel=True)
+    guarded = argparse.Namespace(placement="auto", activations="s8", subpixel=False, exclude_nodes=None,
+                                 model=str(sample))
     assert _resolve_placement(guarded, True)[:3] == ("modelopt", "s8", False)
     assert placement_for_runtime("onnxruntime") == ("cpu", "u8", True)
     with pytest.raises(InputError, match="runtime"):
         placement_for_runtime("torch")
+
+
+def _relu_chain(names: list[str]) -> onnx.ModelProto:
+    """Conv(1->8) Relu Conv Relu Conv Relu Conv(8->2) -> logits: a Relu right before the float logits conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = [(8, 1, 3, 3, 3), (8, 8, 3, 3, 3), (8, 8, 3, 3, 3), (2, 8, 1, 1, 1)]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), f"w{i}") for i, shape in enumerate(shapes)]
+    nodes, x = [], "x"
+    for i in range(4):
+        pads = {"pads": [1] * 6} if i < 3 else {}
+        out = "y" if i == 3 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [out], name=names[2 * i], **pads))
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=names[2 * i + 1]))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("names", [list("abcdefg"), [""] * 7, ["conv", "r", "conv", "r2", "k", "r3", "conv"]],
+                         ids=["named", "unnamed", "repeated-names"])
+def test_onnx_runtime_preset_keeps_a_relu_before_a_float_conv(tmp_path, names):
+    """With u8 activations the quantizer folds a Relu into the Q that follows it; the Q/DQ in front of a conv
+    kept in float must then stay, or the clipping is lost (found in review: agreement 0.88, max error 7.3).
+    Unnamed and repeated node names still get the first and logits convs excluded, and only those."""
+    path = tmp_path / "relu.onnx"
+    onnx.save(_relu_chain(names), str(path))
+    rng = np.random.default_rng(1)
+    out = tmp_path / "relu_u8.onnx"
+    report = quantize_cpu(path, rng.uniform(0, 1, (2, 1, 8, 8, 8)).astype(np.float32), out, activations="u8")
+    assert len(report.float_convs) == 2 and all(report.float_convs)
+    x = rng.uniform(0, 1, (1, 1, 8, 8, 8)).astype(np.float32)
+    run = lambda p: onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference = tmp_path / "reference.onnx"  # ONNX Runtime refuses repeated names: the same graph, named
+    onnx.save(_relu_chain(list("abcdefg")), str(reference))
+    fp32, int8 = run(reference), run(out)
+    assert np.abs(fp32 - int8).max() < 1.0 and np.mean(fp32.argmax(1) == int8.argmax(1)) > 0.98
+    quantized = onnx.load(str(out))
+    producer = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
+    int8_convs = [n.name for n in convs if producer.get(n.input[1]) == "DequantizeLinear"]
+    assert len(int8_convs) == 2 and not set(int8_convs) & set(report.float_convs)
+
+
+def test_placement_auto_refuses_what_it_cannot_honour(tmp_path):
+    import argparse
+
+    from PTQLogic.cli import _resolve_placement
+
+    def args(**kw):
+        return argparse.Namespace(**{"placement": "auto", "activations": "s8", "subpixel": False,
+                                     "exclude_nodes": None, "model": str(tmp_path / "spec.json"), **kw})
+
+    with pytest.raises(InputError, match="auto chooses"):
+        _resolve_placement(args(activations="u8"), False)
+    assert _resolve_placement(args(exclude_nodes=["head"]), False)[0] == "modelopt"
+    nnunet = tmp_path / "nnunet"
+    nnunet.mkdir()
+    (nnunet / "dataset.json").write_text("{}")
+    (nnunet / "plans.json").write_text("{}")
+    placement, _, _, line = _resolve_placement(args(model=str(nnunet)), False)
+    assert placement == "modelopt" and "nnU-Net" in line

@@ -38,6 +38,30 @@ def bypass_identities(model: onnx.ModelProto) -> int:
     return len(rename)
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node, and every repeat of a name, a unique name: the quantizer's exclusion list
+    matches nodes by name (an empty name would match every unnamed node) and its calibration session
+    rejects repeated names. Returns how many were (re)named."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        counts[node.name] += 1
+    taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    named = 0
+    for index, node in enumerate(model.graph.node):
+        if node.name and (counts[node.name] == 1 or node.name not in seen):
+            seen.add(node.name)
+            continue
+        name, k = f"{node.op_type}_{index}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{index}_{k}"
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
 def remove_nodes(model: onnx.ModelProto, removed: set[int]) -> None:
     """Drop the nodes whose ``id()`` is in ``removed``, keeping the others in order."""
     if removed:
@@ -134,7 +158,7 @@ def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, sub
     ``"depth_to_space"`` for graphs that stay float); returns how many of each were made."""
     from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
 
-    counts = {"identities_bypassed": bypass_identities(model)}
+    counts = {"nodes_named": name_unnamed_nodes(model), "identities_bypassed": bypass_identities(model)}
     counts["batchnorm_folded"] = fold_batchnorm(model)
     counts["prelu_to_leakyrelu"] = prelu_to_leakyrelu(model)
     if fold_residual:

@@ -86,22 +86,32 @@ def strip_output_qdq(model) -> list[str]:
     return stripped
 
 
-def strip_float_input_qdq(model, float_nodes: list[str]) -> int:
+def strip_float_input_qdq(model, float_inputs: dict[str, list[str]]) -> int:
     """Remove the ``Q -> DQ`` pair in front of nodes kept in float when nothing else reads it: a runtime
-    would round the values to 8 bits and convert them back for nothing. Returns how many were removed."""
+    would round the values to 8 bits and convert them back for nothing. Returns how many were removed.
+
+    ``float_inputs``: node name -> its inputs before quantization, as (tensor, producing node's name). A pair
+    is removed only where it quantizes that very tensor from that very node: with uint8 activations the
+    quantizer drops a ``Relu`` in front of a ``QuantizeLinear`` (the zero point clips instead, and the conv
+    before it takes over the Relu's output name), and removing that pair would drop the clipping with it.
+    """
     from .graph_prep import consumer_map, remove_nodes
 
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = consumer_map(model)
     outputs = {o.name for o in model.graph.output}
     removed = set()
-    for node in (n for n in model.graph.node if n.name in set(float_nodes)):
+    for node in (n for n in model.graph.node if n.name and n.name in float_inputs):
         for index, name in enumerate(node.input):
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear" or len(consumers.get(name, [])) != 1 or name in outputs:
                 continue
             q = producer.get(dq.input[0])
             if q is None or q.op_type != "QuantizeLinear" or len(consumers.get(q.output[0], [])) != 1:
+                continue
+            before = float_inputs[node.name]
+            source = producer.get(q.input[0])
+            if index >= len(before) or (q.input[0], source.name if source else None) != before[index]:
                 continue
             node.input[index] = q.input[0]
             removed.update((id(q), id(dq)))
@@ -236,7 +246,7 @@ def ort_float_convs(model) -> list[str]:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if inits[node.input[1]].dims[1] * group <= ORT_FLOAT_MAX_INPUT_CHANNELS or node.output[0] in outputs:
             chosen.append(node.name)
-    return chosen
+    return [name for name in chosen if name]  # unnamed nodes cannot be excluded by name (prepare_for_int8 names them)
 
 
 def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path: Path, op_types: tuple[str, ...],
@@ -253,7 +263,7 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
     exclude_path = workdir / "exclude.json"
     exclude_path.write_text(json.dumps([n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                                        if n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]
+                                        if n.name and n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]
                                        + list(float_nodes)))
     command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
                ",".join(op_types), activations, method, str(exclude_path)]
@@ -305,12 +315,15 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
         prepared = workdir / "prepared.onnx"
         onnx.save(model, str(prepared))
         float_convs = ort_float_convs(model) if (activations == "u8" if ort_float is None else ort_float) else []
+        producers = {o: n.name for n in model.graph.node for o in n.output}
+        float_inputs = {n.name: [(i, producers.get(i)) for i in n.input] for n in model.graph.node
+                        if n.name in set(float_convs)}
         _run_child(workdir, prepared, np.ascontiguousarray(calibration, dtype=np.float32), out_path, op_types,
                    activations, method, on_batch, float_convs)
         quantized = onnx.load(str(out_path))
         stripped = strip_output_qdq(quantized)
         fused = fuse_norm_activation(quantized)
-        unrounded = strip_float_input_qdq(quantized, float_convs)
+        unrounded = strip_float_input_qdq(quantized, float_inputs)
         if stripped or fused or unrounded:
             drop_unused_initializers(quantized)
             onnx.save(quantized, str(out_path))

@@ -7,7 +7,7 @@ from ..errors import InputError
 PLACEMENT_FOR_RUNTIME = {
     "tensorrt": ("modelopt", "s8", False),  # TensorRT's explicit-quantization rules
     "openvino": ("cpu", "s8", False),  # INT8 chains; OpenVINO runs ConvTranspose itself
-    "onnxruntime": ("cpu", "u8", True),  # ONNX Runtime's preset: u8 fuses every conv, sub-pixel ConvTranspose
+    "onnxruntime": ("cpu", "u8", True),  # ONNX Runtime's preset: u8 fuses the convs it runs faster in int8; sub-pixel ConvTranspose
 }
 
 
