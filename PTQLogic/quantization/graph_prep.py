@@ -42,14 +42,11 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> int:
     """Give every unnamed node, and every repeat of a name, a unique name: the quantizer's exclusion list
     matches nodes by name (an empty name would match every unnamed node) and its calibration session
     rejects repeated names. Returns how many were (re)named."""
-    counts: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        counts[node.name] += 1
     taken = {n.name for n in model.graph.node if n.name}
     seen: set[str] = set()
     named = 0
     for index, node in enumerate(model.graph.node):
-        if node.name and (counts[node.name] == 1 or node.name not in seen):
+        if node.name and node.name not in seen:  # the first node of a name keeps it
             seen.add(node.name)
             continue
         name, k = f"{node.op_type}_{index}", 0

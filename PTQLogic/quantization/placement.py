@@ -53,7 +53,7 @@ class PlacementReport:
     rewrites: dict[str, int]
     op_types: tuple[str, ...]
     float_outputs: tuple[str, ...]  # network outputs whose trailing Q/DQ was removed (float logits)
-    float_convs: tuple[str, ...] = ()  # convs left in float because the target runtime runs them faster so
+    float_convs: tuple[str, ...] = ()  # convs left in float: the target runtime runs them faster that way
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +86,7 @@ def strip_output_qdq(model) -> list[str]:
     return stripped
 
 
-def strip_float_input_qdq(model, float_inputs: dict[str, list[str]]) -> int:
+def strip_float_input_qdq(model, float_inputs: dict[str, list[tuple[str, str | None]]]) -> int:
     """Remove the ``Q -> DQ`` pair in front of nodes kept in float when nothing else reads it: a runtime
     would round the values to 8 bits and convert them back for nothing. Returns how many were removed.
 
@@ -262,9 +262,9 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
     import onnx
 
     exclude_path = workdir / "exclude.json"
-    exclude_path.write_text(json.dumps([n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                                        if n.name and n.op_type in ("Reshape", "Transpose") and "_subpixel_" not in n.name]
-                                       + list(float_nodes)))
+    nodes = onnx.load(str(prepared), load_external_data=False).graph.node
+    exclude_path.write_text(json.dumps([n.name for n in nodes if n.name and n.op_type in ("Reshape", "Transpose")
+                                        and "_subpixel_" not in n.name] + list(float_nodes)))
     command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
                ",".join(op_types), activations, method, str(exclude_path)]
     tail: list[str] = []
@@ -290,7 +290,8 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max", fold_residual: bool = True,
-                 subpixel: bool = False, ort_float: bool | None = None, on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
+                 subpixel: bool = False, ort_float: bool | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
