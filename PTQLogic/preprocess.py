@@ -1,9 +1,10 @@
 """Volume (KJI, Slicer) <-> network space (C, I, J, K, MONAI), and back for label maps.
 
 Forward: transpose KJI -> IJK, wrap as a MONAI ``MetaTensor`` whose affine is ``ijk_to_ras``, then
-MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling, computed in
-float64 like MONAI's default so MONAI bundles get MONAI's inputs; stored as float32) as the spec asks,
-then intensity normalization:
+MONAI ``Orientation`` (exact flips/permutations) and ``Spacing`` (bilinear resampling) as the spec asks,
+with MONAI's target grid; on axis-aligned grids the resampling runs one axis at a time
+(:mod:`PTQLogic.axis_resample`, MONAI's values to float32 rounding), rotated grids and intensity steps
+that mask exact zeros use MONAI's own transforms in float64. Then intensity normalization:
 
 - ``"ct"``: clip to ``ct_window`` and scale linearly to [0, 1];
 - ``"zscore"``: per channel, ``(x - mean) / std`` with mean/std over the channel's *nonzero* voxels
@@ -19,12 +20,14 @@ the input grid up to axis permutation/flips (no ``Spacing`` change), it is a pur
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .axis_resample import resample_axis_aligned
 from .errors import InputError
 from .spec import INTENSITY_STEPS, ModelSpec, Preprocessing
 from .volume import Volume
@@ -43,7 +46,6 @@ class NetworkGrid:
     input_shape: tuple[int, int, int]  # input Volume's spatial shape, KJI order
 
 
-RESAMPLE_DTYPE = torch.float64  # MONAI's default compute type for Spacing: bundles get MONAI's exact inputs
 MEMORY_ENV = "PTQSEG_MAX_MEMORY_GB"  # optional cap on the estimated working memory of one volume
 
 
@@ -98,14 +100,12 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
             "give a volume with matching channels (modalities)."
         )
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
-    # KJI -> IJK per channel; a fresh float32 copy so nothing downstream can touch volume.array. torch's
-    # copy_ converts and transposes on all threads (numpy's single-threaded transpose: 0.8 s -> 0.48 s for
-    # 512x512x300 on two cores)
     if array.dtype.byteorder == ">" or array.dtype in (np.uint16, np.uint32, np.uint64):
         array = array.astype(np.float32)  # types torch cannot take as they are
-    source = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 2, 1)
-    ijk = torch.empty(source.shape, dtype=torch.float32).copy_(source)
-    return orient_and_resample(ijk, volume, spec)
+    with warnings.catch_warnings():  # a read-only array is fine: resampling reads it and writes new tensors only
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(array))  # (C, K, J, I) view of the caller's voxels
+    return orient_and_resample(source, volume, spec)
 
 
 def load_transforms() -> None:
@@ -115,25 +115,60 @@ def load_transforms() -> None:
     import monai.transforms  # noqa: F401
 
 
-def orient_and_resample(ijk: torch.Tensor, volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
-    """MONAI ``Orientation``/``Spacing`` of a (C, I, J, K) tensor on ``volume``'s grid, on the tensor's device."""
+def target_grid(volume: Volume, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The network grid's affine and shape, exactly as MONAI ``Orientation``/``Spacing`` compute them (lazily:
+    no voxel is touched)."""
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
+    shape_ijk = tuple(int(s) for s in reversed(volume.spatial_shape))
+    probe = MetaTensor(torch.zeros(1).expand(1, *shape_ijk),
+                       affine=torch.as_tensor(np.asarray(volume.ijk_to_ras, dtype=np.float64)))
+    if prep.orientation:
+        probe = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS, lazy=True)(probe)
+    if prep.spacing is not None:
+        probe = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", lazy=True)(probe)
+    return (np.asarray(probe.peek_pending_affine(), dtype=np.float64).copy(),
+            tuple(int(s) for s in probe.peek_pending_shape()))
+
+
+def orient_and_resample(source_kji: torch.Tensor, volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:
+    """MONAI ``Orientation``/``Spacing`` of ``volume``'s voxels given as a (C, K, J, I) tensor (any real dtype,
+    any device; never written to): (C, I, J, K) float32 on the tensor's device, and its grid."""
     affine = np.asarray(volume.ijk_to_ras, dtype=np.float64)
+    network_affine, shape = target_grid(volume, spec.preprocessing)
+    grid = NetworkGrid(affine=network_affine, shape=shape, input_ijk_to_ras=affine.copy(),
+                       input_shape=tuple(int(s) for s in volume.spatial_shape))
+    image = None
+    if not _zero_sensitive(spec.preprocessing):
+        image = resample_axis_aligned(source_kji, np.linalg.solve(affine, network_affine), shape)
+    if image is None:
+        image = _monai_resample(source_kji, affine, spec.preprocessing)
+    return image, grid
+
+
+def _zero_sensitive(prep: Preprocessing) -> bool:
+    """Intensity steps that treat exactly-zero voxels apart (nonzero masks). MONAI's float64 grid puts sample
+    points ~1e-14 voxel off integer positions, so next to a 0 HU voxel it writes ~1e-11 where the exact
+    answer is 0; a nonzero mask then counts those voxels. Such specs (MONAI bundles' ``NormalizeIntensity
+    (nonzero=True)``, the ``"zscore"`` mode) keep MONAI's own resampling, so their masks are MONAI's."""
+    return prep.intensity == "zscore" or any(bool(step.get("nonzero")) for step in prep.steps)
+
+
+def _monai_resample(source_kji: torch.Tensor, affine: np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    """Rotated grids and zero-masking intensity steps: MONAI's transforms themselves, bilinear in float64."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    # KJI -> IJK as a fresh float32 copy; torch's copy_ converts and transposes on all threads
+    ijk = torch.empty(source_kji.permute(0, 3, 2, 1).shape, dtype=torch.float32, device=source_kji.device)
+    ijk.copy_(source_kji.permute(0, 3, 2, 1))
     image = MetaTensor(ijk, affine=torch.as_tensor(affine, dtype=torch.float64))
-    prep = spec.preprocessing
     if prep.orientation:
         image = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS)(image)
     if prep.spacing is not None:
-        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=RESAMPLE_DTYPE)(image)
-    grid = NetworkGrid(
-        affine=np.asarray(image.affine, dtype=np.float64).copy(),
-        shape=tuple(int(s) for s in image.shape[1:]),
-        input_ijk_to_ras=affine.copy(),
-        input_shape=tuple(int(s) for s in volume.spatial_shape),
-    )
-    return image.as_tensor().to(torch.float32).contiguous(), grid
+        image = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", dtype=torch.float64)(image)
+    return image.as_tensor().to(torch.float32).contiguous()
 
 
 def normalize_intensity(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Network-space preprocessing and the way back, in torch on the engine's device.
 
-Same MONAI ``Orientation``/``Spacing`` transforms and the same intensity step as
+Same orientation/spacing code (MONAI's grid, per-axis resampling) and the same intensity step as
 :mod:`PTQLogic.preprocess`, applied to a tensor that already lives on the device (only the raw
 voxels cross the bus, in their stored dtype); labels go back to the input grid by an index gather
 on the device. On a CPU tensor this is exactly the CPU path's code, which is how it is tested.
@@ -34,9 +34,8 @@ def to_network_space_on(volume: Volume, spec: ModelSpec, device: torch.device | 
             "give a volume with matching channels (modalities)."
         )
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
-    ijk = _upload(array, device).permute(0, 3, 2, 1).contiguous()  # KJI -> IJK
-    # the CPU path's own MONAI Orientation/Spacing (float64 resampling), here on the device
-    tensor, grid = orient_and_resample(ijk, volume, spec)
+    # the CPU path's own orientation/spacing, here on the device
+    tensor, grid = orient_and_resample(_upload(array, device), volume, spec)
     return normalize_intensity(tensor, spec.preprocessing), grid
 
 
