@@ -65,16 +65,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         guard = GuardTarget(min_agreement=args.min_agreement, max_dice_drop=args.max_dice_drop,
                             runtime=args.guard_runtime, max_kept=args.max_kept_layers)
         guard.validate()
-    placement, activations, subpixel, chosen = _resolve_placement(args, guard is not None)
+    # no --placement: auto, unless --activations/--subpixel ask for the cpu placement
+    placement = args.placement or ("cpu" if args.activations != "s8" or args.subpixel else "auto")
     result = quantize_model(
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
-        placement=placement, activations=activations, subpixel=subpixel,
+        placement=placement, activations=args.activations, subpixel=args.subpixel,
     )
     data = result.to_dict()
-    data["placement"] = {"placement": placement, "activations": activations, "subpixel": subpixel,
-                         "chosen_by_auto": bool(chosen)}
+    chosen = data["placement"]["auto"]
     inputs = data["calibration_inputs"]
     _emit(args, data, (
         f"Calibrated on {len(inputs)} volume(s): {', '.join(inputs)}\n"
@@ -82,38 +82,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
         f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
         + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
-           if activations == "u8" else "FAIL (see quantization.json)")
+           if data["placement"]["activations"] == "u8" else "FAIL (see quantization.json)")
         + (f"\n  {chosen}" if chosen else "")
         + _guard_text(result.report.get("guard"))
     ))
-
-
-def _resolve_placement(args: argparse.Namespace, guarded: bool) -> tuple[str, str, bool, str]:
-    """``--placement auto``: the placement for the runtime ``segment --runtime auto`` would pick for INT8 here
-    (the accuracy guard needs ModelOpt's). Returns (placement, activations, subpixel, a line saying why)."""
-    if args.placement != "auto":
-        return args.placement, args.activations, args.subpixel, ""
-    if args.activations != "s8" or args.subpixel:
-        raise InputError("--placement auto chooses --activations and --subpixel itself; drop them, or give "
-                         "--placement cpu with them.")
-    from .nnunet.folder import is_nnunet_folder
-
-    for reason, applies in (("the accuracy guard keeps layers through it", guarded),
-                            ("--exclude-nodes needs it", bool(args.exclude_nodes)),
-                            ("nnU-Net folders are quantized with it", is_nnunet_folder(args.model))):
-        if applies:
-            return "modelopt", "s8", False, f"Q/DQ placement: modelopt (auto; {reason})"
-    from .engines import choose_runtime
-    from .errors import EngineUnavailable
-    from .quantization.presets import placement_for_runtime
-
-    try:
-        runtime, _ = choose_runtime("int8")
-    except EngineUnavailable:
-        runtime = "tensorrt"
-    placement, activations, subpixel = placement_for_runtime(runtime)
-    flags = {"modelopt": "modelopt", "cpu": "cpu" + (" --activations u8 --subpixel" if subpixel else "")}[placement]
-    return placement, activations, subpixel, f"Q/DQ placement: {flags} (auto: INT8 runs on {runtime} here)"
 
 
 def _guard_text(guard: dict[str, Any] | None) -> str:
@@ -316,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range calibration (entropy: for outlier-heavy activations)")
     q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
-    q.add_argument("--placement", choices=["modelopt", "cpu", "auto"], default="modelopt",
-                   help="Q/DQ placement: 'modelopt' (TensorRT rules, default), 'cpu' (INT8 chains through "
-                        "activation/add/concat/ConvTranspose for OpenVINO and ONNX Runtime) or 'auto' (the one for "
-                        "the INT8 runtime `segment --runtime auto` picks here; sets --activations/--subpixel too)")
+    q.add_argument("--placement", choices=["auto", "modelopt", "cpu"], default=None,
+                   help="Q/DQ placement: 'auto' (default; the one for the INT8 runtime `segment --runtime auto` picks "
+                        "here: ModelOpt's for TensorRT, 'cpu' for OpenVINO, 'cpu' with u8 and --subpixel for ONNX "
+                        "Runtime; ModelOpt's with the accuracy guard, --exclude-nodes or nnU-Net folders), "
+                        "'modelopt' (TensorRT's rules, the paper's) or 'cpu' (INT8 chains through activation/add/"
+                        "concat/ConvTranspose for OpenVINO and ONNX Runtime; the default when --activations or "
+                        "--subpixel is given)")
     q.add_argument("--activations", choices=["s8", "u8"], default="s8",
                    help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 is ONNX Runtime's "
                         "preset: every conv fuses into QLinearConv except those it runs faster in float, the "

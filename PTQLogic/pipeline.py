@@ -86,6 +86,8 @@ class QuantizeResult:
     int8_bytes: int
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
+    # the Q/DQ placement used: placement, activations, subpixel, and "auto": what auto chose and why ("" if not auto)
+    placement: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +100,7 @@ class QuantizeResult:
             "seconds": self.seconds,
             "qdq_ok": self.report.get("qdq", {}).get("ok"),
             "calibration_inputs": self.report.get("calibration", {}).get("inputs", []),
+            "placement": dict(self.placement),
         }
 
 
@@ -184,16 +187,22 @@ def quantize_model(
     monitor: Monitor | None = None,
     folds: Sequence[str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
-    placement: str = "modelopt",
+    placement: str = "auto",
     activations: str = "s8",
     subpixel: bool = False,
 ) -> QuantizeResult:
-    """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX."""
+    """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
+
+    ``placement``: "auto" (default) places Q/DQ for the runtime that runs INT8 on this computer
+    (:func:`~PTQLogic.quantization.presets.resolve_placement`); "modelopt" (TensorRT) or "cpu".
+    """
     from .nnunet.folder import is_nnunet_folder
 
+    requested = (placement, activations, subpixel, guard is not None, bool(exclude_nodes))
     if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
         from .nnunet.model_dir import quantize_nnunet
 
+        placement, activations, subpixel, why = _placement(*requested, nnunet=True)
         if placement != "modelopt" or subpixel or activations != "s8":
             raise InputError("nnU-Net folders are quantized with ModelOpt's Q/DQ placement only; drop --placement, "
                              "--activations and --subpixel.")
@@ -201,15 +210,19 @@ def quantize_model(
             raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
                              "quantize without it and check agreement with `ptqseg segment --compare`.")
 
-        return quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
-                               exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
-                               monitor=monitor)
+        result = quantize_nnunet(model, calibration, out_dir, num_patches=num_patches, seed=seed, method=method,
+                                 exclude_nodes=exclude_nodes, folds=folds, checkpoint=checkpoint,
+                                 monitor=monitor)
+        return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
+                                          "auto": why})
     monitor = monitor or Monitor()
     started = time.perf_counter()
     loaded = load_from_source(model)  # a MONAI bundle (or another registered source), else a spec
     spec = loaded.spec if loaded is not None else load_model_spec(model)  # a wrong path fails before heavy imports
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
+    placement, activations, subpixel, why = _placement(*requested, architecture=spec.architecture)
+    chosen = {"placement": placement, "activations": activations, "subpixel": subpixel, "auto": why}
     from .calibration import (
         CalibrationSettings, calibration_inputs, load_calibration_volumes, sample_calibration_patches,
         validate_settings,
@@ -227,7 +240,7 @@ def quantize_model(
         guard.validate()
         if placement != "modelopt":
             raise InputError("The accuracy guard keeps layers in FP32 through ModelOpt's exclusions; use it with "
-                             "--placement modelopt (the default), or drop --min-agreement/--max-dice-drop.")
+                             "--placement modelopt or auto, or drop --min-agreement/--max-dice-drop.")
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     weights = [spec.weights_path()] if spec.weights_path() else []
     out_dir = check_out_dir(out_dir, [model, *weights, *calibration_paths])
@@ -273,6 +286,7 @@ def quantize_model(
                             "inputs": [str(path) for path in inputs]},
             **report.to_dict(),
             **({"guard": guard_info.to_dict()} if guard_info is not None else {}),
+            **({"placement_auto": why} if why else {}),
             "path": INT8_NAME,  # relative: the staging folder is renamed into place below
         }
         (staging / REPORT_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
@@ -287,7 +301,19 @@ def quantize_model(
         int8_bytes=(out_dir / INT8_NAME).stat().st_size,
         seconds=time.perf_counter() - started,
         report=summary,
+        placement=chosen,
     )
+
+
+def _placement(placement: str, activations: str, subpixel: bool, guarded: bool, excludes_nodes: bool, *,
+               architecture: str | None = None, nnunet: bool = False) -> tuple[str, str, bool, str]:
+    """:func:`~PTQLogic.quantization.presets.resolve_placement` for this model (its architecture's rules)."""
+    from .networks import high_precision
+    from .quantization.presets import resolve_placement
+
+    rule = high_precision(architecture) if architecture else None
+    return resolve_placement(placement, activations, subpixel, guarded=guarded, excludes_nodes=excludes_nodes,
+                             nnunet=nnunet, architecture_rules=bool(rule and (rule.exclude_nodes or rule.exclude_op_types)))
 
 
 def open_engine(

@@ -185,19 +185,32 @@ def _compute_node_status(g: _Graph, node) -> str | None:
     return "; ".join(reasons) or None
 
 
-def check_qdq(model: str | Path | Any) -> QDQReport:
-    """Validate Q/DQ placement and parameters of an ONNX model (path or ``onnx.ModelProto``)."""
+def _load(model: str | Path | Any):
     import onnx
 
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelError(f"ONNX model '{path}' does not exist.")
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:
-            raise ModelError(f"'{path}' is not a readable ONNX model: {type(exc).__name__}: {exc}") from None
-    g = _Graph(model)
+    if not isinstance(model, (str, Path)):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"ONNX model '{path}' does not exist.")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise ModelError(f"'{path}' is not a readable ONNX model: {type(exc).__name__}: {exc}") from None
+
+
+def uint8_quantizers(model: str | Path | Any) -> list[str]:
+    """QuantizeLinear nodes with a uint8 result (ONNX Runtime's asymmetric activations; TensorRT takes int8 only)."""
+    from onnx import TensorProto
+
+    g = _Graph(_load(model))
+    return [_node_name(n) for n in g.nodes
+            if n.op_type == "QuantizeLinear" and g.dtypes.get(n.output[0]) == TensorProto.UINT8]
+
+
+def check_qdq(model: str | Path | Any) -> QDQReport:
+    """Validate Q/DQ placement and parameters of an ONNX model (path or ``onnx.ModelProto``)."""
+    g = _Graph(_load(model))
     violations: list[str] = []
     notes: list[str] = []
     for node in g.nodes:

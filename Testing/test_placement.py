@@ -172,34 +172,67 @@ def test_normalization_tail_is_quantized_once(network, tmp_path):
     assert np.abs(int8 - reference).max() < 0.2 * np.abs(reference).max()
 
 
-def test_placement_auto_follows_the_int8_runtime(tmp_path, capsys):
-    """``quantize --placement auto`` picks the placement for the runtime ``segment --runtime auto`` would use for
-    INT8 here (OpenVINO on this CPU: the 'cpu' s8 placement), says so, and records it; the guard keeps ModelOpt's."""
-    import argparse
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"placement": "cpu", "activations": "s8", "subpixel": False}),
+    (["--placement", "auto"], {"placement": "cpu", "activations": "s8", "subpixel": False}),
+    (["--placement", "modelopt"], {"placement": "modelopt", "activations": "s8", "subpixel": False}),
+    (["--activations", "u8", "--subpixel"], {"placement": "cpu", "activations": "u8", "subpixel": True}),
+], ids=["default", "auto", "modelopt", "u8-implies-cpu"])
+def test_quantize_places_qdq_for_the_int8_runtime_by_default(tmp_path, capsys, flags, expected):
+    """Without --placement, ``quantize`` uses the placement for the runtime ``segment --runtime auto`` would use
+    for INT8 here (OpenVINO on this CPU: the 'cpu' s8 placement), says so, and records it; --activations or
+    --subpixel alone mean the 'cpu' placement; an explicit placement is kept."""
     import json
 
-    from PTQLogic.cli import _resolve_placement, main
+    from PTQLogic.cli import main
     from PTQLogic.engines import choose_runtime
     from PTQLogic.phantom import write_phantom_set
-    from PTQLogic.quantization.presets import placement_for_runtime
     from PTQLogic.spec import load_spec
 
     sample = Path(__file__).resolve().parents[1] / "PTQLogic" / "data" / "phantom_unet.json"
-    runtime = choose_runtime("int8")[0]
-    assert runtime == "openvino"  # installed with the engine's CPU extras, as in CI
+    assert choose_runtime("int8")[0] == "openvino"  # installed with the engine's CPU extras, as in CI
     calibration = write_phantom_set(tmp_path / "calib", 1, 7, spacing=load_spec(sample).preprocessing.spacing)
     code = main(["quantize", "--model", str(sample), "--calibration", str(calibration[0][0]), "--out",
-                 str(tmp_path / "auto"), "--patches", "2", "--placement", "auto", "--json"])
+                 str(tmp_path / "q"), "--patches", "2", *flags, "--json"])
     data = json.loads(capsys.readouterr().out)
-    assert code == 0 and data["placement"] == {"placement": "cpu", "activations": "s8", "subpixel": False,
-                                               "chosen_by_auto": True}
-    assert json.loads((tmp_path / "auto" / "quantization.json").read_text())["settings"]["placement"] == "cpu"
-    guarded = argparse.Namespace(placement="auto", activations="s8", subpixel=False, exclude_nodes=None,
-                                 model=str(sample))
-    assert _resolve_placement(guarded, True)[:3] == ("modelopt", "s8", False)
+    auto_line = data["placement"].pop("auto")
+    assert code == 0 and data["placement"] == expected
+    assert ("INT8 runs on openvino here" in auto_line) == (flags in ([], ["--placement", "auto"]))
+    settings = json.loads((tmp_path / "q" / "quantization.json").read_text())["settings"]
+    assert (settings["placement"], settings["activations"]) == (expected["placement"], expected["activations"])
+
+
+def test_resolve_placement_rules():
+    from PTQLogic.quantization.presets import placement_for_runtime, resolve_placement
+
+    assert resolve_placement("auto", guarded=True)[:3] == ("modelopt", "s8", False)
+    assert resolve_placement("auto", excludes_nodes=True)[0] == "modelopt"
+    assert resolve_placement("auto", architecture_rules=True)[3].endswith("high precision through it)")
+    placement, _, _, line = resolve_placement("auto", nnunet=True)
+    assert placement == "modelopt" and "nnU-Net" in line
+    assert resolve_placement("cpu", "u8", True) == ("cpu", "u8", True, "")
+    with pytest.raises(InputError, match="auto chooses"):
+        resolve_placement("auto", "u8")
     assert placement_for_runtime("onnxruntime") == ("cpu", "u8", True)
     with pytest.raises(InputError, match="runtime"):
         placement_for_runtime("torch")
+
+
+def test_tensorrt_refuses_an_onnx_runtime_int8_file_before_building(tmp_path):
+    """A folder quantized for ONNX Runtime (u8 activations) cannot run on TensorRT: refused with what to do,
+    before TensorRT is even imported; an s8 file from the same graph is not refused by this check."""
+    from PTQLogic.engines import _tensorrt_engine
+    from PTQLogic.progress import Monitor
+    from PTQLogic.qdq_check import uint8_quantizers
+
+    path = tmp_path / "relu.onnx"
+    onnx.save(_relu_chain(list("abcdefg")), str(path))
+    data = np.random.default_rng(1).uniform(0, 1, (2, 1, 8, 8, 8)).astype(np.float32)
+    quantize_cpu(path, data, tmp_path / "u8.onnx", activations="u8")
+    quantize_cpu(path, data, tmp_path / "s8.onnx", activations="s8")
+    assert uint8_quantizers(tmp_path / "u8.onnx") and not uint8_quantizers(tmp_path / "s8.onnx")
+    with pytest.raises(InputError, match="quantized for ONNX Runtime"):
+        _tensorrt_engine(tmp_path / "u8.onnx", "int8", None, None, 1, Monitor())
 
 
 def _relu_chain(names: list[str]) -> onnx.ModelProto:
@@ -245,23 +278,3 @@ def test_onnx_runtime_preset_keeps_a_relu_before_a_float_conv(tmp_path, names):
     convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
     int8_convs = [n.name for n in convs if producer.get(n.input[1]) == "DequantizeLinear"]
     assert len(int8_convs) == 2 and not set(int8_convs) & set(report.float_convs)
-
-
-def test_placement_auto_refuses_what_it_cannot_honour(tmp_path):
-    import argparse
-
-    from PTQLogic.cli import _resolve_placement
-
-    def args(**kw):
-        return argparse.Namespace(**{"placement": "auto", "activations": "s8", "subpixel": False,
-                                     "exclude_nodes": None, "model": str(tmp_path / "spec.json"), **kw})
-
-    with pytest.raises(InputError, match="auto chooses"):
-        _resolve_placement(args(activations="u8"), False)
-    assert _resolve_placement(args(exclude_nodes=["head"]), False)[0] == "modelopt"
-    nnunet = tmp_path / "nnunet"
-    nnunet.mkdir()
-    (nnunet / "dataset.json").write_text("{}")
-    (nnunet / "plans.json").write_text("{}")
-    placement, _, _, line = _resolve_placement(args(model=str(nnunet)), False)
-    assert placement == "modelopt" and "nnU-Net" in line

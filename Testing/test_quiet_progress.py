@@ -12,18 +12,23 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from PTQLogic import cli
 from PTQLogic.progress import LOADING_STAGE, Monitor, TqdmProgress, parse_progress_line
 
 from conftest import ROOT, SAMPLE_UNET
 
 
-def test_entropy_quantize_shows_only_our_progress_lines(phantom_files, tmp_path):
+@pytest.mark.parametrize("placement, stage", [([], "calibration (ONNX Runtime)"),
+                                              (["--placement", "modelopt"], "calibration (ModelOpt)")],
+                         ids=["default-auto-cpu", "modelopt"])
+def test_entropy_quantize_shows_only_our_progress_lines(phantom_files, tmp_path, placement, stage):
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "PTQLogic", "quantize", "--model", str(SAMPLE_UNET), "--calibration",
          *map(str, phantom_files["calibration"]), "--out", str(tmp_path / "m"), "--patches", "3",
-         "--method", "entropy", "--progress-lines"],
+         "--method", "entropy", "--progress-lines", *placement],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     first = proc.stderr.readline()
@@ -38,7 +43,7 @@ def test_entropy_quantize_shows_only_our_progress_lines(phantom_files, tmp_path)
     assert strays == [], strays[:5]  # no third-party bars, warnings or log lines in between
     stages = [parse_progress_line(line)[0] for line in lines]
     assert stages.index(LOADING_STAGE) == 0 and (LOADING_STAGE, 1, 1) in map(parse_progress_line, lines)
-    assert [p for p in map(parse_progress_line, lines) if p[0] == "calibration (ModelOpt)"][-1][1:] == (3, 3)
+    assert [p for p in map(parse_progress_line, lines) if p[0] == stage][-1][1:] == (3, 3)
 
 
 def test_modelopt_log_has_no_gpu_count_error_on_cpu(quantized_unet):

@@ -152,7 +152,10 @@ def test_command_lines_and_parsing():
 
     parser = build_parser()
     parsed = parser.parse_args(guarded[3:-2])
-    assert parsed.min_agreement == 0.98 and parsed.placement == "modelopt"  # the guard keeps ModelOpt's placement
+    from PTQLogic.quantization.presets import resolve_placement
+
+    assert parsed.min_agreement == 0.98 and parsed.placement is None  # default auto: the guard keeps ModelOpt's
+    assert resolve_placement("auto", guarded=True)[0] == "modelopt"
     # the Q/DQ placement follows the runtime chosen for segmenting
     for runtime, expected in (("tensorrt", ("modelopt", "s8", False)), ("openvino", ("cpu", "s8", False)),
                               ("onnxruntime", ("cpu", "u8", True)), ("auto", ("auto", "s8", False)),

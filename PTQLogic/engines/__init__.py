@@ -145,6 +145,14 @@ def create_engine(
 
 
 def _tensorrt_engine(onnx_path: Path, precision: str, cache_dir, device, max_batch: int, monitor: Monitor) -> Engine:
+    if precision == "int8":  # refuse before a build of minutes fails inside TensorRT's parser
+        from ..qdq_check import uint8_quantizers
+
+        uint8 = uint8_quantizers(onnx_path)
+        if uint8:
+            raise InputError(f"This INT8 model was quantized for ONNX Runtime (uint8 activations, {len(uint8)} "
+                             "quantizers); TensorRT runs int8 Q/DQ only. Quantize it again on this computer "
+                             "(ptqseg quantize --placement auto or modelopt), or run it with --runtime onnxruntime.")
     from .tensorrt_engine import tensorrt_engine_for
 
     return tensorrt_engine_for(onnx_path, precision, cache_dir, device, max_batch, monitor)
