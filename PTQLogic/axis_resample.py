@@ -15,9 +15,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IDENTITY_TOL = 1e-3  # MONAI's AFFINE_TOL: closer to the identity than this, Spacing leaves the image as it is
-
-
 def axis_map(xform: np.ndarray) -> list[int] | None:
     """For a 4x4 network-ijk -> source-ijk ``xform``: the network axis each source axis runs along, or None
     when some axis is rotated (needs a full resampling)."""
@@ -56,8 +53,6 @@ def resample_axis_aligned(source_kji: torch.Tensor, xform: np.ndarray, shape: Se
     """
     xform = np.asarray(xform, dtype=np.float64)
     shape = tuple(int(s) for s in shape)
-    if shape == tuple(source_kji.shape[1:][::-1]) and np.allclose(xform, np.eye(4), rtol=0, atol=IDENTITY_TOL):
-        xform = np.eye(4)  # as MONAI: no resampling this close to the identity
     net_axis = axis_map(xform)
     if net_axis is None:
         return None

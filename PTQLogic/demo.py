@@ -1,7 +1,7 @@
 """`ptqseg demo`: the whole pipeline on built-in synthetic CT phantoms, no data or network needed.
 
-Phantoms with known labels -> shipped (or freshly trained) sample network -> ModelOpt INT8 on two
-unlabeled calibration phantoms -> FP32 and INT8 segmentation of a held-out phantom on the best
+Phantoms with known labels -> shipped (or freshly trained) sample network -> INT8 on two unlabeled
+calibration phantoms (Q/DQ placed for the runtime that runs INT8 here) -> FP32 and INT8 segmentation of a held-out phantom on the best
 available engine -> size, latency, Dice vs truth and FP32-vs-INT8 agreement.
 """
 from __future__ import annotations
@@ -114,6 +114,7 @@ def _run_demo_in(work: Path, final: Path, spec_path: Path, runtime: str, train: 
         "output_dir": str(final),
         "quantize_seconds": quantized.seconds,
         "qdq_ok": quantized.report.get("qdq", {}).get("ok"),
+        "placement": quantized.placement,
         "markdown": bench["markdown"],
     }
     for row in bench["rows"]:
@@ -135,6 +136,14 @@ def format_demo(result: dict[str, Any]) -> str:
     return "\n".join([
         result["markdown"],
         "",
-        f"Quantization took {result['quantize_seconds']:.1f} s; TensorRT Q/DQ rules "
-        f"{'pass' if result['qdq_ok'] else 'FAIL'}. Outputs in {result['output_dir']}",
+        f"Quantization took {result['quantize_seconds']:.1f} s; {_placement_text(result)}. "
+        f"Outputs in {result['output_dir']}",
     ])
+
+
+def _placement_text(result: dict[str, Any]) -> str:
+    placement = result.get("placement") or {}
+    where = (placement.get("auto") or "").removeprefix("Q/DQ placement: ")
+    rules = ("pass" if result["qdq_ok"] else "not met: u8 activations are for ONNX Runtime"
+             if placement.get("activations") == "u8" else "FAIL")
+    return (f"Q/DQ placement {where}; " if where else "") + f"TensorRT Q/DQ rules {rules}"

@@ -102,9 +102,13 @@ def resample_to_network(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, 
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
     if array.dtype.byteorder == ">" or array.dtype in (np.uint16, np.uint32, np.uint64):
         array = array.astype(np.float32)  # types torch cannot take as they are
-    with warnings.catch_warnings():  # a read-only array is fine: resampling reads it and writes new tensors only
-        warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(np.ascontiguousarray(array))  # (C, K, J, I) view of the caller's voxels
+    array = np.ascontiguousarray(array)
+    if array.flags.writeable:
+        source = torch.from_numpy(array)  # (C, K, J, I) view of the caller's voxels: read, never written
+    else:
+        with warnings.catch_warnings():  # read-only is fine: resampling reads it and writes new tensors only
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(array)
     return orient_and_resample(source, volume, spec)
 
 
@@ -116,9 +120,10 @@ def load_transforms() -> None:
 
 
 def target_grid(volume: Volume, prep: Preprocessing) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The network grid's affine and shape, exactly as MONAI ``Orientation``/``Spacing`` compute them (lazily:
-    no voxel is touched)."""
+    """The network grid's affine and shape, exactly as eager MONAI ``Orientation``/``Spacing`` give them
+    (computed lazily: no voxel is touched)."""
     from monai.data import MetaTensor
+    from monai.data.utils import AFFINE_TOL
     from monai.transforms import Orientation, Spacing
 
     shape_ijk = tuple(int(s) for s in reversed(volume.spatial_shape))
@@ -126,10 +131,18 @@ def target_grid(volume: Volume, prep: Preprocessing) -> tuple[np.ndarray, tuple[
                        affine=torch.as_tensor(np.asarray(volume.ijk_to_ras, dtype=np.float64)))
     if prep.orientation:
         probe = Orientation(axcodes=prep.orientation, labels=_RAS_LABELS, lazy=True)(probe)
-    if prep.spacing is not None:
-        probe = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", lazy=True)(probe)
-    return (np.asarray(probe.peek_pending_affine(), dtype=np.float64).copy(),
-            tuple(int(s) for s in probe.peek_pending_shape()))
+    oriented = np.asarray(probe.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in probe.peek_pending_shape())
+    if prep.spacing is None:
+        return oriented[0].copy(), oriented[1]
+    probe = Spacing(pixdim=prep.spacing, mode="bilinear", padding_mode="border", lazy=True)(probe)
+    spaced = np.asarray(probe.peek_pending_affine(), dtype=np.float64), tuple(int(s) for s in probe.peek_pending_shape())
+    # eager MONAI leaves the oriented image (and its affine) alone when Spacing's own transform is within
+    # AFFINE_TOL of the identity at the same shape (e.g. 2.5015 mm slices for a 2.5 mm target)
+    xform = np.linalg.solve(oriented[0], spaced[0])
+    if spaced[1] == oriented[1] and (np.allclose(oriented[0], spaced[0], rtol=0, atol=AFFINE_TOL)
+                                     or np.allclose(xform, np.eye(4), rtol=0, atol=AFFINE_TOL)):
+        return oriented[0].copy(), oriented[1]
+    return spaced[0].copy(), spaced[1]
 
 
 def orient_and_resample(source_kji: torch.Tensor, volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, NetworkGrid]:

@@ -200,12 +200,23 @@ def _load(model: str | Path | Any):
 
 
 def uint8_quantizers(model: str | Path | Any) -> list[str]:
-    """QuantizeLinear nodes with a uint8 result (ONNX Runtime's asymmetric activations; TensorRT takes int8 only)."""
+    """QuantizeLinear nodes with a uint8 result (ONNX Runtime's asymmetric activations; TensorRT takes int8 only).
+
+    Reads only element types (no weight is converted), so it is cheap enough to run before every TensorRT open."""
     from onnx import TensorProto
 
-    g = _Graph(_load(model))
-    return [_node_name(n) for n in g.nodes
-            if n.op_type == "QuantizeLinear" and g.dtypes.get(n.output[0]) == TensorProto.UINT8]
+    graph = _load(model).graph
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    dtypes.update({n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    found = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            dtype = dtypes.get(zero_point) if zero_point else _attr(node, "output_dtype", TensorProto.UINT8)
+            if dtype == TensorProto.UINT8:
+                found.append(_node_name(node))
+    return found
 
 
 def check_qdq(model: str | Path | Any) -> QDQReport:

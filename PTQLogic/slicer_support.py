@@ -288,6 +288,7 @@ _RESULT_ROWS = (  # key, label, format
     ("fp32_mb", "FP32 ONNX size", "{:.2f} MB"),
     ("int8_mb", "INT8 ONNX size", "{:.2f} MB"),
     ("size_ratio", "INT8/FP32 size", "{:.3f}"),
+    ("placement", "Q/DQ placement", "{}"),
     ("qdq_ok", "TensorRT Q/DQ rules", "{}"),
 )
 
@@ -299,8 +300,13 @@ def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         value = result.get(key)
         if value is None:
             continue
-        if key == "qdq_ok":
-            value = "pass" if value else "FAIL (see quantization.json)"
+        placement = result.get("placement") or {}
+        if key == "placement":
+            value = placement.get("auto", "").removeprefix("Q/DQ placement: ") or \
+                f"{value.get('placement')} ({value.get('activations')})"
+        elif key == "qdq_ok":
+            value = "pass" if value else ("not met: u8 activations are for ONNX Runtime"
+                                          if placement.get("activations") == "u8" else "FAIL (see quantization.json)")
         elif key == "runtime" and result.get("runtime_reason"):
             value = f"{value} ({result['runtime_reason']})"
         rows.append((label, fmt.format(value)))

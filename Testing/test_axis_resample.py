@@ -82,13 +82,17 @@ def test_downsampling_a_ct_sized_grid_matches_monai():
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)  # HU values: float32 rounding of ~2000
 
 
-def test_near_identity_grid_is_copied_as_monai_does():
-    """MONAI leaves an image alone when the transform is within 1e-3 of the identity; so does the fast path."""
-    source = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)  # (C, K, J, I)
-    xform = np.eye(4)
-    xform[0, 3] = 4e-4
-    got = resample_axis_aligned(source, xform, (4, 3, 2))
-    assert torch.equal(got, source.permute(0, 3, 2, 1))
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["ras", "flipped"])
+def test_slices_within_monais_tolerance_are_copied_as_monai_does(sign):
+    """MONAI's Spacing leaves the oriented image alone when its own transform is within 1e-3 of the identity
+    (2.5015 mm slices for a 2.5 mm target); flipped in-plane axes (DICOM's LPS) must not hide that
+    (found in review: interpolated instead, up to 758 HU off)."""
+    array = np.random.default_rng(0).normal(0, 1000, (200, 16, 16)).astype(np.float32)
+    volume = Volume(array=array, ijk_to_ras=np.diag([sign * 1.5, sign * 1.5, 2.5015, 1.0]))
+    expected, expected_affine = monai_reference(volume, "RAS", (1.5, 1.5, 2.5))
+    got, grid = resample_to_network(volume, spec("RAS", (1.5, 1.5, 2.5)))
+    np.testing.assert_allclose(grid.affine, expected_affine, rtol=0, atol=1e-9)
+    assert torch.equal(got, expected)
 
 
 def test_rotated_grid_is_left_to_monai():

@@ -23,3 +23,12 @@ def test_demo_json(tmp_path):
     assert int8["size_mb"] <= 0.35 * fp32["size_mb"]
     assert result["qdq_ok"] is True
     assert (tmp_path / "demo" / "results" / "labels_{}_int8.nii.gz".format(int8["runtime"])).is_file()
+
+
+def test_demo_summary_names_the_placement_and_u8_is_not_called_a_failure():
+    from PTQLogic.demo import format_demo
+
+    line = "Q/DQ placement: cpu --activations u8 --subpixel (auto: INT8 runs on onnxruntime here)"
+    text = format_demo({"markdown": "", "quantize_seconds": 1.0, "qdq_ok": False, "output_dir": "out",
+                        "placement": {"placement": "cpu", "activations": "u8", "subpixel": True, "auto": line}})
+    assert "INT8 runs on onnxruntime here" in text and "not met: u8 activations" in text and "FAIL" not in text

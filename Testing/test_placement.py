@@ -213,6 +213,8 @@ def test_resolve_placement_rules():
     assert resolve_placement("cpu", "u8", True) == ("cpu", "u8", True, "")
     with pytest.raises(InputError, match="auto chooses"):
         resolve_placement("auto", "u8")
+    with pytest.raises(InputError, match="belong to the 'cpu' placement"):
+        resolve_placement("modelopt", "u8")
     assert placement_for_runtime("onnxruntime") == ("cpu", "u8", True)
     with pytest.raises(InputError, match="runtime"):
         placement_for_runtime("torch")

@@ -190,6 +190,14 @@ def test_results_rows():
     quantized = dict(ss.results_rows({"fp32_mb": 18.4, "int8_mb": 4.72, "size_ratio": 0.2565, "qdq_ok": True}))
     assert quantized == {"FP32 ONNX size": "18.40 MB", "INT8 ONNX size": "4.72 MB", "INT8/FP32 size": "0.257",
                          "TensorRT Q/DQ rules": "pass"}
+    ort = dict(ss.results_rows({"qdq_ok": False, "placement": {
+        "placement": "cpu", "activations": "u8", "subpixel": True,
+        "auto": "Q/DQ placement: cpu --activations u8 --subpixel (auto: INT8 runs on onnxruntime here)"}}))
+    assert ort == {"Q/DQ placement": "cpu --activations u8 --subpixel (auto: INT8 runs on onnxruntime here)",
+                   "TensorRT Q/DQ rules": "not met: u8 activations are for ONNX Runtime"}
+    explicit = dict(ss.results_rows({"qdq_ok": True, "placement": {"placement": "modelopt", "activations": "s8",
+                                                                    "subpixel": False, "auto": ""}}))
+    assert explicit == {"Q/DQ placement": "modelopt (s8)", "TensorRT Q/DQ rules": "pass"}
 
 
 # ---------------------------------------------------------------- background process

@@ -27,6 +27,9 @@ def resolve_placement(placement: str, activations: str = "s8", subpixel: bool = 
     ModelOpt's where the accuracy guard, node exclusions, an nnU-Net folder or the architecture's own
     high-precision rules (attention MatMuls, ``networks.HIGH_PRECISION``) need it. Other placements pass
     through. Returns (placement, activations, subpixel, a line saying what auto chose and why, or "")."""
+    if placement == "modelopt" and (activations != "s8" or subpixel):
+        raise InputError("--activations and --subpixel belong to the 'cpu' placement; ModelOpt's places symmetric "
+                         "int8 only. Drop them, or give --placement cpu.")
     if placement != "auto":
         return placement, activations, subpixel, ""
     if activations != "s8" or subpixel:
