@@ -10,9 +10,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import InputError
+
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
 
 def current_umask() -> int:
@@ -160,3 +162,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """A label map path that can be written: a known suffix, not an input, in a writable folder."""
+    output = Path(output)
+    name = output.name.lower()
+    if not any(name.endswith(s) for s in LABELMAP_SUFFIXES):
+        raise InputError(f"Output '{output}' must end with one of {LABELMAP_SUFFIXES} (NIfTI or NRRD label map).")
+    for item in inputs:
+        if Path(item).resolve() == output.resolve():
+            raise InputError(f"Output '{output}' is the input file; choose another path so the input is kept.")
+    if output.is_dir():
+        raise InputError(f"Output '{output}' is a folder; give a file name such as labels.nii.gz.")
+    check_writable_dir(output.parent, f"label map '{output.name}'")
+    return output

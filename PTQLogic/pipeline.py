@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InputError, ModelError
-from .fileio import check_writable_dir, publish_dir, staging_dir
+from .fileio import check_output_path, check_writable_dir, publish_dir, staging_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
 
@@ -26,7 +26,6 @@ SPEC_NAME = "spec.json"
 FP32_NAME = "fp32.onnx"
 INT8_NAME = "int8.onnx"
 REPORT_NAME = "quantization.json"
-LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
 
 @dataclass(frozen=True)
@@ -193,16 +192,18 @@ def quantize_model(
 ) -> QuantizeResult:
     """Spec (+ weights) and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
-    ``placement``: "auto" (default) places Q/DQ for the runtime that runs INT8 on this computer
-    (:func:`~PTQLogic.quantization.presets.resolve_placement`); "modelopt" (TensorRT) or "cpu".
+    ``placement``: "auto" places Q/DQ for the INT8 runtime here (``presets.resolve_placement``), or "modelopt"/"cpu".
     """
     from .nnunet.folder import is_nnunet_folder
 
-    requested = (placement, activations, subpixel, guard is not None, bool(exclude_nodes))
+    from .quantization.presets import resolve_placement
+
+    requested = dict(placement=placement, activations=activations, subpixel=subpixel, guarded=guard is not None,
+                     excludes_nodes=bool(exclude_nodes))
     if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
         from .nnunet.model_dir import quantize_nnunet
 
-        placement, activations, subpixel, why = _placement(*requested, nnunet=True)
+        placement, activations, subpixel, why = resolve_placement(**requested, nnunet=True)
         if placement != "modelopt" or subpixel or activations != "s8":
             raise InputError("nnU-Net folders are quantized with ModelOpt's Q/DQ placement only; drop --placement, "
                              "--activations and --subpixel.")
@@ -221,7 +222,7 @@ def quantize_model(
     spec = loaded.spec if loaded is not None else load_model_spec(model)  # a wrong path fails before heavy imports
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
-    placement, activations, subpixel, why = _placement(*requested, architecture=spec.architecture)
+    placement, activations, subpixel, why = resolve_placement(**requested, architecture=spec.architecture)
     chosen = {"placement": placement, "activations": activations, "subpixel": subpixel, "auto": why}
     from .calibration import (
         CalibrationSettings, calibration_inputs, load_calibration_volumes, sample_calibration_patches,
@@ -305,17 +306,6 @@ def quantize_model(
     )
 
 
-def _placement(placement: str, activations: str, subpixel: bool, guarded: bool, excludes_nodes: bool, *,
-               architecture: str | None = None, nnunet: bool = False) -> tuple[str, str, bool, str]:
-    """:func:`~PTQLogic.quantization.presets.resolve_placement` for this model (its architecture's rules)."""
-    from .networks import high_precision
-    from .quantization.presets import resolve_placement
-
-    rule = high_precision(architecture) if architecture else None
-    return resolve_placement(placement, activations, subpixel, guarded=guarded, excludes_nodes=excludes_nodes,
-                             nnunet=nnunet, architecture_rules=bool(rule and (rule.exclude_nodes or rule.exclude_op_types)))
-
-
 def open_engine(
     model_dir: ModelDir,
     runtime: str,
@@ -354,20 +344,6 @@ def open_engine(
         torch_compile=torch_compile,
     )
     return engine, reason
-
-
-def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
-    output = Path(output)
-    name = output.name.lower()
-    if not any(name.endswith(s) for s in LABELMAP_SUFFIXES):
-        raise InputError(f"Output '{output}' must end with one of {LABELMAP_SUFFIXES} (NIfTI or NRRD label map).")
-    for item in inputs:
-        if Path(item).resolve() == output.resolve():
-            raise InputError(f"Output '{output}' is the input file; choose another path so the input is kept.")
-    if output.is_dir():
-        raise InputError(f"Output '{output}' is a folder; give a file name such as labels.nii.gz.")
-    check_writable_dir(output.parent, f"label map '{output.name}'")
-    return output
 
 
 @dataclass

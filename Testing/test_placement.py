@@ -207,7 +207,8 @@ def test_resolve_placement_rules():
 
     assert resolve_placement("auto", guarded=True)[:3] == ("modelopt", "s8", False)
     assert resolve_placement("auto", excludes_nodes=True)[0] == "modelopt"
-    assert resolve_placement("auto", architecture_rules=True)[3].endswith("high precision through it)")
+    assert resolve_placement("auto", architecture="SwinUNETR")[3].endswith("high precision through it)")
+    assert resolve_placement("auto", architecture="UNet")[0] == "cpu"  # OpenVINO runs INT8 here
     placement, _, _, line = resolve_placement("auto", nnunet=True)
     assert placement == "modelopt" and "nnU-Net" in line
     assert resolve_placement("cpu", "u8", True) == ("cpu", "u8", True, "")

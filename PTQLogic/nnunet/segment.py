@@ -143,7 +143,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
     from ..evaluate import agreement_dice, dice_per_class, warn_foreign_reference
     from ..imageio import read_volume, write_label_tables, write_labelmap
-    from ..pipeline import SegmentOutcome, check_output_path
+    from ..fileio import check_output_path
+    from ..pipeline import SegmentOutcome
 
     monitor = monitor or Monitor()
     paths, labels = expand_models(models)

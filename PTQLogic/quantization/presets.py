@@ -22,7 +22,7 @@ def placement_for_runtime(runtime: str) -> tuple[str, str, bool]:
 
 def resolve_placement(placement: str, activations: str = "s8", subpixel: bool = False, *, guarded: bool = False,
                       excludes_nodes: bool = False, nnunet: bool = False,
-                      architecture_rules: bool = False) -> tuple[str, str, bool, str]:
+                      architecture: str | None = None) -> tuple[str, str, bool, str]:
     """``"auto"``: the placement for the runtime ``segment --runtime auto`` picks for INT8 on this computer, or
     ModelOpt's where the accuracy guard, node exclusions, an nnU-Net folder or the architecture's own
     high-precision rules (attention MatMuls, ``networks.HIGH_PRECISION``) need it. Other placements pass
@@ -35,6 +35,10 @@ def resolve_placement(placement: str, activations: str = "s8", subpixel: bool = 
     if activations != "s8" or subpixel:
         raise InputError("--placement auto chooses --activations and --subpixel itself; drop them, or give "
                          "--placement cpu with them.")
+    from ..networks import high_precision
+
+    rule = high_precision(architecture) if architecture else None
+    architecture_rules = bool(rule and (rule.exclude_nodes or rule.exclude_op_types))
     for reason, applies in (("the accuracy guard keeps layers through it", guarded),
                             ("--exclude-nodes needs it", excludes_nodes),
                             ("nnU-Net folders are quantized with it", nnunet),
