@@ -296,6 +296,18 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    """`--out FILE.json` (and FILE.md beside it) and `--render FILE.json`, shared by the CPU benchmark scripts."""
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
+
+
+def write_report(report: dict, out: Path | None, to_markdown) -> None:
+    if out:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(to_markdown(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("."))
@@ -310,8 +322,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters of INT8 files")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS),
                         help="build these FP32/INT8 variants of each model first (needs PTQLogic on the path)")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
+    add_report_args(parser)
     args = parser.parse_args()
     if args.render:
         print(to_markdown(json.loads(args.render.read_text())), end="")
@@ -331,9 +342,7 @@ def main() -> None:
                   f"{row['p90_ms']:.1f}  min-max {row['min_ms']:.1f}-{row['max_ms']:.1f}{extra}", flush=True)
         for key, error in report["models"][name]["errors"].items():
             print(f"{name:10s} {key:28s} ERROR {error}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(report))
+    write_report(report, args.out, to_markdown)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpu_int8_latency import machine  # noqa: E402
+from cpu_int8_latency import add_report_args, machine, write_report  # noqa: E402
 from cpu_whole_volume import make_spec  # noqa: E402
 from gpu_pipeline import synthetic_ct  # noqa: E402
 
@@ -63,8 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--onnx", type=Path, help="INT8 ONNX file: compare whole-volume labels before vs after")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
+    add_report_args(parser)
     args = parser.parse_args()
     if args.render:
         print(to_markdown(json.loads(args.render.read_text())), end="")
@@ -97,9 +96,7 @@ def main() -> None:
         report["onnx"] = args.onnx.name
         report["labels_equal_fraction"] = labels_agreement(volume, spec, args.onnx)
     print(to_markdown(report), end="")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(report))
+    write_report(report, args.out, to_markdown)
 
 
 if __name__ == "__main__":

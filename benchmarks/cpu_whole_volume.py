@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpu_int8_latency import machine  # noqa: E402
+from cpu_int8_latency import add_report_args, machine, write_report  # noqa: E402
 from gpu_pipeline import synthetic_ct  # noqa: E402
 
 FILES = {"fp32": "fp32rw", "int8": "s8res"}  # the FP32 graph with the INT8 file's exact rewrites; --placement cpu
@@ -107,8 +107,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--after-only", action="store_true", help="time only the product's path (no MONAI rows)")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--render", type=Path, help="only render an earlier --out JSON as Markdown (stdout)")
+    add_report_args(parser)
     args = parser.parse_args()
     if args.render:
         print(to_markdown(json.loads(args.render.read_text())), end="")
@@ -147,9 +146,7 @@ def main() -> None:
             print(f"{precision:5s} {name:6s} total {row['total_s']:.2f} s ({row['min_s']:.2f}-{row['max_s']:.2f}) "
                   f"network {row['network_s']:.2f} s  rest {row['rest_s']:.2f} s  labels equal {same:.6f}",
                   flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(report))
+    write_report(report, args.out, to_markdown)
 
 
 if __name__ == "__main__":
