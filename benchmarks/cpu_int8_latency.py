@@ -72,6 +72,7 @@ VARIANTS = {
     "fp32sub": ("fp32", {"fold_residual": True, "subpixel": True, "shuffle": "depth_to_space"}),  # ORT's FP32 engine
     "cpus8": ("int8", {"activations": "s8", "fold_residual": False}),  # the CPU placement before the rewrites
     "s8res": ("int8", {"activations": "s8", "fold_residual": True}),  # --placement cpu (OpenVINO default)
+    "s8nopad": ("int8", {"activations": "s8", "fold_residual": True, "pad_channels": False}),  # before the padding
     "u8sub": ("int8", {"activations": "u8", "fold_residual": True, "subpixel": True}),  # --activations u8 --subpixel
     # the ONNX Runtime preset before its float convs (first layer, logits conv) were left in float:
     "u8subq": ("int8", {"activations": "u8", "fold_residual": True, "subpixel": True, "ort_float": False}),

@@ -150,9 +150,10 @@ def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
 
 
 def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, subpixel: bool = False,
-                     shuffle: str = "steps") -> dict[str, int]:
-    """Apply the rewrites in place (``conv_rewrites``' two on request; ``shuffle``: the sub-pixel shuffle's form,
-    ``"depth_to_space"`` for graphs that stay float); returns how many of each were made."""
+                     shuffle: str = "steps", pad_channels: bool = False) -> dict[str, int]:
+    """Apply the rewrites in place (``conv_rewrites``' two and ``channel_padding`` on request; ``shuffle``: the
+    sub-pixel shuffle's form, ``"depth_to_space"`` for graphs that stay float); returns how many of each were made."""
+    from .channel_padding import pad_channels as pad
     from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
 
     counts = {"nodes_named": name_unnamed_nodes(model), "identities_bypassed": bypass_identities(model)}
@@ -162,6 +163,8 @@ def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, sub
         counts["identity_residual_folded"] = fold_identity_residual(model)
     if subpixel:
         counts["convtranspose_to_subpixel"] = convtranspose_to_subpixel(model, shuffle)
+    if pad_channels:
+        counts["channels_padded"] = pad(model)
     drop_unused_initializers(model)
     return counts
 

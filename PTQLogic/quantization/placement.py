@@ -14,7 +14,9 @@ output convolution in FP32, which is half of OpenVINO's INT8 time. CPU runtimes 
 - network outputs stay float (the trailing Q/DQ ORT adds on the last op is removed);
 - exact conv rewrites (``conv_rewrites``): the identity residual around the full-resolution output conv
   folded into it (always; removes a full-resolution float Add), and on request (``subpixel``, for ONNX
-  Runtime) ConvTranspose as a sub-pixel Conv + shuffle, whose Reshape/Transpose then carry int8.
+  Runtime) ConvTranspose as a sub-pixel Conv + shuffle, whose Reshape/Transpose then carry int8;
+- with s8 activations (OpenVINO), conv chains padded to multiples of 16 channels (``channel_padding``,
+  exact): OpenVINO's int8 kernels work on 16-channel blocks.
 
 For ONNX Runtime use ``activations="u8"``: with symmetric int8 activations it leaves every conv whose
 input also feeds a residual branch in float (measured; u8 fuses them all into ``QLinearConv``).
@@ -290,13 +292,14 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max", fold_residual: bool = True,
-                 subpixel: bool = False, ort_float: bool | None = None,
+                 subpixel: bool = False, ort_float: bool | None = None, pad_channels: bool | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
     ``ort_float`` (default: with ``u8`` activations, the ONNX Runtime preset) leaves :func:`ort_float_convs`
-    in float.
+    in float. ``pad_channels`` (default: with ``s8`` activations, the OpenVINO placement) pads chains of
+    convolutions to multiples of 16 channels (:mod:`.channel_padding`).
     """
     import onnx
 
@@ -308,7 +311,8 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
         raise InputError(f"Calibration method must be 'max' or 'entropy', got {method!r}.")
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     model = onnx.load(str(fp32_onnx))
-    rewrites = prepare_for_int8(model, fold_residual=fold_residual, subpixel=subpixel)
+    pad = activations == "s8" if pad_channels is None else pad_channels
+    rewrites = prepare_for_int8(model, fold_residual=fold_residual, subpixel=subpixel, pad_channels=pad)
     present = {node.op_type for node in model.graph.node}
     op_types = tuple(op for op in CPU_OP_TYPES if op in present and (subpixel or op not in ("Reshape", "Transpose")))
     workdir = Path(tempfile.mkdtemp(prefix=".placement-", dir=out_path.parent))

@@ -6,6 +6,8 @@ and fed the *FP32* model's values of those inputs on held-out patches. Its relat
 the FP32 output is the error this layer's quantization adds by itself, independent of errors it
 would inherit from layers before it (which make end-to-end per-layer errors useless for ranking).
 ModelOpt keeps the original tensor names when it inserts Q/DQ nodes, so both graphs share them.
+Only ModelOpt-placed graphs qualify (the guard refuses the CPU placement): its rewrites change
+tensors, and ``channel_padding`` channel counts, so FP32 values would not fit its subgraphs.
 """
 from __future__ import annotations
 
