@@ -14,20 +14,16 @@ subgraph; weights and parameters become new initializers, shared ones stay.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from .conv_rewrites import _attr
 from .graph_prep import consumer_map
 
 _PER_CHANNEL = ("InstanceNormalization", "LeakyRelu", "Relu")
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -72,7 +68,7 @@ def pad_channels(model: onnx.ModelProto, multiple: int = 16) -> int:
     arrays = _constants(model)
     consumers = consumer_map(model)
     outputs = {o.name for o in model.graph.output}
-    names = _names_in_use(model)
+    new = partial(_replace, arrays, _names_in_use(model), model)  # new(node, input index, array, name)
     changed: set[str] = set()
     padded = 0
     for producer in list(model.graph.node):
@@ -95,10 +91,6 @@ def pad_channels(model: onnx.ModelProto, multiple: int = 16) -> int:
             continue
         extra = multiple - channels
         base = producer.name or producer.output[0]
-
-        def new(node: onnx.NodeProto, index: int, array: np.ndarray, name: str) -> None:
-            _replace(arrays, names, model, node, index, array, name)
-
         new(producer, 1, _pad(weight, axis, extra), f"{base}_padded_w")
         if len(producer.input) > 2:
             new(producer, 2, _pad(arrays[producer.input[2]], 0, extra), f"{base}_padded_b")
