@@ -15,8 +15,8 @@ output convolution in FP32, which is half of OpenVINO's INT8 time. CPU runtimes 
 - exact conv rewrites (``conv_rewrites``): the identity residual around the full-resolution output conv
   folded into it (always; removes a full-resolution float Add), and on request (``subpixel``, for ONNX
   Runtime) ConvTranspose as a sub-pixel Conv + shuffle, whose Reshape/Transpose then carry int8;
-- with s8 activations (OpenVINO), conv chains padded to multiples of 16 channels (``channel_padding``,
-  exact): OpenVINO's int8 kernels work on 16-channel blocks.
+- with s8 activations (OpenVINO), conv chains of 9-15 channels padded to 16 (``channel_padding``, exact):
+  OpenVINO's int8 kernels work on 16-channel blocks.
 
 For ONNX Runtime use ``activations="u8"``: with symmetric int8 activations it leaves every conv whose
 input also feeds a residual branch in float (measured; u8 fuses them all into ``QLinearConv``).
@@ -299,7 +299,7 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
     ``ort_float`` (default: with ``u8`` activations, the ONNX Runtime preset) leaves :func:`ort_float_convs`
     in float. ``pad_channels`` (default: with ``s8`` activations, the OpenVINO placement) pads chains of
-    convolutions to multiples of 16 channels (:mod:`.channel_padding`).
+    convolutions of 9-15 channels to 16 (:mod:`.channel_padding`).
     """
     import onnx
 
