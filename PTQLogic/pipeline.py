@@ -18,6 +18,7 @@ from .errors import InputError, ModelError
 from .fileio import check_output_path, check_writable_dir, publish_dir, staging_dir
 from .progress import Monitor
 from .spec import ModelSpec, load_spec
+from .sysinfo import cpu_int8_note, speed_note
 
 if TYPE_CHECKING:
     from .quantization.guard import GuardTarget
@@ -366,6 +367,10 @@ class SegmentOutcome:
     reference_per_class: dict[str, float] | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:  # with --compare: say so when low precision did not pay off in speed
+        note = self.fp32_latency_ms and speed_note(self.runtime, self.precision, self.latency_ms, self.fp32_latency_ms)
+        self.warnings += [note] if note else []
+
     @property
     def latency_ms(self) -> float:
         return 1000.0 * self.network_seconds / max(self.patches, 1)
@@ -423,9 +428,8 @@ def segment(
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
     from .calibration import warn_intensity_mismatch
-    from .evaluate import (
-        agreement_dice, check_label_map, compare_label_maps, label_table_next_to, parse_label_map,
-    )
+    from .evaluate import (agreement_dice, check_label_map, compare_label_maps, label_table_next_to,
+                           parse_label_map)
     from .imageio import label_table_paths, read_volume, write_label_tables, write_labelmap
     from .inference import segment_volume
 
@@ -450,17 +454,13 @@ def segment(
                                  torch_compile=torch_compile)
     build_seconds = time.perf_counter() - started
     if engine.info.precision == "int8" and getattr(engine.device, "type", str(engine.device)) == "cpu":
-        from .sysinfo import cpu_int8_note
-
         warnings += [note for note in (cpu_int8_note(),) if note]
     result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
     labels = list(range(1, spec.num_classes))
     agreement = fp32_result = None
     if compare and precision != "fp32":
-        fp32_engine, _ = open_engine(
-            model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size or 1, monitor=monitor,
-            torch_compile=torch_compile,
-        )
+        fp32_engine, _ = open_engine(model_dir, engine.info.runtime, "fp32", device=device, batch_size=batch_size or 1,
+                                     monitor=monitor, torch_compile=torch_compile)
         fp32_result = segment_volume(volume, spec, fp32_engine, batch_size=batch_size, monitor=monitor)
         agreement = agreement_dice(result.labels.array, fp32_result.labels.array, labels)
     reference_dice = reference_per_class = None

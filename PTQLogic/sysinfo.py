@@ -183,3 +183,20 @@ def cpu_int8_note() -> str | None:
     return ("This CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): INT8 runs about as "
             "fast as FP32 here (0.9-1.0x for 96^3 UNets, 1.7x for a SegResNet, measured); the INT8 file is "
             "still about 3.7x smaller.")
+
+
+PAYS_OFF_SPEEDUP = 1.1  # a low-precision engine at least this much faster than FP32 pays off in speed
+
+
+def speed_note(runtime: str, precision: str, latency_ms: float, fp32_latency_ms: float) -> str | None:
+    """A note when INT8/FP16 was not clearly faster than FP32 on the same runtime, volume and machine (the
+    ``--compare`` run): e.g. a GroupNorm network on ONNX Runtime, or any network on a CPU without VNNI/AMX."""
+    if latency_ms <= 0 or fp32_latency_ms <= 0 or fp32_latency_ms / latency_ms >= PAYS_OFF_SPEEDUP:
+        return None
+    if runtime == "onnxruntime" and precision == "int8":
+        advice = ("OpenVINO ran the same INT8 files several times faster than ONNX Runtime in the project's CPU "
+                  "benchmarks (benchmarks/README.md): try --runtime openvino")
+    else:
+        advice = "FP32 is as fast or faster here; the low-precision file is still smaller"
+    return (f"{precision.upper()} took {latency_ms:.1f} ms per patch against FP32's {fp32_latency_ms:.1f} ms on "
+            f"{runtime} ({fp32_latency_ms / latency_ms:.2f}x): it does not pay off in speed on this machine. {advice}.")

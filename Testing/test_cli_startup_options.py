@@ -155,6 +155,17 @@ def test_compare_reports_the_fp32_time(quantized_unet, phantom_files, tmp_path, 
     assert "s for the volume" in fp32_line and "ms per patch" in fp32_line
 
 
+def test_compare_says_when_int8_does_not_pay_off(quantized_unet, phantom_files, tmp_path, capsys):
+    code = main(["segment", "--model", str(quantized_unet), "--input", str(phantom_files["image"]),
+                 "--output", str(tmp_path / "l.nii.gz"), "--runtime", "onnxruntime", "--compare", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    slower = data["fp32_latency_ms"] / data["latency_ms"] < 1.1  # this run's own timings decide
+    assert any("does not pay off in speed" in w and "--runtime openvino" in w for w in data["warnings"]) == slower
+    assert ("does not pay off in speed" in err) == slower
+
+
 def test_cpu_float_reaches_workers_and_does_not_outlive_the_call(monkeypatch, tmp_path, capsys):
     """--cpu-float is set for the run (and forwarded to Ray workers' environment), then restored, so an
     in-process caller's next run does not inherit it."""

@@ -83,6 +83,9 @@ def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, cap
         result = _segment(out, images["image"], tmp_path / f"{runtime}8.nii.gz", capsys, "--runtime", runtime,
                           "--precision", "int8", "--compare")
         assert result["precision"] == "int8" and result["agreement_dice"] > 0.85, result
+        assert result["fp32_latency_ms"] > 0 and result["fp32_seconds"] > 0  # FP32's time, as for other models
+        slower = result["fp32_latency_ms"] / result["latency_ms"] < 1.1
+        assert any("does not pay off in speed" in w for w in result["warnings"]) == slower
     table = json.loads(label_table_paths(tmp_path / "openvino8.nii.gz")[0].read_text())
     assert [row["name"] for row in table["labels"]] == LABELS
     _segment(out, images["image"], tmp_path / "openvino8.seg.nrrd", capsys, "--runtime", "openvino")

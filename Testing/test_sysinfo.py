@@ -79,3 +79,16 @@ def test_int8_note_on_cpus_without_int8_dot_products(monkeypatch):
         assert cpu_int8_note() is None
     elif all(flags[f] is False for f in INT8_DOT_FLAGS):
         assert cpu_int8_note() is not None
+
+
+def test_speed_note_only_when_low_precision_does_not_pay_off():
+    from PTQLogic.sysinfo import speed_note
+
+    assert speed_note("openvino", "int8", 10.0, 25.0) is None  # 2.5x: pays off
+    assert speed_note("openvino", "int8", 10.0, 11.0) is None  # 1.1x: the threshold pays off
+    note = speed_note("onnxruntime", "int8", 20.0, 18.4)  # 0.92x (a GroupNorm SegResNet on ONNX Runtime)
+    assert "20.0 ms per patch against FP32's 18.4 ms on onnxruntime (0.92x)" in note and "--runtime openvino" in note
+    note = speed_note("openvino", "int8", 10.0, 10.5)
+    assert "(1.05x)" in note and "--runtime openvino" not in note and "still smaller" in note
+    assert "FP16" in speed_note("tensorrt", "fp16", 1.0, 0.9)
+    assert speed_note("onnxruntime", "int8", 0.0, 10.0) is None  # no timing, no claim

@@ -165,10 +165,12 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                                                                  mirroring, monitor)
     merged = _merge(parts, lookups, len(classes))
     present = list(range(1, len(classes)))
-    agreement = None
+    agreement = fp32_seconds = fp32_net_s = None
     if compare and precision != "fp32":
-        fp32_parts = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)[0]
+        fp32_started = time.perf_counter()
+        fp32_parts, *_, fp32_net_s, _, _ = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)
         agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
+        fp32_seconds = time.perf_counter() - fp32_started
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
@@ -176,4 +178,5 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
                           runtime_reason=reason, precision=info.precision, engine_size_mb=size / 1e6,
                           seconds=time.perf_counter() - started, network_seconds=net_s, patches=patches,
-                          build_seconds=build_s, agreement_dice=agreement, reference_dice=reference_dice)
+                          build_seconds=build_s, agreement_dice=agreement, reference_dice=reference_dice,
+                          fp32_seconds=fp32_seconds, fp32_network_seconds=fp32_net_s)
