@@ -252,8 +252,46 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
     out = {"rows": result, "errors": errors}
     if profile:
         out["profiles"] = {key: runner.profile(x) for key, runner in runners.items()
-                           if key.startswith(("openvino-f32/", "openvino-f32-cl/"))}
+                           if key.startswith(("openvino-f32/", "openvino-f32-cl/", "openvino-bf16-cl/"))}
     return out
+
+
+CONV_KINDS = ("Convolution", "ConvolutionBackpropData", "Deconvolution")  # the last two: ConvTranspose
+
+
+def time_split(profile: dict) -> tuple[float, float]:
+    """(convolution ms, everything else ms) of one OpenVINO profile."""
+    conv = sum(ms for kind, ms in profile["by_kind_ms"].items() if kind.split("/")[0] in CONV_KINDS)
+    return conv, profile["layers_total_ms"] - conv
+
+
+def split_markdown(report: dict) -> list[str]:
+    """Where the time goes, channels-last: convolutions against everything else, bf16 FP32 against INT8.
+
+    INT8 can beat bf16 by no more than its convolutions do unless the other layers shrink by more: this is
+    the ceiling of the INT8-vs-bf16 ratio for a network, measured layer by layer."""
+    lines = []
+    for name, result in report["models"].items():
+        profiles = result.get("profiles", {})
+        bf16 = {k: v for k, v in profiles.items() if k.startswith("openvino-bf16-cl/") and "/fp32" in k}
+        int8 = {k: v for k, v in profiles.items() if k.startswith("openvino-f32-cl/") and "/fp32" not in k}
+        if not bf16 or not int8:
+            continue
+        ref_key = min(bf16, key=lambda k: bf16[k]["layers_total_ms"])
+        ref_conv, ref_other = time_split(bf16[ref_key])
+        for key, prof in [(ref_key, bf16[ref_key])] + sorted(int8.items()):
+            conv, other = time_split(prof)
+            others = sorted(((ms, kind) for kind, ms in prof["by_kind_ms"].items()
+                             if kind.split("/")[0] not in CONV_KINDS), reverse=True)[:3]
+            ratio = "-" if key == ref_key else f"{ref_conv / conv:.2f}x / {ref_other / other:.2f}x"
+            lines.append(f"| {name} | {key} | {prof['layers_total_ms']:.1f} | {conv:.1f} | {other:.1f} | {ratio} | "
+                         + ", ".join(f"{kind} {ms:.1f}" for ms, kind in others) + " |")
+    if not lines:
+        return []
+    return ["", "### Where the time goes (OpenVINO performance counters, logits channels-last)", "",
+            "| Model | Runtime/file | layers ms | convolutions ms | everything else ms | bf16 FP32 / this: convolutions / "
+            "the rest | largest other kinds (ms) |", "|---|---|---|---|---|---|---|", *lines, "",
+            "INT8 can beat bf16 FP32 by more than its convolutions do only if the rest shrinks by more."]
 
 
 def to_markdown(report: dict) -> str:
@@ -294,6 +332,7 @@ def to_markdown(report: dict) -> str:
               "`openvino-f32` includes copying the logits out of the runtime (a fresh 14x96^3 float array per "
               "call); `-nocopy` rows read them in place; `-cl` rows read them in place channels-last (N, D, H, W, C), which "
               "spares OpenVINO the final reorder of the logits, as the product's sliding window does."]
+    lines += split_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +359,7 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
     parser.add_argument("--configs", nargs="+", help="only these runtime configurations (e.g. openvino-f32-cl)")
     parser.add_argument("--export", action="store_true", help="export missing FP32 models first (needs monai)")
-    parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters of INT8 files")
+    parser.add_argument("--profile", action="store_true", help="OpenVINO performance counters (INT8 files; bf16 FP32 files channels-last)")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS),
                         help="build these FP32/INT8 variants of each model first (needs PTQLogic on the path)")
     add_report_args(parser)
