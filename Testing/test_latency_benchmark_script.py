@@ -25,3 +25,23 @@ def test_variants_rows_ratios_and_table(tmp_path):
     report = {"machine": bench.machine(), "patch": 32, "repeats": 2, "threads": 1, "models": {"unet_bn": result}}
     table = bench.to_markdown(report)
     assert "| unet_bn | openvino-f32-nocopy | s8res |" in table and "vs best FP32" in table
+
+
+def test_profile_splits_convolutions_from_the_rest(tmp_path):
+    """--profile's split table: convolutions (ConvTranspose included) against everything else, per file."""
+    bench.export(tmp_path, 32)
+    bench.make_variants(tmp_path, ["unet_bn"], 32, ["s8res"])
+    result = bench.bench_model(tmp_path, "unet_bn", 32, repeats=1, warmup=1, threads=1, runtimes=["openvino"],
+                               profile=True, only=["openvino-f32-cl", "openvino-bf16-cl"])
+    profiles = result["profiles"]
+    assert {"openvino-bf16-cl/fp32", "openvino-f32-cl/s8res"} <= set(profiles)
+    int8 = profiles["openvino-f32-cl/s8res"]
+    conv, other = bench.time_split(int8)
+    transposed = sum(ms for kind, ms in int8["by_kind_ms"].items() if kind.startswith("ConvolutionBackpropData"))
+    plain = sum(ms for kind, ms in int8["by_kind_ms"].items() if kind.startswith("Convolution/"))
+    assert transposed > 0 and plain > 0 and abs(conv - transposed - plain) < 1e-9  # the UNet's ConvTransposes count
+    assert other >= 0 and abs(conv + other - int8["layers_total_ms"]) < 1e-6
+    report = {"models": {"unet_bn": result}}
+    table = "\n".join(bench.split_markdown(report))
+    assert "Where the time goes" in table and "| unet_bn | openvino-f32-cl/s8res |" in table
+    assert "| unet_bn | openvino-bf16-cl/fp32 |" in table
