@@ -81,7 +81,7 @@ def _to_volume(image, source: str) -> Volume:
     components = image.GetNumberOfComponentsPerPixel()
     if dim == 4 and components > 1:
         raise InputError(f"'{source}' is a 4D vector image (size {size}, {components} components); not supported.")
-    array = np.array(_sitk().GetArrayFromImage(image), copy=True)
+    array = _sitk().GetArrayFromImage(image)  # a copy the volume owns
     if dim == 4:  # array is (T, K, J, I)
         if size[3] > MAX_CHANNELS:
             raise InputError(
@@ -114,8 +114,23 @@ def read_volume(path: str | Path) -> Volume:
     _refuse_oversized(path)
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is an empty file (0 bytes); it may have been cut off while copying.")
+    # ITK reads a cut-off or NaN-holding NIfTI without a word, so NIfTI files are checked on their own, each
+    # check decompressing the file again: in a second thread, beside ITK's read (both release the GIL)
+    if volume_suffix(path) in (".nii", ".nii.gz"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="ptqseg-nifti-check") as pool:
+            checks = pool.submit(lambda: (_refuse_truncated_nifti(path), _refuse_nifti_nan(path)))
+            image = _read_image(sitk, path)
+        checks.result()  # the file's own problem (cut off, NaN voxels), once ITK could read it
+    else:
+        image = _read_image(sitk, path)
+    return _to_volume(image, str(path))
+
+
+def _read_image(sitk, path: Path):
     try:
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         detail = next((line for line in reversed(lines) if "ideal" not in line and "actual" not in line), "")
@@ -123,10 +138,6 @@ def read_volume(path: str | Path) -> Volume:
             f"Could not read '{path}' as an image ({detail[-160:] or 'unknown reason'}); the file may be damaged "
             f"or truncated. Supported are {', '.join(READ_SUFFIXES)} files and folders holding one DICOM series."
         ) from None
-    if volume_suffix(path) in (".nii", ".nii.gz"):
-        _refuse_truncated_nifti(path)
-        _refuse_nifti_nan(path)
-    return _to_volume(image, str(path))
 
 
 MAX_VOLUME_BYTES_ENV = "PTQSEG_MAX_MEMORY_GB"
