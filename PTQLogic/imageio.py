@@ -114,13 +114,13 @@ def read_volume(path: str | Path) -> Volume:
     _refuse_oversized(path)
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is an empty file (0 bytes); it may have been cut off while copying.")
-    # ITK reads a cut-off or NaN-holding NIfTI without a word, so NIfTI files are checked on their own, each
-    # check decompressing the file again: in a second thread, beside ITK's read (both release the GIL)
+    # ITK reads a cut-off, damaged or NaN-holding NIfTI without a word: a second pass over the file checks
+    # it, in a thread beside ITK's read (both release the GIL while they decompress)
     if volume_suffix(path) in (".nii", ".nii.gz"):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1, thread_name_prefix="ptqseg-nifti-check") as pool:
-            checks = pool.submit(lambda: (_refuse_truncated_nifti(path), _refuse_nifti_nan(path)))
+            checks = pool.submit(_check_nifti, path)
             image = _read_image(sitk, path)
         checks.result()  # the file's own problem (cut off, NaN voxels), once ITK could read it
     else:
@@ -165,8 +165,12 @@ def _refuse_oversized(path: Path) -> None:
         )
 
 
-def _refuse_truncated_nifti(path: Path) -> None:
-    """ITK's NIfTI reader fills a cut-off file with zeros; compare the stored bytes with the header."""
+_CHECK_BLOCK = 1 << 22  # bytes decoded per step of the NIfTI check
+
+
+def _check_nifti(path: Path) -> None:
+    """What ITK reads without a word: a cut-off NIfTI (filled with zeros), a damaged .nii.gz, NaN/infinite
+    float voxels (read as 0). One streaming pass over the stored bytes, against the header's sizes."""
     import gzip
     import zlib
 
@@ -176,38 +180,29 @@ def _refuse_truncated_nifti(path: Path) -> None:
         header = nib.load(str(path)).header
         # vox_offset 0 in a single-file NIfTI means "right after the header" (352 bytes for NIfTI-1)
         offset = max(int(header["vox_offset"]), int(getattr(header, "single_vox_offset", 0)))
-        expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
-        if path.name.lower().endswith(".gz"):
-            stored = 0
-            with gzip.open(path, "rb") as handle:
-                while block := handle.read(1 << 22):
-                    stored += len(block)
-        else:
-            stored = path.stat().st_size
-    except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"'{path}' is truncated or damaged ({exc}); copy the file again.") from None
+        dtype = header.get_data_dtype()
+        expected = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
     except Exception:  # nibabel's opinion on odd headers is not needed: SimpleITK read it
         return
+    floating, compressed = np.issubdtype(dtype, np.floating), path.name.lower().endswith(".gz")
+    stored, bad, pending = 0, 0, b""
+    try:
+        if not compressed and not floating:
+            stored = path.stat().st_size  # nothing to decode: the size says it all
+        else:
+            with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+                while block := handle.read(_CHECK_BLOCK):
+                    if floating:  # the voxel bytes of this block, whole voxels only; the rest waits for the next
+                        voxels = pending + block[max(offset - stored, 0):max(expected - stored, 0)]
+                        whole = len(voxels) - len(voxels) % dtype.itemsize
+                        bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(voxels[:whole], dtype=dtype))))
+                        pending = voxels[whole:]
+                    stored += len(block)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"'{path}' is truncated or damaged ({exc}); copy the file again.") from None
     if stored < expected:
         raise InputError(f"'{path}' is truncated: it holds {stored} of the {expected} bytes its header announces; "
                          "copy the file again.")
-
-
-def _refuse_nifti_nan(path: Path) -> None:
-    """ITK's NIfTI reader silently turns NaN voxels into 0; look at the stored floats ourselves."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception:  # SimpleITK read it; nibabel's opinion on odd headers is not needed here
-        return
-    if not np.issubdtype(image.get_data_dtype(), np.floating):
-        return  # integer voxels cannot hold NaN
-    try:
-        data = np.asanyarray(image.dataobj)
-    except (OSError, EOFError, ValueError) as exc:
-        raise InputError(f"'{path}' is truncated or damaged ({str(exc).splitlines()[0]}); copy the file again.") from None
-    bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise InputError(f"'{path}' has {bad} NaN/infinite voxels; fix or mask them before segmenting.")
 
