@@ -169,8 +169,9 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if compare and precision != "fp32":
         fp32_started = time.perf_counter()
         fp32_parts, *_, fp32_net_s, _, _ = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)
-        agreement = agreement_dice(merged, _merge(fp32_parts, lookups, len(classes)), present)
-        fp32_seconds = time.perf_counter() - fp32_started
+        fp32_merged = _merge(fp32_parts, lookups, len(classes))
+        fp32_seconds = time.perf_counter() - fp32_started  # its label map, as the INT8 run's; not the comparison
+        agreement = agreement_dice(merged, fp32_merged, present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
