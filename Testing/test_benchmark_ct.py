@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from train_ct_model import BTCV_FROM_TOTALSEG, SPEC, load_ct_pair, map_labels  # noqa: E402
+from train_ct_model import BTCV_FROM_TOTALSEG, SPEC, load_ct_pair, map_labels, spec_for  # noqa: E402
 
 CT_SPEC = ROOT / "PTQLogic" / "data" / "ct_unet.json"
 
@@ -20,6 +20,24 @@ def test_totalsegmentator_labels_map_to_btcv_classes():
     assert map_labels(source).tolist() == [0, 1, 5, 10, 11, 12, 0, 0, 9, 8]
     assert len(SPEC["classes"]) == 1 + len(BTCV_FROM_TOTALSEG) == 13
     assert SPEC["kwargs"]["out_channels"] == 13
+
+
+def test_segresnet_sibling_has_the_unet_classes_and_patch(tmp_path):
+    """--architecture segresnet: same classes, patch and preprocessing; a GroupNorm network of its own."""
+    import torch
+
+    from PTQLogic.models import build_network
+    from PTQLogic.spec import spec_from_dict
+
+    stem, spec_dict = spec_for("segresnet")
+    spec = spec_from_dict(spec_dict, base_dir=tmp_path)
+    assert stem == "ct_segresnet" and spec.weights_path().name == "ct_segresnet.pt" and spec_for("unet") == ("ct_unet", SPEC)
+    assert spec_dict["classes"] == SPEC["classes"] and spec_dict["preprocessing"] == SPEC["preprocessing"]
+    network = build_network(spec).eval()
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in network.modules())
+    with torch.no_grad():
+        logits = network(torch.zeros(1, 1, *SPEC["patch_size"]))
+    assert logits.shape == (1, len(SPEC["classes"]), *SPEC["patch_size"])
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

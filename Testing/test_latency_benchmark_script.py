@@ -45,3 +45,25 @@ def test_profile_splits_convolutions_from_the_rest(tmp_path):
     table = "\n".join(bench.split_markdown(report))
     assert "Where the time goes" in table and "| unet_bn | openvino-f32-cl/s8res |" in table
     assert "| unet_bn | openvino-bf16-cl/fp32 |" in table
+
+
+def test_openvino_ir_variants_are_timed_on_openvino_only(tmp_path):
+    """NAME_<variant>.xml (an OpenVINO IR, e.g. from nncf_yardstick.py) is timed beside the ONNX files."""
+    import numpy as np
+    import openvino as ov
+
+    bench.export(tmp_path, 32)
+    bench.make_variants(tmp_path, ["unet_bn"], 32, ["s8res"])
+    ov.save_model(ov.Core().read_model(str(tmp_path / "unet_bn_s8res.onnx")), str(tmp_path / "unet_bn_ir.xml"),
+                  compress_to_fp16=False)
+    result = bench.bench_model(tmp_path, "unet_bn", 32, repeats=2, warmup=1, threads=1,
+                               runtimes=["openvino", "onnxruntime"], profile=False,
+                               only=["openvino-f32-cl", "onnxruntime"])
+    rows = result["rows"]
+    assert not result["errors"]
+    assert {"openvino-f32-cl/ir", "openvino-f32-cl/s8res", "onnxruntime/s8res"} <= set(rows)
+    assert "onnxruntime/ir" not in rows and rows["openvino-f32-cl/ir"]["speedup_vs_best_fp32"] > 0
+    x = np.random.default_rng(0).standard_normal((1, 1, 32, 32, 32)).astype(np.float32)
+    from_ir = bench.OpenVINORunner(tmp_path / "unet_bn_ir.xml", "f32", 1, True)(x)
+    from_onnx = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True)(x)
+    assert from_ir.shape == (1, 14, 32, 32, 32) and np.abs(from_ir - from_onnx).max() < 1e-4

@@ -190,11 +190,13 @@ def stats(times: list[float]) -> dict:
 def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: int, threads: int | None,
                 runtimes: list[str], profile: bool, only: list[str] | None = None) -> dict:
     x = np.random.default_rng(0).standard_normal((1, 1, patch, patch, patch)).astype(np.float32)
-    variants = sorted(p.stem[len(name) + 1:] for p in directory.glob(f"{name}_*.onnx"))
-    variants = ["fp32"] + [v for v in variants if v != "fp32"]
+    # NAME_<variant>.xml: an OpenVINO IR (e.g. from OpenVINO's own quantizer, NNCF), timed on OpenVINO only
+    files = {p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.xml"))}
+    files.update({p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.onnx"))})
+    variants = ["fp32"] + sorted(v for v in files if v != "fp32")
     runners, errors = {}, {}
     for variant in variants:
-        path = directory / f"{name}_{variant}.onnx"
+        path = files[variant]
         configs = []
         if "openvino" in runtimes and variant not in ORT_ONLY:
             configs += [(f"openvino-f32/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads)),
@@ -202,7 +204,7 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
                         (f"openvino-bf16-nocopy/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads, False)),
                         (f"openvino-f32-cl/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads, False, True)),
                         (f"openvino-bf16-cl/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads, False, True))]
-        if "onnxruntime" in runtimes:
+        if "onnxruntime" in runtimes and path.suffix == ".onnx":
             configs.append((f"onnxruntime/{variant}", lambda p=path: OrtRunner(p, threads)))
         configs = [(key, make) for key, make in configs if not only or key.split("/")[0] in only]
         for key, make in configs:
@@ -327,7 +329,9 @@ def to_markdown(report: dict) -> str:
               "ConvTranspose as sub-pixel Conv, its shuffle as DepthToSpace, the fastest float form); modelopt = ModelOpt default (TensorRT) Q/DQ placement; cpus8 = the "
               "CPU placement without the conv rewrites; s8res = `--placement cpu` (symmetric int8, residual folded); "
               "u8sub = `--placement cpu --activations u8 --subpixel` (for ONNX Runtime; convs with 1-3 input channels "
-              "and the logits conv in float); u8subq = the same with every conv quantized. Runtime rows are timed "
+              "and the logits conv in float); u8subq = the same with every conv quantized; nncfov/nncfrw = OpenVINO's own "
+              "quantizer (NNCF, `nncf_yardstick.py`) on fp32rw, OpenVINO IR / Q/DQ ONNX; s8gn = s8res with a Q/DQ on "
+              "each GroupNorm's normalized values (NNCF's GroupNorm placement; not the product's). Runtime rows are timed "
               "one runtime configuration at a time, its FP32 and INT8 calls interleaved round by round. "
               "`openvino-f32` includes copying the logits out of the runtime (a fresh 14x96^3 float array per "
               "call); `-nocopy` rows read them in place; `-cl` rows read them in place channels-last (N, D, H, W, C), which "
