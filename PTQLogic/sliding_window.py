@@ -7,6 +7,12 @@ on two cores). Here the sum is (D, H, W, C): each window is one fused multiply-a
 contiguous class vectors (10x faster), and the count map is skipped (dividing every class of a voxel by the
 same positive count does not change its argmax). Engines that hand out channels-last logits (OpenVINO's
 output conv writes them so) are added without any reorder.
+
+MONAI visits windows row by row along the first axis, so the sum only ever needs one window's depth of
+that axis: a ring of ``roi[0]`` slices. When a row starts, the slices before it are final; their labels
+are taken out and their slots zeroed for the slices to come. Each voxel still sums the same weighted logits
+in the same order from zero, so the labels are bit-identical to a whole-volume sum, in a third of the
+memory for a 300-slice grid (273x273x300, 105 classes: 8.8 -> 2.9 GB, 24 -> 8 s on 2 cores).
 """
 from __future__ import annotations
 
@@ -53,7 +59,8 @@ def sliding_window_labels(
     batch_size: int = 1,
     fixed_batch: bool = False,
 ) -> torch.Tensor:
-    """Argmax label map (``image``'s spatial shape) of the blended logits of windows over ``image`` (C, *spatial).
+    """Argmax label map (``image``'s spatial shape; uint8, or int32 past 256 classes) of the blended logits of
+    windows over ``image`` (C, *spatial).
 
     ``predictor`` must hand back logits that stay valid until the next call at least (the blend reads them
     once); images smaller than the window are zero-padded around it, as MONAI does. ``fixed_batch``: a last
@@ -67,10 +74,26 @@ def sliding_window_labels(
     spatial, roi_size = tuple(image.shape[1:]), tuple(int(r) for r in roi_size)
     image, pads = pad_to_roi(image, roi_size)
     size = tuple(image.shape[1:])
-    slices = window_slices(size, roi_size, overlap)
+    slices = sorted(window_slices(size, roi_size, overlap), key=lambda s: s[0].start)  # MONAI's order already
     weight = compute_importance_map(roi_size, mode=mode, sigma_scale=0.125, device="cpu", dtype=torch.float32)
     weight = weight.reshape(*roi_size, 1)
-    scores = torch.zeros(*size, num_classes, dtype=torch.float32)
+    depth = roi_size[0]  # the ring: one window's depth of the first axis
+    scores = torch.zeros(depth, *size[1:], num_classes, dtype=torch.float32)
+    labels = torch.empty(size, dtype=torch.uint8 if num_classes <= 256 else torch.int32)
+
+    def ring(start: int, stop: int):
+        """(ring slots, offsets from ``start``) of first-axis slices [start, stop), at most two pieces."""
+        first = min(stop - start, depth - start % depth)
+        yield slice(start % depth, start % depth + first), slice(0, first)
+        if first < stop - start:
+            yield slice(0, stop - start - first), slice(first, stop - start)
+
+    def finish(start: int, stop: int) -> None:
+        for slots, offsets in ring(start, stop):
+            labels[start + offsets.start:start + offsets.stop] = scores[slots].argmax(dim=-1)
+            scores[slots].zero_()
+
+    done = 0  # slices before this one are final
     batch_size = min(batch_size, len(slices))
     for start in range(0, len(slices), batch_size):
         group = slices[start:start + batch_size]
@@ -82,6 +105,12 @@ def sliding_window_labels(
         if tuple(logits.shape) != expected:
             raise ModelError(f"The predictor returned logits of shape {tuple(logits.shape)}; expected {expected}.")
         for logit, s in zip(logits, group):
-            scores[s].addcmul_(weight, logit.to(device="cpu", dtype=torch.float32).movedim(0, -1))
+            if s[0].start > done:  # a new row: no later window reaches the slices before it
+                finish(done, s[0].start)
+                done = s[0].start
+            logit = logit.to(device="cpu", dtype=torch.float32).movedim(0, -1)
+            for slots, offsets in ring(s[0].start, s[0].stop):
+                scores[(slots, *s[1:])].addcmul_(weight[offsets], logit[offsets])
+    finish(done, size[0])
     crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, spatial))
-    return scores[crop].argmax(dim=-1)
+    return labels[crop]

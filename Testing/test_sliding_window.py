@@ -160,3 +160,31 @@ def test_processes_sharing_an_openvino_cache_compile_one_at_a_time(tmp_path):
         assert run.poll() is None, run.communicate()[0]
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 0 and out.strip().endswith("built"), out
+
+
+@pytest.mark.parametrize("shape, roi, overlap, batch", [
+    ((53, 20, 18), (16, 16, 16), 0.25, 3),  # first-axis rows at 0, 12, 24, 36, 37: the ring wraps, last row shifted
+    ((16, 30, 25), (16, 12, 12), 0.5, 2),  # a single row
+    ((41, 17, 17), (8, 16, 16), 0.0, 4),  # rows that do not overlap
+])
+def test_ring_of_one_window_depth_gives_the_whole_volume_sum(shape, roi, overlap, batch):
+    """Labels identical, voxel for voxel, to blending every window into one whole-volume sum."""
+    from monai.data.utils import compute_importance_map
+
+    net = _Net(6).eval()
+    image = torch.from_numpy(np.random.default_rng(2).standard_normal((1, *shape)).astype(np.float32))
+    with torch.inference_mode():
+        ours = sliding_window_labels(image, net, roi, 6, overlap=overlap, batch_size=batch)
+        weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device="cpu").reshape(*roi, 1)
+        whole = torch.zeros(*shape, 6)
+        for s in window_slices(shape, roi, overlap):
+            whole[s].addcmul_(weight, net(image[(slice(None), *s)][None])[0].movedim(0, -1))
+    assert ours.dtype == torch.uint8 and torch.equal(ours.long(), whole.argmax(-1))
+
+
+def test_labels_past_256_classes_are_int32():
+    image = torch.zeros(1, 10, 9, 9)
+    logits = torch.zeros(1, 300, 8, 8, 8)
+    logits[:, 299] = 1.0
+    labels = sliding_window_labels(image, lambda x: logits.expand(x.shape[0], -1, -1, -1, -1), (8, 8, 8), 300)
+    assert labels.dtype == torch.int32 and labels.shape == (10, 9, 9) and bool((labels == 299).all())
