@@ -47,6 +47,7 @@ class NetworkGrid:
 
 
 MEMORY_ENV = "PTQSEG_MAX_MEMORY_GB"  # optional cap on the estimated working memory of one volume
+ENGINE_WORKING_BYTES = 2**29
 
 
 def available_memory_bytes() -> int:
@@ -77,8 +78,16 @@ def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") ->
     """Refuse, before allocating, a volume whose network-space arrays would not fit in memory."""
     shape = network_shape(volume, spec)
     voxels = float(np.prod(shape, dtype=float))
-    # float32 image + channels, float32 logits of every class (sliding-window output + count map), labels
-    needed = int(voxels * 4 * (spec.in_channels + 2 * spec.num_classes + 2) + volume.array.nbytes * 2)
+    # the sliding window's class scores span one window's depth of the grid (a ring), the rest of it at
+    # most the two largest axes (padded to the window): counted as if the ring lay across those
+    padded = sorted(max(s, int(r)) for s, r in zip(shape, sorted(spec.patch_size)))
+    ring = float(min(int(spec.patch_size[0]), padded[0])) * padded[1] * padded[2]
+    window_logits = 4.0 * spec.num_classes * float(np.prod(spec.patch_size, dtype=float))
+    batch_logits = 2 * max(float(2**28), window_logits)  # a call's logits (auto batch: <= 256 MB), and a copy
+    # float32 image and its normalized copy, float32 scores of every class, labels; the input's copies;
+    # the network's own working memory (measured: 0.1-0.9 GiB for a 96^3 UNet at batch 1-4)
+    needed = int(voxels * 4 * (spec.in_channels + 1) + voxels + ring * 4 * spec.num_classes + batch_logits
+                 + volume.array.nbytes * 2 + ENGINE_WORKING_BYTES)
     available = available_memory_bytes()
     if needed > available:
         spacing = ", ".join(f"{v:g}" for v in volume.spacing)

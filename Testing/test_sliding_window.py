@@ -188,3 +188,29 @@ def test_labels_past_256_classes_are_int32():
     logits[:, 299] = 1.0
     labels = sliding_window_labels(image, lambda x: logits.expand(x.shape[0], -1, -1, -1, -1), (8, 8, 8), 300)
     assert labels.dtype == torch.int32 and labels.shape == (10, 9, 9) and bool((labels == 299).all())
+
+
+def test_memory_estimate_counts_the_ring_not_the_whole_grid(monkeypatch):
+    """check_memory (run before any engine is built) sizes class scores as the sliding window holds them:
+    one window's depth, so a 105-class model on a whole CT is not refused for memory it never uses."""
+    from PTQLogic.preprocess import MEMORY_ENV, check_memory
+    from PTQLogic.spec import spec_from_dict
+    from PTQLogic.volume import Volume
+
+    def spec(classes):
+        return spec_from_dict({"name": "m", "architecture": "UNet", "classes": [f"c{i}" for i in range(classes)],
+                               "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": classes},
+                               "patch_size": [96, 96, 96], "preprocessing": {"spacing": [1.5, 1.5, 1.5]}})
+
+    volume = Volume(array=np.zeros((300, 273, 273), np.int16), ijk_to_ras=np.diag([1.5, 1.5, 1.5, 1.0]))
+    voxels = 300 * 273 * 273
+    needed_14, needed_105 = check_memory(volume, spec(14)), check_memory(volume, spec(105))
+    whole_grid_scores = voxels * 105 * 4  # 9.4 GB: what a whole-volume sum of 105 classes would take
+    assert needed_105 < 0.6 * whole_grid_scores
+    # the ring (96 of 273-300 slices) still grows with the classes: 91 more classes, at least a third of a grid
+    assert needed_105 - needed_14 > 91 * 4 * voxels * 96 / 300
+    monkeypatch.setenv(MEMORY_ENV, str(needed_105 / 2**30 * 0.99))
+    with pytest.raises(InputError, match="GiB to segment"):
+        check_memory(volume, spec(105))
+    monkeypatch.setenv(MEMORY_ENV, str(needed_105 / 2**30 * 1.01))
+    assert check_memory(volume, spec(105)) == needed_105
