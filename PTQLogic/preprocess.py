@@ -78,10 +78,11 @@ def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") ->
     """Refuse, before allocating, a volume whose network-space arrays would not fit in memory."""
     shape = network_shape(volume, spec)
     voxels = float(np.prod(shape, dtype=float))
-    # the sliding window's class scores span one window's depth of the grid (a ring), the rest of it at
-    # most the two largest axes (padded to the window): counted as if the ring lay across those
-    padded = sorted(max(s, int(r)) for s, r in zip(shape, sorted(spec.patch_size)))
-    ring = float(min(int(spec.patch_size[0]), padded[0])) * padded[1] * padded[2]
+    # the sliding window's class scores span one window's depth of the (padded) grid, a ring: counted as
+    # the largest window side across the two largest axes, each padded to that side
+    side = max(int(r) for r in spec.patch_size)
+    padded = sorted(max(s, side) for s in shape)
+    ring = float(side) * padded[1] * padded[2]
     window_logits = 4.0 * spec.num_classes * float(np.prod(spec.patch_size, dtype=float))
     batch_logits = 2 * max(float(2**28), window_logits)  # a call's logits (auto batch: <= 256 MB), and a copy
     # float32 image and its normalized copy, float32 scores of every class, labels; the input's copies;
