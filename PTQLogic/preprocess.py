@@ -84,7 +84,8 @@ def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") ->
     padded = sorted(max(s, side) for s in shape)
     ring = float(side) * padded[1] * padded[2]
     window_logits = 4.0 * spec.num_classes * float(np.prod(spec.patch_size, dtype=float))
-    batch_logits = 2 * max(float(2**28), window_logits)  # a call's logits (auto batch: <= 256 MB), and a copy
+    windows = max(1, min(4, int(2**28 // window_logits)))  # the engines' auto batch: 4, or what fits 256 MB
+    batch_logits = 2 * windows * window_logits  # a call's logits, and a copy
     # float32 image and its normalized copy, float32 scores of every class, labels; the input's copies;
     # the network's own working memory (measured: 0.1-0.9 GiB for a 96^3 UNet at batch 1-4)
     needed = int(voxels * 4 * (spec.in_channels + 1) + voxels + ring * 4 * spec.num_classes + batch_logits
