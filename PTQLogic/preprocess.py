@@ -88,7 +88,7 @@ def check_memory(volume: Volume, spec: ModelSpec, what: str = "input volume") ->
     batch_logits = 2 * windows * window_logits  # a call's logits, and a copy
     # float32 image and its normalized copy, float32 scores of every class, labels; the input's copies;
     # the network's own working memory (measured: 0.1-0.9 GiB for a 96^3 UNet at batch 1-4)
-    needed = int(voxels * 4 * (spec.in_channels + 1) + voxels + ring * 4 * spec.num_classes + batch_logits
+    needed = int(voxels * 4 * 2 * spec.in_channels + voxels + ring * 4 * spec.num_classes + batch_logits
                  + volume.array.nbytes * 2 + ENGINE_WORKING_BYTES)
     available = available_memory_bytes()
     if needed > available:
