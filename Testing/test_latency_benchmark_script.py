@@ -67,3 +67,29 @@ def test_openvino_ir_variants_are_timed_on_openvino_only(tmp_path):
     from_ir = bench.OpenVINORunner(tmp_path / "unet_bn_ir.xml", "f32", 1, True)(x)
     from_onnx = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True)(x)
     assert from_ir.shape == (1, 14, 32, 32, 32) and np.abs(from_ir - from_onnx).max() < 1e-4
+
+
+def test_windows_per_call_and_bf16_pairing(tmp_path):
+    """--batch N times N windows per OpenVINO call (ONNX Runtime, whose files are batch 1, is left out); every
+    OpenVINO configuration is interleaved in the same rounds, so INT8 against bf16 FP32 is paired per round."""
+    import numpy as np
+
+    bench.export(tmp_path, 32)
+    bench.make_variants(tmp_path, ["unet_bn"], 32, ["s8res"])
+    result = bench.bench_model(tmp_path, "unet_bn", 32, repeats=3, warmup=1, threads=1,
+                               runtimes=["openvino", "onnxruntime"], profile=False,
+                               only=["openvino-f32-cl", "openvino-bf16-cl", "onnxruntime"], batch=2)
+    rows = result["rows"]
+    assert not result["errors"] and not any(key.startswith("onnxruntime") for key in rows)
+    int8 = rows["openvino-f32-cl/s8res"]
+    assert int8["n"] == 3 and int8["paired_vs_bf16_p10"] <= int8["paired_vs_bf16_p90"]
+    bf16_ms = min(row["median_ms"] for key, row in rows.items() if key.startswith("openvino-bf16-cl/fp32"))
+    assert abs(int8["speedup_vs_openvino_bf16_fp32"] - bf16_ms / int8["median_ms"]) < 1e-9
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32, 32)).astype(np.float32)
+    two = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True, batch=2)(x)
+    one = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True)(x[1:])
+    assert two.shape == (2, 14, 32, 32, 32) and np.abs(two[1:] - one).max() < 1e-4
+    report = {"machine": bench.machine(), "patch": 32, "repeats": 3, "threads": 1, "batch": 2,
+              "interleave": "runtime", "models": {"unet_bn": result}}
+    table = bench.to_markdown(report)
+    assert "batch 2 (windows per call)" in table and "every file and configuration of it interleaved" in table

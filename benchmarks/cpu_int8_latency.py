@@ -2,9 +2,9 @@
 
 Self-contained (numpy, onnxruntime, openvino; torch + monai only for ``--export``) so it runs on a bare
 benchmark machine. For every model NAME in ``--dir`` it times ``NAME_fp32.onnx`` and every
-``NAME_<variant>.onnx`` beside it on each engine configuration. Rounds are interleaved per runtime
-configuration: each round runs its FP32 and INT8 files once, so machine noise hits both alike (runtimes
-are not mixed: ONNX Runtime's and OpenVINO's thread pools would compete). Prints and writes JSON with
+``NAME_<variant>.onnx`` beside it on each engine configuration. Rounds are interleaved per runtime: each
+round runs every file in every configuration of that runtime once, so machine noise hits FP32, bf16 and
+INT8 alike (runtimes are not mixed: ONNX Runtime's and OpenVINO's thread pools would compete). Prints and writes JSON with
 median, p10, p90, min and max per configuration, the ratios against FP32 (per runtime, and OpenVINO INT8
 against OpenVINO bf16), OpenVINO's performance counters (which layers ran in which precision) and
 the machine (CPU model and flags, cores, versions).
@@ -106,12 +106,17 @@ def make_variants(directory: Path, names: list[str], patch: int, variants: list[
             print(f"made {target.name}", flush=True)
 
 
-def read_openvino(path: Path, channels_last: bool):
+def read_openvino(path: Path, channels_last: bool, batch: int = 1):
     """The model, with its logits handed out channels-last (N, D, H, W, C) when asked: what the output conv
-    writes anyway, so OpenVINO drops the final reorder to N, C, D, H, W (as OpenVINOEngine does)."""
+    writes anyway, so OpenVINO drops the final reorder to N, C, D, H, W (as OpenVINOEngine does); with
+    `batch` windows per call (the product's sliding window gives OpenVINO 4)."""
     import openvino as ov
 
     model = ov.Core().read_model(str(path))
+    if batch != 1:
+        shape = model.input(0).get_partial_shape()
+        shape[0] = batch
+        model.reshape({0: shape})
     if channels_last:
         ppp = ov.preprocess.PrePostProcessor(model)
         ppp.output().model().set_layout(ov.Layout("NCDHW"))
@@ -122,16 +127,16 @@ def read_openvino(path: Path, channels_last: bool):
 
 class OpenVINORunner:
     def __init__(self, path: Path, precision_hint: str, threads: int | None, copy_output: bool = True,
-                 channels_last: bool = False):
+                 channels_last: bool = False, batch: int = 1):
         import openvino as ov
 
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(read_openvino(path, channels_last), "CPU", config)
+        self.compiled = ov.Core().compile_model(read_openvino(path, channels_last, batch), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.path, self.hint, self.threads, self.copy_output = path, precision_hint, threads, copy_output
-        self.channels_last = channels_last
+        self.channels_last, self.batch = channels_last, batch
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.request.infer({0: x}, share_inputs=True, share_outputs=not self.copy_output)[0]
@@ -142,7 +147,7 @@ class OpenVINORunner:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.hint, "PERF_COUNT": True}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        model = read_openvino(self.path, self.channels_last)
+        model = read_openvino(self.path, self.channels_last, self.batch)
         request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
         for _ in range(3):
             request.infer({0: x})
@@ -188,8 +193,8 @@ def stats(times: list[float]) -> dict:
 
 
 def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: int, threads: int | None,
-                runtimes: list[str], profile: bool, only: list[str] | None = None) -> dict:
-    x = np.random.default_rng(0).standard_normal((1, 1, patch, patch, patch)).astype(np.float32)
+                runtimes: list[str], profile: bool, only: list[str] | None = None, batch: int = 1) -> dict:
+    x = np.random.default_rng(0).standard_normal((batch, 1, patch, patch, patch)).astype(np.float32)
     # NAME_<variant>.xml: an OpenVINO IR (e.g. from OpenVINO's own quantizer, NNCF), timed on OpenVINO only
     files = {p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.xml"))}
     files.update({p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.onnx"))})
@@ -199,12 +204,15 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
         path = files[variant]
         configs = []
         if "openvino" in runtimes and variant not in ORT_ONLY:
-            configs += [(f"openvino-f32/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads)),
-                        (f"openvino-f32-nocopy/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads, False)),
-                        (f"openvino-bf16-nocopy/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads, False)),
-                        (f"openvino-f32-cl/{variant}", lambda p=path: OpenVINORunner(p, "f32", threads, False, True)),
-                        (f"openvino-bf16-cl/{variant}", lambda p=path: OpenVINORunner(p, "bf16", threads, False, True))]
-        if "onnxruntime" in runtimes and path.suffix == ".onnx":
+            def openvino(hint: str, copy: bool = True, channels_last: bool = False, p: Path = path):
+                return lambda: OpenVINORunner(p, hint, threads, copy, channels_last, batch)
+
+            configs += [(f"openvino-f32/{variant}", openvino("f32")),
+                        (f"openvino-f32-nocopy/{variant}", openvino("f32", False)),
+                        (f"openvino-bf16-nocopy/{variant}", openvino("bf16", False)),
+                        (f"openvino-f32-cl/{variant}", openvino("f32", False, True)),
+                        (f"openvino-bf16-cl/{variant}", openvino("bf16", False, True))]
+        if "onnxruntime" in runtimes and path.suffix == ".onnx" and batch == 1:  # the exported files: batch 1
             configs.append((f"onnxruntime/{variant}", lambda p=path: OrtRunner(p, threads)))
         configs = [(key, make) for key, make in configs if not only or key.split("/")[0] in only]
         for key, make in configs:
@@ -216,9 +224,11 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
             except Exception as exc:  # one failing runtime becomes an error entry; the others still report
                 errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     times: dict = defaultdict(list)
-    groups: dict = defaultdict(dict)  # one runtime configuration at a time; FP32 and INT8 interleaved in it
+    # one runtime at a time (their thread pools would compete); every file and configuration of it interleaved
+    # round by round, so INT8 against bf16 FP32 is paired as well as INT8 against FP32
+    groups: dict = defaultdict(dict)
     for key, runner in runners.items():
-        groups[key.split("/")[0]][key] = runner
+        groups[key.split("-")[0]][key] = runner
     for group in groups.values():
         for _ in range(repeats):
             for key, runner in group.items():
@@ -251,6 +261,8 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
         bf16_fp32 = bf16.get(runtime, best.get("openvino-bf16-nocopy"))  # against bf16 FP32 of the same layout
         if runtime.startswith("openvino") and bf16_fp32:
             row["speedup_vs_openvino_bf16_fp32"] = bf16_fp32[0] / row["median_ms"]
+            paired = np.asarray(times[bf16_fp32[1]]) / np.asarray(times[key])
+            row["paired_vs_bf16_p10"], row["paired_vs_bf16_p90"] = (float(np.percentile(paired, q)) for q in (10, 90))
     out = {"rows": result, "errors": errors}
     if profile:
         out["profiles"] = {key: runner.profile(x) for key, runner in runners.items()
@@ -300,7 +312,9 @@ def to_markdown(report: dict) -> str:
     """The per-patch latency table (median, p10-p90, min-max, speedups) and the machine, as Markdown."""
     m = report["machine"]
     flags = ", ".join(k for k, v in m["flags"].items() if v) or "no AVX2/AVX-512/AMX"
-    lines = [f"### Per-patch latency, {report['patch']}^3 patch, batch 1, {report['repeats']} interleaved repeats",
+    batch = report.get("batch", 1)
+    lines = [f"### Per-call latency, {report['patch']}^3 patch, batch {batch} (windows per call), "
+             f"{report['repeats']} interleaved repeats",
              "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}"
              + (f"; **OpenVINO kernels capped to {m['isa_cap']}** (ONEDNN_MAX_CPU_ISA: no VNNI/AMX/bf16 used)"
                 if m.get("isa_cap") else ""),
@@ -321,7 +335,9 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {name} | {runtime} | {variant} | {row['median_ms']:.1f} | {row['p10_ms']:.1f}-"
                          f"{row['p90_ms']:.1f} | {row['min_ms']:.1f}-{row['max_ms']:.1f} | "
                          f"{'-' if own is None else f'{own:.2f}x'} | {best_text} | "
-                         f"{'-' if bf16 is None else f'{bf16:.2f}x'} |")
+                         f"{'-' if bf16 is None else f'{bf16:.2f}x'}"
+                         + (f" (paired {row['paired_vs_bf16_p10']:.2f}-{row['paired_vs_bf16_p90']:.2f}x)"
+                            if "paired_vs_bf16_p10" in row else "") + " |")
         for key, error in result["errors"].items():
             lines.append(f"| {name} | {key} | error: {error} | | | | | |")
     lines += ["", "File: fp32 = exported FP32 ONNX; fp32rw/fp32sub = the same FP32 graph with the exact rewrites of "
@@ -331,8 +347,11 @@ def to_markdown(report: dict) -> str:
               "u8sub = `--placement cpu --activations u8 --subpixel` (for ONNX Runtime; convs with 1-3 input channels "
               "and the logits conv in float); u8subq = the same with every conv quantized; nncfov/nncfrw = OpenVINO's own "
               "quantizer (NNCF, `nncf_yardstick.py`) on fp32rw, OpenVINO IR / Q/DQ ONNX; s8gn = s8res with a Q/DQ on "
-              "each GroupNorm's normalized values (NNCF's GroupNorm placement; not the product's). Runtime rows are timed "
-              "one runtime configuration at a time, its FP32 and INT8 calls interleaved round by round. "
+              "each GroupNorm's normalized values (NNCF's GroupNorm placement; not the product's). "
+              + ("Rows are timed one runtime at a time, every file and configuration of it interleaved round by round "
+                 "(paired ratios: per round). " if report.get("interleave") == "runtime" else
+                 "Runtime rows are timed one runtime configuration at a time, its FP32 and INT8 calls interleaved "
+                 "round by round. ") +
               "`openvino-f32` includes copying the logits out of the runtime (a fresh 14x96^3 float array per "
               "call); `-nocopy` rows read them in place; `-cl` rows read them in place channels-last (N, D, H, W, C), which "
               "spares OpenVINO the final reorder of the logits, as the product's sliding window does."]
@@ -360,6 +379,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="default: the runtime's latency default")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="windows per call (OpenVINO only; the product's sliding window gives OpenVINO 4)")
     parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
     parser.add_argument("--configs", nargs="+", help="only these runtime configurations (e.g. openvino-f32-cl)")
     parser.add_argument("--export", action="store_true", help="export missing FP32 models first (needs monai)")
@@ -376,10 +397,10 @@ def main() -> None:
     if args.variants:
         make_variants(args.dir, args.models, args.patch, args.variants)
     report = {"machine": machine(), "patch": args.patch, "repeats": args.repeats, "warmup": args.warmup,
-              "threads": args.threads, "models": {}}
+              "threads": args.threads, "batch": args.batch, "interleave": "runtime", "models": {}}
     for name in args.models:
         report["models"][name] = bench_model(args.dir, name, args.patch, args.repeats, args.warmup, args.threads,
-                                             args.runtimes, args.profile, args.configs)
+                                             args.runtimes, args.profile, args.configs, args.batch)
         for key, row in report["models"][name]["rows"].items():
             extra = "".join(f" {k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
             print(f"{name:10s} {key:28s} median {row['median_ms']:8.1f} ms  p10-p90 {row['p10_ms']:.1f}-"

@@ -92,6 +92,10 @@ def main() -> None:
         quantize_latency_models(models, 96)
         run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--profile",
             "--out", str(args.out / "latency_96.json"))
+        # the sliding window's 4 windows per OpenVINO call; INT8 against f32 and bf16 FP32, all interleaved
+        run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--batch", "4",
+            "--runtimes", "openvino", "--configs", "openvino-f32-cl", "openvino-bf16-cl",
+            "--out", str(args.out / "latency_96_batch4.json"))
         for name in ("unet_bn", "unet_in"):  # whole volume: the product's sliding window vs MONAI's
             run("benchmarks/cpu_whole_volume.py", "--dir", str(models), "--name", name, "--repeats", "3",
                 "--out", str(args.out / f"whole_volume_{name}.json"))
