@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help="engine cache folder (default: $PTQSEG_CACHE_DIR or the user cache folder)")
     common.add_argument("--cpu-float", choices=["f32", "bf16"],
                         help="OpenVINO INT8 engines: precision of the layers the INT8 graph leaves in floating point "
-                             "(default f32, or $PTQSEG_CPU_FLOAT); bf16 is faster on AMX CPUs (f32 where the CPU lacks bf16); "
-                             "FP32 engines stay f32")
+                             "(default f32, or $PTQSEG_CPU_FLOAT); bf16 can be faster on AMX CPUs, depending on the "
+                             "network (f32 where the CPU lacks bf16; check with segment --compare); FP32 engines stay f32")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
