@@ -184,3 +184,26 @@ def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
 def test_accuracy_guard_is_refused_for_nnunet_folders(setup, capsys):
     folder, image, tmp_path = setup
     assert "accuracy guard" in _quantize_fails(folder, image, tmp_path, capsys, "--min-agreement", "0.99")
+
+
+def test_volume_too_large_for_memory_is_refused_before_any_engine(setup, capsys, monkeypatch):
+    """nnunetv2 keeps fp16 logits of every class over the grid and resamples them to the input grid: a volume
+    that cannot fit is refused with the numbers before an engine is built, and nothing is written."""
+    import PTQLogic.nnunet.segment as nnunet_segment
+
+    folder, image, tmp_path = setup
+    built = []
+    real_open_engines = nnunet_segment.open_engines
+    monkeypatch.setattr(nnunet_segment, "open_engines", lambda *a, **k: built.append(1) or real_open_engines(*a, **k))
+    monkeypatch.setenv("PTQSEG_MAX_MEMORY_GB", "0.05")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["segment", "--model", str(folder), "--input", str(image), "--output", str(tmp_path / "l.nii.gz"),
+                 "--runtime", "torch", "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "GiB to segment with nnU-Net (3 classes" in err and "PTQSEG_MAX_MEMORY_GB" in err, err
+    assert not built and sorted(p.name for p in tmp_path.iterdir()) == before
+    monkeypatch.setenv("PTQSEG_MAX_MEMORY_GB", "4")
+    assert main(["segment", "--model", str(folder), "--input", str(image), "--output", str(tmp_path / "l.nii.gz"),
+                 "--runtime", "torch", "--precision", "fp32"]) == 0
+    assert built and (tmp_path / "l.nii.gz").exists()

@@ -145,6 +145,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     from ..imageio import read_volume, write_label_tables, write_labelmap
     from ..fileio import check_output_path
     from ..pipeline import SegmentOutcome
+    from .memory import check_nnunet_memory
 
     monitor = monitor or Monitor()
     paths, labels = expand_models(models)
@@ -160,6 +161,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
         warn_foreign_reference(ref_volume.array, len(classes), reference)
+    check_nnunet_memory([m.runner() for m in opened], volume, [len(m.folds) for m in opened],
+                        f"input volume '{input_path}'")  # before any engine is built
     started = time.perf_counter()
     parts, info, reason, size, net_s, patches, build_s = _run_all(opened, volume, runtime, precision, device,
                                                                  mirroring, monitor)
