@@ -89,6 +89,8 @@ def test_windows_per_call_and_bf16_pairing(tmp_path):
     two = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True, batch=2)(x)
     one = bench.OpenVINORunner(tmp_path / "unet_bn_s8res.onnx", "f32", 1, True)(x[1:])
     assert two.shape == (2, 14, 32, 32, 32) and np.abs(two[1:] - one).max() < 1e-4
+    assert bench.runtime_of("openvino-bf16-cl/fp32") == bench.runtime_of("openvino-f32/s8res") == "openvino"
+    assert bench.runtime_of("onnxruntime/u8sub") == bench.runtime_of("onnxruntime/fp32sub") == "onnxruntime"
     report = {"machine": bench.machine(), "patch": 32, "repeats": 3, "threads": 1, "batch": 2,
               "interleave": "runtime", "models": {"unet_bn": result}}
     table = bench.to_markdown(report)

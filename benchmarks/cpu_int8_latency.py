@@ -4,10 +4,10 @@ Self-contained (numpy, onnxruntime, openvino; torch + monai only for ``--export`
 benchmark machine. For every model NAME in ``--dir`` it times ``NAME_fp32.onnx`` and every
 ``NAME_<variant>.onnx`` beside it on each engine configuration. Rounds are interleaved per runtime: each
 round runs every file in every configuration of that runtime once, so machine noise hits FP32, bf16 and
-INT8 alike (runtimes are not mixed: ONNX Runtime's and OpenVINO's thread pools would compete). Prints and writes JSON with
-median, p10, p90, min and max per configuration, the ratios against FP32 (per runtime, and OpenVINO INT8
-against OpenVINO bf16), OpenVINO's performance counters (which layers ran in which precision) and
-the machine (CPU model and flags, cores, versions).
+INT8 alike (runtimes are not mixed: ONNX Runtime's and OpenVINO's thread pools would compete). Prints
+and writes JSON with median, p10, p90, min and max per configuration, the ratios against FP32 (per
+runtime, and OpenVINO INT8 against OpenVINO bf16), OpenVINO's performance counters (which layers ran in
+which precision) and the machine (CPU model and flags, cores, versions).
 
     python benchmarks/cpu_int8_latency.py --dir models --export --repeats 20 --out results.json
 """
@@ -186,6 +186,11 @@ class OrtRunner:
         return self.session.run(None, {self.name: x})[0]
 
 
+def runtime_of(key: str) -> str:
+    """'openvino-bf16-cl/fp32' -> 'openvino', 'onnxruntime/u8sub' -> 'onnxruntime': the interleaving group."""
+    return key.split("/")[0].split("-")[0]
+
+
 def stats(times: list[float]) -> dict:
     a = np.asarray(times)
     return {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
@@ -228,7 +233,7 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
     # round by round, so INT8 against bf16 FP32 is paired as well as INT8 against FP32
     groups: dict = defaultdict(dict)
     for key, runner in runners.items():
-        groups[key.split("-")[0]][key] = runner
+        groups[runtime_of(key)][key] = runner
     for group in groups.values():
         for _ in range(repeats):
             for key, runner in group.items():

@@ -40,7 +40,7 @@ def prediction_bytes(runner, volume: Volume, folds: int) -> int:
     channels = runner.in_channels
     # the float32 image, its transposed copy and the preprocessed grid
     image = channels * (2 * voxels + grid) * 4
-    # Per class and voxel, measured phase by phase (RSS sampled every 5 ms, nnunetv2 2.6): the sliding window
+    # Per class and voxel, measured phase by phase (RSS sampled every 5 ms, nnunetv2 2.8): the sliding window
     # holds fp16 logits plus 3 bytes while it divides by the weights and checks for infinities, and with
     # several folds the next fold's fp16 logits before they are added; the argmax takes an fp16 copy.
     window = classes * grid * (5 + (2 if folds > 1 else 0))
