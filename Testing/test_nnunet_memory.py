@@ -13,14 +13,17 @@ from PTQLogic.nnunet.model_dir import open_nnunet_model
 from PTQLogic.phantom import make_phantom
 from PTQLogic.preprocess import ENGINE_WORKING_BYTES
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent (here pytest, which
+# can be larger than the whole prediction); VmHWM is the peak of this process's own address space
 MEASURE = """
-import json, resource, sys
+import json, sys
 import psutil, torch
 from PTQLogic.pipeline import segment
 torch.set_num_threads(2)
 base = psutil.Process().memory_info().rss
 segment(sys.argv[1], sys.argv[2], sys.argv[3], runtime="torch", precision="fp32")
-print(json.dumps({"added": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"added": peak - base}))
 """
 
 
