@@ -1,9 +1,9 @@
 """Memory an nnU-Net prediction needs, checked before any engine is built.
 
-nnunetv2's sliding window keeps fp16 logits of every class over the whole network grid, and its export
-resamples them to the input grid (``resample_data_or_seg_to_shape`` first copies them to float64). With
-many classes on a large CT that is tens of GB, so a volume that cannot fit is refused up front, with the
-numbers, instead of failing after minutes of work.
+nnunetv2's sliding window keeps fp16 logits of every class over the whole network grid; the export
+(:mod:`.export`) then resamples them to the input grid one class at a time. With many classes on a large
+CT the logits alone are many GB, so a volume that cannot fit is refused up front, with the numbers,
+instead of failing after minutes of work.
 """
 from __future__ import annotations
 
@@ -42,16 +42,14 @@ def prediction_bytes(runner, volume: Volume, folds: int) -> int:
     image = channels * (2 * voxels + grid) * 4
     # Per class and voxel, measured phase by phase (RSS sampled every 5 ms, nnunetv2 2.8): the sliding window
     # holds fp16 logits plus 3 bytes while it divides by the weights and checks for infinities, and with
-    # several folds the next fold's fp16 logits before they are added; the argmax takes an fp16 copy.
+    # several folds the next fold's fp16 logits before they are added.
     window = classes * grid * (5 + (2 if folds > 1 else 0))
-    if runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape":
-        # resample_torch_fornnunet: a float32 copy of the logits, then two float32 arrays on the input grid
-        export = classes * (grid * (2 + 4) + voxels * 8)
-    elif resampled:  # fp16 logits, a float64 copy, the fp16 output; then the argmax's copy of that output
-        export = classes * max(grid * (2 + 8) + voxels * 2, grid * 2 + voxels * 4)
-    else:
-        export = classes * grid * (2 + 2)
-    export += voxels * (8 + 1)  # the argmax (int64) and the uint8 label map
+    # the export (export.py) resamples one class at a time beside the fp16 logits: that class as float64
+    # (float32 for resample_torch_fornnunet) on the grid and on the input grid, its fp16 copy, the running
+    # maximum, the labels, the comparison mask and the uncropped label map
+    torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
+    one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
+    export = classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1)
     return int(image + max(window, export) + ENGINE_WORKING_BYTES)
 
 

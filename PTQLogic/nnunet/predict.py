@@ -181,6 +181,8 @@ class NnUNetRunner:
                 return_probabilities: bool = False, monitor: Monitor | None = None) -> NnUNetPrediction:
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+        from .export import logits_to_labels
+
         monitor = monitor or Monitor()
         if not engines:
             raise ModelError("No engines were given (one per fold is needed).")
@@ -193,11 +195,16 @@ class NnUNetRunner:
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
         with contextlib.redirect_stdout(io.StringIO()):
             logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
-            result = convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, self.plans_manager, self.config, self.label_manager, properties,
-                return_probabilities=return_probabilities)
+            del data
+            monitor.check()
+            # one class at a time (memory); nnunetv2's own export only where probabilities are asked for
+            labels = logits_to_labels(logits, self.plans_manager, self.config, self.label_manager, properties,
+                                      monitor)
+            probabilities = None
+            if return_probabilities:
+                _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+                    logits, self.plans_manager, self.config, self.label_manager, properties, return_probabilities=True)
         monitor.check()
-        labels, probabilities = (result if return_probabilities else (result, None))
         return NnUNetPrediction(labels=np.asarray(labels), probabilities=probabilities,
                                 seconds=time.perf_counter() - started, network_seconds=network.seconds,
                                 patches=network.calls)
