@@ -19,12 +19,15 @@ def _reference(logits, runner, properties):
         logits.clone(), runner.plans_manager, runner.config, runner.label_manager, properties)
 
 
-@pytest.mark.parametrize("case", ["resampled", "anisotropic", "native", "cropped", "transposed", "ties"])
+@pytest.mark.parametrize("case", ["resampled", "anisotropic", "native", "cropped", "transposed", "ties", "torch"])
 def test_per_class_export_equals_nnunets(case):
     target = {"anisotropic": [4.0, 1.0, 1.0]}.get(case, [1.5, 1.5, 1.5])
     forward = (2, 0, 1) if case == "transposed" else (0, 1, 2)
-    runner = NnUNetRunner(plans(target, [16, 16, 16], transpose_forward=forward),
-                          dataset(["background"] + [f"c{i}" for i in range(1, 7)]), "3d_fullres")
+    plan = plans(target, [16, 16, 16], transpose_forward=forward)
+    if case == "torch":  # nnU-Net's other resampling function (newer plans)
+        plan["configurations"]["3d_fullres"].update(resampling_fn_probabilities="resample_torch_fornnunet",
+                                                    resampling_fn_probabilities_kwargs={"is_seg": False})
+    runner = NnUNetRunner(plan, dataset(["background"] + [f"c{i}" for i in range(1, 7)]), "3d_fullres")
     cropped = (20, 23, 26)  # nnU-Net axis order, after cropping
     spacing = {"native": [1.5, 1.5, 1.5], "anisotropic": [4.0, 0.7, 0.7]}.get(case, [1.0, 0.9, 1.2])
     grid = tuple(int(round(s * sp / t)) for s, sp, t in zip(cropped, spacing, target))
