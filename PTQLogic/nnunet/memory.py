@@ -57,10 +57,11 @@ def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int],
     """Refuse a volume whose nnU-Net prediction would not fit; parts run one after another."""
     voxels = float(np.prod(volume.spatial_shape, dtype=float))
     parts = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
-    needed = int(max(prediction_bytes(r, volume, f) for r, f in zip(runners, folds)) + parts + volume.array.nbytes)
+    sizes = [prediction_bytes(r, volume, f) for r, f in zip(runners, folds)]
+    runner = runners[int(np.argmax(sizes))]
+    needed = int(max(sizes) + parts + volume.array.nbytes)
     available = available_memory_bytes()
     if needed > available:
-        runner = max(zip(runners, folds), key=lambda rf: prediction_bytes(rf[0], volume, rf[1]))[0]
         classes = runner.label_manager.num_segmentation_heads
         spacing = ", ".join(f"{v:g}" for v in volume.spacing)
         raise InputError(

@@ -198,7 +198,6 @@ class NnUNetRunner:
         with contextlib.redirect_stdout(io.StringIO()):
             logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
             del data
-            monitor.check()
             # one class at a time (memory); nnunetv2's own export only where probabilities are asked for
             labels = logits_to_labels(logits, self.plans_manager, self.config, self.label_manager, properties,
                                       monitor)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from ..progress import Monitor
 from ..spec import DEFAULT_COLORS, ClassInfo
 from ..volume import Volume
@@ -114,22 +115,34 @@ def merged_classes(models: Sequence[NnUNetModel], labels: dict[int, str] | None)
     return classes, lookups
 
 
-def _run_all(models, volume, runtime, precision, device, mirroring, monitor):
-    """Each part's labels, and its engines' info, size and times: the volume's seconds leave engine builds out."""
-    parts, engine_bytes, network_seconds, patches, build_seconds, chosen, reason = [], 0, 0.0, 0, 0.0, None, ""
-    seconds = 0.0
+@dataclass
+class _Run:
+    """Every part run once with one runtime and precision; ``seconds`` leaves the engine builds out."""
+
+    parts: list[np.ndarray] = field(default_factory=list)  # each part's labels
+    info: Any = None  # the engines' EngineInfo
+    reason: str = ""
+    engine_bytes: int = 0
+    seconds: float = 0.0
+    network_seconds: float = 0.0
+    patches: int = 0
+    build_seconds: float = 0.0
+
+
+def _run_all(models, volume, runtime, precision, device, mirroring, monitor) -> _Run:
+    run = _Run()
     for model in models:
         started = time.perf_counter()
         engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
-        build_seconds += time.perf_counter() - started
-        chosen, reason = engines[0].info, why or reason
-        engine_bytes += sum(e.info.bytes_on_disk for e in engines)
+        run.build_seconds += time.perf_counter() - started
+        run.info, run.reason = engines[0].info, why or run.reason
+        run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
         result = model.runner().predict(volume, engines, mirroring=mirroring, monitor=monitor)
-        parts.append(result.labels)
-        network_seconds += result.network_seconds
-        seconds += result.seconds
-        patches += result.patches
-    return parts, chosen, reason, engine_bytes, seconds, network_seconds, patches, build_seconds
+        run.parts.append(result.labels)
+        run.seconds += result.seconds
+        run.network_seconds += result.network_seconds
+        run.patches += result.patches
+    return run
 
 
 def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
@@ -166,22 +179,21 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         warn_foreign_reference(ref_volume.array, len(classes), reference)
     check_nnunet_memory([m.runner() for m in opened], volume, [len(m.folds) for m in opened],
                         f"input volume '{input_path}'")  # before any engine is built
-    parts, info, reason, size, seconds, net_s, patches, build_s = _run_all(opened, volume, runtime, precision,
-                                                                          device, mirroring, monitor)
-    merged = _merge(parts, lookups, len(classes))
+    run = _run_all(opened, volume, runtime, precision, device, mirroring, monitor)
+    merged = _merge(run.parts, lookups, len(classes))
     present = list(range(1, len(classes)))
-    agreement = fp32_seconds = fp32_net_s = None
+    agreement = fp32 = None
     if compare and precision != "fp32":
-        fp32_parts, *_, fp32_seconds, fp32_net_s, _, _ = _run_all(opened, volume, info.runtime, "fp32", device,
-                                                                   mirroring, monitor)
-        fp32_merged = _merge(fp32_parts, lookups, len(classes))
-        agreement = agreement_dice(merged, fp32_merged, present)
+        fp32 = _run_all(opened, volume, run.info.runtime, "fp32", device, mirroring, monitor)
+        agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
     json_path, csv_path = write_label_tables(classes, output)
-    return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=info.runtime,
-                          runtime_reason=reason, precision=info.precision, engine_size_mb=size / 1e6,
-                          seconds=seconds, network_seconds=net_s, patches=patches,
-                          build_seconds=build_s, agreement_dice=agreement, reference_dice=reference_dice,
-                          fp32_seconds=fp32_seconds, fp32_network_seconds=fp32_net_s)
+    return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=run.info.runtime,
+                          runtime_reason=run.reason, precision=run.info.precision,
+                          engine_size_mb=run.engine_bytes / 1e6, seconds=run.seconds,
+                          network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
+                          agreement_dice=agreement, reference_dice=reference_dice,
+                          fp32_seconds=None if fp32 is None else fp32.seconds,
+                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds)
