@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import InputError, ModelError
-from .fileio import check_output_path, check_writable_dir, publish_dir, staging_dir
-from .progress import Monitor
-from .spec import ModelSpec, load_spec
-from .sysinfo import cpu_int8_note, speed_note
+from .core.errors import InputError, ModelError
+from .core.fileio import check_output_path, check_writable_dir, publish_dir, staging_dir
+from .core.progress import Monitor
+from .core.spec import ModelSpec, load_spec
+from .core.sysinfo import cpu_int8_note, speed_note
 
 if TYPE_CHECKING:
     from .quantization.guard import GuardTarget
@@ -55,7 +55,7 @@ class ModelDir:
     def engine_cache(self) -> Path:
         """Engine caches of this model: in the user cache folder, keyed by the model's content, so a
         read-only or shared model folder works and is never written to."""
-        from .cache import model_cache_dir
+        from .engines.cache import model_cache_dir
 
         return model_cache_dir([self.spec_path, self.fp32_onnx, self.int8_onnx])
 
@@ -105,8 +105,8 @@ class QuantizeResult:
 
 
 def load_from_source(model: str | Path):
-    """The :class:`~PTQLogic.sources.LoadedModel` of a folder a registered source reads (MONAI bundle, ...), else None."""
-    from .sources import SOURCES
+    """The :class:`~PTQLogic.models.sources.LoadedModel` of a folder a registered source reads (MONAI bundle, ...), else None."""
+    from .models.sources import SOURCES
 
     path = Path(model)
     if path.is_dir() and not (path / SPEC_NAME).is_file():
@@ -118,7 +118,7 @@ def load_from_source(model: str | Path):
 
 def load_model_spec(model: str | Path) -> ModelSpec:
     """A spec file, a model folder, a source folder (bundle, ...), or a model file with a spec beside it."""
-    from .slicer_models import choose_model_source
+    from .models.model_files import choose_model_source
 
     path = Path(model)
     if path.is_dir() and (path / SPEC_NAME).is_file():
@@ -195,14 +195,14 @@ def quantize_model(
 
     ``placement``: "auto" places Q/DQ for the INT8 runtime here (``presets.resolve_placement``), or "modelopt"/"cpu".
     """
-    from .nnunet.folder import is_nnunet_folder
+    from .models.nnunet.folder import is_nnunet_folder
 
     from .quantization.presets import resolve_placement
 
     requested = dict(placement=placement, activations=activations, subpixel=subpixel, guarded=guard is not None,
                      excludes_nodes=bool(exclude_nodes))
     if is_nnunet_folder(model):  # nnU-Net results folder: nnU-Net's preprocessing, one ONNX pair per fold
-        from .nnunet.model_dir import quantize_nnunet
+        from .inference.nnunet.model_dir import quantize_nnunet
 
         placement, activations, subpixel, why = resolve_placement(**requested, nnunet=True)
         if placement != "modelopt" or subpixel or activations != "s8":
@@ -225,14 +225,14 @@ def quantize_model(
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     placement, activations, subpixel, why = resolve_placement(**requested, architecture=spec.architecture)
     chosen = {"placement": placement, "activations": activations, "subpixel": subpixel, "auto": why}
-    from .calibration import (
+    from .quantization.calibration import (
         CalibrationSettings, calibration_inputs, load_calibration_volumes, sample_calibration_patches,
         validate_settings,
     )
-    from .export import copy_onnx_model, export_onnx
-    from .models import load_torch_model
-    from .networks import quantize_settings_for
-    from .quantize import QuantizeSettings, quantize_onnx
+    from .models.onnx_export import copy_onnx_model, export_onnx
+    from .models.torch_models import load_torch_model
+    from .models.networks import quantize_settings_for
+    from .quantization.quantize import QuantizeSettings, quantize_onnx
 
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     validate_settings(calib_settings)
@@ -323,7 +323,7 @@ def open_engine(
     ``torch_compile``: a ``torch.compile`` mode for the PyTorch runtime (see engines.torch_engine).
     """
     from .engines import choose_runtime, create_engine
-    from .models import load_torch_model
+    from .models.torch_models import load_torch_model
 
     reason = ""
     if runtime == "auto":
@@ -411,7 +411,7 @@ def segment(
     sliding-window step, default the model's 0.5) and merge parts.
     """
     monitor = monitor or Monitor()
-    from .nnunet.segment import is_nnunet_target, segment_nnunet  # light: json/numpy only
+    from .inference.nnunet.segment import is_nnunet_target, segment_nnunet  # light: json/numpy only
 
     if is_nnunet_target(model):
         if torch_compile is not None:
@@ -427,15 +427,15 @@ def segment(
     model_dir = open_model_dir(model)  # checked before the heavy imports below: a wrong path fails at once
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     spec = model_dir.spec()
-    from .calibration import warn_intensity_mismatch
-    from .evaluate import (agreement_dice, check_label_map, compare_label_maps, label_table_next_to,
+    from .quantization.calibration import warn_intensity_mismatch
+    from .evaluation.metrics import (agreement_dice, check_label_map, compare_label_maps, label_table_next_to,
                            parse_label_map)
-    from .imageio import label_table_paths, read_volume, write_label_tables, write_labelmap
-    from .inference import segment_volume
+    from .io.volumes import label_table_paths, read_volume, write_label_tables, write_labelmap
+    from .inference.segmenter import segment_volume
 
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     warn_intensity_mismatch(volume, spec, input_path)
-    from .preprocess import check_memory
+    from .inference.preprocess import check_memory
 
     check_memory(volume, spec, f"input volume '{input_path}'")  # before any engine is built
     low, high = float(volume.array.min()), float(volume.array.max())

@@ -1,7 +1,7 @@
 """PTQSegmentation: quantize 3D segmentation networks to INT8 and segment with them inside 3D Slicer.
 
 Thin glue: every decision lives in PTQLogic (tested without Slicer); long work runs in a separate
-``PythonSlicer -m PTQLogic.cli`` process polled by a QTimer, so the GUI stays responsive. Only a
+``PythonSlicer -m PTQLogic.app.cli`` process polled by a QTimer, so the GUI stays responsive. Only a
 few small, named methods touch MRML (see Testing/test_slicer_module_wiring.py).
 """
 import os
@@ -30,8 +30,8 @@ for _candidate in (_MODULE_DIR, _MODULE_DIR.parent):  # installed extension / so
             sys.path.insert(0, str(_candidate))
         break
 
-from PTQLogic import slicer_support as support  # noqa: E402  (no torch: safe in Slicer's process)
-from PTQLogic.errors import PTQError  # noqa: E402
+from PTQLogic.slicer import support as support  # noqa: E402  (no torch: safe in Slicer's process)
+from PTQLogic.core.errors import PTQError  # noqa: E402
 
 RUNTIMES = ["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
 
@@ -374,7 +374,7 @@ class PTQSegmentationLogic(ScriptedLoadableModuleLogic):
         return support.default_python()
 
     def sampleModels(self):
-        return support.sample_models(support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "data")
+        return support.sample_models(support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "samples" / "data")
 
     def dependencyPlan(self):
         names = list(support.REQUIRED) + ["onnxruntime-gpu", "tensorrt", "numpy", "simpleitk"]
@@ -402,7 +402,7 @@ class PTQSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def exportReferenceLabels(self, segmentationNode, referenceVolume, specPath, path):
         """Reference segments (matched to model classes by name) as a label map on the input grid."""
-        from PTQLogic.spec import load_spec
+        from PTQLogic.core.spec import load_spec
 
         segmentation = segmentationNode.GetSegmentation()
         masks = {}
@@ -484,7 +484,7 @@ class PTQSegmentationTest(ScriptedLoadableModuleTest):
         self.test_QuantizeSegmentCompare()
 
     def _phantomNode(self, seed, name):
-        from PTQLogic.phantom import make_phantom
+        from PTQLogic.samples.phantom import make_phantom
 
         image, _labels = make_phantom(seed, shape=(48, 64, 64))
         node = slicer.util.addVolumeFromArray(image.array, name=name)
@@ -542,7 +542,7 @@ class PTQSegmentationTest(ScriptedLoadableModuleTest):
         if plan.needed:
             self.delayDisplay("Installing: " + ", ".join(plan.to_install))
             logic.installDependencies(plan)
-        spec = support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "data" / "phantom_unet.json"
+        spec = support.ptqlogic_parent_dir(_MODULE_DIR) / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
         self.assertTrue(spec.is_file(), f"shipped sample spec missing: {spec}")
         # The shipped sample network was trained on phantoms, so a phantom makes Dice meaningful.
         inputNode = self._phantomNode(0, "phantom input")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "PTQSEG_TEST_DATA"
 # real data: $PTQSEG_TEST_DATA, else ../shared/data next to the checkout
 SHARED_DATA = Path(os.environ.get(DATA_ENV) or ROOT.parent / "shared" / "data")
-SAMPLE_UNET = ROOT / "PTQLogic" / "data" / "phantom_unet.json"
+SAMPLE_UNET = ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
 
 torch.set_num_threads(2)
 # engine caches of the test run (subprocesses inherit it) stay out of the user's cache folder
@@ -34,8 +34,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def phantom_files(tmp_path_factory):
     """Two calibration phantoms and one held-out phantom with its truth, written as NIfTI."""
-    from PTQLogic.phantom import write_phantom_set
-    from PTQLogic.spec import load_spec
+    from PTQLogic.samples.phantom import write_phantom_set
+    from PTQLogic.core.spec import load_spec
 
     folder = tmp_path_factory.mktemp("phantoms")
     spacing = load_spec(SAMPLE_UNET).preprocessing.spacing

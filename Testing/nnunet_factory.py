@@ -115,7 +115,7 @@ def write_folder(root: Path, plans_dict: dict, dataset_dict: dict, folds: Sequen
 def write_image(volume, path: Path) -> Path:
     import SimpleITK as sitk
 
-    from PTQLogic.imageio import to_sitk_image
+    from PTQLogic.io.volumes import to_sitk_image
 
     sitk.WriteImage(to_sitk_image(volume.array, volume.ijk_to_ras), str(path), True)
     return path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.errors import AccuracyError
+from PTQLogic.core.errors import AccuracyError
 from PTQLogic.pipeline import quantize_model
 from PTQLogic.quantization.guard import GuardTarget
 from PTQLogic.quantization.sensitivity import rank_sensitivity
@@ -54,8 +54,8 @@ def outlier_spec(tmp_path_factory) -> Path:
 
 def test_ranking_finds_the_layers_with_outlier_inputs(outlier_spec, phantom_files, tmp_path):
     model_dir = quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "plain", num_patches=8).model_dir
-    from PTQLogic.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
-    from PTQLogic.spec import load_spec
+    from PTQLogic.quantization.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+    from PTQLogic.core.spec import load_spec
 
     patches = sample_calibration_patches(load_calibration_volumes(phantom_files["calibration"]),
                                          load_spec(outlier_spec), CalibrationSettings(num_patches=4, seed=5), None)
@@ -90,7 +90,7 @@ def test_guard_that_cannot_meet_its_target_fails_and_writes_nothing(outlier_spec
 
 
 def test_guard_cli_reports_kept_layers(outlier_spec, phantom_files, tmp_path, capsys):
-    from PTQLogic.cli import main
+    from PTQLogic.app.cli import main
 
     code = main(["quantize", "--model", str(outlier_spec), "--calibration", *map(str, phantom_files["calibration"]),
                  "--out", str(tmp_path / "cli"), "--patches", "8", "--min-agreement", "0.99",
@@ -103,7 +103,7 @@ def test_guard_cli_reports_kept_layers(outlier_spec, phantom_files, tmp_path, ca
 @pytest.mark.parametrize("args", [["--min-agreement", "1.5"], ["--max-dice-drop", "-0.1"],
                                   ["--min-agreement", "0.9", "--max-kept-layers", "0"]])
 def test_guard_settings_are_validated_before_work(outlier_spec, tmp_path, capsys, args):
-    from PTQLogic.cli import main
+    from PTQLogic.app.cli import main
 
     code = main(["quantize", "--model", str(outlier_spec), "--calibration", str(tmp_path / "missing.nii.gz"),
                  "--out", str(tmp_path / "x"), *args])

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.calibration import CalibrationSettings, sample_calibration_patches
-from PTQLogic.errors import ModelError
-from PTQLogic.models import ARCHITECTURES, build_network
-from PTQLogic.networks import HIGH_PRECISION, high_precision, quantize_settings_for
-from PTQLogic.networks.support import export_and_quantize, patch_agreement, runtime_logits
-from PTQLogic.phantom import make_phantom
-from PTQLogic.spec import load_spec, spec_from_dict
+from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibration_patches
+from PTQLogic.core.errors import ModelError
+from PTQLogic.models.torch_models.torch_models import ARCHITECTURES, build_network
+from PTQLogic.models.torch_models.networks import HIGH_PRECISION, high_precision, quantize_settings_for
+from PTQLogic.models.torch_models.networks.support import export_and_quantize, patch_agreement, runtime_logits
+from PTQLogic.samples.phantom import make_phantom
+from PTQLogic.core.spec import load_spec, spec_from_dict
 
 SPECS = Path(__file__).resolve().parents[1] / "docs" / "architectures"
 STEMS = sorted(p.stem for p in SPECS.glob("*.json"))
@@ -74,7 +74,7 @@ def _check_exclusions(architecture: str, folder: Path) -> None:
     """Each exclusion pattern names real nodes, and those stay unquantized; the rest is still INT8."""
     import onnx
 
-    from PTQLogic.qdq_check import check_qdq
+    from PTQLogic.onnx_graph.qdq_check import check_qdq
 
     rule = high_precision(architecture)
     if not rule.exclude_nodes:
@@ -91,7 +91,7 @@ def _check_exclusions(architecture: str, folder: Path) -> None:
 
 
 def test_stunet_sizes_match_the_paper():
-    from PTQLogic.networks.stunet import PUBLISHED_PARAMETERS, STUNet
+    from PTQLogic.models.torch_models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
 
     for size, published in PUBLISHED_PARAMETERS.items():
         with torch.device("meta"):  # the 1.4B-parameter H model is never allocated
@@ -102,7 +102,7 @@ def test_stunet_sizes_match_the_paper():
 def test_vista3d_wrapper_is_monai_vista3d_automatic_segmentation():
     from monai.networks.nets import VISTA3D
 
-    from PTQLogic.networks.vista3d import VISTA3DAuto
+    from PTQLogic.models.torch_models.networks.vista3d import VISTA3DAuto
 
     torch.manual_seed(0)
     wrapper = VISTA3DAuto(1, 4, class_ids=[1, 3, 14], encoder_embed_dim=8, blocks_down=(1, 1, 1)).eval()
@@ -157,9 +157,9 @@ def test_quantize_settings_add_the_architectures_exclusions():
 
 def test_a_spec_naming_a_paper_architecture_goes_through_the_cli(phantom_files, tmp_path, capsys):
     """``ptqseg quantize`` builds the network from the table, applies its exclusions, and segments in INT8."""
-    from PTQLogic.cli import main
-    from PTQLogic.imageio import read_volume
-    from PTQLogic.phantom import write_phantom_set
+    from PTQLogic.app.cli import main
+    from PTQLogic.io.volumes import read_volume
+    from PTQLogic.samples.phantom import write_phantom_set
 
     data = json.loads((SPECS / "transunet3d.json").read_text())
     torch.manual_seed(0)

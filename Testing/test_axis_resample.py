@@ -11,10 +11,10 @@ from hypothesis import given, settings, strategies as st
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from PTQLogic.axis_resample import resample_axis_aligned
-from PTQLogic.preprocess import _RAS_LABELS, resample_to_network, target_grid
-from PTQLogic.spec import spec_from_dict
-from PTQLogic.volume import Volume
+from PTQLogic.inference.segmenter.axis_resample import resample_axis_aligned
+from PTQLogic.inference.segmenter.preprocess import _RAS_LABELS, resample_to_network, target_grid
+from PTQLogic.core.spec import spec_from_dict
+from PTQLogic.core.volume import Volume
 
 FAST = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
@@ -125,7 +125,7 @@ def test_read_only_input_is_read_without_warnings_or_writes(writeable):
 @pytest.mark.parametrize("scan", ["example_ct_sm.nii.gz", "example_mr_sm.nii.gz"])
 @pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (0.8, 1.3, 2.2)])
 def test_real_scans_match_monai(shared_data, scan, spacing):
-    from PTQLogic.imageio import read_volume
+    from PTQLogic.io.volumes import read_volume
 
     volume = read_volume(shared_data / scan)
     expected, expected_affine = monai_reference(volume, "RAS", spacing)
@@ -141,7 +141,7 @@ def test_real_scans_match_monai(shared_data, scan, spacing):
 def test_zero_masking_intensity_keeps_monais_exact_zeros(shared_data, preprocessing):
     """MONAI's float64 grid writes ~1e-11 next to 0-valued voxels where the exact value is 0; a nonzero mask
     counts those, so specs with one keep MONAI's resampling and get MONAI's values bit for bit."""
-    from PTQLogic.imageio import read_volume
+    from PTQLogic.io.volumes import read_volume
 
     volume = read_volume(shared_data / "example_mr_sm.nii.gz")
     model = spec_from_dict({"name": "t", "architecture": "UNet", "classes": ["bg", "fg"], "patch_size": [8, 8, 8],

@@ -18,11 +18,11 @@ import pytest
 import SimpleITK as sitk
 from onnx import TensorProto, helper
 
-from PTQLogic.cache import EngineCache
-from PTQLogic.cli import main
-from PTQLogic.errors import Cancelled
-from PTQLogic.fileio import sha256_file
-from PTQLogic.progress import Monitor
+from PTQLogic.engines.cache import EngineCache
+from PTQLogic.app.cli import main
+from PTQLogic.core.errors import Cancelled
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.core.progress import Monitor
 
 from conftest import ROOT, SAMPLE_UNET
 from test_cli_bad_inputs import assert_clean_failure, run_cli
@@ -220,7 +220,7 @@ def test_segment_refuses_bad_settings_before_work(case, mention, quantized_unet,
 def test_full_disk_leaves_no_partial_output(quantized_unet, phantom_files, tmp_path):
     """RLIMIT_FSIZE (no root mount needed) makes every write past 64 bytes fail like a full disk."""
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)); "
-            "from PTQLogic.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from PTQLogic.app.cli import main; sys.exit(main(sys.argv[1:]))")
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-c", code, "segment", "--model", str(quantized_unet), "--input",
                              str(phantom_files["image"]), "--output", str(out / "labels.nii.gz"), "--runtime",

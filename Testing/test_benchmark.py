@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from PTQLogic.benchmark import interleaved_latency, paired_speedups, run_benchmark, Timing
-from PTQLogic.errors import InputError
-from PTQLogic.report import STAGES
+from PTQLogic.app.benchmark import interleaved_latency, paired_speedups, run_benchmark, Timing
+from PTQLogic.core.errors import InputError
+from PTQLogic.evaluation.report import STAGES
 
 
 def test_defaults_are_20_repeats_after_warmup():

@@ -12,7 +12,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_ct_model import BTCV_FROM_TOTALSEG, SPEC, load_ct_pair, map_labels, spec_for  # noqa: E402
 
-CT_SPEC = ROOT / "PTQLogic" / "data" / "ct_unet.json"
+CT_SPEC = ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.json"
 
 
 def test_totalsegmentator_labels_map_to_btcv_classes():
@@ -26,8 +26,8 @@ def test_segresnet_sibling_has_the_unet_classes_and_patch(tmp_path):
     """--architecture segresnet: same classes, patch and preprocessing; a GroupNorm network of its own."""
     import torch
 
-    from PTQLogic.models import build_network
-    from PTQLogic.spec import spec_from_dict
+    from PTQLogic.models.torch_models.torch_models import build_network
+    from PTQLogic.core.spec import spec_from_dict
 
     stem, spec_dict = spec_for("segresnet")
     spec = spec_from_dict(spec_dict, base_dir=tmp_path)
@@ -41,7 +41,7 @@ def test_segresnet_sibling_has_the_unet_classes_and_patch(tmp_path):
 
 
 def test_missing_data_is_one_clear_error(tmp_path):
-    from PTQLogic.errors import InputError
+    from PTQLogic.core.errors import InputError
 
     with pytest.raises(InputError, match="example_ct_sm.nii.gz.*--data"):
         load_ct_pair(tmp_path)
@@ -49,9 +49,9 @@ def test_missing_data_is_one_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def ct_model(shared_data, tmp_path_factory):
-    if not (ROOT / "PTQLogic" / "data" / "ct_unet.pt").is_file():
+    if not (ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.pt").is_file():
         pytest.skip("ct_unet.pt not found: run python benchmarks/train_ct_model.py")
-    from PTQLogic.imageio import write_labelmap
+    from PTQLogic.io.volumes import write_labelmap
     from PTQLogic.pipeline import quantize_model
 
     folder = tmp_path_factory.mktemp("ct")
@@ -64,7 +64,7 @@ def ct_model(shared_data, tmp_path_factory):
 
 
 def test_ct_model_int8_fidelity_per_runtime(ct_model, shared_data, tmp_path):
-    from PTQLogic.benchmark import run_benchmark
+    from PTQLogic.app.benchmark import run_benchmark
 
     model, reference = ct_model
     summary = run_benchmark(model, shared_data / "example_ct_sm.nii.gz", tmp_path, runtimes=["onnxruntime", "openvino"],

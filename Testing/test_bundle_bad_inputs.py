@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.cli import main
-from PTQLogic.errors import ModelError
-from PTQLogic.phantom import write_phantom_set
-from PTQLogic.sources import find_source
-from PTQLogic.sources.bundle import BundleSource
+from PTQLogic.app.cli import main
+from PTQLogic.core.errors import ModelError
+from PTQLogic.samples.phantom import write_phantom_set
+from PTQLogic.models.torch_models.sources import find_source
+from PTQLogic.models.torch_models.sources.bundle import BundleSource
 
 from test_bundle_zoo import write_bundle
 

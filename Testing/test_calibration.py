@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
-from PTQLogic.errors import Cancelled, InputError
-from PTQLogic.imageio import write_labelmap
-from PTQLogic.progress import Monitor
-from PTQLogic.spec import spec_from_dict
-from PTQLogic.volume import Volume
+from PTQLogic.quantization.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+from PTQLogic.core.errors import Cancelled, InputError
+from PTQLogic.io.volumes import write_labelmap
+from PTQLogic.core.progress import Monitor
+from PTQLogic.core.spec import spec_from_dict
+from PTQLogic.core.volume import Volume
 
 from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 BODY_HU, AIR_HU = 40, -1000

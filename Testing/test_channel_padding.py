@@ -11,9 +11,9 @@ import torch
 from monai.networks.nets import UNet
 from onnx import TensorProto, helper, numpy_helper
 
-from PTQLogic.qdq_check import check_qdq
-from PTQLogic.quantization.channel_padding import pad_channels
-from PTQLogic.quantization.graph_prep import prepare_for_int8
+from PTQLogic.onnx_graph.qdq_check import check_qdq
+from PTQLogic.onnx_graph.channel_padding import pad_channels
+from PTQLogic.onnx_graph.graph_prep import prepare_for_int8
 from PTQLogic.quantization.placement import quantize_cpu
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.cli import main
-from PTQLogic.fileio import sha256_file
+from PTQLogic.app.cli import main
+from PTQLogic.core.fileio import sha256_file
 
 from conftest import ROOT, SAMPLE_UNET
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from PTQLogic.cli import main
-from PTQLogic.progress import parse_progress_line
+from PTQLogic.app.cli import main
+from PTQLogic.core.progress import parse_progress_line
 
 from conftest import ROOT, SAMPLE_UNET
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import PTQLogic
-from PTQLogic.cli import PRECISIONS, RUNTIMES, build_parser, main
+from PTQLogic.app.cli import PRECISIONS, RUNTIMES, build_parser, main
 
 from conftest import ROOT
 
@@ -24,7 +24,7 @@ HEAVY = ("torch", "monai", "onnx", "onnxruntime", "openvino", "modelopt", "Simpl
 
 PROBE = """
 import json, sys
-from PTQLogic.cli import main
+from PTQLogic.app.cli import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exc:
@@ -169,7 +169,7 @@ def test_compare_says_when_int8_does_not_pay_off(quantized_unet, phantom_files, 
 def test_cpu_float_reaches_workers_and_does_not_outlive_the_call(monkeypatch, tmp_path, capsys):
     """--cpu-float is set for the run (and forwarded to Ray workers' environment), then restored, so an
     in-process caller's next run does not inherit it."""
-    from PTQLogic.cli import main
+    from PTQLogic.app.cli import main
     from PTQLogic.cohort.cluster import _forwarded_env
 
     monkeypatch.delenv("PTQSEG_CPU_FLOAT", raising=False)

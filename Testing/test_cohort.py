@@ -16,8 +16,8 @@ ray = pytest.importorskip("ray")
 
 from PTQLogic.cohort import run_cohort  # noqa: E402
 from PTQLogic.cohort.cluster import connect  # noqa: E402
-from PTQLogic.errors import Cancelled, InputError  # noqa: E402
-from PTQLogic.progress import Monitor  # noqa: E402
+from PTQLogic.core.errors import Cancelled, InputError  # noqa: E402
+from PTQLogic.core.progress import Monitor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> list[Path]:
-    from PTQLogic.phantom import make_phantom, _write_image
+    from PTQLogic.samples.phantom import make_phantom, _write_image
 
     folder = tmp_path_factory.mktemp("cohort")
     paths = []
@@ -52,8 +52,8 @@ def _no_partials(out: Path) -> None:
 
 
 def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet, tmp_path):
-    from PTQLogic.imageio import read_volume
-    from PTQLogic.inference import segment_volume
+    from PTQLogic.io.volumes import read_volume
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
     from PTQLogic.pipeline import open_engine, open_model_dir
 
     inputs = tmp_path / "in"
@@ -129,7 +129,7 @@ def test_killed_worker_loses_only_its_volume(cluster, volumes, quantized_unet, t
 
 
 def test_workers_that_cannot_open_the_engine_fail_clearly(cluster, volumes, quantized_unet, tmp_path):
-    from PTQLogic.errors import EngineUnavailable
+    from PTQLogic.core.errors import EngineUnavailable
 
     with pytest.raises(EngineUnavailable, match="(?i)tensorrt"):
         run_cohort(quantized_unet, volumes[:1], tmp_path / "out", workers=2, runtime="tensorrt")
@@ -203,7 +203,7 @@ def test_bad_inputs_fail_before_any_work(quantized_unet, tmp_path):
     with pytest.raises(InputError, match="also the input folder"):
         run_cohort(quantized_unet, [tmp_path], tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "PTQLogic.cli", "segment-batch", "--model", str(quantized_unet),
+        [sys.executable, "-m", "PTQLogic.app.cli", "segment-batch", "--model", str(quantized_unet),
          "--inputs", str(listing), "--output-dir", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from PTQLogic.progress import parse_progress_line
+from PTQLogic.core.progress import parse_progress_line
 from conftest import ROOT
 
 pytest.importorskip("ray")
 
 
 def test_ctrl_c_stops_cleanly_then_rerun_finishes(quantized_unet, tmp_path):
-    from PTQLogic.phantom import _write_image, make_phantom
+    from PTQLogic.samples.phantom import _write_image, make_phantom
 
     inputs = tmp_path / "cohort"
     inputs.mkdir()
     for seed in range(6):
         _write_image(make_phantom(500 + seed, shape=(40, 48, 44))[0], inputs / f"case{seed}.nii.gz")
     out = tmp_path / "labels"
-    command = [sys.executable, "-m", "PTQLogic.cli", "segment-batch", "--model", str(quantized_unet),
+    command = [sys.executable, "-m", "PTQLogic.app.cli", "segment-batch", "--model", str(quantized_unet),
                "--inputs", str(inputs), "--output-dir", str(out), "--workers", "1", "--progress-lines"]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,11 +10,11 @@ import onnxruntime
 import pytest
 import torch
 
-from PTQLogic.qdq_check import check_qdq
-from PTQLogic.quantization.conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
+from PTQLogic.onnx_graph.qdq_check import check_qdq
+from PTQLogic.onnx_graph.conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
 from PTQLogic.quantization.placement import quantize_cpu
-from PTQLogic.quantize import QuantizeSettings
-from PTQLogic.errors import InputError
+from PTQLogic.quantization.quantize import QuantizeSettings
+from PTQLogic.core.errors import InputError
 
 
 def _export(net: torch.nn.Module, shape: tuple[int, ...], path: Path) -> Path:

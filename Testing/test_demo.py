@@ -26,7 +26,7 @@ def test_demo_json(tmp_path):
 
 
 def test_demo_summary_names_the_placement_and_u8_is_not_called_a_failure():
-    from PTQLogic.demo import format_demo
+    from PTQLogic.app.demo import format_demo
 
     line = "Q/DQ placement: cpu --activations u8 --subpixel (auto: INT8 runs on onnxruntime here)"
     text = format_demo({"markdown": "", "quantize_seconds": 1.0, "qdq_ok": False, "output_dir": "out",

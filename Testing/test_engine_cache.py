@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from PTQLogic.cache import EngineCache, engine_fields
-from PTQLogic.errors import Cancelled, PTQError
-from PTQLogic.fileio import sha256_file
-from PTQLogic.progress import Monitor
+from PTQLogic.engines.cache import EngineCache, engine_fields
+from PTQLogic.core.errors import Cancelled, PTQError
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.core.progress import Monitor
 
 FIELDS = {
     "model_sha256": "ab" * 32,
@@ -141,7 +141,7 @@ def test_build_recipe_is_part_of_the_key(tmp_path, change):
 
 
 def test_user_cache_dir(monkeypatch, tmp_path):
-    from PTQLogic.cache import user_cache_dir
+    from PTQLogic.engines.cache import user_cache_dir
 
     monkeypatch.setenv("PTQSEG_CACHE_DIR", str(tmp_path / "c"))
     assert user_cache_dir() == tmp_path / "c"

@@ -10,10 +10,10 @@ from PTQLogic.engines import Engine, available_runtimes, choose_runtime, create_
 from PTQLogic.engines.onnxruntime_engine import OnnxRuntimeEngine
 from PTQLogic.engines.openvino_engine import OpenVINOEngine
 from PTQLogic.engines.torch_engine import TorchEngine
-from PTQLogic.errors import EngineUnavailable, InputError, ModelError
-from PTQLogic.export import export_onnx
-from PTQLogic.quantize import QuantizeSettings, quantize_onnx
-from PTQLogic.spec import spec_from_dict
+from PTQLogic.core.errors import EngineUnavailable, InputError, ModelError
+from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
+from PTQLogic.core.spec import spec_from_dict
 
 PATCH = (16, 16, 16)
 
@@ -204,8 +204,8 @@ def test_broken_onnx_is_a_model_error(tmp_path):
 def test_openvino_sliding_window_reads_logits_in_place_with_the_same_result(artifacts):
     """The sliding window takes OpenVINO's logits without a copy (forward_transient): each result is blended
     before the next call, so the labels equal those of the copying call, batch of 2 windows included."""
-    from PTQLogic.inference import segment_volume
-    from PTQLogic.volume import Volume
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.core.volume import Volume
 
     class Copying:  # the same engine seen through its copying __call__ only
         def __init__(self, engine):

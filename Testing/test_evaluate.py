@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from PTQLogic.engines.base import EngineInfo
-from PTQLogic.errors import InputError
-from PTQLogic.evaluate import (
+from PTQLogic.core.errors import InputError
+from PTQLogic.evaluation.metrics import (
     DiceResult,
     agreement_dice,
     dice_per_class,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.cli import main
-from PTQLogic.evaluate import compare_label_maps, parse_label_map
-from PTQLogic.fileio import sha256_file
+from PTQLogic.app.cli import main
+from PTQLogic.evaluation.metrics import compare_label_maps, parse_label_map
+from PTQLogic.core.fileio import sha256_file
 
 from conftest import SHARED_DATA
 
@@ -86,7 +86,7 @@ def test_names_are_matched_through_label_tables(tmp_path):
 
 @pytest.mark.parametrize("text", ["1=x", "liver", "0=3", '{"1": "a"}'])
 def test_bad_label_maps_are_refused(text):
-    from PTQLogic.errors import InputError
+    from PTQLogic.core.errors import InputError
 
     with pytest.raises(InputError, match="label"):
         parse_label_map(text)

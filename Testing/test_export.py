@@ -8,12 +8,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from PTQLogic.errors import AccuracyError, Cancelled, InputError, ModelError
-from PTQLogic.export import copy_onnx_model, export_onnx, onnx_io_names
-from PTQLogic.fileio import sha256_file
-from PTQLogic.models import build_network
-from PTQLogic.progress import Monitor
-from PTQLogic.spec import spec_from_dict
+from PTQLogic.core.errors import AccuracyError, Cancelled, InputError, ModelError
+from PTQLogic.models.torch_models.onnx_export import copy_onnx_model, export_onnx, onnx_io_names
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.core.progress import Monitor
+from PTQLogic.core.spec import spec_from_dict
 
 torch.set_num_threads(2)
 

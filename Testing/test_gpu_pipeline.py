@@ -1,4 +1,4 @@
-"""The device-resident pipeline (PTQLogic.resident) against the CPU path, run on CPU tensors.
+"""The device-resident pipeline (PTQLogic.inference.resident) against the CPU path, run on CPU tensors.
 
 The same torch code runs on a GPU; here it must reproduce the CPU path: preprocessing exactly,
 MONAI's sliding-window argmax, the nearest-neighbour way back, and whole-volume labels of the
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.phantom import make_phantom
-from PTQLogic.preprocess import labels_to_input_grid, to_network_space
-from PTQLogic.resident import labels_to_input_grid_on, sliding_window_argmax, to_network_space_on
-from PTQLogic.spec import Preprocessing, load_spec
-from PTQLogic.volume import Volume
+from PTQLogic.samples.phantom import make_phantom
+from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
+from PTQLogic.inference.segmenter.resident import labels_to_input_grid_on, sliding_window_argmax, to_network_space_on
+from PTQLogic.core.spec import Preprocessing, load_spec
+from PTQLogic.core.volume import Volume
 from conftest import ROOT, SAMPLE_UNET
 
 
@@ -100,11 +100,11 @@ def test_labels_back_to_input_grid_match(rotate):
 @pytest.mark.parametrize("name", ["phantom_unet", "phantom_segresnet"])
 def test_sample_models_agree_with_cpu_path(name):
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.inference import segment_volume
-    from PTQLogic.models import load_torch_model
-    from PTQLogic.resident import segment_volume_resident
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.models.torch_models.torch_models import load_torch_model
+    from PTQLogic.inference.segmenter.resident import segment_volume_resident
 
-    spec = load_spec(ROOT / "PTQLogic" / "data" / f"{name}.json")
+    spec = load_spec(ROOT / "PTQLogic" / "samples" / "data" / f"{name}.json")
     engine = TorchEngine(load_torch_model(spec), "fp32", device="cpu")
     image, truth = make_phantom(1001, shape=(44, 60, 56), spacing=(1.3, 1.3, 1.6))
     expected = segment_volume(image, spec, engine, batch_size=2)
@@ -117,7 +117,7 @@ def test_sample_models_agree_with_cpu_path(name):
 
 
 def test_blending_precision_choice():
-    from PTQLogic.resident import blending_dtype
+    from PTQLogic.inference.segmenter.resident import blending_dtype
 
     assert blending_dtype("fp16", 10**12, torch.device("cpu")) == torch.float32  # CPUs always blend in fp32
     if torch.cuda.is_available():

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from PTQLogic.imageio import label_table_paths
+from PTQLogic.io.volumes import label_table_paths
 
-from PTQLogic.fileio import atomic_write_text, current_umask, make_temp_dir
+from PTQLogic.core.fileio import atomic_write_text, current_umask, make_temp_dir
 
 from conftest import ROOT, SAMPLE_UNET
 
@@ -143,8 +143,8 @@ def test_unwritable_output_fails_before_any_work(quantized_unet, phantom_files, 
 
 
 def test_write_errors_name_the_final_file_not_the_temporary_one(tmp_path):
-    from PTQLogic.errors import InputError
-    from PTQLogic.fileio import atomic_path
+    from PTQLogic.core.errors import InputError
+    from PTQLogic.core.fileio import atomic_path
 
     with pytest.raises(InputError) as caught:
         with atomic_path(tmp_path / "labels.nii.gz") as tmp:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.errors import InputError
-from PTQLogic.imageio import label_table_paths, read_volume, write_label_table, write_labelmap
-from PTQLogic.spec import ClassInfo
-from PTQLogic.volume import Volume
+from PTQLogic.core.errors import InputError
+from PTQLogic.io.volumes import label_table_paths, read_volume, write_label_table, write_labelmap
+from PTQLogic.core.spec import ClassInfo
+from PTQLogic.core.volume import Volume
 
 from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from PTQLogic.engines.base import Engine, EngineInfo
-from PTQLogic.errors import Cancelled, ModelError
-from PTQLogic.imageio import read_volume
-from PTQLogic.inference import count_windows, segment_volume
-from PTQLogic.progress import Monitor
-from PTQLogic.spec import spec_from_dict
-from PTQLogic.volume import Volume
+from PTQLogic.core.errors import Cancelled, ModelError
+from PTQLogic.io.volumes import read_volume
+from PTQLogic.inference.segmenter.segmenter import count_windows, segment_volume
+from PTQLogic.core.progress import Monitor
+from PTQLogic.core.spec import spec_from_dict
+from PTQLogic.core.volume import Volume
 
 torch.set_num_threads(1)
 from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from PTQLogic.sysinfo import GPU_PROVIDERS, system_info, usable_onnxruntime_providers
+from PTQLogic.core.sysinfo import GPU_PROVIDERS, system_info, usable_onnxruntime_providers
 
 from conftest import ROOT
 
@@ -45,8 +45,8 @@ import sys
 import numpy as np
 for name in ("cupy", "cupy_backends", "polygraphy", "cppimport", "onnxconverter_common"):
     sys.modules[name] = None  # importing them now raises ImportError, as on a machine without them
-from PTQLogic.quantize import quantize_onnx
-from PTQLogic.export import onnx_io_names
+from PTQLogic.quantization.quantize import quantize_onnx
+from PTQLogic.models.onnx_export import onnx_io_names
 src, dst = sys.argv[1], sys.argv[2]
 _, _, shape = onnx_io_names(src)
 calibration = np.random.default_rng(0).random((2, *shape[1:]), dtype=np.float32)

@@ -1,6 +1,6 @@
 """Ctrl-C while OpenVINO and ONNX Runtime engines are live: exit 130, one error line, no output folder.
 
-Before signals were routed through a watcher thread (PTQLogic/interrupts.py) this crashed with
+Before signals were routed through a watcher thread (PTQLogic/core/interrupts.py) this crashed with
 "Segmentation fault" (exit -11/139): the signal frame landed on a thread running native kernels.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from PTQLogic.progress import parse_progress_line
+from PTQLogic.core.progress import parse_progress_line
 
 from conftest import ROOT
 

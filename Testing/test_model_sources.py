@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from PTQLogic.cli import main
-from PTQLogic.evaluate import dice_per_class
-from PTQLogic.export import export_onnx
-from PTQLogic.imageio import read_volume
-from PTQLogic.models import load_torch_model
-from PTQLogic.spec import load_spec
+from PTQLogic.app.cli import main
+from PTQLogic.evaluation.metrics import dice_per_class
+from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.io.volumes import read_volume
+from PTQLogic.models.torch_models.torch_models import load_torch_model
+from PTQLogic.core.spec import load_spec
 
 from conftest import SAMPLE_UNET
 
@@ -67,13 +67,13 @@ def test_bare_model_file_without_spec_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------- MONAI bundles: reading configs as data
 
 def _config(data, tmp_path):
-    from PTQLogic.sources.bundle_config import BundleConfig
+    from PTQLogic.models.torch_models.sources.bundle_config import BundleConfig
 
     return BundleConfig(data, tmp_path / "inference.json")
 
 
 def test_bundle_resolver_evaluates_data_expressions_only(tmp_path):
-    from PTQLogic.errors import ModelError
+    from PTQLogic.core.errors import ModelError
 
     config = _config({
         "flags": {"highres": True, "overlap": 0.25},
@@ -104,8 +104,8 @@ def test_bundle_preprocessing_maps_onto_spec_and_monai(tmp_path):
     import numpy as np
     from monai.transforms import NormalizeIntensity, ScaleIntensity
 
-    from PTQLogic.preprocess import normalize_intensity
-    from PTQLogic.sources.bundle_transforms import map_preprocessing
+    from PTQLogic.inference.segmenter.preprocess import normalize_intensity
+    from PTQLogic.models.torch_models.sources.bundle_transforms import map_preprocessing
 
     from test_bundle_zoo import spleen_config, wholebody_config
 
@@ -125,8 +125,8 @@ def test_bundle_preprocessing_maps_onto_spec_and_monai(tmp_path):
 def test_spec_with_intensity_steps_round_trips_and_refuses_unknown_steps(tmp_path):
     from dataclasses import replace
 
-    from PTQLogic.errors import ModelError
-    from PTQLogic.spec import Preprocessing, spec_from_dict
+    from PTQLogic.core.errors import ModelError
+    from PTQLogic.core.spec import Preprocessing, spec_from_dict
 
     spec = load_spec(SAMPLE_UNET)
     steps = ({"transform": "ScaleIntensityRange", "a_min": -100, "a_max": 200, "b_min": -1.0, "b_max": 1.0,
@@ -144,7 +144,7 @@ def test_spec_with_intensity_steps_round_trips_and_refuses_unknown_steps(tmp_pat
 
 def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
     from PTQLogic.pipeline import load_model_spec
-    from PTQLogic.slicer_models import choose_model_source
+    from PTQLogic.models.torch_models.model_files import choose_model_source
 
     from test_bundle_zoo import write_bundle
 
@@ -161,8 +161,8 @@ def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
 
 def test_model_catalog_lists_sources_and_architectures():
     """Every registered source and every network a spec or bundle can name is in Resources/model_catalog.json."""
-    from PTQLogic.models import ARCHITECTURES
-    from PTQLogic.sources import SOURCES
+    from PTQLogic.models.torch_models.torch_models import ARCHITECTURES
+    from PTQLogic.models.torch_models.sources import SOURCES
 
     from conftest import ROOT
 
@@ -181,8 +181,8 @@ def test_bundle_expressions_agree_with_python_on_data(tmp_path):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from PTQLogic.errors import ModelError
-    from PTQLogic.sources.bundle_config import BundleConfig
+    from PTQLogic.core.errors import ModelError
+    from PTQLogic.models.torch_models.sources.bundle_config import BundleConfig
 
     numbers = st.integers(-50, 50).map(str) | st.sampled_from(["1.5", "2.0", "@flags#n", "True", "False"])
     lists = st.lists(numbers, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.errors import ModelError
-from PTQLogic.fileio import sha256_file
-from PTQLogic.models import ARCHITECTURES, build_network, load_torch_model
-from PTQLogic.spec import spec_from_dict
+from PTQLogic.core.errors import ModelError
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.models.torch_models.torch_models import ARCHITECTURES, build_network, load_torch_model
+from PTQLogic.core.spec import spec_from_dict
 
 torch.set_num_threads(2)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic import imageio
-from PTQLogic.errors import InputError
-from PTQLogic.imageio import read_volume, to_sitk_image
+from PTQLogic.io import volumes
+from PTQLogic.core.errors import InputError
+from PTQLogic.io.volumes import read_volume, to_sitk_image
 
 
 def _write(array: np.ndarray, path):

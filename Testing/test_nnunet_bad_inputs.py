@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nnunet_factory import architecture, dataset, plans, write_folder, write_image
-from PTQLogic.cli import main
-from PTQLogic.phantom import make_phantom
+from PTQLogic.app.cli import main
+from PTQLogic.samples.phantom import make_phantom
 
 LABELS = ["background", "liver", "spleen"]
 
@@ -74,7 +74,7 @@ def test_missing_fold_is_one_clear_error(setup, capsys):
     assert "fold_3/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys, "--folds", "0", "3")
     (folder / "fold_0" / "checkpoint_final.pth").rename(folder / "fold_0" / "checkpoint_best.pth")
     assert "no fold_*/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys)
-    from PTQLogic.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
 
     best = open_nnunet_model(folder, checkpoint="checkpoint_best.pth")  # what --checkpoint checkpoint_best.pth opens
     assert best.folds == ["0"] and len(best.networks) == 1
@@ -127,7 +127,7 @@ def test_checkpoint_pickled_by_numpy_1_loads(tmp_path):
 
     import numpy as np
 
-    from PTQLogic.nnunet.checkpoint import load_checkpoint
+    from PTQLogic.models.torch_models.nnunet.checkpoint import load_checkpoint
 
     torch.save({"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.5), "curve": np.arange(3.0)},
                tmp_path / "new.pth")
@@ -149,9 +149,9 @@ def test_build_and_benchmark_say_what_to_use_for_nnunet_folders(tmp_path, capsys
 
 
 def test_progress_is_reported_and_cancel_leaves_no_output(setup):
-    from PTQLogic.errors import Cancelled
+    from PTQLogic.core.errors import Cancelled
     from PTQLogic.pipeline import segment
-    from PTQLogic.progress import Monitor
+    from PTQLogic.core.progress import Monitor
 
     folder, image, tmp_path = setup
     events = []
@@ -169,10 +169,10 @@ def test_progress_is_reported_and_cancel_leaves_no_output(setup):
 
 def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.errors import ModelError
-    from PTQLogic.imageio import read_volume
-    from PTQLogic.nnunet.model_dir import open_nnunet_model
-    from PTQLogic.nnunet.network import build_network
+    from PTQLogic.core.errors import ModelError
+    from PTQLogic.io.volumes import read_volume
+    from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.models.torch_models.nnunet.network import build_network
 
     folder, image, _ = setup
     model = open_nnunet_model(folder)
@@ -189,7 +189,7 @@ def test_accuracy_guard_is_refused_for_nnunet_folders(setup, capsys):
 def test_volume_too_large_for_memory_is_refused_before_any_engine(setup, capsys, monkeypatch):
     """nnunetv2 keeps fp16 logits of every class over the grid and resamples them to the input grid: a volume
     that cannot fit is refused with the numbers before an engine is built, and nothing is written."""
-    import PTQLogic.nnunet.segment as nnunet_segment
+    import PTQLogic.inference.nnunet.segment as nnunet_segment
 
     folder, image, tmp_path = setup
     built = []
@@ -214,7 +214,7 @@ def test_volume_time_leaves_engine_builds_out(setup, monkeypatch):
     engines is build time. An engine opening made 2 s slower shows up there only."""
     import time
 
-    import PTQLogic.nnunet.segment as nnunet_segment
+    import PTQLogic.inference.nnunet.segment as nnunet_segment
     from PTQLogic.pipeline import segment
 
     folder, image, tmp_path = setup

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nnunet_factory import dataset, plans
-from PTQLogic.errors import Cancelled
-from PTQLogic.nnunet.export import logits_to_labels
-from PTQLogic.nnunet.predict import NnUNetRunner
-from PTQLogic.progress import Monitor
+from PTQLogic.core.errors import Cancelled
+from PTQLogic.inference.segmenter.nnunet.export import logits_to_labels
+from PTQLogic.inference.segmenter.nnunet.predict import NnUNetRunner
+from PTQLogic.core.progress import Monitor
 
 
 def _reference(logits, runner, properties):

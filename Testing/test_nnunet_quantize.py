@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_factory import dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
-from PTQLogic.cli import main
-from PTQLogic.imageio import label_table_paths, read_volume
-from PTQLogic.phantom import make_phantom
-from PTQLogic.slicer_models import choose_model_source
+from PTQLogic.app.cli import main
+from PTQLogic.io.volumes import label_table_paths, read_volume
+from PTQLogic.samples.phantom import make_phantom
+from PTQLogic.models.torch_models.model_files import choose_model_source
 
 LABELS = ["background", "liver", "spleen", "kidney_right"]
 

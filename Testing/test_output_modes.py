@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from PTQLogic.fileio import atomic_path, atomic_write_text, default_mode, staging_dir
+from PTQLogic.core.fileio import atomic_path, atomic_write_text, default_mode, staging_dir
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from PTQLogic.calibration import load_calibration_volumes
-from PTQLogic.cli import build_parser, main
-from PTQLogic.errors import Cancelled, InputError, InputWarning
-from PTQLogic.imageio import label_table_paths, read_volume, write_labelmap
-from PTQLogic.progress import Monitor, parse_progress_line
-from PTQLogic.spec import ClassInfo, load_spec
-from PTQLogic.volume import Volume
+from PTQLogic.quantization.calibration import load_calibration_volumes
+from PTQLogic.app.cli import build_parser, main
+from PTQLogic.core.errors import Cancelled, InputError, InputWarning
+from PTQLogic.io.volumes import label_table_paths, read_volume, write_labelmap
+from PTQLogic.core.progress import Monitor, parse_progress_line
+from PTQLogic.core.spec import ClassInfo, load_spec
+from PTQLogic.core.volume import Volume
 
 from conftest import ROOT, SAMPLE_UNET
 
@@ -28,7 +28,7 @@ from conftest import ROOT, SAMPLE_UNET
 def _write_image(array_kji: np.ndarray, ijk_to_ras: np.ndarray, path: Path) -> None:
     import SimpleITK as sitk
 
-    from PTQLogic.imageio import to_sitk_image
+    from PTQLogic.io.volumes import to_sitk_image
 
     sitk.WriteImage(to_sitk_image(array_kji, ijk_to_ras), str(path))
 
@@ -116,7 +116,7 @@ def test_segment_warns_when_an_mr_like_volume_meets_a_ct_model(quantized_unet, p
 
 
 def test_benchmark_device_column_is_consistent_and_cancel_leaves_no_folder(quantized_unet, phantom_files, tmp_path):
-    from PTQLogic.benchmark import run_benchmark
+    from PTQLogic.app.benchmark import run_benchmark
 
     out = tmp_path / "bench"
     summary = run_benchmark(quantized_unet, phantom_files["image"], out, runtimes=["onnxruntime", "openvino"],
@@ -138,7 +138,7 @@ def test_benchmark_device_column_is_consistent_and_cancel_leaves_no_folder(quant
 
 
 def test_demo_default_folder_is_outside_the_checkout(monkeypatch, tmp_path):
-    from PTQLogic.demo import default_demo_dir
+    from PTQLogic.app.demo import default_demo_dir
 
     assert build_parser().parse_args(["demo"]).out is None
     monkeypatch.delenv("PTQSEG_DEMO_DIR", raising=False)

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.errors import InputError
-from PTQLogic.evaluate import dice_per_class
-from PTQLogic.models import build_network
-from PTQLogic.phantom import LABELS, PHANTOM_CLASSES, make_phantom, write_phantom_set
-from PTQLogic.progress import Monitor
-from PTQLogic.spec import load_spec, spec_from_dict
-from PTQLogic.train import TRAIN_SEED_BASE, segment_phantom, train_on_phantoms
+from PTQLogic.core.errors import InputError
+from PTQLogic.evaluation.metrics import dice_per_class
+from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.samples.phantom import LABELS, PHANTOM_CLASSES, make_phantom, write_phantom_set
+from PTQLogic.core.progress import Monitor
+from PTQLogic.core.spec import load_spec, spec_from_dict
+from PTQLogic.samples.train import TRAIN_SEED_BASE, segment_phantom, train_on_phantoms
 
-DATA = Path(__file__).resolve().parents[1] / "PTQLogic" / "data"
+DATA = Path(__file__).resolve().parents[1] / "PTQLogic" / "samples" / "data"
 
 
 def test_phantom_is_deterministic_and_varies_with_seed():
@@ -62,7 +62,7 @@ def test_bad_phantom_arguments():
 
 
 def test_write_phantom_set_round_trip(tmp_path):
-    from PTQLogic.imageio import read_volume
+    from PTQLogic.io.volumes import read_volume
 
     pairs = write_phantom_set(tmp_path / "set", 2, seed=5, shape=(16, 20, 24), spacing=(2.0, 2.0, 3.0))
     assert len(pairs) == 2

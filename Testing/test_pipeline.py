@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from PTQLogic.benchmark import run_benchmark
-from PTQLogic.cli import main
-from PTQLogic.fileio import sha256_file
-from PTQLogic.imageio import read_volume
+from PTQLogic.app.benchmark import run_benchmark
+from PTQLogic.app.cli import main
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.io.volumes import read_volume
 from PTQLogic.pipeline import open_model_dir, quantize_model
 
 from conftest import ROOT
@@ -18,7 +18,7 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def quantized_segresnet(tmp_path_factory, phantom_files):
     out = tmp_path_factory.mktemp("models") / "segresnet-int8"
-    quantize_model(ROOT / "PTQLogic" / "data" / "phantom_segresnet.json", phantom_files["calibration"], out, num_patches=8)
+    quantize_model(ROOT / "PTQLogic" / "samples" / "data" / "phantom_segresnet.json", phantom_files["calibration"], out, num_patches=8)
     return out
 
 
@@ -77,7 +77,7 @@ def test_requantize_replaces_an_earlier_model_folder(quantized_unet, phantom_fil
 
     folder = tmp_path / "model"
     shutil.copytree(quantized_unet, folder)
-    quantize_model(ROOT / "PTQLogic" / "data" / "phantom_unet.json", phantom_files["calibration"], folder,
+    quantize_model(ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json", phantom_files["calibration"], folder,
                    num_patches=2, seed=3)
     assert open_model_dir(folder).report()["calibration"] == {
         "volumes": 2, "patches": 2, "seed": 3, "method": "max", "inputs": [str(p) for p in phantom_files["calibration"]],

@@ -11,11 +11,11 @@ import onnxruntime
 import pytest
 import torch
 
-from PTQLogic.errors import InputError
-from PTQLogic.qdq_check import check_qdq
-from PTQLogic.quantization.graph_prep import prepare_for_int8
+from PTQLogic.core.errors import InputError
+from PTQLogic.onnx_graph.qdq_check import check_qdq
+from PTQLogic.onnx_graph.graph_prep import prepare_for_int8
 from PTQLogic.quantization.placement import quantize_cpu
-from PTQLogic.quantize import QuantizeSettings, quantize_onnx
+from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
 
 PATCH = 16
 
@@ -184,12 +184,12 @@ def test_quantize_places_qdq_for_the_int8_runtime_by_default(tmp_path, capsys, f
     --subpixel alone mean the 'cpu' placement; an explicit placement is kept."""
     import json
 
-    from PTQLogic.cli import main
+    from PTQLogic.app.cli import main
     from PTQLogic.engines import choose_runtime
-    from PTQLogic.phantom import write_phantom_set
-    from PTQLogic.spec import load_spec
+    from PTQLogic.samples.phantom import write_phantom_set
+    from PTQLogic.core.spec import load_spec
 
-    sample = Path(__file__).resolve().parents[1] / "PTQLogic" / "data" / "phantom_unet.json"
+    sample = Path(__file__).resolve().parents[1] / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
     assert choose_runtime("int8")[0] == "openvino"  # installed with the engine's CPU extras, as in CI
     calibration = write_phantom_set(tmp_path / "calib", 1, 7, spacing=load_spec(sample).preprocessing.spacing)
     code = main(["quantize", "--model", str(sample), "--calibration", str(calibration[0][0]), "--out",
@@ -225,8 +225,8 @@ def test_tensorrt_refuses_an_onnx_runtime_int8_file_before_building(tmp_path):
     """A folder quantized for ONNX Runtime (u8 activations) cannot run on TensorRT: refused with what to do,
     before TensorRT is even imported; an s8 file from the same graph is not refused by this check."""
     from PTQLogic.engines import _tensorrt_engine
-    from PTQLogic.progress import Monitor
-    from PTQLogic.qdq_check import uint8_quantizers
+    from PTQLogic.core.progress import Monitor
+    from PTQLogic.onnx_graph.qdq_check import uint8_quantizers
 
     path = tmp_path / "relu.onnx"
     onnx.save(_relu_chain(list("abcdefg")), str(path))

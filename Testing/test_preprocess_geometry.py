@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from PTQLogic.errors import InputError
-from PTQLogic.imageio import read_volume
-from PTQLogic.preprocess import NetworkGrid, labels_to_input_grid, to_network_space
-from PTQLogic.spec import spec_from_dict
-from PTQLogic.volume import Volume
+from PTQLogic.core.errors import InputError
+from PTQLogic.io.volumes import read_volume
+from PTQLogic.inference.segmenter.preprocess import NetworkGrid, labels_to_input_grid, to_network_space
+from PTQLogic.core.spec import spec_from_dict
+from PTQLogic.core.volume import Volume
 
 torch.set_num_threads(1)
 CENTRE = np.array([3.0, -4.0, 5.0])  # RAS mm

@@ -7,12 +7,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from PTQLogic.errors import ModelError
-from PTQLogic.export import export_onnx
-from PTQLogic.models import build_network
-from PTQLogic.qdq_check import check_qdq
-from PTQLogic.quantize import quantize_onnx
-from PTQLogic.spec import spec_from_dict
+from PTQLogic.core.errors import ModelError
+from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.onnx_graph.qdq_check import check_qdq
+from PTQLogic.quantization.quantize import quantize_onnx
+from PTQLogic.core.spec import spec_from_dict
 
 torch.set_num_threads(2)
 

@@ -8,13 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from PTQLogic.errors import Cancelled, InputError
-from PTQLogic.export import export_onnx
-from PTQLogic.fileio import sha256_file
-from PTQLogic.models import build_network
-from PTQLogic.progress import Monitor
-from PTQLogic.quantize import QuantizeSettings, quantize_onnx
-from PTQLogic.spec import spec_from_dict
+from PTQLogic.core.errors import Cancelled, InputError
+from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.core.fileio import sha256_file
+from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.core.progress import Monitor
+from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
+from PTQLogic.core.spec import spec_from_dict
 
 torch.set_num_threads(2)
 PATCH = (16, 16, 16)

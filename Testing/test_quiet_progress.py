@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from PTQLogic import cli
-from PTQLogic.progress import LOADING_STAGE, Monitor, TqdmProgress, parse_progress_line
+from PTQLogic.app import cli
+from PTQLogic.core.progress import LOADING_STAGE, Monitor, TqdmProgress, parse_progress_line
 
 from conftest import ROOT, SAMPLE_UNET
 

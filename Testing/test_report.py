@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from PTQLogic.errors import InputError
-from PTQLogic.report import BenchmarkRow, plot_latency_vs_size, speedup_and_ratio, to_markdown, write_csv, write_json
+from PTQLogic.core.errors import InputError
+from PTQLogic.evaluation.report import BenchmarkRow, plot_latency_vs_size, speedup_and_ratio, to_markdown, write_csv, write_json
 
 ROWS = [
     BenchmarkRow("unet", "onnxruntime", "fp32", 2.4, 120.0, 3.0, 0.95, 1.0, 800.0, "cpu"),

@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from PTQLogic.engines.torch_engine import TorchEngine
-from PTQLogic.errors import Cancelled, InputError, ModelError
-from PTQLogic.models import load_torch_model
-from PTQLogic.phantom import make_phantom
-from PTQLogic.progress import Monitor
-from PTQLogic.resident import segment_volume_resident, sliding_window_argmax
-from PTQLogic.resident.predictor import QueuedPredictor
-from PTQLogic.spec import load_spec
+from PTQLogic.core.errors import Cancelled, InputError, ModelError
+from PTQLogic.models.torch_models.torch_models import load_torch_model
+from PTQLogic.samples.phantom import make_phantom
+from PTQLogic.core.progress import Monitor
+from PTQLogic.inference.segmenter.resident import segment_volume_resident, sliding_window_argmax
+from PTQLogic.inference.segmenter.resident.predictor import QueuedPredictor
+from PTQLogic.core.spec import load_spec
 from conftest import ROOT
 
 
 def _sample(name: str = "phantom_segresnet"):
-    spec = load_spec(ROOT / "PTQLogic" / "data" / f"{name}.json")
+    spec = load_spec(ROOT / "PTQLogic" / "samples" / "data" / f"{name}.json")
     return spec, load_torch_model(spec)
 
 
@@ -125,7 +125,7 @@ def test_compiled_engine_gives_the_same_labels():
 
 
 def test_cli_compile_modes_match_the_engine():
-    from PTQLogic.cli import TORCH_COMPILE_MODES
+    from PTQLogic.app.cli import TORCH_COMPILE_MODES
     from PTQLogic.engines.torch_engine import COMPILE_MODES
 
     assert TORCH_COMPILE_MODES == COMPILE_MODES
@@ -147,7 +147,7 @@ def test_segment_cli_refuses_torch_compile_on_another_runtime(quantized_unet, ph
 
     output = tmp_path / "labels.nii.gz"
     run = subprocess.run(
-        [sys.executable, "-m", "PTQLogic.cli", "segment", "--model", str(quantized_unet), "--input",
+        [sys.executable, "-m", "PTQLogic.app.cli", "segment", "--model", str(quantized_unet), "--input",
          str(phantom_files["image"]), "--output", str(output), "--runtime", "onnxruntime", "--precision", "fp32",
          "--torch-compile", "default"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "--runtime torch" in run.stderr, run.stderr
@@ -159,7 +159,7 @@ def test_a_failing_compile_is_one_clear_error():
         def forward(self, x):
             return x.not_an_attribute
 
-    from PTQLogic.errors import EngineUnavailable
+    from PTQLogic.core.errors import EngineUnavailable
 
     engine = TorchEngine(Bad(), "fp32", device="cpu", compile="default")
     with pytest.raises(EngineUnavailable, match="leave --torch-compile out"):

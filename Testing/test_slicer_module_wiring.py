@@ -186,8 +186,8 @@ def test_cmake_lists_every_shipped_file():
     package = ROOT / "PTQLogic"
     logic_py = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "__pycache__" not in p.parts}
     assert logic_py - set(_cmake_list(cmake, "PTQLOGIC_PYTHON_FILES")) == set(), "add new PTQLogic files to CMake"
-    data = {p.relative_to(package).as_posix() for p in (package / "data").glob("*") if p.is_file()}
-    assert data - set(_cmake_list(cmake, "PTQLOGIC_DATA_FILES")) == set(), "add new PTQLogic/data files to CMake"
+    data = {p.relative_to(package).as_posix() for p in (package / "samples" / "data").glob("*") if p.is_file()}
+    assert data - set(_cmake_list(cmake, "PTQLOGIC_DATA_FILES")) == set(), "add new PTQLogic/samples/data files to CMake"
     top = (ROOT / "CMakeLists.txt").read_text()
     for needle in ("EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"', "EXTENSION_CONTRIBUTORS",
                    "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "NA"',
@@ -211,7 +211,7 @@ def test_catalog_files():
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == []
     catalog = json.loads((ROOT / "Resources" / "model_catalog.json").read_text())
     assert [m["name"] for m in catalog["models"]] == ["phantom_unet", "phantom_segresnet", "ct_unet"]
-    from PTQLogic.spec import load_spec
+    from PTQLogic.core.spec import load_spec
 
     for model in catalog["models"]:
         spec_path = ROOT / model["spec"]
@@ -262,11 +262,11 @@ endmacro()
     assert done.returncode == 0, done.stdout + done.stderr
     shipped = set((build / "shipped.txt").read_text().split())
     assert {"PTQSegmentation.py", "Resources/UI/PTQSegmentation.ui", "PTQLogic/__init__.py",
-            "PTQLogic/slicer_support.py", "PTQLogic/engines/base.py"} <= shipped
+            "PTQLogic/slicer/support.py", "PTQLogic/engines/base.py"} <= shipped
     assert all(not s.startswith("..") for s in shipped)
     assert (build / "PTQSegmentation" / "PTQLogic" / "cli.py").read_bytes() == (ROOT / "PTQLogic" / "cli.py").read_bytes()
-    data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/data"
-    assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in (ROOT / "PTQLogic/data").iterdir())
+    data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/samples/data"
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in (ROOT / "PTQLogic/samples/data").iterdir())
     assert (build / "tests.txt").read_text().split() == ["PTQSegmentation.py"]
 
 
@@ -371,7 +371,7 @@ def test_category_uses_the_core_modules_translation_context():
 
 def test_tensorrt_optimization_level_is_an_advanced_option():
     from PTQLogic.engines.tensorrt_engine import DEFAULT_OPTIMIZATION_LEVEL
-    from PTQLogic.slicer_process import segment_command
+    from PTQLogic.slicer.process import segment_command
 
     spin = ET.parse(UI_FILE).getroot().find(".//widget[@name='trtOptLevelSpinBox']")
     values = {p.get("name"): p.find("./number").text for p in spin.findall("property") if p.find("./number") is not None}
@@ -380,7 +380,7 @@ def test_tensorrt_optimization_level_is_an_advanced_option():
     assert "trt_opt_level=params.trtOptLevel" in MODULE_PY.read_text()
     command = segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False, trt_opt_level=1)
     assert command[command.index("--trt-opt-level") + 1] == "1"
-    from PTQLogic.cli import build_parser
+    from PTQLogic.app.cli import build_parser
 
     assert build_parser().parse_args(command[3:]).trt_opt_level == 1  # the CLI accepts what the module sends
 
@@ -422,8 +422,8 @@ def test_screenshot_renderer_uses_the_real_ui():
 
 
 def test_cpu_bf16_is_an_advanced_option_the_cli_accepts():
-    from PTQLogic.cli import build_parser
-    from PTQLogic.slicer_process import segment_command
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.slicer.process import segment_command
 
     box = ET.parse(UI_FILE).getroot().find(".//widget[@name='cpuBf16CheckBox']")
     assert box is not None and box.get("class") == "QCheckBox"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic import slicer_support as ss
-from PTQLogic.errors import InputError, PTQError
-from PTQLogic.progress import progress_line
-from PTQLogic.spec import ClassInfo
-from PTQLogic.volume import Volume
+from PTQLogic.slicer import support as ss
+from PTQLogic.core.errors import InputError, PTQError
+from PTQLogic.core.progress import progress_line
+from PTQLogic.core.spec import ClassInfo
+from PTQLogic.core.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_lps_file_geometry_matches_what_slicer_shows(tmp_path):
     again = sitk.ReadImage(str(exported))
     assert np.allclose(again.GetOrigin(), image.GetOrigin()) and np.allclose(again.GetSpacing(), image.GetSpacing())
     assert np.allclose(again.GetDirection(), image.GetDirection())
-    from PTQLogic.imageio import read_volume
+    from PTQLogic.io.volumes import read_volume
 
     engine_view = read_volume(exported)
     assert ss.same_grid(engine_view, volume) and np.array_equal(engine_view.array, volume.array)
@@ -102,8 +102,8 @@ def test_sheared_volume_is_not_exported(tmp_path):
 
 
 def test_segments_from_engine_label_table(tmp_path):
-    from PTQLogic.imageio import write_label_table
-    from PTQLogic.phantom import PHANTOM_CLASSES
+    from PTQLogic.io.volumes import write_label_table
+    from PTQLogic.samples.phantom import PHANTOM_CLASSES
 
     path = tmp_path / "labels.json"
     write_label_table(PHANTOM_CLASSES, path)
@@ -142,13 +142,13 @@ def test_reference_labels_match_classes_by_name():
 
 def test_command_lines_and_parsing():
     q = ss.quantize_command("py", "spec.json", ["a.nrrd", Path("b")], "out", 4, "entropy")
-    assert q == ["py", "-m", "PTQLogic.cli", "quantize", "--model", "spec.json", "--calibration", "a.nrrd", "b",
+    assert q == ["py", "-m", "PTQLogic.app.cli", "quantize", "--model", "spec.json", "--calibration", "a.nrrd", "b",
                  "--out", "out", "--patches", "4", "--method", "entropy", "--placement", "auto",
                  "--progress-lines", "--json"]
     guarded = ss.quantize_command("py", "spec.json", ["a.nrrd"], "out", 4, "max", min_agreement=0.98,
                                   runtime="openvino")
     assert guarded[guarded.index("--min-agreement") + 1] == "0.98"
-    from PTQLogic.cli import build_parser  # the option the module passes exists in the real CLI
+    from PTQLogic.app.cli import build_parser  # the option the module passes exists in the real CLI
 
     parser = build_parser()
     parsed = parser.parse_args(guarded[3:-2])
@@ -163,7 +163,7 @@ def test_command_lines_and_parsing():
         args = parser.parse_args(ss.quantize_command("py", "spec.json", ["a"], "o", 4, "max", runtime=runtime)[3:-2])
         assert (args.placement, args.activations, args.subpixel) == expected, runtime
     s = ss.segment_command("py", "m", "in.nrrd", "out.nrrd", "auto", "int8", True, reference="ref.nrrd")
-    assert s[:4] == ["py", "-m", "PTQLogic.cli", "segment"] and s[-2:] == ["--progress-lines", "--json"]
+    assert s[:4] == ["py", "-m", "PTQLogic.app.cli", "segment"] and s[-2:] == ["--progress-lines", "--json"]
     assert "--compare" in s and s[s.index("--reference") + 1] == "ref.nrrd"
     assert "--compare" not in ss.segment_command("py", "m", "i", "o", "openvino", "fp32", False)
     with pytest.raises(PTQError, match="calibration"):
@@ -211,7 +211,7 @@ def _write(path: Path, code: str) -> Path:
 def test_background_process_streams_progress_and_result(tmp_path):
     script = _write(tmp_path / "job.py", """
         import json, sys
-        from PTQLogic.progress import line_monitor
+        from PTQLogic.core.progress import line_monitor
         monitor = line_monitor()
         for i in range(1, 4):
             monitor.update("work", i, 3)
@@ -425,7 +425,7 @@ def test_info_command_reports_the_auto_runtime_choice():
     import subprocess
     import sys
 
-    from PTQLogic.slicer_support import info_command, parse_result, runtime_choice_text
+    from PTQLogic.slicer.support import info_command, parse_result, runtime_choice_text
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(info_command(sys.executable), capture_output=True, text=True, cwd=root, timeout=300)
@@ -438,7 +438,7 @@ def test_info_command_reports_the_auto_runtime_choice():
 
 
 def test_sample_models_are_the_shipped_specs_only():
-    from PTQLogic.spec import load_spec
+    from PTQLogic.core.spec import load_spec
 
     data = Path(ss.__file__).parent / "data"
     found = ss.sample_models(data)

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from PTQLogic.errors import Cancelled, InputError, ModelError
-from PTQLogic.fileio import atomic_path, atomic_write_text, sha256_file
-from PTQLogic.progress import Monitor, parse_progress_line, progress_line
-from PTQLogic.spec import load_spec, spec_from_dict
-from PTQLogic.volume import Volume
+from PTQLogic.core.errors import Cancelled, InputError, ModelError
+from PTQLogic.core.fileio import atomic_path, atomic_write_text, sha256_file
+from PTQLogic.core.progress import Monitor, parse_progress_line, progress_line
+from PTQLogic.core.spec import load_spec, spec_from_dict
+from PTQLogic.core.volume import Volume
 
 GOOD = {
     "name": "m",

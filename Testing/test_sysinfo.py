@@ -5,7 +5,7 @@ import importlib.util
 import json
 import platform
 
-from PTQLogic.sysinfo import CPU_FLAGS, system_info
+from PTQLogic.core.sysinfo import CPU_FLAGS, system_info
 
 
 def test_system_info_reports_this_machine():
@@ -69,7 +69,7 @@ def test_gpus_follow_torch_cuda():
 
 
 def test_int8_note_on_cpus_without_int8_dot_products(monkeypatch):
-    from PTQLogic.sysinfo import INT8_DOT_FLAGS, _cpu_info, cpu_int8_note
+    from PTQLogic.core.sysinfo import INT8_DOT_FLAGS, _cpu_info, cpu_int8_note
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # OpenVINO's kernels capped below VNNI: as such a CPU
     assert "no int8 dot-product instructions" in cpu_int8_note()
@@ -82,7 +82,7 @@ def test_int8_note_on_cpus_without_int8_dot_products(monkeypatch):
 
 
 def test_speed_note_only_when_low_precision_does_not_pay_off():
-    from PTQLogic.sysinfo import speed_note
+    from PTQLogic.core.sysinfo import speed_note
 
     assert speed_note("openvino", "int8", 10.0, 25.0) is None  # 2.5x: pays off
     assert speed_note("openvino", "int8", 10.0, 11.0) is None  # 1.1x: the threshold pays off

@@ -11,7 +11,7 @@ import torch
 
 from PTQLogic.engines.onnxruntime_engine import OnnxRuntimeEngine
 from PTQLogic.engines.tensorrt_engine import dq_only_to_qdq, make_fp16_onnx
-from PTQLogic.errors import EngineUnavailable
+from PTQLogic.core.errors import EngineUnavailable
 
 from test_engines import tiny_artifacts
 
@@ -157,8 +157,8 @@ from trt_standin import make_tensorrt
 
 from PTQLogic.engines import tensorrt_engine as te
 from PTQLogic.engines import tensorrt_runner as tr
-from PTQLogic.errors import Cancelled, InputError, ModelError
-from PTQLogic.progress import Monitor
+from PTQLogic.core.errors import Cancelled, InputError, ModelError
+from PTQLogic.core.progress import Monitor
 
 
 @pytest.fixture
@@ -328,7 +328,7 @@ def test_enqueue_uses_a_dedicated_stream_and_waits(standin):
 
 def test_cli_tensorrt_options(tmp_path, capsys):
     """`ptqseg build/segment/benchmark --trt-opt-level/--trt-timing-cache` set the options of every build."""
-    from PTQLogic import cli
+    from PTQLogic.app import cli
 
     parser = cli.build_parser()
     base = {"build": ["--model", "m"], "segment": ["--model", "m", "--input", "i", "--output", "o.nrrd"],
@@ -341,7 +341,7 @@ def test_cli_tensorrt_options(tmp_path, capsys):
         args = parser.parse_args([command, *rest])
         with cli._tensorrt_options(args):
             assert te.current_build_options().optimization_level == te.DEFAULT_OPTIMIZATION_LEVEL
-    from PTQLogic.cli_support import UsageError
+    from PTQLogic.app.cli_support import UsageError
 
     with pytest.raises(UsageError, match="--trt-opt-level"):  # main() prints it as one error line, exit 2
         parser.parse_args(["build", "--model", "m", "--trt-opt-level", "9"])

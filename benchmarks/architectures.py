@@ -1,8 +1,8 @@
 """Numbers for the README support table: every architecture through the whole INT8 path.
 
 For each small spec in ``docs/architectures/`` (or ``--archs``): train on synthetic phantoms
-(``PTQLogic.train``), export to ONNX, quantize with ModelOpt using the architecture's high-precision
-exclusions (``PTQLogic.networks.HIGH_PRECISION``), check TensorRT's Q/DQ rules, then segment held-out
+(``PTQLogic.samples.train``), export to ONNX, quantize with ModelOpt using the architecture's high-precision
+exclusions (``PTQLogic.models.networks.HIGH_PRECISION``), check TensorRT's Q/DQ rules, then segment held-out
 phantoms with ONNX Runtime FP32 (the reference) and INT8 on ONNX Runtime and OpenVINO, and report the
 FP32-vs-INT8 agreement Dice, Dice vs the phantom truth and the ONNX sizes. Architectures with
 exclusions are also quantized without them (``without_exclusions``), which is the evidence for them.
@@ -27,18 +27,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from PTQLogic.calibration import CalibrationSettings, sample_calibration_patches  # noqa: E402
+from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibration_patches  # noqa: E402
 from PTQLogic.engines import create_engine  # noqa: E402
-from PTQLogic.evaluate import agreement_dice, mean_dice  # noqa: E402
-from PTQLogic.fileio import atomic_write_text  # noqa: E402
-from PTQLogic.inference import segment_volume  # noqa: E402
-from PTQLogic.models import build_network  # noqa: E402
-from PTQLogic.networks import high_precision, quantize_settings_for  # noqa: E402
-from PTQLogic.networks.support import export_and_quantize  # noqa: E402
-from PTQLogic.phantom import make_phantom  # noqa: E402
-from PTQLogic.quantize import QuantizeSettings  # noqa: E402
-from PTQLogic.spec import load_spec  # noqa: E402
-from PTQLogic.train import train_on_phantoms  # noqa: E402
+from PTQLogic.evaluation.metrics import agreement_dice, mean_dice  # noqa: E402
+from PTQLogic.core.fileio import atomic_write_text  # noqa: E402
+from PTQLogic.inference.segmenter.segmenter import segment_volume  # noqa: E402
+from PTQLogic.models.torch_models.torch_models import build_network  # noqa: E402
+from PTQLogic.models.torch_models.networks import high_precision, quantize_settings_for  # noqa: E402
+from PTQLogic.models.torch_models.networks.support import export_and_quantize  # noqa: E402
+from PTQLogic.samples.phantom import make_phantom  # noqa: E402
+from PTQLogic.quantization.quantize import QuantizeSettings  # noqa: E402
+from PTQLogic.core.spec import load_spec  # noqa: E402
+from PTQLogic.samples.train import train_on_phantoms  # noqa: E402
 
 SPECS = ROOT / "docs" / "architectures"
 CALIBRATION_SEEDS = (100, 101)
@@ -47,7 +47,7 @@ PHANTOM_SHAPE = (80, 80, 80)
 
 
 def stunet_parameter_check() -> dict:
-    from PTQLogic.networks.stunet import PUBLISHED_PARAMETERS, STUNet
+    from PTQLogic.models.torch_models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
 
     rows = {}
     for size, published in PUBLISHED_PARAMETERS.items():

@@ -1,5 +1,5 @@
 """Network-space resampling of a whole CT on the CPU: MONAI's transforms (the product until this change) vs the
-per-axis path (:mod:`PTQLogic.axis_resample`), same volume, interleaved, plus the largest value difference.
+per-axis path (:mod:`PTQLogic.inference.axis_resample`), same volume, interleaved, plus the largest value difference.
 
 Input: the synthetic 512x512x300 CT at 0.8x0.8x1.5 mm of ``gpu_pipeline.py`` (int16), to 1.5 mm in RAS.
 "Before" is what ``resample_to_network`` did: a transposing float32 copy to IJK, MONAI ``Orientation``, MONAI
@@ -50,11 +50,11 @@ def labels_agreement(volume, spec, onnx: Path) -> float:
     from unittest import mock
 
     from PTQLogic.engines.openvino_engine import OpenVINOEngine
-    from PTQLogic.inference import segment_volume
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
 
     engine = OpenVINOEngine(onnx, "int8", patch_size=spec.patch_size)
     after = segment_volume(volume, spec, engine).labels.array
-    with mock.patch("PTQLogic.preprocess.resample_axis_aligned", return_value=None):  # MONAI's transforms
+    with mock.patch("PTQLogic.inference.preprocess.resample_axis_aligned", return_value=None):  # MONAI's transforms
         before = segment_volume(volume, spec, engine).labels.array
     return float((before == after).mean())
 
@@ -69,7 +69,7 @@ def main() -> None:
         print(to_markdown(json.loads(args.render.read_text())), end="")
         return
 
-    from PTQLogic.preprocess import _monai_resample, load_transforms, resample_to_network
+    from PTQLogic.inference.segmenter.preprocess import _monai_resample, load_transforms, resample_to_network
 
     load_transforms()
     spec, volume = make_spec(96), synthetic_ct()

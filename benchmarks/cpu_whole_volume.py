@@ -2,7 +2,7 @@
 
 Before (the product until this change, a MONAI bundle's way): MONAI ``sliding_window_inference`` over an
 OpenVINO request whose logits come out (N, C, D, H, W) and are read in place, argmax over C of MONAI's
-(1, C, D, H, W) average. After: :func:`PTQLogic.inference.segment_volume` with ``OpenVINOEngine``
+(1, C, D, H, W) average. After: :func:`PTQLogic.inference.segmenter.segment_volume` with ``OpenVINOEngine``
 (channels-last logits, no output reorder; fused blending into a (D, H, W, C) sum; argmax over contiguous
 class vectors). Input: the synthetic 512x512x300 CT at 0.8x0.8x1.5 mm of ``gpu_pipeline.py``, network
 grid 1.5 mm, the 96^3 UNet (BatchNorm, 14 classes) of ``cpu_int8_latency.py``: ``NAME_fp32rw.onnx`` and
@@ -32,7 +32,7 @@ FILES = {"fp32": "fp32rw", "int8": "s8res"}  # the FP32 graph with the INT8 file
 
 
 def make_spec(patch: int, classes: int = 14):
-    from PTQLogic.spec import spec_from_dict
+    from PTQLogic.core.spec import spec_from_dict
 
     return spec_from_dict({
         "name": "unet-bn-14", "architecture": "UNet", "classes": ["background"] + [f"c{i}" for i in range(1, classes)],
@@ -67,7 +67,7 @@ class MonaiBaseline:
     def segment(self, volume, spec, batch: int) -> tuple[np.ndarray, float]:
         from monai.inferers import sliding_window_inference
 
-        from PTQLogic.preprocess import labels_to_input_grid, to_network_space
+        from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
 
         self.seconds = 0.0
         with torch.inference_mode():
@@ -114,7 +114,7 @@ def main() -> None:
         return
 
     from PTQLogic.engines.openvino_engine import OpenVINOEngine
-    from PTQLogic.inference import segment_volume
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
 
     spec, volume = make_spec(args.patch), synthetic_ct()
     report = {"machine": machine(), "name": args.name, "volume_kji": list(volume.array.shape), "patch": args.patch,

@@ -3,7 +3,7 @@
 Baseline (what a MONAI bundle does): MONAI ``Orientation``/``Spacing`` + CT intensity scaling on CPU
 threads, PyTorch FP32 ``sliding_window_inference`` (overlap 0.5, batch 4) on the GPU with MONAI's
 classes x volume float32 output, argmax, nearest resampling back on the CPU. GPU pipeline:
-:func:`PTQLogic.resident.segment_volume_resident` (everything on the GPU, slab-deep blending).
+:func:`PTQLogic.inference.resident.segment_volume_resident` (everything on the GPU, slab-deep blending).
 Input: a synthetic CT of 512x512x300 voxels at 0.8x0.8x1.5 mm (LPS-like axes, as CT NIfTIs come),
 network grid 1.5 mm RAS; random-weight SegResNets (105 and 14 classes, 96^3 windows). File I/O is
 excluded: the volume is in memory. Prints and writes (``--out``) JSON and Markdown after every row.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from PTQLogic.volume import Volume
+from PTQLogic.core.volume import Volume
 
 SHAPE_KJI = (300, 512, 512)
 SPACING = (0.8, 0.8, 1.5)
@@ -55,7 +55,7 @@ def synthetic_ct(seed: int = 0) -> Volume:
 
 
 def make_spec(classes: int):
-    from PTQLogic.spec import spec_from_dict
+    from PTQLogic.core.spec import spec_from_dict
 
     kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": classes, "init_filters": 32,
               "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
@@ -72,7 +72,7 @@ def baseline(volume: Volume, spec, model: torch.nn.Module, batch: int = 4):
     """MONAI-bundle style: CPU preprocessing, GPU FP32 sliding window into a full output, argmax, CPU resample."""
     from monai.inferers import sliding_window_inference
 
-    from PTQLogic.preprocess import labels_to_input_grid, to_network_space
+    from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
 
     stages = {}
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def baseline(volume: Volume, spec, model: torch.nn.Module, batch: int = 4):
 
 
 def resident(volume: Volume, spec, engine, batch: int = 4, accumulate=None):
-    from PTQLogic.resident import segment_volume_resident
+    from PTQLogic.inference.segmenter.resident import segment_volume_resident
 
     result = segment_volume_resident(volume, spec, engine, batch_size=batch, accumulate=accumulate)
     return result.labels.array, dict(result.stages, network_in_sliding_window=result.network_seconds)
@@ -232,15 +232,15 @@ def other_precisions(model, spec) -> dict:
 def sample_agreement(npz: str) -> dict:
     """Shipped sample models on a phantom: CPU path (CPU engine) vs GPU pipeline (CUDA engine), both FP32."""
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.inference import segment_volume
-    from PTQLogic.models import load_torch_model
-    from PTQLogic.spec import load_spec
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.models.torch_models.torch_models import load_torch_model
+    from PTQLogic.core.spec import load_spec
 
     data = np.load(npz)
     volume = Volume(data["image"], data["ijk_to_ras"])
     out = {}
     for name in ("phantom_unet", "phantom_segresnet"):
-        spec = load_spec(f"PTQLogic/data/{name}.json")
+        spec = load_spec(f"PTQLogic/samples/data/{name}.json")
         model = load_torch_model(spec)
         cpu = segment_volume(volume, spec, TorchEngine(model, "fp32", device="cpu"), batch_size=4).labels.array
         gpu = segment_volume(volume, spec, TorchEngine(model, "fp32", device="cuda"), batch_size=4).labels.array

@@ -13,13 +13,13 @@ import sys
 import numpy as np
 import torch
 
-from PTQLogic.volume import Volume
+from PTQLogic.core.volume import Volume
 
-ROOT_SPEC = "PTQLogic/data/phantom_unet.json"
+ROOT_SPEC = "PTQLogic/samples/data/phantom_unet.json"
 
 
 def make(path: str) -> None:
-    from PTQLogic.phantom import make_phantom
+    from PTQLogic.samples.phantom import make_phantom
 
     image, labels = make_phantom(1000, shape=(96, 96, 96))
     np.savez_compressed(path, image=image.array, labels=labels.array, ijk_to_ras=image.ijk_to_ras)
@@ -28,10 +28,10 @@ def make(path: str) -> None:
 def run(path: str) -> dict:
     from PTQLogic.engines import available_runtimes, choose_runtime
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.evaluate import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
-    from PTQLogic.inference import segment_volume
-    from PTQLogic.models import load_torch_model
-    from PTQLogic.spec import load_spec
+    from PTQLogic.evaluation.metrics import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
+    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.models.torch_models.torch_models import load_torch_model
+    from PTQLogic.core.spec import load_spec
 
     data = np.load(path)
     volume = Volume(data["image"], data["ijk_to_ras"])

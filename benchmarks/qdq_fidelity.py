@@ -3,7 +3,7 @@
 The reference is ONNX Runtime with graph optimizations off (every QuantizeLinear/DequantizeLinear
 executed as written, no integer fusion). Compared: ONNX Runtime fused, OpenVINO with f32 and with bf16
 inference precision (the AMX default), and each FP32 file. Patches: a .npy [N, C, *patch] (for example
-sampled with PTQLogic.calibration.sample_calibration_patches).
+sampled with PTQLogic.quantization.calibration.sample_calibration_patches).
 
     python benchmarks/qdq_fidelity.py FP32.onnx INT8.onnx patches.npy [--out result.json]
 """

@@ -31,13 +31,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SAMPLE_UNET = ROOT / "PTQLogic" / "data" / "phantom_unet.json"
+SAMPLE_UNET = ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
 SPACING = (1.5, 1.5, 1.5)
 
 
 def quantize_sample(out_dir: Path) -> Path:
     """The shipped sample UNet quantized to INT8 on two calibration phantoms (needs ModelOpt)."""
-    from PTQLogic.phantom import write_phantom_set
+    from PTQLogic.samples.phantom import write_phantom_set
     from PTQLogic.pipeline import quantize_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +48,7 @@ def quantize_sample(out_dir: Path) -> Path:
 
 def make_inputs(folder: Path, volumes: int, unique: int, shape: list[int]) -> list[Path]:
     """``volumes`` NIfTI phantoms named case_XXX.nii.gz, ``unique`` distinct ones repeated."""
-    from PTQLogic.phantom import write_phantom_set
+    from PTQLogic.samples.phantom import write_phantom_set
 
     pairs = write_phantom_set(folder / "distinct", min(unique, volumes), 700, shape=shape, spacing=SPACING)
     cohort = folder / "cohort"
@@ -61,7 +61,7 @@ def make_inputs(folder: Path, volumes: int, unique: int, shape: list[int]) -> li
 
 
 def machine() -> dict[str, Any]:
-    from PTQLogic.sysinfo import system_info
+    from PTQLogic.core.sysinfo import system_info
 
     info = system_info()
     try:
@@ -158,7 +158,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_once(model: Path, inputs: list[Path], out: Path, workers: int, threads: int, pin: bool,
              runtime: str, precision: str) -> dict[str, Any]:
     from PTQLogic.cohort import run_cohort
-    from PTQLogic.progress import Monitor
+    from PTQLogic.core.progress import Monitor
 
     shutil.rmtree(out, ignore_errors=True)
     marks: list[tuple[float, int]] = []  # (time, volumes finished) of the volumes stage

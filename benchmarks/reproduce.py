@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py --out benchmarks/results/<machine> [--repeats 20] [--skip-latency]
 
-1. the real-CT sample model (PTQLogic/data/ct_unet.*; trained by train_ct_model.py when missing);
+1. the real-CT sample model (PTQLogic/samples/data/ct_unet.*; trained by train_ct_model.py when missing);
 2. quantized on the CT three ways (ModelOpt's TensorRT placement; the CPU placement for OpenVINO; its
    ONNX Runtime preset, u8 activations + sub-pixel ConvTranspose);
 3. ``ptqseg benchmark`` of both folders on the CT with its mapped reference labels: size, latency with
@@ -34,8 +34,8 @@ def run(*args: str) -> None:
 
 
 def ct_model(data: Path) -> Path:
-    spec = ROOT / "PTQLogic" / "data" / "ct_unet.json"
-    if not (ROOT / "PTQLogic" / "data" / "ct_unet.pt").is_file():
+    spec = ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.json"
+    if not (ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.pt").is_file():
         run("benchmarks/train_ct_model.py", "--data", str(data))
     return spec
 
@@ -44,7 +44,7 @@ def quantize_latency_models(folder: Path, patch: int) -> None:
     """FP32 exports, ModelOpt INT8 and the CPU-placement variants of the three 96^3 networks (random weights)."""
     from cpu_int8_latency import VARIANTS, export, make_variants
 
-    from PTQLogic.quantize import QuantizeSettings, quantize_onnx
+    from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
 
     folder.mkdir(parents=True, exist_ok=True)
     export(folder, patch)
@@ -60,7 +60,7 @@ def quantize_latency_models(folder: Path, patch: int) -> None:
 def main() -> None:
     from train_ct_model import load_ct_pair
 
-    from PTQLogic.imageio import write_labelmap
+    from PTQLogic.io.volumes import write_labelmap
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -81,9 +81,9 @@ def main() -> None:
     for name, options in placements.items():
         model = args.work / f"ct_unet_{name}"
         if not (model / "int8.onnx").is_file():
-            run("-m", "PTQLogic.cli", "quantize", "--model", str(spec), "--calibration", str(ct), "--out", str(model),
+            run("-m", "PTQLogic.app.cli", "quantize", "--model", str(spec), "--calibration", str(ct), "--out", str(model),
                 "--patches", "16", *options, "--json")
-        run("-m", "PTQLogic.cli", "benchmark", "--model", str(model), "--input", str(ct), "--reference",
+        run("-m", "PTQLogic.app.cli", "benchmark", "--model", str(model), "--input", str(ct), "--reference",
             str(reference), "--out", str(args.out / f"ct_{name}"), "--runtimes", "openvino", "onnxruntime",
             "--repeats", str(args.repeats), "--json")
         (args.out / f"ct_{name}" / "latency_vs_size.png").unlink(missing_ok=True)

@@ -1,9 +1,9 @@
-"""Train the shipped sample models (PTQLogic/data/phantom_*.{json,pt}) on synthetic phantoms.
+"""Train the shipped sample models (PTQLogic/samples/data/phantom_*.{json,pt}) on synthetic phantoms.
 
 Reproducible: fixed seeds for phantoms, patches and weight init. Prints the held-out Dice (phantom
 seeds 0..N-1, never used for training; training uses seeds >= train.TRAIN_SEED_BASE).
 
-    python benchmarks/train_sample_models.py [--steps 1500] [--device cuda] [--out PTQLogic/data]
+    python benchmarks/train_sample_models.py [--steps 1500] [--device cuda] [--out PTQLogic/samples/data]
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PTQLogic.evaluate import dice_per_class  # noqa: E402
-from PTQLogic.fileio import atomic_path  # noqa: E402
-from PTQLogic.models import build_network  # noqa: E402
-from PTQLogic.phantom import PHANTOM_CLASSES, make_phantom  # noqa: E402
-from PTQLogic.spec import spec_from_dict  # noqa: E402
-from PTQLogic.train import segment_phantom, train_on_phantoms  # noqa: E402
+from PTQLogic.evaluation.metrics import dice_per_class  # noqa: E402
+from PTQLogic.core.fileio import atomic_path  # noqa: E402
+from PTQLogic.models.torch_models.torch_models import build_network  # noqa: E402
+from PTQLogic.samples.phantom import PHANTOM_CLASSES, make_phantom  # noqa: E402
+from PTQLogic.core.spec import spec_from_dict  # noqa: E402
+from PTQLogic.samples.train import segment_phantom, train_on_phantoms  # noqa: E402
 
 CLASSES = [{"name": c.name, "color": list(c.color)} for c in PHANTOM_CLASSES]
 PREPROCESSING = {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": "ct", "ct_window": [-200.0, 300.0]}
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--phantoms", type=int, default=24)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "PTQLogic" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "PTQLogic" / "samples" / "data")
     parser.add_argument("--models", nargs="*", default=list(SPECS))
     args = parser.parse_args()
     if args.device == "cpu":

@@ -66,7 +66,7 @@ def render(out: Path, result: dict | None, width: int = 430) -> Path:
     from PySide6.QtWidgets import QApplication, QTableWidgetItem, QWidget
 
     sys.path.insert(0, str(ROOT))
-    from PTQLogic import slicer_support as support
+    from PTQLogic.slicer import support as support
 
     app = QApplication.instance() or QApplication([])
     data = QByteArray(qt_only_ui(UI_FILE.read_text(encoding="utf-8")))
@@ -75,15 +75,15 @@ def render(out: Path, result: dict | None, width: int = 430) -> Path:
     panel = QUiLoader().load(buffer)
     find = lambda name: panel.findChild(QWidget, name)  # noqa: E731
 
-    sample = ROOT / "PTQLogic" / "data" / "phantom_unet.json"
-    for spec in sorted((ROOT / "PTQLogic" / "data").glob("*.json")):
+    sample = ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
+    for spec in sorted((ROOT / "PTQLogic" / "samples" / "data").glob("*.json")):
         find("sampleModelComboBox").addItem(spec.stem)
     find("inputVolumeSelector").addItem("phantom input")
     find("calibrationVolumesSelector").addItem("phantom calibration")
     find("outputSegmentationSelector").addItem("phantom input PTQ")
     find("referenceSegmentationSelector").addItem("phantom labels" if result and result.get("reference_dice") else "None")
     find("sampleModelComboBox").setCurrentText(sample.stem)
-    find("modelPathLineEdit").setText(f".../PTQLogic/data/{sample.name}")
+    find("modelPathLineEdit").setText(f".../PTQLogic/samples/data/{sample.name}")
     find("modelPathLineEdit").setCursorPosition(0)
     source = support.choose_model_source(str(sample))
     find("modelDescriptionLabel").setText(f"{source.kind}: {source.description}")

@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import EngineUnavailable, InputError
+from ..core.errors import EngineUnavailable, InputError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding PTQLogic/
 _started_local = False  # whether connect() last started a cluster on this machine

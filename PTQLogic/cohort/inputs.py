@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 # Single-file formats only: a volume travels to a worker as the bytes of one file.
 BATCH_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..fileio import atomic_write_text
+from ..core.errors import InputError
+from ..core.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.jsonl"
 

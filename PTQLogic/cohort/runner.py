@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import EngineUnavailable, InputError, PTQError
-from ..fileio import atomic_write_bytes
-from ..progress import Monitor
+from ..core.errors import EngineUnavailable, InputError, PTQError
+from ..core.fileio import atomic_write_bytes
+from ..core.progress import Monitor
 from .cluster import available_gpus, connect, import_ray, local_cluster
 from .inputs import CohortItem, batch_suffix, collect_inputs
 from .manifest import Manifest, model_fingerprint
@@ -176,7 +176,7 @@ def run_cohort(
     ``torch_compile``: a ``torch.compile`` mode for ``runtime="torch"`` workers (compiled once per worker).
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
-    from ..imageio import write_label_tables
+    from ..io.volumes import write_label_tables
     from ..pipeline import open_model_dir
 
     monitor = monitor or Monitor()

@@ -78,9 +78,9 @@ class VolumeWorker:
         every later one does."""
         import torch
 
-        from ..imageio import _sitk, read_volume, write_labelmap  # noqa: F401
-        from ..inference import auto_batch_size
-        from ..preprocess import load_transforms
+        from ..io.volumes import _sitk, read_volume, write_labelmap  # noqa: F401
+        from ..inference.segmenter import auto_batch_size
+        from ..inference.preprocess import load_transforms
 
         _sitk()
         load_transforms()
@@ -96,9 +96,9 @@ class VolumeWorker:
 
     def segment(self, suffix: str, data: bytes, name: str = "the volume") -> dict[str, Any]:
         """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
-        from ..errors import PTQError
-        from ..imageio import read_volume, write_labelmap
-        from ..inference import segment_volume
+        from ..core.errors import PTQError
+        from ..io.volumes import read_volume, write_labelmap
+        from ..inference.segmenter import segment_volume
 
         facts = {"runtime": self.engine.info.runtime, "precision": self.engine.info.precision,
                  "device": self.engine.info.device, "worker_pid": os.getpid(), "threads": self.threads,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EngineUnavailable, InputError, ModelError
-from ..progress import Monitor
+from ..core.errors import EngineUnavailable, InputError, ModelError
+from ..core.progress import Monitor
 from .base import PRECISIONS, RUNTIMES, Engine, EngineInfo
 
 __all__ = ["Engine", "EngineInfo", "RUNTIMES", "PRECISIONS", "available_runtimes", "choose_runtime", "create_engine"]
@@ -146,7 +146,7 @@ def create_engine(
 
 def _tensorrt_engine(onnx_path: Path, precision: str, cache_dir, device, max_batch: int, monitor: Monitor) -> Engine:
     if precision == "int8":  # refuse before a build of minutes fails inside TensorRT's parser
-        from ..qdq_check import uint8_quantizers
+        from ..onnx_graph.qdq_check import uint8_quantizers
 
         uint8 = uint8_quantizers(onnx_path)
         if uint8:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import EngineUnavailable, InputError, ModelError
+from ..core.errors import EngineUnavailable, InputError, ModelError
 from .base import EngineInfo
 
 CONV_LAYER_TYPES = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul")

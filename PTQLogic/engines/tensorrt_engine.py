@@ -23,10 +23,10 @@ from typing import Any, Iterator
 import onnx
 import torch
 
-from ..errors import Cancelled, InputError, ModelError
-from ..fileio import atomic_write_bytes
-from ..progress import Monitor
-from ..cache import model_cache_dir
+from ..core.errors import Cancelled, InputError, ModelError
+from ..core.fileio import atomic_write_bytes
+from ..core.progress import Monitor
+from .cache import model_cache_dir
 from .tensorrt_runner import TensorRTEngine, import_tensorrt
 from .trt_graphs import dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
 
@@ -58,7 +58,7 @@ class TensorRTBuildOptions:
             return None
         if self.timing_cache != "auto":
             return Path(self.timing_cache)
-        from ..cache import user_cache_dir
+        from .cache import user_cache_dir
 
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in device_name)
         return user_cache_dir() / "tensorrt" / f"timing-{trt_version}-{safe}.cache"
@@ -306,7 +306,7 @@ def cached_plan(onnx_path: Path, precision: str, cache_dir: Path, device_name: s
     The key holds the ONNX content (not its name), precision, shapes, TensorRT version, GPU and the whole
     recipe; graphs the recipe derives (FP16, INT8-with-FP16) are cached artifacts of their own.
     """
-    from ..cache import EngineCache, engine_fields
+    from .cache import EngineCache, engine_fields
 
     trt = import_tensorrt()
     options = current_build_options()

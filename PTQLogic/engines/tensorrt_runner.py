@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import EngineUnavailable, ModelError
+from ..core.errors import EngineUnavailable, ModelError
 from .base import EngineInfo
 
 ALIGNMENT = 256  # bytes; TensorRT's required alignment of I/O tensor addresses

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import EngineUnavailable, InputError
+from ..core.errors import EngineUnavailable, InputError
 from .base import EngineInfo
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")

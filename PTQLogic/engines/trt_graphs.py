@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import ModelError
-from ..fileio import atomic_path
+from ..core.errors import ModelError
+from ..core.fileio import atomic_path
 
 
 def _load(src: str | Path) -> onnx.ModelProto:

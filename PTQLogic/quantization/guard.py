@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import AccuracyError, InputError
-from ..evaluate import agreement_dice
-from ..progress import Monitor
-from ..quantize import QuantizeReport, QuantizeSettings, quantize_onnx
+from ..core.errors import AccuracyError, InputError
+from ..evaluation.metrics import agreement_dice
+from ..core.progress import Monitor
+from .quantize import QuantizeReport, QuantizeSettings, quantize_onnx
 from .sensitivity import rank_sensitivity
 
 STAGE = "accuracy guard"
@@ -157,7 +157,7 @@ def guarded_quantize_volumes(fp32_onnx: Path, out_path: Path, volumes: list, spe
                              settings: QuantizeSettings, target: GuardTarget,
                              monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
     """:func:`guarded_quantize` on calibration volumes: whole volumes are held out when there are 3 or more."""
-    from ..calibration import sample_calibration_patches
+    from .calibration import sample_calibration_patches
 
     held_count = max(4, calib_settings.num_patches // 4)
     if len(volumes) >= 3:

@@ -24,7 +24,7 @@ input also feeds a residual branch in float (measured; u8 fuses them all into ``
 Calibration and Q/DQ insertion use ONNX Runtime's static quantizer (the engine ModelOpt itself
 drives, here in a child process, away from ModelOpt's patches), with per-channel symmetric INT8 weights; activations are symmetric INT8 (``"s8"``, legal
 for TensorRT) or asymmetric UINT8 (``"u8"``, which ONNX Runtime's CPU kernels fuse most widely).
-The result is always checked by :func:`PTQLogic.qdq_check.check_qdq`.
+The result is always checked by :func:`PTQLogic.onnx_graph.qdq_check.check_qdq`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..core.errors import InputError, ModelError
 
 PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
 ACTIVATIONS = ("s8", "u8")
@@ -63,7 +63,7 @@ class PlacementReport:
 
 def strip_output_qdq(model) -> list[str]:
     """Remove ``Q -> DQ`` pairs that end at a graph output, so logits are not requantized to 8 bits."""
-    from .graph_prep import remove_nodes
+    from ..onnx_graph.graph_prep import remove_nodes
 
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, int] = {}
@@ -97,7 +97,7 @@ def strip_float_input_qdq(model, float_inputs: dict[str, list[tuple[str, str | N
     quantizer drops a ``Relu`` in front of a ``QuantizeLinear`` (the zero point clips instead, and the conv
     before it takes over the Relu's output name), and removing that pair would drop the clipping with it.
     """
-    from .graph_prep import consumer_map, remove_nodes
+    from ..onnx_graph.graph_prep import consumer_map, remove_nodes
 
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = consumer_map(model)
@@ -134,7 +134,7 @@ def fuse_norm_activation(model) -> list[str]:
     the full-resolution InstanceNorm of a UNet 20% slower), and values are rounded to 8 bits once, not
     two to four times.
     """
-    from .graph_prep import consumer_map, remove_nodes
+    from ..onnx_graph.graph_prep import consumer_map, remove_nodes
 
     consumers = consumer_map(model)
     constants = {i.name for i in model.graph.initializer}
@@ -303,7 +303,7 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     """
     import onnx
 
-    from .graph_prep import drop_unused_initializers, prepare_for_int8
+    from ..onnx_graph.graph_prep import drop_unused_initializers, prepare_for_int8
 
     if activations not in ACTIVATIONS:
         raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {activations!r}.")

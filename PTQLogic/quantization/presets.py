@@ -1,7 +1,7 @@
 """Which Q/DQ placement each INT8 runtime runs fastest (no heavy imports: the Slicer module reads it)."""
 from __future__ import annotations
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 # The Q/DQ placement that runs fastest on each INT8 runtime: (placement, activations, subpixel)
 PLACEMENT_FOR_RUNTIME = {
@@ -35,7 +35,7 @@ def resolve_placement(placement: str, activations: str = "s8", subpixel: bool = 
     if activations != "s8" or subpixel:
         raise InputError("--placement auto chooses --activations and --subpixel itself; drop them, or give "
                          "--placement cpu with them.")
-    from ..networks import high_precision
+    from ..models.networks import high_precision
 
     rule = high_precision(architecture) if architecture else None
     architecture_rules = bool(rule and (rule.exclude_nodes or rule.exclude_op_types))
@@ -46,7 +46,7 @@ def resolve_placement(placement: str, activations: str = "s8", subpixel: bool = 
         if applies:
             return "modelopt", "s8", False, f"Q/DQ placement: modelopt (auto; {reason})"
     from ..engines import choose_runtime
-    from ..errors import EngineUnavailable
+    from ..core.errors import EngineUnavailable
 
     try:
         runtime, _ = choose_runtime("int8")

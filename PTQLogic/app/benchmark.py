@@ -1,0 +1,307 @@
+"""Paper-style benchmark of one model folder: every runtime x precision on one volume, with spread.
+
+Per runtime, its engines (FP32, INT8, ...) are opened together, warmed up, then timed in interleaved
+rounds (each round calls every engine once), so machine noise hits FP32 and INT8 alike; the table
+gives the median with p10-p90 and min-max, and speedups with the spread of the per-round ratios.
+Each engine then segments the whole volume with a stage breakdown (read, preprocess, windows,
+stitch, resample back, write), its Dice against the reference and its agreement with the same
+runtime's FP32 labels. A runtime that fails becomes a row carrying its error; the others still report.
+The machine (CPU model and features, cores, GPUs, versions) is written with the tables.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import Cancelled, EngineUnavailable, InputError
+from ..core.fileio import atomic_write_text
+from ..core.progress import Monitor
+
+
+def _resolve_runtimes(runtimes: Sequence[str], precisions: Sequence[str]) -> list[str]:
+    from ..engines import choose_runtime
+
+    resolved: list[str] = []
+    for runtime in runtimes:
+        name = choose_runtime("int8" if "int8" in precisions else precisions[0])[0] if runtime == "auto" else runtime
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class Timing:
+    times_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+    def summary(self) -> dict[str, float]:
+        t = self.times_ms
+        return {"median_ms": self.median, "p10_ms": percentile(t, 10), "p90_ms": percentile(t, 90),
+                "min_ms": min(t), "max_ms": max(t), "repeats": len(t)}
+
+
+def _sync(engine) -> None:
+    device = torch.device(getattr(engine, "device", "cpu"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_latency(engines: dict[str, Any], shape: Sequence[int], warmup: int, repeats: int,
+                        monitor: Monitor | None = None, seed: int = 0) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Per-call wall times of every engine, called in turn each round; failures -> (name -> error)."""
+    if repeats < 1 or warmup < 0:
+        raise InputError(f"Latency needs repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}.")
+    monitor = monitor or Monitor()
+    batch = torch.rand(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    inputs = {name: batch.to(getattr(engine, "device", "cpu")) for name, engine in engines.items()}
+    errors: dict[str, str] = {}
+    live = dict(engines)
+    with torch.inference_mode():
+        for name, engine in list(live.items()):
+            try:
+                for _ in range(warmup):
+                    engine(inputs[name])
+                _sync(engine)
+            except Exception as exc:  # a runtime failing on its first calls: reported, others go on
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                live.pop(name)
+        times: dict[str, list[float]] = {name: [] for name in live}
+        for round_index in range(repeats):
+            monitor.update("latency", round_index, repeats)
+            for name, engine in list(live.items()):
+                try:
+                    _sync(engine)
+                    start = time.perf_counter()
+                    engine(inputs[name])
+                    _sync(engine)
+                    times[name].append((time.perf_counter() - start) * 1000.0)
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    live.pop(name)
+                    times.pop(name)
+        monitor.update("latency", repeats, repeats)
+    return {name: Timing(t) for name, t in times.items()}, errors
+
+
+def paired_speedups(reference: Timing, other: Timing) -> tuple[float, float]:
+    """p10 and p90 of the per-round ratios reference/other (rounds were interleaved, so they pair)."""
+    ratios = [a / b for a, b in zip(reference.times_ms, other.times_ms) if b > 0]
+    return percentile(ratios, 10), percentile(ratios, 90)
+
+
+def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, monitor: Monitor,
+                        write_to: Path) -> tuple[np.ndarray, dict[str, float]]:
+    """Segment ``input_path`` like :func:`PTQLogic.inference.segmenter.segment_volume`, timing each stage (seconds)."""
+    from ..io.volumes import read_volume, write_labelmap
+    from ..inference.segmenter import STAGE, _CountingPredictor, count_windows
+    from ..inference.preprocess import labels_to_input_grid, load_transforms, to_network_space
+    from ..inference.sliding_window import sliding_window_labels
+    from ..core.volume import Volume
+
+    stages: dict[str, float] = {}
+    load_transforms()
+    t0 = time.perf_counter()
+    volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    t1 = time.perf_counter()
+    if torch.device(engine.device).type == "cuda":  # the product's GPU pipeline, which times its own stages
+        from ..inference.resident import segment_volume_resident
+
+        result = segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
+        t4 = time.perf_counter()
+        write_labelmap(result.labels, write_to)
+        windows = result.network_seconds
+        return result.labels.array, {
+            "read": t1 - t0, "preprocess": result.stages["preprocess"], "windows": windows,
+            "stitch": max(0.0, result.stages["sliding_window"] - windows),
+            "resample back": result.stages["resample_back"], "write": time.perf_counter() - t4}
+    image, grid = to_network_space(volume, spec)
+    t2 = time.perf_counter()
+    roi_size = tuple(int(s) for s in spec.patch_size)
+    total = count_windows(grid.shape, roi_size, spec.overlap)
+    if hasattr(engine, "prepare"):  # engines compiled per batch shape: compile it outside the timed calls
+        engine.prepare(min(batch_size, total))
+    predictor = _CountingPredictor(engine, spec, total, monitor)
+    monitor.update(STAGE, 0, predictor.total)
+    with torch.inference_mode():
+        labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
+                                           mode=spec.blend_mode, batch_size=batch_size,
+                                           fixed_batch=bool(getattr(engine, "fixed_batch", False)))
+        t3 = time.perf_counter()
+        labels_ijk = labels_ijk.numpy().astype(np.uint8 if spec.num_classes <= 256 else np.uint16)
+    labels = Volume(array=labels_to_input_grid(labels_ijk, grid), ijk_to_ras=grid.input_ijk_to_ras.copy())
+    t4 = time.perf_counter()
+    write_labelmap(labels, write_to)
+    t5 = time.perf_counter()
+    stages["read"] = t1 - t0
+    stages["preprocess"] = t2 - t1
+    stages["windows"] = predictor.seconds
+    stages["stitch"] = max(0.0, t3 - t2 - predictor.seconds)  # window extraction, blending, padding, argmax
+    stages["resample back"] = t4 - t3  # back to the input grid
+    stages["write"] = t5 - t4
+    return labels.array, stages
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def device_label(device: torch.device) -> str:
+    """The benchmark's device column, the same wording for every runtime: "CPU" or "GPU <index> (<name>)"."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"GPU {index} ({torch.cuda.get_device_name(index)})"
+    return device.type.upper()
+
+
+def run_benchmark(
+    model: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    runtimes: Sequence[str] = ("auto",),
+    precisions: Sequence[str] = ("fp32", "int8"),
+    reference: str | Path | None = None,
+    repeats: int = 20,
+    warmup: int = 5,
+    batch_size: int = 1,
+    save_labels: bool = False,
+    monitor: Monitor | None = None,
+) -> dict[str, Any]:
+    from ..evaluation.metrics import check_label_map, label_table_next_to
+    from ..io.volumes import read_volume
+    from ..pipeline import open_model_dir
+
+    monitor = monitor or Monitor()
+    if repeats < 1 or warmup < 0:
+        raise InputError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}.")
+    model_dir = open_model_dir(model)
+    spec = model_dir.spec()
+    volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    ref = read_volume(reference) if reference else None
+    ref_names = None
+    if ref is not None:  # the same checks and Dice as `ptqseg evaluate` and `segment --reference`
+        check_label_map(ref.array, f"Reference '{reference}'")
+        ref, _ = ref.aligned_to(volume, f"Reference '{reference}'")
+        ref_names = label_table_next_to(reference)
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(model_dir, spec, ref, ref_names, input_path, out, runtimes, precisions, repeats, warmup,
+                    batch_size, save_labels, monitor)
+    except BaseException:  # cancelled or failed: a folder this run created is not left behind half-filled
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, precisions, repeats, warmup,
+         batch_size, save_labels, monitor) -> dict[str, Any]:
+    from ..evaluation.metrics import agreement_dice, compare_label_maps, peak_memory_bytes
+    from ..pipeline import open_engine
+    from ..evaluation.report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
+    from ..core.sysinfo import system_info
+
+    labels = list(range(1, spec.num_classes))
+    pred_names = {i: c.name for i, c in enumerate(spec.classes)}
+    ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
+    shape = (batch_size, spec.in_channels, *spec.patch_size)
+    rows, skipped = [], []
+    for runtime in _resolve_runtimes(runtimes, precisions):
+        engines, build_s, failed = {}, {}, {}
+        for precision in ordered:
+            try:
+                started = time.perf_counter()
+                engines[precision], _ = open_engine(model_dir, runtime, precision, batch_size=batch_size,
+                                                    monitor=monitor)
+                build_s[precision] = time.perf_counter() - started
+            except Cancelled:
+                raise
+            except EngineUnavailable as exc:  # not installed / no device here: a row that says so
+                skipped.append({"runtime": runtime, "precision": precision, "reason": str(exc)})
+                failed[precision] = f"unavailable: {exc}"[:300]
+            except Exception as exc:
+                failed[precision] = _error_text(exc)
+        timings, errors = interleaved_latency(engines, shape, warmup, repeats, monitor) if engines else ({}, {})
+        failed.update(errors)
+        fp32_labels = None
+        for precision in ordered:
+            if precision in failed:
+                rows.append(BenchmarkRow.failed(spec.name, runtime, precision, failed[precision]))
+                continue
+            if precision not in timings:
+                continue
+            engine = engines[precision]
+            on_gpu = engine.device.type == "cuda"
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(engine.device)
+            try:
+                with tempfile.TemporaryDirectory(dir=out) as scratch:
+                    target = (out if save_labels else Path(scratch)) / f"labels_{runtime}_{precision}.nii.gz"
+                    predicted, stages = staged_segmentation(input_path, spec, engine, batch_size, monitor, target)
+            except Cancelled:
+                raise
+            except Exception as exc:
+                rows.append(BenchmarkRow.failed(spec.name, runtime, precision, _error_text(exc),
+                                                device_label(engine.device)))
+                continue
+            if precision == "fp32":
+                fp32_labels = predicted
+            timing = timings[precision].summary()
+            spread = (None, None)
+            if precision != "fp32" and "fp32" in timings:
+                spread = paired_speedups(timings["fp32"], timings[precision])
+            rows.append(BenchmarkRow(
+                model=spec.name, runtime=runtime, precision=precision,
+                size_mb=engine.info.bytes_on_disk / 1e6,
+                latency_ms=timing["median_ms"],
+                volume_s=sum(stages.values()),
+                dice=None if ref is None else compare_label_maps(
+                    predicted, ref.array, pred_names=pred_names, ref_names=ref_names, labels=labels).dice.mean,
+                agreement_dice=None if fp32_labels is None or precision == "fp32"
+                else agreement_dice(predicted, fp32_labels, labels),
+                peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
+                device=device_label(engine.device), build_s=build_s[precision],
+                latency_p10_ms=timing["p10_ms"], latency_p90_ms=timing["p90_ms"],
+                latency_min_ms=timing["min_ms"], latency_max_ms=timing["max_ms"], repeats=int(timing["repeats"]),
+                speedup_p10=spread[0], speedup_p90=spread[1],
+                stages_s={k: round(v, 4) for k, v in stages.items()},
+            ))
+        del engines
+    if not any(not row.error for row in rows):
+        reasons = "; ".join(f"{row.runtime} {row.precision}: {row.error}" for row in rows)
+        raise EngineUnavailable(f"No engine could run here: {reasons}")
+    machine = system_info()
+    title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
+    markdown = to_markdown(rows, title, machine=machine)
+    atomic_write_text(out / "benchmark.md", markdown + "\n")
+    write_csv(rows, out / "benchmark.csv")
+    write_json(rows, out / "benchmark.json", extra={"machine": machine, "title": title, "skipped": skipped,
+                                                     "repeats": repeats, "warmup": warmup})
+    if any(not row.error for row in rows):
+        plot_latency_vs_size(rows, out / "latency_vs_size.png")
+    return {
+        "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
+                 for row in rows],
+        "skipped": skipped,
+        "machine": machine,
+        "markdown": markdown,
+        "out": str(out),
+    }

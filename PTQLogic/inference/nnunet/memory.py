@@ -1,0 +1,73 @@
+"""Memory an nnU-Net prediction needs, checked before any engine is built.
+
+nnunetv2's sliding window keeps fp16 logits of every class over the whole network grid; the export
+(:mod:`.export`) then resamples them to the input grid one class at a time. With many classes on a large
+CT the logits alone are many GB, so a volume that cannot fit is refused up front, with the numbers,
+instead of failing after minutes of work.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ...core.errors import InputError
+from ..preprocess import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_bytes
+from ...core.volume import Volume
+
+
+def network_grid(runner, volume: Volume) -> tuple[int, ...]:
+    """The shape nnU-Net resamples ``volume`` to, in its axis order."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    forward = runner.plans_manager.transpose_forward
+    shape = [volume.spatial_shape[i] for i in forward]  # KJI == nnU-Net's (z, y, x)
+    spacing = [abs(float(volume.spacing[::-1][i])) for i in forward]
+    target = list(runner.config.spacing)
+    if len(target) < len(shape):  # 2D configurations keep the first axis
+        target = [spacing[0], *target]
+    return tuple(int(g) for g in compute_new_shape(shape, spacing, target))
+
+
+def prediction_bytes(runner, volume: Volume, folds: int) -> int:
+    """Peak bytes of ``runner.predict`` on ``volume`` (cropping to the nonzero region not counted)."""
+    unpadded = network_grid(runner, volume)
+    patch = [1] * (len(unpadded) - len(runner.config.patch_size)) + list(runner.config.patch_size)
+    grid = float(np.prod([max(g, p) for g, p in zip(unpadded, patch)], dtype=float))  # padded to one patch
+    voxels = float(np.prod(volume.spatial_shape, dtype=float))
+    resampled = sorted(unpadded) != sorted(volume.spatial_shape)
+    classes = runner.label_manager.num_segmentation_heads
+    channels = runner.in_channels
+    # the float32 image, its transposed copy and the preprocessed grid
+    image = channels * (2 * voxels + grid) * 4
+    # Per class and voxel, measured phase by phase (RSS sampled every 5 ms, nnunetv2 2.8): the sliding window
+    # holds fp16 logits plus 3 bytes while it divides by the weights and checks for infinities, and with
+    # several folds the next fold's fp16 logits before they are added.
+    window = classes * grid * (5 + (2 if folds > 1 else 0))
+    # the export (export.py) resamples one class at a time beside the fp16 logits: that class as float64
+    # (float32 for resample_torch_fornnunet) on the grid and on the input grid, its fp16 copy, the running
+    # maximum, the labels, the comparison mask and the uncropped label map
+    torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
+    one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
+    export = classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1)
+    return int(image + max(window, export) + ENGINE_WORKING_BYTES)
+
+
+def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume") -> int:
+    """Refuse a volume whose nnU-Net prediction would not fit; parts run one after another."""
+    voxels = float(np.prod(volume.spatial_shape, dtype=float))
+    parts = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
+    sizes = [prediction_bytes(r, volume, f) for r, f in zip(runners, folds)]
+    runner = runners[int(np.argmax(sizes))]
+    needed = int(max(sizes) + parts + volume.array.nbytes)
+    available = available_memory_bytes()
+    if needed > available:
+        classes = runner.label_manager.num_segmentation_heads
+        spacing = ", ".join(f"{v:g}" for v in volume.spacing)
+        raise InputError(
+            f"The {what} would need about {needed / 2**30:.1f} GiB to segment with nnU-Net ({classes} classes on a "
+            f"network grid of {network_grid(runner, volume)} voxels at {tuple(runner.config.spacing)} mm, from "
+            f"spacing ({spacing}) mm) but about {available / 2**30:.1f} GiB is available; check the file's voxel "
+            f"spacing, crop the volume, or raise {MEMORY_ENV}."
+        )
+    return needed

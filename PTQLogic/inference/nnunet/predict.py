@@ -1,0 +1,250 @@
+"""nnU-Net's own inference with PTQLogic engines in place of the PyTorch network.
+
+Preprocessing (transpose_forward, crop to nonzero, normalization, resampling), the gaussian sliding
+window (nnU-Net's step computation, fp16 accumulation, optional mirroring), fold averaging and the
+export back to the input grid are nnunetv2's functions, called as a library. Only three things differ
+from ``nnUNetPredictor.initialize_from_trained_model_folder``: names from the plans are resolved through
+allow-lists (:mod:`.folder`), the image comes from a :class:`~PTQLogic.core.volume.Volume` (KJI == SimpleITK's
+array order), and each fold's network is an :class:`~PTQLogic.engines.base.Engine`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...engines.base import Engine
+from ...core.errors import InputError, ModelError, PTQError
+from ...core.progress import Monitor
+from ...core.volume import Volume
+
+STAGE = "nnU-Net sliding window"
+
+
+def _resampling_function(name: str, kwargs: dict[str, Any]):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    from nnunetv2.preprocessing.resampling.resample_torch import resample_torch_fornnunet
+
+    table = {"resample_data_or_seg_to_shape": resample_data_or_seg_to_shape,
+             "resample_torch_fornnunet": resample_torch_fornnunet}
+    if name not in table:
+        raise ModelError(f"nnU-Net resampling function {name!r} is not supported ({tuple(table)}).")
+    return partial(table[name], **kwargs)
+
+
+def _managers(plans: dict[str, Any], configuration: str):
+    """nnU-Net's PlansManager/ConfigurationManager with every by-name lookup replaced by an allow-list."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+    from ...models.nnunet.folder import resolve_configuration
+
+    class SafeConfigurationManager(ConfigurationManager):
+        @property
+        def preprocessor_class(self):
+            return DefaultPreprocessor
+
+        @property
+        def resampling_fn_data(self):
+            return _resampling_function(self.configuration["resampling_fn_data"],
+                                        self.configuration["resampling_fn_data_kwargs"])
+
+        @property
+        def resampling_fn_probabilities(self):
+            return _resampling_function(self.configuration["resampling_fn_probabilities"],
+                                        self.configuration["resampling_fn_probabilities_kwargs"])
+
+        @property
+        def resampling_fn_seg(self):
+            return _resampling_function(self.configuration.get("resampling_fn_seg", "resample_data_or_seg_to_shape"),
+                                        self.configuration.get("resampling_fn_seg_kwargs", {"is_seg": True}))
+
+    class SafePlansManager(PlansManager):
+        @property
+        def label_manager_class(self):
+            return LabelManager
+
+        @property
+        def image_reader_writer_class(self):
+            raise ModelError("Images are read by PTQLogic, not by nnU-Net's reader classes.")
+
+        def get_configuration(self, configuration_name: str):
+            return SafeConfigurationManager(resolve_configuration(self.plans, configuration_name))
+
+    plans_manager = SafePlansManager(plans)
+    return plans_manager, plans_manager.get_configuration(configuration)
+
+
+def _preprocessor():
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
+        CTNormalization, NoNormalization, RescaleTo01Normalization, RGBTo01Normalization, ZScoreNormalization,
+    )
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    schemes = {c.__name__: c for c in (CTNormalization, NoNormalization, RescaleTo01Normalization,
+                                        RGBTo01Normalization, ZScoreNormalization)}
+
+    class SafePreprocessor(DefaultPreprocessor):
+        def _normalize(self, data, seg, configuration_manager, foreground_intensity_properties_per_channel):
+            for c in range(data.shape[0]):  # DefaultPreprocessor._normalize, with a fixed table of schemes
+                scheme = schemes[configuration_manager.normalization_schemes[c]]
+                normalizer = scheme(use_mask_for_norm=configuration_manager.use_mask_for_norm[c],
+                                    intensityproperties=foreground_intensity_properties_per_channel[str(c)])
+                data[c] = normalizer.run(data[c], seg[0])
+            return data
+
+    return SafePreprocessor(verbose=False)
+
+
+class _EngineNetwork(torch.nn.Module):
+    """Looks like nnU-Net's network to its predictor; runs the current fold's engine and reports progress."""
+
+    def __init__(self, monitor: Monitor, channels: int):
+        super().__init__()
+        self.engine: Engine | None = None
+        self.monitor = monitor
+        self.channels = channels
+        self.calls = 0
+        self.total = 1
+        self.seconds = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.monitor.check()
+        started = time.perf_counter()
+        try:
+            logits = self.engine(x.to(device=self.engine.device, dtype=torch.float32).contiguous())
+        except PTQError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"The engine failed on a patch of shape {tuple(x.shape)}: {exc}") from exc
+        self.seconds += time.perf_counter() - started
+        expected = (x.shape[0], self.channels, *x.shape[2:])
+        if tuple(logits.shape) != expected:
+            raise ModelError(f"The engine returned logits of shape {tuple(logits.shape)} for a patch of "
+                             f"{tuple(x.shape)}; nnU-Net expects {expected} (classes from dataset.json).")
+        self.calls += 1
+        self.monitor.update(STAGE, min(self.calls, self.total), self.total)
+        return logits.to(device=x.device, dtype=torch.float32)
+
+
+@dataclass
+class NnUNetPrediction:
+    labels: np.ndarray  # (K, J, I) on the input grid
+    probabilities: np.ndarray | None  # (classes, K, J, I) when asked for
+    seconds: float
+    network_seconds: float
+    patches: int
+
+
+class NnUNetRunner:
+    """One nnU-Net model (plans + dataset.json + configuration) run with any engines (one per fold)."""
+
+    def __init__(self, plans: dict[str, Any], dataset: dict[str, Any], configuration: str,
+                 mirror_axes: Sequence[int] | None = None, step_size: float = 0.5):
+        import nnunetv2.inference.export_prediction  # noqa: F401 (imported now, not inside a timed prediction)
+        import nnunetv2.inference.predict_from_raw_data  # noqa: F401
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+        if not 0 < step_size <= 1:
+            raise InputError(f"Sliding-window step size must be in (0, 1], got {step_size}.")
+        self.plans, self.dataset = plans, dataset
+        self.plans_manager, self.config = _managers(plans, configuration)
+        self.label_manager = LabelManager(label_dict=dataset["labels"], regions_class_order=None)
+        self.mirror_axes = tuple(mirror_axes) if mirror_axes is not None else None
+        self.step_size = step_size
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.dataset.get("channel_names", self.dataset.get("modality", {})))
+
+    def preprocess(self, volume: Volume) -> tuple[np.ndarray, dict[str, Any]]:
+        """nnU-Net's preprocessed (C, *network axes) float32 array and its properties dict."""
+        volume.validate("input volume")
+        data = volume.array[None] if volume.array.ndim == 3 else volume.array
+        if data.shape[0] != self.in_channels:
+            raise InputError(f"The nnU-Net model takes {self.in_channels} channel(s) "
+                             f"({', '.join(map(str, self.dataset.get('channel_names', {}).values()))}); "
+                             f"the input has {data.shape[0]}.")
+        # SimpleITKIO's convention: array (z, y, x) == Volume's KJI, spacing reversed to (z, y, x)
+        properties = {"spacing": [abs(float(s)) for s in volume.spacing[::-1]]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            data, _, properties = _preprocessor().run_case_npy(
+                np.asarray(data, dtype=np.float32), None, properties, self.plans_manager, self.config, self.dataset)
+        return data, properties
+
+    def predict(self, volume: Volume, engines: Sequence[Engine], *, mirroring: bool = False,
+                return_probabilities: bool = False, monitor: Monitor | None = None) -> NnUNetPrediction:
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        from .export import logits_to_labels
+
+        monitor = monitor or Monitor()
+        if not engines:
+            raise ModelError("No engines were given (one per fold is needed).")
+        started = time.perf_counter()
+        monitor.update("nnU-Net preprocessing", 0, 1)
+        data, properties = self.preprocess(volume)
+        monitor.update("nnU-Net preprocessing", 1, 1)
+        network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads)
+        predictor = self._predictor(network, mirroring)
+        network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
+        with contextlib.redirect_stdout(io.StringIO()):
+            logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
+            del data
+            # one class at a time (memory); nnunetv2's own export only where probabilities are asked for
+            labels = logits_to_labels(logits, self.plans_manager, self.config, self.label_manager, properties,
+                                      monitor)
+            probabilities = None
+            if return_probabilities:
+                _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+                    logits, self.plans_manager, self.config, self.label_manager, properties, return_probabilities=True)
+        monitor.check()
+        return NnUNetPrediction(labels=np.asarray(labels), probabilities=probabilities,
+                                seconds=time.perf_counter() - started, network_seconds=network.seconds,
+                                patches=network.calls)
+
+    def _predictor(self, network: _EngineNetwork, mirroring: bool):
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True, use_mirroring=mirroring,
+                                        perform_everything_on_device=False, device=torch.device("cpu"),
+                                        verbose=False, allow_tqdm=False)
+            predictor.manual_initialization(network, self.plans_manager, self.config, None, self.dataset,
+                                            "PTQLogic", self.mirror_axes)
+        return predictor
+
+    def _count_windows(self, predictor, shape: tuple[int, ...], mirroring: bool) -> int:
+        padded = [max(s, p) for s, p in zip(shape, self.config.patch_size)]
+        windows = len(predictor._internal_get_sliding_window_slicers(tuple(padded)))
+        axes = len(self.mirror_axes) if (mirroring and self.mirror_axes) else 0
+        return windows * (2 ** axes)
+
+
+@torch.inference_mode()
+def _predict_logits(predictor, network: _EngineNetwork, engines: Sequence[Engine], data: torch.Tensor) -> torch.Tensor:
+    """``nnUNetPredictor.predict_logits_from_preprocessed_data`` with one engine per fold instead of weights."""
+    from nnunetv2.configuration import default_num_processes
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(default_num_processes if default_num_processes < threads else threads)
+    try:
+        prediction = None
+        for engine in engines:
+            network.engine = engine
+            if prediction is None:
+                prediction = predictor.predict_sliding_window_return_logits(data).to("cpu")
+            else:
+                prediction += predictor.predict_sliding_window_return_logits(data).to("cpu")
+        if len(engines) > 1:
+            prediction /= len(engines)
+    finally:
+        torch.set_num_threads(threads)
+    return prediction

@@ -1,0 +1,199 @@
+"""Segment with one or several nnU-Net models and merge the parts into one named label map.
+
+Several models are TotalSegmentator's multi-part tasks ("total" = five part folders, each with its
+own labels): each part runs on the whole image and its labels are written into one map, later parts
+overwriting earlier ones where they find foreground (TotalSegmentator's own merge rule). Global label
+values follow a labels file (``{"1": "spleen", ...}``, e.g. TotalSegmentator's class map) when one is
+given, else the parts' classes in order. A *parts file* is a JSON ``{"parts": [folders...],
+"labels": {...} or "labels.json"}`` (paths relative to the file).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ...core.errors import InputError
+from ...core.progress import Monitor
+from ...core.spec import DEFAULT_COLORS, ClassInfo
+from ...core.volume import Volume
+from ...models.nnunet.folder import is_nnunet_folder
+from .model_dir import NnUNetModel, is_nnunet_model_dir, open_engines, open_nnunet_model
+
+
+def is_parts_file(path: str | Path) -> bool:
+    path = Path(path)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "parts" in data
+
+
+def is_nnunet_target(models: str | Path | Sequence[str | Path]) -> bool:
+    """True when ``segment`` should take the nnU-Net path (any nnU-Net folder, several models, a parts file)."""
+    items = [models] if isinstance(models, (str, Path)) else list(models)
+    return any(is_nnunet_model_dir(m) or is_nnunet_folder(m) or is_parts_file(m) for m in items)
+
+
+def read_parts_file(path: str | Path) -> tuple[list[Path], dict[int, str] | None]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Parts file '{path}' is not readable JSON: {exc}") from None
+    parts = data.get("parts")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise InputError(f"Parts file '{path}': 'parts' must be a non-empty list of model folders.")
+    labels = data.get("labels")
+    if isinstance(labels, str):  # a JSON file {"1": "spleen", ...} next to the parts file
+        where = path.parent / labels
+        try:
+            labels = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"Labels file '{where}' (from parts file '{path}') is not readable JSON: {exc}") from None
+    return [(path.parent / p) for p in parts], (None if labels is None else parse_label_map(labels, str(path)))
+
+
+def parse_label_map(labels: Any, where: str) -> dict[int, str]:
+    if not isinstance(labels, dict):
+        raise InputError(f"{where}: 'labels' must map label values to class names.")
+    try:
+        result = {int(k): str(v) for k, v in labels.items()}
+    except ValueError:
+        raise InputError(f"{where}: label values must be integers, got {list(labels)[:3]}.") from None
+    if any(v <= 0 or v > 65535 for v in result) or len(set(result.values())) != len(result):
+        raise InputError(f"{where}: label values must be 1..65535 and class names unique.")
+    return result
+
+
+def expand_models(models: str | Path | Sequence[str | Path]) -> tuple[list[Path], dict[int, str] | None]:
+    items = [models] if isinstance(models, (str, Path)) else list(models)
+    paths: list[Path] = []
+    labels = None
+    for item in items:
+        if is_parts_file(item):
+            more, labels_here = read_parts_file(item)
+            paths += more
+            labels = labels_here or labels
+        else:
+            paths.append(Path(item))
+    for path in paths:
+        if not (is_nnunet_model_dir(path) or is_nnunet_folder(path)):
+            raise InputError(f"'{path}' is not an nnU-Net model folder (quantized, or dataset.json + plans.json + "
+                             "fold_*); several --model values must all be nnU-Net parts.")
+    return paths, labels
+
+
+def merged_classes(models: Sequence[NnUNetModel], labels: dict[int, str] | None) -> tuple[list[ClassInfo], list[np.ndarray]]:
+    """Classes of the merged map (position == value) and, per model, a lookup part label -> merged label."""
+    if labels is None:
+        names: list[str] = ["background"]
+        for model in models:
+            names += [n for n in model.spec.class_names[1:] if n not in names]
+        value_of = {name: i for i, name in enumerate(names)}
+    else:
+        value_of = {name: value for value, name in labels.items()}
+        names = ["background"] + [f"unused_{v}" for v in range(1, max(labels) + 1)]
+        for value, name in labels.items():
+            names[value] = name
+    lookups = []
+    for model in models:
+        missing = [n for n in model.spec.class_names[1:] if n not in value_of]
+        if missing:
+            raise InputError(f"Classes {missing[:5]} of '{model.root}' are not in the labels map; add them or leave "
+                             "the labels map out.")
+        lookups.append(np.array([0] + [value_of[n] for n in model.spec.class_names[1:]], dtype=np.int64))
+    own = {c.name: c.color for m in models for c in m.spec.classes}
+    classes = [ClassInfo(n, own.get(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])) for i, n in enumerate(names)]
+    return classes, lookups
+
+
+@dataclass
+class _Run:
+    """Every part run once with one runtime and precision; ``seconds`` leaves the engine builds out."""
+
+    parts: list[np.ndarray] = field(default_factory=list)  # each part's labels
+    info: Any = None  # the engines' EngineInfo
+    reason: str = ""
+    engine_bytes: int = 0
+    seconds: float = 0.0
+    network_seconds: float = 0.0
+    patches: int = 0
+    build_seconds: float = 0.0
+
+
+def _run_all(models, volume, runtime, precision, device, mirroring, monitor) -> _Run:
+    run = _Run()
+    for model in models:
+        started = time.perf_counter()
+        engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
+        run.build_seconds += time.perf_counter() - started
+        run.info, run.reason = engines[0].info, why or run.reason
+        run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
+        result = model.runner().predict(volume, engines, mirroring=mirroring, monitor=monitor)
+        run.parts.append(result.labels)
+        run.seconds += result.seconds
+        run.network_seconds += result.network_seconds
+        run.patches += result.patches
+    return run
+
+
+def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    merged = np.zeros(parts[0].shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    for labels, lookup in zip(parts, lookups):
+        mapped = lookup[labels]
+        merged[labels > 0] = mapped[labels > 0]
+    return merged
+
+
+def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precision: str = "int8",
+                   compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
+                   step_size: float | None = None, monitor: Monitor | None = None):
+    """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
+    from ...evaluation.metrics import agreement_dice, dice_per_class, warn_foreign_reference
+    from ...io.volumes import read_volume, write_label_tables, write_labelmap
+    from ...core.fileio import check_output_path
+    from ...pipeline import SegmentOutcome
+    from .memory import check_nnunet_memory
+
+    monitor = monitor or Monitor()
+    paths, labels = expand_models(models)
+    output = check_output_path(output, [input_path] + ([reference] if reference else []))
+    if step_size is not None and not 0 < step_size <= 1:
+        raise InputError(f"--step-size must be in (0, 1], got {step_size}.")
+    opened = [open_nnunet_model(p) for p in paths]
+    for model in opened:
+        model.step_size = model.step_size if step_size is None else float(step_size)
+    classes, lookups = merged_classes(opened, labels)
+    volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    ref_volume = read_volume(reference) if reference else None
+    if ref_volume is not None:
+        volume.require_same_grid(ref_volume, f"Reference '{reference}'")
+        warn_foreign_reference(ref_volume.array, len(classes), reference)
+    check_nnunet_memory([m.runner() for m in opened], volume, [len(m.folds) for m in opened],
+                        f"input volume '{input_path}'")  # before any engine is built
+    run = _run_all(opened, volume, runtime, precision, device, mirroring, monitor)
+    merged = _merge(run.parts, lookups, len(classes))
+    present = list(range(1, len(classes)))
+    agreement = fp32 = None
+    if compare and precision != "fp32":
+        fp32 = _run_all(opened, volume, run.info.runtime, "fp32", device, mirroring, monitor)
+        agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
+    reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
+    monitor.check()
+    write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
+    json_path, csv_path = write_label_tables(classes, output)
+    return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=run.info.runtime,
+                          runtime_reason=run.reason, precision=run.info.precision,
+                          engine_size_mb=run.engine_bytes / 1e6, seconds=run.seconds,
+                          network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
+                          agreement_dice=agreement, reference_dice=reference_dice,
+                          fp32_seconds=None if fp32 is None else fp32.seconds,
+                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds)

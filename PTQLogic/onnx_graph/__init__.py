@@ -1,0 +1,1 @@
+"""ONNX graph edits and Q/DQ checks shared by quantization and the engines."""

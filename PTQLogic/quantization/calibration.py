@@ -1,0 +1,252 @@
+"""Calibration patches for post-training quantization: label-free, foreground-aware, deterministic.
+
+Strategy (no labels needed):
+
+1. Each volume goes through exactly the inference preprocessing (:func:`preprocess.to_network_space`),
+   so patches have the statistics the quantized network will see.
+2. A *body mask* is computed from the raw (resampled, not yet normalized) first channel:
+   CT (``intensity == "ct"``): voxels above -500 HU (tissue, not air);
+   otherwise: voxels above the 10th percentile (MR background is dark). An empty mask means "everywhere".
+3. Patches are assigned to volumes round-robin (patch n -> volume n mod V). For each patch, with
+   probability ``foreground_fraction`` its centre is a uniformly random voxel of the body mask,
+   otherwise a uniformly random voxel of the whole volume. The patch is then shifted to lie inside the
+   volume. Volumes smaller than the patch are zero-padded symmetrically, like MONAI's sliding window does
+   at inference (``cval=0``).
+4. Randomness comes from ``numpy.random.default_rng([seed, volume_index])``: same inputs + seed ->
+   same patches, independent of how many volumes are processed before.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import InputError, InputWarning
+from ..io.volumes import dicom_series_ids, read_volume, volume_suffix
+from ..inference.preprocess import normalize_intensity, resample_to_network
+from ..core.progress import Monitor
+from ..core.spec import ModelSpec
+from ..core.volume import Volume
+
+CT_BODY_HU = -500.0
+OTHER_BODY_PERCENTILE = 10.0
+STAGE = "calibration patches"
+# Input checks: a label map has few distinct whole values; a CT in Hounsfield units has air (about -1000 HU).
+MAX_LABEL_VALUES = 256
+CT_AIR_HU = -200.0  # the darkest 1 % of a CT lies below this (air, lungs, bowel gas); MR/PET never do
+CHECK_SAMPLES = 1_000_000
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    num_patches: int = 32
+    seed: int = 0
+    foreground_fraction: float = 0.75  # share of patches centred inside the body mask
+
+
+def validate_settings(settings: CalibrationSettings) -> None:
+    if settings.num_patches < 1:
+        raise InputError(f"Number of calibration patches must be >= 1, got {settings.num_patches}.")
+    if settings.seed < 0:
+        raise InputError(f"The calibration seed must be a non-negative integer, got {settings.seed}.")
+    if not 0.0 <= settings.foreground_fraction <= 1.0:
+        raise InputError(f"Foreground fraction must be in [0, 1], got {settings.foreground_fraction}.")
+
+
+def body_mask(raw: torch.Tensor, spec: ModelSpec) -> np.ndarray:
+    """Boolean (I, J, K) mask of likely body voxels from the raw first channel."""
+    first = raw[0].numpy()
+    if spec.preprocessing.intensity == "ct":
+        mask = first > CT_BODY_HU
+    else:
+        mask = first > np.percentile(first, OTHER_BODY_PERCENTILE)
+    return mask if mask.any() else np.ones_like(mask, dtype=bool)
+
+
+def _pad_to_patch(image: np.ndarray, mask: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    pads = []
+    for size, want in zip(image.shape[1:], patch):
+        diff = max(want - size, 0)
+        pads.append((diff // 2, diff - diff // 2))
+    if not any(p != (0, 0) for p in pads):
+        return image, mask
+    return np.pad(image, [(0, 0)] + pads), np.pad(mask, pads)
+
+
+def _random_mask_voxel(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    shape = np.asarray(mask.shape)
+    for _ in range(1000):  # rejection sampling: exact and cheap unless the body is tiny
+        point = (rng.random(3) * shape).astype(np.int64)
+        if mask[tuple(point)]:
+            return point
+    flat = np.flatnonzero(mask)
+    return np.asarray(np.unravel_index(flat[rng.integers(flat.size)], mask.shape))
+
+
+def _patches_from_volume(image, mask, patch, count, settings, rng, on_patch) -> list[np.ndarray]:
+    image, mask = _pad_to_patch(image, mask, patch)
+    shape = np.asarray(image.shape[1:])
+    half = np.asarray(patch) // 2
+    patches = []
+    for _ in range(count):
+        if rng.random() < settings.foreground_fraction:
+            centre = _random_mask_voxel(mask, rng)
+        else:
+            centre = (rng.random(3) * shape).astype(np.int64)
+        start = np.clip(centre - half, 0, shape - np.asarray(patch))
+        region = tuple(slice(int(s), int(s) + int(p)) for s, p in zip(start, patch))
+        patches.append(np.array(image[(slice(None),) + region], dtype=np.float32))
+        on_patch()
+    return patches
+
+
+def sample_calibration_patches(
+    volumes: Sequence[Volume],
+    spec: ModelSpec,
+    settings: CalibrationSettings = CalibrationSettings(),
+    monitor: Monitor | None = None,
+) -> np.ndarray:
+    """``settings.num_patches`` preprocessed patches, shape (N, C, *spec.patch_size), float32."""
+    monitor = monitor or Monitor()
+    validate_settings(settings)
+    if not volumes:
+        raise InputError("No calibration volumes were given; give at least one image like those you will segment.")
+    total = settings.num_patches
+    counts = [len(range(v, total, len(volumes))) for v in range(len(volumes))]
+    per_volume: list[list[np.ndarray]] = [[] for _ in volumes]
+    done = 0
+    monitor.update(STAGE, 0, total)
+
+    def on_patch() -> None:
+        nonlocal done
+        done += 1
+        monitor.update(STAGE, done, total)
+
+    for index, (volume, count) in enumerate(zip(volumes, counts)):
+        if count == 0:
+            continue
+        raw, _ = resample_to_network(volume, spec)
+        mask = body_mask(raw, spec)
+        image = normalize_intensity(raw, spec.preprocessing).numpy()
+        rng = np.random.default_rng([settings.seed, index])
+        per_volume[index] = _patches_from_volume(image, mask, spec.patch_size, count, settings, rng, on_patch)
+    # restore round-robin order: patch n came from volume n % V
+    ordered = [per_volume[n % len(volumes)][n // len(volumes)] for n in range(total)]
+    return np.stack(ordered).astype(np.float32, copy=False)
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """GDCM warns "No Series were found" on stderr for every non-DICOM folder it is asked about."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    with _quiet_itk():
+        return bool(dicom_series_ids(folder))
+
+
+def _expand(entry: Path) -> list[Path]:
+    """Files and DICOM-series folders to read for one user-given path."""
+    if not entry.exists():
+        raise InputError(f"Calibration input '{entry}' does not exist.")
+    if entry.is_file():
+        return [entry]
+    if _is_dicom_series(entry):
+        return [entry]
+    found = []
+    for child in sorted(entry.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and volume_suffix(child):
+            found.append(child)
+        elif child.is_dir() and _is_dicom_series(child):
+            found.append(child)
+    return found
+
+
+def calibration_inputs(paths: Sequence[str | Path] | str | Path) -> list[Path]:
+    """The files and DICOM-series folders that calibration will read, in order (folders expanded)."""
+    entries = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    targets = [target for entry in entries for target in _expand(Path(entry))]
+    if not targets:
+        raise InputError(
+            f"No calibration volumes found in {[str(e) for e in entries]}; give NIfTI/NRRD/MHA files "
+            "or a folder of them (or of DICOM series)."
+        )
+    return targets
+
+
+def load_calibration_volumes(paths: Sequence[str | Path] | str | Path, spec: ModelSpec | None = None) -> list[Volume]:
+    """Read calibration volumes from files and/or folders (a folder: its image files and DICOM-series
+    subfolders, sorted by name; a folder holding DICOM files is one volume). With ``spec``, each volume is
+    checked against it (:func:`check_calibration_volume`)."""
+    volumes = []
+    for target in calibration_inputs(paths):
+        volume = read_volume(target)
+        if spec is not None:
+            check_calibration_volume(volume, spec, str(target))
+        volumes.append(volume)
+    return volumes
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    flat = np.asarray(array).reshape(-1)
+    step = max(1, flat.size // CHECK_SAMPLES)
+    return flat[::step]
+
+
+def looks_like_label_map(volume: Volume) -> bool:
+    """Few distinct whole-number values (at most MAX_LABEL_VALUES): a segmentation, not an image."""
+    values = np.unique(_sample(volume.array))
+    return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
+
+
+def intensity_mismatch(volume: Volume, spec: ModelSpec) -> str | None:
+    """Why ``volume`` does not look like what ``spec``'s intensity preprocessing expects, or None.
+
+    A model with a CT window expects Hounsfield units, where the darkest voxels are air (~ -1000 HU);
+    an MR (or a CT stored without its rescale slope/intercept) has none below ``CT_AIR_HU``.
+    """
+    if spec.preprocessing.intensity != "ct":
+        return None
+    first = _sample(volume.array[0] if volume.array.ndim == 4 else volume.array)
+    low = float(np.percentile(first, 1))
+    if low > CT_AIR_HU:
+        return (f"its darkest 1 % of voxels are at {low:.0f} or above, but model '{spec.name}' windows CT in "
+                f"Hounsfield units (air is about -1000 HU): this looks like an MR or a CT without HU rescaling, "
+                "and the result will likely be wrong")
+    return None
+
+
+def check_calibration_volume(volume: Volume, spec: ModelSpec, name: str) -> None:
+    """Refuse a label map as calibration input; warn (:class:`InputWarning`) about an image unlike the model's."""
+    if looks_like_label_map(volume):
+        count = np.unique(_sample(volume.array)).size
+        raise InputError(
+            f"Calibration input '{name}' looks like a label map ({count} distinct whole values), not an image; "
+            "calibration needs unlabeled images like those you will segment. Remove it from --calibration."
+        )
+    reason = intensity_mismatch(volume, spec)
+    if reason:
+        warnings.warn(f"calibration input '{name}': {reason}; calibrate with images like those you will segment.",
+                      InputWarning, stacklevel=2)
+
+
+def warn_intensity_mismatch(volume: Volume, spec: ModelSpec, name: str | Path) -> None:
+    """Warn (:class:`InputWarning`) when a volume to segment does not look like the model's input modality."""
+    reason = intensity_mismatch(volume, spec)
+    if reason:
+        warnings.warn(f"input '{name}': {reason}.", InputWarning, stacklevel=2)

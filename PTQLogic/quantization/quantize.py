@@ -1,0 +1,278 @@
+"""INT8 post-training quantization of an FP32 ONNX model with NVIDIA ModelOpt (Q/DQ, TensorRT-ready).
+
+ModelOpt writes intermediate models next to its input and output, and logs every step to stdout.
+Here it works in a private temporary folder beside ``out_path`` (same filesystem, so the final rename
+is atomic); only the quantized ONNX and its log (``<out stem>.modelopt.log``) reach the user's folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import InputError, ModelError, PTQError
+from ..models.onnx_export import onnx_io_names
+from ..core.fileio import atomic_path, atomic_write_text
+from ..core.progress import Monitor
+from ..onnx_graph.qdq_check import QDQReport, check_qdq
+
+METHODS = ("max", "entropy")
+HIGH_PRECISION = ("fp32",)  # fp16 makes ModelOpt rewrite the graph to FP16: not supported by the engines yet
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    method: str = "max"
+    high_precision: str = "fp32"
+    dq_only: bool = True  # INT8 weight initializers + DequantizeLinear: ~4x smaller file
+    exclude_nodes: tuple[str, ...] = ()  # node-name regular expressions kept in high precision
+    exclude_op_types: tuple[str, ...] = ()
+    # "modelopt": ModelOpt's TensorRT placement; "cpu": quantization.placement (INT8 chains for OpenVINO/ORT)
+    placement: str = "modelopt"
+    activations: str = "s8"  # "cpu" placement only: symmetric int8 or asymmetric uint8 activations
+    # "cpu" placement only, exact rewrites (quantization.conv_rewrites): the identity residual of a full-resolution
+    # output conv folded into it (faster on every runtime); ConvTranspose as sub-pixel Conv (for ONNX Runtime only:
+    # its 3D ConvTranspose is slow and float-only; OpenVINO runs ConvTranspose well and the shuffle costs it)
+    fold_residual: bool = True
+    subpixel: bool = False
+
+    def validate(self) -> None:
+        from .placement import ACTIVATIONS, PLACEMENTS
+
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"Q/DQ placement must be one of {PLACEMENTS}, got {self.placement!r}.")
+        if self.activations not in ACTIVATIONS:
+            raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {self.activations!r}.")
+        if self.placement != "cpu" and self.subpixel:
+            raise InputError("The sub-pixel ConvTranspose rewrite (--subpixel) is part of the 'cpu' placement.")
+        if self.placement == "cpu" and (self.exclude_nodes or self.exclude_op_types):
+            raise InputError("Excluding nodes or op types is supported with the 'modelopt' placement only.")
+        if self.method not in METHODS:
+            raise InputError(f"Calibration method must be one of {METHODS}, got {self.method!r}.")
+        if self.high_precision not in HIGH_PRECISION:
+            raise InputError(f"high_precision must be one of {HIGH_PRECISION}, got {self.high_precision!r}.")
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    bytes: int
+    fp32_bytes: int
+    ratio: float  # bytes / fp32_bytes
+    seconds: float
+    calibration_patches: int
+    settings: QuantizeSettings
+    qdq: QDQReport
+    log_path: Path | None = None  # ModelOpt's full log, next to ``path``
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        # File name only: the log sits next to the model, and model folders get moved (staging -> final).
+        data["log_path"] = None if self.log_path is None else self.log_path.name
+        data["settings"]["exclude_nodes"] = list(self.settings.exclude_nodes)
+        data["settings"]["exclude_op_types"] = list(self.settings.exclude_op_types)
+        data["qdq"] = self.qdq.to_dict()
+        return data
+
+
+def validate_calibration(calibration: np.ndarray, input_shape: list) -> np.ndarray:
+    """Check ``calibration`` [N, C, *patch] against the ONNX input shape; return it as float32."""
+    if not isinstance(calibration, np.ndarray):
+        raise InputError(f"Calibration data must be a numpy array, got {type(calibration).__name__}.")
+    expected = ["N"] + [d if isinstance(d, int) and d > 0 else "any" for d in input_shape[1:]]
+    if calibration.ndim != len(input_shape) or calibration.shape[0] < 1:
+        raise InputError(f"Calibration array has shape {calibration.shape}; the model expects {expected} "
+                         "(N >= 1 patches).")
+    for axis, (got, want) in enumerate(zip(calibration.shape[1:], input_shape[1:]), start=1):
+        if isinstance(want, int) and want > 0 and got != want:
+            what = "channels" if axis == 1 else "patch size"
+            raise InputError(f"Calibration array has shape {calibration.shape} but the model expects {expected} "
+                             f"({what} differ on axis {axis}); sample patches with the model's spec.")
+    if not np.issubdtype(calibration.dtype, np.number):
+        raise InputError(f"Calibration array has non-numeric dtype {calibration.dtype}.")
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if not np.all(np.isfinite(calibration)):
+        raise InputError("Calibration array contains NaN or infinite values.")
+    return calibration
+
+
+class _GpuCountFilter(logging.Filter):
+    """ModelOpt logs "ERROR - Failed to get GPU count" whenever NVML finds no NVIDIA driver: normal on a CPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to get GPU count"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "No NVIDIA GPU visible (NVML); calibrating on the CPU.", ()
+        return True
+
+
+@contextlib.contextmanager
+def _captured_modelopt_log(buffer: io.StringIO):
+    """Send ModelOpt's stdout log handler into ``buffer``, and detach it afterwards."""
+    logger = logging.getLogger("modelopt.onnx")
+    gpu_filter = _GpuCountFilter()
+    logger.addFilter(gpu_filter)
+    with contextlib.redirect_stdout(buffer):
+        try:
+            yield
+        finally:
+            logger.removeFilter(gpu_filter)
+            for handler in logger.handlers[:]:
+                if getattr(handler, "stream", None) is buffer:
+                    logger.removeHandler(handler)
+            logger.setLevel(logging.WARNING)
+
+
+# Modules whose own tqdm bars (unlabelled "0/27" bars per calibration batch with entropy) would be drawn on
+# stderr, even without a terminal and between --progress-lines: silenced while we call them.
+_THIRD_PARTY_BARS = (
+    "modelopt.onnx.quantization.ort_patching",
+    "modelopt.onnx.quantization.int4",
+    "onnxruntime.quantization.calibrate",
+)
+
+
+@contextlib.contextmanager
+def _silent_third_party_bars():
+    """Disable the tqdm bars of ModelOpt/ONNX Runtime inside this call only; progress goes through our Monitor."""
+    import importlib
+
+    from tqdm import tqdm
+
+    class SilentTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    patched = []
+    for name in _THIRD_PARTY_BARS:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - optional parts of ModelOpt (int4 needs more packages)
+            continue
+        if getattr(module, "tqdm", None) is tqdm:
+            patched.append(module)
+            module.tqdm = SilentTqdm
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.tqdm = tqdm
+
+
+CALIBRATION_STAGE = "calibration (ModelOpt)"
+
+
+def _progress_reader(src: Path, input_name: str, calibration: np.ndarray, monitor: Monitor):
+    """ModelOpt's own calibration data provider, reporting each calibration batch to ``monitor``.
+
+    ``monitor.update`` raises :class:`Cancelled` between batches, which unwinds ModelOpt cleanly.
+    """
+    from modelopt.onnx.quantization.calib_utils import CalibrationDataProvider
+
+    class ProgressReader(CalibrationDataProvider):
+        def get_next(self):
+            item = super().get_next()
+            if item is not None:
+                self.done = getattr(self, "done", 0) + 1
+                monitor.update(CALIBRATION_STAGE, min(self.done, self.total), self.total)
+            return item
+
+        def rewind(self):  # ModelOpt/ORT may pass over the data more than once (entropy)
+            super().rewind()
+            self.done = 0
+
+    reader = ProgressReader(str(src), {input_name: calibration})
+    reader.total = len(reader.calibration_data_list)
+    return reader
+
+
+def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: QuantizeSettings,
+                       log: io.StringIO, monitor: Monitor) -> None:
+    from .placement import quantize_cpu
+
+    def on_batch(done: int, total: int) -> None:
+        monitor.update(CALIBRATION_STAGE.replace("ModelOpt", "ONNX Runtime"), done, total)
+
+    report = quantize_cpu(src, calibration, dst, activations=settings.activations, method=settings.method,
+                          fold_residual=settings.fold_residual, subpixel=settings.subpixel, on_batch=on_batch)
+    log.write(f"CPU Q/DQ placement: {report.to_dict()}\n")
+
+
+def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
+                  settings: QuantizeSettings, log: io.StringIO, monitor: Monitor) -> None:
+    if settings.placement == "cpu":
+        _run_cpu_placement(src, dst, calibration, settings, log, monitor)
+        return
+    with _captured_modelopt_log(log), _silent_third_party_bars():
+        from modelopt.onnx.quantization import quantize
+
+        quantize(
+            str(src),
+            quantize_mode="int8",
+            calibration_data_reader=_progress_reader(src, input_name, calibration, monitor),
+            calibration_method=settings.method,
+            calibration_eps=["cpu"],
+            output_path=str(dst),
+            high_precision_dtype=settings.high_precision,
+            dq_only=settings.dq_only,
+            op_types_to_exclude=list(settings.exclude_op_types) or None,
+            nodes_to_exclude=list(settings.exclude_nodes) or None,
+            log_level="INFO",
+        )
+
+
+def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path,
+                  settings: QuantizeSettings | None = None, monitor: Monitor | None = None) -> QuantizeReport:
+    """Calibrate on CPU and write an INT8 Q/DQ model to ``out_path`` (atomic); see :class:`QuantizeReport`."""
+    settings = settings or QuantizeSettings()
+    monitor = monitor or Monitor()
+    settings.validate()
+    fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    input_name, _, input_shape = onnx_io_names(fp32_onnx)
+    calibration = validate_calibration(calibration, input_shape)
+    if fp32_onnx.resolve() == out_path.resolve():
+        raise InputError(f"The quantized model would overwrite its FP32 source '{fp32_onnx}'; choose another path.")
+    monitor.update("quantize", 0, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log = io.StringIO()
+    log_path = out_path.with_name(out_path.name.split(".")[0] + ".modelopt.log")
+    start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out_path.parent))
+    try:
+        src = workdir / "fp32.onnx"
+        shutil.copyfile(fp32_onnx, src)  # ModelOpt writes intermediates next to its input
+        produced = workdir / "out" / "int8.onnx"
+        produced.parent.mkdir()
+        try:
+            _run_modelopt(src, produced, input_name, calibration, settings, log, monitor)
+        except PTQError:  # cancelled between calibration batches
+            raise
+        except Exception as exc:
+            tail = " | ".join(line for line in log.getvalue().splitlines()[-3:])
+            raise ModelError(f"ModelOpt INT8 quantization failed: {type(exc).__name__}: {exc} "
+                             f"(last log lines: {tail or 'none'})") from None
+        if not produced.is_file():
+            raise ModelError(f"ModelOpt finished without writing a model; log: {log.getvalue()[-300:]}")
+        qdq = check_qdq(produced)
+        monitor.check()  # a cancel that arrived after the last calibration batch
+        with atomic_path(out_path, suffix=".onnx") as tmp:
+            shutil.move(str(produced), tmp)
+        atomic_write_text(log_path, log.getvalue())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    size, fp32_size = out_path.stat().st_size, fp32_onnx.stat().st_size
+    monitor.update("quantize", 1, 1)
+    return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
+                          seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
+                          qdq=qdq, log_path=log_path)

@@ -1,0 +1,1 @@
+"""Phantoms with known labels, sample-model training, and the shipped sample models (data/)."""

@@ -1,0 +1,1 @@
+"""The bridge the Slicer module uses (no Slicer imports): model choice, background processes, dependencies."""
