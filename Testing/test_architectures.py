@@ -18,9 +18,9 @@ import torch
 
 from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibration_patches
 from PTQLogic.core.errors import ModelError
-from PTQLogic.models.torch_models.torch_models import ARCHITECTURES, build_network
-from PTQLogic.models.torch_models.networks import HIGH_PRECISION, high_precision, quantize_settings_for
-from PTQLogic.models.torch_models.networks.support import export_and_quantize, patch_agreement, runtime_logits
+from PTQLogic.models.torch_models import ARCHITECTURES, build_network
+from PTQLogic.models.networks import HIGH_PRECISION, high_precision, quantize_settings_for
+from PTQLogic.models.networks.support import export_and_quantize, patch_agreement, runtime_logits
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.spec import load_spec, spec_from_dict
 
@@ -91,7 +91,7 @@ def _check_exclusions(architecture: str, folder: Path) -> None:
 
 
 def test_stunet_sizes_match_the_paper():
-    from PTQLogic.models.torch_models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
+    from PTQLogic.models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
 
     for size, published in PUBLISHED_PARAMETERS.items():
         with torch.device("meta"):  # the 1.4B-parameter H model is never allocated
@@ -102,7 +102,7 @@ def test_stunet_sizes_match_the_paper():
 def test_vista3d_wrapper_is_monai_vista3d_automatic_segmentation():
     from monai.networks.nets import VISTA3D
 
-    from PTQLogic.models.torch_models.networks.vista3d import VISTA3DAuto
+    from PTQLogic.models.networks.vista3d import VISTA3DAuto
 
     torch.manual_seed(0)
     wrapper = VISTA3DAuto(1, 4, class_ids=[1, 3, 14], encoder_embed_dim=8, blocks_down=(1, 1, 1)).eval()

@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from PTQLogic.inference.segmenter.axis_resample import resample_axis_aligned
-from PTQLogic.inference.segmenter.preprocess import _RAS_LABELS, resample_to_network, target_grid
+from PTQLogic.inference.axis_resample import resample_axis_aligned
+from PTQLogic.inference.preprocess import _RAS_LABELS, resample_to_network, target_grid
 from PTQLogic.core.spec import spec_from_dict
 from PTQLogic.core.volume import Volume
 

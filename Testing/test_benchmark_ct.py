@@ -26,7 +26,7 @@ def test_segresnet_sibling_has_the_unet_classes_and_patch(tmp_path):
     """--architecture segresnet: same classes, patch and preprocessing; a GroupNorm network of its own."""
     import torch
 
-    from PTQLogic.models.torch_models.torch_models import build_network
+    from PTQLogic.models.torch_models import build_network
     from PTQLogic.core.spec import spec_from_dict
 
     stem, spec_dict = spec_for("segresnet")

@@ -11,8 +11,8 @@ import torch
 from PTQLogic.app.cli import main
 from PTQLogic.core.errors import ModelError
 from PTQLogic.samples.phantom import write_phantom_set
-from PTQLogic.models.torch_models.sources import find_source
-from PTQLogic.models.torch_models.sources.bundle import BundleSource
+from PTQLogic.models.sources import find_source
+from PTQLogic.models.sources.bundle import BundleSource
 
 from test_bundle_zoo import write_bundle
 

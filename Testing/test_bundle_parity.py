@@ -16,9 +16,9 @@ import pytest
 from PTQLogic.app.cli import main
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.inference.segmenter.segmenter import segment_volume
+from PTQLogic.inference.segmenter import segment_volume
 from PTQLogic.samples.phantom import write_phantom_set
-from PTQLogic.models.torch_models.sources.bundle import BundleSource
+from PTQLogic.models.sources.bundle import BundleSource
 
 from test_bundle_zoo import PIXDIM, monai_bundle_labels, write_bundle
 

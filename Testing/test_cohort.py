@@ -53,7 +53,7 @@ def _no_partials(out: Path) -> None:
 
 def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet, tmp_path):
     from PTQLogic.io.volumes import read_volume
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.inference.segmenter import segment_volume
     from PTQLogic.pipeline import open_engine, open_model_dir
 
     inputs = tmp_path / "in"

@@ -11,7 +11,7 @@ from PTQLogic.engines.onnxruntime_engine import OnnxRuntimeEngine
 from PTQLogic.engines.openvino_engine import OpenVINOEngine
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.core.errors import EngineUnavailable, InputError, ModelError
-from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.models.onnx_export import export_onnx
 from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
 from PTQLogic.core.spec import spec_from_dict
 
@@ -204,7 +204,7 @@ def test_broken_onnx_is_a_model_error(tmp_path):
 def test_openvino_sliding_window_reads_logits_in_place_with_the_same_result(artifacts):
     """The sliding window takes OpenVINO's logits without a copy (forward_transient): each result is blended
     before the next call, so the labels equal those of the copying call, batch of 2 windows included."""
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.inference.segmenter import segment_volume
     from PTQLogic.core.volume import Volume
 
     class Copying:  # the same engine seen through its copying __call__ only

@@ -9,9 +9,9 @@ import torch
 from onnx import TensorProto, helper
 
 from PTQLogic.core.errors import AccuracyError, Cancelled, InputError, ModelError
-from PTQLogic.models.torch_models.onnx_export import copy_onnx_model, export_onnx, onnx_io_names
+from PTQLogic.models.onnx_export import copy_onnx_model, export_onnx, onnx_io_names
 from PTQLogic.core.fileio import sha256_file
-from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.models.torch_models import build_network
 from PTQLogic.core.progress import Monitor
 from PTQLogic.core.spec import spec_from_dict
 

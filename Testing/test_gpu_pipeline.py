@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from PTQLogic.samples.phantom import make_phantom
-from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
-from PTQLogic.inference.segmenter.resident import labels_to_input_grid_on, sliding_window_argmax, to_network_space_on
+from PTQLogic.inference.preprocess import labels_to_input_grid, to_network_space
+from PTQLogic.inference.resident import labels_to_input_grid_on, sliding_window_argmax, to_network_space_on
 from PTQLogic.core.spec import Preprocessing, load_spec
 from PTQLogic.core.volume import Volume
 from conftest import ROOT, SAMPLE_UNET
@@ -100,9 +100,9 @@ def test_labels_back_to_input_grid_match(rotate):
 @pytest.mark.parametrize("name", ["phantom_unet", "phantom_segresnet"])
 def test_sample_models_agree_with_cpu_path(name):
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
-    from PTQLogic.models.torch_models.torch_models import load_torch_model
-    from PTQLogic.inference.segmenter.resident import segment_volume_resident
+    from PTQLogic.inference.segmenter import segment_volume
+    from PTQLogic.models.torch_models import load_torch_model
+    from PTQLogic.inference.resident import segment_volume_resident
 
     spec = load_spec(ROOT / "PTQLogic" / "samples" / "data" / f"{name}.json")
     engine = TorchEngine(load_torch_model(spec), "fp32", device="cpu")
@@ -117,7 +117,7 @@ def test_sample_models_agree_with_cpu_path(name):
 
 
 def test_blending_precision_choice():
-    from PTQLogic.inference.segmenter.resident import blending_dtype
+    from PTQLogic.inference.resident import blending_dtype
 
     assert blending_dtype("fp16", 10**12, torch.device("cpu")) == torch.float32  # CPUs always blend in fp32
     if torch.cuda.is_available():

@@ -6,9 +6,9 @@ import torch
 
 from PTQLogic.app.cli import main
 from PTQLogic.evaluation.metrics import dice_per_class
-from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.models.onnx_export import export_onnx
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.models.torch_models.torch_models import load_torch_model
+from PTQLogic.models.torch_models import load_torch_model
 from PTQLogic.core.spec import load_spec
 
 from conftest import SAMPLE_UNET
@@ -67,7 +67,7 @@ def test_bare_model_file_without_spec_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------- MONAI bundles: reading configs as data
 
 def _config(data, tmp_path):
-    from PTQLogic.models.torch_models.sources.bundle_config import BundleConfig
+    from PTQLogic.models.sources.bundle_config import BundleConfig
 
     return BundleConfig(data, tmp_path / "inference.json")
 
@@ -104,8 +104,8 @@ def test_bundle_preprocessing_maps_onto_spec_and_monai(tmp_path):
     import numpy as np
     from monai.transforms import NormalizeIntensity, ScaleIntensity
 
-    from PTQLogic.inference.segmenter.preprocess import normalize_intensity
-    from PTQLogic.models.torch_models.sources.bundle_transforms import map_preprocessing
+    from PTQLogic.inference.preprocess import normalize_intensity
+    from PTQLogic.models.sources.bundle_transforms import map_preprocessing
 
     from test_bundle_zoo import spleen_config, wholebody_config
 
@@ -144,7 +144,7 @@ def test_spec_with_intensity_steps_round_trips_and_refuses_unknown_steps(tmp_pat
 
 def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
     from PTQLogic.pipeline import load_model_spec
-    from PTQLogic.models.torch_models.model_files import choose_model_source
+    from PTQLogic.models.model_files import choose_model_source
 
     from test_bundle_zoo import write_bundle
 
@@ -161,8 +161,8 @@ def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
 
 def test_model_catalog_lists_sources_and_architectures():
     """Every registered source and every network a spec or bundle can name is in Resources/model_catalog.json."""
-    from PTQLogic.models.torch_models.torch_models import ARCHITECTURES
-    from PTQLogic.models.torch_models.sources import SOURCES
+    from PTQLogic.models.torch_models import ARCHITECTURES
+    from PTQLogic.models.sources import SOURCES
 
     from conftest import ROOT
 
@@ -182,7 +182,7 @@ def test_bundle_expressions_agree_with_python_on_data(tmp_path):
     from hypothesis import strategies as st
 
     from PTQLogic.core.errors import ModelError
-    from PTQLogic.models.torch_models.sources.bundle_config import BundleConfig
+    from PTQLogic.models.sources.bundle_config import BundleConfig
 
     numbers = st.integers(-50, 50).map(str) | st.sampled_from(["1.5", "2.0", "@flags#n", "True", "False"])
     lists = st.lists(numbers, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]")

@@ -9,7 +9,7 @@ import torch
 
 from PTQLogic.core.errors import ModelError
 from PTQLogic.core.fileio import sha256_file
-from PTQLogic.models.torch_models.torch_models import ARCHITECTURES, build_network, load_torch_model
+from PTQLogic.models.torch_models import ARCHITECTURES, build_network, load_torch_model
 from PTQLogic.core.spec import spec_from_dict
 
 torch.set_num_threads(2)

@@ -74,7 +74,7 @@ def test_missing_fold_is_one_clear_error(setup, capsys):
     assert "fold_3/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys, "--folds", "0", "3")
     (folder / "fold_0" / "checkpoint_final.pth").rename(folder / "fold_0" / "checkpoint_best.pth")
     assert "no fold_*/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys)
-    from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
 
     best = open_nnunet_model(folder, checkpoint="checkpoint_best.pth")  # what --checkpoint checkpoint_best.pth opens
     assert best.folds == ["0"] and len(best.networks) == 1
@@ -127,7 +127,7 @@ def test_checkpoint_pickled_by_numpy_1_loads(tmp_path):
 
     import numpy as np
 
-    from PTQLogic.models.torch_models.nnunet.checkpoint import load_checkpoint
+    from PTQLogic.models.nnunet.checkpoint import load_checkpoint
 
     torch.save({"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.5), "curve": np.arange(3.0)},
                tmp_path / "new.pth")
@@ -171,8 +171,8 @@ def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
     from PTQLogic.engines.torch_engine import TorchEngine
     from PTQLogic.core.errors import ModelError
     from PTQLogic.io.volumes import read_volume
-    from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
-    from PTQLogic.models.torch_models.nnunet.network import build_network
+    from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.models.nnunet.network import build_network
 
     folder, image, _ = setup
     model = open_nnunet_model(folder)

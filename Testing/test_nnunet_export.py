@@ -7,8 +7,8 @@ import torch
 
 from nnunet_factory import dataset, plans
 from PTQLogic.core.errors import Cancelled
-from PTQLogic.inference.segmenter.nnunet.export import logits_to_labels
-from PTQLogic.inference.segmenter.nnunet.predict import NnUNetRunner
+from PTQLogic.inference.nnunet.export import logits_to_labels
+from PTQLogic.inference.nnunet.predict import NnUNetRunner
 from PTQLogic.core.progress import Monitor
 
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from nnunet_factory import dataset, plans, write_folder, write_image
-from PTQLogic.inference.segmenter.nnunet.memory import network_grid, prediction_bytes
-from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
+from PTQLogic.inference.nnunet.memory import network_grid, prediction_bytes
+from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
 from PTQLogic.samples.phantom import make_phantom
-from PTQLogic.inference.segmenter.preprocess import ENGINE_WORKING_BYTES
+from PTQLogic.inference.preprocess import ENGINE_WORKING_BYTES
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent (here pytest, which
 # can be larger than the whole prediction); VmHWM is the peak of this process's own address space

@@ -15,7 +15,7 @@ import torch
 from nnunet_factory import architecture, dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.inference.segmenter.nnunet.model_dir import open_nnunet_model
+from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.volume import Volume
 
@@ -125,7 +125,7 @@ def test_network_built_from_plans_is_nnunets(tmp_path, residual):
     """Same module tree and outputs as nnU-Net's get_network_from_plans (pydoc.locate) for both classes."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from PTQLogic.models.torch_models.nnunet.network import build_network
+    from PTQLogic.models.nnunet.network import build_network
 
     arch = architecture(residual=residual)
     ref = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 3,

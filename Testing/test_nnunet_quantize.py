@@ -16,7 +16,7 @@ from nnunet_factory import dataset, one_thread, plans, write_folder, write_image
 from PTQLogic.app.cli import main
 from PTQLogic.io.volumes import label_table_paths, read_volume
 from PTQLogic.samples.phantom import make_phantom
-from PTQLogic.models.torch_models.model_files import choose_model_source
+from PTQLogic.models.model_files import choose_model_source
 
 LABELS = ["background", "liver", "spleen", "kidney_right"]
 

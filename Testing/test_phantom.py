@@ -9,7 +9,7 @@ import torch
 
 from PTQLogic.core.errors import InputError
 from PTQLogic.evaluation.metrics import dice_per_class
-from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.models.torch_models import build_network
 from PTQLogic.samples.phantom import LABELS, PHANTOM_CLASSES, make_phantom, write_phantom_set
 from PTQLogic.core.progress import Monitor
 from PTQLogic.core.spec import load_spec, spec_from_dict

@@ -9,7 +9,7 @@ import torch
 
 from PTQLogic.core.errors import InputError
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.inference.segmenter.preprocess import NetworkGrid, labels_to_input_grid, to_network_space
+from PTQLogic.inference.preprocess import NetworkGrid, labels_to_input_grid, to_network_space
 from PTQLogic.core.spec import spec_from_dict
 from PTQLogic.core.volume import Volume
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.core.errors import PTQError
 from PTQLogic.io.volumes import read_volume, write_labelmap
-from PTQLogic.inference.segmenter.segmenter import segment_volume
-from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, resample_to_network
+from PTQLogic.inference.segmenter import segment_volume
+from PTQLogic.inference.preprocess import labels_to_input_grid, resample_to_network
 from PTQLogic.core.spec import load_spec, spec_from_dict
 from PTQLogic.core.volume import Volume
 

@@ -8,8 +8,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from PTQLogic.core.errors import ModelError
-from PTQLogic.models.torch_models.onnx_export import export_onnx
-from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.models.onnx_export import export_onnx
+from PTQLogic.models.torch_models import build_network
 from PTQLogic.onnx_graph.qdq_check import check_qdq
 from PTQLogic.quantization.quantize import quantize_onnx
 from PTQLogic.core.spec import spec_from_dict

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from PTQLogic.core.errors import Cancelled, InputError
-from PTQLogic.models.torch_models.onnx_export import export_onnx
+from PTQLogic.models.onnx_export import export_onnx
 from PTQLogic.core.fileio import sha256_file
-from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.models.torch_models import build_network
 from PTQLogic.core.progress import Monitor
 from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
 from PTQLogic.core.spec import spec_from_dict

@@ -3,7 +3,7 @@ import json
 import re
 
 from PTQLogic.app.cli import build_parser
-from PTQLogic.models.torch_models.torch_models import build_network
+from PTQLogic.models.torch_models import build_network
 from PTQLogic.core.spec import spec_from_dict
 
 from conftest import ROOT

@@ -15,11 +15,11 @@ import torch
 
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.core.errors import Cancelled, InputError, ModelError
-from PTQLogic.models.torch_models.torch_models import load_torch_model
+from PTQLogic.models.torch_models import load_torch_model
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.progress import Monitor
-from PTQLogic.inference.segmenter.resident import segment_volume_resident, sliding_window_argmax
-from PTQLogic.inference.segmenter.resident.predictor import QueuedPredictor
+from PTQLogic.inference.resident import segment_volume_resident, sliding_window_argmax
+from PTQLogic.inference.resident.predictor import QueuedPredictor
 from PTQLogic.core.spec import load_spec
 from conftest import ROOT
 

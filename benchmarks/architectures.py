@@ -31,10 +31,10 @@ from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibr
 from PTQLogic.engines import create_engine  # noqa: E402
 from PTQLogic.evaluation.metrics import agreement_dice, mean_dice  # noqa: E402
 from PTQLogic.core.fileio import atomic_write_text  # noqa: E402
-from PTQLogic.inference.segmenter.segmenter import segment_volume  # noqa: E402
-from PTQLogic.models.torch_models.torch_models import build_network  # noqa: E402
-from PTQLogic.models.torch_models.networks import high_precision, quantize_settings_for  # noqa: E402
-from PTQLogic.models.torch_models.networks.support import export_and_quantize  # noqa: E402
+from PTQLogic.inference.segmenter import segment_volume  # noqa: E402
+from PTQLogic.models.torch_models import build_network  # noqa: E402
+from PTQLogic.models.networks import high_precision, quantize_settings_for  # noqa: E402
+from PTQLogic.models.networks.support import export_and_quantize  # noqa: E402
 from PTQLogic.samples.phantom import make_phantom  # noqa: E402
 from PTQLogic.quantization.quantize import QuantizeSettings  # noqa: E402
 from PTQLogic.core.spec import load_spec  # noqa: E402
@@ -47,7 +47,7 @@ PHANTOM_SHAPE = (80, 80, 80)
 
 
 def stunet_parameter_check() -> dict:
-    from PTQLogic.models.torch_models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
+    from PTQLogic.models.networks.stunet import PUBLISHED_PARAMETERS, STUNet
 
     rows = {}
     for size, published in PUBLISHED_PARAMETERS.items():

@@ -87,7 +87,8 @@ def make_variants(directory: Path, names: list[str], patch: int, variants: list[
     import onnx
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from PTQLogic.onnx_graph.graph_prep import drop_unused_initializers, prepare_for_int8
+    from PTQLogic.onnx_graph.edit import drop_unused_initializers
+    from PTQLogic.onnx_graph.graph_prep import prepare_for_int8
     from PTQLogic.quantization.placement import quantize_cpu
 
     calibration = np.random.default_rng(0).uniform(0, 1, (4, 1, patch, patch, patch)).astype(np.float32)

@@ -50,7 +50,7 @@ def labels_agreement(volume, spec, onnx: Path) -> float:
     from unittest import mock
 
     from PTQLogic.engines.openvino_engine import OpenVINOEngine
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.inference.segmenter import segment_volume
 
     engine = OpenVINOEngine(onnx, "int8", patch_size=spec.patch_size)
     after = segment_volume(volume, spec, engine).labels.array
@@ -69,7 +69,7 @@ def main() -> None:
         print(to_markdown(json.loads(args.render.read_text())), end="")
         return
 
-    from PTQLogic.inference.segmenter.preprocess import _monai_resample, load_transforms, resample_to_network
+    from PTQLogic.inference.preprocess import _monai_resample, load_transforms, resample_to_network
 
     load_transforms()
     spec, volume = make_spec(96), synthetic_ct()

@@ -67,7 +67,7 @@ class MonaiBaseline:
     def segment(self, volume, spec, batch: int) -> tuple[np.ndarray, float]:
         from monai.inferers import sliding_window_inference
 
-        from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
+        from PTQLogic.inference.preprocess import labels_to_input_grid, to_network_space
 
         self.seconds = 0.0
         with torch.inference_mode():
@@ -114,7 +114,7 @@ def main() -> None:
         return
 
     from PTQLogic.engines.openvino_engine import OpenVINOEngine
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
+    from PTQLogic.inference.segmenter import segment_volume
 
     spec, volume = make_spec(args.patch), synthetic_ct()
     report = {"machine": machine(), "name": args.name, "volume_kji": list(volume.array.shape), "patch": args.patch,

@@ -72,7 +72,7 @@ def baseline(volume: Volume, spec, model: torch.nn.Module, batch: int = 4):
     """MONAI-bundle style: CPU preprocessing, GPU FP32 sliding window into a full output, argmax, CPU resample."""
     from monai.inferers import sliding_window_inference
 
-    from PTQLogic.inference.segmenter.preprocess import labels_to_input_grid, to_network_space
+    from PTQLogic.inference.preprocess import labels_to_input_grid, to_network_space
 
     stages = {}
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def baseline(volume: Volume, spec, model: torch.nn.Module, batch: int = 4):
 
 
 def resident(volume: Volume, spec, engine, batch: int = 4, accumulate=None):
-    from PTQLogic.inference.segmenter.resident import segment_volume_resident
+    from PTQLogic.inference.resident import segment_volume_resident
 
     result = segment_volume_resident(volume, spec, engine, batch_size=batch, accumulate=accumulate)
     return result.labels.array, dict(result.stages, network_in_sliding_window=result.network_seconds)
@@ -232,8 +232,8 @@ def other_precisions(model, spec) -> dict:
 def sample_agreement(npz: str) -> dict:
     """Shipped sample models on a phantom: CPU path (CPU engine) vs GPU pipeline (CUDA engine), both FP32."""
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
-    from PTQLogic.models.torch_models.torch_models import load_torch_model
+    from PTQLogic.inference.segmenter import segment_volume
+    from PTQLogic.models.torch_models import load_torch_model
     from PTQLogic.core.spec import load_spec
 
     data = np.load(npz)

@@ -29,8 +29,8 @@ def run(path: str) -> dict:
     from PTQLogic.engines import available_runtimes, choose_runtime
     from PTQLogic.engines.torch_engine import TorchEngine
     from PTQLogic.evaluation.metrics import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
-    from PTQLogic.inference.segmenter.segmenter import segment_volume
-    from PTQLogic.models.torch_models.torch_models import load_torch_model
+    from PTQLogic.inference.segmenter import segment_volume
+    from PTQLogic.models.torch_models import load_torch_model
     from PTQLogic.core.spec import load_spec
 
     data = np.load(path)

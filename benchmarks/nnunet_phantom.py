@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nnunet_factory import architecture, checkpoint, dataset, plans, write_image  # noqa: E402
-from PTQLogic.models.torch_models.nnunet.network import build_network  # noqa: E402
-from PTQLogic.inference.segmenter.nnunet.predict import NnUNetRunner  # noqa: E402
+from PTQLogic.models.nnunet.network import build_network  # noqa: E402
+from PTQLogic.inference.nnunet.predict import NnUNetRunner  # noqa: E402
 from PTQLogic.samples.phantom import PHANTOM_CLASSES, make_phantom  # noqa: E402
 from PTQLogic.pipeline import quantize_model, segment  # noqa: E402
 

@@ -101,7 +101,7 @@ def load_ct_pair(data_dir: str | Path) -> tuple[Volume, Volume]:
 
 def main() -> None:
     from PTQLogic.evaluation.metrics import dice_per_class
-    from PTQLogic.models.torch_models.torch_models import build_network
+    from PTQLogic.models.torch_models import build_network
     from PTQLogic.core.spec import spec_from_dict
     from PTQLogic.samples.train import segment_phantom, train_on_phantoms
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PTQLogic.evaluation.metrics import dice_per_class  # noqa: E402
 from PTQLogic.core.fileio import atomic_path  # noqa: E402
-from PTQLogic.models.torch_models.torch_models import build_network  # noqa: E402
+from PTQLogic.models.torch_models import build_network  # noqa: E402
 from PTQLogic.samples.phantom import PHANTOM_CLASSES, make_phantom  # noqa: E402
 from PTQLogic.core.spec import spec_from_dict  # noqa: E402
 from PTQLogic.samples.train import segment_phantom, train_on_phantoms  # noqa: E402

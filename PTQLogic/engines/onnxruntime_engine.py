@@ -23,7 +23,9 @@ def _cpu_fp32_graph(onnx_path: Path) -> tuple[str | bytes, int]:
     of a MONAI UNet's time), with BatchNorm/PReLU folded. Returns (model bytes, rewrites) or (path, 0)."""
     import onnx
 
-    from ..onnx_graph.graph_prep import drop_unused_initializers, prepare_for_int8
+    from ..onnx_graph.edit import drop_unused_initializers
+
+    from ..onnx_graph.graph_prep import prepare_for_int8
 
     try:
         model = onnx.load(str(onnx_path))

@@ -20,8 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .conv_rewrites import _attr
-from .graph_prep import consumer_map
+from .edit import attribute, consumer_map
 
 _PER_CHANNEL = ("InstanceNormalization", "LeakyRelu", "Relu")
 
@@ -72,7 +71,7 @@ def pad_channels(model: onnx.ModelProto, multiple: int = 16) -> int:
     changed: set[str] = set()
     padded = 0
     for producer in list(model.graph.node):
-        if producer.op_type not in ("Conv", "ConvTranspose") or _attr(producer, "group", 1) != 1:
+        if producer.op_type not in ("Conv", "ConvTranspose") or attribute(producer, "group", 1) != 1:
             continue
         if producer.input[1] not in arrays or (len(producer.input) > 2 and producer.input[2] not in arrays):
             continue
@@ -84,10 +83,10 @@ def pad_channels(model: onnx.ModelProto, multiple: int = 16) -> int:
             continue
         ops, convs = found
         norms = [op for op in ops if op.op_type == "InstanceNormalization"]
-        if any(op.input[1] not in arrays or op.input[2] not in arrays or _attr(op, "epsilon", 1e-5) <= 0
+        if any(op.input[1] not in arrays or op.input[2] not in arrays or attribute(op, "epsilon", 1e-5) <= 0
                for op in norms):  # with epsilon 0 a zero channel normalizes to 0/0
             continue
-        if any(_attr(c, "group", 1) != 1 or c.input[1] not in arrays for c in convs):
+        if any(attribute(c, "group", 1) != 1 or c.input[1] not in arrays for c in convs):
             continue
         extra = multiple - channels
         base = producer.name or producer.output[0]

@@ -21,16 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_prep import consumer_map, _initializers, _set_initializer, remove_nodes
+from .edit import attribute, consumer_map, initializers, remove_nodes, set_initializer
 
 _ELEMENTWISE_AFTER = ("LeakyRelu", "Relu")
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -71,7 +66,7 @@ SHUFFLES = ("steps", "depth_to_space")
 
 
 def _shape(model: onnx.ModelProto, name: str, shape: list[int]) -> str:
-    _set_initializer(model, name, np.array(shape, dtype=np.int64))
+    set_initializer(model, name, np.array(shape, dtype=np.int64))
     return name
 
 
@@ -133,7 +128,7 @@ def convtranspose_to_subpixel(model: onnx.ModelProto, shuffle: str = "steps") ->
     ``"depth_to_space"`` (fastest in float on ONNX Runtime, 2D and 3D; other ranks use steps)."""
     if shuffle not in SHUFFLES:
         raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-    inits = _initializers(model)
+    inits = initializers(model)
     shapes = _static_shapes(model)
     consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -148,12 +143,12 @@ def convtranspose_to_subpixel(model: onnx.ModelProto, shuffle: str = "steps") ->
         weight = numpy_helper.to_array(inits[node.input[1]])
         dims = weight.ndim - 2
         kernels = list(weight.shape[2:])
-        strides = list(_attr(node, "strides", [1] * dims))
-        pads = list(_attr(node, "pads", [0] * 2 * dims))
-        out_pad = list(_attr(node, "output_padding", [0] * dims))
+        strides = list(attribute(node, "strides", [1] * dims))
+        pads = list(attribute(node, "pads", [0] * 2 * dims))
+        out_pad = list(attribute(node, "output_padding", [0] * dims))
         in_shape = shapes.get(node.input[0])
-        ok = (_attr(node, "group", 1) == 1 and list(_attr(node, "dilations", [1] * dims)) == [1] * dims
-              and _attr(node, "output_shape", None) is None and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        ok = (attribute(node, "group", 1) == 1 and list(attribute(node, "dilations", [1] * dims)) == [1] * dims
+              and attribute(node, "output_shape", None) is None and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
               and len(set(strides)) == 1 and len(set(kernels)) == 1 and len(set(pads)) == 1 and len(set(out_pad)) == 1
               and strides[0] > 1 and kernels[0] + out_pad[0] - 2 * pads[0] == strides[0]
               and in_shape is not None and len(in_shape) == dims + 2 and all(in_shape[2:])
@@ -165,11 +160,11 @@ def convtranspose_to_subpixel(model: onnx.ModelProto, shuffle: str = "steps") ->
         conv_weight, lo, hi = _subpixel_weight(weight.astype(np.float64), s, kernels[0], pads[0], dims)
         base = f"{node.name or node.output[0]}_{replaced}"  # unique even where names and tensors collide
         w_name, b_name = f"{base}_subpixel_w", f"{base}_subpixel_b"
-        _set_initializer(model, w_name, conv_weight.astype(weight.dtype))
+        set_initializer(model, w_name, conv_weight.astype(weight.dtype))
         conv_inputs = [node.input[0], w_name]
         if len(node.input) > 2 and node.input[2]:
             bias = numpy_helper.to_array(inits[node.input[2]])
-            _set_initializer(model, b_name, np.repeat(bias, s ** dims).astype(bias.dtype))
+            set_initializer(model, b_name, np.repeat(bias, s ** dims).astype(bias.dtype))
             conv_inputs.append(b_name)
         out = node.output[0]
         after = consumers.get(out, [])
@@ -195,7 +190,7 @@ def convtranspose_to_subpixel(model: onnx.ModelProto, shuffle: str = "steps") ->
 
 def fold_identity_residual(model: onnx.ModelProto) -> int:
     """``Add(Conv(x), x)`` -> ``Conv'(x)`` with the identity added to the centre tap; returns how many."""
-    inits = _initializers(model)
+    inits = initializers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -214,16 +209,16 @@ def fold_identity_residual(model: onnx.ModelProto) -> int:
             weight = numpy_helper.to_array(inits[conv.input[1]])
             dims = weight.ndim - 2
             kernels = weight.shape[2:]
-            if (weight.shape[0] != weight.shape[1] or _attr(conv, "group", 1) != 1 or any(k % 2 == 0 for k in kernels)
-                    or list(_attr(conv, "strides", [1] * dims)) != [1] * dims
-                    or list(_attr(conv, "dilations", [1] * dims)) != [1] * dims
-                    or list(_attr(conv, "pads", [0] * 2 * dims)) != [k // 2 for k in kernels] * 2):
+            if (weight.shape[0] != weight.shape[1] or attribute(conv, "group", 1) != 1 or any(k % 2 == 0 for k in kernels)
+                    or list(attribute(conv, "strides", [1] * dims)) != [1] * dims
+                    or list(attribute(conv, "dilations", [1] * dims)) != [1] * dims
+                    or list(attribute(conv, "pads", [0] * 2 * dims)) != [k // 2 for k in kernels] * 2):
                 continue
             weight = weight.copy()
             centre = tuple(k // 2 for k in kernels)
             for c in range(weight.shape[0]):
                 weight[(c, c) + centre] += 1
-            _set_initializer(model, conv.input[1], weight)
+            set_initializer(model, conv.input[1], weight)
             conv.output[0] = add.output[0]
             removed.add(id(add))
             folded += 1

@@ -9,20 +9,20 @@ The rewritten graph computes the same function (checked in the tests to 1e-4).
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .channel_padding import pad_channels as pad
+from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
+from .edit import consumer_map, drop_unused_initializers, initializers, remove_nodes, set_initializer
 
-def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
+
 
 
 def bypass_identities(model: onnx.ModelProto) -> int:
     """Remove Identity nodes whose input is an initializer; consumers read the initializer directly."""
-    inits = _initializers(model)
+    inits = initializers(model)
     outputs = {o.name for o in model.graph.output}
     rename = {n.output[0]: n.input[0] for n in model.graph.node
               if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
@@ -59,33 +59,15 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> int:
     return named
 
 
-def remove_nodes(model: onnx.ModelProto, removed: set[int]) -> None:
-    """Drop the nodes whose ``id()`` is in ``removed``, keeping the others in order."""
-    if removed:
-        keep = [n for n in model.graph.node if id(n) not in removed]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
 
 
-def consumer_map(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    return consumers
 
 
-def _set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name == name:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
-            return
-    model.graph.initializer.append(numpy_helper.from_array(array, name))
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> int:
     """Fold inference BatchNormalization into the Conv/ConvTranspose that feeds it (sole consumer only)."""
-    inits = _initializers(model)
+    inits = initializers(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = consumer_map(model)
     graph_outputs = {o.name for o in model.graph.output}
@@ -118,9 +100,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
             else np.zeros_like(scale)
         bias = (bias - mean) * scale + beta
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        _set_initializer(model, conv.input[1], weight.astype(dtype))
+        set_initializer(model, conv.input[1], weight.astype(dtype))
         bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.name + "_folded_bias"
-        _set_initializer(model, bias_name, bias.astype(dtype))
+        set_initializer(model, bias_name, bias.astype(dtype))
         if len(conv.input) > 2:
             conv.input[2] = bias_name
         else:
@@ -134,7 +116,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
 
 def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
     """Replace PRelu nodes whose slope is a single constant with LeakyRelu(alpha=slope)."""
-    inits = _initializers(model)
+    inits = initializers(model)
     changed = 0
     for i, node in enumerate(model.graph.node):
         if node.op_type != "PRelu" or node.input[1] not in inits:
@@ -153,9 +135,6 @@ def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, sub
                      shuffle: str = "steps", pad_channels: bool = False) -> dict[str, int]:
     """Apply the rewrites in place (``conv_rewrites``' two and ``channel_padding`` on request; ``shuffle``: the
     sub-pixel shuffle's form, ``"depth_to_space"`` for graphs that stay float); returns how many of each were made."""
-    from .channel_padding import pad_channels as pad
-    from .conv_rewrites import convtranspose_to_subpixel, fold_identity_residual
-
     counts = {"nodes_named": name_unnamed_nodes(model), "identities_bypassed": bypass_identities(model)}
     counts["batchnorm_folded"] = fold_batchnorm(model)
     counts["prelu_to_leakyrelu"] = prelu_to_leakyrelu(model)
@@ -168,9 +147,3 @@ def prepare_for_int8(model: onnx.ModelProto, *, fold_residual: bool = False, sub
     drop_unused_initializers(model)
     return counts
 
-
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)

@@ -63,7 +63,7 @@ class PlacementReport:
 
 def strip_output_qdq(model) -> list[str]:
     """Remove ``Q -> DQ`` pairs that end at a graph output, so logits are not requantized to 8 bits."""
-    from ..onnx_graph.graph_prep import remove_nodes
+    from ..onnx_graph.edit import remove_nodes
 
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, int] = {}
@@ -97,7 +97,7 @@ def strip_float_input_qdq(model, float_inputs: dict[str, list[tuple[str, str | N
     quantizer drops a ``Relu`` in front of a ``QuantizeLinear`` (the zero point clips instead, and the conv
     before it takes over the Relu's output name), and removing that pair would drop the clipping with it.
     """
-    from ..onnx_graph.graph_prep import consumer_map, remove_nodes
+    from ..onnx_graph.edit import consumer_map, remove_nodes
 
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers = consumer_map(model)
@@ -134,7 +134,7 @@ def fuse_norm_activation(model) -> list[str]:
     the full-resolution InstanceNorm of a UNet 20% slower), and values are rounded to 8 bits once, not
     two to four times.
     """
-    from ..onnx_graph.graph_prep import consumer_map, remove_nodes
+    from ..onnx_graph.edit import consumer_map, remove_nodes
 
     consumers = consumer_map(model)
     constants = {i.name for i in model.graph.initializer}
@@ -303,7 +303,9 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     """
     import onnx
 
-    from ..onnx_graph.graph_prep import drop_unused_initializers, prepare_for_int8
+    from ..onnx_graph.edit import drop_unused_initializers
+
+    from ..onnx_graph.graph_prep import prepare_for_int8
 
     if activations not in ACTIVATIONS:
         raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {activations!r}.")
