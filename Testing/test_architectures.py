@@ -19,7 +19,8 @@ import torch
 from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibration_patches
 from PTQLogic.core.errors import ModelError
 from PTQLogic.models.torch_models import ARCHITECTURES, build_network
-from PTQLogic.models.networks import HIGH_PRECISION, high_precision, quantize_settings_for
+from PTQLogic.models.networks import HIGH_PRECISION, high_precision
+from PTQLogic.quantization.quantize import quantize_settings_for
 from PTQLogic.models.networks.support import export_and_quantize, patch_agreement, runtime_logits
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.spec import load_spec, spec_from_dict

@@ -56,7 +56,8 @@ def test_a_failing_runtime_becomes_an_error_row(quantized_unet, phantom_files, t
 
 
 def test_interleaved_latency_pairs_rounds_and_validates(quantized_unet):
-    from PTQLogic.pipeline import open_engine, open_model_dir
+    from PTQLogic.engines.open import open_engine
+    from PTQLogic.models.model_folder import open_model_dir
 
     model_dir = open_model_dir(quantized_unet)
     spec = model_dir.spec()

@@ -54,7 +54,8 @@ def _no_partials(out: Path) -> None:
 def test_two_workers_corrupt_volume_then_rerun(cluster, volumes, quantized_unet, tmp_path):
     from PTQLogic.io.volumes import read_volume
     from PTQLogic.inference.segmenter import segment_volume
-    from PTQLogic.pipeline import open_engine, open_model_dir
+    from PTQLogic.engines.open import open_engine
+    from PTQLogic.models.model_folder import open_model_dir
 
     inputs = tmp_path / "in"
     inputs.mkdir()

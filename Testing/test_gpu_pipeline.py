@@ -14,7 +14,8 @@ import torch
 
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.inference.preprocess import labels_to_input_grid, to_network_space
-from PTQLogic.inference.resident import labels_to_input_grid_on, sliding_window_argmax, to_network_space_on
+from PTQLogic.inference.resident import labels_to_input_grid_on, to_network_space_on
+from PTQLogic.inference.sliding_window import sliding_window_labels
 from PTQLogic.core.spec import Preprocessing, load_spec
 from PTQLogic.core.volume import Volume
 from conftest import ROOT, SAMPLE_UNET
@@ -68,21 +69,24 @@ class _RandomNet(torch.nn.Module):
     ((40, 12, 33), (16, 16, 16), 0.25, "constant", 3),  # one axis smaller than the window: padding
     ((16, 20, 18), (16, 16, 16), 0.5, "gaussian", 1),
 ])
-def test_sliding_window_argmax_matches_monai(shape, roi, overlap, mode, batch):
+def test_device_layout_of_the_sliding_window_matches_monai(shape, roi, overlap, mode, batch):
     from monai.inferers import sliding_window_inference
 
     net = _RandomNet(5).eval()
     image = torch.randn((1, *shape), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         reference = sliding_window_inference(image[None], roi, batch, net, overlap=overlap, mode=mode)[0].argmax(0)
-        labels = sliding_window_argmax(image, roi, net, num_classes=5, overlap=overlap, blend_mode=mode,
-                                       batch_size=batch)
-        half = sliding_window_argmax(image, roi, net, num_classes=5, overlap=overlap, blend_mode=mode,
-                                     batch_size=batch, accumulate=torch.float16)
+        # the GPU path's ring (channels-first, optionally float16), run here on CPU tensors
+        labels = sliding_window_labels(image, net, roi, 5, overlap=overlap, mode=mode, batch_size=batch,
+                                       channels_last=False)
+        half = sliding_window_labels(image, net, roi, 5, overlap=overlap, mode=mode, batch_size=batch,
+                                     accumulate=torch.float16, channels_last=False)
+        cpu_layout = sliding_window_labels(image, net, roi, 5, overlap=overlap, mode=mode, batch_size=batch)
     assert labels.shape == shape and labels.dtype == torch.uint8
     assert len(torch.unique(reference)) == 5
     assert (labels.long() == reference).float().mean() >= 0.999
     assert (half.long() == reference).float().mean() >= 0.99
+    assert torch.equal(labels, cpu_layout)  # one loop, two ring layouts: the same sums in the same order
 
 
 @pytest.mark.parametrize("rotate", [False, True])

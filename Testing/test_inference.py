@@ -10,7 +10,8 @@ import torch
 from PTQLogic.engines.base import Engine, EngineInfo
 from PTQLogic.core.errors import Cancelled, ModelError
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.inference.segmenter import count_windows, segment_volume
+from PTQLogic.inference.segmenter import segment_volume
+from PTQLogic.inference.sliding_window import count_windows
 from PTQLogic.core.progress import Monitor
 from PTQLogic.core.spec import spec_from_dict
 from PTQLogic.core.volume import Volume

@@ -143,7 +143,7 @@ def test_spec_with_intensity_steps_round_trips_and_refuses_unknown_steps(tmp_pat
 
 
 def test_bundle_folder_is_described_and_quantizable_in_slicer(tmp_path):
-    from PTQLogic.pipeline import load_model_spec
+    from PTQLogic.models.model_folder import load_model_spec
     from PTQLogic.models.model_files import choose_model_source
 
     from test_bundle_zoo import write_bundle

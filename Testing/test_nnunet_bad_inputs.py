@@ -74,7 +74,7 @@ def test_missing_fold_is_one_clear_error(setup, capsys):
     assert "fold_3/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys, "--folds", "0", "3")
     (folder / "fold_0" / "checkpoint_final.pth").rename(folder / "fold_0" / "checkpoint_best.pth")
     assert "no fold_*/checkpoint_final.pth" in _quantize_fails(folder, image, tmp_path, capsys)
-    from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.models.nnunet.model_dir import open_nnunet_model
 
     best = open_nnunet_model(folder, checkpoint="checkpoint_best.pth")  # what --checkpoint checkpoint_best.pth opens
     assert best.folds == ["0"] and len(best.networks) == 1
@@ -171,14 +171,15 @@ def test_engine_with_the_wrong_number_of_classes_is_one_clear_error(setup):
     from PTQLogic.engines.torch_engine import TorchEngine
     from PTQLogic.core.errors import ModelError
     from PTQLogic.io.volumes import read_volume
-    from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
+    from PTQLogic.inference.nnunet.predict import runner_for
+    from PTQLogic.models.nnunet.model_dir import open_nnunet_model
     from PTQLogic.models.nnunet.network import build_network
 
     folder, image, _ = setup
     model = open_nnunet_model(folder)
     wrong = build_network(architecture(), 1, len(LABELS) + 2)
     with pytest.raises(ModelError, match="nnU-Net expects"):
-        model.runner().predict(read_volume(image), [TorchEngine(wrong, "fp32", device="cpu")])
+        runner_for(model).predict(read_volume(image), [TorchEngine(wrong, "fp32", device="cpu")])
 
 
 def test_accuracy_guard_is_refused_for_nnunet_folders(setup, capsys):

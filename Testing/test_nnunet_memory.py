@@ -9,9 +9,10 @@ import pytest
 
 from nnunet_factory import dataset, plans, write_folder, write_image
 from PTQLogic.inference.nnunet.memory import network_grid, prediction_bytes
-from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
+from PTQLogic.inference.nnunet.predict import runner_for
+from PTQLogic.models.nnunet.model_dir import open_nnunet_model
 from PTQLogic.samples.phantom import make_phantom
-from PTQLogic.inference.preprocess import ENGINE_WORKING_BYTES
+from PTQLogic.core.memory import ENGINE_WORKING_BYTES
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent (here pytest, which
 # can be larger than the whole prediction); VmHWM is the peak of this process's own address space
@@ -36,7 +37,7 @@ def test_estimate_covers_a_measured_prediction_without_wasting_gigabytes(tmp_pat
     folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [64, 64, 64]), dataset(classes), folds=tuple(range(folds)))
     volume = make_phantom(1, shape, spacing)[0]
     image = write_image(volume, tmp_path / "ct.nii.gz")
-    runner = open_nnunet_model(folder).runner()
+    runner = runner_for(open_nnunet_model(folder))
     assert network_grid(runner, volume) == grid
     estimate = prediction_bytes(runner, volume, folds=folds)
     done = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(image), str(tmp_path / "out.nii.gz")],

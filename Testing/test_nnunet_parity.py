@@ -15,7 +15,8 @@ import torch
 from nnunet_factory import architecture, dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
 from PTQLogic.engines.torch_engine import TorchEngine
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.inference.nnunet.model_dir import open_nnunet_model
+from PTQLogic.inference.nnunet.predict import runner_for
+from PTQLogic.models.nnunet.model_dir import open_nnunet_model
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.volume import Volume
 
@@ -39,7 +40,7 @@ def ours(folder, image_file, mirroring=False, step=0.5):
     model = open_nnunet_model(folder)
     model.step_size = step
     engines = [TorchEngine(net, "fp32", device="cpu") for net in model.networks]
-    return model.runner().predict(read_volume(image_file), engines, mirroring=mirroring, return_probabilities=True)
+    return runner_for(model).predict(read_volume(image_file), engines, mirroring=mirroring, return_probabilities=True)
 
 
 def assert_same(reference, result):

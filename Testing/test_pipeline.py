@@ -10,7 +10,8 @@ from PTQLogic.app.benchmark import run_benchmark
 from PTQLogic.app.cli import main
 from PTQLogic.core.fileio import sha256_file
 from PTQLogic.io.volumes import read_volume
-from PTQLogic.pipeline import open_model_dir, quantize_model
+from PTQLogic.models.model_folder import open_model_dir
+from PTQLogic.pipeline import quantize_model
 
 from conftest import ROOT
 

@@ -18,8 +18,9 @@ from PTQLogic.core.errors import Cancelled, InputError, ModelError
 from PTQLogic.models.torch_models import load_torch_model
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.core.progress import Monitor
-from PTQLogic.inference.resident import segment_volume_resident, sliding_window_argmax
-from PTQLogic.inference.resident.predictor import QueuedPredictor
+from PTQLogic.inference.predictors import QueuedPredictor
+from PTQLogic.inference.resident import segment_volume_resident
+from PTQLogic.inference.sliding_window import sliding_window_labels
 from PTQLogic.core.spec import load_spec
 from conftest import ROOT
 
@@ -56,10 +57,10 @@ def test_fixed_batch_pads_only_the_last_batch(batch):
         shapes.append(x.shape[0])
         return net(x)
 
-    kwargs = dict(num_classes=4, overlap=0.5, blend_mode="gaussian", batch_size=batch)
+    kwargs = dict(overlap=0.5, mode="gaussian", batch_size=batch, channels_last=False)
     with torch.inference_mode():
-        plain = sliding_window_argmax(image, (16, 16, 16), net, **kwargs)
-        padded = sliding_window_argmax(image, (16, 16, 16), predictor, fixed_batch=True, **kwargs)
+        plain = sliding_window_labels(image, net, (16, 16, 16), 4, **kwargs)
+        padded = sliding_window_labels(image, predictor, (16, 16, 16), 4, fixed_batch=True, **kwargs)
     assert torch.equal(plain, padded) and plain.shape == image.shape[1:]
     windows = 4 * 3 * 2  # 37 -> 4, 29 -> 3, 21 -> 2 windows of 16 at overlap 0.5
     assert windows % batch and set(shapes) == {batch} and len(shapes) == -(-windows // batch)

@@ -264,7 +264,7 @@ endmacro()
     assert {"PTQSegmentation.py", "Resources/UI/PTQSegmentation.ui", "PTQLogic/__init__.py",
             "PTQLogic/slicer/support.py", "PTQLogic/engines/base.py"} <= shipped
     assert all(not s.startswith("..") for s in shipped)
-    assert (build / "PTQSegmentation" / "PTQLogic" / "cli.py").read_bytes() == (ROOT / "PTQLogic" / "cli.py").read_bytes()
+    assert (build / "PTQSegmentation" / "PTQLogic" / "app" / "cli.py").read_bytes() == (ROOT / "PTQLogic" / "app" / "cli.py").read_bytes()
     data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/samples/data"
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(p.name for p in (ROOT / "PTQLogic/samples/data").iterdir())
     assert (build / "tests.txt").read_text().split() == ["PTQSegmentation.py"]

@@ -7,8 +7,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from PTQLogic.core.errors import InputError, ModelError
-from PTQLogic.inference.segmenter import count_windows
-from PTQLogic.inference.sliding_window import sliding_window_labels, window_slices
+from PTQLogic.inference.sliding_window import count_windows, sliding_window_labels, window_slices
 
 
 class _Net(torch.nn.Module):
@@ -193,7 +192,8 @@ def test_labels_past_256_classes_are_int32():
 def test_memory_estimate_counts_the_ring_not_the_whole_grid(monkeypatch):
     """check_memory (run before any engine is built) sizes class scores as the sliding window holds them:
     one window's depth, so a 105-class model on a whole CT is not refused for memory it never uses."""
-    from PTQLogic.inference.preprocess import MEMORY_ENV, check_memory
+    from PTQLogic.core.memory import MEMORY_ENV
+    from PTQLogic.inference.preprocess import check_memory
     from PTQLogic.core.spec import spec_from_dict
     from PTQLogic.core.volume import Volume
 

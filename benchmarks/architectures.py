@@ -33,7 +33,8 @@ from PTQLogic.evaluation.metrics import agreement_dice, mean_dice  # noqa: E402
 from PTQLogic.core.fileio import atomic_write_text  # noqa: E402
 from PTQLogic.inference.segmenter import segment_volume  # noqa: E402
 from PTQLogic.models.torch_models import build_network  # noqa: E402
-from PTQLogic.models.networks import high_precision, quantize_settings_for  # noqa: E402
+from PTQLogic.models.networks import high_precision  # noqa: E402
+from PTQLogic.quantization.quantize import quantize_settings_for  # noqa: E402
 from PTQLogic.models.networks.support import export_and_quantize  # noqa: E402
 from PTQLogic.samples.phantom import make_phantom  # noqa: E402
 from PTQLogic.quantization.quantize import QuantizeSettings  # noqa: E402

@@ -116,7 +116,7 @@ def engine_only(model: Path, configs: list[tuple[int, int]], seconds: float = 5.
     """
     import multiprocessing
 
-    from PTQLogic.pipeline import open_model_dir
+    from PTQLogic.models.model_folder import open_model_dir
 
     spec = open_model_dir(model).spec()
     context = multiprocessing.get_context("spawn")
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from PTQLogic.cohort.cluster import connect
-    from PTQLogic.pipeline import open_model_dir
+    from PTQLogic.models.model_folder import open_model_dir
 
     import ray
 

@@ -107,54 +107,23 @@ def paired_speedups(reference: Timing, other: Timing) -> tuple[float, float]:
 
 def staged_segmentation(input_path: str | Path, spec, engine, batch_size: int, monitor: Monitor,
                         write_to: Path) -> tuple[np.ndarray, dict[str, float]]:
-    """Segment ``input_path`` like :func:`PTQLogic.inference.segmenter.segment_volume`, timing each stage (seconds)."""
+    """Segment ``input_path`` with :func:`PTQLogic.inference.segmenter.segment_volume`, seconds per stage."""
+    from ..inference.preprocess import load_transforms
+    from ..inference.segmenter import segment_volume
     from ..io.volumes import read_volume, write_labelmap
-    from ..inference.segmenter import STAGE, _CountingPredictor, count_windows
-    from ..inference.preprocess import labels_to_input_grid, load_transforms, to_network_space
-    from ..inference.sliding_window import sliding_window_labels
-    from ..core.volume import Volume
 
-    stages: dict[str, float] = {}
     load_transforms()
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
-    t1 = time.perf_counter()
-    if torch.device(engine.device).type == "cuda":  # the product's GPU pipeline, which times its own stages
-        from ..inference.resident import segment_volume_resident
-
-        result = segment_volume_resident(volume, spec, engine, batch_size=batch_size, monitor=monitor)
-        t4 = time.perf_counter()
-        write_labelmap(result.labels, write_to)
-        windows = result.network_seconds
-        return result.labels.array, {
-            "read": t1 - t0, "preprocess": result.stages["preprocess"], "windows": windows,
-            "stitch": max(0.0, result.stages["sliding_window"] - windows),
-            "resample back": result.stages["resample_back"], "write": time.perf_counter() - t4}
-    image, grid = to_network_space(volume, spec)
-    t2 = time.perf_counter()
-    roi_size = tuple(int(s) for s in spec.patch_size)
-    total = count_windows(grid.shape, roi_size, spec.overlap)
-    if hasattr(engine, "prepare"):  # engines compiled per batch shape: compile it outside the timed calls
-        engine.prepare(min(batch_size, total))
-    predictor = _CountingPredictor(engine, spec, total, monitor)
-    monitor.update(STAGE, 0, predictor.total)
-    with torch.inference_mode():
-        labels_ijk = sliding_window_labels(image, predictor, roi_size, spec.num_classes, overlap=spec.overlap,
-                                           mode=spec.blend_mode, batch_size=batch_size,
-                                           fixed_batch=bool(getattr(engine, "fixed_batch", False)))
-        t3 = time.perf_counter()
-        labels_ijk = labels_ijk.numpy().astype(np.uint8 if spec.num_classes <= 256 else np.uint16)
-    labels = Volume(array=labels_to_input_grid(labels_ijk, grid), ijk_to_ras=grid.input_ijk_to_ras.copy())
-    t4 = time.perf_counter()
-    write_labelmap(labels, write_to)
-    t5 = time.perf_counter()
-    stages["read"] = t1 - t0
-    stages["preprocess"] = t2 - t1
-    stages["windows"] = predictor.seconds
-    stages["stitch"] = max(0.0, t3 - t2 - predictor.seconds)  # window extraction, blending, padding, argmax
-    stages["resample back"] = t4 - t3  # back to the input grid
-    stages["write"] = t5 - t4
-    return labels.array, stages
+    read = time.perf_counter() - started
+    result = segment_volume(volume, spec, engine, batch_size=batch_size, monitor=monitor)
+    mark = time.perf_counter()
+    write_labelmap(result.labels, write_to)
+    windows = result.network_seconds
+    return result.labels.array, {
+        "read": read, "preprocess": result.stages["preprocess"], "windows": windows,
+        "stitch": max(0.0, result.stages["sliding_window"] - windows),  # window extraction, blending, argmax
+        "resample back": result.stages["resample_back"], "write": time.perf_counter() - mark}
 
 
 def _error_text(exc: BaseException) -> str:
@@ -186,7 +155,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     from ..evaluation.metrics import check_label_map, label_table_next_to
     from ..io.volumes import read_volume
-    from ..pipeline import open_model_dir
+    from ..models.model_folder import open_model_dir
 
     monitor = monitor or Monitor()
     if repeats < 1 or warmup < 0:
@@ -215,7 +184,7 @@ def run_benchmark(
 def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, precisions, repeats, warmup,
          batch_size, save_labels, monitor) -> dict[str, Any]:
     from ..evaluation.metrics import agreement_dice, compare_label_maps, peak_memory_bytes
-    from ..pipeline import open_engine
+    from ..engines.open import open_engine
     from ..evaluation.report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
     from ..core.sysinfo import system_info
 

@@ -99,7 +99,8 @@ def _guard_text(guard: dict[str, Any] | None) -> str:
 
 def cmd_build(args: argparse.Namespace) -> None:
     precision = _resolve_precision(args)
-    from ..pipeline import open_engine, open_model_dir
+    from ..engines.open import open_engine
+    from ..models.model_folder import open_model_dir
 
     engine, reason = open_engine(open_model_dir(args.model), args.runtime, precision, monitor=_monitor(args))
     data = {**engine.info.to_dict(), "reason": reason}
@@ -179,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    from ..pipeline import open_model_dir
+    from ..models.model_folder import open_model_dir
 
     open_model_dir(args.model)  # a wrong folder fails before the heavy imports
     for what, path in (("Input", args.input), ("Reference", args.reference)):

@@ -177,7 +177,7 @@ def run_cohort(
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
     """
     from ..io.volumes import write_label_tables
-    from ..pipeline import open_model_dir
+    from ..models.model_folder import open_model_dir
 
     monitor = monitor or Monitor()
     if workers < 1 or threads_per_worker < 1 or gpus_per_worker < 0:

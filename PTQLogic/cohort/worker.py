@@ -53,7 +53,9 @@ class VolumeWorker:
         import torch
         from monai.data.utils import compute_importance_map  # noqa: F401 - imported now, not on the first volume
 
-        from ..pipeline import open_engine, open_model_dir
+        from ..engines.open import open_engine
+
+        from ..models.model_folder import open_model_dir
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -78,11 +80,11 @@ class VolumeWorker:
         every later one does."""
         import torch
 
-        from ..io.volumes import _sitk, read_volume, write_labelmap  # noqa: F401
+        from ..io.volumes import sitk_module, read_volume, write_labelmap  # noqa: F401
         from ..inference.segmenter import auto_batch_size
         from ..inference.preprocess import load_transforms
 
-        _sitk()
+        sitk_module()
         load_transforms()
         batch = auto_batch_size(self.engine, self.spec)  # the batch shape segment_volume will use
         self.engine(torch.zeros(batch, self.spec.in_channels, *self.spec.patch_size, device=self.engine.device))

@@ -117,7 +117,7 @@ def _tuple3(value: Any, what: str, cast=float) -> tuple:
     return items
 
 
-def _intensity_steps(raw: Any) -> tuple[dict[str, Any], ...]:
+def intensity_steps(raw: Any) -> tuple[dict[str, Any], ...]:
     if not isinstance(raw, (list, tuple)):
         raise ModelError("Model spec: preprocessing.steps must be a list of {\"transform\": NAME, ...} objects.")
     steps = []
@@ -173,7 +173,7 @@ def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpe
     if len(window) != 2 or window[0] >= window[1]:
         raise ModelError(f"Model spec: preprocessing.ct_window must be [low, high] with low < high, got {window}.")
     spacing = pre.get("spacing")
-    steps = _intensity_steps(pre.get("steps", []))
+    steps = intensity_steps(pre.get("steps", []))
     preprocessing = Preprocessing(
         orientation=pre.get("orientation", "RAS"),
         spacing=None if spacing is None else _tuple3(spacing, "preprocessing.spacing"),

@@ -29,6 +29,7 @@ import torch
 
 from .axis_resample import resample_axis_aligned
 from ..core.errors import InputError
+from ..core.memory import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_bytes
 from ..core.spec import INTENSITY_STEPS, ModelSpec, Preprocessing
 from ..core.volume import Volume
 
@@ -46,22 +47,6 @@ class NetworkGrid:
     input_shape: tuple[int, int, int]  # input Volume's spatial shape, KJI order
 
 
-MEMORY_ENV = "PTQSEG_MAX_MEMORY_GB"  # optional cap on the estimated working memory of one volume
-ENGINE_WORKING_BYTES = 2**29
-
-
-def available_memory_bytes() -> int:
-    """Memory this process may use: $PTQSEG_MAX_MEMORY_GB if set, else what the OS reports as available."""
-    import os
-
-    if os.environ.get(MEMORY_ENV):
-        return int(float(os.environ[MEMORY_ENV]) * 2**30)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return 1 << 62
 
 
 def network_shape(volume: Volume, spec: ModelSpec) -> tuple[int, int, int]:
@@ -232,7 +217,7 @@ def to_network_space(volume: Volume, spec: ModelSpec) -> tuple[torch.Tensor, Net
     return normalize_intensity(image, spec.preprocessing), grid
 
 
-def _axis_aligned(linear: np.ndarray, tol: float = 1e-6) -> bool:
+def axis_aligned(linear: np.ndarray, tol: float = 1e-6) -> bool:
     """True when every input axis maps onto exactly one network axis (scaled permutation, no rotation)."""
     nonzero = np.abs(linear) > tol * np.abs(linear).max()
     return bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
@@ -249,7 +234,7 @@ def labels_to_input_grid(labels_ijk: np.ndarray, grid: NetworkGrid) -> np.ndarra
     # input ijk -> network ijk
     mapping = np.linalg.solve(grid.affine, grid.input_ijk_to_ras)
     size_k, size_j, size_i = grid.input_shape
-    if _axis_aligned(mapping[:3, :3]):
+    if axis_aligned(mapping[:3, :3]):
         return _separable_gather(labels_ijk, mapping, (size_i, size_j, size_k))
     out = np.zeros((size_k, size_j, size_i), dtype=labels_ijk.dtype)
     jj, ii = np.meshgrid(np.arange(size_j, dtype=np.float64), np.arange(size_i, dtype=np.float64), indexing="ij")

@@ -34,7 +34,7 @@ def volume_suffix(path: str | Path) -> str | None:
     return next((s for s in READ_SUFFIXES if name.endswith(s)), None)
 
 
-def _sitk():
+def sitk_module():
     import SimpleITK as sitk
 
     return sitk
@@ -42,11 +42,11 @@ def _sitk():
 
 def dicom_series_ids(folder: str | Path) -> list[str]:
     """Series instance UIDs of the DICOM files directly inside ``folder`` (empty when none)."""
-    return list(_sitk().ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    return list(sitk_module().ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
 def _read_dicom_folder(folder: Path):
-    sitk = _sitk()
+    sitk = sitk_module()
     series = dicom_series_ids(folder)
     if not series:
         raise InputError(f"Folder '{folder}' holds no DICOM series; give a NIfTI/NRRD/MHA file or a DICOM folder.")
@@ -81,7 +81,7 @@ def _to_volume(image, source: str) -> Volume:
     components = image.GetNumberOfComponentsPerPixel()
     if dim == 4 and components > 1:
         raise InputError(f"'{source}' is a 4D vector image (size {size}, {components} components); not supported.")
-    array = _sitk().GetArrayFromImage(image)  # a copy the volume owns
+    array = sitk_module().GetArrayFromImage(image)  # a copy the volume owns
     if dim == 4:  # array is (T, K, J, I)
         if size[3] > MAX_CHANNELS:
             raise InputError(
@@ -100,7 +100,7 @@ def _to_volume(image, source: str) -> Volume:
 
 def read_volume(path: str | Path) -> Volume:
     """Read a NIfTI/NRRD/MetaImage file or a folder with exactly one DICOM series as a :class:`Volume`."""
-    sitk = _sitk()
+    sitk = sitk_module()
     path = Path(path)
     if not path.exists():
         raise InputError(f"Input '{path}' does not exist.")
@@ -145,9 +145,9 @@ MAX_VOLUME_BYTES_ENV = "PTQSEG_MAX_MEMORY_GB"
 
 def _refuse_oversized(path: Path) -> None:
     """Read only the header; refuse a volume whose voxels would not fit in memory, before allocating them."""
-    from ..inference.preprocess import available_memory_bytes
+    from ..core.memory import available_memory_bytes
 
-    reader = _sitk().ImageFileReader()
+    reader = sitk_module().ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -222,7 +222,7 @@ def _label_array(volume: Volume) -> np.ndarray:
 
 def to_sitk_image(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
     """A SimpleITK image (LPS geometry) for a KJI array on ``ijk_to_ras``."""
-    sitk = _sitk()
+    sitk = sitk_module()
     ijk_to_lps = _LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float)
     columns = ijk_to_lps[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
@@ -255,7 +255,7 @@ def write_labelmap(volume: Volume, path: str | Path, classes: Sequence[ClassInfo
     tmp = None
     try:
         with atomic_path(path) as tmp:
-            _sitk().WriteImage(image, str(tmp), True)
+            sitk_module().WriteImage(image, str(tmp), True)
             _verify_written(tmp, image)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1]
@@ -266,7 +266,7 @@ def write_labelmap(volume: Volume, path: str | Path, classes: Sequence[ClassInfo
 
 def _verify_written(tmp: Path, image) -> None:
     """ITK does not notice every failed write (a full disk can leave a cut-off .nii.gz): read it back."""
-    sitk = _sitk()
+    sitk = sitk_module()
     try:
         back = sitk.ReadImage(str(tmp))
         same = back.GetSize() == image.GetSize() and np.array_equal(

@@ -72,7 +72,7 @@ def _json(path: Path) -> dict:
 
 
 def _nnunet_folder(path: Path) -> ModelSource | None:
-    from ..inference.nnunet.model_dir import is_nnunet_model_dir
+    from .nnunet.model_dir import is_nnunet_model_dir
     from .sources.nnunet import NnUNetSource
 
     if is_nnunet_model_dir(path) and (path / "spec.json").is_file():

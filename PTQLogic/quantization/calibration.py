@@ -28,6 +28,7 @@ import torch
 
 from ..core.errors import InputError, InputWarning
 from ..io.volumes import dicom_series_ids, read_volume, volume_suffix
+from ..inference.input_checks import intensity_mismatch, looks_like_label_map, sample_values
 from ..inference.preprocess import normalize_intensity, resample_to_network
 from ..core.progress import Monitor
 from ..core.spec import ModelSpec
@@ -37,9 +38,6 @@ CT_BODY_HU = -500.0
 OTHER_BODY_PERCENTILE = 10.0
 STAGE = "calibration patches"
 # Input checks: a label map has few distinct whole values; a CT in Hounsfield units has air (about -1000 HU).
-MAX_LABEL_VALUES = 256
-CT_AIR_HU = -200.0  # the darkest 1 % of a CT lies below this (air, lungs, bowel gas); MR/PET never do
-CHECK_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def _random_mask_voxel(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.asarray(np.unravel_index(flat[rng.integers(flat.size)], mask.shape))
 
 
-def _patches_from_volume(image, mask, patch, count, settings, rng, on_patch) -> list[np.ndarray]:
+def patches_from_volume(image, mask, patch, count, settings, rng, on_patch) -> list[np.ndarray]:
     image, mask = _pad_to_patch(image, mask, patch)
     shape = np.asarray(image.shape[1:])
     half = np.asarray(patch) // 2
@@ -134,7 +132,7 @@ def sample_calibration_patches(
         mask = body_mask(raw, spec)
         image = normalize_intensity(raw, spec.preprocessing).numpy()
         rng = np.random.default_rng([settings.seed, index])
-        per_volume[index] = _patches_from_volume(image, mask, spec.patch_size, count, settings, rng, on_patch)
+        per_volume[index] = patches_from_volume(image, mask, spec.patch_size, count, settings, rng, on_patch)
     # restore round-robin order: patch n came from volume n % V
     ordered = [per_volume[n % len(volumes)][n // len(volumes)] for n in range(total)]
     return np.stack(ordered).astype(np.float32, copy=False)
@@ -202,39 +200,16 @@ def load_calibration_volumes(paths: Sequence[str | Path] | str | Path, spec: Mod
     return volumes
 
 
-def _sample(array: np.ndarray) -> np.ndarray:
-    flat = np.asarray(array).reshape(-1)
-    step = max(1, flat.size // CHECK_SAMPLES)
-    return flat[::step]
 
 
-def looks_like_label_map(volume: Volume) -> bool:
-    """Few distinct whole-number values (at most MAX_LABEL_VALUES): a segmentation, not an image."""
-    values = np.unique(_sample(volume.array))
-    return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
 
 
-def intensity_mismatch(volume: Volume, spec: ModelSpec) -> str | None:
-    """Why ``volume`` does not look like what ``spec``'s intensity preprocessing expects, or None.
-
-    A model with a CT window expects Hounsfield units, where the darkest voxels are air (~ -1000 HU);
-    an MR (or a CT stored without its rescale slope/intercept) has none below ``CT_AIR_HU``.
-    """
-    if spec.preprocessing.intensity != "ct":
-        return None
-    first = _sample(volume.array[0] if volume.array.ndim == 4 else volume.array)
-    low = float(np.percentile(first, 1))
-    if low > CT_AIR_HU:
-        return (f"its darkest 1 % of voxels are at {low:.0f} or above, but model '{spec.name}' windows CT in "
-                f"Hounsfield units (air is about -1000 HU): this looks like an MR or a CT without HU rescaling, "
-                "and the result will likely be wrong")
-    return None
 
 
 def check_calibration_volume(volume: Volume, spec: ModelSpec, name: str) -> None:
     """Refuse a label map as calibration input; warn (:class:`InputWarning`) about an image unlike the model's."""
     if looks_like_label_map(volume):
-        count = np.unique(_sample(volume.array)).size
+        count = np.unique(sample_values(volume.array)).size
         raise InputError(
             f"Calibration input '{name}' looks like a label map ({count} distinct whole values), not an image; "
             "calibration needs unlabeled images like those you will segment. Remove it from --calibration."
@@ -244,9 +219,3 @@ def check_calibration_volume(volume: Volume, spec: ModelSpec, name: str) -> None
         warnings.warn(f"calibration input '{name}': {reason}; calibrate with images like those you will segment.",
                       InputWarning, stacklevel=2)
 
-
-def warn_intensity_mismatch(volume: Volume, spec: ModelSpec, name: str | Path) -> None:
-    """Warn (:class:`InputWarning`) when a volume to segment does not look like the model's input modality."""
-    reason = intensity_mismatch(volume, spec)
-    if reason:
-        warnings.warn(f"input '{name}': {reason}.", InputWarning, stacklevel=2)

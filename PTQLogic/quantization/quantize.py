@@ -276,3 +276,15 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
     return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
                           seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
                           qdq=qdq, log_path=log_path)
+
+
+def quantize_settings_for(architecture: str, method: str = "max", exclude_nodes=(), exclude_op_types=()):
+    """QuantizeSettings with ``architecture``'s exclusions added to the caller's."""
+    from ...quantization.quantize import QuantizeSettings
+
+    from ..models.networks import high_precision
+
+    rule = high_precision(architecture)
+    return QuantizeSettings(method=method,
+                            exclude_nodes=tuple(dict.fromkeys((*rule.exclude_nodes, *exclude_nodes))),
+                            exclude_op_types=tuple(dict.fromkeys((*rule.exclude_op_types, *exclude_op_types))))

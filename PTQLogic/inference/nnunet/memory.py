@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ...core.errors import InputError
-from ..preprocess import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_bytes
+from ...core.memory import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_bytes
 from ...core.volume import Volume
 
 

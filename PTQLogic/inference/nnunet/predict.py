@@ -23,6 +23,7 @@ from ...engines.base import Engine
 from ...core.errors import InputError, ModelError, PTQError
 from ...core.progress import Monitor
 from ...core.volume import Volume
+from ...models.nnunet.model_dir import NnUNetModel
 
 STAGE = "nnU-Net sliding window"
 
@@ -229,6 +230,11 @@ class NnUNetRunner:
 
 
 @torch.inference_mode()
+def runner_for(model: NnUNetModel) -> NnUNetRunner:
+    """nnU-Net's preprocessing, sliding window and export for ``model``'s plans and configuration."""
+    return NnUNetRunner(model.plans, model.dataset, model.configuration, model.mirror_axes, model.step_size)
+
+
 def _predict_logits(predictor, network: _EngineNetwork, engines: Sequence[Engine], data: torch.Tensor) -> torch.Tensor:
     """``nnUNetPredictor.predict_logits_from_preprocessed_data`` with one engine per fold instead of weights."""
     from nnunetv2.configuration import default_num_processes

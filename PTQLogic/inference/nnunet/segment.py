@@ -22,7 +22,10 @@ from ...core.progress import Monitor
 from ...core.spec import DEFAULT_COLORS, ClassInfo
 from ...core.volume import Volume
 from ...models.nnunet.folder import is_nnunet_folder
-from .model_dir import NnUNetModel, is_nnunet_model_dir, open_engines, open_nnunet_model
+from ...models.nnunet.model_dir import NnUNetModel, is_nnunet_model_dir, open_nnunet_model
+from ..interface import ModelArg, SegmentOptions
+from ..results import SegmentOutcome
+from .engines import open_engines
 
 
 def is_parts_file(path: str | Path) -> bool:
@@ -130,6 +133,8 @@ class _Run:
 
 
 def _run_all(models, volume, runtime, precision, device, mirroring, monitor) -> _Run:
+    from .predict import runner_for  # torch: only once a run starts
+
     run = _Run()
     for model in models:
         started = time.perf_counter()
@@ -137,7 +142,7 @@ def _run_all(models, volume, runtime, precision, device, mirroring, monitor) -> 
         run.build_seconds += time.perf_counter() - started
         run.info, run.reason = engines[0].info, why or run.reason
         run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
-        result = model.runner().predict(volume, engines, mirroring=mirroring, monitor=monitor)
+        result = runner_for(model).predict(volume, engines, mirroring=mirroring, monitor=monitor)
         run.parts.append(result.labels)
         run.seconds += result.seconds
         run.network_seconds += result.network_seconds
@@ -160,8 +165,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     from ...evaluation.metrics import agreement_dice, dice_per_class, warn_foreign_reference
     from ...io.volumes import read_volume, write_label_tables, write_labelmap
     from ...core.fileio import check_output_path
-    from ...pipeline import SegmentOutcome
     from .memory import check_nnunet_memory
+    from .predict import runner_for
 
     monitor = monitor or Monitor()
     paths, labels = expand_models(models)
@@ -177,7 +182,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
         warn_foreign_reference(ref_volume.array, len(classes), reference)
-    check_nnunet_memory([m.runner() for m in opened], volume, [len(m.folds) for m in opened],
+    check_nnunet_memory([runner_for(m) for m in opened], volume, [len(m.folds) for m in opened],
                         f"input volume '{input_path}'")  # before any engine is built
     run = _run_all(opened, volume, runtime, precision, device, mirroring, monitor)
     merged = _merge(run.parts, lookups, len(classes))
@@ -197,3 +202,26 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                           agreement_dice=agreement, reference_dice=reference_dice,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
                           fp32_network_seconds=None if fp32 is None else fp32.network_seconds)
+
+
+class NnUNetKind:
+    """nnU-Net models: a quantized nnU-Net folder, an original results folder, several parts, or a parts file."""
+
+    def can_open(self, model: ModelArg) -> bool:
+        return is_nnunet_target(model)
+
+    def open(self, model: ModelArg, options: SegmentOptions) -> "NnUNetSegmenter":
+        if options.torch_compile is not None:
+            raise InputError("--torch-compile is not available for nnU-Net models (they run nnU-Net's own "
+                             "predictor); leave it out.")
+        return NnUNetSegmenter(model)
+
+
+class NnUNetSegmenter:
+    def __init__(self, models: ModelArg):
+        self.models = models
+
+    def segment(self, input_path, output, options: SegmentOptions, monitor: Monitor) -> SegmentOutcome:
+        return segment_nnunet(self.models, input_path, output, runtime=options.runtime, precision=options.precision,
+                              compare=options.compare, reference=options.reference, device=options.device,
+                              mirroring=options.mirroring, step_size=options.step_size, monitor=monitor)

@@ -2,8 +2,9 @@
 
 Preprocessing (orientation, spacing, intensity), windows, blending and the way back to the input
 grid all run in torch on ``engine.device``; only the stored voxels go up and the uint8 labels come
-back. Blending keeps one slab of weighted logits (:mod:`.sliding`), so memory does not grow with
-classes x volume. On a CPU device the same code runs, which is how it is tested against the CPU path.
+back. Blending is :func:`..sliding_window.sliding_window_labels`, the CPU path's own loop, with its ring
+channels-first on the device, so memory does not grow with classes x volume. On a CPU device the same code
+runs, which is how it is tested against the CPU path.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from ..preprocess import load_transforms
 from ...core.progress import Monitor
 from ...core.spec import ModelSpec
 from ...core.volume import Volume
+from ..predictors import STAGE, QueuedPredictor
+from ..results import SegmentationResult
+from ..sliding_window import count_windows, sliding_window_labels
 from .geometry import labels_to_input_grid_on, to_network_space_on
-from .predictor import STAGE, QueuedPredictor
-from .sliding import sliding_window_argmax
 
-__all__ = ["blending_dtype", "segment_volume_resident", "labels_to_input_grid_on", "to_network_space_on", "sliding_window_argmax"]
+__all__ = ["blending_dtype", "segment_volume_resident", "labels_to_input_grid_on", "to_network_space_on"]
 
 
 def _sync(device: torch.device) -> None:
@@ -53,8 +55,6 @@ def segment_volume_resident(
 
     ``accumulate``: blending precision; by default chosen by :func:`blending_dtype`.
     """
-    from ..segmenter import SegmentationResult, count_windows
-
     monitor = monitor or Monitor()
     if batch_size < 1:
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
@@ -74,10 +74,10 @@ def segment_volume_resident(
         predictor = QueuedPredictor(engine, spec, total, monitor)
         monitor.update(STAGE, 0, total)
         mark = time.perf_counter()
-        labels_ijk = sliding_window_argmax(
-            image, roi, predictor, num_classes=spec.num_classes, overlap=spec.overlap,
-            blend_mode=spec.blend_mode, batch_size=batch_size, accumulate=accumulate,
-            fixed_batch=bool(getattr(engine, "fixed_batch", False)),
+        labels_ijk = sliding_window_labels(
+            image, predictor, roi, spec.num_classes, overlap=spec.overlap, mode=spec.blend_mode,
+            batch_size=batch_size, fixed_batch=bool(getattr(engine, "fixed_batch", False)),
+            accumulate=accumulate, channels_last=False,
         )
         del image
         network_seconds = predictor.finish()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...core.errors import InputError
-from ..preprocess import (NetworkGrid, _axis_aligned, axis_gather_indices, labels_to_input_grid, normalize_intensity,
+from ..preprocess import (NetworkGrid, axis_aligned, axis_gather_indices, labels_to_input_grid, normalize_intensity,
                           orient_and_resample)
 from ...core.spec import ModelSpec
 from ...core.volume import Volume
@@ -48,7 +48,7 @@ def labels_to_input_grid_on(labels_ijk: torch.Tensor, grid: NetworkGrid) -> np.n
     if tuple(labels_ijk.shape) != tuple(grid.shape):
         raise InputError(f"Labels have shape {tuple(labels_ijk.shape)}; the network grid is {grid.shape}.")
     mapping = np.linalg.solve(grid.affine, grid.input_ijk_to_ras)
-    if not _axis_aligned(mapping[:3, :3]):
+    if not axis_aligned(mapping[:3, :3]):
         return labels_to_input_grid(labels_ijk.cpu().numpy(), grid)
     device = labels_ijk.device
     axes, indices, inside_axis = axis_gather_indices(mapping, tuple(grid.input_shape)[::-1], tuple(labels_ijk.shape))

@@ -1,5 +1,5 @@
 """Networks that no installable package provides, nnU-Net's built from JSON, and per-architecture
-INT8 settings: which parts stay in high precision (FP32) and why.
+INT8 needs: which parts stay in high precision (FP32) and why (``quantization.quantize.quantize_settings_for`` applies them).
 
 Every module here is imported lazily through :data:`PTQLogic.models.torch_models.ARCHITECTURES`.
 """
@@ -41,13 +41,3 @@ HIGH_PRECISION: dict[str, HighPrecision] = {
 
 def high_precision(architecture: str) -> HighPrecision:
     return HIGH_PRECISION.get(architecture, HighPrecision())
-
-
-def quantize_settings_for(architecture: str, method: str = "max", exclude_nodes=(), exclude_op_types=()):
-    """QuantizeSettings with ``architecture``'s exclusions added to the caller's."""
-    from ...quantization.quantize import QuantizeSettings
-
-    rule = high_precision(architecture)
-    return QuantizeSettings(method=method,
-                            exclude_nodes=tuple(dict.fromkeys((*rule.exclude_nodes, *exclude_nodes))),
-                            exclude_op_types=tuple(dict.fromkeys((*rule.exclude_op_types, *exclude_op_types))))

@@ -15,6 +15,7 @@ from ...core.errors import InputError, ModelError
 
 DATASET_JSON = "dataset.json"
 PLANS_JSON = "plans.json"
+MODEL_DIR_MARKER = "nnunet_model.json"  # marks a quantized nnU-Net model folder (quantization.nnunet writes it)
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
                   "RGBTo01Normalization")

@@ -145,9 +145,9 @@ def map_preprocessing(config: BundleConfig, id_: str = "preprocessing") -> tuple
 def _with_steps(prep: Preprocessing, steps: list[dict]) -> Preprocessing:
     from dataclasses import replace
 
-    from ...core.spec import _intensity_steps
+    from ...core.spec import intensity_steps
 
-    return replace(prep, steps=_intensity_steps(steps))
+    return replace(prep, steps=intensity_steps(steps))
 
 
 def _as_mode(prep: Preprocessing, step: dict) -> Preprocessing | None:

@@ -14,7 +14,6 @@ from ...core.errors import ModelError
 from ...core.spec import DEFAULT_COLORS, ClassInfo, ModelSpec, Preprocessing
 from .base import LoadedModel
 
-MODEL_DIR_MARKER = "nnunet_model.json"  # written by PTQLogic.inference.nnunet.model_dir into quantized folders
 
 
 def spec_for(folder) -> ModelSpec:
@@ -39,7 +38,7 @@ class NnUNetSource:
     kind = "nnunet"
 
     def can_open(self, path: Path) -> bool:
-        from ..nnunet.folder import is_nnunet_folder
+        from ..nnunet.folder import MODEL_DIR_MARKER, is_nnunet_folder
 
         path = Path(path)
         return is_nnunet_folder(path) and not (path / MODEL_DIR_MARKER).is_file() and any(path.glob("fold_*"))

@@ -1,6 +1,6 @@
-"""Quantize an nnU-Net results folder into a model folder, and open either kind for segmentation.
+"""Quantize an nnU-Net results folder into a quantized nnU-Net model folder.
 
-Model folder layout (``ptqseg quantize`` output for an nnU-Net source)::
+Layout (``ptqseg quantize`` output for an nnU-Net source)::
 
     nnunet_model.json      marker + what segment needs: configuration, folds, mirror axes, step size
     spec.json              classes, patch size, channels (for the UI and label tables)
@@ -16,131 +16,31 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ...core.errors import InputError, ModelError
-from ...core.fileio import staging_dir
-from ...pipeline import QuantizeResult
-from ...core.progress import Monitor
-from ...models.sources.nnunet import MODEL_DIR_MARKER
-from ...core.spec import ModelSpec, load_spec
-from ...models.nnunet.folder import DATASET_JSON, PLANS_JSON
-
-FORMAT_VERSION = 1
-
-
-def is_nnunet_model_dir(path: str | Path) -> bool:
-    return (Path(path) / MODEL_DIR_MARKER).is_file()
-
-
-@dataclass
-class NnUNetModel:
-    """An nnU-Net model ready to run: a quantized model folder or an original results folder."""
-
-    root: Path
-    spec: ModelSpec
-    plans: dict[str, Any]
-    dataset: dict[str, Any]
-    configuration: str
-    folds: list[str]
-    mirror_axes: list[int] | None
-    step_size: float
-    quantized: bool
-    networks: list[Any] | None = None  # original folders: the PyTorch networks (torch runtime only)
-
-    def runner(self):
-        from .predict import NnUNetRunner
-
-        return NnUNetRunner(self.plans, self.dataset, self.configuration, self.mirror_axes, self.step_size)
-
-    def fold_dir(self, fold: str) -> Path:
-        return self.root / f"fold_{fold}"
-
-    def describe(self) -> str:
-        names = self.spec.class_names[1:]
-        kind = "quantized nnU-Net model" if self.quantized else "nnU-Net results folder"
-        return f"{kind} '{self.spec.name}', {len(names)} classes, folds {', '.join(self.folds)}"
-
-
-def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
-                      checkpoint: str = "checkpoint_final.pth") -> NnUNetModel:
-    """A quantized nnU-Net model folder, or an original results folder (loaded for the torch runtime)."""
-    from ...models.sources.nnunet import NnUNetSource
-    from ...models.nnunet.folder import class_names, validate_plans
-
-    root = Path(path)
-    if is_nnunet_model_dir(root):
-        try:
-            meta = json.loads((root / MODEL_DIR_MARKER).read_text(encoding="utf-8"))
-            plans = json.loads((root / PLANS_JSON).read_text(encoding="utf-8"))
-            dataset = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({exc}); quantize it again.") from None
-        class_names(dataset)
-        validate_plans(plans, meta["configuration"], dataset)
-        chosen = [str(f) for f in folds] if folds else list(meta["folds"])
-        missing = [f for f in chosen if f not in meta["folds"] or not (root / f"fold_{f}" / "fp32.onnx").is_file()]
-        if missing:
-            raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {missing} (it has {meta['folds']}).")
-        return NnUNetModel(root, load_spec(root / "spec.json"), plans, dataset, meta["configuration"], chosen,
-                           meta.get("mirror_axes"), float(meta.get("step_size", 0.5)), quantized=True)
-    loaded = NnUNetSource().load(root, folds=list(folds) if folds else None, checkpoint=checkpoint)
-    details = loaded.details
-    return NnUNetModel(root, loaded.spec, details["plans"], details["dataset"], details["configuration"],
-                       details["folds"], details["mirror_axes"], 0.5, quantized=False, networks=loaded.networks)
-
-
-def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: str | None = None,
-                 monitor: Monitor | None = None) -> tuple[list[Any], str]:
-    """One engine per fold (same runtime and precision for all)."""
-    from ...engines import choose_runtime, create_engine
-    from ...engines.torch_engine import TorchEngine
-    from ...models.nnunet.network import build_network, load_weights
-
-    reason = ""
-    if not model.quantized:
-        if runtime not in ("auto", "torch") or precision != "fp32":
-            raise InputError(f"'{model.root}' is an original nnU-Net folder: it runs only with --runtime torch "
-                             "--precision fp32. Quantize it first (ptqseg quantize --model FOLDER ...) for other runtimes.")
-        return [TorchEngine(net, "fp32", device=device or "cpu") for net in model.networks], \
-            "PyTorch FP32: the original nnU-Net weights"
-    if runtime == "auto":
-        runtime, reason = choose_runtime(precision)
-    engines = []
-    for fold in model.folds:
-        folder = model.fold_dir(fold)
-        torch_model = None
-        if runtime == "torch":
-            import torch
-
-            torch_model = build_network(_architecture(model), model.spec.in_channels, model.spec.num_classes)
-            state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-            load_weights(torch_model, state, str(folder / "weights.pt"))
-        engines.append(create_engine(
-            runtime, precision, fp32_onnx=folder / "fp32.onnx",
-            int8_onnx=(folder / "int8.onnx") if (folder / "int8.onnx").is_file() else None,
-            torch_model=torch_model, weights_path=(folder / "weights.pt") if runtime == "torch" else None,
-            cache_dir=model.root / "engines" / f"fold_{fold}", device=device, monitor=monitor or Monitor()))
-    return engines, reason
-
-
-def _architecture(model: NnUNetModel) -> dict[str, Any]:
-    from ...models.nnunet.folder import resolve_configuration
-
-    return resolve_configuration(model.plans, model.configuration)["architecture"]
+from ..core.errors import InputError
+from ..core.fileio import publish_dir, staging_dir
+from ..core.progress import Monitor
+from .interface import Calibration, QuantizeOptions
+from ..models.model_folder import check_out_dir
+from ..models.nnunet.folder import DATASET_JSON, PLANS_JSON, is_nnunet_folder
+from ..models.nnunet.model_dir import (FORMAT_VERSION, MODEL_DIR_MARKER, NnUNetModel, is_nnunet_model_dir,
+                                       open_nnunet_model)
+from .result import QuantizeResult
 
 
 def calibration_patches(model: NnUNetModel, volumes: Sequence[Any], num_patches: int, seed: int,
                         monitor: Monitor) -> np.ndarray:
     """Patches of nnU-Net-preprocessed calibration volumes (the same sampler as spec models)."""
-    from ...quantization.calibration import CT_BODY_HU, OTHER_BODY_PERCENTILE, CalibrationSettings, _patches_from_volume
+    from ..inference.nnunet.predict import runner_for
+    from .calibration import CT_BODY_HU, OTHER_BODY_PERCENTILE, CalibrationSettings, patches_from_volume
 
     settings = CalibrationSettings(num_patches=num_patches, seed=seed)
-    runner = model.runner()
+    runner = runner_for(model)
     scheme = runner.config.normalization_schemes[0]
     stats = model.plans["foreground_intensity_properties_per_channel"].get("0", {})
     counts = [len(range(v, num_patches, len(volumes))) for v in range(len(volumes))]
@@ -162,14 +62,12 @@ def calibration_patches(model: NnUNetModel, volumes: Sequence[Any], num_patches:
             mask = data[0] > np.percentile(data[0], OTHER_BODY_PERCENTILE)
         mask = mask if mask.any() else np.ones_like(mask, dtype=bool)
         rng = np.random.default_rng([seed, index])
-        per_volume[index] = _patches_from_volume(data, mask, model.spec.patch_size, count, settings, rng, on_patch)
+        per_volume[index] = patches_from_volume(data, mask, model.spec.patch_size, count, settings, rng, on_patch)
     ordered = [per_volume[n % len(volumes)][n // len(volumes)] for n in range(num_patches)]
     return np.stack(ordered).astype(np.float32, copy=False)
 
 
 def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
-    from ...pipeline import check_out_dir
-
     out = Path(out_dir).resolve()
     if out.is_dir() and is_nnunet_model_dir(out):  # an earlier quantized nnU-Net model may be replaced
         for item in inputs:
@@ -186,10 +84,10 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX."""
     import torch
 
-    from ...quantization.calibration import CalibrationSettings, load_calibration_volumes, validate_settings
-    from ...models.onnx_export import export_onnx
-    from ...core.fileio import publish_dir
-    from ...quantization.quantize import QuantizeSettings, quantize_onnx
+    from ..models.onnx_export import export_onnx
+    from .calibration import CalibrationSettings, load_calibration_volumes, validate_settings
+    from .quantize import QuantizeSettings, quantize_onnx
+
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
@@ -245,3 +143,27 @@ class NnUNetQuantizeResult(QuantizeResult):
         data["int8_onnx"] = [str(self.model_dir / f"fold_{f}" / "int8.onnx") for f in folds]
         data["source"] = "nnunet"
         return data
+
+
+class NnUNetQuantizer:
+    """nnU-Net v2 results folders: nnU-Net's preprocessing for calibration, one ONNX pair per fold."""
+
+    def can_open(self, model: str | Path) -> bool:
+        return is_nnunet_folder(model)
+
+    def quantize(self, model: str | Path, calibration: Calibration, out_dir: str | Path, options: QuantizeOptions,
+                 monitor: Monitor) -> QuantizeResult:
+        from .presets import resolve_placement
+
+        placement, activations, subpixel, why = resolve_placement(**options.requested_placement(), nnunet=True)
+        if placement != "modelopt" or subpixel or activations != "s8":
+            raise InputError("nnU-Net folders are quantized with ModelOpt's Q/DQ placement only; drop --placement, "
+                             "--activations and --subpixel.")
+        if options.guard is not None:
+            raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
+                             "quantize without it and check agreement with `ptqseg segment --compare`.")
+        result = quantize_nnunet(model, calibration, out_dir, num_patches=options.num_patches, seed=options.seed,
+                                 method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
+                                 checkpoint=options.checkpoint, monitor=monitor)
+        return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
+                                          "auto": why})

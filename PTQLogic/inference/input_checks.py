@@ -1,0 +1,51 @@
+"""Does a volume look like what a model expects? Cheap checks on a sample of its voxels."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputWarning
+from ..core.spec import ModelSpec
+from ..core.volume import Volume
+
+MAX_LABEL_VALUES = 256
+CT_AIR_HU = -200.0  # the darkest 1 % of a CT lies below this (air, lungs, bowel gas); MR/PET never do
+CHECK_SAMPLES = 1_000_000
+
+
+def sample_values(array: np.ndarray) -> np.ndarray:
+    flat = np.asarray(array).reshape(-1)
+    step = max(1, flat.size // CHECK_SAMPLES)
+    return flat[::step]
+
+
+def looks_like_label_map(volume: Volume) -> bool:
+    """Few distinct whole-number values (at most MAX_LABEL_VALUES): a segmentation, not an image."""
+    values = np.unique(sample_values(volume.array))
+    return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
+
+
+def intensity_mismatch(volume: Volume, spec: ModelSpec) -> str | None:
+    """Why ``volume`` does not look like what ``spec``'s intensity preprocessing expects, or None.
+
+    A model with a CT window expects Hounsfield units, where the darkest voxels are air (~ -1000 HU);
+    an MR (or a CT stored without its rescale slope/intercept) has none below ``CT_AIR_HU``.
+    """
+    if spec.preprocessing.intensity != "ct":
+        return None
+    first = sample_values(volume.array[0] if volume.array.ndim == 4 else volume.array)
+    low = float(np.percentile(first, 1))
+    if low > CT_AIR_HU:
+        return (f"its darkest 1 % of voxels are at {low:.0f} or above, but model '{spec.name}' windows CT in "
+                f"Hounsfield units (air is about -1000 HU): this looks like an MR or a CT without HU rescaling, "
+                "and the result will likely be wrong")
+    return None
+
+
+def warn_intensity_mismatch(volume: Volume, spec: ModelSpec, name: str | Path) -> None:
+    """Warn (:class:`InputWarning`) when a volume to segment does not look like the model's input modality."""
+    reason = intensity_mismatch(volume, spec)
+    if reason:
+        warnings.warn(f"input '{name}': {reason}.", InputWarning, stacklevel=2)
