@@ -154,3 +154,12 @@ def test_segment_names_no_model_source():
         words |= {node.attr for node in ast.walk(func) if isinstance(node, ast.Attribute)}
         words |= {alias.name for node in ast.walk(func) if isinstance(node, ast.ImportFrom) for alias in node.names}
         assert not {w for w in words if any(s in w.lower() for s in ("nnunet", "bundle"))}, func.name
+
+
+def test_architecture_page_lists_the_layers_in_order():
+    import re
+
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| (.+?) \|", page, flags=re.M)
+    documented = [tuple(re.findall(r"`([\w.]+?)(?:/|\.py)?`", names)) for _, names in rows]
+    assert documented == [names for names in LAYERS if names != ("__main__",)]

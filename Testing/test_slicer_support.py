@@ -440,7 +440,7 @@ def test_info_command_reports_the_auto_runtime_choice():
 def test_sample_models_are_the_shipped_specs_only():
     from PTQLogic.core.spec import load_spec
 
-    data = Path(ss.__file__).parent / "data"
+    data = Path(ss.__file__).parents[1] / "samples" / "data"
     found = ss.sample_models(data)
     names = [p.name for p in found]
     assert "phantom_unet.json" in names and "phantom_segresnet.json" in names and "ct_unet.json" in names

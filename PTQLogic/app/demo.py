@@ -17,7 +17,7 @@ from ..core.errors import InputError
 from ..core.fileio import publish_dir, staging_dir
 from ..core.progress import Monitor
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "samples" / "data"
 SAMPLE_MODELS = {"unet": "phantom_unet.json", "segresnet": "phantom_segresnet.json"}
 CALIBRATION_SEED, TEST_SEED = 100, 1000
 MARKER = "demo.json"  # written last: a folder holding it is an earlier demo's and may be replaced
