@@ -1,15 +1,6 @@
 """A quantized nnU-Net model folder or an original results folder, opened as one :class:`NnUNetModel`.
 
-Model folder layout (``ptqseg quantize`` output for an nnU-Net source)::
-
-    nnunet_model.json      marker + what segment needs: configuration, folds, mirror axes, step size
-    spec.json              classes, patch size, channels (for the UI and label tables)
-    dataset.json plans.json  copies of the originals (preprocessing is read from them)
-    fold_<k>/fp32.onnx     verified against PyTorch
-    fold_<k>/int8.onnx     ModelOpt Q/DQ, calibrated on nnU-Net-preprocessed patches
-    fold_<k>/weights.pt    the fold's state_dict (the "torch" runtime)
-    quantization.json      per-fold quantization reports
-    engines/fold_<k>/      engine caches
+The quantized folder's layout is in :mod:`PTQLogic.quantization.nnunet`, which writes it.
 """
 from __future__ import annotations
 
