@@ -253,11 +253,14 @@ def _tensorrt_options(args: argparse.Namespace):
     return use_build_options(TensorRTBuildOptions(optimization_level=level, timing_cache=args.trt_timing_cache))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line in one place; add a command with ``add(name, function, help)``."""
-    formatter = HelpFormatter
-    parser = Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: {DEFAULT_PRECISION}; "
+                  "fp32 with --runtime torch)")
+RUNTIME_HELP = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
+MODEL_FOLDER_HELP = "model folder from `ptqseg quantize`"
+
+
+def _common_options() -> Parser:
+    """Options every command takes (output format, progress, debugging, engine cache, OpenVINO float)."""
     common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object (also for errors) instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
@@ -267,17 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OpenVINO INT8 engines: precision of the layers the INT8 graph leaves in floating point "
                              "(default f32, or $PTQSEG_CPU_FLOAT); bf16 can be faster on AMX CPUs, depending on the "
                              "network (f32 where the CPU lacks bf16; check with segment --compare); FP32 engines stay f32")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
-    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=formatter)
-        cmd.set_defaults(func=func)
-        return cmd
 
-    precision_help = (f"engine precision ({NO_GPU_NOTE}) (default: {DEFAULT_PRECISION}; "
-                      "fp32 with --runtime torch)")
-    runtime_help = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
-    q = add("quantize", cmd_quantize, "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes")
+def _add_engine_options(cmd: argparse.ArgumentParser, precision_default: str | None = None) -> None:
+    """--runtime and --precision of the commands that open one engine."""
+    cmd.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
+    cmd.add_argument("--precision", choices=PRECISIONS, default=precision_default, help=PRECISION_HELP)
+
+
+def _add_quantize_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True,
                    help="model spec (.json/.yaml), a model file with a spec beside it, a MONAI bundle folder "
                         "or an nnU-Net v2 results folder")
@@ -289,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range calibration (entropy: for outlier-heavy activations)")
     q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
+    _add_placement_options(q)
+    q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
+    q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
+                   default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
+    _add_guard_options(q)
+
+
+def _add_placement_options(q: argparse.ArgumentParser) -> None:
+    """quantize: where the Q/DQ nodes go (--placement, --activations, --subpixel)."""
     q.add_argument("--placement", choices=["auto", "modelopt", "cpu"], default=None,
                    help="Q/DQ placement: 'auto' (default; the one for the INT8 runtime `segment --runtime auto` picks "
                         "here: ModelOpt's for TensorRT, 'cpu' for OpenVINO, 'cpu' with u8 and --subpixel for ONNX "
@@ -303,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--subpixel", action="store_true",
                    help="'cpu' placement for ONNX Runtime: ConvTranspose rewritten exactly as Conv + pixel shuffle "
                         "(ONNX Runtime's 3D ConvTranspose is slow and float-only; slower on OpenVINO)")
-    q.add_argument("--folds", nargs="+", help="nnU-Net folds to quantize (default: all present)")
-    q.add_argument("--checkpoint", choices=["checkpoint_final.pth", "checkpoint_best.pth"],
-                   default="checkpoint_final.pth", help="nnU-Net checkpoint of each fold")
+
+
+def _add_guard_options(q: argparse.ArgumentParser) -> None:
+    """quantize: the accuracy guard (layers kept in FP32 until INT8 agrees with FP32 well enough)."""
     q.add_argument("--min-agreement", type=float, help="accuracy guard: least INT8-vs-FP32 Dice on held-out data; "
                    "the most sensitive layers stay FP32 until it holds")
     q.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
@@ -314,18 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime whose INT8 result the guard checks (default: the one segment would pick)")
     q.add_argument("--max-kept-layers", type=int_at_least(1), default=8, help="accuracy guard: most layers kept in FP32")
 
-    b = add("build", cmd_build, "build (or load from cache) one engine of a model folder")
-    b.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
-    b.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
-    b.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
 
-    s = add("segment", cmd_segment, "segment a volume and write a label map on its grid")
+def _add_build_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--model", required=True, help=MODEL_FOLDER_HELP)
+    _add_engine_options(b)
+    _add_tensorrt_options(b)
+
+
+def _add_segment_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True, action="append",
                    help="model folder from `ptqseg quantize`; repeat for nnU-Net parts (TotalSegmentator) or give a parts file")
     s.add_argument("--input", required=True, help="NIfTI/NRRD/MHA file or DICOM series folder")
     s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nii/.nrrd/.seg.nrrd)")
-    s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
-    s.add_argument("--precision", choices=PRECISIONS, default=None, help=precision_help)
+    _add_engine_options(s)
     s.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="patches per network call (default: 4 for OpenVINO where their logits fit in 256 MB, else 1)")
     s.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES, default=None,
@@ -338,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
     s.add_argument("--label-map",
                    help="model class=reference label pairs for Dice, e.g. 1=5,2=1 (default: by name, else value)")
+    _add_tensorrt_options(s)
 
-    sb = add("segment-batch", cmd_segment_batch, "segment a cohort of volumes on a Ray cluster (local by default)")
-    sb.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
+
+def _add_segment_batch_options(sb: argparse.ArgumentParser) -> None:
+    sb.add_argument("--model", required=True, help=MODEL_FOLDER_HELP)
     sb.add_argument("--inputs", required=True, nargs="+", help="folder(s), list file(s) (.txt) and/or volume files")
     sb.add_argument("--output-dir", required=True, help="folder for the label maps and manifest.jsonl")
     sb.add_argument("--ray-address", help="existing Ray cluster ('auto' or HOST:PORT); default: start a local one")
@@ -349,12 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 or 0.5")
     sb.add_argument("--no-pin-cpus", action="store_true",
                     help="local cluster: let workers share all CPUs (default: each gets its own --threads-per-worker CPUs)")
-    sb.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
-    sb.add_argument("--precision", choices=PRECISIONS, default="int8", help=precision_help)
+    _add_engine_options(sb, precision_default="int8")
     sb.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES, default=None,
                     help="--runtime torch: compile each worker's network once (10-25 s), faster for every volume after")
 
-    e = add("evaluate", cmd_evaluate, "Dice of a label map against a reference")
+
+def _add_evaluate_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--prediction", required=True, help="label map to score")
     e.add_argument("--reference", required=True, help="reference (ground-truth) label map")
     e.add_argument("--labels", type=int, nargs="*",
@@ -363,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference-labels",
                    help="label table of the reference (JSON/CSV; default: one beside the reference)")
 
-    m = add("benchmark", cmd_benchmark, "paper-style table: size, latency, Dice per runtime and precision")
-    m.add_argument("--model", required=True, help="model folder from `ptqseg quantize`")
+
+def _add_benchmark_options(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--model", required=True, help=MODEL_FOLDER_HELP)
     m.add_argument("--input", required=True, help="volume to segment")
     m.add_argument("--reference", help="reference label map for Dice")
     m.add_argument("--out", required=True, help="folder for the Markdown/CSV/JSON tables and the plot")
@@ -374,16 +390,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int_at_least(1), default=20, help="timed repetitions per engine (FP32 and INT8 interleaved)")
     m.add_argument("--warmup", type=int_at_least(0), default=5, help="untimed calls per engine first")
     m.add_argument("--batch-size", type=int_at_least(1), default=1, help="patches per network call")
+    _add_tensorrt_options(m)
 
-    d = add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table")
+
+def _add_demo_options(d: argparse.ArgumentParser) -> None:
     d.add_argument("--out", default=None,
                    help="working folder (default: 'demo' in the user cache folder, replaced on each run; printed at the end)")
-    d.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=runtime_help)
+    d.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     d.add_argument("--model", default="unet", choices=["unet", "segresnet"], help="shipped sample network")
     d.add_argument("--train", action="store_true", help="train the sample network instead of loading shipped weights")
 
-    for cmd in (b, s, m):
-        _add_tensorrt_options(cmd)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line in one place; add a command with ``add(name, function, help)`` and its options."""
+    formatter = HelpFormatter
+    parser = Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = _common_options()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=formatter)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    _add_quantize_options(add("quantize", cmd_quantize,
+                              "export a model to ONNX and quantize it to INT8 Q/DQ on unlabeled volumes"))
+    _add_build_options(add("build", cmd_build, "build (or load from cache) one engine of a model folder"))
+    _add_segment_options(add("segment", cmd_segment, "segment a volume and write a label map on its grid"))
+    _add_segment_batch_options(add("segment-batch", cmd_segment_batch,
+                                   "segment a cohort of volumes on a Ray cluster (local by default)"))
+    _add_evaluate_options(add("evaluate", cmd_evaluate, "Dice of a label map against a reference"))
+    _add_benchmark_options(add("benchmark", cmd_benchmark,
+                               "paper-style table: size, latency, Dice per runtime and precision"))
+    _add_demo_options(add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table"))
     add("info", cmd_info, "CPU features, GPUs and runtime versions")
     return parser
 

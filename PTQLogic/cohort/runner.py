@@ -154,6 +154,149 @@ def _all_done(items: Sequence[CohortItem], manifest: Manifest, fingerprint: str)
     return True
 
 
+def _check_options(workers: int, threads_per_worker: int, gpus_per_worker: float, runtime: str,
+                   torch_compile: str | None) -> None:
+    if workers < 1 or threads_per_worker < 1 or gpus_per_worker < 0:
+        raise InputError("--workers and --threads-per-worker must be >= 1 and --gpus-per-worker >= 0.")
+    if torch_compile is not None and runtime != "torch":  # before the cluster starts
+        raise InputError(f"--torch-compile is for --runtime torch workers, not '{runtime}'; add --runtime torch "
+                         "or leave --torch-compile out.")
+
+
+def _check_cluster(ray, workers: int, threads_per_worker: int, gpus_per_worker: float) -> None:
+    """Refuse a cluster too small for the workers asked for."""
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if cpus < workers * threads_per_worker:
+        raise InputError(f"{workers} worker(s) x {threads_per_worker} thread(s) need {workers * threads_per_worker} "
+                         f"CPUs but the Ray cluster has {cpus:g}; use fewer workers or threads.")
+    if gpus_per_worker > 0 and available_gpus() < gpus_per_worker:
+        raise EngineUnavailable(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has "
+                                f"{available_gpus():g} GPU(s); use 0 for CPU workers.")
+
+
+class _Dispatch:
+    """One cohort on a started pool: hand volumes to workers, record results, retry what a dead worker held."""
+
+    def __init__(self, ray, items: Sequence[CohortItem], manifest: Manifest, fingerprint: str, precision: str,
+                 monitor: Monitor, on_dispatch: Callable[[Path, int], None] | None):
+        self.ray, self.manifest, self.fingerprint, self.precision = ray, manifest, fingerprint, precision
+        self.monitor, self.on_dispatch = monitor, on_dispatch
+        self.pool: _Pool | None = None
+        self.inflight: dict[Any, tuple[CohortItem, int]] = {}  # task ref -> (volume, actor index)
+        self.queue: deque[CohortItem] = deque(items)
+        self.total = len(items)
+        self.attempts: dict[Path, int] = {}
+        self.hashes: dict[Path, str] = {}
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.errors: dict[str, str] = {}
+        self.pids: list[int] = []
+
+    def run(self) -> None:
+        """Segment the whole queue on ``self.pool``; returns when every volume has its manifest row."""
+        pool = self.pool
+        self.pids = [self.ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
+        self.monitor.update(STAGE, 0, self.total)
+        while self.queue or self.inflight:
+            self.monitor.check()
+            pool.poll_restarts()
+            for index in pool.ready():
+                self._fill(index)
+            if not self.inflight:
+                if self.queue and not pool.ready() and not pool.restarting:
+                    raise EngineUnavailable(f"Every Ray worker died; {len(self.queue)} volume(s) were not segmented. "
+                                            "Rerun the same command to retry them.")
+                if self.queue:
+                    time.sleep(0.1)
+                continue
+            ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self._collect(ref)
+
+    def _fill(self, index: int) -> None:
+        """Give worker ``index`` volumes up to IN_FLIGHT_PER_WORKER; unreadable and already done ones are not sent."""
+        while self.pool.load[index] < IN_FLIGHT_PER_WORKER and self.queue:
+            item = self.queue.popleft()
+            try:
+                data = item.input.read_bytes()
+            except OSError as exc:  # vanished or unreadable since the listing: its row says so
+                self._finish(item, {"input": str(item.input), "output": None, "sha256": None,
+                                    "model": self.fingerprint, "attempts": 0, "status": "error", "runtime": None,
+                                    "precision": self.precision, "seconds": None, "timings": {},
+                                    "error": f"cannot read it: {exc.strerror}"})
+                continue
+            self.hashes[item.input] = hashlib.sha256(data).hexdigest()
+            if item.input not in self.attempts and self.manifest.is_done(item.input, self.hashes[item.input],
+                                                                         self.fingerprint):
+                self.counts["skipped"] += 1
+                self.monitor.update(STAGE, sum(self.counts.values()), self.total)
+                continue
+            self._send(item, data, index)
+
+    def _send(self, item: CohortItem, data: bytes, index: int) -> None:
+        self.attempts[item.input] = self.attempts.get(item.input, 0) + 1
+        ref = self.pool.actors[index].segment.remote(batch_suffix(item.input), data, item.input.name)
+        self.inflight[ref] = (item, index)
+        self.pool.load[index] += 1
+        if self.on_dispatch is not None:
+            self.on_dispatch(item.input, self.pids[index])
+
+    def _collect(self, ref) -> None:
+        """Record one finished task: its label map and row, or a retry when its worker died."""
+        item, index = self.inflight.pop(ref)
+        self.pool.load[index] -= 1
+        base = {"input": str(item.input), "output": None, "sha256": self.hashes[item.input],
+                "model": self.fingerprint, "attempts": self.attempts[item.input]}
+        try:
+            result = self.ray.get(ref)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as exc:
+            self.pool.crashed(index)
+            if self.attempts[item.input] < MAX_ATTEMPTS:
+                self.queue.appendleft(item)  # goes to whichever worker is free next
+            else:
+                self._finish(item, {**base, "status": "error", "runtime": None, "precision": self.precision,
+                                    "seconds": None, "timings": {},
+                                    "error": f"its worker died {MAX_ATTEMPTS} times ({_error_text(exc)})"})
+            return
+        labels = result.pop("labels")
+        if labels is not None:
+            atomic_write_bytes(item.output, labels)
+        timings = result.pop("timings")
+        self._finish(item, {**base, "output": str(item.output) if labels is not None else None,
+                            "status": "done" if labels is not None else "error",
+                            "seconds": sum(v for k, v in timings.items() if k != "network") or None,
+                            "timings": timings, **result})
+
+    def _finish(self, item: CohortItem, row: dict[str, Any]) -> None:
+        self.manifest.record(row)
+        key = "done" if row["status"] == "done" else "failed"
+        self.counts[key] += 1
+        if row["error"]:
+            self.errors[str(item.input)] = row["error"]
+        self.monitor.update(STAGE, sum(self.counts.values()), self.total)
+
+
+def _release(ray, pool: _Pool | None, inflight: dict, clean: bool, started_here: bool,
+             scratch_root: str | None) -> None:
+    """Stop the workers, the local cluster this run started, and remove the workers' scratch folder."""
+    try:
+        _stop(ray, pool, inflight, graceful=clean)
+    finally:
+        if started_here:
+            ray.shutdown()
+        if scratch_root:
+            shutil.rmtree(scratch_root, ignore_errors=True)
+
+
+def _summary(items: Sequence[CohortItem], counts: dict[str, int], errors: dict[str, str], seconds: float,
+             startup: float, workers: int, output_dir: Path, manifest: Manifest) -> CohortSummary:
+    return CohortSummary(
+        total=len(items), done=counts["done"], skipped=counts["skipped"], failed=counts["failed"],
+        seconds=seconds, startup_seconds=startup,
+        volumes_per_second=counts["done"] / (seconds - startup) if seconds > startup else 0.0, workers=workers,
+        output_dir=str(output_dir), manifest=str(manifest.path), errors=errors,
+    )
+
+
 def run_cohort(
     model: str | Path,
     inputs: Sequence[str | Path],
@@ -180,11 +323,7 @@ def run_cohort(
     from ..models.model_folder import open_model_dir
 
     monitor = monitor or Monitor()
-    if workers < 1 or threads_per_worker < 1 or gpus_per_worker < 0:
-        raise InputError("--workers and --threads-per-worker must be >= 1 and --gpus-per-worker >= 0.")
-    if torch_compile is not None and runtime != "torch":  # before the cluster starts
-        raise InputError(f"--torch-compile is for --runtime torch workers, not '{runtime}'; add --runtime torch "
-                         "or leave --torch-compile out.")
+    _check_options(workers, threads_per_worker, gpus_per_worker, runtime, torch_compile)
     model_dir = open_model_dir(model)
     spec = model_dir.spec()
     items = collect_inputs(inputs, output_dir)
@@ -192,115 +331,26 @@ def run_cohort(
     manifest = Manifest(output_dir)
     fingerprint = model_fingerprint(model_dir.root, precision)
     if items and _all_done(items, manifest, fingerprint):  # a finished cohort rerun: no cluster, no workers
-        return CohortSummary(total=len(items), done=0, skipped=len(items), failed=0, seconds=0.0, startup_seconds=0.0,
-                             volumes_per_second=0.0, workers=workers, output_dir=str(output_dir),
-                             manifest=str(manifest.path), errors={})
+        skipped = {"done": 0, "skipped": len(items), "failed": 0}
+        return _summary(items, skipped, {}, 0.0, 0.0, workers, output_dir, manifest)
     ray = import_ray()
     started_here = connect(ray_address, workers * threads_per_worker, None)
     # Workers of a local cluster keep their model copy and volumes here; killed ones cannot clean up.
     scratch_root = tempfile.mkdtemp(prefix="ptqseg-batch-") if local_cluster() else None
-    pool, inflight = None, {}
+    run = _Dispatch(ray, items, manifest, fingerprint, precision, monitor, on_dispatch)
     started = time.perf_counter()
-    startup = 0.0
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    errors: dict[str, str] = {}
     clean = False
     try:
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
-        if cpus < workers * threads_per_worker:
-            raise InputError(f"{workers} worker(s) x {threads_per_worker} thread(s) need {workers * threads_per_worker} "
-                             f"CPUs but the Ray cluster has {cpus:g}; use fewer workers or threads.")
-        if gpus_per_worker > 0 and available_gpus() < gpus_per_worker:
-            raise EngineUnavailable(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has "
-                                    f"{available_gpus():g} GPU(s); use 0 for CPU workers.")
+        _check_cluster(ray, workers, threads_per_worker, gpus_per_worker)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_label_tables(spec.classes, output_dir / "labels.nii.gz")
-        pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime, precision,
-                              monitor, scratch_root, pin=pin_cpus and local_cluster(), torch_compile=torch_compile)
+        run.pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime,
+                                  precision, monitor, scratch_root, pin=pin_cpus and local_cluster(),
+                                  torch_compile=torch_compile)
         startup = time.perf_counter() - started
-        pids = [ray.get(a.pid.options(concurrency_group="control").remote()) for a in pool.actors]
-        queue: deque[CohortItem] = deque(items)
-        attempts: dict[Path, int] = {}
-        hashes: dict[Path, str] = {}
-        total = len(items)
-        monitor.update(STAGE, 0, total)
-
-        def finish(item: CohortItem, row: dict[str, Any]) -> None:
-            manifest.record(row)
-            key = "done" if row["status"] == "done" else "failed"
-            counts[key] += 1
-            if row["error"]:
-                errors[str(item.input)] = row["error"]
-            monitor.update(STAGE, sum(counts.values()), total)
-
-        while queue or inflight:
-            monitor.check()
-            pool.poll_restarts()
-            for index in pool.ready():
-                while pool.load[index] < IN_FLIGHT_PER_WORKER and queue:
-                    item = queue.popleft()
-                    try:
-                        data = item.input.read_bytes()
-                    except OSError as exc:  # vanished or unreadable since the listing: its row says so
-                        finish(item, {"input": str(item.input), "output": None, "sha256": None, "model": fingerprint,
-                                      "attempts": 0, "status": "error", "runtime": None, "precision": precision,
-                                      "seconds": None, "timings": {}, "error": f"cannot read it: {exc.strerror}"})
-                        continue
-                    hashes[item.input] = hashlib.sha256(data).hexdigest()
-                    if item.input not in attempts and manifest.is_done(item.input, hashes[item.input], fingerprint):
-                        counts["skipped"] += 1
-                        monitor.update(STAGE, sum(counts.values()), total)
-                        continue
-                    attempts[item.input] = attempts.get(item.input, 0) + 1
-                    ref = pool.actors[index].segment.remote(batch_suffix(item.input), data, item.input.name)
-                    inflight[ref] = (item, index)
-                    pool.load[index] += 1
-                    if on_dispatch is not None:
-                        on_dispatch(item.input, pids[index])
-            if not inflight:
-                if queue and not pool.ready() and not pool.restarting:
-                    raise EngineUnavailable(f"Every Ray worker died; {len(queue)} volume(s) were not segmented. "
-                                            "Rerun the same command to retry them.")
-                time.sleep(0.1) if queue else None
-                continue
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            for ref in ready:
-                item, index = inflight.pop(ref)
-                pool.load[index] -= 1
-                base = {"input": str(item.input), "output": None, "sha256": hashes[item.input], "model": fingerprint,
-                        "attempts": attempts[item.input]}
-                try:
-                    result = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    pool.crashed(index)
-                    if attempts[item.input] < MAX_ATTEMPTS:
-                        queue.appendleft(item)  # goes to whichever worker is free next
-                    else:
-                        finish(item, {**base, "status": "error", "runtime": None, "precision": precision,
-                                      "seconds": None, "timings": {},
-                                      "error": f"its worker died {MAX_ATTEMPTS} times ({_error_text(exc)})"})
-                    continue
-                labels = result.pop("labels")
-                if labels is not None:
-                    atomic_write_bytes(item.output, labels)
-                timings = result.pop("timings")
-                finish(item, {**base, "output": str(item.output) if labels is not None else None,
-                              "status": "done" if labels is not None else "error",
-                              "seconds": sum(v for k, v in timings.items() if k != "network") or None,
-                              "timings": timings, **result})
+        run.run()
         clean = True
     finally:
-        try:
-            _stop(ray, pool, inflight, graceful=clean)
-        finally:
-            if started_here:
-                ray.shutdown()
-            if scratch_root:
-                shutil.rmtree(scratch_root, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    return CohortSummary(
-        total=len(items), done=counts["done"], skipped=counts["skipped"], failed=counts["failed"],
-        seconds=seconds, startup_seconds=startup,
-        volumes_per_second=counts["done"] / (seconds - startup) if seconds > startup else 0.0, workers=workers,
-        output_dir=str(output_dir), manifest=str(manifest.path), errors=errors,
-    )
+        _release(ray, run.pool, run.inflight, clean, started_here, scratch_root)
+    return _summary(items, run.counts, run.errors, time.perf_counter() - started, startup, workers, output_dir,
+                    manifest)

@@ -52,10 +52,6 @@ class Monitor:
         self.cancel_event.set()
 
 
-def silent() -> Monitor:
-    return Monitor()
-
-
 def progress_line(stage: str, done: int, total: int) -> str:
     """One machine-readable progress line (parsed by :func:`parse_progress_line`)."""
     return PROGRESS_PREFIX + json.dumps({"stage": stage, "done": done, "total": total})

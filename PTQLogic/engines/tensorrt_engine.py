@@ -216,28 +216,62 @@ def build_tensorrt_plan(
     strongly typed TensorRT, see :func:`tensorrt_engine_for`). Defaults come from :func:`use_build_options`.
     """
     monitor = monitor or Monitor()
-    defaults = current_build_options()
-    options = replace(defaults,
-                      optimization_level=defaults.optimization_level if optimization_level is None else optimization_level,
-                      workspace_bytes=defaults.workspace_bytes if workspace_bytes is None else workspace_bytes)
+    options = _options_for_build(workspace_bytes, optimization_level)
     trt = import_tensorrt()
     recipe = build_recipe(trt, precision, options)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    # the parser owns the network's weights: it must outlive the build
+    network, parser = _parse_network(trt, builder, logger, onnx_path, precision, recipe["typing"] == "strong", monitor)
+    config = _builder_config(trt, builder, precision, recipe)
+    config.add_optimization_profile(_optimization_profile(builder, network, min_batch, opt_batch, max_batch))
+    timing_path = _timing_cache_file(timing_cache_path, options)
+    timing_cache = _attach_timing_cache(config, timing_path)  # must outlive the build
+    serialized = _build_serialized(trt, builder, network, config, monitor)
+    if serialized is None:
+        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above).")
+    plan_path = Path(plan_path)
+    atomic_write_bytes(plan_path, bytes(serialized))
+    _save_timing_cache(config, timing_path if timing_cache is not None else None)
+    monitor.update("TensorRT: build", 1, 1)
+    return plan_path
+
+
+def _options_for_build(workspace_bytes: int | None, optimization_level: int | None) -> TensorRTBuildOptions:
+    """The current build options (:func:`use_build_options`) with the arguments given explicitly."""
+    defaults = current_build_options()
+    return replace(defaults,
+                   optimization_level=defaults.optimization_level if optimization_level is None else optimization_level,
+                   workspace_bytes=defaults.workspace_bytes if workspace_bytes is None else workspace_bytes)
+
+
+def _network_flags(trt) -> int:
+    """STRONGLY_TYPED where TensorRT has it (10.x opt-in, 11.x), else EXPLICIT_BATCH (8.x)."""
     creation_flags = trt.NetworkDefinitionCreationFlag
-    strong = recipe["typing"] == "strong"
     if hasattr(creation_flags, "STRONGLY_TYPED"):
-        flags = 1 << int(creation_flags.STRONGLY_TYPED)
-    elif hasattr(creation_flags, "EXPLICIT_BATCH"):
-        flags = 1 << int(creation_flags.EXPLICIT_BATCH)
-    else:
-        flags = 0
-    network = builder.create_network(flags)
+        return 1 << int(creation_flags.STRONGLY_TYPED)
+    if hasattr(creation_flags, "EXPLICIT_BATCH"):
+        return 1 << int(creation_flags.EXPLICIT_BATCH)
+    return 0
+
+
+def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, strong: bool, monitor: Monitor):
+    """(network, parser) for ``onnx_path``; the parser owns the weights, so the caller keeps it until the build ends."""
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     native = _native_instancenorm_flag(trt)
     if native is not None:
         parser.set_flag(native)
     monitor.update("TensorRT: parse", 0, 1)
+    model = _load_onnx_for(onnx_path, precision, strong)
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"TensorRT cannot parse '{onnx_path}': {errors}")
+    return network, parser
+
+
+def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool) -> onnx.ModelProto:
+    """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ on 8.x; FP16 tensors required when strongly typed."""
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:
@@ -246,15 +280,16 @@ def build_tensorrt_plan(
         model = dq_only_to_qdq(model)
     if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")
-    if not parser.parse(model.SerializeToString(), str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelError(f"TensorRT cannot parse '{onnx_path}': {errors}")
+    return model
 
+
+def _builder_config(trt, builder, precision: str, recipe: dict[str, Any]):
+    """Workspace, TF32, precision flags (weakly typed TensorRT only) and optimization level of the recipe."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, recipe["workspace_bytes"])
     if recipe["tf32"] == "off":
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32, comparable to PyTorch
-    if not strong:
+    if recipe["typing"] != "strong":
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)  # layers left unquantized may use FP16
@@ -262,7 +297,11 @@ def build_tensorrt_plan(
             config.set_flag(trt.BuilderFlag.FP16)
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = recipe["optimization_level"]
+    return config
 
+
+def _optimization_profile(builder, network, min_batch: int, opt_batch: int, max_batch: int):
+    """Dynamic batch only: every input's channel and spatial sizes must be static."""
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -270,13 +309,19 @@ def build_tensorrt_plan(
         if any(d < 0 for d in rest):
             raise ModelError(f"TensorRT input '{tensor.name}' needs static channel/spatial sizes, got {tuple(tensor.shape)}.")
         profile.set_shape(tensor.name, (min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))
-    config.add_optimization_profile(profile)
+    return profile
 
+
+def _timing_cache_file(timing_cache_path: str | Path | None, options: TensorRTBuildOptions) -> Path | None:
+    """The explicit path, else a path given in the build options ("auto" is resolved by :func:`cached_plan`)."""
     if timing_cache_path is None and options.timing_cache not in ("auto", "off"):
         timing_cache_path = options.timing_cache
-    timing_path = Path(timing_cache_path) if timing_cache_path else None
-    timing_cache = _attach_timing_cache(config, timing_path)  # must outlive the build
+    return Path(timing_cache_path) if timing_cache_path else None
 
+
+def _build_serialized(trt, builder, network, config, monitor: Monitor):
+    """``builder.build_serialized_network`` reporting to ``monitor``; an error raised in the progress callback
+    (Cancelled included) is raised here, after the build stopped."""
     progress = _progress_adapter(trt, monitor) if hasattr(trt, "IProgressMonitor") else None
     if progress is not None:
         config.progress_monitor = progress
@@ -286,13 +331,7 @@ def build_tensorrt_plan(
         if isinstance(progress.error, Cancelled):
             raise Cancelled("TensorRT build cancelled by the user; no engine was written.") from progress.error
         raise progress.error
-    if serialized is None:
-        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above).")
-    plan_path = Path(plan_path)
-    atomic_write_bytes(plan_path, bytes(serialized))
-    _save_timing_cache(config, timing_path if timing_cache is not None else None)
-    monitor.update("TensorRT: build", 1, 1)
-    return plan_path
+    return serialized
 
 
 def _has_fp16_tensors(model: onnx.ModelProto) -> bool:

@@ -1,10 +1,7 @@
-"""Accuracy (Dice), latency and memory measurements used by the benchmarks and ``ptqseg evaluate``."""
+"""Accuracy (Dice) and memory measurements used by the benchmarks and ``ptqseg evaluate``."""
 from __future__ import annotations
 
-import math
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -74,10 +71,6 @@ def warn_foreign_reference(ref: np.ndarray, num_classes: int, reference: str | P
                       InputWarning, stacklevel=2)
 
 
-def mean_dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> float | None:
-    return dice_per_class(pred, ref, labels).mean
-
-
 def agreement_dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> float:
     """Mean Dice between two predictions (e.g. INT8 vs FP32) over labels present in either.
 
@@ -85,51 +78,6 @@ def agreement_dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> float
     """
     result = dice_per_class(a, b, labels)
     return 1.0 if result.mean is None else result.mean
-
-
-@dataclass
-class LatencyStats:
-    median_ms: float
-    p90_ms: float
-    mean_ms: float
-    repeats: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_latency(engine, patch_shape: Sequence[int], warmup: int = 3, repeats: int = 10, seed: int = 0) -> LatencyStats:
-    """Wall-clock time of ``engine(batch)`` on a random (N, C, D, H, W) batch, after ``warmup`` calls.
-
-    CUDA work is synchronized before and after each call so the time covers the whole inference.
-    """
-    shape = tuple(int(v) for v in patch_shape)
-    if len(shape) != 5 or any(v < 1 for v in shape):
-        raise InputError(f"Latency patch shape must be (N, C, D, H, W) positive sizes; got {tuple(patch_shape)}.")
-    if repeats < 1 or warmup < 0:
-        raise InputError(f"Latency needs repeats >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}.")
-    device = torch.device(getattr(engine, "device", "cpu"))
-    generator = torch.Generator().manual_seed(seed)
-    batch = torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            engine(batch)
-        _synchronize(device)
-        times = []
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            engine(batch)
-            _synchronize(device)
-            times.append((time.perf_counter() - start) * 1000.0)
-    ordered = sorted(times)
-    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
-    return LatencyStats(statistics.median(times), p90, statistics.fmean(times), repeats)
 
 
 def peak_memory_bytes() -> dict[str, int | None]:
@@ -150,13 +98,6 @@ def peak_memory_bytes() -> dict[str, int | None]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_peak = int(torch.cuda.max_memory_allocated())
     return {"cpu_peak_rss": peak_rss, "cuda_peak_allocated": cuda_peak}
-
-
-def file_size_mb(path: str | Path) -> float:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"'{path}' is not a file; cannot measure its size.")
-    return path.stat().st_size / 1e6
 
 
 # --- label maps against references: one definition for `evaluate` and `segment --reference` ---------

@@ -66,12 +66,13 @@ class SpecQuantizer:
 
 def _plan(model: str | Path, calibration: Calibration, out_dir: str | Path, options: QuantizeOptions) -> _Plan:
     """Validate every input and setting before the long work (a wrong path fails before heavy imports)."""
-    from ..models.torch_models import load_torch_model
-    from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
     from .presets import resolve_placement
 
     loaded = load_from_source(model)  # a MONAI bundle (or another registered source), else a spec
     spec = loaded.spec if loaded is not None else load_model_spec(model)
+    from ..models.torch_models import load_torch_model
+    from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
+
     if options.method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{options.method}'.")
     placement, activations, subpixel, why = resolve_placement(**options.requested_placement(),

@@ -93,12 +93,6 @@ def volume_from_slicer_arrays(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> 
     return Volume(array=array, ijk_to_ras=_checked_matrix(ijk_to_ras)).validate("Slicer volume")
 
 
-def slicer_arrays_from_volume(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """(KJI array, 4x4 IJK-to-RAS) copies, ready for ``updateVolumeFromArray`` / ``SetIJKToRASMatrix``."""
-    volume.validate("volume")
-    return np.array(volume.array, copy=True), _checked_matrix(volume.ijk_to_ras)
-
-
 def same_grid(a: Volume, b: Volume, atol: float = 1e-4) -> bool:
     """True when both volumes have the same spatial shape and IJK-to-RAS (within ``atol`` mm)."""
     return a.same_grid(b, atol)

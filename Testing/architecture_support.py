@@ -1,9 +1,10 @@
 """Does an architecture go through the whole INT8 path? Export, quantize, Q/DQ rules, both CPU runtimes.
 
 Used by ``Testing/test_architectures.py`` (random weights, a few patches) and
-``benchmarks/architectures.py`` (phantom-trained weights, whole phantoms): the same steps as
+``benchmarks/fidelity/architectures.py`` (phantom-trained weights, whole phantoms): the same steps as
 ``ptqseg quantize`` (:func:`PTQLogic.models.onnx_export.export_onnx`, :func:`PTQLogic.quantization.quantize.quantize_onnx`)
 with the architecture's high-precision exclusions from :data:`PTQLogic.models.networks.HIGH_PRECISION`.
+(Moved here from ``PTQLogic/models/networks/support.py``: nothing in the package uses it.)
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.spec import ModelSpec
-
-CPU_RUNTIMES = ("onnxruntime", "openvino")
+from PTQLogic.core.spec import ModelSpec
 
 
 @dataclass
@@ -38,7 +37,7 @@ class SupportResult:
 
 def patch_agreement(fp32_logits: np.ndarray, int8_logits: np.ndarray, num_classes: int) -> float:
     """Mean Dice between the argmax label maps (classes absent from both excluded), over all patches."""
-    from ...evaluation.metrics import agreement_dice
+    from PTQLogic.evaluation.metrics import agreement_dice
 
     return float(agreement_dice(int8_logits.argmax(1), fp32_logits.argmax(1), list(range(1, num_classes))))
 
@@ -46,9 +45,8 @@ def patch_agreement(fp32_logits: np.ndarray, int8_logits: np.ndarray, num_classe
 def export_and_quantize(model: torch.nn.Module, spec: ModelSpec, calibration: np.ndarray, workdir: Path,
                         settings=None, check_patches: int = 2) -> SupportResult:
     """FP32 ONNX (verified against PyTorch) and INT8 Q/DQ ONNX in ``workdir``; the Q/DQ rules checked."""
-    from ..onnx_export import export_onnx
-    from ...quantization.quantize import quantize_onnx
-    from . import quantize_settings_for
+    from PTQLogic.models.onnx_export import export_onnx
+    from PTQLogic.quantization.quantize import quantize_onnx, quantize_settings_for
 
     settings = settings or quantize_settings_for(spec.architecture)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +65,7 @@ def export_and_quantize(model: torch.nn.Module, spec: ModelSpec, calibration: np
 
 def runtime_logits(workdir: Path, runtime: str, precision: str, patches: np.ndarray) -> np.ndarray:
     """Logits of ``patches`` [N, C, *patch] from ``runtime`` at ``precision`` (one patch per call)."""
-    from ...engines import create_engine
+    from PTQLogic.engines import create_engine
 
     engine = create_engine(runtime, precision, fp32_onnx=workdir / "fp32.onnx", int8_onnx=workdir / "int8.onnx",
                            threads=2)
