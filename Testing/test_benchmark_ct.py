@@ -1,4 +1,4 @@
-"""The real-CT sample model (benchmarks/train_ct_model.py): label mapping, and FP32 vs INT8 fidelity per runtime
+"""The real-CT sample model (benchmarks/training/train_ct_model.py): label mapping, and FP32 vs INT8 fidelity per runtime
 on the labeled CT with few calibration patches. Skips with the reason when the CT or the weights are absent."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
 from train_ct_model import BTCV_FROM_TOTALSEG, SPEC, load_ct_pair, map_labels, spec_for  # noqa: E402
 
 CT_SPEC = ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.json"
@@ -50,7 +50,7 @@ def test_missing_data_is_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def ct_model(shared_data, tmp_path_factory):
     if not (ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.pt").is_file():
-        pytest.skip("ct_unet.pt not found: run python benchmarks/train_ct_model.py")
+        pytest.skip("ct_unet.pt not found: run python benchmarks/training/train_ct_model.py")
     from PTQLogic.io.volumes import write_labelmap
     from PTQLogic.pipeline import quantize_model
 

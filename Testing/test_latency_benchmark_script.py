@@ -1,11 +1,11 @@
-"""benchmarks/cpu_int8_latency.py (the committed per-patch tables) still runs end to end, on a small patch."""
+"""benchmarks/cpu/cpu_int8_latency.py (the committed per-patch tables) still runs end to end, on a small patch."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "cpu"))
 
 import cpu_int8_latency as bench  # noqa: E402
 

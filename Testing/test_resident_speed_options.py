@@ -2,7 +2,7 @@
 
 Run on CPU tensors (the same torch code runs on the GPU): channels-last layout, a padded fixed-size
 last batch, the queued predictor's progress/errors, and (where a C++ compiler is present, which
-inductor needs on CPU) a compiled engine. Timings of these options are in benchmarks/gpu_pipeline.py.
+inductor needs on CPU) a compiled engine. Timings of these options are in benchmarks/gpu/gpu_pipeline.py.
 """
 from __future__ import annotations
 

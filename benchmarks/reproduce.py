@@ -25,7 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "cpu"))  # cpu_int8_latency
+sys.path.insert(0, str(ROOT / "benchmarks" / "training"))  # train_ct_model
 
 
 def run(*args: str) -> None:
@@ -36,7 +37,7 @@ def run(*args: str) -> None:
 def ct_model(data: Path) -> Path:
     spec = ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.json"
     if not (ROOT / "PTQLogic" / "samples" / "data" / "ct_unet.pt").is_file():
-        run("benchmarks/train_ct_model.py", "--data", str(data))
+        run("benchmarks/training/train_ct_model.py", "--data", str(data))
     return spec
 
 
@@ -90,14 +91,14 @@ def main() -> None:
     if not args.skip_latency:
         models = args.work / "latency_models"
         quantize_latency_models(models, 96)
-        run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--profile",
+        run("benchmarks/cpu/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--profile",
             "--out", str(args.out / "latency_96.json"))
         # the sliding window's 4 windows per OpenVINO call; INT8 against f32 and bf16 FP32, all interleaved
-        run("benchmarks/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--batch", "4",
+        run("benchmarks/cpu/cpu_int8_latency.py", "--dir", str(models), "--repeats", str(args.repeats), "--batch", "4",
             "--runtimes", "openvino", "--configs", "openvino-f32-cl", "openvino-bf16-cl",
             "--out", str(args.out / "latency_96_batch4.json"))
         for name in ("unet_bn", "unet_in"):  # whole volume: the product's sliding window vs MONAI's
-            run("benchmarks/cpu_whole_volume.py", "--dir", str(models), "--name", name, "--repeats", "3",
+            run("benchmarks/cpu/cpu_whole_volume.py", "--dir", str(models), "--name", name, "--repeats", "3",
                 "--out", str(args.out / f"whole_volume_{name}.json"))
     print(json.dumps({"out": str(args.out)}))
 

@@ -34,8 +34,8 @@ __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tens
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
 
 RECIPE_VERSION = 2  # bump whenever the builder code changes what a plan contains
-# TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches: measured builds at level 3
-# took 230-393 s on TensorRT 8.6 for a small UNet; the timing cache makes later builds faster still.
+# TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches (level-3 builds of a small UNet
+# took minutes on TensorRT 8.6 in early runs that were not kept); the timing cache makes later builds faster still.
 DEFAULT_OPTIMIZATION_LEVEL = 2
 
 

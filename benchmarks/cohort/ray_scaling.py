@@ -10,9 +10,9 @@ every file, as in production). ``--unpinned`` configurations also run with ``pin
 worker free to use every CPU) to show what the per-worker CPU sets are worth.
 
     # once, where ModelOpt is installed: the shipped sample UNet as an INT8 model folder
-    python benchmarks/ray_scaling.py --quantize-to /tmp/unet-int8
-    python benchmarks/ray_scaling.py --model /tmp/unet-int8 --out benchmarks/results/ray_scaling
-    # small machines: python benchmarks/ray_scaling.py --model M --configs 1x1 2x1 --volumes 8 --shape 64 64 64
+    python benchmarks/cohort/ray_scaling.py --quantize-to /tmp/unet-int8
+    python benchmarks/cohort/ray_scaling.py --model /tmp/unet-int8 --out benchmarks/results/ray_scaling
+    # small machines: python benchmarks/cohort/ray_scaling.py --model M --configs 1x1 2x1 --volumes 8 --shape 64 64 64
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 SAMPLE_UNET = ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 def write(args: argparse.Namespace, spec, about: dict[str, Any], runs: list[dict[str, Any]],
           argv: list[str] | None) -> dict[str, Any]:
     result = {
-        "command": "python benchmarks/ray_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/cohort/ray_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": about,
         "settings": {"volumes": args.volumes, "unique": args.unique, "shape": args.shape, "rounds": args.rounds,
                      "runtime": args.runtime, "precision": args.precision, "model_name": spec.name,

@@ -9,7 +9,7 @@ and writes JSON with median, p10, p90, min and max per configuration, the ratios
 runtime, and OpenVINO INT8 against OpenVINO bf16), OpenVINO's performance counters (which layers ran in
 which precision) and the machine (CPU model and flags, cores, versions).
 
-    python benchmarks/cpu_int8_latency.py --dir models --export --repeats 20 --out results.json
+    python benchmarks/cpu/cpu_int8_latency.py --dir models --export --repeats 20 --out results.json
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def make_variants(directory: Path, names: list[str], patch: int, variants: list[
 
     import onnx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from PTQLogic.onnx_graph.edit import drop_unused_initializers
     from PTQLogic.onnx_graph.graph_prep import prepare_for_int8
     from PTQLogic.quantization.placement import quantize_cpu

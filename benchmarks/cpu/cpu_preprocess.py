@@ -5,7 +5,7 @@ Input: the synthetic 512x512x300 CT at 0.8x0.8x1.5 mm of ``gpu_pipeline.py`` (in
 "Before" is what ``resample_to_network`` did: a transposing float32 copy to IJK, MONAI ``Orientation``, MONAI
 ``Spacing`` (bilinear, border, float64). Rotated grids still take that path.
 
-    python benchmarks/cpu_preprocess.py --repeats 7 [--onnx models/unet_bn_s8res.onnx] --out results/preprocess_ct.json
+    python benchmarks/cpu/cpu_preprocess.py --repeats 7 [--onnx models/unet_bn_s8res.onnx] --out results/preprocess_ct.json
 
 ``--onnx``: also segment the CT both ways with that INT8 file on OpenVINO and report how many labels agree.
 """
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpu_int8_latency, cpu_whole_volume
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))  # gpu_pipeline.synthetic_ct
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cpu_int8_latency import add_report_args, machine, write_report  # noqa: E402
 from cpu_whole_volume import make_spec  # noqa: E402

@@ -8,7 +8,7 @@ class vectors). Input: the synthetic 512x512x300 CT at 0.8x0.8x1.5 mm of ``gpu_p
 grid 1.5 mm, the 96^3 UNet (BatchNorm, 14 classes) of ``cpu_int8_latency.py``: ``NAME_fp32rw.onnx`` and
 ``NAME_s8res.onnx`` in ``--dir``. File I/O is excluded. Before and after alternate, round by round.
 
-    python benchmarks/cpu_whole_volume.py --dir models --repeats 3 --out results/cpu_whole_volume.json
+    python benchmarks/cpu/cpu_whole_volume.py --dir models --repeats 3 --out results/cpu_whole_volume.json
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpu_int8_latency, cpu_whole_volume
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))  # gpu_pipeline.synthetic_ct
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cpu_int8_latency import add_report_args, machine, write_report  # noqa: E402
 from gpu_pipeline import synthetic_ct  # noqa: E402

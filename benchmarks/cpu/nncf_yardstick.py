@@ -7,8 +7,8 @@ Calibration as ``cpu_int8_latency.py --variants`` builds the project's files: 4 
 only), NNCF's CPU target and its default symmetric preset. Then time them beside the project's files:
 
     pip install nncf   # benchmark only: the product does not use it
-    python benchmarks/nncf_yardstick.py --dir models
-    python benchmarks/cpu_int8_latency.py --dir models --runtimes openvino --configs openvino-f32-cl openvino-bf16-cl
+    python benchmarks/cpu/nncf_yardstick.py --dir models
+    python benchmarks/cpu/cpu_int8_latency.py --dir models --runtimes openvino --configs openvino-f32-cl openvino-bf16-cl
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where ONNX Runtime's CPU time goes per op type, for FP32 and INT8 ONNX files (its own profiler).
 
-    python benchmarks/ort_profile.py models/unet_bn_fp32sub.onnx models/unet_bn_u8sub.onnx [--nodes 12] [--out table.md]
+    python benchmarks/cpu/ort_profile.py models/unet_bn_fp32sub.onnx models/unet_bn_u8sub.onnx [--nodes 12] [--out table.md]
 
 Runs each file on a random 96^3 patch (2 warm-up runs, then ``--runs`` timed runs; intra-op spinning off as
 in cpu_int8_latency.py) and prints the median wall time of the timed runs and the kernel time per op type,

@@ -8,8 +8,8 @@ FP32-vs-INT8 agreement Dice, Dice vs the phantom truth and the ONNX sizes. Archi
 exclusions are also quantized without them (``without_exclusions``), which is the evidence for them.
 STU-Net S/B/L/H parameter counts are checked against the paper on the meta device (nothing allocated).
 
-    python benchmarks/architectures.py [--steps 300] [--archs unet swinunetr ...] [--out benchmarks/results/architectures.json]
-    python benchmarks/architectures.py --table     # the README support table from the JSON
+    python benchmarks/fidelity/architectures.py [--steps 300] [--archs unet swinunetr ...] [--out benchmarks/results/architectures.json]
+    python benchmarks/fidelity/architectures.py --table     # the README support table from the JSON
 """
 from __future__ import annotations
 
@@ -24,22 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]  # Testing/architecture_support.py, shared with test_architectures.py
 
 from PTQLogic.quantization.calibration import CalibrationSettings, sample_calibration_patches  # noqa: E402
 from PTQLogic.engines import create_engine  # noqa: E402
-from PTQLogic.evaluation.metrics import agreement_dice, mean_dice  # noqa: E402
+from PTQLogic.evaluation.metrics import agreement_dice, dice_per_class  # noqa: E402
 from PTQLogic.core.fileio import atomic_write_text  # noqa: E402
 from PTQLogic.inference.segmenter import segment_volume  # noqa: E402
 from PTQLogic.models.torch_models import build_network  # noqa: E402
 from PTQLogic.models.networks import high_precision  # noqa: E402
 from PTQLogic.quantization.quantize import quantize_settings_for  # noqa: E402
-from PTQLogic.models.networks.support import export_and_quantize  # noqa: E402
 from PTQLogic.samples.phantom import make_phantom  # noqa: E402
 from PTQLogic.quantization.quantize import QuantizeSettings  # noqa: E402
 from PTQLogic.core.spec import load_spec  # noqa: E402
 from PTQLogic.samples.train import train_on_phantoms  # noqa: E402
+
+from architecture_support import export_and_quantize  # noqa: E402
 
 SPECS = ROOT / "docs" / "architectures"
 CALIBRATION_SEEDS = (100, 101)
@@ -70,7 +71,7 @@ def evaluate(workdir: Path, spec, volumes) -> dict:
     for image, truth in volumes:
         maps = {name: segment_volume(image, spec, engine).labels.array for name, engine in engines.items()}
         for name, labelmap in maps.items():
-            out[name]["dice"].append(mean_dice(labelmap, truth.array, labels))
+            out[name]["dice"].append(dice_per_class(labelmap, truth.array, labels).mean)
             out[name]["agreement"].append(agreement_dice(labelmap, maps["fp32"], labels))
     return {name: {k: [round(float(v), 4) for v in vals] for k, vals in d.items()} for name, d in out.items()}
 

@@ -1,7 +1,7 @@
 """A tiny nnU-Net (PlainConvUNet) trained on phantoms, saved as an nnU-Net v2 results folder, then
 quantized and segmented through the nnU-Net path: Dice vs truth and FP32-vs-INT8 agreement per runtime.
 
-    python benchmarks/nnunet_phantom.py [--steps 250] [--out /tmp/nnunet-phantom]
+    python benchmarks/fidelity/nnunet_phantom.py [--steps 250] [--out /tmp/nnunet-phantom]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]
 
 import numpy as np  # noqa: E402

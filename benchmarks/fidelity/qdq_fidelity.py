@@ -5,7 +5,7 @@ executed as written, no integer fusion). Compared: ONNX Runtime fused, OpenVINO 
 inference precision (the AMX default), and each FP32 file. Patches: a .npy [N, C, *patch] (for example
 sampled with PTQLogic.quantization.calibration.sample_calibration_patches).
 
-    python benchmarks/qdq_fidelity.py FP32.onnx INT8.onnx patches.npy [--out result.json]
+    python benchmarks/fidelity/qdq_fidelity.py FP32.onnx INT8.onnx patches.npy [--out result.json]
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ One row per PyTorch engine speed option (``VARIANTS``: eager, cudnn.benchmark, c
 ``torch.compile`` modes), each with a fresh engine: the first volume's seconds (compiling included),
 the engine alone (ms per window), then the median end to end; ``--only`` picks rows by name.
 
-    python benchmarks/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14] [--only compile]
+    python benchmarks/gpu/gpu_pipeline.py --out results/ [--repeats 3] [--classes 105 14] [--only compile]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """GPU check of the PyTorch engine path: TorchEngine FP32/FP16 on CUDA through whole-volume inference.
 
-Run on a CUDA machine: ``python benchmarks/gpu_smoke.py PHANTOM.npz`` where the npz holds ``image``,
-``labels`` and ``ijk_to_ras`` (written by ``python benchmarks/gpu_smoke.py --make PHANTOM.npz``, so the
+Run on a CUDA machine: ``python benchmarks/gpu/gpu_smoke.py PHANTOM.npz`` where the npz holds ``image``,
+``labels`` and ``ijk_to_ras`` (written by ``python benchmarks/gpu/gpu_smoke.py --make PHANTOM.npz``, so the
 GPU machine needs no scipy). Prints one JSON object: latency, volume time, Dice vs truth, agreement
 with CPU FP32, peak GPU memory, and what the runtime chooser says on that machine.
 """
@@ -28,7 +28,8 @@ def make(path: str) -> None:
 def run(path: str) -> dict:
     from PTQLogic.engines import available_runtimes, choose_runtime
     from PTQLogic.engines.torch_engine import TorchEngine
-    from PTQLogic.evaluation.metrics import agreement_dice, dice_per_class, measure_latency, peak_memory_bytes
+    from PTQLogic.evaluation.metrics import agreement_dice, dice_per_class, peak_memory_bytes
+    from latency_support import measure_latency  # next to this script
     from PTQLogic.inference.segmenter import segment_volume
     from PTQLogic.models.torch_models import load_torch_model
     from PTQLogic.core.spec import load_spec

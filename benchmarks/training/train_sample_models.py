@@ -3,7 +3,7 @@
 Reproducible: fixed seeds for phantoms, patches and weight init. Prints the held-out Dice (phantom
 seeds 0..N-1, never used for training; training uses seeds >= train.TRAIN_SEED_BASE).
 
-    python benchmarks/train_sample_models.py [--steps 1500] [--device cuda] [--out PTQLogic/samples/data]
+    python benchmarks/training/train_sample_models.py [--steps 1500] [--device cuda] [--out PTQLogic/samples/data]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from PTQLogic.evaluation.metrics import dice_per_class  # noqa: E402
 from PTQLogic.core.fileio import atomic_path  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--phantoms", type=int, default=24)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "PTQLogic" / "samples" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "PTQLogic" / "samples" / "data")
     parser.add_argument("--models", nargs="*", default=list(SPECS))
     args = parser.parse_args()
     if args.device == "cpu":

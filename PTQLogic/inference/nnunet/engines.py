@@ -1,10 +1,12 @@
-"""The engines of an nnU-Net model: one per fold, all of one runtime and precision."""
+"""The engines of an nnU-Net model: one per fold, all of one runtime and precision, cached in the user cache
+folder by the fold's content (a quantized model folder is only read, so a read-only one works)."""
 from __future__ import annotations
 
 from typing import Any
 
 from ...core.errors import InputError
 from ...core.progress import Monitor
+from ...engines.cache import model_cache_dir
 from ...models.nnunet.model_dir import NnUNetModel
 from ...models.nnunet.network import build_network, load_weights
 
@@ -38,5 +40,6 @@ def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: st
             runtime, precision, fp32_onnx=folder / "fp32.onnx",
             int8_onnx=(folder / "int8.onnx") if (folder / "int8.onnx").is_file() else None,
             torch_model=torch_model, weights_path=(folder / "weights.pt") if runtime == "torch" else None,
-            cache_dir=model.root / "engines" / f"fold_{fold}", device=device, monitor=monitor or Monitor()))
+            cache_dir=model_cache_dir([p for p in (folder / "fp32.onnx", folder / "int8.onnx") if p.is_file()]),
+            device=device, monitor=monitor or Monitor()))
     return engines, reason
