@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PTQLogic.io import volumes
+from PTQLogic.io import volumes as imageio
 from PTQLogic.core.errors import InputError
 from PTQLogic.io.volumes import read_volume, to_sitk_image
 

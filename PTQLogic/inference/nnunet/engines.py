@@ -6,7 +6,6 @@ from typing import Any
 
 from ...core.errors import InputError
 from ...core.progress import Monitor
-from ...engines.cache import model_cache_dir
 from ...models.nnunet.model_dir import NnUNetModel
 from ...models.nnunet.network import build_network, load_weights
 
@@ -14,6 +13,7 @@ from ...models.nnunet.network import build_network, load_weights
 def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: str | None = None,
                  monitor: Monitor | None = None) -> tuple[list[Any], str]:
     """One engine per fold (same runtime and precision for all)."""
+    from ...engines.cache import model_cache_dir
     from ...engines import choose_runtime, create_engine
     from ...engines.torch_engine import TorchEngine
 

@@ -229,12 +229,12 @@ class NnUNetRunner:
         return windows * (2 ** axes)
 
 
-@torch.inference_mode()
 def runner_for(model: NnUNetModel) -> NnUNetRunner:
     """nnU-Net's preprocessing, sliding window and export for ``model``'s plans and configuration."""
     return NnUNetRunner(model.plans, model.dataset, model.configuration, model.mirror_axes, model.step_size)
 
 
+@torch.inference_mode()
 def _predict_logits(predictor, network: _EngineNetwork, engines: Sequence[Engine], data: torch.Tensor) -> torch.Tensor:
     """``nnUNetPredictor.predict_logits_from_preprocessed_data`` with one engine per fold instead of weights."""
     from nnunetv2.configuration import default_num_processes
