@@ -38,16 +38,19 @@ def quantize_model(
     placement: str = "auto",
     activations: str = "s8",
     subpixel: bool = False,
+    target_cpu: str = "auto",
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
     ``placement``: "auto" places Q/DQ for the INT8 runtime here (``presets.resolve_placement``), or "modelopt"/"cpu".
+    ``target_cpu``: the CPU that will run the INT8 file: "auto" (this one), "vnni" (int8 dot-product instructions:
+    AVX512-VNNI, AVX-VNNI, AMX; also for GPUs) or "avx2" (x86 without them: 7-bit convolution weights).
     """
     from .quantization.quantizers import quantizer_for
 
     options = QuantizeOptions(num_patches=num_patches, seed=seed, method=method, exclude_nodes=tuple(exclude_nodes),
                               guard=guard, folds=None if folds is None else tuple(folds), checkpoint=checkpoint,
-                              placement=placement, activations=activations, subpixel=subpixel)
+                              placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu)
     return quantizer_for(model).quantize(model, calibration, out_dir, options, monitor or Monitor())
 
 

@@ -93,10 +93,29 @@ def test_int8_engines_quantize_but_agree(artifacts, runtime):
     assert (out - reference).abs().max().item() > 1e-3
 
 
+def convs_after_a_concat(path) -> int:
+    """Quantized convolutions whose input is a Concat's Q/DQ pair."""
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def through_qdq(name: str) -> str:
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        return source.op_type if source is not None else ""
+
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return sum(n.op_type in ("Conv", "ConvTranspose") and n.input[1] in dq_outputs and through_qdq(n.input[0]) == "Concat"
+               for n in graph.node)
+
+
 def test_openvino_runs_quantized_convolutions_in_int8(artifacts):
     expected = quantized_conv_count(artifacts["int8"])
     assert expected >= 2  # the tiny UNet has quantized Conv and ConvTranspose layers
-    int8 = OpenVINOEngine(artifacts["int8"], "int8", threads=2).int8_layer_summary()
+    engine = OpenVINOEngine(artifacts["int8"], "int8", threads=2)
+    int8 = engine.int8_layer_summary()
+    if engine.unsigned_concats:  # no AMX: a conv after a (uint8) concat runs in float, correctly (openvino_engine)
+        expected -= convs_after_a_concat(artifacts["int8"])
     assert int8["int8"] == expected, int8
     assert int8["convolutions"] == 5 and int8["not_int8"] == 5 - expected
     fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2).int8_layer_summary()

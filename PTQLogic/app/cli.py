@@ -71,7 +71,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         args.model, args.calibration, args.out, num_patches=args.patches, seed=args.seed,
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
-        placement=placement, activations=args.activations, subpixel=args.subpixel,
+        placement=placement, activations=args.activations, subpixel=args.subpixel, target_cpu=args.target_cpu,
     )
     data = result.to_dict()
     chosen = data["placement"]["auto"]
@@ -314,6 +314,11 @@ def _add_placement_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--subpixel", action="store_true",
                    help="'cpu' placement for ONNX Runtime: ConvTranspose rewritten exactly as Conv + pixel shuffle "
                         "(ONNX Runtime's 3D ConvTranspose is slow and float-only; slower on OpenVINO)")
+    q.add_argument("--target-cpu", choices=["auto", "vnni", "avx2"], default="auto",
+                   help="the CPU that will run the INT8 file: 'auto' (this computer, see `ptqseg info`), 'vnni' "
+                        "(int8 dot-product instructions: AVX512-VNNI, AVX-VNNI or AMX; also for NVIDIA GPUs) or "
+                        "'avx2' (x86 CPUs without them: convolution weights get 7 bits, since 8-bit ones saturate "
+                        "their 16-bit sums and lose FP32's answer)")
 
 
 def _add_guard_options(q: argparse.ArgumentParser) -> None:

@@ -200,3 +200,49 @@ def speed_note(runtime: str, precision: str, latency_ms: float, fp32_latency_ms:
         advice = "FP32 is as fast or faster here; the low-precision file is still smaller"
     return (f"{precision.upper()} took {latency_ms:.1f} ms per patch against FP32's {fp32_latency_ms:.1f} ms on "
             f"{runtime} ({fp32_latency_ms / latency_ms:.2f}x): it does not pay off in speed on this machine. {advice}.")
+
+
+def _numpy_cpu_features() -> dict[str, bool]:
+    """numpy's own CPUID probe (any OS): the fallback where /proc/cpuinfo cannot be read."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
+
+
+def cpu_int8_target() -> str:
+    """``"vnni"`` where this CPU's INT8 convolutions accumulate u8 x s8 products exactly in 32 bits
+    (AVX512-VNNI, AVX-VNNI, AMX; and CPUs that are not x86), ``"avx2"`` where they do not.
+
+    Without an int8 dot-product instruction, x86 INT8 kernels (oneDNN in OpenVINO, MLAS in ONNX Runtime)
+    multiply u8 activations by s8 weights and add pairs of products in 16 bits (``vpmaddubsw``), which
+    saturates with full-range 8-bit weights (2 * 255 * 127 > 32767); 7-bit weights fit. ``ONEDNN_MAX_CPU_ISA``
+    capped below VNNI counts as ``"avx2"`` (OpenVINO's kernels then run without VNNI). Where the flags cannot
+    be read (not Linux), numpy's CPUID probe decides; an x86 CPU still unknown counts as ``"avx2"``: 7-bit
+    weights cost little where VNNI exists (FP32 agreement 0.9993 against 0.9994 on the phantom UNet), 8-bit
+    ones cost much where it does not.
+    """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _CAPS_WITHOUT_INT8_DOT:
+        return "avx2"
+    flags = _cpu_info()["flags"]
+    if any(flags[f] for f in INT8_DOT_FLAGS):
+        return "vnni"
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    if all(flags[f] is not None for f in INT8_DOT_FLAGS):  # read from /proc/cpuinfo: none of them
+        return "avx2" if x86 else "vnni"
+    features = _numpy_cpu_features()
+    if any(features.get(f) for f in ("AVX512VNNI", "AVX512_CLX", "AVX512_ICL", "AVX512_SPR")):
+        return "vnni"
+    return "avx2" if x86 or features.get("AVX2") else "vnni"
+
+
+def amx_int8_in_use() -> bool:
+    """True where oneDNN (OpenVINO) runs INT8 on AMX: the CPU has it and ONEDNN_MAX_CPU_ISA does not cap it."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap != "ALL" and "AMX" not in cap:
+        return False
+    return bool(_cpu_info()["flags"].get("amx_int8"))

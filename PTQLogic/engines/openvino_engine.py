@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..core.errors import EngineUnavailable, InputError, ModelError
+from ..core.sysinfo import amx_int8_in_use
 from .base import EngineInfo
 
 CONV_LAYER_TYPES = ("Convolution", "Deconvolution", "GroupConvolution", "FullyConnected", "MatMul")
@@ -72,8 +73,10 @@ class OpenVINOEngine:
             # processes sharing the cache (Ray workers, two ptqseg runs) compile one at a time: OpenVINO maps
             # its cache blobs into memory, and one process rewriting a blob another has mapped crashes it
             self._cache_lock = FileLock(str(Path(cache_dir) / ".openvino-compile.lock"))
+        self._core, self._onnx_path = core, onnx_path
+        self.unsigned_concats = precision == "int8" and device.upper().startswith("CPU") and not amx_int8_in_use()
         try:
-            model = core.read_model(str(onnx_path))
+            model = self._read_model()
         except Exception as exc:
             raise ModelError(f"OpenVINO cannot read '{onnx_path}': {exc}") from None
         self._partial_shape = self._batch_dynamic_shape(ov, model.inputs[0].get_partial_shape(), patch_size)
@@ -110,6 +113,21 @@ class OpenVINOEngine:
             path=str(onnx_path),
         )
 
+    def _read_model(self):
+        """The ONNX file as OpenVINO compiles it. INT8 on a CPU without AMX: quantizers after a Concat as uint8
+        (the same values; OpenVINO 2026.4 runs int8 ``Concat -> Q -> DQ -> Conv`` wrongly there, see
+        ``onnx_graph.weight_range.unsigned_concat_activations``); the file itself is never changed."""
+        if not self.unsigned_concats:
+            return self._core.read_model(str(self._onnx_path))
+        import onnx
+
+        from ..onnx_graph.weight_range import unsigned_concat_activations
+
+        proto = onnx.load(str(self._onnx_path))
+        if not unsigned_concat_activations(proto):
+            return self._core.read_model(str(self._onnx_path))
+        return self._core.read_model(proto.SerializeToString())
+
     @staticmethod
     def _batch_dynamic_shape(ov, shape, patch_size: Sequence[int] | None):
         dims = list(shape)
@@ -124,7 +142,7 @@ class OpenVINOEngine:
         """Compile for ``shape``; a static shape gets channels-last logits (see ``_channels_last_output``).
         The model is read again for later shapes rather than kept: its weights would double the memory."""
         try:
-            model = model if model is not None else self._core.read_model(str(self._onnx_path))
+            model = model if model is not None else self._read_model()
             model.reshape({model.inputs[0]: shape})
             if shape.is_static:
                 model = self._channels_last_output(self._ov, model)

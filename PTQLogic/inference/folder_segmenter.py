@@ -55,7 +55,10 @@ class ModelFolderSegmenter:
         engine, reason = self._engine(options, options.precision, monitor)
         build_seconds = time.perf_counter() - started
         if engine.info.precision == "int8" and getattr(engine.device, "type", str(engine.device)) == "cpu":
-            warnings += [note for note in (cpu_int8_note(),) if note]
+            from .input_checks import int8_target_warning
+
+            warnings += [note for note in (int8_target_warning(self.model_dir.report(), str(self.model_dir.root)),
+                                           cpu_int8_note()) if note]
         result = self._run(volume, spec, engine, options, monitor)
         agreement = fp32 = None
         if options.compare and options.precision != "fp32":

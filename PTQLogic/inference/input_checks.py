@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,3 +50,17 @@ def warn_intensity_mismatch(volume: Volume, spec: ModelSpec, name: str | Path) -
     reason = intensity_mismatch(volume, spec)
     if reason:
         warnings.warn(f"input '{name}': {reason}.", InputWarning, stacklevel=2)
+
+
+def int8_target_warning(report: dict[str, Any], where: str) -> str | None:
+    """A warning when a model folder's INT8 weights were made for CPUs with int8 dot-product instructions
+    (8-bit weights) and this CPU has none: its INT8 convolutions then saturate (see onnx_graph.weight_range)."""
+    from ..core.sysinfo import cpu_int8_target
+
+    targets = [report.get("target_cpu")] + [fold.get("target_cpu") for fold in report.get("folds", {}).values()
+                                            if isinstance(fold, dict)]
+    if not any(isinstance(t, dict) and t.get("weight_bits") == 8 for t in targets) or cpu_int8_target() != "avx2":
+        return None
+    return (f"'{where}' was quantized for CPUs with int8 dot-product instructions (VNNI/AMX: 8-bit weights), but this "
+            "CPU has none, so its INT8 convolutions saturate and lose FP32's answer; quantize it again here (or with "
+            "`--target-cpu avx2`), or use --precision fp32.")

@@ -34,6 +34,7 @@ class QuantizeOptions:
     placement: str = "auto"
     activations: str = "s8"
     subpixel: bool = False
+    target_cpu: str = "auto"  # the CPU that runs the INT8 file: "auto" (this one), "vnni" or "avx2" (7-bit weights)
 
     def requested_placement(self) -> dict:
         """The arguments ``presets.resolve_placement`` decides "auto" from."""

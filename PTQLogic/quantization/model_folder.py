@@ -103,11 +103,13 @@ def _settings(spec: ModelSpec, options: QuantizeOptions, placement: str, activat
     from .quantize import QuantizeSettings, quantize_settings_for
 
     settings = QuantizeSettings(method=options.method, exclude_nodes=tuple(options.exclude_nodes),
-                                placement=placement, activations=activations, subpixel=subpixel)
+                                placement=placement, activations=activations, subpixel=subpixel,
+                                target_cpu=options.target_cpu)
     settings.validate()
     if placement == "modelopt":  # e.g. attention MatMuls
         settings = replace(quantize_settings_for(spec.architecture, method=options.method,
-                                                 exclude_nodes=tuple(options.exclude_nodes)), placement=placement)
+                                                 exclude_nodes=tuple(options.exclude_nodes)),
+                           placement=placement, target_cpu=options.target_cpu)
     return settings
 
 

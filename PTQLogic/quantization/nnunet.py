@@ -9,7 +9,6 @@ Layout (``ptqseg quantize`` output for an nnU-Net source)::
     fold_<k>/int8.onnx     ModelOpt Q/DQ, calibrated on nnU-Net-preprocessed patches
     fold_<k>/weights.pt    the fold's state_dict (the "torch" runtime)
     quantization.json      per-fold quantization reports
-    engines/fold_<k>/      engine caches
 """
 from __future__ import annotations
 
@@ -80,7 +79,8 @@ def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
 
 def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_patches: int = 32, seed: int = 0,
                     method: str = "max", exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
-                    checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None):
+                    checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
+                    target_cpu: str = "auto"):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX."""
     import torch
 
@@ -107,7 +107,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             shutil.copyfile(source.root / name, staging / name)
         source.spec.save(staging / "spec.json")
         reports: dict[str, Any] = {}
-        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes))
+        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), target_cpu=target_cpu)
         for fold, network in zip(source.folds, source.networks):
             folder = staging / f"fold_{fold}"
             folder.mkdir()
@@ -164,6 +164,6 @@ class NnUNetQuantizer:
                              "quantize without it and check agreement with `ptqseg segment --compare`.")
         result = quantize_nnunet(model, calibration, out_dir, num_patches=options.num_patches, seed=options.seed,
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
-                                 checkpoint=options.checkpoint, monitor=monitor)
+                                 checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -56,6 +56,8 @@ class PlacementReport:
     op_types: tuple[str, ...]
     float_outputs: tuple[str, ...]  # network outputs whose trailing Q/DQ was removed (float logits)
     float_convs: tuple[str, ...] = ()  # convs left in float: the target runtime runs them faster that way
+    target_cpu: str = "vnni"  # "avx2": weights narrowed to 7 bits for x86 CPUs without VNNI/AMX (weight_range)
+    narrowed_tensors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,20 +295,24 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max", fold_residual: bool = True,
                  subpixel: bool = False, ort_float: bool | None = None, pad_channels: bool | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> PlacementReport:
+                 on_batch: Callable[[int, int], None] | None = None, target_cpu: str = "auto") -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
     ``ort_float`` (default: with ``u8`` activations, the ONNX Runtime preset) leaves :func:`ort_float_convs`
     in float. ``pad_channels`` (default: with ``s8`` activations, the OpenVINO placement) pads chains of
-    convolutions of 9-15 channels to 16 (:mod:`.channel_padding`).
+    convolutions of 9-15 channels to 16 (:mod:`.channel_padding`). ``target_cpu`` (``"auto"``: this machine)
+    ``"avx2"`` narrows the weights to 7 bits, which x86 CPUs without VNNI/AMX need to compute what the graph says
+    (:mod:`.weight_range`); ``"vnni"`` keeps 8 bits.
     """
     import onnx
 
     from ..onnx_graph.edit import drop_unused_initializers
 
     from ..onnx_graph.graph_prep import prepare_for_int8
+    from ..onnx_graph.weight_range import narrow_model, resolve_target_cpu
 
+    target, _ = resolve_target_cpu(target_cpu)
     if activations not in ACTIVATIONS:
         raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {activations!r}.")
     if method not in ("max", "entropy"):
@@ -331,13 +337,15 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
         stripped = strip_output_qdq(quantized)
         fused = fuse_norm_activation(quantized)
         unrounded = strip_float_input_qdq(quantized, float_inputs)
-        if stripped or fused or unrounded:
+        narrowed = narrow_model(quantized).narrowed_tensors if target == "avx2" else 0
+        if stripped or fused or unrounded or narrowed:
             drop_unused_initializers(quantized)
             onnx.save(quantized, str(out_path))
         rewrites = {**rewrites, "norm_activation_fused": len(fused), "float_input_qdq_removed": unrounded}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped), tuple(float_convs))
+    return PlacementReport("cpu", activations, rewrites, op_types, tuple(stripped), tuple(float_convs), target,
+                           narrowed)
 
 
 if __name__ == "__main__":  # the child process of _run_child

@@ -23,6 +23,7 @@ from ..models.onnx_export import onnx_io_names
 from ..core.fileio import atomic_path, atomic_write_text
 from ..core.progress import Monitor
 from ..onnx_graph.qdq_check import QDQReport, check_qdq
+from ..onnx_graph.weight_range import TARGET_CPUS, resolve_target_cpu
 
 METHODS = ("max", "entropy")
 HIGH_PRECISION = ("fp32",)  # fp16 makes ModelOpt rewrite the graph to FP16: not supported by the engines yet
@@ -43,10 +44,17 @@ class QuantizeSettings:
     # its 3D ConvTranspose is slow and float-only; OpenVINO runs ConvTranspose well and the shuffle costs it)
     fold_residual: bool = True
     subpixel: bool = False
+    # The CPU that will run the INT8 file: "auto" (this machine, core.sysinfo.cpu_int8_target), "vnni" (int8
+    # dot-product instructions: AVX512-VNNI, AVX-VNNI, AMX; also TensorRT and non-x86 CPUs) keeps 8-bit weights,
+    # "avx2" (x86 without them) narrows the weights to 7 bits (onnx_graph.weight_range), which such CPUs need
+    # to compute what the graph says
+    target_cpu: str = "auto"
 
     def validate(self) -> None:
         from .placement import ACTIVATIONS, PLACEMENTS
 
+        if self.target_cpu not in TARGET_CPUS:
+            resolve_target_cpu(self.target_cpu)  # raises the InputError that explains the choices
         if self.placement not in PLACEMENTS:
             raise InputError(f"Q/DQ placement must be one of {PLACEMENTS}, got {self.placement!r}.")
         if self.activations not in ACTIVATIONS:
@@ -72,6 +80,8 @@ class QuantizeReport:
     settings: QuantizeSettings
     qdq: QDQReport
     log_path: Path | None = None  # ModelOpt's full log, next to ``path``
+    # {"requested", "resolved", "weight_bits", "narrowed_tensors", "why"}: see _apply_target_cpu
+    target_cpu: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -197,22 +207,25 @@ def _progress_reader(src: Path, input_name: str, calibration: np.ndarray, monito
 
 
 def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: QuantizeSettings,
-                       log: io.StringIO, monitor: Monitor) -> None:
+                       log: io.StringIO, monitor: Monitor, target: str) -> int:
     from .placement import quantize_cpu
 
     def on_batch(done: int, total: int) -> None:
         monitor.update(CALIBRATION_STAGE.replace("ModelOpt", "ONNX Runtime"), done, total)
 
     report = quantize_cpu(src, calibration, dst, activations=settings.activations, method=settings.method,
-                          fold_residual=settings.fold_residual, subpixel=settings.subpixel, on_batch=on_batch)
+                          fold_residual=settings.fold_residual, subpixel=settings.subpixel, on_batch=on_batch,
+                          target_cpu=target)
     log.write(f"CPU Q/DQ placement: {report.to_dict()}\n")
+    return report.narrowed_tensors
 
 
-def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray,
-                  settings: QuantizeSettings, log: io.StringIO, monitor: Monitor) -> None:
+def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray, settings: QuantizeSettings,
+                  log: io.StringIO, monitor: Monitor, target: str) -> int | None:
+    """Write the Q/DQ model to ``dst``; the "cpu" placement also narrows the weights for ``target`` and returns
+    how many tensors it narrowed (None: ModelOpt's placement, whose weights are still 8-bit)."""
     if settings.placement == "cpu":
-        _run_cpu_placement(src, dst, calibration, settings, log, monitor)
-        return
+        return _run_cpu_placement(src, dst, calibration, settings, log, monitor, target)
     with _captured_modelopt_log(log), _silent_third_party_bars():
         from modelopt.onnx.quantization import quantize
 
@@ -229,6 +242,29 @@ def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray
             nodes_to_exclude=list(settings.exclude_nodes) or None,
             log_level="INFO",
         )
+    return None
+
+
+WEIGHT_BITS_WHY = {
+    "avx2": ("Conv/ConvTranspose/MatMul/Gemm weights narrowed to 7 bits (|q| <= 64, scale x2): without VNNI/AMX, "
+             "x86 INT8 kernels add pairs of u8 x s8 products in 16 bits, which saturates with 8-bit weights "
+             "(2 x 255 x 127 > 32767)"),
+    "vnni": "8-bit weights: int8 dot-product instructions accumulate in 32 bits",
+}
+
+
+def _apply_target_cpu(produced: Path, settings: QuantizeSettings, target: str, why: str, log: io.StringIO,
+                      narrowed: int | None) -> dict[str, Any]:
+    """7-bit weights in ``produced`` for an "avx2" target, unless the placement did it (``narrowed`` given);
+    what was done, for ``QuantizeReport.target_cpu``."""
+    if target == "avx2" and narrowed is None:
+        from ..onnx_graph.weight_range import narrow_weights
+
+        narrow = narrow_weights(produced)
+        narrowed = narrow.narrowed_tensors
+        log.write(f"Weights for target CPU {target}: {narrow.to_dict()}\n")
+    return {"requested": settings.target_cpu, "resolved": target, "weight_bits": 7 if target == "avx2" else 8,
+            "narrowed_tensors": narrowed or 0, "why": f"{why}; {WEIGHT_BITS_WHY[target]}"}
 
 
 def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path,
@@ -237,6 +273,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
     settings = settings or QuantizeSettings()
     monitor = monitor or Monitor()
     settings.validate()
+    target, why = resolve_target_cpu(settings.target_cpu)
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     input_name, _, input_shape = onnx_io_names(fp32_onnx)
     calibration = validate_calibration(calibration, input_shape)
@@ -254,7 +291,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
         produced = workdir / "out" / "int8.onnx"
         produced.parent.mkdir()
         try:
-            _run_modelopt(src, produced, input_name, calibration, settings, log, monitor)
+            narrowed = _run_modelopt(src, produced, input_name, calibration, settings, log, monitor, target)
         except PTQError:  # cancelled between calibration batches
             raise
         except Exception as exc:
@@ -263,6 +300,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
                              f"(last log lines: {tail or 'none'})") from None
         if not produced.is_file():
             raise ModelError(f"ModelOpt finished without writing a model; log: {log.getvalue()[-300:]}")
+        target_cpu = _apply_target_cpu(produced, settings, target, why, log, narrowed)
         qdq = check_qdq(produced)
         monitor.check()  # a cancel that arrived after the last calibration batch
         with atomic_path(out_path, suffix=".onnx") as tmp:
@@ -275,13 +313,11 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
     monitor.update("quantize", 1, 1)
     return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
                           seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
-                          qdq=qdq, log_path=log_path)
+                          qdq=qdq, log_path=log_path, target_cpu=target_cpu)
 
 
 def quantize_settings_for(architecture: str, method: str = "max", exclude_nodes=(), exclude_op_types=()):
     """QuantizeSettings with ``architecture``'s exclusions added to the caller's."""
-    from ...quantization.quantize import QuantizeSettings
-
     from ..models.networks import high_precision
 
     rule = high_precision(architecture)

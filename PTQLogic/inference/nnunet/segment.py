@@ -158,6 +158,18 @@ def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_class
     return merged
 
 
+def _int8_warnings(models: Sequence[NnUNetModel]) -> list[str]:
+    """Quantized parts made for CPUs with int8 dot-product instructions, run on one without them."""
+    from ..input_checks import int8_target_warning
+
+    found = []
+    for model in models:
+        report_path = model.root / "quantization.json"
+        report = json.loads(report_path.read_text(encoding="utf-8")) if model.quantized and report_path.is_file() else {}
+        found += [note for note in (int8_target_warning(report, str(model.root)),) if note]
+    return found
+
+
 def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precision: str = "int8",
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
                    step_size: float | None = None, monitor: Monitor | None = None):
@@ -193,6 +205,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
     reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
     monitor.check()
+    on_cpu = str(run.info.device).lower().startswith("cpu")
+    warnings = _int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
     json_path, csv_path = write_label_tables(classes, output)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=run.info.runtime,
@@ -201,7 +215,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                           network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
                           agreement_dice=agreement, reference_dice=reference_dice,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
-                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds)
+                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings)
 
 
 class NnUNetKind:
