@@ -14,6 +14,7 @@ from PTQLogic.core.errors import EngineUnavailable, InputError, ModelError
 from PTQLogic.models.onnx_export import export_onnx
 from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
 from PTQLogic.core.spec import spec_from_dict
+from qdq_graphs import convs_after_a_concat
 
 PATCH = (16, 16, 16)
 
@@ -91,22 +92,6 @@ def test_int8_engines_quantize_but_agree(artifacts, runtime):
     assert agreement >= 0.95, f"{runtime} INT8 argmax agrees with FP32 on only {agreement:.3f} of voxels"
     # quantized arithmetic really ran: outputs differ clearly from FP32 (FP32 engines agree to 1e-4)
     assert (out - reference).abs().max().item() > 1e-3
-
-
-def convs_after_a_concat(path) -> int:
-    """Quantized convolutions whose input is a Concat's Q/DQ pair."""
-    graph = onnx.load(str(path)).graph
-    producer = {o: n for n in graph.node for o in n.output}
-
-    def through_qdq(name: str) -> str:
-        dq = producer.get(name)
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-        return source.op_type if source is not None else ""
-
-    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    return sum(n.op_type in ("Conv", "ConvTranspose") and n.input[1] in dq_outputs and through_qdq(n.input[0]) == "Concat"
-               for n in graph.node)
 
 
 def test_openvino_runs_quantized_convolutions_in_int8(artifacts):
