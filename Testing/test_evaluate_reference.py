@@ -71,6 +71,30 @@ def test_label_map_pairs_prediction_with_reference_labels(tmp_path, capsys):
     assert "warning: the reference has 1 label(s)" in err and "5" in err  # label sets differ
 
 
+def test_an_explicit_label_map_wins_over_label_tables_that_disagree(tmp_path, capsys):
+    """Both label tables say 1=liver, 2=spleen, but the reference voxels are swapped: --label-map 1=2,2=1 decides."""
+    from PTQLogic.evaluation.metrics import evaluate_files
+
+    pred = labels_array()
+    ref = np.zeros_like(pred)
+    ref[pred == 1], ref[pred == 2] = 2, 1
+    write(tmp_path / "pred.nii.gz", pred)
+    write(tmp_path / "ref.nii.gz", ref)
+    table = {"labels": [{"value": i, "name": n} for i, n in enumerate(["background", "liver", "spleen"])]}
+    (tmp_path / "pred.json").write_text(json.dumps(table))
+    (tmp_path / "ref_names.json").write_text(json.dumps({"1": "liver", "2": "spleen"}))
+    files = dict(prediction=tmp_path / "pred.nii.gz", reference=tmp_path / "ref.nii.gz",
+                 reference_labels=tmp_path / "ref_names.json", labels=[1, 2])
+    assert evaluate_files(**files).pairs == {1: 1, 2: 2}  # by name alone: the tables are read
+    result = evaluate_files(**files, label_map="1=2,2=1")
+    assert result.pairs == {1: 2, 2: 1} and result.dice.per_class == {1: 1.0, 2: 1.0}
+    code, stdout, err = run(["evaluate", "--prediction", files["prediction"], "--reference", files["reference"],
+                             "--reference-labels", files["reference_labels"], "--label-map", "1=2,2=1",
+                             "--labels", "1", "2", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["pairs"] == {"1": 2, "2": 1} and json.loads(stdout)["mean"] == 1.0
+
+
 def test_names_are_matched_through_label_tables(tmp_path):
     table = (SHARED_DATA / "totalsegmentator_total_labels.json")
     ref_names = json.loads(table.read_text()) if table.is_file() else {"1": "spleen", "5": "liver", "52": "aorta"}

@@ -19,17 +19,21 @@ def _reference(logits, runner, properties):
         logits.clone(), runner.plans_manager, runner.config, runner.label_manager, properties)
 
 
-@pytest.mark.parametrize("case", ["resampled", "anisotropic", "native", "cropped", "transposed", "ties", "torch"])
+@pytest.mark.parametrize("case", ["resampled", "anisotropic", "native", "cropped", "transposed", "transposed-thick",
+                                  "ties", "torch"])
 def test_per_class_export_equals_nnunets(case):
+    """``transposed-thick``: an isotropic plan, thick input slices and transposed axes, so the separate-z axis
+    comes from the input spacing in the network's axis order (transpose_forward, not _backward)."""
     target = {"anisotropic": [4.0, 1.0, 1.0]}.get(case, [1.5, 1.5, 1.5])
-    forward = (2, 0, 1) if case == "transposed" else (0, 1, 2)
+    forward = (2, 0, 1) if case.startswith("transposed") else (0, 1, 2)
     plan = plans(target, [16, 16, 16], transpose_forward=forward)
     if case == "torch":  # nnU-Net's other resampling function (newer plans)
         plan["configurations"]["3d_fullres"].update(resampling_fn_probabilities="resample_torch_fornnunet",
                                                     resampling_fn_probabilities_kwargs={"is_seg": False})
     runner = NnUNetRunner(plan, dataset(["background"] + [f"c{i}" for i in range(1, 7)]), "3d_fullres")
     cropped = (20, 23, 26)  # nnU-Net axis order, after cropping
-    spacing = {"native": [1.5, 1.5, 1.5], "anisotropic": [4.0, 0.7, 0.7]}.get(case, [1.0, 0.9, 1.2])
+    spacing = {"native": [1.5, 1.5, 1.5], "anisotropic": [4.0, 0.7, 0.7],
+               "transposed-thick": [0.8, 0.9, 3.5]}.get(case, [1.0, 0.9, 1.2])
     grid = tuple(int(round(s * sp / t)) for s, sp, t in zip(cropped, spacing, target))
     before = (24, 23, 30) if case == "cropped" else cropped
     bbox = [[2, 22], [0, 23], [1, 27]] if case == "cropped" else [[0, s] for s in cropped]
@@ -46,10 +50,10 @@ def test_per_class_export_equals_nnunets(case):
     assert np.array_equal(ours, reference) and len(np.unique(reference)) >= 4
     if case == "native":
         assert grid == cropped  # no resampling: nnunetv2 returns the logits as they are
-    if case == "anisotropic":  # nnU-Net's separate-z path (in-plane per slice, then nearest along z)
-        from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+    if case in ("anisotropic", "transposed-thick"):  # nnU-Net's separate-z path (in-plane per slice, then nearest
+        from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis  # along z)
 
-        assert determine_do_sep_z_and_axis(None, target, spacing, 3)[0]
+        assert determine_do_sep_z_and_axis(None, target, spacing, 3) == (True, 0 if case == "anisotropic" else 2)
 
 
 def test_export_reports_progress_per_class_and_can_be_cancelled():

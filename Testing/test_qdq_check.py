@@ -145,6 +145,22 @@ def tiny_graph(op_type, weight_shape, axis, scale_len, attrs=None):
     return helper.make_model(helper.make_graph(graph_nodes, "g", [x], [y], inits))
 
 
+@pytest.mark.parametrize("second_user", ["conv", "graph-output", "none"])
+def test_quantize_feeding_a_dequantize_and_something_else(second_user):
+    """One Q whose INT8 tensor reaches a DQ and also a Conv (or leaves the graph): one DQ user is not enough."""
+    model = tiny_graph("Conv", (3, 2, 1, 1, 1), 0, 3)
+    if second_user == "conv":
+        model.graph.node.append(helper.make_node("Conv", ["xq", "wd"], ["z"], name="rawConv"))
+        model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    elif second_user == "graph-output":
+        model.graph.output.append(helper.make_tensor_value_info("xq", TensorProto.INT8, None))
+    report = check_qdq(model)
+    rejected = [v for v in report.violations if v.startswith("xQ:")]
+    assert rejected == ([] if second_user == "none" else
+                        ["xQ: QuantizeLinear is not followed only by DequantizeLinear."]), report.violations
+    assert report.ok == (second_user == "none") and "op" in report.quantized
+
+
 @pytest.mark.parametrize("op_type, shape, axis, length, attrs, expect", [
     ("ConvTranspose", (2, 3, 2, 2, 2), 1, 3, None, "ok"),  # ModelOpt's choice
     ("ConvTranspose", (2, 3, 2, 2, 2), 0, 2, None, "note"),  # older TensorRT guidance

@@ -16,6 +16,7 @@ import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,8 @@ def test_mrml_calls_only_in_allowed_methods():
     assert len(MRML_ALLOWED) <= 10
 
 
-def test_self_test_is_registered_and_real():
+def test_source_registers_a_self_test_that_quantizes_and_segments():
+    """Reads the source and CMake lists only: the self-test itself runs inside Slicer."""
     tree = _module_tree()
     test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationTest")
     assert [b.id for b in test_cls.bases if isinstance(b, ast.Name)] == ["ScriptedLoadableModuleTest"]
@@ -342,9 +344,83 @@ def test_model_path_can_browse_folders_and_files():
     assert widget.ui.modelPathLineEdit.currentPath == "/data/nnUNet_results/Dataset001"
 
 
-def test_reusing_a_segmentation_node_never_loses_its_segments():
-    """Item 4: the result is built in a scratch node; the target gets a binary-labelmap source before it is
-    cleared, and is cleared only when the result is complete; the scratch node is always removed."""
+def _segmentation_node_standin(segments=None, name=""):
+    """A vtkMRMLSegmentationNode with the calls createOrUpdateSegmentation makes; segments: id -> (name, voxels)."""
+    seg = types.SimpleNamespace(segments=dict(segments or {}), source="Closed surface")
+
+    def remove_all():
+        assert seg.source == "Binary labelmap", "cleared with a closed-surface source: importing would fail"
+        seg.segments.clear()
+
+    def copy(other, segment_id):
+        seg.segments[segment_id] = other.segments[segment_id]
+        return True
+
+    seg.__dict__.update(AddEmptySegment=lambda sid, label, color: seg.segments.setdefault(sid, (label, 0)) and sid,
+                        GetSegment=lambda sid: types.SimpleNamespace(SetTerminology=lambda entry: None),
+                        SetSourceRepresentationName=lambda source: setattr(seg, "source", source),
+                        RemoveAllSegments=remove_all, GetNumberOfSegments=lambda: len(seg.segments),
+                        GetNthSegmentID=lambda i: list(seg.segments)[i], CopySegmentFromSegmentation=copy)
+    node = types.SimpleNamespace(segmentation=seg, name=name, GetSegmentation=lambda: seg, StartModify=lambda: 0)
+    for call in ("SetHideFromEditors", "SetReferenceImageGeometryParameterFromVolumeNode", "EndModify",
+                 "CreateDefaultDisplayNodes", "CreateClosedSurfaceRepresentation"):
+        setattr(node, call, lambda *args: None)
+    return node
+
+
+def _scene_standin(fail_at_segment=None):
+    """slicer with a scene of stand-in nodes; filling segment ``fail_at_segment`` raises (e.g. out of memory)."""
+    nodes = []
+
+    def add(cls, name):
+        nodes.append(_segmentation_node_standin(name=name))
+        return nodes[-1]
+
+    def fill(array, node, segment_id, reference):
+        if segment_id == fail_at_segment:
+            raise MemoryError("no memory for this segment")
+        name, _ = node.segmentation.segments[segment_id]
+        node.segmentation.segments[segment_id] = (name, int(array.sum()))
+
+    scene = types.SimpleNamespace(AddNewNodeByClass=add, RemoveNode=nodes.remove, GenerateUniqueName=str)
+    converter = types.SimpleNamespace(GetSegmentationBinaryLabelmapRepresentationName=lambda: "Binary labelmap")
+    return nodes, types.SimpleNamespace(mrmlScene=scene, vtkSegmentationConverter=converter,
+                                        util=types.SimpleNamespace(updateSegmentBinaryLabelmapFromArray=fill))
+
+
+@pytest.mark.parametrize("case", ["replaced", "failed-midway", "new-node"])
+def test_reusing_a_segmentation_node_never_loses_its_segments(case):
+    """Item 4, run against a stand-in of the few Slicer calls: the target's segments are replaced only once the
+    result is complete, a failure leaves them as they were, and the scratch node is always removed."""
+    from PTQLogic.core.errors import PTQError
+    from PTQLogic.slicer import support
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, :2], labels[2:] = 1, 2
+    standin_support = types.SimpleNamespace(load_volume_file=lambda path: types.SimpleNamespace(array=labels),
+                                            same_grid=lambda a, b: True,
+                                            segments_from_label_table=support.segments_from_label_table)
+    nodes, slicer_standin = _scene_standin(fail_at_segment="label_2" if case == "failed-midway" else None)
+    create = _method("PTQSegmentationLogic", "createOrUpdateSegmentation", support=standin_support,
+                     slicer=slicer_standin, PTQError=PTQError)
+    logic = types.SimpleNamespace(volumeFromNode=lambda node: node)
+    target = None if case == "new-node" else _segmentation_node_standin({"kept": ("kidney", 7)})
+    volume = types.SimpleNamespace(GetName=lambda: "CT")
+    if case == "failed-midway":
+        with pytest.raises(MemoryError):
+            create(logic, "labels.nrrd", {1: "liver", 2: "spleen"}, volume, target)
+        assert target.segmentation.segments == {"kept": ("kidney", 7)} and nodes == []
+        return
+    result = create(logic, "labels.nrrd", {1: "liver", 2: "spleen"}, volume, target)
+    assert result.segmentation.segments == {"label_1": ("liver", 12), "label_2": ("spleen", 60)}
+    assert result.segmentation.source == "Binary labelmap"
+    assert nodes == ([] if case == "replaced" else [result]) and (target is None or result is target)
+    assert case == "replaced" or result.name == "CT PTQ"
+
+
+def test_source_builds_in_a_scratch_node_before_clearing_the_target():
+    """Item 4, read from the source: the target gets a binary-labelmap source before it is cleared (also under
+    Slicer < 5.4's name), and is cleared only when the result is complete; the scratch node is always removed."""
     function = next(f for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationLogic"
                     for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "createOrUpdateSegmentation")
     first = {}

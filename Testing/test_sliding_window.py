@@ -27,6 +27,7 @@ class _Net(torch.nn.Module):
     ((40, 37, 30), (16, 16, 16), 0.25, "gaussian", 1),
     ((40, 37, 30), (16, 20, 12), 0.5, "constant", 3),
     ((10, 50, 7), (16, 16, 16), 0.25, "gaussian", 2),  # smaller than the window in two axes: padded
+    ((60, 80, 70), (32, 48, 40), 0.5, "gaussian", 2),  # a non-cubic Gaussian: sigma and weights per axis
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_labels_match_monai_sliding_window(shape, roi, overlap, mode, batch, channels_last):
