@@ -4,9 +4,7 @@ No Slicer imports here: the Slicer module (PTQSegmentation) is thin glue over th
 """
 __version__ = "0.1.0"
 
-import sys as _sys
+from .core.offline import stay_offline as _stay_offline
 
-# Nothing is sent and nothing is written to ~/intel: `import openvino` starts Intel's usage telemetry
-# (a client id in ~/intel/openvino_ga_cid, usage counters, Google Analytics events) unless the
-# `openvino_telemetry` package cannot be imported, in which case OpenVINO uses its own no-op stub.
-_sys.modules.setdefault("openvino_telemetry", None)
+# Before any library is imported: no telemetry (OpenVINO, ONNX Runtime, Ray), no caches written to ~.
+_stay_offline()

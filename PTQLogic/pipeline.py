@@ -8,16 +8,13 @@ grid. The model's kind decides how each is done (``quantization.quantizers``, ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from .core.progress import Monitor
 from .inference.interface import SegmentOptions
 from .inference.results import SegmentOutcome
-from .quantization.interface import QuantizeOptions
+from .quantization.interface import DEFAULT_GUARD, GuardTarget, QuantizeOptions
 from .quantization.result import QuantizeResult
-
-if TYPE_CHECKING:
-    from .quantization.guard import GuardTarget
 
 __all__ = ["quantize_model", "segment", "QuantizeResult", "SegmentOutcome"]
 
@@ -31,7 +28,7 @@ def quantize_model(
     seed: int = 0,
     method: str = "max",
     exclude_nodes: Sequence[str] = (),
-    guard: "GuardTarget | None" = None,
+    guard: GuardTarget | None = DEFAULT_GUARD,
     monitor: Monitor | None = None,
     folds: Sequence[str] | None = None,
     checkpoint: str = "checkpoint_final.pth",
@@ -42,7 +39,11 @@ def quantize_model(
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
-    ``placement``: "auto" places Q/DQ for the INT8 runtime here (``presets.resolve_placement``), or "modelopt"/"cpu".
+    ``guard``: the accuracy guard's target (default: agreement >= 0.98 with FP32 on held-out patches, on the runtime
+    that will run INT8; the most sensitive layers stay FP32 until it holds, else ``AccuracyError``); ``None``
+    measures and records the agreement without enforcing it.
+    ``placement``: "auto" (ModelOpt's, the fidelity default, ``presets.resolve_placement``), "modelopt" or "cpu"
+    (the opt-in CPU speed preset).
     ``target_cpu``: the CPU that will run the INT8 file: "auto" (this one), "vnni" (int8 dot-product instructions:
     AVX512-VNNI, AVX-VNNI, AMX; also for GPUs) or "avx2" (x86 without them: 7-bit convolution weights).
     """
@@ -70,9 +71,11 @@ def segment(
     step_size: float | None = None,
     label_map: str | dict[int, int] | None = None,
     torch_compile: str | None = None,
+    reference_labels: str | Path | None = None,
 ) -> SegmentOutcome:
     """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map
-    (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, name, else value).
+    (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, else by name through the
+    reference's label table ``reference_labels`` or the one beside it, else by value).
 
     Several models (part folders or a parts file) are nnU-Net parts merged into one map (TotalSegmentator's
     tasks); nnU-Net models run nnU-Net's own inference (``mirroring``: its test-time mirroring;
@@ -82,5 +85,5 @@ def segment(
 
     options = SegmentOptions(runtime=runtime, precision=precision, batch_size=batch_size, compare=compare,
                              reference=reference, device=device, mirroring=mirroring, step_size=step_size,
-                             label_map=label_map, torch_compile=torch_compile)
+                             label_map=label_map, torch_compile=torch_compile, reference_labels=reference_labels)
     return open_segmenter(model, options).segment(input_path, output, options, monitor or Monitor())

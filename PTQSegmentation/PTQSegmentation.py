@@ -58,7 +58,7 @@ class PTQSegmentationParameterNode:
     calibrationFolder: Path
     patches: Annotated[int, WithinRange(1, 4096)] = 32
     method: Annotated[str, Choice(["max", "entropy"])] = "max"
-    minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # accuracy guard; 0 = off
+    minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.98  # accuracy guard; 0 = measure only (--no-guard)
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too

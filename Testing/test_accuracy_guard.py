@@ -53,7 +53,8 @@ def outlier_spec(tmp_path_factory) -> Path:
 
 
 def test_ranking_finds_the_layers_with_outlier_inputs(outlier_spec, phantom_files, tmp_path):
-    model_dir = quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "plain", num_patches=8).model_dir
+    model_dir = quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "plain", num_patches=8,
+                               guard=None).model_dir
     from PTQLogic.quantization.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
     from PTQLogic.core.spec import load_spec
 
@@ -89,19 +90,47 @@ def test_guard_that_cannot_meet_its_target_fails_and_writes_nothing(outlier_spec
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
 
-def test_guard_cli_reports_kept_layers(outlier_spec, phantom_files, tmp_path, capsys):
+def test_guard_is_on_by_default_and_reports_kept_layers(outlier_spec, phantom_files, tmp_path, capsys):
+    from PTQLogic.app.cli import main
+    from PTQLogic.core.sysinfo import cpu_int8_target
+
+    code = main(["quantize", "--model", str(outlier_spec), "--calibration", *map(str, phantom_files["calibration"]),
+                 "--out", str(tmp_path / "cli"), "--patches", "8", "--guard-runtime", "onnxruntime"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"accuracy guard on onnxruntime, {cpu_int8_target()}" in out and "(target 0.9800)" in out
+    assert "/conv2/Conv" in out or "/head/Conv" in out
+    guard = json.loads((tmp_path / "cli" / "quantization.json").read_text())["guard"]
+    assert guard["enforced"] and guard["threshold"] == 0.98 and guard["met"] and guard["agreement"] >= 0.98
+    assert guard["isa"] == cpu_int8_target() and guard["device"] and guard["kept"]
+    assert guard["initial_agreement"] < 0.98 and "held_out" in guard
+
+
+def test_no_guard_measures_and_records_agreement_without_enforcing_it(outlier_spec, phantom_files, tmp_path,
+                                                                      capsys):
     from PTQLogic.app.cli import main
 
     code = main(["quantize", "--model", str(outlier_spec), "--calibration", *map(str, phantom_files["calibration"]),
-                 "--out", str(tmp_path / "cli"), "--patches", "8", "--min-agreement", "0.99",
-                 "--guard-runtime", "onnxruntime"])
+                 "--out", str(tmp_path / "plain"), "--patches", "8", "--no-guard", "--guard-runtime", "onnxruntime"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "accuracy guard on onnxruntime" in out and "/conv2/Conv" in out and "/head/Conv" in out
+    guard = json.loads((tmp_path / "plain" / "quantization.json").read_text())["guard"]
+    assert not guard["enforced"] and guard["threshold"] is None and guard["kept"] == []
+    assert guard["agreement"] < 0.97 and len(guard["steps"]) == 1  # the broken INT8 is kept, and says so
+    assert f"FP32-vs-INT8 agreement {guard['agreement']:.4f} on onnxruntime" in out and "not enforced" in out
+
+
+def test_cpu_placement_is_checked_and_says_it_cannot_keep_layers(outlier_spec, phantom_files, tmp_path):
+    with pytest.raises(AccuracyError, match="'cpu' placement cannot keep layers in FP32.*--no-guard"):
+        quantize_model(outlier_spec, phantom_files["calibration"], tmp_path / "cpu", num_patches=8,
+                       placement="cpu", guard=GuardTarget(min_agreement=0.98, runtime="onnxruntime"))
+    assert not (tmp_path / "cpu").exists()
 
 
 @pytest.mark.parametrize("args", [["--min-agreement", "1.5"], ["--max-dice-drop", "-0.1"],
-                                  ["--min-agreement", "0.9", "--max-kept-layers", "0"]])
+                                  ["--min-agreement", "0.9", "--max-kept-layers", "0"],
+                                  ["--min-agreement", "0.9", "--max-dice-drop", "0.01"],
+                                  ["--no-guard", "--min-agreement", "0.9"]])
 def test_guard_settings_are_validated_before_work(outlier_spec, tmp_path, capsys, args):
     from PTQLogic.app.cli import main
 

@@ -4,14 +4,18 @@
 sizes, memory, percentages, Dice/agreement values, the numbers of its measurement tables) appears in
 CURRENT.md's first column, unless the short allow-list below says why it is not a measurement of this
 project; (c) every result path cited by benchmarks/README.md, README.md, results/README.md and docs/*.md exists
-(older rounds live in results/archive/).
+(older rounds live in results/archive/); (d) every speedup of CURRENT.md's "how it follows" column appears in
+its raw files or is the quotient of two numbers that do; (e) no raw file is git-ignored (a clone would lack it).
 A new measured number in the README without a CURRENT.md row fails (b).
 """
 from __future__ import annotations
 
 import itertools
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -175,3 +179,65 @@ def test_benchmarks_readme_cites_existing_result_files():
             if not any(RESULTS.glob(one)):
                 missing.append(one)
     assert not missing, f"benchmarks/README.md cites result files that do not exist: {missing}"
+
+
+RATIO = re.compile(r"(?<![\w.])(\d+\.\d+)x")
+PLAIN_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.]*x\b)(?!\.\d)")
+
+
+def unbacked_ratios(how: str, raw_text: str) -> list[str]:
+    """Speedups ("1.63x") of a row's "how it follows" column that its raw files do not back: each must appear
+    in the files as written, or be the quotient of the two numbers just before it ("173.1/106.5 = 1.63x"),
+    both of which appear in the files."""
+    def in_raw(number: str) -> bool:
+        return re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", raw_text) is not None
+
+    unbacked = []
+    for match in RATIO.finditer(how):
+        if in_raw(match.group(0)):
+            continue
+        clause = re.split(r"[;:]", how[:match.start()])[-1]
+        numbers = [n for n in PLAIN_NUMBER.findall(clause) if not n.isdigit() or len(n) > 1]
+        if len(numbers) >= 2:
+            a, b = numbers[-2:]
+            if in_raw(a) and in_raw(b) and abs(float(a) / float(b) - float(match.group(1))) <= 0.006:
+                continue
+        unbacked.append(match.group(0))
+    return unbacked
+
+
+def _raw_text(files_cell: str) -> str:
+    paths = [p for pattern in re.findall(r"`([^`]+)`", files_cell) for one in expand(pattern) for p in ROOT.glob(one)]
+    return "\n".join(p.read_text(encoding="utf-8") for p in paths)
+
+
+def test_every_speedup_of_current_md_is_in_its_raw_files():
+    """CURRENT.md's derivations are checked against the files it names, not only its file names."""
+    checked, unbacked = 0, {}
+    for figure, _what, how, files in current_rows():
+        missing = unbacked_ratios(how, _raw_text(files))
+        checked += len(RATIO.findall(how))
+        if missing:
+            unbacked[figure] = missing
+    assert checked >= 50, "no speedups found in CURRENT.md's third column: table layout changed?"
+    assert not unbacked, f"CURRENT.md speedups that neither appear in nor follow from their raw files: {unbacked}"
+
+
+def test_unbacked_ratio_check_is_real():
+    raw = "| unet_in | fp32sub | 173.1 |\n| unet_in | u8sub | 106.5 | 1.90x |"
+    assert unbacked_ratios("medians 173.1/106.5 = 1.63x; column: 1.90x", raw) == []
+    assert unbacked_ratios("medians 173.1/106.5 = 1.73x", raw) == ["1.73x"]  # wrong quotient
+    assert unbacked_ratios("medians 173.1/101.5 = 1.71x", raw) == ["1.71x"]  # a number not in the file
+    assert unbacked_ratios("column: 1.95x", raw) == ["1.95x"]
+    assert unbacked_ratios("column: 0.90x", "| 10.90x |") == ["0.90x"]  # a whole number, not a tail
+
+
+def test_raw_files_are_not_git_ignored():
+    """A raw file under an ignored path would exist here but never reach a clone."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = sorted({str(p.relative_to(ROOT)) for *_, files in current_rows()
+                    for pattern in re.findall(r"`([^`]+)`", files) for one in expand(pattern) for p in ROOT.glob(one)})
+    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode in (0, 1), result.stderr
+    assert not result.stdout.strip(), f"CURRENT.md names git-ignored raw files: {result.stdout.split()}"

@@ -134,7 +134,7 @@ def test_workers_that_cannot_open_the_engine_fail_clearly(cluster, volumes, quan
 
     with pytest.raises(EngineUnavailable, match="(?i)tensorrt"):
         run_cohort(quantized_unet, volumes[:1], tmp_path / "out", workers=2, runtime="tensorrt")
-    assert not list((tmp_path / "out").glob("*_labels.nii.gz"))  # the next test reuses the freed CPUs
+    assert not (tmp_path / "out").exists()  # no label tables, no empty folder (the next test reuses the CPUs)
 
 
 def test_resume_after_interruption(cluster, volumes, quantized_unet, tmp_path):
@@ -172,7 +172,7 @@ def test_interrupted_run_leaves_no_worker_files(cluster, volumes, quantized_unet
     """Workers killed on Ctrl-C cannot clean up: their model copies and volumes live in a folder the driver removes."""
     import tempfile
 
-    from PTQLogic.cohort import runner
+    from PTQLogic.cohort import scratch
 
     made: list[Path] = []
     real_mkdtemp = tempfile.mkdtemp
@@ -181,17 +181,17 @@ def test_interrupted_run_leaves_no_worker_files(cluster, volumes, quantized_unet
         made.append(Path(real_mkdtemp(*args, **kwargs)))
         return str(made[-1])
 
-    monkeypatch.setattr(runner.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(scratch.tempfile, "mkdtemp", mkdtemp)
     seen: list[str] = []
 
     def interrupt(_input, _pid):
-        seen.extend(sorted(p.name.split("-")[1] for p in made[0].iterdir()))
+        seen.extend(sorted(p.name.split("-")[1] if "-" in p.name else p.name for p in made[0].iterdir()))
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_cohort(quantized_unet, volumes, tmp_path / "out", workers=1, on_dispatch=interrupt)
-    assert made and made[0].name.startswith("ptqseg-batch-")
-    assert seen == ["volumes", "worker"]  # the worker kept its files there
+    assert made and made[0].name.startswith(f"ptqseg-batch-{os.getpid()}-")  # a later run knows whose it is
+    assert seen == ["model", "volumes", "worker"]  # the model the workers copy, and the worker's own files
     assert not made[0].exists()
     _no_partials(tmp_path / "out")
 
@@ -224,7 +224,7 @@ def test_inputs_from_lists_and_repeated_names(tmp_path):
     assert [i.input for i in items] == [(tmp_path / p / "ct.nii.gz").resolve() for p in ("p1", "p2")]
     assert [i.output.name for i in items] == ["p1__ct_labels.nii.gz", "p2__ct_labels.nii.gz"]
     (tmp_path / "notes.json").write_text("{}")
-    with pytest.raises(InputError, match="single-file volume"):
+    with pytest.raises(InputError, match="is not a volume"):
         collect_inputs([tmp_path / "notes.json"], tmp_path / "out")
 
 
@@ -260,3 +260,91 @@ def test_torch_compile_workers(quantized_unet, volumes, tmp_path):
     worker = VolumeWorker(pack_model_dir(quantized_unet), "torch", "fp32", None, 1, str(tmp_path), None,
                           torch_compile="default")
     assert worker.engine.compile_mode == "default" and worker.engine.compile_seconds is not None
+
+
+def test_torch_runtime_runs_fp32_by_default_and_refuses_int8_before_ray(cluster, volumes, quantized_unet, tmp_path):
+    """segment-batch --runtime torch without --precision runs FP32, as its help says; with int8 it fails before
+    any cluster or output exists (it used to start Ray, fail late and leave labels.nii.gz.labels.json)."""
+    import PTQLogic.cohort.runner as runner
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(runner, "connect", lambda *a, **k: pytest.fail("Ray was started for a refused run"))
+    try:
+        with pytest.raises(InputError, match="--runtime torch cannot run int8"):
+            run_cohort(quantized_unet, volumes[:1], tmp_path / "refused", runtime="torch", precision="int8")
+    finally:
+        monkeypatch.undo()
+    assert not (tmp_path / "refused").exists()
+    summary = run_cohort(quantized_unet, volumes[:1], tmp_path / "out", workers=1, runtime="torch")
+    row, = _rows(tmp_path / "out")
+    assert summary.done == 1 and (row["runtime"], row["precision"], row["status"]) == ("torch", "fp32", "done")
+
+
+def _write_dicom_series(array: np.ndarray, spacing: tuple[float, float, float], folder: Path, uid: str) -> None:
+    """One CT slice file per k-index of ``array`` (KJI), a real DICOM series SimpleITK/GDCM reads back."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, plane in enumerate(array.astype(np.int16)):
+        image = sitk.GetImageFromArray(plane)
+        image.SetSpacing(spacing[:2])
+        tags = {"0008|0060": "CT", "0010|0020": "P1", "0020|000d": "1.2.3", "0020|000e": uid,
+                "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{spacing[2] * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}"}
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{uid}_{k:03d}.dcm"))
+        writer.Execute(image)
+
+
+def test_dicom_folders_are_volumes(cluster, quantized_unet, tmp_path):
+    """A folder of DICOM-series folders (and a DICOM folder itself, or one in a list) is a cohort, as
+    `segment --input FOLDER` takes one series: its label map equals that of the same voxels as NIfTI."""
+    import SimpleITK as sitk
+
+    from PTQLogic.cohort import collect_inputs
+    from PTQLogic.io.volumes import read_volume
+    from PTQLogic.samples.phantom import make_phantom
+
+    image, _ = make_phantom(77, shape=(40, 48, 44))
+    cohort = tmp_path / "cohort"
+    _write_dicom_series(image.array, (1.5, 1.5, 1.5), cohort / "patient1", "1.2.3.4")
+    series = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(cohort / "patient1"))
+    sitk.WriteImage(sitk.ReadImage(list(series)), str(cohort / "patient2.nii.gz"))  # the same voxels and grid
+    for uid in ("1.2.3.5", "1.2.3.6"):  # two series in one folder: which one is meant is not known
+        _write_dicom_series(image.array[:4], (1.5, 1.5, 1.5), tmp_path / "two", uid)
+    (tmp_path / "list.txt").write_text("two\n")
+
+    assert [i.input.name for i in collect_inputs([cohort / "patient1"], tmp_path / "o")] == ["patient1"]
+    with pytest.raises(InputError, match="2 DICOM series"):
+        collect_inputs([tmp_path / "list.txt"], tmp_path / "o")
+    out = tmp_path / "out"
+    summary = run_cohort(quantized_unet, [cohort], out, workers=1)
+    rows = {Path(r["input"]).name: r for r in _rows(out)}
+    assert summary.done == 2 and sorted(rows) == ["patient1", "patient2.nii.gz"]
+    from_dicom, from_nifti = (read_volume(out / f"{name}_labels.nii.gz") for name in ("patient1", "patient2"))
+    assert from_dicom.same_grid(from_nifti) and from_dicom.array.max() > 0
+    assert np.array_equal(from_dicom.array, from_nifti.array)
+    again = run_cohort(quantized_unet, [cohort], out, workers=1)  # the DICOM folder's digest is stable
+    assert (again.skipped, again.done) == (2, 0)
+
+
+def test_killed_runs_scratch_folders_are_removed_by_the_next(tmp_path):
+    """`kill -9` of segment-batch leaves its /tmp/ptqseg-batch-<pid>-* folder: the next run removes those whose
+    process is gone, and keeps those of runs still going."""
+    from PTQLogic.cohort.scratch import remove_stale_scratch_dirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"ptqseg-batch-{gone.pid}-abc123"
+    (stale / "ptqseg-worker-x").mkdir(parents=True)
+    (stale / "ptqseg-worker-x" / "model.onnx").write_bytes(b"x" * 100)
+    running = tmp_path / f"ptqseg-batch-{os.getpid()}-def456"
+    running.mkdir()
+    other = tmp_path / "ptqseg-batch-notapid"  # not named by a process: left alone
+    other.mkdir()
+    assert remove_stale_scratch_dirs(tmp_path) == [stale]
+    assert not stale.exists() and running.is_dir() and other.is_dir()

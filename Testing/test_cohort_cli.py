@@ -51,3 +51,26 @@ def test_ctrl_c_stops_cleanly_then_rerun_finishes(quantized_unet, tmp_path):
     summary = json.loads(done.stdout)
     assert (summary["skipped"], summary["done"], summary["failed"]) == (len(rows), 6 - len(rows), 0)
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 6
+
+
+def _loopback_down_available() -> bool:
+    import shutil
+
+    unshare = shutil.which("unshare")
+    return bool(unshare) and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _loopback_down_available(), reason="needs `unshare -n` (root or user namespaces) to run "
+                                                           "with the loopback network down")
+def test_loopback_down_fails_at_once_with_one_error(quantized_unet, phantom_files, tmp_path):
+    """In a network namespace whose loopback is down, Ray retried its GCS for 10 minutes ("Failed to connect
+    to GCS"); now: one error line within seconds, nothing written."""
+    command = ["unshare", "-n", sys.executable, "-m", "PTQLogic.app.cli", "segment-batch", "--model",
+               str(quantized_unet), "--inputs", str(phantom_files["image"]), "--output-dir", str(tmp_path / "out")]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "loopback" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()

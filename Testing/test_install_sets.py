@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from PTQLogic.core.sysinfo import GPU_PROVIDERS, system_info, usable_onnxruntime_providers
 
@@ -73,6 +75,66 @@ def test_readme_first_command_picks_the_set_for_the_machine():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "set_name=cpu" in ci and '".[$set_name,nnunet,cluster,test]" torch==2.13.0' in ci
     assert first.count("torch==2.13.0") == 2  # named again: keeps the CPU torch while nnunet brings torchvision
+    assert "pip install -c constraints.txt -e" in first  # the versions CI tested
+    assert "$constraints -e" in ci and 'constraints="-c constraints.txt"' in ci and "--newest" in ci
+
+
+def _constraints() -> dict[str, Requirement]:
+    lines = (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# Versions CI tested"), "constraints.txt starts with what it is and how it was made"
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    names = [canonicalize_name(pin.name) for pin in pins]
+    assert len(names) == len(set(names)), "a package constrained twice"
+    return dict(zip(names, pins))
+
+
+def test_constraints_pin_every_dependency_of_the_tested_sets():
+    pins = _constraints()
+    direct = PYPROJECT["project"]["dependencies"] + [r for extra in ("cpu", "nnunet", "cluster", "test")
+                                                     for r in EXTRAS[extra]]
+    unpinned = {canonicalize_name(Requirement(r).name) for r in direct} - set(pins)
+    assert not unpinned, f"constraints.txt misses direct dependencies: {sorted(unpinned)}"
+    for name, pin in pins.items():
+        operator = "<=" if name in ("onnx", "onnxruntime") else "=="
+        assert [s.operator for s in pin.specifier] == [operator], pin
+    assert "torch==2.13.0" in {str(pin) for pin in pins.values()}  # the torch the README names
+    assert not [name for name in pins if name.startswith(GPU_ONLY)], "GPU-only packages are not tested by CI"
+
+
+@pytest.mark.parametrize("platform", [{"platform_machine": "x86_64", "platform_system": "Linux"},
+                                      {"platform_machine": "aarch64", "platform_system": "Linux"}])
+def test_constraints_leave_the_gpu_set_resolvable(platform):
+    """Every package the pinned ModelOpt's [onnx] extra asks for (the gpu set) has an allowed version: an
+    exact pin of the CPU set's newer onnx or onnxruntime would make `.[gpu]` unresolvable."""
+    pins = _constraints()
+    modelopt = pins["nvidia-modelopt"]
+    metadata = _modelopt_metadata(str(next(iter(modelopt.specifier)).version))
+    environment = {"python_version": "3.11", "python_full_version": "3.11.7", **platform, "extra": "onnx"}
+    checked = 0
+    for requirement in map(Requirement, metadata):
+        name = canonicalize_name(requirement.name)
+        if not requirement.marker or "extra" not in str(requirement.marker) or name not in pins:
+            continue
+        if not requirement.marker.evaluate(environment):
+            continue
+        pinned = pins[name].specifier
+        candidates = [str(s.version) for s in pinned] + [str(s.version) for s in requirement.specifier]
+        assert any(pinned.contains(v) and requirement.specifier.contains(v) for v in candidates), (
+            f"constraints.txt '{pins[name]}' excludes every version nvidia-modelopt[onnx] accepts ({requirement})")
+        checked += 1
+    assert checked >= 3, "nvidia-modelopt[onnx]'s requirements on onnx, onnx-graphsurgeon, ... not found"
+
+
+def _modelopt_metadata(version: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("nvidia-modelopt")
+    except PackageNotFoundError:
+        pytest.skip("nvidia-modelopt is not installed (its metadata holds the gpu set's requirements)")
+    if dist.version != version:
+        pytest.skip(f"installed nvidia-modelopt {dist.version} is not the constrained {version}")
+    return dist.requires or []
 
 
 def test_info_lists_no_gpu_provider_without_a_gpu():

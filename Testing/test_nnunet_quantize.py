@@ -37,7 +37,7 @@ def images(tmp_path_factory):
 
 def _quantize(folder, out, images, capsys, patches=4):
     code = main(["quantize", "--model", str(folder), "--calibration", *images["calibration"], "--out", str(out),
-                 "--patches", str(patches), "--json"])
+                 "--patches", str(patches), "--no-guard", "--json"])  # random weights: agreement is not the point
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out)
@@ -88,6 +88,16 @@ def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, cap
         assert any("does not pay off in speed" in w for w in result["warnings"]) == slower
     table = json.loads(label_table_paths(tmp_path / "openvino8.nii.gz")[0].read_text())
     assert [row["name"] for row in table["labels"]] == LABELS
+    # Dice against a reference pairs classes as `evaluate` does: by name through the label tables, else --label-map
+    truth = str(tmp_path / "original.nii.gz")
+    same = _segment(out, images["image"], tmp_path / "t1.nii.gz", capsys, "--runtime", "torch", "--precision", "fp32",
+                    "--reference", truth)
+    assert same["reference_dice"] == 1.0 and not same["warnings"]
+    swapped = _segment(out, images["image"], tmp_path / "t2.nii.gz", capsys, "--runtime", "torch", "--precision",
+                       "fp32", "--reference", truth, "--label-map", "1=2,2=1")
+    assert swapped["reference_dice"] < 0.5 and swapped["reference_per_class"]["3 kidney_right"] == 1.0
+    code = main(["segment", "--model", str(out), "--input", truth, "--output", str(tmp_path / "x.nii.gz")])
+    assert code == 2 and "looks like a label map" in capsys.readouterr().err  # refused, as for other models
     _segment(out, images["image"], tmp_path / "openvino8.seg.nrrd", capsys, "--runtime", "openvino")
     header = sitk.ReadImage(str(tmp_path / "openvino8.seg.nrrd"))  # Slicer's segment names are the classes
     assert [header.GetMetaData(f"Segment{i}_Name") for i in range(3)] == LABELS[1:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from PTQLogic.app.benchmark import run_benchmark
 from PTQLogic.app.cli import main
 from PTQLogic.core.fileio import sha256_file
+from PTQLogic.core.sysinfo import cpu_int8_target
 from PTQLogic.io.volumes import read_volume
 from PTQLogic.models.model_folder import open_model_dir
 from PTQLogic.pipeline import quantize_model
@@ -50,6 +52,36 @@ def test_int8_keeps_dice_on_cpu_runtimes(sample, request, phantom_files, tmp_pat
         assert int8["size_mb"] <= 0.35 * fp32["size_mb"]
     assert (tmp_path / "benchmark.md").read_text(encoding="utf-8").count("|") > 10
     assert (tmp_path / "latency_vs_size.png").stat().st_size > 1000
+    guard = open_model_dir(model).report()["guard"]  # quantized with defaults: the guard was on and held
+    assert guard["enforced"] and guard["met"] and guard["threshold"] == 0.98 and guard["agreement"] >= 0.98
+    assert guard["isa"] == cpu_int8_target() and guard["runtime"] in ("openvino", "onnxruntime")
+
+
+@pytest.mark.skipif(cpu_int8_target() == "avx2", reason="this CPU has no int8 dot products: the test above runs "
+                    "OpenVINO on its AVX2 path already")
+def test_int8_keeps_fp32_answer_on_emulated_avx2(phantom_files, tmp_path):
+    """A folder made for AVX2 CPUs (7-bit weights) on this CPU and on OpenVINO with oneDNN capped below VNNI (what
+    an AVX2-only CPU runs; AVX512_CORE, since ONEDNN_MAX_CPU_ISA=AVX2 breaks OpenVINO on AMX Xeons): agreement
+    >= 0.98 on both, within 0.01 of each other."""
+    import subprocess
+    import sys
+
+    from conftest import SAMPLE_UNET
+
+    model = quantize_model(SAMPLE_UNET, phantom_files["calibration"], tmp_path / "avx2", num_patches=8,
+                           target_cpu="avx2").model_dir
+
+    script = ("import json, sys; from PTQLogic.pipeline import segment; "
+              "o = segment(sys.argv[1], sys.argv[2], sys.argv[3], runtime='openvino', compare=True); "
+              "print(json.dumps(o.agreement_dice))")
+    agreements = []
+    for cap in (None, "AVX512_CORE"):
+        env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": cap} if cap else {})}
+        done = subprocess.run([sys.executable, "-c", script, str(model), str(phantom_files["image"]),
+                               str(tmp_path / f"{cap}.nii.gz")], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        agreements.append(float(done.stdout.strip().splitlines()[-1]))
+    assert min(agreements) >= 0.98 and abs(agreements[0] - agreements[1]) <= 0.01, agreements
 
 
 @pytest.mark.parametrize("runtime", ["openvino", "onnxruntime", "torch"])

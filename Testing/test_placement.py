@@ -179,15 +179,15 @@ def test_normalization_tail_is_quantized_once(network, tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], {"placement": "cpu", "activations": "s8", "subpixel": False}),
-    (["--placement", "auto"], {"placement": "cpu", "activations": "s8", "subpixel": False}),
+    ([], {"placement": "modelopt", "activations": "s8", "subpixel": False}),
+    (["--placement", "auto"], {"placement": "modelopt", "activations": "s8", "subpixel": False}),
     (["--placement", "modelopt"], {"placement": "modelopt", "activations": "s8", "subpixel": False}),
     (["--activations", "u8", "--subpixel"], {"placement": "cpu", "activations": "u8", "subpixel": True}),
 ], ids=["default", "auto", "modelopt", "u8-implies-cpu"])
 def test_quantize_places_qdq_for_the_int8_runtime_by_default(tmp_path, capsys, flags, expected):
-    """Without --placement, ``quantize`` uses the placement for the runtime ``segment --runtime auto`` would use
-    for INT8 here (OpenVINO on this CPU: the 'cpu' s8 placement), says so, and records it; --activations or
-    --subpixel alone mean the 'cpu' placement; an explicit placement is kept."""
+    """Without --placement, ``quantize`` uses the fidelity placement (ModelOpt's) for every runtime, says so and
+    why, and records it; --activations or --subpixel alone mean the 'cpu' placement (the opt-in speed preset);
+    an explicit placement is kept."""
     import json
 
     from PTQLogic.app.cli import main
@@ -203,7 +203,7 @@ def test_quantize_places_qdq_for_the_int8_runtime_by_default(tmp_path, capsys, f
     data = json.loads(capsys.readouterr().out)
     auto_line = data["placement"].pop("auto")
     assert code == 0 and data["placement"] == expected
-    assert ("INT8 runs on openvino here" in auto_line) == (flags in ([], ["--placement", "auto"]))
+    assert ("keeps FP32's answer best" in auto_line) == (flags in ([], ["--placement", "auto"]))
     settings = json.loads((tmp_path / "q" / "quantization.json").read_text())["settings"]
     assert (settings["placement"], settings["activations"]) == (expected["placement"], expected["activations"])
 
@@ -211,10 +211,11 @@ def test_quantize_places_qdq_for_the_int8_runtime_by_default(tmp_path, capsys, f
 def test_resolve_placement_rules():
     from PTQLogic.quantization.presets import placement_for_runtime, resolve_placement
 
-    assert resolve_placement("auto", guarded=True)[:3] == ("modelopt", "s8", False)
+    assert resolve_placement("auto")[:3] == ("modelopt", "s8", False)  # fidelity first: the speed preset is opt-in
     assert resolve_placement("auto", excludes_nodes=True)[0] == "modelopt"
     assert resolve_placement("auto", architecture="SwinUNETR")[3].endswith("high precision through it)")
-    assert resolve_placement("auto", architecture="UNet")[0] == "cpu"  # OpenVINO runs INT8 here
+    assert resolve_placement("auto", architecture="UNet")[0] == "modelopt"
+    assert "--placement cpu" in resolve_placement("auto", architecture="UNet")[3]
     placement, _, _, line = resolve_placement("auto", nnunet=True)
     assert placement == "modelopt" and "nnU-Net" in line
     assert resolve_placement("cpu", "u8", True) == ("cpu", "u8", True, "")

@@ -20,9 +20,9 @@ from PTQLogic.core.progress import LOADING_STAGE, Monitor, TqdmProgress, parse_p
 from conftest import ROOT, SAMPLE_UNET
 
 
-@pytest.mark.parametrize("placement, stage", [([], "calibration (ONNX Runtime)"),
-                                              (["--placement", "modelopt"], "calibration (ModelOpt)")],
-                         ids=["default-auto-cpu", "modelopt"])
+@pytest.mark.parametrize("placement, stage", [(["--placement", "cpu"], "calibration (ONNX Runtime)"),
+                                              ([], "calibration (ModelOpt)")],
+                         ids=["cpu", "default-auto-modelopt"])
 def test_entropy_quantize_shows_only_our_progress_lines(phantom_files, tmp_path, placement, stage):
     started = time.perf_counter()
     proc = subprocess.Popen(

@@ -141,25 +141,18 @@ def test_reference_labels_match_classes_by_name():
 def test_command_lines_and_parsing():
     q = ss.quantize_command("py", "spec.json", ["a.nrrd", Path("b")], "out", 4, "entropy")
     assert q == ["py", "-m", "PTQLogic.app.cli", "quantize", "--model", "spec.json", "--calibration", "a.nrrd", "b",
-                 "--out", "out", "--patches", "4", "--method", "entropy", "--placement", "auto",
-                 "--progress-lines", "--json"]
-    guarded = ss.quantize_command("py", "spec.json", ["a.nrrd"], "out", 4, "max", min_agreement=0.98,
-                                  runtime="openvino")
-    assert guarded[guarded.index("--min-agreement") + 1] == "0.98"
-    from PTQLogic.app.cli import build_parser  # the option the module passes exists in the real CLI
+                 "--out", "out", "--patches", "4", "--method", "entropy", "--min-agreement", "0.98",
+                 "--guard-runtime", "auto", "--progress-lines", "--json"]  # the guard is on by default
+    from PTQLogic.app.cli import build_parser  # the options the module passes exist in the real CLI
 
     parser = build_parser()
-    parsed = parser.parse_args(guarded[3:-2])
-    from PTQLogic.quantization.presets import resolve_placement
-
-    assert parsed.min_agreement == 0.98 and parsed.placement is None  # default auto: the guard keeps ModelOpt's
-    assert resolve_placement("auto", guarded=True)[0] == "modelopt"
-    # the Q/DQ placement follows the runtime chosen for segmenting
-    for runtime, expected in (("tensorrt", ("modelopt", "s8", False)), ("openvino", ("cpu", "s8", False)),
-                              ("onnxruntime", ("cpu", "u8", True)), ("auto", ("auto", "s8", False)),
-                              ("torch", ("auto", "s8", False))):
-        args = parser.parse_args(ss.quantize_command("py", "spec.json", ["a"], "o", 4, "max", runtime=runtime)[3:-2])
-        assert (args.placement, args.activations, args.subpixel) == expected, runtime
+    for minimum, runtime, expected in ((0.95, "openvino", (0.95, False, "openvino")),
+                                       (0.0, "onnxruntime", (None, True, "onnxruntime")),
+                                       (None, "torch", (None, True, "auto"))):
+        command = ss.quantize_command("py", "spec.json", ["a"], "o", 4, "max", min_agreement=minimum, runtime=runtime)
+        args = parser.parse_args(command[3:-2])
+        assert (args.min_agreement, args.no_guard, args.guard_runtime) == expected, command
+        assert args.placement is None  # auto: the fidelity placement
     s = ss.segment_command("py", "m", "in.nrrd", "out.nrrd", "auto", "int8", True, reference="ref.nrrd")
     assert s[:4] == ["py", "-m", "PTQLogic.app.cli", "segment"] and s[-2:] == ["--progress-lines", "--json"]
     assert "--compare" in s and s[s.index("--reference") + 1] == "ref.nrrd"

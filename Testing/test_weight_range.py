@@ -319,15 +319,21 @@ def test_every_quantize_path_records_the_target(quantized_unet, tmp_path):
 def test_nnunet_folds_record_the_target(tmp_path):
     from nnunet_factory import dataset, plans, write_folder, write_image
     from PTQLogic.quantization.nnunet import quantize_nnunet
+    from PTQLogic.quantization.guard import GuardTarget
     from PTQLogic.samples.phantom import make_phantom
 
     folder = write_folder(tmp_path, plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(["background", "liver"]))
     image = write_image(make_phantom(11, (36, 36, 36), (1.5, 1.5, 1.5))[0], tmp_path / "cal.nii.gz")
-    result = quantize_nnunet(folder, [image], tmp_path / "out", num_patches=2)
+    result = quantize_nnunet(folder, [image], tmp_path / "out", num_patches=2,
+                             guard=GuardTarget(min_agreement=0.01, runtime="onnxruntime"))
     summary = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert summary == result.report or summary.keys() == result.report.keys()
     fold = summary["folds"]["0"]["target_cpu"]
     assert fold["requested"] == "auto" and fold["resolved"] in ("vnni", "avx2")
+    guard = summary["folds"]["0"]["guard"]  # each fold's INT8 went through the guard, on held-out patches
+    assert guard["enforced"] and guard["met"] and guard["runtime"] == "onnxruntime" and 0 <= guard["agreement"] <= 1
+    assert guard["isa"] == fold["resolved"] and "patches" in guard["held_out"]
+    assert result.to_dict()["agreement"] == guard["agreement"]
 
 
 # --- what it does on a CPU without int8 dot products --------------------------------------------------------

@@ -152,8 +152,12 @@ def run_benchmark(
     batch_size: int = 1,
     save_labels: bool = False,
     monitor: Monitor | None = None,
+    label_map: str | dict[int, int] | None = None,
+    reference_labels: str | Path | None = None,
 ) -> dict[str, Any]:
-    from ..evaluation.metrics import check_label_map, label_table_next_to
+    """``label_map`` and ``reference_labels`` pair the model's classes with the reference's labels for Dice,
+    as in ``ptqseg evaluate`` (explicit pairs, else names, else values)."""
+    from ..evaluation.metrics import check_label_map, parse_label_map, reference_names
     from ..io.volumes import read_volume
     from ..models.model_folder import open_model_dir
 
@@ -164,16 +168,19 @@ def run_benchmark(
     spec = model_dir.spec()
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
     ref = read_volume(reference) if reference else None
-    ref_names = None
+    pairing = None
     if ref is not None:  # the same checks and Dice as `ptqseg evaluate` and `segment --reference`
         check_label_map(ref.array, f"Reference '{reference}'")
         ref, _ = ref.aligned_to(volume, f"Reference '{reference}'")
-        ref_names = label_table_next_to(reference)
+        mapping = parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
+        pairing = {"ref_names": reference_names(reference, reference_labels), "label_map": mapping}
+    elif label_map or reference_labels:
+        raise InputError("--label-map and --reference-labels pair classes with --reference; give --reference too.")
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(model_dir, spec, ref, ref_names, input_path, out, runtimes, precisions, repeats, warmup,
+        return _run(model_dir, spec, ref, pairing, input_path, out, runtimes, precisions, repeats, warmup,
                     batch_size, save_labels, monitor)
     except BaseException:  # cancelled or failed: a folder this run created is not left behind half-filled
         if created:
@@ -181,9 +188,18 @@ def run_benchmark(
         raise
 
 
-def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, precisions, repeats, warmup,
+def _dice(predicted, ref, pred_names, pairing, labels, warnings: list[str]) -> float | None:
+    """Mean Dice against the reference, paired as in `evaluate`; the pairing's warnings are kept once."""
+    from ..evaluation.metrics import compare_label_maps
+
+    comparison = compare_label_maps(predicted, ref.array, pred_names=pred_names, labels=labels, **pairing)
+    warnings += [w for w in comparison.warnings if w not in warnings]
+    return comparison.dice.mean
+
+
+def _run(model_dir, spec, ref, pairing, input_path, out: Path, runtimes, precisions, repeats, warmup,
          batch_size, save_labels, monitor) -> dict[str, Any]:
-    from ..evaluation.metrics import agreement_dice, compare_label_maps, peak_memory_bytes
+    from ..evaluation.metrics import agreement_dice, peak_memory_bytes
     from ..engines.open import open_engine
     from ..evaluation.report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
     from ..core.sysinfo import system_info
@@ -192,7 +208,7 @@ def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, preci
     pred_names = {i: c.name for i, c in enumerate(spec.classes)}
     ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
     shape = (batch_size, spec.in_channels, *spec.patch_size)
-    rows, skipped = [], []
+    rows, skipped, warnings = [], [], []
     for runtime in _resolve_runtimes(runtimes, precisions):
         engines, build_s, failed = {}, {}, {}
         for precision in ordered:
@@ -242,8 +258,7 @@ def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, preci
                 size_mb=engine.info.bytes_on_disk / 1e6,
                 latency_ms=timing["median_ms"],
                 volume_s=sum(stages.values()),
-                dice=None if ref is None else compare_label_maps(
-                    predicted, ref.array, pred_names=pred_names, ref_names=ref_names, labels=labels).dice.mean,
+                dice=None if ref is None else _dice(predicted, ref, pred_names, pairing, labels, warnings),
                 agreement_dice=None if fp32_labels is None or precision == "fp32"
                 else agreement_dice(predicted, fp32_labels, labels),
                 peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
@@ -270,6 +285,7 @@ def _run(model_dir, spec, ref, ref_names, input_path, out: Path, runtimes, preci
         "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
                  for row in rows],
         "skipped": skipped,
+        "warnings": warnings,
         "machine": machine,
         "markdown": markdown,
         "out": str(out),

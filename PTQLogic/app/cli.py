@@ -1,4 +1,4 @@
-"""`ptqseg` command line: quantize, build, segment, evaluate, benchmark, demo, info.
+"""`ptqseg` command line: quantize, build, segment, segment-batch, evaluate, benchmark, demo, info.
 
 Every command prints a human summary (or one JSON object with ``--json``), shows progress bars
 (or machine-readable lines with ``--progress-lines``, used by the Slicer module), and on failure
@@ -53,14 +53,12 @@ def _resolve_precision(args: argparse.Namespace) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ..pipeline import quantize_model
+    from ..quantization.interface import DEFAULT_MIN_AGREEMENT, GuardTarget
 
-    guard = None
-    if args.min_agreement is not None or args.max_dice_drop is not None:
-        from ..quantization.guard import GuardTarget
-
-        guard = GuardTarget(min_agreement=args.min_agreement, max_dice_drop=args.max_dice_drop,
-                            runtime=args.guard_runtime, max_kept=args.max_kept_layers)
-        guard.validate()
+    default = None if args.no_guard or args.max_dice_drop is not None else DEFAULT_MIN_AGREEMENT
+    guard = GuardTarget(min_agreement=default if args.min_agreement is None else args.min_agreement,
+                        max_dice_drop=args.max_dice_drop, runtime=args.guard_runtime, max_kept=args.max_kept_layers)
+    guard.validate()  # no threshold (--no-guard): agreement is measured on --guard-runtime, not enforced
     # no --placement: auto, unless --activations/--subpixel ask for the cpu placement
     placement = args.placement or ("cpu" if args.activations != "s8" or args.subpixel else "auto")
     result = quantize_model(
@@ -81,14 +79,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
            if data["placement"]["activations"] == "u8" else "FAIL (see quantization.json)")
         + (f"\n  {chosen}" if chosen else "")
         + _guard_text(result.report.get("guard"))
+        + "".join(_guard_text(report.get("guard"), f"fold {fold}: ")
+                  for fold, report in (result.report.get("folds") or {}).items())
     ))
 
 
-def _guard_text(guard: dict[str, Any] | None) -> str:
-    if not guard:
+def _guard_text(guard: dict[str, Any] | None, prefix: str = "") -> str:
+    if not guard:  # nnU-Net folders report per fold
         return ""
+    where = f"{guard['runtime']}, {guard['isa']}"
+    if not guard["enforced"]:
+        return (f"\n  {prefix}FP32-vs-INT8 agreement {guard['agreement']:.4f} on {where} ({guard['held_out']}); "
+                "not enforced (--no-guard)")
     kept = ", ".join(guard["kept"]) or "none"
-    return (f"\n  accuracy guard on {guard['runtime']}: agreement {guard['initial_agreement']:.4f} -> "
+    return (f"\n  {prefix}accuracy guard on {where}: agreement {guard['initial_agreement']:.4f} -> "
             f"{guard['final_agreement']:.4f} (target {guard['threshold']:.4f}); kept in FP32: {kept}; "
             f"size x{guard['size_cost']:.2f}, latency x{guard['latency_cost']:.2f}")
 
@@ -118,7 +122,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         args.model, args.input, args.output, runtime=args.runtime, precision=precision,
         batch_size=args.batch_size, compare=compare, reference=args.reference, monitor=_monitor(args),
         mirroring=args.mirroring, step_size=args.step_size,
-        label_map=args.label_map, torch_compile=args.torch_compile,
+        label_map=args.label_map, torch_compile=args.torch_compile, reference_labels=args.reference_labels,
     )
     data = outcome.to_dict()
     lines = [
@@ -149,15 +153,20 @@ def cmd_segment_batch(args: argparse.Namespace) -> None:
         runtime=args.runtime, precision=args.precision, pin_cpus=not args.no_pin_cpus,
         torch_compile=args.torch_compile, monitor=_monitor(args),
     )
-    data = summary.to_dict()
-    lines = [f"{summary.done} segmented, {summary.skipped} already done, {summary.failed} failed of {summary.total} "
-             f"in {summary.seconds:.1f} s ({summary.volumes_per_second:.2f} volumes/s on {summary.workers} workers)",
-             f"  manifest: {summary.manifest}"]
-    lines += [f"  failed: {name}: {error}" for name, error in summary.errors.items()]
-    _emit(args, data, "\n".join(lines))
+    _emit(args, summary.to_dict(), batch_summary_text(summary))
     if summary.failed:
         raise InputError(f"{summary.failed} of {summary.total} volume(s) failed (see {summary.manifest}); "
                          "fix them and rerun the same command: finished volumes are skipped.")
+
+
+def batch_summary_text(summary: Any) -> str:
+    """segment-batch's summary lines (a :class:`~PTQLogic.cohort.runner.CohortSummary`)."""
+    lines = [f"{summary.done} segmented, {summary.skipped} already done, {summary.failed} failed of {summary.total} "
+             f"in {summary.seconds:.1f} s ({summary.volumes_per_second:.2f} volumes/s on {summary.workers} "
+             f"worker{'' if summary.workers == 1 else 's'})",
+             f"  manifest: {summary.manifest}"]
+    lines += [f"  failed: {name}: {error}" for name, error in summary.errors.items()]
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -187,8 +196,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     summary = run_benchmark(
         args.model, args.input, args.out, runtimes=args.runtimes, precisions=args.precisions,
         reference=args.reference, repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size,
-        monitor=_monitor(args),
+        monitor=_monitor(args), label_map=args.label_map, reference_labels=args.reference_labels,
     )
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     _emit(args, summary, summary["markdown"] + f"\nTables and plot written to {args.out}")
 
 
@@ -221,9 +232,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"gpus: {', '.join(map(str, info['gpus'])) or 'none'}",
     ]
     for name, version in info["versions"].items():
-        if name == "onnxruntime_providers_unusable":
-            lines.append(f"onnxruntime providers not usable here: {', '.join(version)} (no GPU)")
+        if name == "onnxruntime_providers_unusable":  # in --json; the text lists what can run here
             continue
+        if name == "tensorrt" and isinstance(version, dict) and not info["gpus"] and "installed" not in version["missing"]:
+            continue  # no GPU and no TensorRT: nothing to say on a CPU machine (--json keeps why)
         shown = version.get("missing") if isinstance(version, dict) else version
         lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
     for precision, choice in info["auto_runtime"].items():
@@ -247,12 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = HelpFormatter
     parser = Parser(prog="ptqseg", description=__doc__.split("\n")[0], formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = common_options()
+    common, without_engines = common_options(), common_options(engines=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}  # name -> its parser, for errors about its options (see main)
 
-    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text, formatter_class=formatter)
+    def add(name: str, func: Callable, help_text: str, engines: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common if engines else without_engines], help=help_text,
+                             description=help_text, formatter_class=formatter)
         cmd.set_defaults(func=func)
+        parser.commands[name] = cmd
         return cmd
 
     add_quantize_options(add("quantize", cmd_quantize,
@@ -261,11 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_options(add("segment", cmd_segment, "segment a volume and write a label map on its grid"))
     add_segment_batch_options(add("segment-batch", cmd_segment_batch,
                                    "segment a cohort of volumes on a Ray cluster (local by default)"))
-    add_evaluate_options(add("evaluate", cmd_evaluate, "Dice of a label map against a reference"))
+    add_evaluate_options(add("evaluate", cmd_evaluate, "Dice of a label map against a reference", engines=False))
     add_benchmark_options(add("benchmark", cmd_benchmark,
                                "paper-style table: size, latency, Dice per runtime and precision"))
     add_demo_options(add("demo", cmd_demo, "synthetic CT phantoms -> sample network -> INT8 -> FP32 vs INT8 table"))
-    add("info", cmd_info, "CPU features, GPUs and runtime versions")
+    add("info", cmd_info, "CPU features, GPUs and runtime versions", engines=False)
     return parser
 
 
@@ -284,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said with the command's usage, not the top level's
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as exc:
         message, usage = exc.args
         print(usage, file=sys.stderr, end="")
         return _fail(None, "--json" in argv, f"{message} (see --help)", 2)
     saved_env = {name: os.environ.get(name) for name in ("PTQSEG_CACHE_DIR", "PTQSEG_CPU_FLOAT")}
-    if args.cache_dir:
+    if getattr(args, "cache_dir", None):
         os.environ["PTQSEG_CACHE_DIR"] = os.path.abspath(args.cache_dir)  # read by PTQLogic.engines.cache.cache_root
     if getattr(args, "cpu_float", None):
         os.environ["PTQSEG_CPU_FLOAT"] = args.cpu_float  # read by engines.openvino_engine (workers inherit it)
@@ -329,6 +346,10 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(args, args.json, f"interrupted;{kept} no partial output was kept.", 130)
     except PTQError as exc:
         return _fail(args, args.json, str(exc), exc.exit_code)
+    except PermissionError as exc:  # one not checked up front: still the user's to fix, not a crash
+        where = f" '{exc.filename}'" if exc.filename else ""
+        return _fail(args, args.json, f"cannot read or write{where}: permission denied; give this user access to "
+                                      "the inputs and the output folder.", 2)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback unless asked
         _close_bars(args)
         if args.debug or os.environ.get("PTQSEG_DEBUG"):

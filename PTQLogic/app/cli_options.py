@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..quantization.interface import DEFAULT_MIN_AGREEMENT
 from .cli_support import Parser, int_at_least
 
 # Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
@@ -26,14 +27,19 @@ PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: {DEFAULT_PRECISIO
                   "fp32 with --runtime torch)")
 RUNTIME_HELP = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
 MODEL_FOLDER_HELP = "model folder from `ptqseg quantize`"
+REFERENCE_LABELS_HELP = ("label table of the reference (JSON/CSV, e.g. TotalSegmentator's {\"1\": \"spleen\", ...}; "
+                         "default: one beside the reference): pairs classes by name")
 
 
-def common_options() -> Parser:
-    """Options every command takes (output format, progress, debugging, engine cache, OpenVINO float)."""
+def common_options(engines: bool = True) -> Parser:
+    """Options every command takes (output format, progress, debugging) and, for the commands that build engines
+    (``engines``), the engine cache and OpenVINO's float precision."""
     common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object (also for errors) instead of text")
     common.add_argument("--progress-lines", action="store_true", help="machine-readable progress on stderr")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    if not engines:
+        return common
     common.add_argument("--cache-dir", help="engine cache folder (default: $PTQSEG_CACHE_DIR or the user cache folder)")
     common.add_argument("--cpu-float", choices=["f32", "bf16"],
                         help="OpenVINO INT8 engines: precision of the layers the INT8 graph leaves in floating point "
@@ -70,12 +76,11 @@ def add_quantize_options(q: argparse.ArgumentParser) -> None:
 def add_placement_options(q: argparse.ArgumentParser) -> None:
     """quantize: where the Q/DQ nodes go (--placement, --activations, --subpixel)."""
     q.add_argument("--placement", choices=["auto", "modelopt", "cpu"], default=None,
-                   help="Q/DQ placement: 'auto' (default; the one for the INT8 runtime `segment --runtime auto` picks "
-                        "here: ModelOpt's for TensorRT, 'cpu' for OpenVINO, 'cpu' with u8 and --subpixel for ONNX "
-                        "Runtime; ModelOpt's with the accuracy guard, --exclude-nodes or nnU-Net folders), "
-                        "'modelopt' (TensorRT's rules, the paper's) or 'cpu' (INT8 chains through activation/add/"
-                        "concat/ConvTranspose for OpenVINO and ONNX Runtime; the default when --activations or "
-                        "--subpixel is given)")
+                   help="Q/DQ placement: 'auto' (default: ModelOpt's, TensorRT's rules, the one that keeps FP32's "
+                        "answer best on trained networks and through which the accuracy guard keeps layers in FP32), "
+                        "'modelopt' (the same) or 'cpu' (opt-in speed preset: INT8 chains through activation/add/"
+                        "concat/ConvTranspose for OpenVINO and ONNX Runtime; costs agreement on trained networks; "
+                        "the default when --activations or --subpixel is given)")
     q.add_argument("--activations", choices=["s8", "u8"], default="s8",
                    help="activation type of the 'cpu' placement (s8 symmetric, best for OpenVINO; u8 is ONNX Runtime's "
                         "preset: every conv fuses into QLinearConv except those it runs faster in float, the "
@@ -91,11 +96,15 @@ def add_placement_options(q: argparse.ArgumentParser) -> None:
 
 
 def add_guard_options(q: argparse.ArgumentParser) -> None:
-    """quantize: the accuracy guard (layers kept in FP32 until INT8 agrees with FP32 well enough)."""
-    q.add_argument("--min-agreement", type=float, help="accuracy guard: least INT8-vs-FP32 Dice on held-out data; "
-                   "the most sensitive layers stay FP32 until it holds")
-    q.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
-                   "prediction (same as --min-agreement 1-D)")
+    """quantize: the accuracy guard, on by default (layers kept in FP32 until INT8 agrees with FP32 well enough)."""
+    target = q.add_mutually_exclusive_group()
+    target.add_argument("--min-agreement", type=float,
+                        help=f"accuracy guard: least INT8-vs-FP32 Dice on held-out data (default "
+                             f"{DEFAULT_MIN_AGREEMENT}); the most sensitive layers stay FP32 until it holds")
+    target.add_argument("--max-dice-drop", type=float, help="accuracy guard: most Dice lost against the FP32 "
+                        "prediction (same as --min-agreement 1-D)")
+    target.add_argument("--no-guard", action="store_true",
+                        help="measure and record INT8-vs-FP32 agreement but keep the INT8 model whatever it is")
     q.add_argument("--guard-runtime", choices=RUNTIME_CHOICES, default="auto",
                    help="runtime whose INT8 result the guard checks (default: the one segment would pick)")
     q.add_argument("--max-kept-layers", type=int_at_least(1), default=8, help="accuracy guard: most layers kept in FP32")
@@ -109,7 +118,8 @@ def add_build_options(b: argparse.ArgumentParser) -> None:
 
 def add_segment_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True, action="append",
-                   help="model folder from `ptqseg quantize`; repeat for nnU-Net parts (TotalSegmentator) or give a parts file")
+                   help="model folder from `ptqseg quantize`; repeat for nnU-Net parts (TotalSegmentator) or give a parts "
+                        "file; with --precision fp32 also a model spec, MONAI bundle or nnU-Net results folder as it is")
     s.add_argument("--input", required=True, help="NIfTI/NRRD/MHA file or DICOM series folder")
     s.add_argument("--output", required=True, help="label map to write (.nii.gz/.nii/.nrrd/.seg.nrrd)")
     add_engine_options(s)
@@ -123,8 +133,7 @@ def add_segment_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--reference", help="reference label map for Dice")
     s.add_argument("--mirroring", action="store_true", help="nnU-Net models: test-time mirroring (slower)")
     s.add_argument("--step-size", type=float, help="nnU-Net models: sliding-window step (default 0.5)")
-    s.add_argument("--label-map",
-                   help="model class=reference label pairs for Dice, e.g. 1=5,2=1 (default: by name, else value)")
+    add_pairing_options(s)
     add_tensorrt_options(s)
 
 
@@ -138,7 +147,7 @@ def add_segment_batch_options(sb: argparse.ArgumentParser) -> None:
     sb.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, e.g. 1 or 0.5")
     sb.add_argument("--no-pin-cpus", action="store_true",
                     help="local cluster: let workers share all CPUs (default: each gets its own --threads-per-worker CPUs)")
-    add_engine_options(sb, precision_default="int8")
+    add_engine_options(sb)
     sb.add_argument("--torch-compile", choices=TORCH_COMPILE_MODES, default=None,
                     help="--runtime torch: compile each worker's network once (10-25 s), faster for every volume after")
 
@@ -149,14 +158,21 @@ def add_evaluate_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--labels", type=int, nargs="*",
                    help="prediction label values (default: its label table, else all present)")
     e.add_argument("--label-map", help="prediction=reference label pairs, e.g. 1=5,2=1, or a JSON file/object")
-    e.add_argument("--reference-labels",
-                   help="label table of the reference (JSON/CSV; default: one beside the reference)")
+    e.add_argument("--reference-labels", help=REFERENCE_LABELS_HELP)
+
+
+def add_pairing_options(cmd: argparse.ArgumentParser) -> None:
+    """segment and benchmark: how the model's classes pair with --reference's labels (as in evaluate)."""
+    cmd.add_argument("--label-map", help="model class=reference label pairs for Dice, e.g. 1=5,2=1, or a JSON "
+                                         "file/object (default: by name, else value)")
+    cmd.add_argument("--reference-labels", help=REFERENCE_LABELS_HELP)
 
 
 def add_benchmark_options(m: argparse.ArgumentParser) -> None:
     m.add_argument("--model", required=True, help=MODEL_FOLDER_HELP)
     m.add_argument("--input", required=True, help="volume to segment")
     m.add_argument("--reference", help="reference label map for Dice")
+    add_pairing_options(m)
     m.add_argument("--out", required=True, help="folder for the Markdown/CSV/JSON tables and the plot")
     m.add_argument("--runtimes", nargs="+", default=["auto"], choices=RUNTIME_CHOICES, help="runtimes to compare")
     m.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS,

@@ -28,7 +28,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" where there is a real default (not for flags, required or unset options)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or action.default in (None, False, argparse.SUPPRESS):
+        if action.required or any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
             return action.help or ""
         return super()._get_help_string(action) or ""
 

@@ -129,7 +129,17 @@ def _run_demo_in(work: Path, final: Path, spec_path: Path, runtime: str, train: 
             entry["agreement_dice"] = row["agreement_dice"]
         result.setdefault(row["precision"], entry)
     result["runtime"] = result.get("int8", result.get("fp32", {})).get("runtime")
+    result["notes"] = _int8_notes(bench["rows"])
     return result
+
+
+def _int8_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The note `segment` gives for INT8 on a CPU without int8 dot-product instructions (slower INT8 is expected)."""
+    from ..core.sysinfo import cpu_int8_note
+
+    on_cpu = any(row["precision"] == "int8" and not row.get("error") and row.get("device") == "CPU" for row in rows)
+    note = cpu_int8_note() if on_cpu else None
+    return [note] if note else []
 
 
 def format_demo(result: dict[str, Any]) -> str:
@@ -138,6 +148,7 @@ def format_demo(result: dict[str, Any]) -> str:
         "",
         f"Quantization took {result['quantize_seconds']:.1f} s; {_placement_text(result)}. "
         f"Outputs in {result['output_dir']}",
+        *(f"note: {note}" for note in result.get("notes", [])),
     ])
 
 

@@ -1,10 +1,8 @@
 """Drive a cohort: stream volumes to worker actors, retry what a dead worker held, keep the manifest."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -15,9 +13,10 @@ from ..core.errors import EngineUnavailable, InputError, PTQError
 from ..core.fileio import atomic_write_bytes
 from ..core.progress import Monitor
 from .cluster import available_gpus, connect, import_ray, local_cluster
-from .inputs import CohortItem, batch_suffix, collect_inputs
+from .inputs import CohortItem, collect_inputs, input_digest, read_input, volume_kind
 from .manifest import Manifest, model_fingerprint
-from .worker import VolumeWorker, pack_model_dir
+from .scratch import make_scratch_dir
+from .worker import VolumeWorker, pack_model_dir, write_files
 
 STAGE = "volumes"
 IN_FLIGHT_PER_WORKER = 2  # the next volume's bytes travel while the current one is segmented
@@ -98,7 +97,10 @@ def _start_workers(ray, model_dir: Path, n: int, threads: int, gpus: float, runt
                    monitor: Monitor, scratch_root: str | None = None, pin: bool = False,
                    torch_compile: str | None = None) -> _Pool:
     remote = ray.remote(concurrency_groups={"control": 1})(VolumeWorker)
-    files = ray.put(pack_model_dir(model_dir))
+    if scratch_root:  # workers of a local cluster copy the model from here (restarted ones too)
+        files = str(write_files(pack_model_dir(model_dir), Path(scratch_root) / "model"))
+    else:  # kept referenced by the pool: restarted actors rebuild from it
+        files = ray.put(pack_model_dir(model_dir))
     device = "cuda" if gpus > 0 else None
     cpu_sets = worker_cpu_sets(n, threads) if pin else [None] * n
     actors = [remote.options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_ATTEMPTS, max_task_retries=0)
@@ -146,12 +148,20 @@ def _all_done(items: Sequence[CohortItem], manifest: Manifest, fingerprint: str)
         if not row or row.get("status") != "done":
             return False
         try:
-            digest = hashlib.sha256(item.input.read_bytes()).hexdigest()
+            digest = input_digest(read_input(item.input))
         except OSError:
             return False
         if not manifest.is_done(item.input, digest, fingerprint):
             return False
     return True
+
+
+def resolve_precision(runtime: str, precision: str | None) -> str:
+    """The precision to run: int8 by default, fp32 for the PyTorch runtime (it has no INT8 engine)."""
+    if runtime == "torch" and precision == "int8":
+        raise InputError("--runtime torch cannot run int8: PyTorch is the FP32 reference (fp16 only on an NVIDIA "
+                         "GPU). Use --precision fp32, or --runtime openvino|onnxruntime|tensorrt for INT8.")
+    return precision or ("fp32" if runtime == "torch" else "int8")
 
 
 def _check_options(workers: int, threads_per_worker: int, gpus_per_worker: float, runtime: str,
@@ -217,14 +227,14 @@ class _Dispatch:
         while self.pool.load[index] < IN_FLIGHT_PER_WORKER and self.queue:
             item = self.queue.popleft()
             try:
-                data = item.input.read_bytes()
+                data = read_input(item.input)
             except OSError as exc:  # vanished or unreadable since the listing: its row says so
                 self._finish(item, {"input": str(item.input), "output": None, "sha256": None,
                                     "model": self.fingerprint, "attempts": 0, "status": "error", "runtime": None,
                                     "precision": self.precision, "seconds": None, "timings": {},
                                     "error": f"cannot read it: {exc.strerror}"})
                 continue
-            self.hashes[item.input] = hashlib.sha256(data).hexdigest()
+            self.hashes[item.input] = input_digest(data)
             if item.input not in self.attempts and self.manifest.is_done(item.input, self.hashes[item.input],
                                                                          self.fingerprint):
                 self.counts["skipped"] += 1
@@ -232,9 +242,9 @@ class _Dispatch:
                 continue
             self._send(item, data, index)
 
-    def _send(self, item: CohortItem, data: bytes, index: int) -> None:
+    def _send(self, item: CohortItem, data: bytes | dict[str, bytes], index: int) -> None:
         self.attempts[item.input] = self.attempts.get(item.input, 0) + 1
-        ref = self.pool.actors[index].segment.remote(batch_suffix(item.input), data, item.input.name)
+        ref = self.pool.actors[index].segment.remote(volume_kind(item.input), data, item.input.name)
         self.inflight[ref] = (item, index)
         self.pool.load[index] += 1
         if self.on_dispatch is not None:
@@ -307,7 +317,7 @@ def run_cohort(
     threads_per_worker: int = 1,
     gpus_per_worker: float = 0.0,
     runtime: str = "auto",
-    precision: str = "int8",
+    precision: str | None = None,
     pin_cpus: bool = True,
     torch_compile: str | None = None,
     monitor: Monitor | None = None,
@@ -315,6 +325,7 @@ def run_cohort(
 ) -> CohortSummary:
     """Segment every input volume on a Ray cluster; label maps and ``manifest.jsonl`` land in ``output_dir``.
 
+    ``precision``: int8 by default (fp32 for ``runtime="torch"``).
     ``pin_cpus``: on a local cluster, give each worker its own ``threads_per_worker`` CPUs (when they fit).
     ``torch_compile``: a ``torch.compile`` mode for ``runtime="torch"`` workers (compiled once per worker).
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).
@@ -324,6 +335,7 @@ def run_cohort(
 
     monitor = monitor or Monitor()
     _check_options(workers, threads_per_worker, gpus_per_worker, runtime, torch_compile)
+    precision = resolve_precision(runtime, precision)
     model_dir = open_model_dir(model)
     spec = model_dir.spec()
     items = collect_inputs(inputs, output_dir)
@@ -333,24 +345,27 @@ def run_cohort(
     if items and _all_done(items, manifest, fingerprint):  # a finished cohort rerun: no cluster, no workers
         skipped = {"done": 0, "skipped": len(items), "failed": 0}
         return _summary(items, skipped, {}, 0.0, 0.0, workers, output_dir, manifest)
-    ray = import_ray()
     started_here = connect(ray_address, workers * threads_per_worker, None)
+    ray = import_ray()
     # Workers of a local cluster keep their model copy and volumes here; killed ones cannot clean up.
-    scratch_root = tempfile.mkdtemp(prefix="ptqseg-batch-") if local_cluster() else None
+    scratch_root = make_scratch_dir() if local_cluster() else None
     run = _Dispatch(ray, items, manifest, fingerprint, precision, monitor, on_dispatch)
     started = time.perf_counter()
     clean = False
+    new_output_dir = not output_dir.exists()
     try:
         _check_cluster(ray, workers, threads_per_worker, gpus_per_worker)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_label_tables(spec.classes, output_dir / "labels.nii.gz")
+        output_dir.mkdir(parents=True, exist_ok=True)  # an unwritable output fails before the workers start
         run.pool = _start_workers(ray, model_dir.root, workers, threads_per_worker, gpus_per_worker, runtime,
                                   precision, monitor, scratch_root, pin=pin_cpus and local_cluster(),
                                   torch_compile=torch_compile)
+        write_label_tables(spec.classes, output_dir / "labels.nii.gz")
         startup = time.perf_counter() - started
         run.run()
         clean = True
     finally:
         _release(ray, run.pool, run.inflight, clean, started_here, scratch_root)
+        if new_output_dir and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # the workers never started: leave no empty folder behind
     return _summary(items, run.counts, run.errors, time.perf_counter() - started, startup, workers, output_dir,
                     manifest)

@@ -21,6 +21,14 @@ def pack_model_dir(model_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in MODEL_FILES_SKIPPED}
 
 
+def write_files(files: dict[str, bytes], folder: Path) -> Path:
+    """Write files packed as name -> bytes (a model folder, a DICOM series) into ``folder``; returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
 def _restrict_to(cpus: Sequence[int]) -> None:
     """Run every thread of this process (Ray's own ones too) on ``cpus`` only; new threads inherit it."""
     for tid in os.listdir("/proc/self/task"):
@@ -45,7 +53,7 @@ def _cpu_list() -> str:
 class VolumeWorker:
     """One engine per worker process, reused for every volume it is given."""
 
-    def __init__(self, model_files: dict[str, bytes], runtime: str, precision: str, device: str | None,
+    def __init__(self, model_files: dict[str, bytes] | str, runtime: str, precision: str, device: str | None,
                  threads: int | None, scratch_root: str | None = None, cpus: Sequence[int] | None = None,
                  torch_compile: str | None = None):
         if cpus:  # before any runtime starts its threads: they inherit the set (OpenVINO pins inside it)
@@ -63,8 +71,8 @@ class VolumeWorker:
         # On a local cluster the driver owns scratch_root and removes it even after a killed worker.
         parent = scratch_root if scratch_root and Path(scratch_root).is_dir() else None
         self.root = Path(tempfile.mkdtemp(prefix="ptqseg-worker-", dir=parent))
-        for name, data in model_files.items():
-            (self.root / name).write_bytes(data)
+        # a local cluster's driver passes the folder it wrote the model to; a remote one, the files
+        write_files(pack_model_dir(Path(model_files)) if isinstance(model_files, str) else model_files, self.root)
         model_dir = open_model_dir(self.root)
         self.spec = model_dir.spec()
         started = time.perf_counter()
@@ -96,8 +104,9 @@ class VolumeWorker:
         return {"pid": os.getpid(), "build_seconds": self.build_seconds, "threads": self.threads, "cpus": _cpu_list(),
                 **self.engine.info.to_dict()}
 
-    def segment(self, suffix: str, data: bytes, name: str = "the volume") -> dict[str, Any]:
-        """Segment one volume file's bytes; returns the label map's bytes, timings and engine facts, or an error."""
+    def segment(self, kind: str, data: bytes | dict[str, bytes], name: str = "the volume") -> dict[str, Any]:
+        """Segment one volume: a file's bytes (``kind`` its suffix) or a DICOM folder's files (``kind`` "dicom");
+        returns the label map's bytes, timings and engine facts, or an error."""
         from ..core.errors import PTQError
         from ..io.volumes import read_volume, write_labelmap
         from ..inference.segmenter import segment_volume
@@ -105,10 +114,14 @@ class VolumeWorker:
         facts = {"runtime": self.engine.info.runtime, "precision": self.engine.info.precision,
                  "device": self.engine.info.device, "worker_pid": os.getpid(), "threads": self.threads,
                  "cpus": _cpu_list()}
-        source, target = self.scratch / ("input" + suffix), self.scratch / "labels.nii.gz"
+        folder = isinstance(data, dict)
+        source, target = self.scratch / ("input-dicom" if folder else "input" + kind), self.scratch / "labels.nii.gz"
         try:
             started = time.perf_counter()
-            source.write_bytes(data)
+            if folder:
+                write_files(data, source)
+            else:
+                source.write_bytes(data)
             volume = read_volume(source).validate("input volume")
             loaded = time.perf_counter()
             result = segment_volume(volume, self.spec, self.engine)
@@ -123,8 +136,11 @@ class VolumeWorker:
         except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the cohort
             return {**facts, "labels": None, "timings": {}, "error": f"unexpected {type(exc).__name__}: {exc}"}
         finally:
-            for path in (source, target):
-                path.unlink(missing_ok=True)
+            if folder:
+                shutil.rmtree(source, ignore_errors=True)
+            else:
+                source.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -107,6 +107,10 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "NvTensor
                  "ROCMExecutionProvider", "MIGraphXExecutionProvider", "DmlExecutionProvider")
 
 
+# ONNX Runtime providers that run nothing on this machine (the default wheel lists Azure's on every machine).
+REMOTE_PROVIDERS = ("AzureExecutionProvider",)
+
+
 def _onnxruntime_package() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -126,6 +130,8 @@ def usable_onnxruntime_providers(has_gpu: bool) -> tuple[list[str], dict[str, st
     for name in onnxruntime.get_available_providers():
         if name in GPU_PROVIDERS and not has_gpu:
             unusable[name] = "built into this ONNX Runtime, but there is no GPU here"
+        elif name in REMOTE_PROVIDERS:
+            unusable[name] = "sends the network's inputs to a cloud endpoint; ptqseg never uses it"
         else:
             usable.append(name)
     return usable, unusable

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 from ..core.errors import PTQError
 from ..core.fileio import atomic_path, atomic_write_text, sha256_file
+from ..core.offline import user_cache_root
 
 
 CACHE_ENV = "PTQSEG_CACHE_DIR"
@@ -32,15 +33,7 @@ CACHE_ENV = "PTQSEG_CACHE_DIR"
 
 def cache_root() -> Path:
     """Where engine caches go: ``$PTQSEG_CACHE_DIR``, else the user cache folder (e.g. ~/.cache/ptqseg)."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("ptqseg", appauthor=False))
-    except ImportError:  # platformdirs is a dependency; this keeps bare Slicer installs working
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptqseg"
+    return user_cache_root()
 
 
 def model_cache_dir(model_files: list[Path], root: Path | None = None) -> Path:
@@ -53,23 +46,59 @@ def model_cache_dir(model_files: list[Path], root: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def build_lock(final: Path) -> Iterator[None]:
-    """Hold an exclusive lock for building ``final``; the lock file is removed once the build is done."""
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path``; the file is removed on release, so none is left behind.
+
+    A waiter that wakes up on a lock file the holder has just removed locks the file again (the path now
+    names another file or none): only a lock on the file at ``lock_path`` counts.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; the atomic rename still keeps every artifact whole
-        yield
-        return
-    lock_path = final.with_name(final.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # the OS releases it if this process dies: no stale locks
-        try:
+    except ImportError:  # Windows: filelock's lock (its file is removed on release too)
+        from filelock import FileLock
+
+        with FileLock(str(lock_path)):
             yield
-        finally:
-            with contextlib.suppress(OSError):
-                lock_path.unlink()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    while True:
+        handle = open(lock_path, "a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # the OS releases it if this process dies: no stale locks
+            try:
+                if os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # the holder removed the file we waited on: lock the current one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        handle.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock for building ``final``; the lock file is removed once the build is done."""
+    with file_lock(final.with_name(final.name + ".lock")):
+        yield
+
+
+def follow_umask(paths: list[Path]) -> None:
+    """Give files a library wrote with its own fixed mode (OpenVINO's 0440 cache blobs) the mode the umask
+    gives every other output (0644 under umask 022)."""
+    from ..core.fileio import current_umask
+
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_file() and (path.stat().st_mode & 0o777) != mode:  # another user's: PermissionError
+                path.chmod(mode)
 
 
 def engine_fields(

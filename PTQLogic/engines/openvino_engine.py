@@ -64,15 +64,10 @@ class OpenVINOEngine:
         core = ov.Core()
         if device not in core.available_devices and device != "AUTO":
             raise EngineUnavailable(f"OpenVINO device {device!r} is not available here (found {core.available_devices}).")
-        self._cache_lock = None
-        if cache_dir is not None:
-            from filelock import FileLock
-
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        self._cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self._cache_dir is not None:
+            self._cache_dir.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(cache_dir)})
-            # processes sharing the cache (Ray workers, two ptqseg runs) compile one at a time: OpenVINO maps
-            # its cache blobs into memory, and one process rewriting a blob another has mapped crashes it
-            self._cache_lock = FileLock(str(Path(cache_dir) / ".openvino-compile.lock"))
         self._core, self._onnx_path = core, onnx_path
         self.unsigned_concats = precision == "int8" and device.upper().startswith("CPU") and not amx_int8_in_use()
         try:
@@ -146,13 +141,24 @@ class OpenVINOEngine:
             model.reshape({model.inputs[0]: shape})
             if shape.is_static:
                 model = self._channels_last_output(self._ov, model)
-            if self._cache_lock is None:
+            if self._cache_dir is None:
                 return self._core.compile_model(model, self._device_name, self._config)
-            with self._cache_lock:
-                return self._core.compile_model(model, self._device_name, self._config)
+            return self._compile_cached(model)
         except Exception as exc:
             raise ModelError(f"OpenVINO cannot compile '{self._onnx_path}' for {self._device_name} "
                              f"(input {shape}): {exc}") from None
+
+    def _compile_cached(self, model):
+        """Processes sharing the cache (Ray workers, two ptqseg runs) compile one at a time: OpenVINO maps its
+        cache blobs into memory, and one process rewriting a blob another has mapped crashes it. OpenVINO
+        writes its blobs 0440: they get the mode the umask gives other outputs."""
+        from .cache import file_lock, follow_umask
+
+        with file_lock(self._cache_dir / ".openvino-compile.lock"):
+            before = {path.name for path in self._cache_dir.glob("*.blob")}
+            compiled = self._core.compile_model(model, self._device_name, self._config)
+            follow_umask([path for path in self._cache_dir.glob("*.blob") if path.name not in before])
+        return compiled
 
     def _bind(self, compiled, channels_last: bool) -> tuple:
         return compiled.create_infer_request(), compiled.outputs[0], channels_last

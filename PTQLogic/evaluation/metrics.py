@@ -57,20 +57,6 @@ def dice_of_pairs(pred: np.ndarray, ref: np.ndarray, pairs: dict[int, int]) -> D
     return DiceResult(per_class, excluded, mean)
 
 
-def warn_foreign_reference(ref: np.ndarray, num_classes: int, reference: str | Path) -> None:
-    """Warn when a reference holds label values a model with ``num_classes`` outputs cannot produce."""
-    import warnings
-
-    from ..core.errors import InputWarning
-
-    extra = [int(v) for v in np.unique(ref) if v >= num_classes]
-    if extra:  # e.g. a TotalSegmentator map (117 classes) against a 6-class model: values mean other organs
-        warnings.warn(f"reference '{reference}' holds label values the model does not have ({len(extra)}, e.g. "
-                      f"{extra[:3]}); Dice compares label values, so it is meaningless if the two number classes "
-                      "differently: pair classes with --label-map or by name with `ptqseg evaluate --reference-labels NAMES.json`.",
-                      InputWarning, stacklevel=2)
-
-
 def agreement_dice(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> float:
     """Mean Dice between two predictions (e.g. INT8 vs FP32) over labels present in either.
 
@@ -216,8 +202,10 @@ def compare_label_maps(
         elif label in pred_names and ref_names:
             match = by_name.get(_name_key(pred_names[label]))
             if match is None:
-                warnings.append(f"class {label} ({pred_names[label]}) has no reference label of that name; "
-                                "compared with the same value")
+                other = f"reference label {label} ({ref_names[label]}), another class" if label in ref_names else \
+                    f"reference label {label}, which has no name there"
+                warnings.append(f"class {label} ({pred_names[label]}) has no reference label of that name: it is "
+                                f"compared with {other}; pair it with --label-map {label}=REF")
             pairs[label] = label if match is None else match
         else:
             pairs[label] = label
@@ -227,8 +215,30 @@ def compare_label_maps(
         shown = ", ".join(f"{v} ({ref_names[v]})" if v in ref_names else str(v) for v in unpaired[:8])
         warnings.append(f"the reference has {len(unpaired)} label(s) no predicted class pairs with, ignored: {shown}"
                         f"{' ...' if len(unpaired) > 8 else ''}; pair them with --label-map PRED=REF if they match")
+        by_value = [label for label in pairs if label not in label_map and pairs[label] == label]
+        if by_value and pred_names and not ref_names:  # e.g. a TotalSegmentator map: its 10 is not the model's 10
+            warnings.append(f"the reference has no label names, so classes {_ranges(by_value)} were paired with "
+                            "reference labels by value; if it numbers its classes differently (e.g. a "
+                            "TotalSegmentator map), their Dice is meaningless: give its label table with "
+                            "--reference-labels NAMES.json (pairs by name) or pairs with --label-map PRED=REF")
     names = {label: pred_names.get(label) or ref_names.get(pairs[label], "") for label in pairs}
     return LabelComparison(dice, pairs, names, warnings)
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def reference_names(reference: str | Path, reference_labels: str | Path | None = None) -> dict[int, str]:
+    """The reference's label names: from ``reference_labels`` (--reference-labels), else the table beside it."""
+    return read_label_names(reference_labels) if reference_labels else label_table_next_to(reference)
 
 
 def label_table_next_to(path: str | Path) -> dict[int, str]:
@@ -261,7 +271,7 @@ def evaluate_files(
     ref = read_volume(reference)
     check_label_map(ref.array, f"Reference '{reference}'")
     ref, note = ref.aligned_to(pred, f"Reference '{reference}'")
-    ref_names = read_label_names(reference_labels) if reference_labels else label_table_next_to(reference)
+    ref_names = reference_names(reference, reference_labels)
     result = compare_label_maps(pred.array, ref.array, pred_names=label_table_next_to(prediction),
                                 ref_names=ref_names, label_map=mapping, labels=labels)
     if note:

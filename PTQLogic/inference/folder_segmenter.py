@@ -20,6 +20,7 @@ from .results import SegmentationResult, SegmentOutcome
 @dataclass
 class _Reference:
     volume: Volume | None
+    names: dict[int, str] | None = None  # label value -> name, from its label table
     dice: float | None = None
     per_class: dict[str, float] | None = None
 
@@ -42,23 +43,28 @@ class ModelFolderSegmenter:
     def __init__(self, model_dir: ModelDir):
         self.model_dir = model_dir
 
+    def spec(self) -> ModelSpec:
+        return self.model_dir.spec()
+
+    def int8_warning(self) -> str | None:
+        from .input_checks import int8_target_warning
+
+        return int8_target_warning(self.model_dir.report(), str(self.model_dir.root))
+
     def segment(self, input_path: str | Path, output: str | Path, options: SegmentOptions,
                 monitor: Monitor) -> SegmentOutcome:
         from ..evaluation.metrics import agreement_dice
 
         output = check_output_path(output, [input_path] + ([options.reference] if options.reference else []))
-        spec = self.model_dir.spec()
+        spec = self.spec()
         volume = _read_input(input_path, spec)
         mapping = _label_mapping(options.label_map)
-        reference, warnings = _read_reference(options.reference, volume)
+        reference, warnings = _read_reference(options, volume)
         started = time.perf_counter()
         engine, reason = self._engine(options, options.precision, monitor)
         build_seconds = time.perf_counter() - started
         if engine.info.precision == "int8" and getattr(engine.device, "type", str(engine.device)) == "cpu":
-            from .input_checks import int8_target_warning
-
-            warnings += [note for note in (int8_target_warning(self.model_dir.report(), str(self.model_dir.root)),
-                                           cpu_int8_note()) if note]
+            warnings += [note for note in (self.int8_warning(), cpu_int8_note()) if note]
         result = self._run(volume, spec, engine, options, monitor)
         agreement = fp32 = None
         if options.compare and options.precision != "fp32":
@@ -66,7 +72,7 @@ class ModelFolderSegmenter:
             fp32 = self._run(volume, spec, fp32_engine, options, monitor)
             agreement = agreement_dice(result.labels.array, fp32.labels.array, list(range(1, spec.num_classes)))
         if reference.volume is not None:
-            warnings += _score_reference(reference, result, spec, options.reference, mapping)
+            warnings += _score_reference(reference, result, spec, mapping)
         json_path, csv_path = _write_outputs(result.labels, output, spec)
         return SegmentOutcome(
             output=output, labels_json=json_path, labels_csv=csv_path, runtime=engine.info.runtime,
@@ -94,16 +100,17 @@ class ModelFolderSegmenter:
 def _read_input(input_path: str | Path, spec: ModelSpec) -> Volume:
     """The volume to segment, checked before any engine is built: readable, sane, fits in memory, not constant."""
     from ..io.volumes import read_volume
-    from .input_checks import warn_intensity_mismatch
+    from .input_checks import refuse_label_map, warn_intensity_mismatch
     from .preprocess import check_memory
 
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
-    warn_intensity_mismatch(volume, spec, input_path)
     check_memory(volume, spec, f"input volume '{input_path}'")
     low, high = float(volume.array.min()), float(volume.array.max())
     if low == high:
         raise InputError(f"Input volume '{input_path}' is constant (every voxel is {low:g}): there is nothing to "
                          "segment; check that the right file was exported.")
+    refuse_label_map(volume, input_path)
+    warn_intensity_mismatch(volume, spec, input_path)
     return volume
 
 
@@ -113,27 +120,31 @@ def _label_mapping(label_map: str | dict[int, int] | None) -> dict[int, int] | N
     return parse_label_map(label_map) if isinstance(label_map, str) or label_map is None else dict(label_map)
 
 
-def _read_reference(reference: str | Path | None, volume: Volume) -> tuple[_Reference, list[str]]:
-    """A reference label map on the input's voxels (reoriented exactly where only axis directions differ)."""
+def _read_reference(options: SegmentOptions, volume: Volume) -> tuple[_Reference, list[str]]:
+    """A reference label map on the input's voxels (reoriented exactly where only axis directions differ),
+    with its label names (checked before any engine is built)."""
+    reference = options.reference
     if not reference:
+        if options.reference_labels:
+            raise InputError("--reference-labels names the labels of --reference; give --reference too.")
         return _Reference(None), []
-    from ..evaluation.metrics import check_label_map
+    from ..evaluation.metrics import check_label_map, reference_names
     from ..io.volumes import read_volume
 
     ref_volume = read_volume(reference)
     check_label_map(ref_volume.array, f"Reference '{reference}'")
     ref_volume, note = ref_volume.aligned_to(volume, f"Reference '{reference}'")
-    return _Reference(ref_volume), [note] if note else []
+    return _Reference(ref_volume, reference_names(reference, options.reference_labels)), [note] if note else []
 
 
-def _score_reference(reference: _Reference, result: SegmentationResult, spec: ModelSpec, where: str | Path,
+def _score_reference(reference: _Reference, result: SegmentationResult, spec: ModelSpec,
                      mapping: dict[int, int] | None) -> list[str]:
     """Dice against the reference, the same as ``ptqseg evaluate``; returns the pairing's warnings."""
-    from ..evaluation.metrics import compare_label_maps, label_table_next_to
+    from ..evaluation.metrics import compare_label_maps
 
     comparison = compare_label_maps(
         result.labels.array, reference.volume.array, pred_names={i: c.name for i, c in enumerate(spec.classes)},
-        ref_names=label_table_next_to(where), label_map=mapping, labels=list(range(1, spec.num_classes)))
+        ref_names=reference.names, label_map=mapping, labels=list(range(1, spec.num_classes)))
     reference.dice = comparison.dice.mean
     reference.per_class = {f"{k} {comparison.names.get(k, '')}".strip(): v
                            for k, v in comparison.dice.per_class.items()}

@@ -28,6 +28,16 @@ def looks_like_label_map(volume: Volume) -> bool:
     return values.size <= MAX_LABEL_VALUES and bool(np.all(values == np.round(values)))
 
 
+def refuse_label_map(volume: Volume, name: str | Path) -> None:
+    """A label map given as the image to segment: refused (InputError), as quantize refuses one to calibrate on."""
+    if looks_like_label_map(volume):
+        from ..core.errors import InputError
+
+        count = np.unique(sample_values(volume.array)).size
+        raise InputError(f"Input '{name}' looks like a label map ({count} distinct whole values), not an image; "
+                         "give the image to segment (a label map to score against goes to --reference).")
+
+
 def intensity_mismatch(volume: Volume, spec: ModelSpec) -> str | None:
     """Why ``volume`` does not look like what ``spec``'s intensity preprocessing expects, or None.
 

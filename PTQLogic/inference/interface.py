@@ -29,6 +29,7 @@ class SegmentOptions:
     mirroring: bool = False
     step_size: float | None = None
     label_map: str | dict[int, int] | None = None
+    reference_labels: str | Path | None = None  # the reference's label table (names)
     torch_compile: str | None = None
 
 

@@ -42,7 +42,23 @@ def sitk_module():
 
 def dicom_series_ids(folder: str | Path) -> list[str]:
     """Series instance UIDs of the DICOM files directly inside ``folder`` (empty when none)."""
-    return list(sitk_module().ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    sitk = sitk_module()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's "No Series were found": our error says it
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def check_readable(path: Path, what: str = "Input") -> None:
+    """Refuse a file (or folder) this user may not read: say so, rather than what a reader makes of it."""
+    import os
+
+    needed = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, needed, effective_ids=os.access in os.supports_effective_ids):
+        raise InputError(f"Cannot read {what.lower()} '{path}': permission denied; give this user read access "
+                         f"to it (e.g. chmod u+r{'X' if path.is_dir() else ''} '{path}').")
 
 
 def _read_dicom_folder(folder: Path):
@@ -102,8 +118,14 @@ def read_volume(path: str | Path) -> Volume:
     """Read a NIfTI/NRRD/MetaImage file or a folder with exactly one DICOM series as a :class:`Volume`."""
     sitk = sitk_module()
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except PermissionError:  # a folder above it cannot be entered
+        raise InputError(f"Cannot read input '{path}': permission denied on a folder above it; give this user "
+                         "access to it.") from None
+    if not exists:
         raise InputError(f"Input '{path}' does not exist.")
+    check_readable(path)
     if path.is_dir():
         try:
             image = _read_dicom_folder(path)

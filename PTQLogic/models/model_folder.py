@@ -46,7 +46,51 @@ class ModelDir:
         return json.loads(self.report_path.read_text(encoding="utf-8")) if self.report_path.is_file() else {}
 
 
+def _readable(path: Path) -> bool:
+    import os
+
+    needed = os.R_OK | (os.X_OK if path.is_dir() else 0)  # a folder: list and enter it
+    return os.access(path, needed, effective_ids=os.access in os.supports_effective_ids)
+
+
+def check_model_path(path: str | Path) -> None:
+    """A --model that does not exist or cannot be read fails with that, not with what a model folder needs."""
+    import os
+
+    root = Path(path)
+    try:
+        exists = root.exists()
+    except PermissionError:  # a folder above it cannot be entered
+        exists, root = True, next((p for p in reversed(root.parents) if not os.access(p, os.X_OK)), root)
+    if not exists:
+        raise InputError(f"Model '{path}' does not exist; give a model folder from `ptqseg quantize`, a model spec "
+                         "(.json/.yaml), a MONAI bundle or an nnU-Net results folder.")
+    unreadable = root if not _readable(root) else next(
+        (child for child in (root.iterdir() if root.is_dir() else ()) if not _readable(child)), None)
+    if unreadable is not None:
+        raise InputError(f"Cannot read model '{unreadable}': permission denied; give this user read access to it "
+                         f"(e.g. chmod -R u+rX '{root}').")
+
+
+def is_unquantized_model(path: str | Path) -> bool:
+    """A model `quantize` takes that is not a quantized model folder: a spec, a model file with a spec beside
+    it, a MONAI bundle (it can run in FP32 as it is)."""
+    from .model_files import choose_model_source
+
+    root = Path(path)
+    if root.is_dir() and ((root / SPEC_NAME).is_file() or not any(root.iterdir())):
+        return False
+    try:
+        source = choose_model_source(root)
+    except InputError:
+        if root.is_dir():
+            return False  # open_model_dir says what a model folder needs
+        raise
+    return source.quantizable and source.kind in ("spec", "onnx", "torchscript", "state_dict", "monai_bundle")
+
+
 def open_model_dir(path: str | Path) -> ModelDir:
+    check_model_path(path)
     root = Path(path)
     if (root / "nnunet_model.json").is_file():
         raise InputError(f"'{path}' is a quantized nnU-Net model folder (one ONNX per fold); this command does not take "

@@ -1,6 +1,7 @@
 """Accuracy guard: INT8 that misses its FP32-agreement target keeps its most sensitive layers in FP32.
 
-No labels are needed. The FP32 model's own prediction on held-out patches is the reference, so
+It is on by default (``interface.DEFAULT_GUARD``: agreement >= 0.98); without a target (``--no-guard``) the
+agreement is still measured and recorded, and nothing is enforced. No labels are needed. The FP32 model's own prediction on held-out patches is the reference, so
 ``--max-dice-drop D`` means "INT8 Dice against the FP32 prediction is at least 1 - D", and
 ``--min-agreement A`` means that Dice is at least ``A``. Agreement is measured on the runtime that
 will run the model (its INT8 kernels, not ONNX Runtime's reference semantics). Layers are ranked
@@ -20,37 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.errors import AccuracyError, InputError
-from ..evaluation.metrics import agreement_dice
+from ..core.errors import AccuracyError
 from ..core.progress import Monitor
+from ..evaluation.metrics import agreement_dice
+from .interface import GuardTarget
 from .quantize import QuantizeReport, QuantizeSettings, quantize_onnx
 from .sensitivity import rank_sensitivity
 
 STAGE = "accuracy guard"
-
-
-@dataclass(frozen=True)
-class GuardTarget:
-    min_agreement: float | None = None
-    max_dice_drop: float | None = None
-    runtime: str = "auto"  # the runtime whose INT8 result is checked ("auto": the one `segment` would pick)
-    max_kept: int = 8  # at most this many layers kept in higher precision
-
-    def validate(self) -> None:
-        if self.min_agreement is None and self.max_dice_drop is None:
-            raise InputError("The accuracy guard needs --min-agreement or --max-dice-drop.")
-        if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
-            raise InputError(f"--min-agreement must be in (0, 1], got {self.min_agreement}.")
-        if self.max_dice_drop is not None and not 0.0 <= self.max_dice_drop < 1.0:
-            raise InputError(f"--max-dice-drop must be in [0, 1), got {self.max_dice_drop}.")
-        if self.max_kept < 1:
-            raise InputError(f"--max-kept-layers must be >= 1, got {self.max_kept}.")
-
-    @property
-    def threshold(self) -> float:
-        values = [v for v in (self.min_agreement, None if self.max_dice_drop is None else 1.0 - self.max_dice_drop)
-                  if v is not None]
-        return max(values)
 
 
 @dataclass
@@ -64,14 +42,20 @@ class GuardStep:
 @dataclass
 class GuardReport:
     runtime: str
-    threshold: float
+    threshold: float | None  # None: measured only (--no-guard)
     held_out: str  # what the agreement was measured on
+    isa: str  # the CPU's INT8 instruction set the agreement was measured with ("vnni", "avx2"), or "gpu"
+    device: str  # the CPU model or GPU name
     steps: list[GuardStep] = field(default_factory=list)
     ranking: list[tuple[str, float]] = field(default_factory=list)  # node, local relative error
 
     @property
+    def enforced(self) -> bool:
+        return self.threshold is not None
+
+    @property
     def met(self) -> bool:
-        return bool(self.steps) and self.steps[-1].agreement >= self.threshold
+        return bool(self.steps) and (self.threshold is None or self.steps[-1].agreement >= self.threshold)
 
     @property
     def kept(self) -> list[str]:
@@ -80,7 +64,8 @@ class GuardReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         first, last = self.steps[0], self.steps[-1]
-        data.update(met=self.met, kept=self.kept, initial_agreement=first.agreement, final_agreement=last.agreement,
+        data.update(met=self.met, enforced=self.enforced, kept=self.kept, agreement=last.agreement,
+                    initial_agreement=first.agreement, final_agreement=last.agreement,
                     size_cost=last.int8_bytes / first.int8_bytes,
                     latency_cost=last.int8_latency_ms / max(first.int8_latency_ms, 1e-9))
         data["ranking"] = [{"node": n, "local_error": s} for n, s in self.ranking[:20]]
@@ -116,24 +101,39 @@ def _exclusion(settings: QuantizeSettings, nodes: list[str]) -> QuantizeSettings
     return replace(settings, exclude_nodes=tuple(settings.exclude_nodes) + patterns)
 
 
+def _where(runtime: str) -> tuple[str, str]:
+    """(ISA, device) the runtime's agreement is measured on."""
+    from ..core.sysinfo import cpu_int8_target, system_info
+
+    if runtime == "tensorrt":
+        import torch
+
+        return "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown GPU"
+    return cpu_int8_target(), system_info()["cpu"]["model"]
+
+
 def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: np.ndarray, out_path: str | Path,
-                     settings: QuantizeSettings, target: GuardTarget, num_classes: int, held_out_note: str,
+                     settings: QuantizeSettings, target: GuardTarget | None, num_classes: int, held_out_note: str,
                      monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
-    """Quantize, check agreement on ``held_out`` patches, and keep sensitive layers in FP32 until it holds."""
+    """Quantize, measure agreement on ``held_out`` patches, and (when ``target`` has a threshold) keep sensitive
+    layers in FP32 until it holds. Layers are kept through ModelOpt's exclusions; the 'cpu' placement can only be checked."""
     from ..engines import choose_runtime, create_engine
 
     monitor = monitor or Monitor()
+    target = target or GuardTarget()
     target.validate()
     runtime = target.runtime if target.runtime != "auto" else choose_runtime("int8")[0]
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    monitor.update(STAGE, 0, 1)
     reference = _labels(create_engine(runtime, "fp32", fp32_onnx=fp32_onnx), held_out)
-    guard = GuardReport(runtime=runtime, threshold=target.threshold, held_out=held_out_note)
+    guard = GuardReport(runtime, target.threshold, held_out_note, *_where(runtime))
     report = quantize_onnx(fp32_onnx, calibration, out_path, settings, monitor)
     agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
     guard.steps.append(GuardStep([], agreement, report.bytes, latency))
     if guard.met:
         return report, guard
-    guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out)
+    if settings.placement == "modelopt":
+        guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out)
     limit = min(target.max_kept, len(guard.ranking))
     count = 0
     while not guard.met and count < limit:
@@ -144,30 +144,41 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: n
         agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
         guard.steps.append(GuardStep(kept, agreement, report.bytes, latency))
     if not guard.met:
-        best = max(step.agreement for step in guard.steps)
-        raise AccuracyError(
-            f"INT8 misses the accuracy target on {runtime}: best agreement with FP32 {best:.4f} < "
-            f"{guard.threshold:.4f}, trying up to {len(guard.kept)} layer(s) kept in FP32 ({held_out_note}). "
-            "Allow more layers (--max-kept-layers), loosen the target, calibrate on more volumes, or use FP32."
-        )
+        raise AccuracyError(_miss_message(guard, settings))
     return report, guard
 
 
-def guarded_quantize_volumes(fp32_onnx: Path, out_path: Path, volumes: list, spec, calib_settings,
-                             settings: QuantizeSettings, target: GuardTarget,
-                             monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
-    """:func:`guarded_quantize` on calibration volumes: whole volumes are held out when there are 3 or more."""
-    from .calibration import sample_calibration_patches
+def _miss_message(guard: GuardReport, settings: QuantizeSettings) -> str:
+    tried = "; ".join(f"{len(step.kept)} layer(s) in FP32: {step.agreement:.4f}" for step in guard.steps)
+    advice = ("Allow more layers (--max-kept-layers), calibrate on more volumes like those you will segment, try "
+              "--method entropy, lower the target (--min-agreement), or keep this INT8 anyway with --no-guard."
+              if settings.placement == "modelopt" else
+              "The 'cpu' placement cannot keep layers in FP32: use --placement modelopt (or auto), or keep this "
+              "INT8 anyway with --no-guard.")
+    return (f"INT8 misses the accuracy target on {guard.runtime} ({guard.isa}): agreement with FP32 < "
+            f"{guard.threshold:.4f} after trying up to {len(guard.kept)} layer(s) kept in FP32 ({tried}; measured on "
+            f"{guard.held_out}). {advice}")
 
-    held_count = max(4, calib_settings.num_patches // 4)
+
+def held_out_split(volumes: list, num_patches: int) -> tuple[list, list, int, str]:
+    """(calibration volumes, held-out volumes, held-out patch count, a note saying what is held out): whole
+    volumes are held out when there are 3 or more, else patches are drawn apart (another seed) from the same."""
+    held_count = max(4, num_patches // 4)
     if len(volumes) >= 3:
         n_held = max(1, len(volumes) // 4)
-        calib_volumes, held_volumes = volumes[:-n_held], volumes[-n_held:]
-        note = f"{held_count} patches from {n_held} held-out calibration volume(s)"
-    else:
-        calib_volumes, held_volumes = volumes, volumes
-        note = (f"{held_count} patches drawn apart from the calibration patches (seed + 1); give 3 or more "
-                "calibration volumes to hold whole volumes out")
+        return volumes[:-n_held], volumes[-n_held:], held_count, \
+            f"{held_count} patches from {n_held} held-out calibration volume(s)"
+    return volumes, volumes, held_count, (f"{held_count} patches drawn apart from the calibration patches (seed + 1);"
+                                          " give 3 or more calibration volumes to hold whole volumes out")
+
+
+def guarded_quantize_volumes(fp32_onnx: Path, out_path: Path, volumes: list, spec, calib_settings,
+                             settings: QuantizeSettings, target: GuardTarget | None,
+                             monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
+    """:func:`guarded_quantize` on calibration volumes (held out as :func:`held_out_split` says)."""
+    from .calibration import sample_calibration_patches
+
+    calib_volumes, held_volumes, held_count, note = held_out_split(volumes, calib_settings.num_patches)
     patches = sample_calibration_patches(calib_volumes, spec, calib_settings, monitor)
     held_settings = replace(calib_settings, num_patches=held_count, seed=calib_settings.seed + 1)
     held_out = sample_calibration_patches(held_volumes, spec, held_settings, monitor)

@@ -9,15 +9,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence, Union
+from typing import Protocol, Sequence, Union
 
+from ..core.errors import InputError
 from ..core.progress import Monitor
 from .result import QuantizeResult
 
-if TYPE_CHECKING:
-    from .guard import GuardTarget
-
 Calibration = Union[str, Path, Sequence[Union[str, Path]]]
+DEFAULT_MIN_AGREEMENT = 0.98  # FP32-vs-INT8 Dice on held-out patches that every quantize must reach by default
+
+
+@dataclass(frozen=True)
+class GuardTarget:
+    """What the accuracy guard (``quantization.guard``) must reach: INT8-vs-FP32 Dice on held-out data. Without
+    ``min_agreement`` and ``max_dice_drop`` the agreement is measured on ``runtime`` and recorded, not enforced."""
+
+    min_agreement: float | None = None
+    max_dice_drop: float | None = None
+    runtime: str = "auto"  # the runtime whose INT8 result is checked ("auto": the one `segment` would pick)
+    max_kept: int = 8  # at most this many layers kept in higher precision
+
+    def validate(self) -> None:
+        if self.min_agreement is not None and self.max_dice_drop is not None:
+            raise InputError("Give --min-agreement or --max-dice-drop, not both (--max-dice-drop D is "
+                             "--min-agreement 1-D).")
+        if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
+            raise InputError(f"--min-agreement must be in (0, 1], got {self.min_agreement}.")
+        if self.max_dice_drop is not None and not 0.0 <= self.max_dice_drop < 1.0:
+            raise InputError(f"--max-dice-drop must be in [0, 1), got {self.max_dice_drop}.")
+        if self.runtime == "torch":
+            raise InputError("--guard-runtime torch cannot run INT8 (PyTorch is the FP32 reference); choose auto, "
+                             "openvino, onnxruntime or tensorrt.")
+        if self.max_kept < 1:
+            raise InputError(f"--max-kept-layers must be >= 1, got {self.max_kept}.")
+
+    @property
+    def threshold(self) -> float | None:
+        if self.min_agreement is not None:
+            return self.min_agreement
+        return None if self.max_dice_drop is None else 1.0 - self.max_dice_drop
+
+
+DEFAULT_GUARD = GuardTarget(min_agreement=DEFAULT_MIN_AGREEMENT)
 
 
 @dataclass(frozen=True)
@@ -28,7 +61,7 @@ class QuantizeOptions:
     seed: int = 0
     method: str = "max"
     exclude_nodes: tuple[str, ...] = ()
-    guard: "GuardTarget | None" = None
+    guard: GuardTarget | None = DEFAULT_GUARD  # None: agreement is measured and recorded, nothing is enforced
     folds: tuple[str, ...] | None = None
     checkpoint: str = "checkpoint_final.pth"
     placement: str = "auto"
@@ -39,7 +72,7 @@ class QuantizeOptions:
     def requested_placement(self) -> dict:
         """The arguments ``presets.resolve_placement`` decides "auto" from."""
         return dict(placement=self.placement, activations=self.activations, subpixel=self.subpixel,
-                    guarded=self.guard is not None, excludes_nodes=bool(self.exclude_nodes))
+                    excludes_nodes=bool(self.exclude_nodes))
 
 
 class Quantizer(Protocol):

@@ -83,9 +83,6 @@ def _plan(model: str | Path, calibration: Calibration, out_dir: str | Path, opti
     settings = _settings(spec, options, placement, activations, subpixel)
     if options.guard is not None:
         options.guard.validate()
-        if placement != "modelopt":
-            raise InputError("The accuracy guard keeps layers in FP32 through ModelOpt's exclusions; use it with "
-                             "--placement modelopt or auto, or drop --min-agreement/--max-dice-drop.")
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     weights = [spec.weights_path()] if spec.weights_path() else []
     out = check_out_dir(out_dir, [model, *weights, *calibration_paths])
@@ -147,13 +144,8 @@ def _export(plan: _Plan, staging: Path, monitor: Monitor) -> dict[str, Any]:
 
 
 def _quantize(plan: _Plan, staging: Path, options: QuantizeOptions, monitor: Monitor):
-    """The INT8 Q/DQ ONNX: calibrated once, or through the accuracy guard when one is set."""
-    from .calibration import sample_calibration_patches
-    from .quantize import quantize_onnx
-
-    if options.guard is None:
-        patches = sample_calibration_patches(plan.volumes, plan.spec, plan.calib_settings, monitor)
-        return quantize_onnx(staging / FP32_NAME, patches, staging / INT8_NAME, plan.settings, monitor), None
+    """The INT8 Q/DQ ONNX through the accuracy guard: agreement with FP32 is always measured, and enforced
+    when the options hold a target."""
     from .guard import guarded_quantize_volumes
 
     return guarded_quantize_volumes(staging / FP32_NAME, staging / INT8_NAME, plan.volumes, plan.spec,
@@ -168,7 +160,7 @@ def _summary(plan: _Plan, options: QuantizeOptions, export_info: dict[str, Any],
         "calibration": {"volumes": len(plan.volumes), "patches": options.num_patches, "seed": options.seed,
                         "method": options.method, "inputs": [str(path) for path in plan.inputs]},
         **report.to_dict(),
-        **({"guard": guard_info.to_dict()} if guard_info is not None else {}),
+        "guard": guard_info.to_dict(),
         **({"placement_auto": why} if why else {}),
         "path": INT8_NAME,  # relative: the staging folder is renamed into place
     }

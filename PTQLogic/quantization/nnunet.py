@@ -24,7 +24,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.fileio import publish_dir, staging_dir
 from ..core.progress import Monitor
-from .interface import Calibration, QuantizeOptions
+from .interface import DEFAULT_GUARD, Calibration, GuardTarget, QuantizeOptions
 from ..models.model_folder import check_out_dir
 from ..models.nnunet.folder import DATASET_JSON, PLANS_JSON, is_nnunet_folder
 from ..models.nnunet.model_dir import (FORMAT_VERSION, MODEL_DIR_MARKER, NnUNetModel, is_nnunet_model_dir,
@@ -80,20 +80,23 @@ def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
 def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_patches: int = 32, seed: int = 0,
                     method: str = "max", exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
-                    target_cpu: str = "auto"):
-    """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX."""
+                    target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD):
+    """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
+    INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only)."""
     import torch
 
     from ..models.onnx_export import export_onnx
     from .calibration import CalibrationSettings, load_calibration_volumes, validate_settings
-    from .quantize import QuantizeSettings, quantize_onnx
-
+    from .guard import guarded_quantize, held_out_split
+    from .quantize import QuantizeSettings
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
     if method not in ("max", "entropy"):
         raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
     validate_settings(CalibrationSettings(num_patches=num_patches, seed=seed))
+    if guard is not None:
+        guard.validate()
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     out_dir = _check_out_dir(out_dir, [model, *calibration_paths])
     volumes = load_calibration_volumes(calibration)
@@ -102,7 +105,9 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
         raise InputError(f"'{model}' is already a quantized model folder; quantize the original nnU-Net folder.")
     staging = staging_dir(out_dir)
     try:
-        patches = calibration_patches(source, volumes, num_patches, seed, monitor)
+        calib_volumes, held_volumes, held_count, note = held_out_split(volumes, num_patches)
+        patches = calibration_patches(source, calib_volumes, num_patches, seed, monitor)
+        held_out = calibration_patches(source, held_volumes, held_count, seed + 1, monitor)
         for name in (DATASET_JSON, PLANS_JSON):
             shutil.copyfile(source.root / name, staging / name)
         source.spec.save(staging / "spec.json")
@@ -113,9 +118,10 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             folder.mkdir()
             torch.save(network.state_dict(), folder / "weights.pt")
             exported = export_onnx(network, source.spec, folder / "fp32.onnx", monitor=monitor)
-            report = quantize_onnx(folder / "fp32.onnx", patches, folder / "int8.onnx", settings, monitor)
+            report, checked = guarded_quantize(folder / "fp32.onnx", patches, held_out, folder / "int8.onnx", settings,
+                                               guard, source.spec.num_classes, note, monitor)
             reports[fold] = {"export": {"max_abs_error": exported.max_abs_error, "opset": exported.opset},
-                             **report.to_dict(), "path": f"fold_{fold}/int8.onnx"}
+                             **report.to_dict(), "guard": checked.to_dict(), "path": f"fold_{fold}/int8.onnx"}
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
                 "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size,
                 "checkpoint": checkpoint, "original": str(source.root.resolve())}
@@ -159,11 +165,9 @@ class NnUNetQuantizer:
         if placement != "modelopt" or subpixel or activations != "s8":
             raise InputError("nnU-Net folders are quantized with ModelOpt's Q/DQ placement only; drop --placement, "
                              "--activations and --subpixel.")
-        if options.guard is not None:
-            raise InputError("The accuracy guard (--min-agreement/--max-dice-drop) does not take nnU-Net folders yet; "
-                             "quantize without it and check agreement with `ptqseg segment --compare`.")
         result = quantize_nnunet(model, calibration, out_dir, num_patches=options.num_patches, seed=options.seed,
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
-                                 checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu)
+                                 checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu,
+                                 guard=options.guard)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -30,4 +30,16 @@ class QuantizeResult:
             "qdq_ok": self.report.get("qdq", {}).get("ok"),
             "calibration_inputs": self.report.get("calibration", {}).get("inputs", []),
             "placement": dict(self.placement),
+            **self.agreement(),
         }
+
+    def agreement(self) -> dict[str, Any]:
+        """The accuracy guard's record: FP32-vs-INT8 agreement (the lowest fold's for nnU-Net), where it was
+        measured, and whether the target was enforced and met."""
+        guards = [self.report["guard"]] if "guard" in self.report else \
+            [fold["guard"] for fold in self.report.get("folds", {}).values() if "guard" in fold]
+        if not guards:
+            return {}
+        worst = min(guards, key=lambda guard: guard["agreement"])
+        keys = ("agreement", "runtime", "isa", "device", "held_out", "enforced", "threshold", "met", "kept")
+        return {"agreement": worst["agreement"], "guard": {key: worst.get(key) for key in keys}}

@@ -20,38 +20,31 @@ from typing import Mapping, Sequence
 
 from ..core.errors import PTQError
 from ..core.progress import parse_progress_line
+from ..quantization.interface import DEFAULT_MIN_AGREEMENT
 
 _FLAGS = ["--progress-lines", "--json"]
 
 
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
-                     out_dir: str | Path, patches: int, method: str, min_agreement: float | None = None,
+                     out_dir: str | Path, patches: int, method: str, min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
                      runtime: str = "auto") -> list[str]:
     """``python -m PTQLogic.app.cli quantize ...`` (always machine progress + JSON result).
 
-    ``min_agreement`` turns on the accuracy guard (INT8-vs-FP32 Dice on held-out data; it needs ModelOpt's
-    placement). Otherwise the Q/DQ placement suits ``runtime``, the one chosen for segmenting ("auto": the
-    engine process picks, as it will for INT8).
+    The accuracy guard checks INT8-vs-FP32 agreement on held-out data on ``runtime``, the one chosen for
+    segmenting ("auto": the one segment picks for INT8), and keeps layers in FP32 until ``min_agreement`` holds;
+    ``min_agreement`` 0 or None measures agreement without enforcing it (``--no-guard``). The Q/DQ placement is
+    the fidelity default (ModelOpt's).
     """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
     if int(patches) < 1:
         raise PTQError(f"The number of calibration patches must be >= 1, got {patches}.")
+    guard = ["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else ["--no-guard"]
+    guard_runtime = runtime if runtime in ("openvino", "onnxruntime", "tensorrt") else "auto"
     return [str(python_exe), "-m", "PTQLogic.app.cli", "quantize", "--model", str(spec_path),
             "--calibration", *[str(p) for p in calibration_paths], "--out", str(out_dir),
-            "--patches", str(int(patches)), "--method", str(method),
-            *(["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else _placement_flags(runtime)),
+            "--patches", str(int(patches)), "--method", str(method), *guard, "--guard-runtime", guard_runtime,
             *_FLAGS]
-
-
-def _placement_flags(runtime: str) -> list[str]:
-    from ..quantization.presets import PLACEMENT_FOR_RUNTIME
-
-    if runtime not in PLACEMENT_FOR_RUNTIME:
-        return ["--placement", "auto"]
-    placement, activations, subpixel = PLACEMENT_FOR_RUNTIME[runtime]
-    return ["--placement", placement] + (["--activations", activations] if activations != "s8" else []) \
-        + (["--subpixel"] if subpixel else [])
 
 
 def info_command(python_exe: str) -> list[str]:

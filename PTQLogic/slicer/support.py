@@ -278,6 +278,8 @@ _RESULT_ROWS = (  # key, label, format
     ("latency_ms", "Latency per patch", "{:.1f} ms"),
     ("seconds", "Total time", "{:.2f} s"),
     ("agreement_dice", "Agreement Dice (vs FP32)", "{:.4f}"),
+    ("agreement", "INT8-vs-FP32 agreement (held out)", "{:.4f}"),
+    ("guard", "Accuracy guard", "{}"),
     ("reference_dice", "Dice vs reference", "{:.4f}"),
     ("fp32_mb", "FP32 ONNX size", "{:.2f} MB"),
     ("int8_mb", "INT8 ONNX size", "{:.2f} MB"),
@@ -301,7 +303,19 @@ def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         elif key == "qdq_ok":
             value = "pass" if value else ("not met: u8 activations are for ONNX Runtime"
                                           if placement.get("activations") == "u8" else "FAIL (see quantization.json)")
+        elif key == "guard":
+            value = _guard_row(value)
         elif key == "runtime" and result.get("runtime_reason"):
             value = f"{value} ({result['runtime_reason']})"
         rows.append((label, fmt.format(value)))
     return rows
+
+
+def _guard_row(guard: Mapping[str, Any]) -> str:
+    """What the accuracy guard measured on and decided, in one line."""
+    where = f"on {guard.get('runtime')} ({guard.get('isa')})"
+    if not guard.get("enforced"):
+        return f"off: measured {where}, not enforced"
+    kept = guard.get("kept") or []
+    return (f"target {guard.get('threshold'):.3f} met {where}; "
+            + (f"{len(kept)} layer(s) kept in FP32" if kept else "no layer kept in FP32"))

@@ -172,9 +172,13 @@ def _int8_warnings(models: Sequence[NnUNetModel]) -> list[str]:
 
 def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precision: str = "int8",
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
-                   step_size: float | None = None, monitor: Monitor | None = None):
-    """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file)."""
-    from ...evaluation.metrics import agreement_dice, dice_per_class, warn_foreign_reference
+                   step_size: float | None = None, monitor: Monitor | None = None,
+                   label_map: str | dict[int, int] | None = None, reference_labels=None):
+    """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file); Dice against ``reference``
+    pairs classes as ``ptqseg evaluate`` does (``label_map``, else names, else values)."""
+    from ...evaluation.metrics import agreement_dice, check_label_map, compare_label_maps, reference_names
+    from ...evaluation.metrics import parse_label_map as parse_pairs
+    from ..input_checks import refuse_label_map
     from ...io.volumes import read_volume, write_label_tables, write_labelmap
     from ...core.fileio import check_output_path
     from .memory import check_nnunet_memory
@@ -190,10 +194,16 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         model.step_size = model.step_size if step_size is None else float(step_size)
     classes, lookups = merged_classes(opened, labels)
     volume = read_volume(input_path).validate(f"input volume '{input_path}'")
+    refuse_label_map(volume, input_path)
+    if (label_map or reference_labels) and not reference:
+        raise InputError("--label-map and --reference-labels pair the model's classes with --reference; give "
+                         "--reference too.")
+    mapping = parse_pairs(label_map) if isinstance(label_map, str) else label_map
     ref_volume = read_volume(reference) if reference else None
     if ref_volume is not None:
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
-        warn_foreign_reference(ref_volume.array, len(classes), reference)
+        check_label_map(ref_volume.array, f"Reference '{reference}'")
+        ref_names = reference_names(reference, reference_labels)
     check_nnunet_memory([runner_for(m) for m in opened], volume, [len(m.folds) for m in opened],
                         f"input volume '{input_path}'")  # before any engine is built
     run = _run_all(opened, volume, runtime, precision, device, mirroring, monitor)
@@ -203,17 +213,22 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     if compare and precision != "fp32":
         fp32 = _run_all(opened, volume, run.info.runtime, "fp32", device, mirroring, monitor)
         agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
-    reference_dice = dice_per_class(merged, ref_volume.array, present).mean if ref_volume is not None else None
-    monitor.check()
     on_cpu = str(run.info.device).lower().startswith("cpu")
     warnings = _int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []
+    reference_dice = per_class = None
+    if ref_volume is not None:
+        comparison = compare_label_maps(merged, ref_volume.array, pred_names={i: c.name for i, c in enumerate(classes)},
+                                        ref_names=ref_names, label_map=mapping, labels=present)
+        reference_dice, warnings = comparison.dice.mean, warnings + comparison.warnings
+        per_class = {f"{k} {comparison.names.get(k, '')}".strip(): v for k, v in comparison.dice.per_class.items()}
+    monitor.check()
     write_labelmap(Volume(array=merged, ijk_to_ras=volume.ijk_to_ras.copy()), output, classes)
     json_path, csv_path = write_label_tables(classes, output)
     return SegmentOutcome(output=output, labels_json=json_path, labels_csv=csv_path, runtime=run.info.runtime,
                           runtime_reason=run.reason, precision=run.info.precision,
                           engine_size_mb=run.engine_bytes / 1e6, seconds=run.seconds,
                           network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
-                          agreement_dice=agreement, reference_dice=reference_dice,
+                          agreement_dice=agreement, reference_dice=reference_dice, reference_per_class=per_class,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
                           fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings)
 
@@ -238,4 +253,5 @@ class NnUNetSegmenter:
     def segment(self, input_path, output, options: SegmentOptions, monitor: Monitor) -> SegmentOutcome:
         return segment_nnunet(self.models, input_path, output, runtime=options.runtime, precision=options.precision,
                               compare=options.compare, reference=options.reference, device=options.device,
-                              mirroring=options.mirroring, step_size=options.step_size, monitor=monitor)
+                              mirroring=options.mirroring, step_size=options.step_size, monitor=monitor,
+                              label_map=options.label_map, reference_labels=options.reference_labels)
