@@ -150,6 +150,14 @@ def test_segment_batch_local_ray_cluster(traced_quantize, phantom_files, tmp_pat
     assert "core_worker.cc" not in result.stderr, result.stderr
 
 
+def test_demo(tmp_path):
+    """The main job of the README: phantoms, quantize, FP32 and INT8 on the best engine; its files go to the
+    ptqseg cache folder under HOME, nothing else does."""
+    result, attempts = traced(["demo", "--runtime", "onnxruntime"], tmp_path, "demo", timeout=600)
+    assert attempts == []
+    assert "agreement" in result.stdout.lower(), result.stdout[-2000:]
+
+
 def test_the_trace_catches_what_it_must(tmp_path):
     """The check itself fails on a non-loopback connect (IPv4, IPv6), DNS on loopback and a bind on all
     addresses. UDP connects only: no packet is sent."""
