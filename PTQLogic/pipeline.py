@@ -13,7 +13,7 @@ from typing import Sequence
 from .core.progress import Monitor
 from .inference.interface import SegmentOptions
 from .inference.results import SegmentOutcome
-from .quantization.interface import DEFAULT_GUARD, GuardTarget, QuantizeOptions
+from .quantization.interface import DEFAULT_GUARD, DEFAULT_METHOD, GuardTarget, QuantizeOptions
 from .quantization.result import QuantizeResult
 
 __all__ = ["quantize_model", "segment", "QuantizeResult", "SegmentOutcome"]
@@ -26,7 +26,7 @@ def quantize_model(
     *,
     num_patches: int = 32,
     seed: int = 0,
-    method: str = "max",
+    method: str = DEFAULT_METHOD,
     exclude_nodes: Sequence[str] = (),
     guard: GuardTarget | None = DEFAULT_GUARD,
     monitor: Monitor | None = None,

@@ -57,7 +57,7 @@ class PTQSegmentationParameterNode:
     calibrationVolumes: list[vtkMRMLScalarVolumeNode]
     calibrationFolder: Path
     patches: Annotated[int, WithinRange(1, 4096)] = 32
-    method: Annotated[str, Choice(["max", "entropy"])] = "max"
+    method: Annotated[str, Choice(["max", "entropy"])] = "entropy"
     minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.98  # accuracy guard; 0 = measure only (--no-guard)
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"

@@ -113,6 +113,6 @@ def test_requantize_replaces_an_earlier_model_folder(quantized_unet, phantom_fil
     quantize_model(ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json", phantom_files["calibration"], folder,
                    num_patches=2, seed=3)
     assert open_model_dir(folder).report()["calibration"] == {
-        "volumes": 2, "patches": 2, "seed": 3, "method": "max", "inputs": [str(p) for p in phantom_files["calibration"]],
+        "volumes": 2, "patches": 2, "seed": 3, "method": "entropy", "inputs": [str(p) for p in phantom_files["calibration"]],
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or backup folder left

@@ -24,7 +24,7 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.fileio import publish_dir, staging_dir
 from ..core.progress import Monitor
-from .interface import DEFAULT_GUARD, Calibration, GuardTarget, QuantizeOptions
+from .interface import DEFAULT_GUARD, DEFAULT_METHOD, Calibration, GuardTarget, QuantizeOptions
 from ..models.model_folder import check_out_dir
 from ..models.nnunet.folder import DATASET_JSON, PLANS_JSON, is_nnunet_folder
 from ..models.nnunet.model_dir import (FORMAT_VERSION, MODEL_DIR_MARKER, NnUNetModel, is_nnunet_model_dir,
@@ -78,7 +78,7 @@ def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
 
 
 def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_patches: int = 32, seed: int = 0,
-                    method: str = "max", exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
+                    method: str = DEFAULT_METHOD, exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
                     target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
