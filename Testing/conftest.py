@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,10 @@ SHARED_DATA = Path(os.environ.get(DATA_ENV) or ROOT.parent / "shared" / "data")
 SAMPLE_UNET = ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"
 
 torch.set_num_threads(2)
+# The Ctrl-C tests press Ctrl-C at a terminal: a suite started with SIGINT ignored (nohup, `cmd &` in a script)
+# would hand that on to every command it starts, and they would never see it. Children get the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # engine caches of the test run (subprocesses inherit it) stay out of the user's cache folder
 if "PTQSEG_CACHE_DIR" not in os.environ:
     os.environ["PTQSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="ptqseg-test-cache-")
