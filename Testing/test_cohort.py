@@ -19,6 +19,8 @@ from PTQLogic.cohort.cluster import connect  # noqa: E402
 from PTQLogic.core.errors import Cancelled, InputError  # noqa: E402
 from PTQLogic.core.progress import Monitor  # noqa: E402
 
+from dicom_series import write_dicom_series  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -280,26 +282,6 @@ def test_torch_runtime_runs_fp32_by_default_and_refuses_int8_before_ray(cluster,
     assert summary.done == 1 and (row["runtime"], row["precision"], row["status"]) == ("torch", "fp32", "done")
 
 
-def _write_dicom_series(array: np.ndarray, spacing: tuple[float, float, float], folder: Path, uid: str) -> None:
-    """One CT slice file per k-index of ``array`` (KJI), a real DICOM series SimpleITK/GDCM reads back."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, plane in enumerate(array.astype(np.int16)):
-        image = sitk.GetImageFromArray(plane)
-        image.SetSpacing(spacing[:2])
-        tags = {"0008|0060": "CT", "0010|0020": "P1", "0020|000d": "1.2.3", "0020|000e": uid,
-                "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{spacing[2] * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
-                "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}"}
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"{uid}_{k:03d}.dcm"))
-        writer.Execute(image)
-
-
 def test_dicom_folders_are_volumes(cluster, quantized_unet, tmp_path):
     """A folder of DICOM-series folders (and a DICOM folder itself, or one in a list) is a cohort, as
     `segment --input FOLDER` takes one series: its label map equals that of the same voxels as NIfTI."""
@@ -311,11 +293,11 @@ def test_dicom_folders_are_volumes(cluster, quantized_unet, tmp_path):
 
     image, _ = make_phantom(77, shape=(40, 48, 44))
     cohort = tmp_path / "cohort"
-    _write_dicom_series(image.array, (1.5, 1.5, 1.5), cohort / "patient1", "1.2.3.4")
+    write_dicom_series(image.array, cohort / "patient1", "1.2.3.4", spacing=(1.5, 1.5, 1.5))
     series = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(cohort / "patient1"))
     sitk.WriteImage(sitk.ReadImage(list(series)), str(cohort / "patient2.nii.gz"))  # the same voxels and grid
     for uid in ("1.2.3.5", "1.2.3.6"):  # two series in one folder: which one is meant is not known
-        _write_dicom_series(image.array[:4], (1.5, 1.5, 1.5), tmp_path / "two", uid)
+        write_dicom_series(image.array[:4], tmp_path / "two", uid, spacing=(1.5, 1.5, 1.5))
     (tmp_path / "list.txt").write_text("two\n")
 
     assert [i.input.name for i in collect_inputs([cohort / "patient1"], tmp_path / "o")] == ["patient1"]

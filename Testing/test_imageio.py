@@ -16,6 +16,7 @@ from PTQLogic.io.volumes import label_table_paths, read_volume, write_label_tabl
 from PTQLogic.core.spec import ClassInfo
 from PTQLogic.core.volume import Volume
 
+from dicom_series import write_dicom_series
 from conftest import DATA_ENV, SHARED_DATA as DATA  # noqa: E402 - $PTQSEG_TEST_DATA or ../shared/data
 
 
@@ -91,22 +92,8 @@ def test_real_ct_round_trip(tmp_path):
 
 
 def _write_dicom_series(folder: Path, uid: str, slices: int = 4) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(slices):
-        image = sitk.GetImageFromArray(np.full((6, 5), 10 * k, dtype=np.int16))
-        image.SetSpacing((0.7, 0.9))
-        tags = {
-            "0008|0060": "CT", "0010|0020": "P1", "0020|000d": "1.2.3", "0020|000e": uid,
-            "0020|0013": str(k + 1), "0020|0032": f"-10\\-20\\{2.5 * k}",
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "0.9\\0.7", "0018|0050": "2.5",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}",
-        }
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"{uid}_{k}.dcm"))
-        writer.Execute(image)
+    planes = np.stack([np.full((6, 5), 10 * k, dtype=np.int16) for k in range(slices)])
+    write_dicom_series(planes, folder, uid, spacing=(0.7, 0.9, 2.5), origin=(-10, -20))
 
 
 def test_dicom_series_folder(tmp_path):

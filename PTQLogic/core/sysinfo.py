@@ -44,6 +44,11 @@ def _cpu_info() -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str:
+    """This CPU's model name (from /proc/cpuinfo where it can be read)."""
+    return _cpu_info()["model"]
+
+
 def _memory_bytes() -> int | None:
     try:
         import psutil

@@ -103,13 +103,13 @@ def _exclusion(settings: QuantizeSettings, nodes: list[str]) -> QuantizeSettings
 
 def _where(runtime: str) -> tuple[str, str]:
     """(ISA, device) the runtime's agreement is measured on."""
-    from ..core.sysinfo import cpu_int8_target, system_info
+    from ..core.sysinfo import cpu_int8_target, cpu_model
 
     if runtime == "tensorrt":
         import torch
 
         return "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown GPU"
-    return cpu_int8_target(), system_info()["cpu"]["model"]
+    return cpu_int8_target(), cpu_model()
 
 
 def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: np.ndarray, out_path: str | Path,

@@ -1,0 +1,182 @@
+"""Methods of the Slicer module run against small stand-ins of the Slicer calls they make (Slicer itself
+cannot run here): the parameter node's GUI connection, the model path dialog, and the segmentation-node update
+that must never lose a node's segments."""
+from __future__ import annotations
+
+import ast
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "PTQSegmentation"
+MODULE_PY = MODULE_DIR / "PTQSegmentation.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "PTQSegmentation.ui"
+
+
+def _module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+
+def _method(class_name: str, name: str, **globals_):
+    """One method of the module, compiled alone with the given globals (Slicer cannot be imported here)."""
+    cls = next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    function = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == name)
+    namespace = dict(globals_)
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(MODULE_PY), "exec"), namespace)
+    return namespace[name]
+
+
+class _ParameterNodeStandIn:
+    """The two calls of Slicer's parameterNodeWrapper the widget uses; ``tags`` are what connectGui returns
+    (5.10 counts from 0 per wrapper; 5.6/5.8 return None)."""
+
+    def __init__(self, tags):
+        self.tags, self.connected, self.calls = list(tags), 0, []
+        self.modelPath = ""
+
+    def connectGui(self, gui):
+        self.connected += 1
+        self.calls.append("connect")
+        return self.tags.pop(0)
+
+    def disconnectGui(self, tag):
+        self.connected -= 1
+        self.calls.append(("disconnect", tag))
+
+
+@pytest.mark.parametrize("tags", [[0, 1, 2, 3], [None] * 4], ids=["slicer-5.10", "slicer-5.6-5.8"])
+def test_parameter_node_gui_is_disconnected_on_exit_and_reconnect(tags):
+    """Item 1: a falsy tag (0 or None) must still be disconnected, so enter() never stacks connections."""
+    widget = types.SimpleNamespace(_parameterNode=None, _parameterNodeGuiTag=None, ui=object(),
+                                   onModelPathChanged=lambda path: None)
+    setParameterNode = _method("PTQSegmentationWidget", "setParameterNode")
+    exit_ = _method("PTQSegmentationWidget", "exit")
+    node = _ParameterNodeStandIn(tags)
+    for _ in range(3):  # enter() three times, as Slicer does when the user comes back to the module
+        setParameterNode(widget, node)
+        assert node.connected == 1
+    exit_(widget)
+    assert node.connected == 0 and widget._parameterNodeGuiTag is None
+    setParameterNode(widget, node)
+    setParameterNode(widget, None)
+    assert node.connected == 0
+
+
+def test_model_path_can_browse_folders_and_files():
+    """Item 3: ctkPathLineEdit's button opens a file dialog whenever Files is set; a Folder button picks folders."""
+    root = ET.parse(UI_FILE).getroot()
+    layout = next(lay for lay in root.iter("layout") if lay.find("./item/widget[@name='modelPathLineEdit']") is not None)
+    assert {w.get("name") for w in layout.findall("./item/widget")} == {"modelPathLineEdit", "modelFolderButton"}
+    filters = root.find(".//widget[@name='modelPathLineEdit']/property[@name='filters']/set").text
+    assert "ctkPathLineEdit::Files" in filters  # files stay pickable with the line edit's own button
+    asked = []
+
+    def get_existing_directory(parent, title, start):
+        asked.append(start)
+        return "/data/nnUNet_results/Dataset001"
+
+    qt_standin = types.SimpleNamespace(QFileDialog=types.SimpleNamespace(getExistingDirectory=get_existing_directory))
+    browse = _method("PTQSegmentationWidget", "onBrowseModelFolder", qt=qt_standin, _=lambda text: text)
+    widget = types.SimpleNamespace(parent=None, ui=types.SimpleNamespace(
+        modelPathLineEdit=types.SimpleNamespace(currentPath="/data/old.json")))
+    browse(widget)
+    assert asked == ["/data/old.json"] and widget.ui.modelPathLineEdit.currentPath == "/data/nnUNet_results/Dataset001"
+    qt_standin.QFileDialog.getExistingDirectory = lambda parent, title, start: ""  # dialog cancelled
+    browse(widget)
+    assert widget.ui.modelPathLineEdit.currentPath == "/data/nnUNet_results/Dataset001"
+
+
+def _segmentation_node_standin(segments=None, name=""):
+    """A vtkMRMLSegmentationNode with the calls createOrUpdateSegmentation makes; segments: id -> (name, voxels)."""
+    seg = types.SimpleNamespace(segments=dict(segments or {}), source="Closed surface")
+
+    def remove_all():
+        assert seg.source == "Binary labelmap", "cleared with a closed-surface source: importing would fail"
+        seg.segments.clear()
+
+    def copy(other, segment_id):
+        seg.segments[segment_id] = other.segments[segment_id]
+        return True
+
+    seg.__dict__.update(AddEmptySegment=lambda sid, label, color: seg.segments.setdefault(sid, (label, 0)) and sid,
+                        GetSegment=lambda sid: types.SimpleNamespace(SetTerminology=lambda entry: None),
+                        SetSourceRepresentationName=lambda source: setattr(seg, "source", source),
+                        RemoveAllSegments=remove_all, GetNumberOfSegments=lambda: len(seg.segments),
+                        GetNthSegmentID=lambda i: list(seg.segments)[i], CopySegmentFromSegmentation=copy)
+    node = types.SimpleNamespace(segmentation=seg, name=name, GetSegmentation=lambda: seg, StartModify=lambda: 0)
+    for call in ("SetHideFromEditors", "SetReferenceImageGeometryParameterFromVolumeNode", "EndModify",
+                 "CreateDefaultDisplayNodes", "CreateClosedSurfaceRepresentation"):
+        setattr(node, call, lambda *args: None)
+    return node
+
+
+def _scene_standin(fail_at_segment=None):
+    """slicer with a scene of stand-in nodes; filling segment ``fail_at_segment`` raises (e.g. out of memory)."""
+    nodes = []
+
+    def add(cls, name):
+        nodes.append(_segmentation_node_standin(name=name))
+        return nodes[-1]
+
+    def fill(array, node, segment_id, reference):
+        if segment_id == fail_at_segment:
+            raise MemoryError("no memory for this segment")
+        name, _ = node.segmentation.segments[segment_id]
+        node.segmentation.segments[segment_id] = (name, int(array.sum()))
+
+    scene = types.SimpleNamespace(AddNewNodeByClass=add, RemoveNode=nodes.remove, GenerateUniqueName=str)
+    converter = types.SimpleNamespace(GetSegmentationBinaryLabelmapRepresentationName=lambda: "Binary labelmap")
+    return nodes, types.SimpleNamespace(mrmlScene=scene, vtkSegmentationConverter=converter,
+                                        util=types.SimpleNamespace(updateSegmentBinaryLabelmapFromArray=fill))
+
+
+@pytest.mark.parametrize("case", ["replaced", "failed-midway", "new-node"])
+def test_reusing_a_segmentation_node_never_loses_its_segments(case):
+    """Item 4, run against a stand-in of the few Slicer calls: the target's segments are replaced only once the
+    result is complete, a failure leaves them as they were, and the scratch node is always removed."""
+    from PTQLogic.core.errors import PTQError
+    from PTQLogic.slicer import support
+
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, :2], labels[2:] = 1, 2
+    standin_support = types.SimpleNamespace(load_volume_file=lambda path: types.SimpleNamespace(array=labels),
+                                            same_grid=lambda a, b: True,
+                                            segments_from_label_table=support.segments_from_label_table)
+    nodes, slicer_standin = _scene_standin(fail_at_segment="label_2" if case == "failed-midway" else None)
+    create = _method("PTQSegmentationLogic", "createOrUpdateSegmentation", support=standin_support,
+                     slicer=slicer_standin, PTQError=PTQError)
+    logic = types.SimpleNamespace(volumeFromNode=lambda node: node)
+    target = None if case == "new-node" else _segmentation_node_standin({"kept": ("kidney", 7)})
+    volume = types.SimpleNamespace(GetName=lambda: "CT")
+    if case == "failed-midway":
+        with pytest.raises(MemoryError):
+            create(logic, "labels.nrrd", {1: "liver", 2: "spleen"}, volume, target)
+        assert target.segmentation.segments == {"kept": ("kidney", 7)} and nodes == []
+        return
+    result = create(logic, "labels.nrrd", {1: "liver", 2: "spleen"}, volume, target)
+    assert result.segmentation.segments == {"label_1": ("liver", 12), "label_2": ("spleen", 60)}
+    assert result.segmentation.source == "Binary labelmap"
+    assert nodes == ([] if case == "replaced" else [result]) and (target is None or result is target)
+    assert case == "replaced" or result.name == "CT PTQ"
+
+
+def test_source_builds_in_a_scratch_node_before_clearing_the_target():
+    """Item 4, read from the source: the target gets a binary-labelmap source before it is cleared (also under
+    Slicer < 5.4's name), and is cleared only when the result is complete; the scratch node is always removed."""
+    function = next(f for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationLogic"
+                    for f in n.body if isinstance(f, ast.FunctionDef) and f.name == "createOrUpdateSegmentation")
+    first = {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            first.setdefault(node.func.attr, node.lineno)
+    assert first["updateSegmentBinaryLabelmapFromArray"] < first["RemoveAllSegments"]
+    assert first["SetSourceRepresentationName"] < first["RemoveAllSegments"]
+    assert first["SetMasterRepresentationName"] < first["RemoveAllSegments"]  # Slicer < 5.4 name
+    assert first["RemoveAllSegments"] < first["CopySegmentFromSegmentation"]
+    outer = next(n for n in function.body if isinstance(n, ast.Try))
+    assert "RemoveNode(scratch)" in ast.unparse(outer.finalbody)
+    assert "RemoveAllSegments" in ast.unparse(outer.body)
+    assert "test_ReuseSegmentationNode" in MODULE_PY.read_text()  # exercised for real in Slicer's self-test
