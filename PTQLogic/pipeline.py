@@ -36,10 +36,13 @@ def quantize_model(
     activations: str = "s8",
     subpixel: bool = False,
     target_cpu: str = "auto",
+    percentile: float | None = None,
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
-    ``guard``: the accuracy guard's target (default: agreement >= 0.98 with FP32 on held-out patches, on the runtime
+    ``method``: "entropy" (default), "max" or "percentile" (activation ranges clipped at ``percentile``, default
+    99.99).
+    ``guard``: the accuracy guard's target (default: agreement >= 0.98 with FP32 on held-out data, on the runtime
     that will run INT8; the most sensitive layers stay FP32 until it holds, else ``AccuracyError``); ``None``
     measures and records the agreement without enforcing it.
     ``placement``: "auto" (ModelOpt's, the fidelity default, ``presets.resolve_placement``), "modelopt" or "cpu"
@@ -51,7 +54,8 @@ def quantize_model(
 
     options = QuantizeOptions(num_patches=num_patches, seed=seed, method=method, exclude_nodes=tuple(exclude_nodes),
                               guard=guard, folds=None if folds is None else tuple(folds), checkpoint=checkpoint,
-                              placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu)
+                              placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu,
+                              percentile=percentile)
     return quantizer_for(model).quantize(model, calibration, out_dir, options, monitor or Monitor())
 
 

@@ -219,8 +219,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if not params.inputVolume:
                 raise PTQError("Choose an input volume.")
-            if str(params.modelDir) in ("", ".") or not (Path(params.modelDir) / "spec.json").is_file():
-                raise PTQError("Quantize a model first (or choose a quantized model folder as the model).")
+            support.check_segment_model(params.modelDir, reference=bool(params.referenceSegmentation))
             precision = "int8" if compare and params.precision == "fp32" else params.precision
             self._jobTemp = tempfile.TemporaryDirectory(prefix="ptqseg-")
             temp = Path(self._jobTemp.name)
@@ -270,9 +269,13 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines, returnCode = self._job.poll()
         for stream, line in lines:
             progress = support.parse_progress(line) if stream == "stderr" else None
+            estimate = support.parse_estimate(line) if stream == "stderr" else None
             if progress:
                 self.ui.progressBar.value = int(100 * progress[0])
                 self.ui.statusLabel.text = progress[1]
+            elif estimate:  # nnU-Net: expected time and memory, before the long work
+                self.ui.logTextEdit.appendPlainText(estimate["text"])
+                self.showResults({"estimate": estimate})
             elif stream == "stderr":
                 self.ui.logTextEdit.appendPlainText(line)
         if returnCode is None:

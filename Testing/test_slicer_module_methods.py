@@ -180,3 +180,28 @@ def test_source_builds_in_a_scratch_node_before_clearing_the_target():
     assert "RemoveNode(scratch)" in ast.unparse(outer.finalbody)
     assert "RemoveAllSegments" in ast.unparse(outer.body)
     assert "test_ReuseSegmentationNode" in MODULE_PY.read_text()  # exercised for real in Slicer's self-test
+
+
+def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
+    """nnU-Net parts: the CLI's estimate line fills the results area at once; a part's progress names it in the
+    status line and moves one bar over all parts (part 2 of 5, half its windows: 30%)."""
+    from PTQLogic.core.progress import estimate_line, progress_line
+    from PTQLogic.slicer import support
+
+    table, log = {}, []
+    ui = types.SimpleNamespace(
+        progressBar=types.SimpleNamespace(value=0), statusLabel=types.SimpleNamespace(text="Segmenting..."),
+        logTextEdit=types.SimpleNamespace(appendPlainText=log.append),
+        resultsTable=types.SimpleNamespace(setRowCount=lambda n: table.clear(),
+                                           setItem=lambda row, column, item: table.__setitem__((row, column), item)))
+    said = "Expected: 5 parts, 320 windows, network ~95 s, peak ~6.1 GiB"
+    lines = [("stderr", estimate_line({"text": said, "windows": 320})), ("stderr", "note: something"),
+             ("stderr", progress_line("part 2/5 (vertebrae): sliding window", 32, 64))]
+    widget = types.SimpleNamespace(_job=types.SimpleNamespace(poll=lambda: (lines, None)), ui=ui)
+    qt_standin = types.SimpleNamespace(QTableWidgetItem=lambda text: text)
+    show = _method("PTQSegmentationWidget", "showResults", support=support, qt=qt_standin)
+    widget.showResults = lambda result: show(widget, result)
+    _method("PTQSegmentationWidget", "onPollJob", support=support, _=lambda text: text)(widget)
+    assert table == {(0, 0): "Expected", (0, 1): "5 parts, 320 windows, network ~95 s, peak ~6.1 GiB"}
+    assert log == [said, "note: something"]
+    assert ui.statusLabel.text == "part 2/5 (vertebrae): sliding window 32/64" and ui.progressBar.value == 30

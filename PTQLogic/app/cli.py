@@ -53,12 +53,13 @@ def _resolve_precision(args: argparse.Namespace) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ..pipeline import quantize_model
-    from ..quantization.interface import DEFAULT_MIN_AGREEMENT, GuardTarget
+    from ..quantization.interface import DEFAULT_MIN_AGREEMENT, GuardTarget, QuantizeOptions
 
     default = None if args.no_guard or args.max_dice_drop is not None else DEFAULT_MIN_AGREEMENT
     guard = GuardTarget(min_agreement=default if args.min_agreement is None else args.min_agreement,
                         max_dice_drop=args.max_dice_drop, runtime=args.guard_runtime, max_kept=args.max_kept_layers)
     guard.validate()  # no threshold (--no-guard): agreement is measured on --guard-runtime, not enforced
+    QuantizeOptions(method=args.method, percentile=args.percentile).validate_method()
     # no --placement: auto, unless --activations/--subpixel ask for the cpu placement
     placement = args.placement or ("cpu" if args.activations != "s8" or args.subpixel else "auto")
     result = quantize_model(
@@ -66,6 +67,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
         placement=placement, activations=args.activations, subpixel=args.subpixel, target_cpu=args.target_cpu,
+        percentile=args.percentile,
     )
     data = result.to_dict()
     chosen = data["placement"]["auto"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..quantization.interface import DEFAULT_METHOD, DEFAULT_MIN_AGREEMENT
+from ..quantization.interface import DEFAULT_METHOD, DEFAULT_MIN_AGREEMENT, METHODS
 from .cli_support import Parser, int_at_least
 
 # Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
@@ -62,9 +62,13 @@ def add_quantize_options(q: argparse.ArgumentParser) -> None:
                    help="unlabeled calibration volumes (like those you will segment) and/or folders of them")
     q.add_argument("--out", required=True, help="model folder to write")
     q.add_argument("--patches", type=int_at_least(1), default=32, help="number of calibration patches")
-    q.add_argument("--method", choices=["max", "entropy"], default=DEFAULT_METHOD,
-                   help="activation range calibration: entropy (kept FP32's answer best on the trained networks "
-                        "measured, docs/fidelity.md) or max (the absolute maximum)")
+    q.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                   help="activation range calibration: entropy (the default: kept FP32's answer as well as or "
+                        "better than max on the trained networks measured, docs/fidelity.md), max (the absolute "
+                        "maximum) or percentile (ranges clipped at --percentile of |x|: better than entropy on two "
+                        "of three trained networks, a tie on the third)")
+    q.add_argument("--percentile", type=float, help="with --method percentile: the percentile of |x| that "
+                   "activation ranges are clipped at (default 99.99)")
     q.add_argument("--seed", type=int_at_least(0), default=0, help="calibration patch sampling seed")
     q.add_argument("--exclude-nodes", nargs="*", help="regexes of ONNX node names kept in high precision")
     add_placement_options(q)

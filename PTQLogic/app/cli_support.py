@@ -48,11 +48,18 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def make_monitor(args: argparse.Namespace) -> Monitor:
+    """Progress as machine lines (--progress-lines), tqdm bars (a terminal) or nothing; an estimate before long
+    work (e.g. "Expected: 5 parts, ...") as a machine line, else as one line on stderr."""
     if args.progress_lines:
         return line_monitor(sys.stderr)
-    if args.json or not sys.stderr.isatty():
-        return Monitor()
-    return Monitor(on_progress=TqdmProgress(sys.stderr))
+    bars = None if args.json or not sys.stderr.isatty() else TqdmProgress(sys.stderr)
+
+    def show_estimate(summary: dict) -> None:
+        if bars is not None:
+            bars.close()  # never printed over a live bar
+        print(summary["text"], file=sys.stderr, flush=True)
+
+    return Monitor(on_progress=bars, on_estimate=show_estimate)
 
 
 def note(args: argparse.Namespace, message: str) -> None:

@@ -1,8 +1,9 @@
 """Progress reporting and cancellation shared by every long-running step.
 
 Long work calls ``monitor.update(stage, done, total)``; that both reports progress and raises
-:class:`~PTQLogic.core.errors.Cancelled` once cancellation was requested. The CLI shows tqdm bars; the
-Slicer module runs the CLI with ``--progress-lines`` and parses the machine-readable lines.
+:class:`~PTQLogic.core.errors.Cancelled` once cancellation was requested. Before long work, what it is expected
+to cost can be said with ``monitor.estimate(summary)``. The CLI shows tqdm bars; the Slicer module runs the CLI
+with ``--progress-lines`` and parses the machine-readable lines.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Callable, TextIO
 from .errors import Cancelled
 
 ProgressCallback = Callable[[str, int, int], None]
+EstimateCallback = Callable[[dict], None]
 PROGRESS_PREFIX = "PTQSEG_PROGRESS "
+ESTIMATE_PREFIX = "PTQSEG_ESTIMATE "
 LOADING_STAGE = "loading"  # reported by the CLI at once, before its heavy imports; ends with the first real stage
 
 
@@ -25,6 +28,7 @@ class Monitor:
 
     on_progress: ProgressCallback | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    on_estimate: EstimateCallback | None = None  # gets a summary dict whose "text" is one line for people
 
     _loading: bool = field(default=False, init=False, repr=False)
 
@@ -37,6 +41,13 @@ class Monitor:
         else:
             self.end_loading()
         self.on_progress(stage, done, total)
+
+    def estimate(self, summary: dict) -> None:
+        """Say what the coming work is expected to cost (``summary["text"]``: one line, e.g. "Expected: ...")."""
+        self.check()
+        if self.on_estimate is not None:
+            self.end_loading()
+            self.on_estimate(summary)
 
     def end_loading(self) -> None:
         """Complete an open ``loading`` stage (the first real stage, or the end of the command, does this)."""
@@ -68,12 +79,32 @@ def parse_progress_line(line: str) -> tuple[str, int, int] | None:
         return None
 
 
+def estimate_line(summary: dict) -> str:
+    """One machine-readable estimate line (parsed by :func:`parse_estimate_line`)."""
+    return ESTIMATE_PREFIX + json.dumps(summary, default=str)
+
+
+def parse_estimate_line(line: str) -> dict | None:
+    """Inverse of :func:`estimate_line`: the summary (with its one-line "text"); None for any other line."""
+    if not line.startswith(ESTIMATE_PREFIX):
+        return None
+    try:
+        data = json.loads(line[len(ESTIMATE_PREFIX):])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("text"), str) else None
+
+
 def line_monitor(stream: TextIO = sys.stderr) -> Monitor:
     def emit(stage: str, done: int, total: int) -> None:
         stream.write(progress_line(stage, done, total) + "\n")
         stream.flush()
 
-    return Monitor(on_progress=emit)
+    def emit_estimate(summary: dict) -> None:
+        stream.write(estimate_line(summary) + "\n")
+        stream.flush()
+
+    return Monitor(on_progress=emit, on_estimate=emit_estimate)
 
 
 class TqdmProgress:

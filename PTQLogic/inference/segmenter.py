@@ -12,7 +12,7 @@ from ..core.spec import ModelSpec
 from ..core.volume import Volume
 from ..engines.base import Engine
 from .predictors import STAGE, CountingPredictor, auto_batch_size
-from .preprocess import labels_to_input_grid, load_transforms, to_network_space
+from .preprocess import NetworkGrid, labels_to_input_grid, load_transforms, to_network_space
 from .resident import segment_volume_resident
 from .results import SegmentationResult
 from .sliding_window import count_windows, sliding_window_labels
@@ -24,10 +24,12 @@ def segment_volume(
     engine: Engine,
     batch_size: int | None = None,
     monitor: Monitor | None = None,
+    preprocessed: tuple[torch.Tensor, NetworkGrid] | None = None,
 ) -> SegmentationResult:
     """Segment ``volume`` with ``engine``; the label map lies on exactly the input grid.
 
     ``batch_size``: windows per engine call; None lets the engine choose (:func:`auto_batch_size`).
+    ``preprocessed``: ``volume``'s :func:`to_network_space` made before (read only; CPU engines skip it then).
     """
     batch_size = auto_batch_size(engine, spec) if batch_size is None else batch_size
     if torch.device(engine.device).type == "cuda":  # GPU engines: the whole pipeline stays on the GPU
@@ -37,7 +39,7 @@ def segment_volume(
     started = time.perf_counter()
     if batch_size < 1:
         raise InputError(f"Batch size must be >= 1, got {batch_size}.")
-    image, grid = to_network_space(volume, spec)
+    image, grid = to_network_space(volume, spec) if preprocessed is None else preprocessed
     roi_size = tuple(int(s) for s in spec.patch_size)
     total = count_windows(grid.shape, roi_size, spec.overlap)
     batch_size = min(batch_size, total)

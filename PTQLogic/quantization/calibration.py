@@ -14,6 +14,8 @@ Strategy (no labels needed):
    at inference (``cval=0``).
 4. Randomness comes from ``numpy.random.default_rng([seed, volume_index])``: same inputs + seed ->
    same patches, independent of how many volumes are processed before.
+5. Each volume is preprocessed once (:class:`PreparedVolumes`); the accuracy guard's held-out patches are drawn
+   from the same preprocessed volumes, away from the calibration patches (:func:`draw_patches` ``avoid``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +39,8 @@ from ..core.volume import Volume
 CT_BODY_HU = -500.0
 OTHER_BODY_PERCENTILE = 10.0
 STAGE = "calibration patches"
+PREPROCESS_STAGE = "calibration preprocessing"  # one step per volume preprocessed
+APART_TRIES = 16  # draws per held-out patch looking for a place that no calibration patch covers
 # Input checks: a label map has few distinct whole values; a CT in Hounsfield units has air (about -1000 HU).
 
 
@@ -86,21 +90,125 @@ def _random_mask_voxel(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.asarray(np.unravel_index(flat[rng.integers(flat.size)], mask.shape))
 
 
-def patches_from_volume(image, mask, patch, count, settings, rng, on_patch) -> list[np.ndarray]:
-    image, mask = _pad_to_patch(image, mask, patch)
-    shape = np.asarray(image.shape[1:])
-    half = np.asarray(patch) // 2
-    patches = []
-    for _ in range(count):
-        if rng.random() < settings.foreground_fraction:
-            centre = _random_mask_voxel(mask, rng)
-        else:
-            centre = (rng.random(3) * shape).astype(np.int64)
-        start = np.clip(centre - half, 0, shape - np.asarray(patch))
-        region = tuple(slice(int(s), int(s) + int(p)) for s, p in zip(start, patch))
-        patches.append(np.array(image[(slice(None),) + region], dtype=np.float32))
-        on_patch()
-    return patches
+def _draw_start(mask: np.ndarray, patch: np.ndarray, settings: CalibrationSettings,
+                rng: np.random.Generator) -> np.ndarray:
+    """The first corner of one patch: centred in the body mask (``foreground_fraction``) or anywhere."""
+    shape = np.asarray(mask.shape)
+    if rng.random() < settings.foreground_fraction:
+        centre = _random_mask_voxel(mask, rng)
+    else:
+        centre = (rng.random(3) * shape).astype(np.int64)
+    return np.clip(centre - patch // 2, 0, shape - patch)
+
+
+def _largest_overlap(start: np.ndarray, others: np.ndarray, patch: np.ndarray) -> float:
+    """The largest share of a patch at ``start`` that one patch at ``others`` (M, 3) covers."""
+    if not len(others):
+        return 0.0
+    sides = np.clip(patch - np.abs(others - start), 0, None)
+    return float(np.prod(sides, axis=1).max() / np.prod(patch))
+
+
+def _start_apart(mask, patch, settings, rng, avoid: np.ndarray) -> tuple[np.ndarray, float]:
+    """A start overlapping none of ``avoid``, else the least overlapping of :data:`APART_TRIES` draws."""
+    best, least = None, 2.0
+    for _ in range(APART_TRIES):
+        start = _draw_start(mask, patch, settings, rng)
+        overlap = _largest_overlap(start, avoid, patch)
+        if overlap < least:
+            best, least = start, overlap
+        if overlap == 0.0:
+            break
+    return best, least
+
+
+@dataclass
+class PreparedVolume:
+    """One calibration volume preprocessed as the network sees it."""
+
+    image: np.ndarray  # (C, *network axes) float32, normalized
+    mask: np.ndarray  # likely body voxels on the same axes (:func:`body_mask`)
+    context: Any = None  # what maps results back: the NetworkGrid (spec models), nnU-Net's properties
+
+
+def prepare_volume(volume: Volume, spec: ModelSpec) -> PreparedVolume:
+    """``volume`` through the inference preprocessing (:func:`preprocess.to_network_space`) and its body mask."""
+    raw, grid = resample_to_network(volume, spec)
+    mask = body_mask(raw, spec)
+    return PreparedVolume(normalize_intensity(raw, spec.preprocessing).numpy(), mask, grid)
+
+
+class PreparedVolumes:
+    """Volumes preprocessed on first use, each reported as a step of :data:`PREPROCESS_STAGE`. Those in ``keep``
+    stay after use (drawn from again, or segmented whole); of the others only the last one used is held."""
+
+    def __init__(self, volumes: Sequence[Any], prepare: Callable[[Any], PreparedVolume],
+                 monitor: Monitor | None = None, keep: Iterable[int] = ()):
+        self.volumes, self.prepare = list(volumes), prepare
+        self.monitor, self.keep = monitor or Monitor(), set(keep)
+        self.preprocessed = 0  # preprocessing runs so far
+        self._held: dict[int, PreparedVolume] = {}
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> PreparedVolume:
+        if index not in self._held:
+            if not self.preprocessed:
+                self.monitor.update(PREPROCESS_STAGE, 0, len(self.volumes))
+            prepared = self.prepare(self.volumes[index])
+            self.preprocessed += 1
+            self.monitor.update(PREPROCESS_STAGE, self.preprocessed, len(self.volumes))
+            self._held = {i: v for i, v in self._held.items() if i in self.keep}
+            self._held[index] = prepared
+        return self._held[index]
+
+
+@dataclass
+class PatchDraw:
+    """Patches drawn from prepared volumes, and where: ``volume`` index and first corner (padded axes) of each."""
+
+    patches: np.ndarray  # (N, C, *patch) float32
+    volume: np.ndarray  # (N,)
+    start: np.ndarray  # (N, 3)
+    overlap: np.ndarray  # (N,) with ``avoid``: the largest share of each patch that one avoided patch covers
+
+
+def draw_patches(volumes: PreparedVolumes, patch_size: Sequence[int], settings: CalibrationSettings,
+                 monitor: Monitor | None = None, indices: Sequence[int] | None = None,
+                 avoid: PatchDraw | None = None, stage: str = STAGE) -> PatchDraw:
+    """``settings.num_patches`` patches, round-robin over ``indices`` (default: all) of ``volumes``; with ``avoid``,
+    each placed apart from those patches of the same volume where it can be (else as little over them as it can)."""
+    monitor = monitor or Monitor()
+    validate_settings(settings)
+    indices = list(range(len(volumes))) if indices is None else list(indices)
+    if not indices:
+        raise InputError("No calibration volumes were given; give at least one image like those you will segment.")
+    total, patch = settings.num_patches, np.asarray(patch_size, dtype=np.int64)
+    drawn: list[list[tuple]] = [[] for _ in indices]
+    monitor.update(stage, 0, total)
+    done = 0
+    for slot, index in enumerate(indices):
+        count = len(range(slot, total, len(indices)))
+        if count == 0:
+            continue
+        prepared = volumes[index]
+        image, mask = _pad_to_patch(prepared.image, prepared.mask, patch)
+        rng = np.random.default_rng([settings.seed, index])
+        taken = np.zeros((0, 3), dtype=np.int64) if avoid is None else avoid.start[avoid.volume == index]
+        for _ in range(count):
+            if avoid is None:
+                start, overlap = _draw_start(mask, patch, settings, rng), 0.0
+            else:
+                start, overlap = _start_apart(mask, patch, settings, rng, taken)
+            region = tuple(slice(int(s), int(s) + int(p)) for s, p in zip(start, patch))
+            drawn[slot].append((np.array(image[(slice(None),) + region], dtype=np.float32), index, start, overlap))
+            done += 1
+            monitor.update(stage, done, total)
+    ordered = [drawn[n % len(indices)][n // len(indices)] for n in range(total)]  # patch n: volume n mod V
+    return PatchDraw(np.stack([o[0] for o in ordered]).astype(np.float32, copy=False),
+                     np.asarray([o[1] for o in ordered]), np.stack([o[2] for o in ordered]),
+                     np.asarray([o[3] for o in ordered], dtype=np.float64))
 
 
 def sample_calibration_patches(
@@ -110,32 +218,9 @@ def sample_calibration_patches(
     monitor: Monitor | None = None,
 ) -> np.ndarray:
     """``settings.num_patches`` preprocessed patches, shape (N, C, *spec.patch_size), float32."""
-    monitor = monitor or Monitor()
     validate_settings(settings)
-    if not volumes:
-        raise InputError("No calibration volumes were given; give at least one image like those you will segment.")
-    total = settings.num_patches
-    counts = [len(range(v, total, len(volumes))) for v in range(len(volumes))]
-    per_volume: list[list[np.ndarray]] = [[] for _ in volumes]
-    done = 0
-    monitor.update(STAGE, 0, total)
-
-    def on_patch() -> None:
-        nonlocal done
-        done += 1
-        monitor.update(STAGE, done, total)
-
-    for index, (volume, count) in enumerate(zip(volumes, counts)):
-        if count == 0:
-            continue
-        raw, _ = resample_to_network(volume, spec)
-        mask = body_mask(raw, spec)
-        image = normalize_intensity(raw, spec.preprocessing).numpy()
-        rng = np.random.default_rng([settings.seed, index])
-        per_volume[index] = patches_from_volume(image, mask, spec.patch_size, count, settings, rng, on_patch)
-    # restore round-robin order: patch n came from volume n % V
-    ordered = [per_volume[n % len(volumes)][n // len(volumes)] for n in range(total)]
-    return np.stack(ordered).astype(np.float32, copy=False)
+    prepared = PreparedVolumes(volumes, lambda volume: prepare_volume(volume, spec), monitor)
+    return draw_patches(prepared, spec.patch_size, settings, monitor).patches
 
 
 @contextlib.contextmanager
@@ -198,13 +283,6 @@ def load_calibration_volumes(paths: Sequence[str | Path] | str | Path, spec: Mod
             check_calibration_volume(volume, spec, str(target))
         volumes.append(volume)
     return volumes
-
-
-
-
-
-
-
 
 def check_calibration_volume(volume: Volume, spec: ModelSpec, name: str) -> None:
     """Refuse a label map as calibration input; warn (:class:`InputWarning`) about an image unlike the model's."""

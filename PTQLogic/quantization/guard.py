@@ -1,7 +1,9 @@
 """Accuracy guard: INT8 that misses its FP32-agreement target keeps its most sensitive layers in FP32.
 
 It is on by default (``interface.DEFAULT_GUARD``: agreement >= 0.98); without a target (``--no-guard``) the
-agreement is still measured and recorded, and nothing is enforced. No labels are needed. The FP32 model's own prediction on held-out patches is the reference, so
+agreement is still measured and recorded, and nothing is enforced. No labels are needed. The FP32 model's own
+prediction on held-out data (:mod:`.held_out`: a whole volume, segmented as ``segment`` runs it, when 3 or more
+calibration volumes are given, else patches) is the reference, so
 ``--max-dice-drop D`` means "INT8 Dice against the FP32 prediction is at least 1 - D", and
 ``--min-agreement A`` means that Dice is at least ``A``. Agreement is measured on the runtime that
 will run the model (its INT8 kernels, not ONNX Runtime's reference semantics). Layers are ranked
@@ -12,18 +14,16 @@ never silently costs accuracy.
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..core.errors import AccuracyError
 from ..core.progress import Monitor
 from ..evaluation.metrics import agreement_dice
+from .held_out import HeldOut, HeldOutPatches
 from .interface import GuardTarget
 from .quantize import QuantizeReport, QuantizeSettings, quantize_onnx
 from .sensitivity import rank_sensitivity
@@ -34,9 +34,9 @@ STAGE = "accuracy guard"
 @dataclass
 class GuardStep:
     kept: list[str]  # compute nodes kept in higher precision in this attempt
-    agreement: float  # INT8-vs-FP32 Dice on the held-out patches, on the guard's runtime
+    agreement: float  # INT8-vs-FP32 Dice on the held-out data, on the guard's runtime
     int8_bytes: int
-    int8_latency_ms: float  # median per held-out patch on the guard's runtime
+    int8_latency_ms: float  # per network call on the guard's runtime: median per held-out patch, mean per window
 
 
 @dataclass
@@ -46,6 +46,7 @@ class GuardReport:
     held_out: str  # what the agreement was measured on
     isa: str  # the CPU's INT8 instruction set the agreement was measured with ("vnni", "avx2"), or "gpu"
     device: str  # the CPU model or GPU name
+    held_out_detail: dict[str, Any] = field(default_factory=dict)  # held_out as data: kind, volumes, windows, ...
     steps: list[GuardStep] = field(default_factory=list)
     ranking: list[tuple[str, float]] = field(default_factory=list)  # node, local relative error
 
@@ -72,28 +73,14 @@ class GuardReport:
         return data
 
 
-def _labels(engine, patches: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
-    out = []
-    with torch.inference_mode():
-        for patch in patches:
-            batch = torch.from_numpy(np.ascontiguousarray(patch[None])).to(engine.device)
-            started = time.perf_counter()
-            logits = engine(batch)
-            if timings is not None:
-                timings.append(1000.0 * (time.perf_counter() - started))
-            out.append(torch.argmax(logits[0], dim=0).cpu().numpy().astype(np.int16))
-    return np.stack(out)
-
-
-def _measure(runtime: str, int8_onnx: Path, patches: np.ndarray, reference: np.ndarray,
+def _measure(runtime: str, int8_onnx: Path, held_out: HeldOut, reference: np.ndarray,
              num_classes: int) -> tuple[float, float]:
     from ..engines import create_engine
 
     engine = create_engine(runtime, "int8", int8_onnx=int8_onnx)
-    timings: list[float] = []
-    labels = _labels(engine, patches, timings)
+    labels, latency = held_out.predict(engine)
     del engine
-    return agreement_dice(labels, reference, range(1, num_classes)), statistics.median(timings)
+    return agreement_dice(labels, reference, range(1, num_classes)), latency
 
 
 def _exclusion(settings: QuantizeSettings, nodes: list[str]) -> QuantizeSettings:
@@ -112,11 +99,12 @@ def _where(runtime: str) -> tuple[str, str]:
     return cpu_int8_target(), cpu_model()
 
 
-def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: np.ndarray, out_path: str | Path,
-                     settings: QuantizeSettings, target: GuardTarget | None, num_classes: int, held_out_note: str,
-                     monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
-    """Quantize, measure agreement on ``held_out`` patches, and (when ``target`` has a threshold) keep sensitive
-    layers in FP32 until it holds. Layers are kept through ModelOpt's exclusions; the 'cpu' placement can only be checked."""
+def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: HeldOut | np.ndarray,
+                     out_path: str | Path, settings: QuantizeSettings, target: GuardTarget | None, num_classes: int,
+                     held_out_note: str = "", monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
+    """Quantize, measure agreement on ``held_out`` (:mod:`.held_out`; an array: patches, described by
+    ``held_out_note``), and (when ``target`` has a threshold) keep sensitive layers in FP32 until it holds. Layers
+    are kept through ModelOpt's exclusions; the 'cpu' placement can only be checked."""
     from ..engines import choose_runtime, create_engine
 
     monitor = monitor or Monitor()
@@ -124,16 +112,18 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: n
     target.validate()
     runtime = target.runtime if target.runtime != "auto" else choose_runtime("int8")[0]
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
+    if isinstance(held_out, np.ndarray):
+        held_out = HeldOutPatches(held_out, held_out_note, {"kind": "patches", "patches": len(held_out)})
     monitor.update(STAGE, 0, 1)
-    reference = _labels(create_engine(runtime, "fp32", fp32_onnx=fp32_onnx), held_out)
-    guard = GuardReport(runtime, target.threshold, held_out_note, *_where(runtime))
+    reference, _ = held_out.predict(create_engine(runtime, "fp32", fp32_onnx=fp32_onnx))
+    guard = GuardReport(runtime, target.threshold, held_out.note, *_where(runtime), held_out_detail=held_out.detail)
     report = quantize_onnx(fp32_onnx, calibration, out_path, settings, monitor)
     agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
     guard.steps.append(GuardStep([], agreement, report.bytes, latency))
     if guard.met:
         return report, guard
     if settings.placement == "modelopt":
-        guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out)
+        guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out.ranking_patches)
     limit = min(target.max_kept, len(guard.ranking))
     count = 0
     while not guard.met and count < limit:
@@ -150,8 +140,9 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: n
 
 def _miss_message(guard: GuardReport, settings: QuantizeSettings) -> str:
     tried = "; ".join(f"{len(step.kept)} layer(s) in FP32: {step.agreement:.4f}" for step in guard.steps)
+    other = "percentile" if settings.method != "percentile" else "entropy"
     advice = ("Allow more layers (--max-kept-layers), calibrate on more volumes like those you will segment, try "
-              "--method entropy, lower the target (--min-agreement), or keep this INT8 anyway with --no-guard."
+              f"--method {other}, lower the target (--min-agreement), or keep this INT8 anyway with --no-guard."
               if settings.placement == "modelopt" else
               "The 'cpu' placement cannot keep layers in FP32: use --placement modelopt (or auto), or keep this "
               "INT8 anyway with --no-guard.")
@@ -160,27 +151,35 @@ def _miss_message(guard: GuardReport, settings: QuantizeSettings) -> str:
             f"{guard.held_out}). {advice}")
 
 
-def held_out_split(volumes: list, num_patches: int) -> tuple[list, list, int, str]:
-    """(calibration volumes, held-out volumes, held-out patch count, a note saying what is held out): whole
-    volumes are held out when there are 3 or more, else patches are drawn apart (another seed) from the same."""
-    held_count = max(4, num_patches // 4)
-    if len(volumes) >= 3:
-        n_held = max(1, len(volumes) // 4)
-        return volumes[:-n_held], volumes[-n_held:], held_count, \
-            f"{held_count} patches from {n_held} held-out calibration volume(s)"
-    return volumes, volumes, held_count, (f"{held_count} patches drawn apart from the calibration patches (seed + 1);"
-                                          " give 3 or more calibration volumes to hold whole volumes out")
-
-
 def guarded_quantize_volumes(fp32_onnx: Path, out_path: Path, volumes: list, spec, calib_settings,
                              settings: QuantizeSettings, target: GuardTarget | None,
-                             monitor: Monitor | None = None) -> tuple[QuantizeReport, GuardReport]:
-    """:func:`guarded_quantize` on calibration volumes (held out as :func:`held_out_split` says)."""
-    from .calibration import sample_calibration_patches
+                             monitor: Monitor | None = None,
+                             names: list[str] | None = None) -> tuple[QuantizeReport, GuardReport]:
+    """:func:`guarded_quantize` on calibration volumes (``names``: how the report names them), held out as
+    :func:`.held_out.calibration_and_held_out` says; each volume is preprocessed once."""
+    from .calibration import prepare_volume
+    from .held_out import calibration_and_held_out
 
-    calib_volumes, held_volumes, held_count, note = held_out_split(volumes, calib_settings.num_patches)
-    patches = sample_calibration_patches(calib_volumes, spec, calib_settings, monitor)
-    held_settings = replace(calib_settings, num_patches=held_count, seed=calib_settings.seed + 1)
-    held_out = sample_calibration_patches(held_volumes, spec, held_settings, monitor)
-    return guarded_quantize(fp32_onnx, patches, held_out, out_path, settings, target, spec.num_classes, note,
-                            monitor)
+    names = names or [f"calibration volume {i + 1}" for i in range(len(volumes))]
+    patches, held_out = calibration_and_held_out(volumes, names, lambda volume: prepare_volume(volume, spec),
+                                                 spec.patch_size, calib_settings, _spec_segmenter(spec, monitor),
+                                                 monitor)
+    return guarded_quantize(fp32_onnx, patches, held_out, out_path, settings, target, spec.num_classes,
+                            monitor=monitor)
+
+
+def _spec_segmenter(spec, monitor: Monitor | None):
+    """Whole held-out volumes through ``segment``'s own path (:func:`inference.segmenter.segment_volume`)."""
+    import torch
+
+    from ..inference.segmenter import segment_volume
+
+    def segmenter(volumes: list, prepared: list):
+        def segment(engine, index: int):
+            network = (torch.from_numpy(prepared[index].image), prepared[index].context)
+            result = segment_volume(volumes[index], spec, engine, monitor=monitor, preprocessed=network)
+            return result.labels.array, result.network_seconds, result.patches
+
+        return segment
+
+    return segmenter

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import InputError, ModelError
+from ..core.errors import ModelError
 from ..core.fileio import publish_dir, staging_dir
 from ..core.progress import Monitor
 from ..core.spec import ModelSpec
@@ -73,8 +73,7 @@ def _plan(model: str | Path, calibration: Calibration, out_dir: str | Path, opti
     from ..models.torch_models import load_torch_model
     from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
 
-    if options.method not in ("max", "entropy"):
-        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{options.method}'.")
+    options.validate_method()
     placement, activations, subpixel, why = resolve_placement(**options.requested_placement(),
                                                               architecture=spec.architecture)
     chosen = {"placement": placement, "activations": activations, "subpixel": subpixel, "auto": why}
@@ -99,14 +98,14 @@ def _settings(spec: ModelSpec, options: QuantizeOptions, placement: str, activat
     """QuantizeSettings for the placement; with ModelOpt's, the architecture's own high-precision parts too."""
     from .quantize import QuantizeSettings, quantize_settings_for
 
-    settings = QuantizeSettings(method=options.method, exclude_nodes=tuple(options.exclude_nodes),
+    settings = QuantizeSettings(**options.calibration_method(), exclude_nodes=tuple(options.exclude_nodes),
                                 placement=placement, activations=activations, subpixel=subpixel,
                                 target_cpu=options.target_cpu)
     settings.validate()
     if placement == "modelopt":  # e.g. attention MatMuls
         settings = replace(quantize_settings_for(spec.architecture, method=options.method,
                                                  exclude_nodes=tuple(options.exclude_nodes)),
-                           placement=placement, target_cpu=options.target_cpu)
+                           placement=placement, target_cpu=options.target_cpu, **options.calibration_method())
     return settings
 
 
@@ -149,7 +148,14 @@ def _quantize(plan: _Plan, staging: Path, options: QuantizeOptions, monitor: Mon
     from .guard import guarded_quantize_volumes
 
     return guarded_quantize_volumes(staging / FP32_NAME, staging / INT8_NAME, plan.volumes, plan.spec,
-                                    plan.calib_settings, plan.settings, options.guard, monitor)
+                                    plan.calib_settings, plan.settings, options.guard, monitor,
+                                    names=[path.name for path in plan.inputs])
+
+
+def _method(settings) -> dict[str, Any]:
+    """The calibration method for ``quantization.json`` (with its percentile when it has one)."""
+    return {"method": settings.method, **({"percentile": settings.percentile} if settings.method == "percentile"
+                                          else {})}
 
 
 def _summary(plan: _Plan, options: QuantizeOptions, export_info: dict[str, Any], report, guard_info) -> dict[str, Any]:
@@ -158,7 +164,7 @@ def _summary(plan: _Plan, options: QuantizeOptions, export_info: dict[str, Any],
         "model": plan.spec.name,
         "export": export_info,
         "calibration": {"volumes": len(plan.volumes), "patches": options.num_patches, "seed": options.seed,
-                        "method": options.method, "inputs": [str(path) for path in plan.inputs]},
+                        **_method(plan.settings), "inputs": [str(path) for path in plan.inputs]},
         **report.to_dict(),
         "guard": guard_info.to_dict(),
         **({"placement_auto": why} if why else {}),

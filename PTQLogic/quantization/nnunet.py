@@ -32,38 +32,39 @@ from ..models.nnunet.model_dir import (FORMAT_VERSION, MODEL_DIR_MARKER, NnUNetM
 from .result import QuantizeResult
 
 
-def calibration_patches(model: NnUNetModel, volumes: Sequence[Any], num_patches: int, seed: int,
-                        monitor: Monitor) -> np.ndarray:
-    """Patches of nnU-Net-preprocessed calibration volumes (the same sampler as spec models)."""
+def nnunet_preparer(model: NnUNetModel):
+    """Calibration preprocessing of an nnU-Net model: nnU-Net's own (``NnUNetRunner.preprocess``), with the body
+    mask of the spec models' sampler (:mod:`.calibration`) in its normalized units."""
     from ..inference.nnunet.predict import runner_for
-    from .calibration import CT_BODY_HU, OTHER_BODY_PERCENTILE, CalibrationSettings, patches_from_volume
+    from .calibration import CT_BODY_HU, OTHER_BODY_PERCENTILE, PreparedVolume
 
-    settings = CalibrationSettings(num_patches=num_patches, seed=seed)
     runner = runner_for(model)
     scheme = runner.config.normalization_schemes[0]
     stats = model.plans["foreground_intensity_properties_per_channel"].get("0", {})
-    counts = [len(range(v, num_patches, len(volumes))) for v in range(len(volumes))]
-    per_volume: list[list[np.ndarray]] = [[] for _ in volumes]
-    done = 0
 
-    def on_patch() -> None:
-        nonlocal done
-        done += 1
-        monitor.update("calibration patches", done, num_patches)
-
-    for index, (volume, count) in enumerate(zip(volumes, counts)):
-        if count == 0:
-            continue
-        data, _ = runner.preprocess(volume)
+    def prepare(volume) -> PreparedVolume:
+        data, properties = runner.preprocess(volume)
         if scheme == "CTNormalization":
             mask = data[0] > (CT_BODY_HU - stats["mean"]) / max(stats["std"], 1e-8)
         else:
             mask = data[0] > np.percentile(data[0], OTHER_BODY_PERCENTILE)
-        mask = mask if mask.any() else np.ones_like(mask, dtype=bool)
-        rng = np.random.default_rng([seed, index])
-        per_volume[index] = patches_from_volume(data, mask, model.spec.patch_size, count, settings, rng, on_patch)
-    ordered = [per_volume[n % len(volumes)][n // len(volumes)] for n in range(num_patches)]
-    return np.stack(ordered).astype(np.float32, copy=False)
+        return PreparedVolume(data, mask if mask.any() else np.ones_like(mask, dtype=bool), properties)
+
+    return runner, prepare
+
+
+def _nnunet_segmenter(runner, monitor: Monitor):
+    """Whole held-out volumes through nnU-Net's own prediction, as ``segment`` runs it (no mirroring)."""
+
+    def segmenter(volumes: list, prepared: list):
+        def segment(engine, index: int):
+            result = runner.predict(volumes[index], [engine], monitor=monitor,
+                                    preprocessed=(prepared[index].image, prepared[index].context))
+            return result.labels, result.network_seconds, result.patches
+
+        return segment
+
+    return segmenter
 
 
 def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
@@ -80,46 +81,53 @@ def _check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
 def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_patches: int = 32, seed: int = 0,
                     method: str = DEFAULT_METHOD, exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
-                    target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD):
+                    target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD,
+                    percentile: float | None = None):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
     INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only)."""
     import torch
 
     from ..models.onnx_export import export_onnx
-    from .calibration import CalibrationSettings, load_calibration_volumes, validate_settings
-    from .guard import guarded_quantize, held_out_split
+    from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
+    from .guard import guarded_quantize
+    from .held_out import calibration_and_held_out
     from .quantize import QuantizeSettings
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
-    if method not in ("max", "entropy"):
-        raise InputError(f"Calibration method must be 'max' or 'entropy', got '{method}'.")
-    validate_settings(CalibrationSettings(num_patches=num_patches, seed=seed))
+    chosen = QuantizeOptions(method=method, percentile=percentile)
+    chosen.validate_method()
+    QuantizeSettings(**chosen.calibration_method(), target_cpu=target_cpu).validate()
+    calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
+    validate_settings(calib_settings)
     if guard is not None:
         guard.validate()
     calibration_paths = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
     out_dir = _check_out_dir(out_dir, [model, *calibration_paths])
-    volumes = load_calibration_volumes(calibration)
+    inputs = calibration_inputs(calibration)
+    volumes = load_calibration_volumes(inputs)
     source = open_nnunet_model(model, folds, checkpoint)
     if source.quantized:
         raise InputError(f"'{model}' is already a quantized model folder; quantize the original nnU-Net folder.")
     staging = staging_dir(out_dir)
     try:
-        calib_volumes, held_volumes, held_count, note = held_out_split(volumes, num_patches)
-        patches = calibration_patches(source, calib_volumes, num_patches, seed, monitor)
-        held_out = calibration_patches(source, held_volumes, held_count, seed + 1, monitor)
+        runner, prepare = nnunet_preparer(source)
+        patches, held_out = calibration_and_held_out(volumes, [path.name for path in inputs], prepare,
+                                                     source.spec.patch_size, calib_settings,
+                                                     _nnunet_segmenter(runner, monitor), monitor)
         for name in (DATASET_JSON, PLANS_JSON):
             shutil.copyfile(source.root / name, staging / name)
         source.spec.save(staging / "spec.json")
         reports: dict[str, Any] = {}
-        settings = QuantizeSettings(method=method, exclude_nodes=tuple(exclude_nodes), target_cpu=target_cpu)
+        settings = QuantizeSettings(**chosen.calibration_method(), exclude_nodes=tuple(exclude_nodes),
+                                    target_cpu=target_cpu)
         for fold, network in zip(source.folds, source.networks):
             folder = staging / f"fold_{fold}"
             folder.mkdir()
             torch.save(network.state_dict(), folder / "weights.pt")
             exported = export_onnx(network, source.spec, folder / "fp32.onnx", monitor=monitor)
             report, checked = guarded_quantize(folder / "fp32.onnx", patches, held_out, folder / "int8.onnx", settings,
-                                               guard, source.spec.num_classes, note, monitor)
+                                               guard, source.spec.num_classes, monitor=monitor)
             reports[fold] = {"export": {"max_abs_error": exported.max_abs_error, "opset": exported.opset},
                              **report.to_dict(), "guard": checked.to_dict(), "path": f"fold_{fold}/int8.onnx"}
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
@@ -129,7 +137,8 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
         fp32 = sum((staging / f"fold_{f}" / "fp32.onnx").stat().st_size for f in source.folds)
         int8 = sum((staging / f"fold_{f}" / "int8.onnx").stat().st_size for f in source.folds)
         summary = {"model": source.spec.name, "source": "nnunet", "folds": reports,
-                   "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method},
+                   "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method,
+                                   **({"percentile": settings.percentile} if method == "percentile" else {})},
                    "qdq": {"ok": all(r.get("qdq", {}).get("ok") for r in reports.values())}}
         (staging / "quantization.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
@@ -168,6 +177,6 @@ class NnUNetQuantizer:
         result = quantize_nnunet(model, calibration, out_dir, num_patches=options.num_patches, seed=options.seed,
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
                                  checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu,
-                                 guard=options.guard)
+                                 guard=options.guard, percentile=options.percentile)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import InputError, ModelError
+from .percentile import DEFAULT_PERCENTILE
 
 PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
 ACTIVATIONS = ("s8", "u8")
@@ -209,6 +210,10 @@ def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     symmetric = activations == "s8"
+    method, _, percentile = method.partition(":")  # "percentile:99.99"
+    calibrate_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}.get(
+        method, CalibrationMethod.MinMax)
+    clip = {"CalibPercentile": float(percentile), "CalibTensorRangeSymmetric": symmetric} if percentile else {}
     input_name = onnx.load(prepared, load_external_data=False).graph.input[0].name
     quantize_static(
         prepared, out, _reader(input_name, calibration, on_batch),
@@ -218,13 +223,14 @@ def _static_quantize(prepared: str, calibration: np.ndarray, out: str, op_types:
         per_channel=True,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+        calibrate_method=calibrate_method,
         extra_options={
             "ActivationSymmetric": symmetric,
             "WeightSymmetric": True,
             "QuantizeBias": False,  # float bias: TensorRT and OpenVINO fold it; no int32 tensors
 
             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1},
+            **clip,
         },
     )
 
@@ -295,7 +301,8 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
                  activations: str = "s8", method: str = "max", fold_residual: bool = True,
                  subpixel: bool = False, ort_float: bool | None = None, pad_channels: bool | None = None,
-                 on_batch: Callable[[int, int], None] | None = None, target_cpu: str = "auto") -> PlacementReport:
+                 on_batch: Callable[[int, int], None] | None = None, target_cpu: str = "auto",
+                 percentile: float = DEFAULT_PERCENTILE) -> PlacementReport:
     """Write the CPU-placed Q/DQ INT8 model of ``fp32_onnx`` to ``out_path`` (not atomic: callers stage it).
 
     ``calibration`` is a float32 array [N, C, *patch] already validated against the model input.
@@ -303,7 +310,8 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     in float. ``pad_channels`` (default: with ``s8`` activations, the OpenVINO placement) pads chains of
     convolutions of 9-15 channels to 16 (:mod:`.channel_padding`). ``target_cpu`` (``"auto"``: this machine)
     ``"avx2"`` narrows the weights to 7 bits, which x86 CPUs without VNNI/AMX need to compute what the graph says
-    (:mod:`.weight_range`); ``"vnni"`` keeps 8 bits.
+    (:mod:`.weight_range`); ``"vnni"`` keeps 8 bits. ``method`` "percentile": ONNX Runtime's percentile calibrator,
+    activation ranges clipped at ``percentile`` (symmetric with ``s8``).
     """
     import onnx
 
@@ -315,8 +323,8 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
     target, _ = resolve_target_cpu(target_cpu)
     if activations not in ACTIVATIONS:
         raise InputError(f"Activation type must be one of {ACTIVATIONS}, got {activations!r}.")
-    if method not in ("max", "entropy"):
-        raise InputError(f"Calibration method must be 'max' or 'entropy', got {method!r}.")
+    if method not in ("max", "entropy", "percentile"):
+        raise InputError(f"Calibration method must be 'max', 'entropy' or 'percentile', got {method!r}.")
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     model = onnx.load(str(fp32_onnx))
     pad = activations == "s8" if pad_channels is None else pad_channels
@@ -332,7 +340,8 @@ def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str |
         float_inputs = {n.name: [(i, producers.get(i)) for i in n.input] for n in model.graph.node
                         if n.name in set(float_convs)}
         _run_child(workdir, prepared, np.ascontiguousarray(calibration, dtype=np.float32), out_path, op_types,
-                   activations, method, on_batch, float_convs)
+                   activations, f"percentile:{percentile}" if method == "percentile" else method, on_batch,
+                   float_convs)
         quantized = onnx.load(str(out_path))
         stripped = strip_output_qdq(quantized)
         fused = fuse_norm_activation(quantized)

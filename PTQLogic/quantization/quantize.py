@@ -24,14 +24,16 @@ from ..core.fileio import atomic_path, atomic_write_text
 from ..core.progress import Monitor
 from ..onnx_graph.qdq_check import QDQReport, check_qdq
 from ..onnx_graph.weight_range import TARGET_CPUS, resolve_target_cpu
+from .interface import METHODS
+from .percentile import DEFAULT_PERCENTILE
 
-METHODS = ("max", "entropy")
 HIGH_PRECISION = ("fp32",)  # fp16 makes ModelOpt rewrite the graph to FP16: not supported by the engines yet
 
 
 @dataclass(frozen=True)
 class QuantizeSettings:
     method: str = "max"
+    percentile: float = DEFAULT_PERCENTILE  # method "percentile": activation ranges clipped at this percentile of |x|
     high_precision: str = "fp32"
     dq_only: bool = True  # INT8 weight initializers + DequantizeLinear: ~4x smaller file
     exclude_nodes: tuple[str, ...] = ()  # node-name regular expressions kept in high precision
@@ -65,6 +67,8 @@ class QuantizeSettings:
             raise InputError("Excluding nodes or op types is supported with the 'modelopt' placement only.")
         if self.method not in METHODS:
             raise InputError(f"Calibration method must be one of {METHODS}, got {self.method!r}.")
+        if not 50.0 < self.percentile < 100.0:
+            raise InputError(f"--percentile must be in (50, 100), got {self.percentile} (e.g. {DEFAULT_PERCENTILE}).")
         if self.high_precision not in HIGH_PRECISION:
             raise InputError(f"high_precision must be one of {HIGH_PRECISION}, got {self.high_precision!r}.")
 
@@ -90,6 +94,8 @@ class QuantizeReport:
         data["log_path"] = None if self.log_path is None else self.log_path.name
         data["settings"]["exclude_nodes"] = list(self.settings.exclude_nodes)
         data["settings"]["exclude_op_types"] = list(self.settings.exclude_op_types)
+        if self.settings.method != "percentile":
+            del data["settings"]["percentile"]  # unused by the other methods
         data["qdq"] = self.qdq.to_dict()
         return data
 
@@ -215,7 +221,7 @@ def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: 
 
     report = quantize_cpu(src, calibration, dst, activations=settings.activations, method=settings.method,
                           fold_residual=settings.fold_residual, subpixel=settings.subpixel, on_batch=on_batch,
-                          target_cpu=target)
+                          target_cpu=target, percentile=settings.percentile)
     log.write(f"CPU Q/DQ placement: {report.to_dict()}\n")
     return report.narrowed_tensors
 
@@ -233,7 +239,7 @@ def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray
             str(src),
             quantize_mode="int8",
             calibration_data_reader=_progress_reader(src, input_name, calibration, monitor),
-            calibration_method=settings.method,
+            calibration_method="max" if settings.method == "percentile" else settings.method,
             calibration_eps=["cpu"],
             output_path=str(dst),
             high_precision_dtype=settings.high_precision,
@@ -242,6 +248,15 @@ def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray
             nodes_to_exclude=list(settings.exclude_nodes) or None,
             log_level="INFO",
         )
+    if settings.method == "percentile":  # ModelOpt cannot be asked for it: its placement, then percentile scales
+        from .percentile import apply_percentile
+
+        def on_batch(done: int, total: int) -> None:
+            monitor.update(CALIBRATION_STAGE.replace("ModelOpt", "percentile"), done, total)
+
+        count = apply_percentile(dst, src, calibration, settings.percentile, on_batch)
+        log.write(f"Percentile calibration: {count} activation scales set from the {settings.percentile} "
+                  "percentile of |x| (ONNX Runtime's PercentileCalibrater on the FP32 model)\n")
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..core.errors import PTQError
-from ..core.progress import parse_progress_line
+from ..core.progress import parse_estimate_line, parse_progress_line
 from ..quantization.interface import DEFAULT_MIN_AGREEMENT
 
 _FLAGS = ["--progress-lines", "--json"]
@@ -81,14 +82,30 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
     return command + _FLAGS
 
 
+# share of one part's time per step of an nnU-Net part ("part 2/5 (vertebrae): sliding window")
+_PART_STEPS = {"preprocessing": (0.0, 0.1), "sliding window": (0.1, 0.9), "export": (0.9, 1.0)}
+
+
 def parse_progress(line: str) -> tuple[float, str] | None:
-    """A ``PTQSEG_PROGRESS`` line -> (fraction 0..1 of the current stage, "stage done/total"); else None."""
+    """A ``PTQSEG_PROGRESS`` line -> (fraction 0..1 for the progress bar, "stage done/total"); else None. The
+    fraction is the current stage's, or for a stage of an nnU-Net part (``part 2/5 (name): step``) the whole
+    run's, so the bar does not start over with each part."""
     parsed = parse_progress_line(line.strip())
     if parsed is None:
         return None
     stage, done, total = parsed
     fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    part = re.match(r"part (\d+)/(\d+) \(.*\): (.+)$", stage)
+    if part and 0 < int(part.group(1)) <= int(part.group(2)):
+        start, end = _PART_STEPS.get(part.group(3), (0.0, 1.0))
+        fraction = (int(part.group(1)) - 1 + start + (end - start) * fraction) / int(part.group(2))
     return fraction, f"{stage} {done}/{total}"
+
+
+def parse_estimate(line: str) -> dict | None:
+    """A ``PTQSEG_ESTIMATE`` line (what a run is expected to cost, said before it runs) -> its summary, whose
+    "text" is one line for the user; else None."""
+    return parse_estimate_line(line.strip())
 
 
 def parse_result(stdout_text: str) -> dict:

@@ -15,20 +15,54 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..core.errors import InputError
+from ..core.errors import InputError, PTQError
 from ..core.fileio import atomic_path
 from ..core.volume import Volume
 from .deps import (  # noqa: F401  (re-export)
     QUANTIZE_NEEDS_NEWER_PYTHON, REQUIRED, DependencyPlan, dependency_plan, has_nvidia_gpu, installed_versions,
     quantization_supported, versions_report,
 )
-from ..models.model_files import ModelSource, choose_model_source, sample_models  # noqa: F401  (re-export)
+from ..models import model_files
+from ..models.model_files import ModelSource, sample_models  # noqa: F401  (re-export)
 from .process import (  # noqa: F401  (re-export)
-    BackgroundProcess, default_python, engine_environment, info_command, parse_error, parse_progress, parse_result,
-    ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
+    BackgroundProcess, default_python, engine_environment, info_command, parse_error, parse_estimate, parse_progress,
+    parse_result, ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
 )
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+
+# ---------------------------------------------------------------- the model to segment with
+
+
+def choose_model_source(path: str | Path) -> ModelSource:
+    """What the Model field shows: a TotalSegmentator-style parts file (``{"parts": [...], "labels": ...}``,
+    segmented as it is), else what :func:`PTQLogic.models.model_files.choose_model_source` finds."""
+    from ..inference.nnunet.segment import expand_models, is_parts_file
+
+    if not is_parts_file(path):
+        return model_files.choose_model_source(path)
+    try:
+        parts, labels = expand_models([path])
+    except PTQError as exc:  # say what is wrong in the UI
+        return ModelSource("nnunet_parts", str(exc), str(path))
+    names = ", ".join(p.parent.name if p.name.startswith("nnUNetTrainer") else p.name for p in parts)
+    described = f"nnU-Net parts file: {len(parts)} parts ({names})" + (f", {len(labels)} labels" if labels else "")
+    return ModelSource("nnunet_parts", described, str(path), segmentable=True)
+
+
+def check_segment_model(model: str | Path, reference: bool = False) -> None:
+    """Refuse, before a job starts, what Segment cannot run: no quantized model folder or parts file chosen yet, or
+    a reference segmentation with a parts file (a reference is matched to one model's classes)."""
+    from ..inference.nnunet.segment import is_parts_file
+
+    if str(model) not in ("", ".") and is_parts_file(model):
+        if reference:
+            raise PTQError("A reference segmentation is matched to one model's classes; leave it empty with an "
+                           "nnU-Net parts file.")
+        return
+    if str(model) in ("", ".") or not (Path(model) / "spec.json").is_file():
+        raise PTQError("Quantize a model first (or choose a quantized model folder or an nnU-Net parts file as the "
+                       "model).")
 
 # ---------------------------------------------------------------- geometry (vtkMRMLVolumeNode)
 
@@ -271,6 +305,7 @@ def reference_label_array(masks_by_name: Mapping[str, np.ndarray],
 # ---------------------------------------------------------------- results table
 
 _RESULT_ROWS = (  # key, label, format
+    ("estimate", "Expected", "{}"),
     ("runtime", "Runtime", "{}"),
     ("precision", "Precision", "{}"),
     ("engine_size_mb", "Engine size", "{:.2f} MB"),
@@ -305,6 +340,8 @@ def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
                                           if placement.get("activations") == "u8" else "FAIL (see quantization.json)")
         elif key == "guard":
             value = _guard_row(value)
+        elif key == "estimate":  # nnU-Net: said before the run (e.g. "Expected: 5 parts, 320 windows, ...")
+            value = str(value.get("text", "")).removeprefix("Expected: ")
         elif key == "runtime" and result.get("runtime_reason"):
             value = f"{value} ({result['runtime_reason']})"
         rows.append((label, fmt.format(value)))

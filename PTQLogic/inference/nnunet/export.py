@@ -20,7 +20,7 @@ STAGE = "nnU-Net export"
 
 
 def logits_to_labels(logits: torch.Tensor, plans_manager, config, label_manager, properties: dict[str, Any],
-                     monitor: Monitor | None = None) -> np.ndarray:
+                     monitor: Monitor | None = None, stage: str = STAGE) -> np.ndarray:
     """(classes, *network grid) logits -> label map on the input grid (nnU-Net's array order); progress and
     cancel per class."""
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
@@ -33,7 +33,7 @@ def logits_to_labels(logits: torch.Tensor, plans_manager, config, label_manager,
     monitor = monitor or Monitor()
     for c in range(logits.shape[0]):
         monitor.check()
-        monitor.update(STAGE, c, logits.shape[0])
+        monitor.update(stage, c, logits.shape[0])
         scores = np.asarray(config.resampling_fn_probabilities(logits[c:c + 1], shape, current, spacing)[0])
         if best is None:
             best, labels = scores.copy(), np.zeros(scores.shape, dtype=dtype)
@@ -41,7 +41,7 @@ def logits_to_labels(logits: torch.Tensor, plans_manager, config, label_manager,
         better = scores > best
         labels[better] = c
         np.copyto(best, scores, where=better)
-    monitor.update(STAGE, logits.shape[0], logits.shape[0])
+    monitor.update(stage, logits.shape[0], logits.shape[0])
     full = np.zeros(properties["shape_before_cropping"], dtype=dtype)
     full = insert_crop_into_image(full, labels, properties["bbox_used_for_cropping"])
     return np.asarray(full).transpose(plans_manager.transpose_backward)

@@ -16,12 +16,14 @@ from ...core.memory import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_by
 from ...core.volume import Volume
 
 
-def network_grid(runner, volume: Volume) -> tuple[int, ...]:
-    """The shape nnU-Net resamples ``volume`` to, in its axis order."""
+def network_grid(runner, volume: Volume, cropped: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The shape nnU-Net resamples ``volume`` to, in its axis order; ``cropped``: the (K, J, I) shape of its
+    nonzero region, which nnU-Net crops to first (default: the whole volume, an upper bound)."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
     forward = runner.plans_manager.transpose_forward
-    shape = [volume.spatial_shape[i] for i in forward]  # KJI == nnU-Net's (z, y, x)
+    kji = volume.spatial_shape if cropped is None else tuple(cropped)
+    shape = [kji[i] for i in forward]  # KJI == nnU-Net's (z, y, x)
     spacing = [abs(float(volume.spacing[::-1][i])) for i in forward]
     target = list(runner.config.spacing)
     if len(target) < len(shape):  # 2D configurations keep the first axis
@@ -53,13 +55,28 @@ def prediction_bytes(runner, volume: Volume, folds: int) -> int:
     return int(image + max(window, export) + ENGINE_WORKING_BYTES)
 
 
+def _kept_for_later_bytes(runners: Sequence, volume: Volume, index: int) -> int:
+    """Preprocessed grids that segment.py keeps while part ``index`` runs: those of other preprocessings that
+    an earlier part made and a later part reuses."""
+    keys = [r.preprocess_key() for r in runners]
+    kept = {k: r for i, (k, r) in enumerate(zip(keys, runners))
+            if k != keys[index] and k in keys[:index] and k in keys[index + 1:]}
+    return sum(int(r.in_channels * np.prod(network_grid(r, volume), dtype=float) * 4) for r in kept.values())
+
+
+def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int]) -> list[int]:
+    """Peak bytes while each part runs (parts run one after another); the largest is the run's peak."""
+    voxels = float(np.prod(volume.spatial_shape, dtype=float))
+    maps = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
+    return [int(prediction_bytes(r, volume, f) + maps + volume.array.nbytes + _kept_for_later_bytes(runners, volume, i))
+            for i, (r, f) in enumerate(zip(runners, folds))]
+
+
 def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume") -> int:
     """Refuse a volume whose nnU-Net prediction would not fit; parts run one after another."""
-    voxels = float(np.prod(volume.spatial_shape, dtype=float))
-    parts = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
-    sizes = [prediction_bytes(r, volume, f) for r, f in zip(runners, folds)]
+    sizes = peak_bytes_per_part(runners, volume, folds)
     runner = runners[int(np.argmax(sizes))]
-    needed = int(max(sizes) + parts + volume.array.nbytes)
+    needed = max(sizes)
     available = available_memory_bytes()
     if needed > available:
         classes = runner.label_manager.num_segmentation_heads

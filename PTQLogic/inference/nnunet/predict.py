@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,23 @@ from ...core.volume import Volume
 from ...models.nnunet.model_dir import NnUNetModel
 
 STAGE = "nnU-Net sliding window"
+
+
+class Stages(NamedTuple):
+    """The progress stage names of one prediction."""
+
+    preprocessing: str
+    sliding_window: str
+    export: str
+
+
+def stages_for(part: str | None = None) -> Stages:
+    """One model: "nnU-Net sliding window", ...; one part of several: "part 2/5 (vertebrae): sliding window", ..."""
+    from .export import STAGE as EXPORT
+
+    if part is None:
+        return Stages("nnU-Net preprocessing", STAGE, EXPORT)
+    return Stages(f"{part}: preprocessing", f"{part}: sliding window", f"{part}: export")
 
 
 def _resampling_function(name: str, kwargs: dict[str, Any]):
@@ -107,10 +125,11 @@ def _preprocessor():
 class _EngineNetwork(torch.nn.Module):
     """Looks like nnU-Net's network to its predictor; runs the current fold's engine and reports progress."""
 
-    def __init__(self, monitor: Monitor, channels: int):
+    def __init__(self, monitor: Monitor, channels: int, stage: str = STAGE):
         super().__init__()
         self.engine: Engine | None = None
         self.monitor = monitor
+        self.stage = stage
         self.channels = channels
         self.calls = 0
         self.total = 1
@@ -131,7 +150,7 @@ class _EngineNetwork(torch.nn.Module):
             raise ModelError(f"The engine returned logits of shape {tuple(logits.shape)} for a patch of "
                              f"{tuple(x.shape)}; nnU-Net expects {expected} (classes from dataset.json).")
         self.calls += 1
-        self.monitor.update(STAGE, min(self.calls, self.total), self.total)
+        self.monitor.update(self.stage, min(self.calls, self.total), self.total)
         return logits.to(device=x.device, dtype=torch.float32)
 
 
@@ -180,20 +199,40 @@ class NnUNetRunner:
                 np.asarray(data, dtype=np.float32), None, properties, self.plans_manager, self.config, self.dataset)
         return data, properties
 
+    def preprocess_key(self) -> str:
+        """Equal for two models exactly when :meth:`preprocess` gives them the same array for any volume: the
+        plans' transpose, target spacing, normalization (schemes, masks, intensity properties) and resampling."""
+        config = self.config.configuration
+        fields = {"transpose": list(self.plans_manager.transpose_forward), "spacing": list(self.config.spacing),
+                  "normalization": list(self.config.normalization_schemes),
+                  "use_mask_for_norm": list(self.config.use_mask_for_norm),
+                  "intensities": self.plans_manager.foreground_intensity_properties_per_channel,
+                  "resampling": [config["resampling_fn_data"], config["resampling_fn_data_kwargs"]],
+                  "channels": self.in_channels}
+        return json.dumps(fields, sort_keys=True, default=str)
+
     def predict(self, volume: Volume, engines: Sequence[Engine], *, mirroring: bool = False,
-                return_probabilities: bool = False, monitor: Monitor | None = None) -> NnUNetPrediction:
+                return_probabilities: bool = False, monitor: Monitor | None = None,
+                preprocessed: tuple[np.ndarray, dict[str, Any]] | None = None,
+                stages: Stages | None = None) -> NnUNetPrediction:
+        """``preprocessed``: this volume's :meth:`preprocess` result, made for a model of the same
+        :meth:`preprocess_key` (read only; it is not preprocessed again); ``stages``: progress stage names."""
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
         from .export import logits_to_labels
 
         monitor = monitor or Monitor()
+        stages = stages or stages_for()
         if not engines:
             raise ModelError("No engines were given (one per fold is needed).")
         started = time.perf_counter()
-        monitor.update("nnU-Net preprocessing", 0, 1)
-        data, properties = self.preprocess(volume)
-        monitor.update("nnU-Net preprocessing", 1, 1)
-        network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads)
+        if preprocessed is None:
+            monitor.update(stages.preprocessing, 0, 1)
+            preprocessed = self.preprocess(volume)
+            monitor.update(stages.preprocessing, 1, 1)
+        data, properties = preprocessed[0], dict(preprocessed[1])
+        del preprocessed
+        network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads, stages.sliding_window)
         predictor = self._predictor(network, mirroring)
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -201,7 +240,7 @@ class NnUNetRunner:
             del data
             # one class at a time (memory); nnunetv2's own export only where probabilities are asked for
             labels = logits_to_labels(logits, self.plans_manager, self.config, self.label_manager, properties,
-                                      monitor)
+                                      monitor, stages.export)
             probabilities = None
             if return_probabilities:
                 _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,21 +133,77 @@ class _Run:
     build_seconds: float = 0.0
 
 
-def _run_all(models, volume, runtime, precision, device, mirroring, monitor) -> _Run:
-    from .predict import runner_for  # torch: only once a run starts
+class _SharedPreprocessing:
+    """The volume preprocessed once per distinct preprocessing (``preprocess_key``) for all parts; each array is
+    dropped once no later part needs it."""
+
+    def __init__(self, runners: Sequence, volume: Volume, monitor: Monitor):
+        self.remaining = Counter(r.preprocess_key() for r in runners)
+        self.arrays: dict[str, Any] = {}
+        self.volume, self.monitor = volume, monitor
+        self.seconds = 0.0
+
+    def get(self, runner, stage: str):
+        key = runner.preprocess_key()
+        found = self.arrays.get(key)
+        if found is None:
+            started = time.perf_counter()
+            self.monitor.update(stage, 0, 1)
+            found = runner.preprocess(self.volume)
+            self.monitor.update(stage, 1, 1)
+            self.seconds += time.perf_counter() - started
+        self.remaining[key] -= 1
+        if self.remaining[key] > 0:
+            self.arrays[key] = found
+        else:
+            self.arrays.pop(key, None)
+        return found
+
+
+def _part_label(models: Sequence[NnUNetModel], index: int) -> str | None:
+    """``part 2/5 (vertebrae)`` in progress stage names; None for a single model (stages stay "nnU-Net ...")."""
+    from .estimate import part_name
+
+    return None if len(models) == 1 else f"part {index + 1}/{len(models)} ({part_name(models[index])})"
+
+
+def _show_estimate(estimate, index: int, engine, runner, monitor: Monitor) -> None:
+    """Once part ``index``'s engines are open: time one window where its speed is still unknown, and report the
+    estimate if it was not reported yet or has just been completed."""
+    from .estimate import set_timed_speed, time_one_window
+
+    if estimate.parts[index].seconds_per_window is None:
+        set_timed_speed(estimate, index, time_one_window(engine, runner.in_channels, runner.config.patch_size))
+        estimate.shown = False
+    if not estimate.shown:
+        monitor.estimate(estimate.to_dict())
+        estimate.shown = True
+
+
+def _run_all(models, runners, volume, runtime, precision, device, mirroring, monitor, estimate=None) -> _Run:
+    """Every part in turn (engines opened per part); parts with the same preprocessing share it."""
+    from .predict import stages_for
 
     run = _Run()
-    for model in models:
+    shared = _SharedPreprocessing(runners, volume, monitor)
+    for index, (model, runner) in enumerate(zip(models, runners)):
+        monitor.check()  # a cancel between parts stops before the next part's engines are built
+        stages = stages_for(_part_label(models, index))
         started = time.perf_counter()
         engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
         run.build_seconds += time.perf_counter() - started
         run.info, run.reason = engines[0].info, why or run.reason
         run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
-        result = runner_for(model).predict(volume, engines, mirroring=mirroring, monitor=monitor)
+        if estimate is not None:
+            _show_estimate(estimate, index, engines[0], runner, monitor)
+        result = runner.predict(volume, engines, mirroring=mirroring, monitor=monitor,
+                                preprocessed=shared.get(runner, stages.preprocessing), stages=stages)
+        del engines  # before the next part's are built
         run.parts.append(result.labels)
         run.seconds += result.seconds
         run.network_seconds += result.network_seconds
         run.patches += result.patches
+    run.seconds += shared.seconds
     return run
 
 
@@ -181,6 +238,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     from ..input_checks import refuse_label_map
     from ...io.volumes import read_volume, write_label_tables, write_labelmap
     from ...core.fileio import check_output_path
+    from .estimate import estimate_run
     from .memory import check_nnunet_memory
     from .predict import runner_for
 
@@ -204,14 +262,19 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         volume.require_same_grid(ref_volume, f"Reference '{reference}'")
         check_label_map(ref_volume.array, f"Reference '{reference}'")
         ref_names = reference_names(reference, reference_labels)
-    check_nnunet_memory([runner_for(m) for m in opened], volume, [len(m.folds) for m in opened],
+    runners = [runner_for(m) for m in opened]
+    check_nnunet_memory(runners, volume, [len(m.folds) for m in opened],
                         f"input volume '{input_path}'")  # before any engine is built
-    run = _run_all(opened, volume, runtime, precision, device, mirroring, monitor)
+    estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32")
+    if estimate.seconds is not None:  # measured by the accuracy guard here: said before any engine is built
+        monitor.estimate(estimate.to_dict())
+        estimate.shown = True
+    run = _run_all(opened, runners, volume, runtime, precision, device, mirroring, monitor, estimate)
     merged = _merge(run.parts, lookups, len(classes))
     present = list(range(1, len(classes)))
     agreement = fp32 = None
     if compare and precision != "fp32":
-        fp32 = _run_all(opened, volume, run.info.runtime, "fp32", device, mirroring, monitor)
+        fp32 = _run_all(opened, runners, volume, run.info.runtime, "fp32", device, mirroring, monitor)
         agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
     on_cpu = str(run.info.device).lower().startswith("cpu")
     warnings = _int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []
@@ -230,7 +293,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                           network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
                           agreement_dice=agreement, reference_dice=reference_dice, reference_per_class=per_class,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
-                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings)
+                          fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings,
+                          estimate=estimate.to_dict())
 
 
 class NnUNetKind:
