@@ -1,0 +1,103 @@
+"""benchmarks/nnunet/whole_ct.py end to end at a tiny size: two TotalSegmentator-style parts (nnunetv2's planner,
+widths / 8) on a 32x32x24 CT, every row in its own process, the raw JSON and the Markdown table it writes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "nnunet" / "whole_ct.py"
+ROWS = ["nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch"]
+STAGES = {"build", "preprocess", "network", "export", "other"}
+
+
+pytestmark = pytest.mark.slow  # about a minute: five processes that each import torch, nnunetv2 and OpenVINO
+
+
+def _run(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--config", "total", "--parts", "2", "--shape", "32", "32", "24",
+               "--spacing", "1.5", "1.5", "1.5", "--tiny-networks", "--repeats", "1", "--calibration-patches", "4",
+               "--threads", "1", "--rows", *ROWS, "--work", str(folder / "work"), "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole-ct")
+    out = folder / "result" / "whole_ct.json"
+    refused = _run(folder, out, "--max-minutes", "0")  # measures, estimates, refuses; the rerun reuses its files
+    done = _run(folder, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"result": json.loads(out.read_text()), "markdown": out.with_suffix(".md").read_text(),
+            "stdout": done.stdout, "work": folder / "work", "refused": refused}
+
+
+def test_rows_stages_and_windows(smoke):
+    result = smoke["result"]
+    assert result["smoke"] is True and result["settings"]["weights"] == "random"
+    config = result["configs"]["total"]
+    assert config["parts"] == ["organs", "vertebrae"] and config["step_size"] == 0.8
+    assert config["plans"]["spacing"] == [1.5, 1.5, 1.5]  # nnunetv2's planner at TotalSegmentator's spacing
+    rows = config["repeats"][0]["rows"]
+    ran = [r for r in ROWS if r not in config["not_run"]]
+    assert set(rows) == set(ran) and {"nnunetv2", "fp32", "int8", "fp32-torch"} <= set(ran)
+    for name in ran:
+        row = rows[name]
+        assert row["seconds"] > 0 and row["peak_rss_bytes"] > 100 * 2**20, (name, row)
+        assert set(row["stages"]) == STAGES and row["stages"]["network"] > 0, (name, row["stages"])
+        assert sum(row["stages"].values()) == pytest.approx(row["seconds"], rel=0.05)
+        assert row["windows"] == 2 * config["windows_per_part"]  # one window per part at this size
+        assert config["window_seconds"][name] > 0
+    if "int8-bf16" in config["not_run"]:
+        assert "bf16" in config["not_run"]["int8-bf16"]
+    assert config["summary"]["nnunetv2"]["speedup_vs_nnunetv2"]["median"] == pytest.approx(1.0)
+
+
+def test_agreement_with_nnunetv2(smoke):
+    rows = smoke["result"]["configs"]["total"]["repeats"][0]["rows"]
+    # the project's pipeline with nnunetv2's arithmetic (PyTorch FP32): the same label map, voxel for voxel
+    assert rows["fp32-torch"]["agreement"] == {"dice": 1.0, "voxels": 1.0, "classes": rows["fp32-torch"]
+                                               ["agreement"]["classes"], "identical": True}
+    # OpenVINO FP32 differs from PyTorch only where two classes nearly tie (nnunetv2 sums windows in fp16)
+    assert rows["fp32"]["agreement"]["voxels"] > 0.995 and rows["fp32"]["agreement"]["dice"] > 0.98
+    assert 0 < rows["int8"]["agreement"]["dice"] <= 1.0  # random weights: a number, not a fidelity claim
+
+
+def test_merged_label_map(smoke):
+    import SimpleITK as sitk
+
+    ct = sitk.ReadImage(str(next(smoke["work"].glob("ct-*/ct.nii.gz"))))
+    labels = sitk.ReadImage(str(next(smoke["work"].glob("models-*/labels/total/nnunetv2.nii.gz"))))
+    assert labels.GetSize() == ct.GetSize() and labels.GetSpacing() == pytest.approx(ct.GetSpacing())
+    values = np.unique(sitk.GetArrayFromImage(labels))
+    assert values.max() <= 24 + 26 and len(values) > 10  # organs 1-24, vertebrae 25-50 (TotalSegmentator's map)
+
+
+def test_markdown_and_estimate(smoke):
+    text = smoke["markdown"]
+    assert text.startswith("# SMOKE RUN (not a result)")
+    assert "nnunetv2 `nnUNetPredictor`, PyTorch FP32" in text and "this project, OpenVINO INT8 (f32 remainder)" in text
+    assert "says nothing about its fidelity" in text
+    assert "estimated run:" in smoke["stdout"] and "one window" in smoke["stdout"]
+    assert "One window per row before the run (first part, batch 1): nnunetv2 " in text
+
+
+def test_max_minutes_refuses(smoke):
+    refused = smoke["refused"]
+    assert refused.returncode == 3 and "exceeds --max-minutes 0" in refused.stderr
+    assert "estimated run:" in refused.stdout
+
+
+def test_peak_rss_is_the_rows_own():
+    """A row's peak RSS must not include the parent's (Linux carries the parent's ru_maxrss through fork+exec)."""
+    held = np.ones(64 * 2**20)  # 512 MiB in the parent
+    code = ("import sys; sys.path.insert(0, 'benchmarks/nnunet'); from whole_ct_rows import peak_rss_bytes; "
+            "print(peak_rss_bytes())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 0 < int(done.stdout) < held.nbytes / 2

@@ -1,0 +1,222 @@
+"""Whole-CT TotalSegmentator-class segmentation on CPU, end to end (issue 25): nnunetv2's own CPU predictor
+against this project's OpenVINO FP32 and INT8 engines, on the same CT, in the same run, rows interleaved.
+
+    # the real run (the lead launches it; prints the estimate first, refuses beyond --max-minutes)
+    python benchmarks/nnunet/whole_ct.py --config both --repeats 3 --max-minutes 720 \\
+        --out benchmarks/results/<machine>/whole_ct/whole_ct.json
+    # estimate only (measures one window per row, quantizes the first part)
+    python benchmarks/nnunet/whole_ct.py --config total --estimate-only --out /tmp/whole_ct.json
+    # models only (CTs, folders, every part quantized into --work; a later run with the same settings reuses them)
+    python benchmarks/nnunet/whole_ct.py --config both --prepare-only --out /tmp/whole_ct.json
+    # smoke (seconds; tiny networks, not TotalSegmentator's shape; labelled SMOKE)
+    python benchmarks/nnunet/whole_ct.py --config total --parts 2 --shape 32 32 24 --spacing 1.5 1.5 1.5 \\
+        --tiny-networks --repeats 1 --calibration-patches 4 --out /tmp/smoke/whole_ct.json
+
+Networks: ``totalseg_shapes.py`` (its docstring says where the shapes come from: nnunetv2's planner on this CT's
+fingerprint, TotalSegmentator's trainer, step size and mirroring). Input: a synthetic abdominal CT
+(``PTQLogic.samples.phantom``, default 512x512x300 at 0.8x0.8x1.5 mm, seed 0), calibration: two other seeds.
+INT8: ``PTQLogic.pipeline.quantize_model`` per part (ModelOpt's placement, as for every nnU-Net folder),
+``--no-guard`` with random weights. Rows (``whole_ct_rows.py``, one process each, pinned to ``--threads`` cores,
+``nnUNet_def_n_proc`` = threads so nnunetv2 uses them too): nnunetv2's ``nnUNetPredictor`` on CPU through its
+own API pieces, the parts merged as the project merges them and written with its SimpleITKIO; this project's
+``segment`` on the parts file with OpenVINO FP32, INT8, INT8 with bf16 float layers (only where OpenVINO runs
+bf16 natively); nnunetv2's row is n/a where its export (every class resampled at once) would not fit in the
+memory available. Agreement: each row's label map against nnunetv2's of the same repeat. Engine builds are in the
+end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first repeat only. Writes ``--out``
+(raw JSON) and the Markdown table next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import totalseg_shapes as shapes  # noqa: E402
+import whole_ct_report as report  # noqa: E402
+from whole_ct_setup import (CALIBRATION_SEEDS, TEST_SEED, bf16_reason, needs_onnx, nnunetv2_memory_reason,  # noqa: E402
+                            prepare, quantize, work_dir)
+
+ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
+DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", choices=["total", "fast", "both"], default="total")
+    p.add_argument("--parts", type=int, default=None, help="first K parts of 'total' (default all 5)")
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5], metavar=("X", "Y", "Z"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
+    p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
+    p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
+    p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
+    p.add_argument("--calibration-patches", type=int, default=32)
+    p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
+    p.add_argument("--estimate-only", action="store_true")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the CTs and models and quantize every part into --work, then stop (a later run "
+                        "with the same settings reuses them: splits a long run over several commands)")
+    p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (implies smoke)")
+    p.add_argument("--smoke", action="store_true", help="label the result a smoke run, not a measurement")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or args.calibration_patches < 2:
+        p.error("--repeats and --threads must be at least 1, --calibration-patches at least 2")
+    if args.parts is not None and not 1 <= args.parts <= 5:
+        p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
+    args.smoke = args.smoke or args.tiny_networks
+    return args
+
+
+def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int) -> dict[str, Any]:
+    """``whole_ct_rows.py`` in its own process; its result dict, or {"error": ...}."""
+    spec_path, result_path = work / f"{mode}-spec.json", work / f"{mode}-result.json"
+    spec_path.write_text(json.dumps(spec, default=str))
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ, nnUNet_def_n_proc=str(threads), OMP_NUM_THREADS=str(threads),
+               PTQSEG_CACHE_DIR=str(work / "engine-cache"),
+               PTQSEG_CPU_FLOAT="bf16" if spec.get("row") == "int8-bf16" else "f32")
+    done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path), str(result_path)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not result_path.is_file():
+        return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
+    return json.loads(result_path.read_text())
+
+
+def base_spec(config: dict[str, Any], cts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    return {"ct": str(cts["test"]), "folders": [str(f) for f in config["folders"]], "labels": config["labels"],
+            "quantized": [str(q) for q in config["quantized"]], "parts_file": str(config["parts_file"]),
+            "torch_parts_file": str(config["torch_parts_file"]),
+            "step_size": config["models"].step_size, "threads": args.threads, "cpus": cpus}
+
+
+def estimate(configs: list[dict[str, Any]], cts, args, work: Path) -> float:
+    """Measure one window per row (first part), print the run's estimate in minutes (network time only, plus
+    quantizing the parts still to quantize at the first part's measured pace); inf when the probe failed."""
+    total = 0.0
+    for config in configs:
+        spec = dict(base_spec(config, cts, args), rows=config["rows"])
+        probe = run_child("windows", spec, work, args.threads) if config["rows"] else {"window_seconds": {}}
+        config["window_seconds"] = probe.get("window_seconds", {})
+        windows = config["windows"] * len(config["parts"])
+        minutes = {r: args.repeats * windows * s / 60 for r, s in config["window_seconds"].items()}
+        left = [q for q in config["quantized"][1:] if needs_onnx(args) and not (q / "nnunet_model.json").is_file()]
+        first = config["quantize_seconds"][0]
+        quant = None if left and first is None else (first or 0.0) * len(left) / 60  # None: first part was cached
+        config["estimate_minutes"] = {"rows": minutes, "quantization": quant}
+        total += sum(minutes.values()) + (quant or 0.0) if "error" not in probe else float("inf")
+        per = ", ".join(f"{r} {s:.2f} s" for r, s in config["window_seconds"].items())
+        print(f"[{config['name']}] one window ({'x'.join(map(str, config['plans']['patch_size']))}, "
+              f"{args.threads} threads): {per}; {windows} windows per row per repeat; estimate "
+              + ", ".join(f"{r} {m:.1f} min" for r, m in minutes.items())
+              + f", quantizing {len(left)} more part(s) " + ("(time unknown)" if quant is None else f"{quant:.1f} min")
+              + ("" if "error" not in probe else f"; probe failed: {probe['error'][-400:]}"), flush=True)
+    print(f"estimated run: {total:.1f} min (network time only; preprocessing and export add to it)", flush=True)
+    return total
+
+
+def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> dict[str, Any]:
+    rows, out = config["rows"], work / "labels" / config["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    shift = repeat % max(len(rows), 1)
+    order = rows[shift:] + rows[:shift]
+    results = {}
+    for row in order:
+        spec = dict(base_spec(config, cts, args), row=row, output=str(out / f"{row}.nii.gz"))
+        results[row] = run_child("row", spec, work, args.threads)
+        print(f"[{config['name']} repeat {repeat + 1}] {row}: "
+              + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
+              flush=True)
+    if "seconds" in results.get("nnunetv2", {}):
+        reference = report.read_labels(out / "nnunetv2.nii.gz")
+        for row in (r for r in rows if "seconds" in results[r]):
+            results[row]["agreement"] = report.agreement(reference, report.read_labels(out / f"{row}.nii.gz"))
+    return {"order": order, "rows": results}
+
+
+def config_record(config: dict[str, Any], cts) -> dict[str, Any]:
+    repeats = config.get("repeats", [])
+    return {"parts": [p.name for p in config["parts"]], "step_size": config["models"].step_size,
+            "trainer": config["models"].trainer, "plans": config["plans"], "network_grid_kji": config["grid"],
+            "windows_per_part": config["windows"], "ct": {"shape_xyz": list(reversed(cts["shape_kji"])),
+                                                          "spacing_xyz": list(reversed(cts["spacing_kji"]))},
+            "window_seconds": config.get("window_seconds"), "estimate_minutes": config.get("estimate_minutes"),
+            "quantize_seconds": config["quantize_seconds"], "not_run": config["not_run"], "repeats": repeats,
+            "summary": report.summarize(repeats, config["rows"]) if repeats else {}}
+
+
+def write_result(args, configs, cts) -> None:
+    from PTQLogic.core.sysinfo import system_info
+
+    result = {"benchmark": "whole_ct (issue 25)", "smoke": args.smoke, "estimate_only": args.estimate_only,
+              "command": ["python"] + sys.argv,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": system_info(),
+              "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "mirroring": False,
+                           "weights": str(args.weights) if args.weights else "random",
+                           "calibration_patches": args.calibration_patches, "tiny_networks": args.tiny_networks,
+                           "nnUNet_def_n_proc": args.threads, "guard": bool(args.weights)},
+              "configs": {c["name"]: config_record(c, cts) for c in configs}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((args.out, json.dumps(result, indent=1, default=str)),
+                       (args.out.with_suffix(".md"), report.markdown(result))):
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(text)
+        tmp.replace(path)  # never a half-written file, also when a long run is stopped
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", flush=True)
+
+
+def quantize_rest(config: dict[str, Any], cts, args) -> list[float | None]:
+    """Quantize the parts after the first (``prepare`` did the first), where a row needs them."""
+    if not needs_onnx(args):
+        return []
+    return [quantize(f, q, cts, args) for f, q in zip(config["folders"][1:], config["quantized"][1:])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
+                           CALIBRATION_SEEDS)
+    work = work_dir(args, "models", args.shape, args.spacing, args.tiny_networks, args.weights,
+                    args.calibration_patches, args.labels)
+    names = ["total", "fast"] if args.config == "both" else [args.config]
+    configs = [prepare(name, args, cts, work) for name in names]
+    if args.prepare_only:
+        for config in configs:
+            quantize_rest(config, cts, args)
+        print(f"prepared {', '.join(names)} in {work}")
+        return 0
+    reason = bf16_reason() if "int8-bf16" in args.rows else None
+    for config in configs:
+        memory = nnunetv2_memory_reason(config, cts) if "nnunetv2" in args.rows else None
+        config["not_run"] = {k: v for k, v in (("int8-bf16", reason), ("nnunetv2", memory)) if v}
+        config["rows"] = [r for r in args.rows if r not in config["not_run"]]
+    minutes = estimate(configs, cts, args, work)
+    if args.max_minutes is not None and minutes > args.max_minutes:
+        print(f"refused: the estimate ({minutes:.0f} min) exceeds --max-minutes {args.max_minutes:g}", file=sys.stderr)
+        return 3
+    if not args.estimate_only:
+        for config in configs:
+            config["quantize_seconds"] += quantize_rest(config, cts, args)
+        for repeat in range(args.repeats):
+            for config in configs:
+                config.setdefault("repeats", []).append(run_repeat(config, repeat, cts, args, work))
+            write_result(args, configs, cts)  # after every repeat: a long run stopped early keeps what it measured
+    else:
+        write_result(args, configs, cts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

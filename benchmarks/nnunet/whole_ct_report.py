@@ -1,0 +1,140 @@
+"""Agreement, summaries and the Markdown table of ``whole_ct.py`` (numbers in, text out; no runtimes)."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROW_TITLES = {
+    "nnunetv2": "nnunetv2 `nnUNetPredictor`, PyTorch FP32",
+    "fp32": "this project, OpenVINO FP32",
+    "int8": "this project, OpenVINO INT8 (f32 remainder)",
+    "int8-bf16": "this project, OpenVINO INT8 (bf16 remainder)",
+    "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
+}
+STAGES = ("build", "preprocess", "network", "export", "other")
+
+
+def read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """Mean Dice over the labels present in either map (``evaluation.metrics.agreement_dice``'s rule) and the
+    fraction of voxels with the same label, through one confusion matrix (fast on 117 classes)."""
+    if reference.shape != other.shape:
+        return {"error": f"shapes differ: {reference.shape} vs {other.shape}"}
+    classes = int(max(reference.max(), other.max())) + 1
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    for ref, oth in zip(reference, other):  # slice by slice: no full-volume int64 temporaries
+        pairs = ref.astype(np.int64).ravel() * classes + oth.astype(np.int64).ravel()
+        confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+    both, in_ref, in_other = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    present = [c for c in range(1, classes) if in_ref[c] + in_other[c] > 0]
+    dice = [2.0 * both[c] / (in_ref[c] + in_other[c]) for c in present]
+    return {"dice": float(np.mean(dice)) if dice else 1.0, "voxels": float(both.sum() / confusion.sum()),
+            "classes": len(present), "identical": bool(both.sum() == confusion.sum())}
+
+
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any]:
+    """Median and min-max per row over the repeats: end to end, stages, peak RSS, agreement, speedup."""
+    summary = {}
+    for row in rows:
+        runs = [r["rows"][row] for r in repeats if row in r["rows"] and "seconds" in r["rows"][row]]
+        ratios = [r["rows"]["nnunetv2"]["seconds"] / r["rows"][row]["seconds"] for r in repeats
+                  if "seconds" in r["rows"].get(row, {}) and "seconds" in r["rows"].get("nnunetv2", {})]
+        errors = [r["rows"][row]["error"] for r in repeats if "error" in r["rows"].get(row, {})]
+        summary[row] = {
+            "seconds": spread([r["seconds"] for r in runs]),
+            "stages": {s: spread([r["stages"].get(s) for r in runs]) for s in STAGES},
+            "peak_rss_gb": spread([r["peak_rss_bytes"] / 2**30 for r in runs]),
+            "speedup_vs_nnunetv2": spread(ratios),
+            "dice_vs_nnunetv2": spread([r.get("agreement", {}).get("dice") for r in runs]),
+            "voxels_vs_nnunetv2": spread([r.get("agreement", {}).get("voxels") for r in runs]),
+            "windows": runs[0]["windows"] if runs else None, "errors": errors}
+    return summary
+
+
+def _cell(value: dict[str, float] | None, fmt: str = "{:.1f}", ranged: bool = True) -> str:
+    if value is None:
+        return "-"
+    text = fmt.format(value["median"])
+    if ranged and value["n"] > 1:
+        text += f" ({fmt.format(value['min'])}-{fmt.format(value['max'])})"
+    return text
+
+
+def _row_line(row: str, s: dict[str, Any]) -> str:
+    if s["seconds"] is None:
+        why = s["errors"][0].splitlines()[-1][:160] if s["errors"] else "no result"
+        return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 10
+    stages = [_cell(s["stages"][k], ranged=False) for k in STAGES]
+    return (f"| {ROW_TITLES[row]} | {_cell(s['seconds'])} | {_cell(s['speedup_vs_nnunetv2'], '{:.2f}x')} | "
+            + " | ".join(stages) + f" | {_cell(s['peak_rss_gb'], '{:.2f}', False)} | "
+            f"{_cell(s['dice_vs_nnunetv2'], '{:.4f}')} | {_cell(s['voxels_vs_nnunetv2'], '{:.5f}')} | {s['windows']} |")
+
+
+def config_table(name: str, config: dict[str, Any]) -> list[str]:
+    plans, ct = config["plans"], config["ct"]
+    lines = [f"### `{name}`: {len(config['parts'])} part(s) at {plans['spacing'][0]:g} mm, patch "
+             f"{'x'.join(map(str, plans['patch_size']))}, features {plans['features_per_stage']}, step "
+             f"{config['step_size']}, mirroring off",
+             "", f"CT {'x'.join(map(str, ct['shape_xyz']))} at {'x'.join(f'{v:g}' for v in ct['spacing_xyz'])} mm "
+             f"(network grid {'x'.join(map(str, config['network_grid_kji']))} KJI, "
+             f"{config['windows_per_part']} windows per part). Seconds: median (min-max) over the repeats; "
+             "stages are medians.", "",
+             "| row | end to end s | vs nnunetv2 | build | preprocess | network | export | other | peak RSS GB "
+             "| Dice vs nnunetv2 FP32 | voxel agreement | windows |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [_row_line(row, s) for row, s in config["summary"].items()]
+    lines += [f"| {ROW_TITLES[row]} | not run (estimate only) |" + " |" * 10
+              for row in config["window_seconds"] or {} if row not in config["summary"]]
+    lines += [f"| {ROW_TITLES[row]} | n/a: {why} |" + " |" * 10 for row, why in config["not_run"].items()]
+    return lines + ["", _estimate_line(config), ""]
+
+
+def _estimate_line(config: dict[str, Any]) -> str:
+    """The probe the run started with: one window per row on the first part, and the estimate built from it."""
+    seconds, estimate = config.get("window_seconds") or {}, config.get("estimate_minutes") or {}
+    if not seconds:
+        return "No per-window probe."
+    rows = estimate.get("rows", {})
+    return ("One window per row before the run (first part, batch 1): "
+            + ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items()) + "; estimate (network only): "
+            + ", ".join(f"{r} {m:.1f} min" for r, m in rows.items())
+            + ", quantizing the other parts " + ("time unknown" if estimate.get("quantization") is None
+                                                   else f"{estimate['quantization']:.1f} min") + ".")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    settings, machine = result["settings"], result["machine"]
+    versions = machine["versions"]
+    title = ("SMOKE RUN (not a result) -- " if result["smoke"] else "") + \
+        ("ESTIMATE ONLY -- " if result.get("estimate_only") else "")
+    lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on CPU (issue 25)", "",
+             f"Machine: {machine['cpu']['model']}, {settings['threads']} thread(s) of "
+             f"{machine['cpu']['usable_cores']} usable cores, {machine['memory_bytes'] / 2**30:.0f} GiB; "
+             f"torch {versions['torch']}, openvino {versions['openvino']}, nnunetv2 {versions['nnunetv2']}, "
+             f"onnxruntime {versions['onnxruntime']}. Repeats: {settings['repeats']}, rows interleaved (order "
+             "rotated each repeat), each row in its own process.", "",
+             f"Weights: {settings['weights']}. " + ("Random weights: INT8 agreement on random weights says "
+             "nothing about its fidelity on trained networks (quantized with --no-guard), and FP32 on OpenVINO "
+             "differs from PyTorch FP32 where classes nearly tie, which random weights make common; the "
+             "project's pipeline on PyTorch (fp32-torch) gives nnunetv2's labels exactly."
+             if settings["weights"] == "random" else
+             "Trained weights, quantized with the accuracy guard."), ""]
+    for name, config in result["configs"].items():
+        lines += config_table(name, config)
+    lines += ["Reproduce: `" + " ".join(result["command"]) + "`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Setting up ``whole_ct.py``'s run: work folders, the part folders and their quantized copies, and which rows
+can run on this machine (bf16 only where OpenVINO runs it natively; nnunetv2 only where its export fits in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import totalseg_shapes as shapes
+
+TEST_SEED, CALIBRATION_SEEDS = 0, (101, 102)
+
+
+def work_dir(args: argparse.Namespace, kind: str, *inputs: Any) -> Path:
+    """One folder per set of inputs (so a rerun with the same ones reuses the CTs / models in it)."""
+    key = hashlib.sha1(json.dumps([str(v) for v in inputs]).encode()).hexdigest()[:10]
+    folder = args.work / f"{kind}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namespace) -> float | None:
+    """Seconds to quantize one part, or None when an earlier run left it in ``out``."""
+    from PTQLogic.pipeline import quantize_model
+    from PTQLogic.quantization.interface import DEFAULT_GUARD
+
+    if (out / "nnunet_model.json").is_file():
+        return None
+    print(f"quantizing {folder.parent.name} ({args.calibration_patches} calibration patches) ...", flush=True)
+    started = time.perf_counter()
+    quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
+                   guard=DEFAULT_GUARD if args.weights else None)
+    seconds = time.perf_counter() - started
+    print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
+    return seconds
+
+
+def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Plans, part folders, parts files, and the first part quantized (the estimate needs its INT8 engine)."""
+    models = shapes.MODEL_SETS[name]
+    parts = models.parts[:args.parts] if name == "total" and args.parts else models.parts
+    grid = shapes.network_grid(cts, models.spacing)
+    plans = shapes.plan(models.spacing, grid, max(p.classes for p in parts) + 1,
+                        shapes.intensity_properties(cts["calibration"][0]))
+    plans = shapes.shrink(plans) if args.tiny_networks else plans
+    names = shapes.label_names(args.labels)
+    root = work / name
+    folders = [shapes.write_part(root / "nnunet", models, p, plans, names, TEST_SEED, args.weights) for p in parts]
+    quantized = [root / "quantized" / p.name for p in parts]
+    (root / "quantized").mkdir(exist_ok=True)
+    arch = plans["configurations"]["3d_fullres"]
+    return {"name": name, "models": models, "parts": parts, "folders": folders, "quantized": quantized,
+            "torch_parts_file": shapes.write_parts_file(root / "nnunet" / "parts.json", folders, names),
+            "parts_file": shapes.write_parts_file(root / "quantized" / "parts.json", quantized, names),
+            "labels": {str(k): v for k, v in names.items()}, "grid": grid,
+            "plans": {"patch_size": arch["patch_size"], "spacing": arch["spacing"],
+                      "features_per_stage": arch["architecture"]["arch_kwargs"]["features_per_stage"],
+                      "n_stages": arch["architecture"]["arch_kwargs"]["n_stages"]},
+            "windows": shapes.count_windows(grid, arch["patch_size"], models.step_size),
+            "quantize_seconds": [quantize(folders[0], quantized[0], cts, args) if needs_onnx(args) else None]}
+
+
+def needs_onnx(args: argparse.Namespace) -> bool:
+    """Whether any row runs the quantized folders (their fp32.onnx / int8.onnx)."""
+    return any(row not in ("nnunetv2", "fp32-torch") for row in args.rows)
+
+
+def bf16_reason() -> str | None:
+    """None where OpenVINO runs bf16 natively (AMX / AVX512-BF16), else why the bf16 row is n/a."""
+    import openvino as ov
+
+    from PTQLogic.engines.openvino_engine import native_bf16
+
+    if native_bf16(ov.Core()):
+        return None
+    return "OpenVINO has no native bf16 on this CPU (no AMX-BF16 / AVX512-BF16); it would emulate it"
+
+
+def nnunetv2_memory_reason(config: dict[str, Any], cts: dict[str, Any]) -> str | None:
+    """Why nnunetv2's row cannot run here: its export needs more memory than is available (it resamples every
+    class at once: a float64 copy of the logits in, an fp16 array of every class at the input grid out, then an
+    int64 argmax); None when it fits."""
+    import psutil
+
+    classes = max(p.classes for p in config["parts"]) + 1
+    voxels, grid = float(np.prod(cts["shape_kji"])), float(np.prod(config["grid"]))
+    needed = classes * (voxels * 2 + grid * (8 + 2)) + voxels * (8 + 8)
+    available = psutil.virtual_memory().available
+    if needed < 0.9 * available:
+        return None
+    return (f"nnunetv2's export would need about {needed / 2**30:.0f} GiB ({classes} classes resampled at once to "
+            f"the input grid); {available / 2**30:.0f} GiB available here")
