@@ -13,8 +13,6 @@ names, not op types). The 'cpu' placement calls ONNX Runtime's quantizer, which 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..core.errors import ModelError
+from .child import run_module
 
 DEFAULT_PERCENTILE = 99.99  # kept FP32's answer best of 99.9, 99.99 and 99.999 on the trained networks
 NUM_BINS = 2048
@@ -102,26 +101,9 @@ def _ranges_in_child(fp32_onnx: Path, tensors: list[str], calibration: np.ndarra
         work = Path(tmp)
         np.save(work / "calibration.npy", calibration)
         (work / "tensors.json").write_text(json.dumps(tensors))
-        package_parent = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
-                                                            if p)}
-        command = [sys.executable, "-m", "PTQLogic.quantization.percentile", str(fp32_onnx), str(work), str(percentile)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        tail: list[str] = []
-        try:
-            for line in process.stdout:
-                if line.startswith("batch ") and on_batch is not None:
-                    on_batch(*(int(v) for v in line.split()[1:3]))  # may raise Cancelled: the child is stopped
-                elif line.strip():
-                    tail = (tail + [line.strip()])[-3:]
-            code = process.wait()
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
+        code, tail = run_module("PTQLogic.quantization.percentile", [fp32_onnx, work, percentile], on_batch)
         if code != 0 or not (work / "ranges.json").is_file():
-            raise ModelError(f"Percentile calibration failed (ONNX Runtime calibrator exit code {code}): "
-                             f"{' | '.join(tail) or 'no output'}")
+            raise ModelError(f"Percentile calibration failed (ONNX Runtime calibrator exit code {code}): {tail}")
         return json.loads((work / "ranges.json").read_text())
 
 

@@ -29,9 +29,7 @@ The result is always checked by :func:`PTQLogic.onnx_graph.qdq_check.check_qdq`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -41,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import InputError, ModelError
+from .child import run_module
 from .percentile import DEFAULT_PERCENTILE
 
 PLACEMENTS = ("modelopt", "cpu")  # "modelopt": ModelOpt's TensorRT placement; "cpu": this module
@@ -266,8 +265,6 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
     breaks a plain ``quantize_static`` run later in the same process (tests, Slicer)."""
     calib_path = workdir / "calibration.npy"
     np.save(calib_path, calibration)
-    package_parent = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
     # Reshape/Transpose carry int8 through the sub-pixel shuffle only (elsewhere they may feed float attention)
     import onnx
 
@@ -275,27 +272,10 @@ def _run_child(workdir: Path, prepared: Path, calibration: np.ndarray, out_path:
     nodes = onnx.load(str(prepared), load_external_data=False).graph.node
     exclude_path.write_text(json.dumps([n.name for n in nodes if n.name and n.op_type in ("Reshape", "Transpose")
                                         and "_subpixel_" not in n.name] + list(float_nodes)))
-    command = [sys.executable, "-m", "PTQLogic.quantization.placement", str(prepared), str(calib_path), str(out_path),
-               ",".join(op_types), activations, method, str(exclude_path)]
-    tail: list[str] = []
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith("batch "):
-                done, total = (int(v) for v in line.split()[1:3])
-                if on_batch is not None:
-                    on_batch(done, total)  # may raise Cancelled: the child is stopped below
-            elif line.strip():
-                tail = (tail + [line.strip()])[-3:]
-        code = process.wait()
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
+    code, tail = run_module("PTQLogic.quantization.placement", [prepared, calib_path, out_path, ",".join(op_types),
+                                                                 activations, method, exclude_path], on_batch)
     if code != 0 or not out_path.is_file():
-        raise ModelError(f"CPU Q/DQ placement failed (ONNX Runtime quantizer exit code {code}): "
-                         f"{' | '.join(tail) or 'no output'}")
+        raise ModelError(f"CPU Q/DQ placement failed (ONNX Runtime quantizer exit code {code}): {tail}")
 
 
 def quantize_cpu(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path, *,
