@@ -1,5 +1,3 @@
-import sys
+from .app.cli import console_main
 
-from .app.cli import main
-
-sys.exit(main())
+console_main()

@@ -36,3 +36,34 @@ def test_ctrl_c_during_openvino_then_onnxruntime_benchmark(quantized_unet, phant
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
     assert not out.exists()
+
+
+_NATIVE_DAEMON = """
+import sys, threading, time
+import torch
+from PTQLogic.core.interrupts import exit_process
+x = torch.randn(1, 48, 48, 48)
+started = threading.Event()
+def produce():  # what nnunetv2's sliding-window producer does while an interrupted consumer unwinds
+    started.set()
+    while True:
+        torch.clone(x[:, 2:46, 2:46, 2:46], memory_format=torch.contiguous_format)
+threading.Thread(target=produce, daemon=True).start()
+started.wait(); time.sleep(0.05)
+import atexit; atexit.register(lambda: print("exit handler ran", flush=True))
+{exit}(130)
+"""
+
+
+def test_the_cli_exit_survives_a_daemon_thread_inside_torch():
+    """sys.exit with such a thread alive aborts (-6, "terminate called"); exit_process gives 130 and runs exit handlers."""
+    def run(exit_call):
+        return subprocess.run([sys.executable, "-c", _NATIVE_DAEMON.format(exit=exit_call)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    control = [run("sys.exit") for _ in range(3)]
+    assert any(p.returncode != 130 and "terminate called" in p.stderr for p in control), \
+        [(p.returncode, p.stderr[-300:]) for p in control]
+    for _ in range(5):
+        done = run("exit_process")
+        assert (done.returncode, done.stdout, done.stderr) == (130, "exit handler ran\n", "")

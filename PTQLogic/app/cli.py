@@ -297,6 +297,13 @@ def _cancel_on_terminate() -> None:
             signal.signal(getattr(signal, name), handler)
 
 
+def console_main() -> None:
+    """The `ptqseg` command and `python -m PTQLogic`: ``main``'s code as the process's exit status."""
+    from ..core.interrupts import exit_process
+
+    exit_process(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()

@@ -11,9 +11,12 @@ watcher then raises the usual exception in the main thread at the next Python by
 from __future__ import annotations
 
 import _thread
+import atexit
+import os
 import signal
+import sys
 import threading
-from typing import Callable
+from typing import Callable, NoReturn
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
@@ -47,3 +50,25 @@ def route_signals_through_watcher() -> Callable[[], None]:
         _watcher = threading.Thread(target=_watch, args=(signals,), name="ptqseg-signals", daemon=True)
         _watcher.start()
     return lambda: signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the CLI process with ``code`` without tearing down native libraries under a running thread.
+
+    A daemon thread that a library leaves inside native code (nnunetv2's sliding-window producer is
+    in ``torch.clone`` when Ctrl-C stops the consumer) is ended by Python's finalization with
+    ``pthread_exit`` when it next takes the GIL; unwinding through torch's C++ frames then aborts
+    the process ("terminate called without an active exception", exit -6 instead of 130). When
+    such a thread is alive, run the exit handlers (Ray, temporary folders, logging), flush, and
+    leave without finalization; otherwise exit normally.
+    """
+    others = [t for t in threading.enumerate() if t.daemon and t.is_alive() and t is not _watcher]
+    if not others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
