@@ -1,6 +1,6 @@
 """Methods of the Slicer module run against small stand-ins of the Slicer calls they make (Slicer itself
 cannot run here): the parameter node's GUI connection, the model path dialog, and the segmentation-node update
-that must never lose a node's segments."""
+that must never lose a node's segments, and the command line Quantize builds from the panel."""
 from __future__ import annotations
 
 import ast
@@ -13,6 +13,7 @@ import pytest
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "PTQSegmentation"
 MODULE_PY = MODULE_DIR / "PTQSegmentation.py"
+SELF_TEST_PY = MODULE_DIR / "PTQSegmentationLib" / "PTQSegmentationTest.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "PTQSegmentation.ui"
 
 
@@ -35,7 +36,7 @@ class _ParameterNodeStandIn:
 
     def __init__(self, tags):
         self.tags, self.connected, self.calls = list(tags), 0, []
-        self.modelPath = ""
+        self.modelPath, self.method = "", "percentile"
 
     def connectGui(self, gui):
         self.connected += 1
@@ -50,8 +51,9 @@ class _ParameterNodeStandIn:
 @pytest.mark.parametrize("tags", [[0, 1, 2, 3], [None] * 4], ids=["slicer-5.10", "slicer-5.6-5.8"])
 def test_parameter_node_gui_is_disconnected_on_exit_and_reconnect(tags):
     """Item 1: a falsy tag (0 or None) must still be disconnected, so enter() never stacks connections."""
+    methods = []
     widget = types.SimpleNamespace(_parameterNode=None, _parameterNodeGuiTag=None, ui=object(),
-                                   onModelPathChanged=lambda path: None)
+                                   onModelPathChanged=lambda path: None, onMethodChanged=methods.append)
     setParameterNode = _method("PTQSegmentationWidget", "setParameterNode")
     exit_ = _method("PTQSegmentationWidget", "exit")
     node = _ParameterNodeStandIn(tags)
@@ -63,6 +65,7 @@ def test_parameter_node_gui_is_disconnected_on_exit_and_reconnect(tags):
     setParameterNode(widget, node)
     setParameterNode(widget, None)
     assert node.connected == 0
+    assert methods == ["percentile"] * 4  # the percentile box follows the saved method on every connect
 
 
 def test_model_path_can_browse_folders_and_files():
@@ -179,7 +182,7 @@ def test_source_builds_in_a_scratch_node_before_clearing_the_target():
     outer = next(n for n in function.body if isinstance(n, ast.Try))
     assert "RemoveNode(scratch)" in ast.unparse(outer.finalbody)
     assert "RemoveAllSegments" in ast.unparse(outer.body)
-    assert "test_ReuseSegmentationNode" in MODULE_PY.read_text()  # exercised for real in Slicer's self-test
+    assert "test_ReuseSegmentationNode" in SELF_TEST_PY.read_text()  # exercised for real in Slicer's self-test
 
 
 def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
@@ -205,3 +208,68 @@ def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
     assert table == {(0, 0): "Expected", (0, 1): "5 parts, 320 windows, network ~95 s, peak ~6.1 GiB"}
     assert log == [said, "note: something"]
     assert ui.statusLabel.text == "part 2/5 (vertebrae): sliding window 32/64" and ui.progressBar.value == 30
+
+
+def _quantize_from_panel(tmp_path, method, percentile):
+    """The module's real onQuantize, on a stand-in panel set to ``method``/``percentile`` with the shipped sample
+    spec; returns the command line it hands to the background job."""
+    import tempfile
+    import time
+
+    from PTQLogic.core.errors import PTQError
+    from PTQLogic.slicer import support
+
+    started, errors = [], []
+    params = types.SimpleNamespace(modelPath=MODULE_DIR.parent / "PTQLogic" / "samples" / "data" / "phantom_unet.json",
+                                   calibrationFolder=tmp_path, patches=4, method=method, percentile=percentile,
+                                   minAgreement=0.98, runtime="openvino")
+    widget = types.SimpleNamespace(
+        _job=None, _jobTemp=None, _parameterNode=params, ensureDependencies=lambda: True,
+        ui=types.SimpleNamespace(calibrationVolumesSelector=types.SimpleNamespace(checkedNodes=lambda: [])),
+        logic=types.SimpleNamespace(pythonExecutable=lambda: "PythonSlicer"), workDirectory=lambda: tmp_path / "work",
+        showError=errors.append, startJob=lambda command, title, finished: started.append(command),
+        cleanupJobTemp=lambda: None, onQuantizeFinished=None)
+    try:
+        _method("PTQSegmentationWidget", "onQuantize", support=support, tempfile=tempfile, time=time, Path=Path,
+                PTQError=PTQError, _=lambda text: text)(widget)
+    finally:
+        if widget._jobTemp is not None:
+            widget._jobTemp.cleanup()
+    assert errors == [] and len(started) == 1
+    return started[0]
+
+
+def test_percentile_is_offered_and_reaches_the_quantize_command(tmp_path, capsys):
+    """Issue 22: the panel offers percentile; its value reaches ``quantize`` with that method only, and the real
+    CLI takes the command: it gets past its option checks and stops only at the calibration folder (empty here)."""
+    from PTQLogic.app.cli import build_parser, main
+    from PTQLogic.slicer import support
+
+    ui = types.SimpleNamespace(percentileSpinBox=types.SimpleNamespace(enabled=True))
+    on_method = _method("PTQSegmentationWidget", "onMethodChanged")
+    for method in ("max", "percentile", "entropy"):
+        on_method(types.SimpleNamespace(ui=ui), method)
+        assert ui.percentileSpinBox.enabled == (method == "percentile")
+
+    def cli_error(command: list[str]) -> str:
+        assert main(command[3:]) == 2
+        return support.parse_result(capsys.readouterr().out)["error"]
+
+    spec = str(MODULE_DIR.parent / "PTQLogic" / "samples" / "data" / "phantom_unet.json")
+    command = _quantize_from_panel(tmp_path, "percentile", 99.95)
+    out = command[command.index("--out") + 1]
+    assert Path(out).parent == tmp_path / "work" / "models" and Path(out).name.startswith("phantom_unet-")
+    assert command == ["PythonSlicer", "-m", "PTQLogic.app.cli", "quantize", "--model", spec,
+                       "--calibration", str(tmp_path), "--out", out, "--patches", "4", "--method", "percentile",
+                       "--percentile", "99.95", "--min-agreement", "0.98", "--guard-runtime", "openvino",
+                       "--progress-lines", "--json"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.method, args.percentile) == ("percentile", 99.95)
+    assert cli_error(command).startswith("No calibration volumes found")
+
+    entropy = _quantize_from_panel(tmp_path, "entropy", 99.95)  # the box keeps its value; it is not sent
+    assert "--percentile" not in entropy and entropy[entropy.index("--method") + 1] == "entropy"
+    assert cli_error(entropy).startswith("No calibration volumes found")
+    guard = entropy.index("--min-agreement")
+    assert "--percentile applies to --method percentile only" in \
+        cli_error(entropy[:guard] + ["--percentile", "99.95"] + entropy[guard:])  # why it must not be sent

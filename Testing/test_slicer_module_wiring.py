@@ -20,12 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "PTQSegmentation"
 MODULE_PY = MODULE_DIR / "PTQSegmentation.py"
+SELF_TEST_PY = MODULE_DIR / "PTQSegmentationLib" / "PTQSegmentationTest.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "PTQSegmentation.ui"
 ICON = MODULE_DIR / "Resources" / "Icons" / "PTQSegmentation.png"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 SLICER_MODULES = {"slicer", "qt", "vtk", "ctk", "MRMLCorePython", "SampleData", "SegmentEditorEffects"}
 HEAVY = {"torch", "monai", "onnx", "onnxruntime", "openvino", "modelopt", "tensorrt"}
-# The only methods that may use ``slicer.`` (MRML, dialogs, pip); the self-test class is exempt.
+# The only methods that may use ``slicer.`` (MRML, dialogs, pip); the self-test (its own file) is exempt.
 MRML_ALLOWED = {
     "setup", "initializeParameterNode", "showError", "workDirectory", "onCheckDependencies", "ensureDependencies",
     "installDependencies", "volumeFromNode", "exportReferenceLabels", "createOrUpdateSegmentation",
@@ -104,23 +105,29 @@ def test_parameter_node_bindings():
     combos = {param: [i.text for i in ET.parse(UI_FILE).getroot().findall(f".//widget[@name='{name}']/item/property/string")]
               for name, (cls, param) in widgets.items() if cls == "QComboBox" and param}
     source = MODULE_PY.read_text()
-    assert combos["precision"] == ["int8", "fp16", "fp32"] and combos["method"] == ["max", "entropy"]
+    assert combos["precision"] == ["int8", "fp16", "fp32"] and combos["method"] == ["max", "entropy", "percentile"]
     assert combos["runtime"] == ["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
     for choices in combos.values():  # Choice(...) annotations list the same values as the combo boxes
         assert all(f'"{c}"' in source for c in choices)
 
 
-def test_module_compiles_and_imports_only_what_slicer_provides(tmp_path):
-    py_compile.compile(str(MODULE_PY), cfile=str(tmp_path / "m.pyc"), doraise=True)
-    tree = _module_tree()
+def _top_imports(tree: ast.Module) -> set[str]:
     top = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             top.add(node.module.split(".")[0])
-    assert "PTQLogic" in top and {"slicer", "qt", "vtk"} <= top
-    assert top - SLICER_MODULES - set(sys.stdlib_module_names) - {"PTQLogic"} == set()
+    return top
+
+
+@pytest.mark.parametrize("path", [MODULE_PY, SELF_TEST_PY], ids=["module", "self-test"])
+def test_module_compiles_and_imports_only_what_slicer_provides(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "m.pyc"), doraise=True)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = _top_imports(tree)
+    assert "PTQLogic" in top and {"slicer"} <= top
+    assert top - SLICER_MODULES - set(sys.stdlib_module_names) - {"PTQLogic", "PTQSegmentationLib"} == set()
     everywhere = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     everywhere |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert everywhere & HEAVY == set(), "the module must leave heavy work to the engine process"
@@ -142,8 +149,6 @@ def test_mrml_calls_only_in_allowed_methods():
 
     def visit(node: ast.AST, owner: str | None) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.ClassDef) and child.name == "PTQSegmentationTest":
-                continue  # the self-test drives Slicer directly
             name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and owner is None else owner
             if (isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "slicer"
                     and name not in MRML_ALLOWED):
@@ -156,8 +161,15 @@ def test_mrml_calls_only_in_allowed_methods():
 
 
 def test_source_registers_a_self_test_that_quantizes_and_segments():
-    """Reads the source and CMake lists only: the self-test itself runs inside Slicer."""
-    tree = _module_tree()
+    """Reads the source and CMake lists only: the self-test itself runs inside Slicer. Slicer looks for
+    ``PTQSegmentationTest`` in the module's file (which imports it from its own file), and takes every .py file
+    next to PTQSegmentation.py for a module: the self-test lives in the PTQSegmentationLib package."""
+    imported = [n for n in _module_tree().body if isinstance(n, ast.ImportFrom)
+                and n.module == "PTQSegmentationLib.PTQSegmentationTest"]
+    assert [a.name for n in imported for a in n.names] == ["PTQSegmentationTest"]
+    assert sorted(p.name for p in MODULE_DIR.glob("*.py")) == ["PTQSegmentation.py"]
+    assert (SELF_TEST_PY.parent / "__init__.py").is_file()
+    tree = ast.parse(SELF_TEST_PY.read_text(encoding="utf-8"))
     test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PTQSegmentationTest")
     assert [b.id for b in test_cls.bases if isinstance(b, ast.Name)] == ["ScriptedLoadableModuleTest"]
     methods = {f.name: f for f in test_cls.body if isinstance(f, ast.FunctionDef)}
@@ -261,8 +273,9 @@ endmacro()
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     shipped = set((build / "shipped.txt").read_text().split())
-    assert {"PTQSegmentation.py", "Resources/UI/PTQSegmentation.ui", "PTQLogic/__init__.py",
-            "PTQLogic/slicer/support.py", "PTQLogic/engines/base.py"} <= shipped
+    assert {"PTQSegmentation.py", "PTQSegmentationLib/__init__.py", "PTQSegmentationLib/PTQSegmentationTest.py",
+            "Resources/UI/PTQSegmentation.ui", "PTQLogic/__init__.py", "PTQLogic/slicer/support.py",
+            "PTQLogic/engines/base.py"} <= shipped
     assert all(not s.startswith("..") for s in shipped)
     assert (build / "PTQSegmentation" / "PTQLogic" / "app" / "cli.py").read_bytes() == (ROOT / "PTQLogic" / "app" / "cli.py").read_bytes()
     data_dir = build / "lib/Slicer-5.8/qt-scripted-modules/PTQLogic/samples/data"
@@ -345,3 +358,32 @@ def test_cpu_bf16_is_an_advanced_option_the_cli_accepts():
     command = segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False, cpu_bf16=True)
     assert build_parser().parse_args(command[3:]).cpu_float == "bf16"
     assert "--cpu-float" not in segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False)
+
+
+def test_percentile_is_a_calibration_option_the_cli_accepts():
+    """Issue 22: the method combo offers percentile; its spin box starts disabled (entropy is the default), uses
+    PTQLogic's default percentile, is saved in the parameter node and reaches quantize as --percentile."""
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.quantization.interface import DEFAULT_METHOD
+    from PTQLogic.quantization.percentile import DEFAULT_PERCENTILE
+    from PTQLogic.slicer.process import quantize_command
+
+    spin = ET.parse(UI_FILE).getroot().find(".//widget[@name='percentileSpinBox']")
+    assert spin is not None and spin.get("class") == "QDoubleSpinBox"
+    values = {p.get("name"): p[0].text for p in spin.findall("property")}
+    assert (float(values["minimum"]), float(values["maximum"]), float(values["value"])) == (99.0, 99.9999,
+                                                                                          DEFAULT_PERCENTILE)
+    assert values["decimals"] == "4" and values["enabled"] == "false" and values["SlicerParameterName"] == "percentile"
+    assert "histogram" in values["toolTip"] and "calibration_methods_epyc2_avx2.md" in values["toolTip"]
+    assert "Entropy stays the default" in values["toolTip"] and DEFAULT_METHOD == "entropy"
+    source = MODULE_PY.read_text()
+    assert f"percentile: Annotated[float, WithinRange(99.0, 99.9999)] = {DEFAULT_PERCENTILE}" in source
+    assert "percentile=params.percentile" in source
+    assert _connected_widgets(_module_tree())["methodComboBox"] == "currentTextChanged(QString)"
+    command = quantize_command("python", "spec.json", ["c.nrrd"], "out", 4, "percentile", percentile=99.9999)
+    assert command[command.index("--method"):command.index("--method") + 4] == ["--method", "percentile",
+                                                                               "--percentile", "99.9999"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.method, args.percentile) == ("percentile", 99.9999)
+    for method in ("max", "entropy"):
+        assert "--percentile" not in quantize_command("python", "s", ["c"], "o", 4, method, percentile=99.9)

@@ -159,6 +159,14 @@ def test_command_lines_and_parsing():
     assert "--compare" not in ss.segment_command("py", "m", "i", "o", "openvino", "fp32", False)
     with pytest.raises(PTQError, match="calibration"):
         ss.quantize_command("py", "s", [], "o", 4, "max")
+    percentile = ss.quantize_command("py", "spec.json", ["a"], "o", 4, "percentile", percentile=99.95)
+    assert percentile[12:16] == ["--method", "percentile", "--percentile", "99.95"]
+    assert parser.parse_args(percentile[3:]).percentile == 99.95
+    assert "--percentile" not in ss.quantize_command("py", "spec.json", ["a"], "o", 4, "percentile")  # CLI default
+    with pytest.raises(PTQError, match="--percentile must be in"):  # refused before a job starts
+        ss.quantize_command("py", "s", ["a"], "o", 4, "percentile", percentile=100.0)
+    with pytest.raises(PTQError, match="Calibration method must be one of"):
+        ss.quantize_command("py", "s", ["a"], "o", 4, "minmax")
 
     assert ss.parse_progress(progress_line("calibrate", 3, 4)) == (0.75, "calibrate 3/4")
     assert ss.parse_progress(progress_line("x", 0, 0))[0] == 0.0 and ss.parse_progress("hello") is None

@@ -21,31 +21,34 @@ from typing import Mapping, Sequence
 
 from ..core.errors import PTQError
 from ..core.progress import parse_estimate_line, parse_progress_line
-from ..quantization.interface import DEFAULT_MIN_AGREEMENT
+from ..quantization.interface import DEFAULT_MIN_AGREEMENT, QuantizeOptions
 
 _FLAGS = ["--progress-lines", "--json"]
 
 
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
                      out_dir: str | Path, patches: int, method: str, min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
-                     runtime: str = "auto") -> list[str]:
+                     runtime: str = "auto", percentile: float | None = None) -> list[str]:
     """``python -m PTQLogic.app.cli quantize ...`` (always machine progress + JSON result).
 
     The accuracy guard checks INT8-vs-FP32 agreement on held-out data on ``runtime``, the one chosen for
     segmenting ("auto": the one segment picks for INT8), and keeps layers in FP32 until ``min_agreement`` holds;
     ``min_agreement`` 0 or None measures agreement without enforcing it (``--no-guard``). The Q/DQ placement is
-    the fidelity default (ModelOpt's).
+    the fidelity default (ModelOpt's). ``percentile`` is passed with ``method`` "percentile" only (the panel
+    keeps its value while another method is chosen; the CLI refuses ``--percentile`` with other methods).
     """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
     if int(patches) < 1:
         raise PTQError(f"The number of calibration patches must be >= 1, got {patches}.")
+    percentile = float(percentile) if method == "percentile" and percentile is not None else None
+    QuantizeOptions(method=str(method), percentile=percentile).validate_method()  # the CLI's own check, before a job
+    calibration = ["--method", str(method)] + (["--percentile", repr(percentile)] if percentile is not None else [])
     guard = ["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else ["--no-guard"]
     guard_runtime = runtime if runtime in ("openvino", "onnxruntime", "tensorrt") else "auto"
     return [str(python_exe), "-m", "PTQLogic.app.cli", "quantize", "--model", str(spec_path),
             "--calibration", *[str(p) for p in calibration_paths], "--out", str(out_dir),
-            "--patches", str(int(patches)), "--method", str(method), *guard, "--guard-runtime", guard_runtime,
-            *_FLAGS]
+            "--patches", str(int(patches)), *calibration, *guard, "--guard-runtime", guard_runtime, *_FLAGS]
 
 
 def info_command(python_exe: str) -> list[str]:
