@@ -56,16 +56,130 @@ def test_per_class_export_equals_nnunets(case):
         assert determine_do_sep_z_and_axis(None, target, spacing, 3) == (True, 0 if case == "anisotropic" else 2)
 
 
-def test_export_reports_progress_per_class_and_can_be_cancelled():
-    runner = NnUNetRunner(plans([1.5, 1.5, 1.5], [16, 16, 16]), dataset(["background", "a", "b"]), "3d_fullres")
+def test_export_stage_benchmark_compares_rows_with_nnunetv2(tmp_path):
+    """benchmarks/nnunet/export_stage.py at a tiny size: every row timed per repeat, labels checked against nnunetv2."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "export_stage.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nnunet" / "export_stage.py"), "--classes", "4",
+                           "--shape", "40", "36", "20", "--spacing", "0.9", "0.9", "2.0", "--repeats", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["seconds"]) == {"nnunetv2", "ptqseg"} and result["logits"] == "phantom"
+    assert 0 < result["resampled_voxel_fraction"] < 1
+    assert all(len(v) == 2 and min(v) > 0 for v in result["seconds"].values())
+    assert all(s["labels_identical_to_nnunetv2"] for s in result["summary"].values())
+    assert result["network_grid_zyx"] == [27, 22, 24] and result["machine"]["cpu"]["usable_cores"] >= 1
+    assert "| this project (sparse_export.py) |" in out.with_suffix(".md").read_text()
+
+
+def _resample_config(force_separate_z=None):
+    plan = plans([1.5, 1.5, 1.5], [16, 16, 16])
+    plan["configurations"]["3d_fullres"]["resampling_fn_probabilities_kwargs"] = {
+        "is_seg": False, "order": 1, "order_z": 0, "force_separate_z": force_separate_z}
+    return NnUNetRunner(plan, dataset(["background", "a", "b"]), "3d_fullres").config
+
+
+def _nnunet_labels(logits, shape, current, new, force_separate_z):
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    values = resample_data_or_seg_to_shape(logits, shape, current, new, is_seg=False, order=1, order_z=0,
+                                           force_separate_z=force_separate_z)
+    return np.argmax(values, axis=0)
+
+
+def _smooth_logits(classes, grid, seed, dtype=torch.float16):
+    """Blob-shaped classes (as a trained network gives): large confident regions, borders between them."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((1, classes, *[max(2, g // 6) for g in grid]), generator=generator)
+    return (8 * torch.nn.functional.interpolate(coarse, size=grid, mode="trilinear"))[0].to(dtype)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sparse_export_gives_nnunets_labels_on_random_geometries(seed):
+    """Random grids, input shapes and spacings (isotropic, separate z on either side, forced on or off), fp16 and
+    fp32 logits, smooth or noisy: the labels equal argmax of nnunetv2's resampling, voxel for voxel."""
+    from PTQLogic.inference.nnunet.sparse_export import resampled_labels
+
+    rng = np.random.default_rng(seed)
+    grid = tuple(int(g) for g in rng.integers(3, 14, 3))
+    shape = tuple(int(s) for s in rng.integers(2, 30, 3))
+    spacings = [[1.0, 1.0, 1.0], [4.0, 1.0, 1.0], [1.0, 0.8, 3.5], [1.5, 1.5, 1.5]]
+    current, new = spacings[seed % 4], spacings[(seed // 4 + 1) % 4]
+    force = [None, None, True, False][seed % 4]
+    dtype = torch.float16 if seed % 3 else torch.float32
+    logits = _smooth_logits(5, grid, seed, dtype) if seed % 2 else (4 * torch.randn((5, *grid))).to(dtype)
+    counts = {}
+    ours = resampled_labels(logits, shape, current, new, force, np.uint8, counts=counts)
+    assert np.array_equal(ours, _nnunet_labels(logits, shape, current, new, force))
+    assert counts["voxels"] == np.prod(shape) and 0 <= counts["resampled"] <= counts["voxels"]
+
+
+def test_confident_regions_are_not_resampled_and_near_ties_are():
+    """Smooth logits at a TotalSegmentator-like upsampling: most voxels take the grid's label directly; logits one
+    fp16 step apart (which rounding can tie) and exact ties are resampled, and still match nnunetv2."""
+    from PTQLogic.inference.nnunet.sparse_export import resampled_labels
+
+    grid, shape, current, new = (20, 24, 24), (20, 45, 45), [1.5, 1.5, 1.5], [1.5, 0.8, 0.8]
+    logits = _smooth_logits(6, grid, 3)
+    counts = {}
+    ours = resampled_labels(logits, shape, current, new, None, np.uint8, counts=counts)
+    assert np.array_equal(ours, _nnunet_labels(logits, shape, current, new, None))
+    assert counts["resampled"] < 0.35 * counts["voxels"] and len(np.unique(ours)) >= 4
+    close = logits.clone()
+    close[2] = torch.nextafter(close[1], torch.full_like(close[1], 100.0))  # one fp16 step above class 1
+    close[4] = close[3]  # exact ties: the first class wins
+    close[:, :, :4] = 60000.0  # large magnitudes, where one step is 32
+    close[1, :, :4] = 65504.0
+    ties = {}
+    ours = resampled_labels(close, shape, current, new, None, np.uint8, counts=ties)
+    assert np.array_equal(ours, _nnunet_labels(close, shape, current, new, None))
+    assert ties["resampled"] > counts["resampled"]
+
+
+@pytest.mark.parametrize("path", ["order-1", "per-class"])
+def test_export_reports_progress_and_can_be_cancelled(path):
+    plan = plans([1.5, 1.5, 1.5], [16, 16, 16])
+    if path == "per-class":  # any resampling but SciPy's order 1 runs class by class
+        plan["configurations"]["3d_fullres"].update(resampling_fn_probabilities="resample_torch_fornnunet",
+                                                    resampling_fn_probabilities_kwargs={"is_seg": False})
+    runner = NnUNetRunner(plan, dataset(["background", "a", "b"]), "3d_fullres")
     properties = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": (12, 12, 12),
                   "bbox_used_for_cropping": [[0, 12]] * 3, "shape_after_cropping_and_before_resampling": (12, 12, 12)}
     logits = torch.randn((3, 8, 8, 8)).half()
     events = []
     logits_to_labels(logits, runner.plans_manager, runner.config, runner.label_manager, properties,
                      Monitor(on_progress=lambda *e: events.append(e)))
-    assert [e[1:] for e in events if e[0] == "nnU-Net export"] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    steps = [e[1:] for e in events if e[0] == "nnU-Net export"]
+    expected = [(0, 3), (1, 3), (2, 3), (3, 3)] if path == "per-class" else [(0, 2), (1, 2), (2, 2)]
+    assert steps == expected
     monitor = Monitor()
     monitor.on_progress = lambda stage, done, total: monitor.cancel() if done == 1 else None
     with pytest.raises(Cancelled):
         logits_to_labels(logits, runner.plans_manager, runner.config, runner.label_manager, properties, monitor)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_resampled_values_are_nnunets_bit_for_bit(seed):
+    """The exact path alone, at every output voxel: the same fp16/fp32 numbers as nnunetv2's resampling (weights,
+    corner order and the clip to each class's range all matter at the last bit)."""
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+    from PTQLogic.inference.nnunet.sparse_export import resampled_values
+
+    rng = np.random.default_rng(100 + seed)
+    grid = tuple(int(g) for g in rng.integers(2, 12, 3))
+    shape = tuple(int(s) for s in rng.integers(2, 26, 3))
+    current, new = [[1.0, 1.0, 1.0], [4.0, 1.0, 1.0], [1.0, 0.8, 3.5], [1.5, 1.5, 1.5]][seed % 4], [1.2, 0.9, 1.0]
+    force = [None, True, None, False][seed % 4]
+    dtype = torch.float32 if seed % 2 else torch.float16
+    logits = (100 * torch.rand((3, *grid)) - 50).to(dtype)
+    where = torch.from_numpy(np.indices(shape).reshape(3, -1).T.copy())
+    ours = resampled_values(logits, shape, current, new, force, where).reshape(3, *shape)
+    reference = resample_data_or_seg_to_shape(logits, shape, current, new, is_seg=False, order=1, order_z=0,
+                                              force_separate_z=force)
+    assert ours.dtype == reference.dtype and np.array_equal(ours, reference)

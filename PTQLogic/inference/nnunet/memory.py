@@ -1,7 +1,7 @@
 """Memory an nnU-Net prediction needs, checked before any engine is built.
 
 nnunetv2's sliding window keeps fp16 logits of every class over the whole network grid; the export
-(:mod:`.export`) then resamples them to the input grid one class at a time. With many classes on a large
+(:mod:`.export`) then brings them to the input grid without a float64 copy of every class. With many classes on a large
 CT the logits alone are many GB, so a volume that cannot fit is refused up front, with the numbers,
 instead of failing after minutes of work.
 """
@@ -14,6 +14,7 @@ import numpy as np
 from ...core.errors import InputError
 from ...core.memory import ENGINE_WORKING_BYTES, MEMORY_ENV, available_memory_bytes
 from ...core.volume import Volume
+from .sparse_export import order_one_kwargs, working_bytes
 
 
 def network_grid(runner, volume: Volume, cropped: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -46,12 +47,17 @@ def prediction_bytes(runner, volume: Volume, folds: int) -> int:
     # holds fp16 logits plus 3 bytes while it divides by the weights and checks for infinities, and with
     # several folds the next fold's fp16 logits before they are added.
     window = classes * grid * (5 + (2 if folds > 1 else 0))
-    # the export (export.py) resamples one class at a time beside the fp16 logits: that class as float64
-    # (float32 for resample_torch_fornnunet) on the grid and on the input grid, its fp16 copy, the running
-    # maximum, the labels, the comparison mask and the uncropped label map
-    torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
-    one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
-    export = classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1)
+    # the export (export.py), beside the fp16 logits: order-1 resampling (the plans' usual) takes most labels
+    # from the grid (sparse_export.py: its working set, the labels and the uncropped label map); any other
+    # resampling runs one class at a time: that class as float64 (float32 for resample_torch_fornnunet) on the
+    # grid and on the input grid, its fp16 copy, the running maximum, the labels, the comparison mask and the
+    # uncropped label map
+    if resampled and order_one_kwargs(runner.config.configuration) is not None:
+        export = classes * grid * 2 + working_bytes(classes, grid) + voxels * (1 + 1)
+    else:
+        torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
+        one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
+        export = classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1)
     return int(image + max(window, export) + ENGINE_WORKING_BYTES)
 
 

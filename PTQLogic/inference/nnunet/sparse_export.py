@@ -1,0 +1,197 @@
+"""nnU-Net's label export for order-1 resampling, resampling exactly only where the answer is in doubt.
+
+nnunetv2 resamples every class's logits to the input grid (``resample_data_or_seg_to_shape``: SciPy's order-1
+zoom, or per slice plus nearest along a separate low-resolution axis) and takes the argmax: about 10 s per class
+on one core for a 512 x 512 x 300 CT, ~25 classes per TotalSegmentator part. Order-1 values are convex
+combinations of the 2**rank grid voxels around the output voxel ("corners"). Where every corner has the same top
+class ``c``, ahead of the runner-up by more than one unit in the last place of the logits' dtype at the corners'
+magnitude, ``c`` is ahead after interpolation and after rounding back to that dtype, so it is nnunetv2's label.
+Only the other voxels (class borders, near-ties) are resampled, with SciPy's arithmetic reproduced bit for bit:
+coordinate ``((k + 0.5) * zoom) - 0.5``, weights ``1 - x`` and ``1 - (1 - x)``, edge indices clamped, corners
+summed in C order of ``((v * w0) * w1) * w2``, clipped to the class's range (per slice on the separate-z path) as
+skimage does, rounded by NumPy. The labels equal nnunetv2's (tested against its export).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...core.progress import Monitor
+
+CHUNK = 1 << 18  # doubtful voxels evaluated at once (x classes x float64)
+SLAB_VOXELS = 1 << 21  # output voxels gathered at once (their masks and up to 24 bytes of coordinates each)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Where each output index of one axis reads (two grid indices) and with which weights."""
+
+    index: tuple[torch.Tensor, torch.Tensor]
+    weight: tuple[torch.Tensor, torch.Tensor]
+    changes: bool
+
+
+def _linear_axis(n_in: int, n_out: int) -> _Axis:
+    zoom = np.divide(np.array([n_in]), np.array([n_out]))[0]
+    cc = ((np.arange(n_out, dtype=np.float64) + 0.5) * zoom) - 0.5
+    start = np.floor(cc)
+    w0 = 1.0 - (cc - start)
+    first = start.astype(np.int64)
+    index = (np.clip(first, 0, n_in - 1), np.clip(first + 1, 0, n_in - 1))
+    return _Axis(tuple(torch.from_numpy(i) for i in index), (torch.from_numpy(w0), torch.from_numpy(1.0 - w0)),
+                 n_in != n_out)
+
+
+def _nearest_axis(n_in: int, n_out: int) -> torch.Tensor:
+    """map_coordinates(order=0, mode="nearest") along the separate axis, as nnunetv2 computes its coordinates."""
+    cc = float(n_in) / n_out * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5
+    return torch.from_numpy(np.clip(np.floor(cc + 0.5).astype(np.int64), 0, n_in - 1))
+
+
+def order_one_kwargs(configuration: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"force_separate_z": ...}`` when the plans resample probabilities with SciPy at order 1 (nearest along a
+    separate axis), which this module reproduces; None otherwise."""
+    if configuration.get("resampling_fn_probabilities") != "resample_data_or_seg_to_shape":
+        return None
+    kwargs = dict(configuration.get("resampling_fn_probabilities_kwargs") or {})
+    if kwargs.pop("is_seg", False) or kwargs.pop("order", 3) != 1 or kwargs.pop("order_z", 0) != 0:
+        return None
+    force = kwargs.pop("force_separate_z", False)
+    return None if kwargs else {"force_separate_z": force}
+
+
+class _Plan:
+    """The resampling of one export: per-axis tables, which axes interpolate, the separate axis if any."""
+
+    def __init__(self, grid: Sequence[int], shape: Sequence[int], separate_axis: int | None):
+        self.rank = len(grid)
+        self.grid = tuple(int(g) for g in grid)
+        self.separate = separate_axis
+        self.axes = {a: _linear_axis(grid[a], shape[a]) for a in range(self.rank) if a != separate_axis}
+        self.nearest = None if separate_axis is None else _nearest_axis(grid[separate_axis], shape[separate_axis])
+        self.corner_axes = [a for a, axis in self.axes.items() if axis.changes]
+
+    def start(self, a: int) -> torch.Tensor:
+        """The grid index each output index of axis ``a`` reads first (its block's origin)."""
+        return self.nearest if a == self.separate else self.axes[a].index[0]
+
+
+def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing: Sequence[float],
+                     new_spacing: Sequence[float], force_separate_z: bool | None, dtype,
+                     monitor: Monitor | None = None, stage: str = "export",
+                     counts: dict[str, int] | None = None) -> np.ndarray:
+    """argmax over classes of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)``;
+    progress: the grid pass, then each slab of output slices; cancel between them. ``counts``, if given,
+    receives the output voxels and how many of them were resampled exactly."""
+    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+
+    separate, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing)
+    monitor = monitor or Monitor()
+    rows = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
+    slabs = range(0, shape[0], rows)
+    monitor.check()
+    monitor.update(stage, 0, len(slabs) + 1)
+    plan = _Plan(logits.shape[1:], shape, axis if separate else None)
+    top, certain = (t.numpy() for t in _certain_on_grid(logits, plan))
+    bounds, by_voxel = _class_ranges(logits, plan), None
+    origins = [plan.start(a).numpy() for a in range(plan.rank)]
+    labels = np.empty(tuple(shape), dtype=dtype)
+    resampled = 0
+    for done, first in enumerate(slabs, start=1):
+        monitor.check()
+        monitor.update(stage, done, len(slabs) + 1)
+        block = np.ix_(origins[0][first:first + rows], *origins[1:])
+        labels[first:first + rows] = top[block]
+        doubtful = np.argwhere(~certain[block])
+        doubtful[:, 0] += first
+        resampled += len(doubtful)
+        for chunk in range(0, len(doubtful), CHUNK):
+            by_voxel = _by_voxel(logits) if by_voxel is None else by_voxel
+            where = torch.from_numpy(doubtful[chunk:chunk + CHUNK])
+            labels[tuple(where.T.numpy())] = _exact_values(by_voxel, plan, where, bounds).argmax(axis=1)
+    monitor.update(stage, len(slabs) + 1, len(slabs) + 1)
+    if counts is not None:
+        counts.update(voxels=int(np.prod(shape)), resampled=resampled)
+    return labels
+
+
+def resampled_values(logits: torch.Tensor, shape: Sequence[int], current_spacing: Sequence[float],
+                     new_spacing: Sequence[float], force_separate_z: bool | None, where: torch.Tensor) -> np.ndarray:
+    """(classes, n) values of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)`` at the
+    output voxels ``where`` (n, rank), bit for bit, in the logits' dtype."""
+    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+
+    separate, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing)
+    plan = _Plan(logits.shape[1:], shape, axis if separate else None)
+    return _exact_values(_by_voxel(logits), plan, where, _class_ranges(logits, plan)).T
+
+
+def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top class per grid voxel, and whether every block of corners starting there keeps it ahead by > 1 ulp."""
+    info = np.finfo(torch.empty(0, dtype=logits.dtype).numpy().dtype)
+    best = torch.topk(logits, 2, dim=0) if logits.shape[0] > 1 else None
+    if best is None:
+        return torch.zeros(logits.shape[1:], dtype=torch.uint8), torch.ones(logits.shape[1:], dtype=torch.bool)
+    top = best.indices[0].to(torch.int16)
+    margin = best.values[0].double() - best.values[1].double()
+    magnitude = torch.maximum(best.values[0].abs(), logits.amin(dim=0).abs()).double()
+    threshold = magnitude * (float(info.eps) + 2.0**-40) + float(info.smallest_subnormal)
+    low, high = top.clone(), top.clone()
+    for a in plan.corner_axes:  # each block: the grid voxel and its successor along every interpolated axis
+        low, high = torch.minimum(low, _successor(low, a)), torch.maximum(high, _successor(high, a))
+        margin, threshold = torch.minimum(margin, _successor(margin, a)), torch.maximum(threshold, _successor(threshold, a))
+    return top.to(torch.uint8 if logits.shape[0] < 256 else torch.int16), (low == high) & (margin > threshold)
+
+
+def _successor(values: torch.Tensor, axis: int) -> torch.Tensor:
+    """values[i + 1] along ``axis`` (the last entry repeated)."""
+    n = values.shape[axis]
+    return torch.cat((values.narrow(axis, 1, n - 1), values.narrow(axis, n - 1, 1)), dim=axis)
+
+
+def _by_voxel(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(logits.shape[0], -1).T.contiguous()
+
+
+def _class_ranges(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """What skimage clips to: each class's min and max, over the volume or (separate axis) over each slice."""
+    flat = logits.movedim(plan.separate + 1, 1).flatten(2) if plan.separate is not None else logits.flatten(1)
+    return flat.amin(dim=-1).double(), flat.amax(dim=-1).double()
+
+
+def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, bounds) -> np.ndarray:
+    """(voxels, classes) resampled values at output voxels ``where`` (n, rank), in the logits' dtype;
+    ``by_voxel``: the logits as (grid voxels, classes), so that each gather reads one voxel's classes at once."""
+    strides = torch.tensor(np.cumprod((1, *plan.grid[:0:-1]))[::-1].copy())
+    base = torch.zeros(where.shape[0], dtype=torch.int64)
+    for a in range(plan.rank):  # offsets of the axes that do not interpolate, the same for every corner
+        if a == plan.separate:
+            base += plan.nearest[where[:, a]] * strides[a]
+        elif a not in plan.corner_axes:
+            base += plan.axes[a].index[0][where[:, a]] * strides[a]
+    total = None
+    for corner in itertools.product((0, 1), repeat=len(plan.corner_axes)):
+        flat = base.clone()
+        for a, side in zip(plan.corner_axes, corner):
+            flat += plan.axes[a].index[side][where[:, a]] * strides[a]
+        term = by_voxel.index_select(0, flat).double()
+        for a, side in zip(plan.corner_axes, corner):  # SciPy multiplies the weights in axis order
+            term *= plan.axes[a].weight[side][where[:, a], None]
+        total = term if total is None else total.add_(term)
+    low, high = bounds
+    if plan.separate is not None:
+        slices = plan.nearest[where[:, plan.separate]]
+        low, high = low[:, slices].T, high[:, slices].T
+    total = torch.minimum(torch.maximum(total, low), high)
+    return total.numpy().astype(torch.empty(0, dtype=by_voxel.dtype).numpy().dtype)
+
+
+def working_bytes(classes: int, grid_voxels: float) -> int:
+    """Peak bytes of :func:`resampled_labels` beyond the logits and the label map: the logits by voxel, the grid
+    pass (top-2 values and indices, margins and thresholds in float64 with their shifted copies), one slab and
+    one chunk of doubtful voxels (classes x float64, a few copies)."""
+    return int(classes * grid_voxels * 2 + grid_voxels * 64 + SLAB_VOXELS * 26 + CHUNK * classes * 8 * 4)
