@@ -114,8 +114,9 @@ def test_sparse_export_gives_nnunets_labels_on_random_geometries(seed):
     force = [None, None, True, False][seed % 4]
     dtype = torch.float16 if seed % 3 else torch.float32
     logits = _smooth_logits(5, grid, seed, dtype) if seed % 2 else (4 * torch.randn((5, *grid))).to(dtype)
-    counts = {}
+    counts, before = {}, logits.clone()
     ours = resampled_labels(logits, shape, current, new, force, np.uint8, counts=counts)
+    assert torch.equal(logits, before)  # the caller's logits are never written
     assert np.array_equal(ours, _nnunet_labels(logits, shape, current, new, force))
     assert counts["voxels"] == np.prod(shape) and 0 <= counts["resampled"] <= counts["voxels"]
 

@@ -133,18 +133,34 @@ def resampled_values(logits: torch.Tensor, shape: Sequence[int], current_spacing
 def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """Top class per grid voxel, and whether every block of corners starting there keeps it ahead by > 1 ulp."""
     info = np.finfo(torch.empty(0, dtype=logits.dtype).numpy().dtype)
-    best = torch.topk(logits, 2, dim=0) if logits.shape[0] > 1 else None
-    if best is None:
+    if logits.shape[0] == 1:
         return torch.zeros(logits.shape[1:], dtype=torch.uint8), torch.ones(logits.shape[1:], dtype=torch.bool)
-    top = best.indices[0].to(torch.int16)
-    margin = best.values[0].double() - best.values[1].double()
-    magnitude = torch.maximum(best.values[0].abs(), logits.amin(dim=0).abs()).double()
+    top, first, second, lowest = _top_two(logits)
+    margin = first.double() - second.double()
+    magnitude = torch.maximum(first.abs(), lowest.abs()).double()
     threshold = magnitude * (float(info.eps) + 2.0**-40) + float(info.smallest_subnormal)
     low, high = top.clone(), top.clone()
     for a in plan.corner_axes:  # each block: the grid voxel and its successor along every interpolated axis
         low, high = torch.minimum(low, _successor(low, a)), torch.maximum(high, _successor(high, a))
         margin, threshold = torch.minimum(margin, _successor(margin, a)), torch.maximum(threshold, _successor(threshold, a))
     return top.to(torch.uint8 if logits.shape[0] < 256 else torch.int16), (low == high) & (margin > threshold)
+
+
+def _top_two(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per grid voxel: index of the first largest class, the largest and second largest value (equal on a tie)
+    and the smallest, in float32 (exact for fp16), one class at a time (torch.topk over classes is slow)."""
+    first = logits[0].to(torch.float32, copy=True)  # never the caller's tensor: it is updated in place
+    top = torch.zeros(first.shape, dtype=torch.int16)
+    second = torch.full_like(first, float("-inf"))
+    lowest = first.clone()
+    for k in range(1, logits.shape[0]):
+        value = logits[k].float()
+        better = value > first
+        torch.maximum(second, torch.where(better, first, value), out=second)
+        torch.maximum(first, value, out=first)
+        top.masked_fill_(better, k)
+        torch.minimum(lowest, value, out=lowest)
+    return top, first, second, lowest
 
 
 def _successor(values: torch.Tensor, axis: int) -> torch.Tensor:
@@ -166,21 +182,27 @@ def _class_ranges(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torc
 def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, bounds) -> np.ndarray:
     """(voxels, classes) resampled values at output voxels ``where`` (n, rank), in the logits' dtype;
     ``by_voxel``: the logits as (grid voxels, classes), so that each gather reads one voxel's classes at once."""
-    strides = torch.tensor(np.cumprod((1, *plan.grid[:0:-1]))[::-1].copy())
+    strides = np.cumprod((1, *plan.grid[:0:-1]))[::-1]
     base = torch.zeros(where.shape[0], dtype=torch.int64)
-    for a in range(plan.rank):  # offsets of the axes that do not interpolate, the same for every corner
+    offsets, weights = {}, {}
+    for a in range(plan.rank):
+        at = where[:, a]
         if a == plan.separate:
-            base += plan.nearest[where[:, a]] * strides[a]
-        elif a not in plan.corner_axes:
-            base += plan.axes[a].index[0][where[:, a]] * strides[a]
+            base += plan.nearest[at] * int(strides[a])
+        elif a not in plan.corner_axes:  # the same for every corner
+            base += plan.axes[a].index[0][at] * int(strides[a])
+        else:
+            for side in (0, 1):
+                offsets[a, side] = plan.axes[a].index[side][at] * int(strides[a])
+                weights[a, side] = plan.axes[a].weight[side][at].unsqueeze(1)
     total = None
     for corner in itertools.product((0, 1), repeat=len(plan.corner_axes)):
-        flat = base.clone()
+        flat = base
         for a, side in zip(plan.corner_axes, corner):
-            flat += plan.axes[a].index[side][where[:, a]] * strides[a]
+            flat = flat + offsets[a, side]
         term = by_voxel.index_select(0, flat).double()
         for a, side in zip(plan.corner_axes, corner):  # SciPy multiplies the weights in axis order
-            term *= plan.axes[a].weight[side][where[:, a], None]
+            term *= weights[a, side]
         total = term if total is None else total.add_(term)
     low, high = bounds
     if plan.separate is not None:
@@ -192,6 +214,6 @@ def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, boun
 
 def working_bytes(classes: int, grid_voxels: float) -> int:
     """Peak bytes of :func:`resampled_labels` beyond the logits and the label map: the logits by voxel, the grid
-    pass (top-2 values and indices, margins and thresholds in float64 with their shifted copies), one slab and
+    pass (top-two values in float32, margins and thresholds in float64 with their shifted copies), one slab and
     one chunk of doubtful voxels (classes x float64, a few copies)."""
     return int(classes * grid_voxels * 2 + grid_voxels * 64 + SLAB_VOXELS * 26 + CHUNK * classes * 8 * 4)
