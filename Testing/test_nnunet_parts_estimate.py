@@ -114,7 +114,8 @@ def test_cli_says_the_estimate_before_the_work_and_progress_names_each_part(part
     windows = {p["name"]: p["windows"] for p in last["parts"]}
     for index, name in enumerate("abc", 1):
         assert stages[f"part {index}/3 ({name}): sliding window"] == (windows[name], windows[name])
-        assert stages[f"part {index}/3 ({name}): export"] == (3, 3)
+        done, total = stages[f"part {index}/3 ({name}): export"]  # the grid pass, then slabs of output slices
+        assert done == total >= 2
     # the volume is preprocessed once for a and b, once for c
     assert sorted(s for s in stages if s.endswith("preprocessing")) == ["part 1/3 (a): preprocessing",
                                                                          "part 3/3 (c): preprocessing"]
