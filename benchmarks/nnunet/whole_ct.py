@@ -21,7 +21,10 @@ INT8: ``PTQLogic.pipeline.quantize_model`` per part (ModelOpt's placement, as fo
 own API pieces, the parts merged as the project merges them and written with its SimpleITKIO; this project's
 ``segment`` on the parts file with OpenVINO FP32, INT8, INT8 with bf16 float layers (only where OpenVINO runs
 bf16 natively); nnunetv2's row is n/a where its export (every class resampled at once) would not fit in the
-memory available. Agreement: each row's label map against nnunetv2's of the same repeat. Engine builds are in the
+memory available. The project's export resamples only voxels near class borders (``sparse_export.py``), so its
+time depends on the weights: random weights put borders everywhere and make that column pessimistic
+(``export_stage.py`` measures the stage with logits modelled on a trained network and with noise). Agreement:
+each row's label map against nnunetv2's of the same repeat. Engine builds are in the
 end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first repeat only. Writes ``--out``
 (raw JSON) and the Markdown table next to it.
 """
