@@ -37,6 +37,7 @@ def quantize_model(
     subpixel: bool = False,
     target_cpu: str = "auto",
     percentile: float | None = None,
+    bias_correction: bool = False,
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
@@ -49,13 +50,15 @@ def quantize_model(
     (the opt-in CPU speed preset).
     ``target_cpu``: the CPU that will run the INT8 file: "auto" (this one), "vnni" (int8 dot-product instructions:
     AVX512-VNNI, AVX-VNNI, AMX; also for GPUs) or "avx2" (x86 without them: 7-bit convolution weights).
+    ``bias_correction``: empirical bias correction of the INT8 model on the calibration patches (opt-in:
+    ``quantization.bias_correction``, benchmarks/results/fidelity/bias_correction_epyc2_avx2.md).
     """
     from .quantization.quantizers import quantizer_for
 
     options = QuantizeOptions(num_patches=num_patches, seed=seed, method=method, exclude_nodes=tuple(exclude_nodes),
                               guard=guard, folds=None if folds is None else tuple(folds), checkpoint=checkpoint,
                               placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu,
-                              percentile=percentile)
+                              percentile=percentile, bias_correction=bias_correction)
     return quantizer_for(model).quantize(model, calibration, out_dir, options, monitor or Monitor())
 
 

@@ -67,7 +67,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
         placement=placement, activations=args.activations, subpixel=args.subpixel, target_cpu=args.target_cpu,
-        percentile=args.percentile,
+        percentile=args.percentile, bias_correction=args.bias_correction,
     )
     data = result.to_dict()
     chosen = data["placement"]["auto"]

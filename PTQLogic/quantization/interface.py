@@ -75,6 +75,7 @@ class QuantizeOptions:
     subpixel: bool = False
     target_cpu: str = "auto"  # the CPU that runs the INT8 file: "auto" (this one), "vnni" or "avx2" (7-bit weights)
     percentile: float | None = None  # method "percentile" only (None: percentile.DEFAULT_PERCENTILE)
+    bias_correction: bool = False  # empirical bias correction after calibration (quantization.bias_correction)
 
     def validate_method(self) -> None:
         if self.method not in METHODS:
@@ -85,10 +86,11 @@ class QuantizeOptions:
             raise InputError(f"--percentile must be in (50, 100), got {self.percentile} (e.g. 99.99).")
 
     def calibration_method(self) -> dict:
-        """QuantizeSettings' ``method`` and ``percentile``."""
+        """QuantizeSettings' ``method``, ``percentile`` and ``bias_correction``."""
         from .percentile import DEFAULT_PERCENTILE
 
-        return {"method": self.method, "percentile": DEFAULT_PERCENTILE if self.percentile is None else self.percentile}
+        return {"method": self.method, "percentile": DEFAULT_PERCENTILE if self.percentile is None else self.percentile,
+                "bias_correction": self.bias_correction}
 
     def requested_placement(self) -> dict:
         """The arguments ``presets.resolve_placement`` decides "auto" from."""

@@ -82,7 +82,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
                     method: str = DEFAULT_METHOD, exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
                     target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD,
-                    percentile: float | None = None):
+                    percentile: float | None = None, bias_correction: bool = False):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
     INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only)."""
     import torch
@@ -95,7 +95,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
-    chosen = QuantizeOptions(method=method, percentile=percentile)
+    chosen = QuantizeOptions(method=method, percentile=percentile, bias_correction=bias_correction)
     chosen.validate_method()
     QuantizeSettings(**chosen.calibration_method(), target_cpu=target_cpu).validate()
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
@@ -177,6 +177,7 @@ class NnUNetQuantizer:
         result = quantize_nnunet(model, calibration, out_dir, num_patches=options.num_patches, seed=options.seed,
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
                                  checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu,
-                                 guard=options.guard, percentile=options.percentile)
+                                 guard=options.guard, percentile=options.percentile,
+                                 bias_correction=options.bias_correction)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -51,6 +51,8 @@ class QuantizeSettings:
     # "avx2" (x86 without them) narrows the weights to 7 bits (onnx_graph.weight_range), which such CPUs need
     # to compute what the graph says
     target_cpu: str = "auto"
+    # Empirical bias correction (quantization.bias_correction) of the final Q/DQ model, weights narrowed: opt-in
+    bias_correction: bool = False
 
     def validate(self) -> None:
         from .placement import ACTIVATIONS, PLACEMENTS
@@ -86,6 +88,7 @@ class QuantizeReport:
     log_path: Path | None = None  # ModelOpt's full log, next to ``path``
     # {"requested", "resolved", "weight_bits", "narrowed_tensors", "why"}: see _apply_target_cpu
     target_cpu: dict[str, Any] | None = None
+    bias_correction: dict[str, Any] | None = None  # BiasCorrectionReport.summary() when settings ask for it
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -282,6 +285,21 @@ def _apply_target_cpu(produced: Path, settings: QuantizeSettings, target: str, w
             "narrowed_tensors": narrowed or 0, "why": f"{why}; {WEIGHT_BITS_WHY[target]}"}
 
 
+def _apply_bias_correction(produced: Path, src: Path, calibration: np.ndarray, settings: QuantizeSettings,
+                           log: io.StringIO, monitor: Monitor) -> dict[str, Any] | None:
+    """Correct the conv biases of ``produced`` (in the private work folder) against ``src`` on the calibration
+    patches, after the weights took their final width: the correction is that of the file the runtime runs."""
+    if not settings.bias_correction:
+        return None
+    from .bias_correction import correct_biases
+
+    corrected = produced.with_name("bias-corrected.onnx")
+    summary = correct_biases(produced, src, calibration, corrected, monitor).summary()
+    corrected.replace(produced)
+    log.write(f"Bias correction: {summary}\n")
+    return summary
+
+
 def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path,
                   settings: QuantizeSettings | None = None, monitor: Monitor | None = None) -> QuantizeReport:
     """Calibrate on CPU and write an INT8 Q/DQ model to ``out_path`` (atomic); see :class:`QuantizeReport`."""
@@ -316,6 +334,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
         if not produced.is_file():
             raise ModelError(f"ModelOpt finished without writing a model; log: {log.getvalue()[-300:]}")
         target_cpu = _apply_target_cpu(produced, settings, target, why, log, narrowed)
+        bias = _apply_bias_correction(produced, src, calibration, settings, log, monitor)
         qdq = check_qdq(produced)
         monitor.check()  # a cancel that arrived after the last calibration batch
         with atomic_path(out_path, suffix=".onnx") as tmp:
@@ -328,7 +347,7 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
     monitor.update("quantize", 1, 1)
     return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
                           seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
-                          qdq=qdq, log_path=log_path, target_cpu=target_cpu)
+                          qdq=qdq, log_path=log_path, target_cpu=target_cpu, bias_correction=bias)
 
 
 def quantize_settings_for(architecture: str, method: str = "max", exclude_nodes=(), exclude_op_types=()):

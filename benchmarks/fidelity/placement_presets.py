@@ -11,13 +11,18 @@ FP32/INT8); ``summary`` gives, per variant, the mean and range of that mean agre
 ``--reuse DIR`` evaluates folders quantized before (on another CPU: the same files on both ISAs).
 
 ``--methods`` replaces each preset's method: ``max``, ``entropy``, ``percentile-P`` (``--method percentile
---percentile P``); ``--patches`` takes counts and ``windows`` (every sliding window of the calibration volumes,
-:mod:`calibration_variants`); ``--seeds`` the calibration seeds.
+--percentile P``), any of them with ``+bias`` (that method's folder with empirical bias correction,
+``PTQLogic/quantization/bias_correction.py``; ``--bias-one-pass`` for its one-pass form); ``--patches`` takes
+counts and ``windows`` (every sliding window of the calibration volumes, :mod:`calibration_variants`); ``--seeds``
+the calibration seeds.
 
     python benchmarks/fidelity/placement_presets.py --out result.json [--held-out 5] [--keep DIR]
     python benchmarks/fidelity/placement_presets.py --models phantom_unet phantom_segresnet ct_unet \
         --presets modelopt-entropy --methods max entropy percentile-99.99 --patches 32 128 windows --seeds 0 1 2 \
         --held-out-ct ../shared/data/example_ct_sm.nii.gz --out methods.json
+    python benchmarks/fidelity/placement_presets.py --models phantom_unet phantom_segresnet ct_unet \
+        --presets modelopt-entropy --methods entropy entropy+bias percentile-99.99 percentile-99.99+bias \
+        --seeds 0 1 2 --held-out-ct ../shared/data/example_ct_sm.nii.gz --out bias.json
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ PRESETS = {  # name -> quantize_model keyword arguments
     "cpu-s8": dict(placement="cpu", method="max"),
     "cpu-u8-subpixel": dict(placement="cpu", activations="u8", subpixel=True, method="max"),
 }
+BIAS = "+bias"  # method suffix: that method's folder with empirically corrected conv biases (calibration_variants)
 
 
 # phantom shape (K, J, I) and spacing per model: the field of view each network was trained for
@@ -117,6 +123,8 @@ def _quantize_variant(model: str, preset: str, method: str, patches: str, seed: 
     from PTQLogic.pipeline import quantize_model
     from calibration_variants import requantize
 
+    if method.endswith(BIAS):
+        return _bias_variant(model, preset, method, patches, seed, calibration, folder, args)
     name, _, percentile = method.partition("-")  # "percentile-99.99"
     options = dict(PRESETS[preset], method=name, **({"percentile": float(percentile)} if percentile else {}))
     quantize_model(SAMPLES / f"{model}.json", calibration, folder, guard=None, target_cpu=args.target_cpu,
@@ -126,6 +134,25 @@ def _quantize_variant(model: str, preset: str, method: str, patches: str, seed: 
     windows = _window_calibration(calibration, load_spec(SAMPLES / f"{model}.json"))
     requantize(folder, windows)
     return {"calibration_patches": len(windows)}
+
+
+def _bias_variant(model: str, preset: str, method: str, patches: str, seed: int, calibration: list[Path],
+                  folder: Path, args) -> dict:
+    """"METHOD+bias": METHOD's folder (made first unless there), copied, with empirically corrected conv biases
+    computed on the very patches METHOD was calibrated on."""
+    from PTQLogic.core.spec import load_spec
+    from calibration_variants import bias_corrected, quantize_patches
+
+    base_method = method[:-len(BIAS)]
+    base = folder.with_name(folder.name.replace(f"-{method}-", f"-{base_method}-"))
+    if base == folder:
+        raise SystemExit("METHOD+bias variants need the method in the folder name: pass --methods or --seeds")
+    if not (base / "quantization.json").is_file():
+        _quantize_variant(model, preset, base_method, patches, seed, calibration, base, args)
+    spec = load_spec(SAMPLES / f"{model}.json")
+    drawn = _window_calibration(calibration, spec) if patches == "windows" else \
+        quantize_patches(calibration, spec, int(patches), seed)
+    return {"bias_correction": bias_corrected(base, folder, drawn, args.bias_one_pass)}
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -154,7 +181,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["phantom_unet", "phantom_segresnet"])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--methods", nargs="+", help="calibration methods replacing each preset's own: max, "
-                        "entropy, percentile-P (e.g. percentile-99.99)")
+                        "entropy, percentile-P (e.g. percentile-99.99), each optionally with +bias")
+    parser.add_argument("--bias-one-pass", action="store_true", help="+bias: correct every conv from one "
+                        "measurement instead of layer by layer")
     parser.add_argument("--runtimes", nargs="+", default=["openvino", "onnxruntime"])
     parser.add_argument("--held-out", type=int, default=5)
     parser.add_argument("--held-out-ct", type=Path, help="a real CT held out for ct_unet besides the phantoms")
