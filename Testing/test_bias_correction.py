@@ -198,3 +198,23 @@ def test_cli_option_is_opt_in():
     base = ["quantize", "--model", "m.json", "--calibration", "c.nii.gz", "--out", "o"]
     assert build_parser().parse_args(base).bias_correction is False
     assert build_parser().parse_args([*base, "--bias-correction"]).bias_correction is True
+
+
+def test_cli_quantize_corrects_biases_and_says_so(phantom_files, tmp_path, capsys):
+    """`ptqseg quantize --bias-correction` on the trained sample network: the summary line, and quantization.json."""
+    import json
+
+    from conftest import ROOT
+    from PTQLogic.app.cli import main
+
+    out = tmp_path / "unet-int8"
+    code = main(["quantize", "--model", str(ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"),
+                 "--calibration", str(phantom_files["image"]), "--out", str(out), "--patches", "4", "--no-guard",
+                 "--bias-correction"])
+    said = capsys.readouterr().out
+    assert code == 0
+    recorded = json.loads((out / "quantization.json").read_text())
+    summary = recorded["bias_correction"]
+    assert recorded["settings"]["bias_correction"] is True and summary["convs_corrected"] >= 1
+    assert summary["largest_error_after"] < summary["largest_error_before"]
+    assert f"bias correction (layer by layer): {summary['convs_corrected']} convolution(s) corrected" in said

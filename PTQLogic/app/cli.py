@@ -80,10 +80,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
            if data["placement"]["activations"] == "u8" else "FAIL (see quantization.json)")
         + (f"\n  {chosen}" if chosen else "")
+        + _bias_text(result.report.get("bias_correction"))
         + _guard_text(result.report.get("guard"))
         + "".join(_guard_text(report.get("guard"), f"fold {fold}: ")
                   for fold, report in (result.report.get("folds") or {}).items())
     ))
+
+
+def _bias_text(bias: dict[str, Any] | None) -> str:
+    if not bias:
+        return ""
+    skipped = len(bias.get("convs_skipped") or {})
+    return (f"\n  bias correction ({bias['mode']}): {bias['convs_corrected']} convolution(s) corrected, {skipped} left "
+            f"as they are (see quantization.json); largest channel-mean error {bias['largest_error_before']:.2g} -> "
+            f"{bias['largest_error_after']:.2g}")
 
 
 def _guard_text(guard: dict[str, Any] | None, prefix: str = "") -> str:
