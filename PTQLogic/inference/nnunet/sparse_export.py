@@ -75,6 +75,15 @@ class _Plan:
         self.nearest = None if separate_axis is None else _nearest_axis(grid[separate_axis], shape[separate_axis])
         self.corner_axes = [a for a, axis in self.axes.items() if axis.changes]
 
+    @classmethod
+    def of(cls, logits: torch.Tensor, shape: Sequence[int], current_spacing: Sequence[float],
+           new_spacing: Sequence[float], force_separate_z: bool | None) -> "_Plan":
+        """nnunetv2's choice of a separate low-resolution axis, then the tables for it."""
+        from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+
+        separate, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing)
+        return cls(logits.shape[1:], shape, axis if separate else None)
+
     def start(self, a: int) -> torch.Tensor:
         """The grid index each output index of axis ``a`` reads first (its block's origin)."""
         return self.nearest if a == self.separate else self.axes[a].index[0]
@@ -87,15 +96,12 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
     """argmax over classes of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)``;
     progress: the grid pass, then each slab of output slices; cancel between them. ``counts``, if given,
     receives the output voxels and how many of them were resampled exactly."""
-    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
-
-    separate, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing)
     monitor = monitor or Monitor()
     rows = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
     slabs = range(0, shape[0], rows)
     monitor.check()
     monitor.update(stage, 0, len(slabs) + 1)
-    plan = _Plan(logits.shape[1:], shape, axis if separate else None)
+    plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
     top, certain = (t.numpy() for t in _certain_on_grid(logits, plan))
     bounds, by_voxel = _class_ranges(logits, plan), None
     origins = [plan.start(a).numpy() for a in range(plan.rank)]
@@ -123,10 +129,7 @@ def resampled_values(logits: torch.Tensor, shape: Sequence[int], current_spacing
                      new_spacing: Sequence[float], force_separate_z: bool | None, where: torch.Tensor) -> np.ndarray:
     """(classes, n) values of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)`` at the
     output voxels ``where`` (n, rank), bit for bit, in the logits' dtype."""
-    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
-
-    separate, axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing)
-    plan = _Plan(logits.shape[1:], shape, axis if separate else None)
+    plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
     return _exact_values(_by_voxel(logits), plan, where, _class_ranges(logits, plan)).T
 
 
