@@ -53,3 +53,21 @@ def test_info_json_reports_runtimes(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["versions"]["openvino"] and "missing" in info["versions"]["tensorrt"]
     assert "avx2" in info["cpu"]["flags"]
+
+
+@pytest.mark.parametrize("cap, target", [("AVX2", "avx2"), (None, None)])
+def test_info_says_which_int8_target_this_cpu_is_and_what_int8_gains(cap, target, capsys, monkeypatch):
+    from PTQLogic.core.sysinfo import cpu_int8_target
+
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)  # OpenVINO's kernels capped below VNNI, as such a CPU
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    target = target or cpu_int8_target()
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"int8 target cpu: {target}" in text
+    assert ("no int8 dot-product instructions" in text) == (target == "avx2")
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["int8_target_cpu"] == target and bool(info["cpu_int8_note"]) == (target == "avx2")

@@ -225,9 +225,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from ..engines import choose_runtime
-    from ..core.sysinfo import system_info
+    from ..core.sysinfo import cpu_int8_note, cpu_int8_target, system_info
 
     info = system_info()
+    info["int8_target_cpu"], info["cpu_int8_note"] = cpu_int8_target(), cpu_int8_note()
     info["auto_runtime"] = {}
     for precision in PRECISIONS:
         try:
@@ -252,6 +253,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
     for precision, choice in info["auto_runtime"].items():
         lines.append(f"auto runtime for {precision}: {choice['runtime'] or 'none'} ({choice['reason']})")
+    lines.append(f"int8 target cpu: {info['int8_target_cpu']} (quantize --target-cpu auto)"
+                 + (f"\nnote: {info['cpu_int8_note']}" if info["cpu_int8_note"] else ""))
     _emit(args, info, "\n".join(lines))
 
 
