@@ -69,6 +69,7 @@ class PTQSegmentationParameterNode:
     patches: Annotated[int, WithinRange(1, 4096)] = 32
     method: Annotated[str, Choice(["max", "entropy", "percentile"])] = "entropy"
     percentile: Annotated[float, WithinRange(99.0, 99.9999)] = 99.99  # method "percentile" only; PTQLogic's default
+    biasCorrection: bool = False  # opt-in --bias-correction (any method; docs/fidelity.md)
     minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.98  # accuracy guard; 0 = measure only (--no-guard)
     precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
@@ -218,7 +219,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             command = support.quantize_command(self.logic.pythonExecutable(), source.spec_path, calibration, outDir,
                                                params.patches, params.method,
                                                min_agreement=params.minAgreement or None, runtime=params.runtime,
-                                               percentile=params.percentile)
+                                               percentile=params.percentile, bias_correction=params.biasCorrection)
         except Exception as error:  # PTQError, or SimpleITK/OS errors while exporting the scene volumes
             self.cleanupJobTemp()
             self.showError(str(error))

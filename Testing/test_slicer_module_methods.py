@@ -210,9 +210,9 @@ def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
     assert ui.statusLabel.text == "part 2/5 (vertebrae): sliding window 32/64" and ui.progressBar.value == 30
 
 
-def _quantize_from_panel(tmp_path, method, percentile):
-    """The module's real onQuantize, on a stand-in panel set to ``method``/``percentile`` with the shipped sample
-    spec; returns the command line it hands to the background job."""
+def _quantize_from_panel(tmp_path, method, percentile, bias_correction=False):
+    """The module's real onQuantize, on a stand-in panel set to ``method``/``percentile``/``bias_correction`` with
+    the shipped sample spec; returns the command line it hands to the background job."""
     import tempfile
     import time
 
@@ -222,7 +222,7 @@ def _quantize_from_panel(tmp_path, method, percentile):
     started, errors = [], []
     params = types.SimpleNamespace(modelPath=MODULE_DIR.parent / "PTQLogic" / "samples" / "data" / "phantom_unet.json",
                                    calibrationFolder=tmp_path, patches=4, method=method, percentile=percentile,
-                                   minAgreement=0.98, runtime="openvino")
+                                   biasCorrection=bias_correction, minAgreement=0.98, runtime="openvino")
     widget = types.SimpleNamespace(
         _job=None, _jobTemp=None, _parameterNode=params, ensureDependencies=lambda: True,
         ui=types.SimpleNamespace(calibrationVolumesSelector=types.SimpleNamespace(checkedNodes=lambda: [])),
@@ -273,3 +273,52 @@ def test_percentile_is_offered_and_reaches_the_quantize_command(tmp_path, capsys
     guard = entropy.index("--min-agreement")
     assert "--percentile applies to --method percentile only" in \
         cli_error(entropy[:guard] + ["--percentile", "99.95"] + entropy[guard:])  # why it must not be sent
+
+
+def test_bias_correction_box_reaches_the_quantize_command(tmp_path, capsys):
+    """The panel's Bias correction box adds --bias-correction (with any method) and nothing else; the real CLI
+    takes the command: it gets past its option checks and stops only at the calibration folder (empty here)."""
+    from PTQLogic.app.cli import build_parser, main
+    from PTQLogic.slicer import support
+
+    def without_out(command: list[str]) -> list[str]:  # the folder's name holds the start time
+        return command[:command.index("--out")] + command[command.index("--out") + 2:]
+
+    for method in ("percentile", "entropy"):
+        corrected = _quantize_from_panel(tmp_path, method, 99.95, bias_correction=True)
+        plain = _quantize_from_panel(tmp_path, method, 99.95)
+        assert corrected.count("--bias-correction") == 1 and "--bias-correction" not in plain
+        assert without_out([arg for arg in corrected if arg != "--bias-correction"]) == without_out(plain)
+        assert build_parser().parse_args(corrected[3:]).bias_correction is True
+        assert main(corrected[3:]) == 2
+        assert support.parse_result(capsys.readouterr().out)["error"].startswith("No calibration volumes found")
+
+
+def test_toggling_bias_correction_never_reuses_a_model_made_without_it(quantized_unet, tmp_path):
+    """The panel keeps no cache of quantized folders: each Quantize writes a new folder (its name is the spec and
+    the start time, no options), and what is reused afterwards, the engine cache, is keyed by the INT8 model's
+    content, which bias correction changes: a corrected copy of a folder gets its own engines."""
+    import shutil
+
+    from PTQLogic.engines.open import engine_cache_dir
+    from PTQLogic.models.model_folder import ModelDir
+    from PTQLogic.models.onnx_export import onnx_io_names
+    from PTQLogic.quantization.bias_correction import correct_biases
+
+    source = _module_tree()
+    on_quantize = next(f for c in source.body if isinstance(c, ast.ClassDef) for f in c.body
+                       if isinstance(f, ast.FunctionDef) and f.name == "onQuantize")
+    out_dir = next(n for n in ast.walk(on_quantize)
+                   if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "outDir")
+    assert "strftime" in ast.unparse(out_dir.value) and "params" not in ast.unparse(out_dir.value)
+
+    plain = ModelDir(quantized_unet)
+    corrected = ModelDir(tmp_path / "corrected")
+    shutil.copytree(plain.root, corrected.root)
+    shape = onnx_io_names(plain.fp32_onnx)[2]
+    patches = np.random.default_rng(0).normal(size=(2, *shape[1:])).astype(np.float32)
+    report = correct_biases(plain.int8_onnx, plain.fp32_onnx, patches, corrected.int8_onnx)
+    assert report.summary()["convs_corrected"] >= 1
+    assert engine_cache_dir(corrected) != engine_cache_dir(plain)
+    shutil.copyfile(plain.int8_onnx, corrected.int8_onnx)  # the same content: the same engines (no false misses)
+    assert engine_cache_dir(corrected) == engine_cache_dir(plain)

@@ -387,3 +387,26 @@ def test_percentile_is_a_calibration_option_the_cli_accepts():
     assert (args.method, args.percentile) == ("percentile", 99.9999)
     for method in ("max", "entropy"):
         assert "--percentile" not in quantize_command("python", "s", ["c"], "o", 4, method, percentile=99.9)
+
+
+def test_bias_correction_is_an_opt_in_checkbox_the_cli_accepts():
+    """The Calibration section's "Bias correction" box: unchecked (off, as the CLI), saved in the parameter node,
+    its tooltip says what it does, why it is off and what it costs, and it reaches quantize as --bias-correction."""
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.slicer.process import quantize_command
+
+    root = ET.parse(UI_FILE).getroot()
+    box = root.find(".//widget[@name='calibrationCollapsibleButton']//widget[@name='biasCorrectionCheckBox']")
+    assert box is not None and box.get("class") == "QCheckBox"
+    values = {p.get("name"): p[0].text for p in box.findall("property")}
+    assert values["text"] == "Bias correction" and values["SlicerParameterName"] == "biasCorrection"
+    assert values.get("checked", "false") == "false"
+    for needle in ("bias", "FP32", "Off by default", "one of three", "costs", "docs/fidelity.md"):
+        assert needle in values["toolTip"], needle
+    source = MODULE_PY.read_text()
+    assert "biasCorrection: bool = False" in source and "bias_correction=params.biasCorrection" in source
+    assert "biasCorrection" in _parameter_fields(_module_tree())
+    command = quantize_command("python", "spec.json", ["c.nrrd"], "out", 4, "entropy", bias_correction=True)
+    assert build_parser().parse_args(command[3:]).bias_correction is True
+    assert build_parser().parse_args(quantize_command("python", "s", ["c"], "o", 4, "entropy")[3:]).bias_correction \
+        is False

@@ -167,6 +167,12 @@ def test_command_lines_and_parsing():
         ss.quantize_command("py", "s", ["a"], "o", 4, "percentile", percentile=100.0)
     with pytest.raises(PTQError, match="Calibration method must be one of"):
         ss.quantize_command("py", "s", ["a"], "o", 4, "minmax")
+    for method in ("max", "entropy", "percentile"):  # opt-in, with any method; sent once, only when asked
+        corrected = ss.quantize_command("py", "spec.json", ["a"], "o", 4, method, bias_correction=True)
+        assert corrected.count("--bias-correction") == 1 and parser.parse_args(corrected[3:]).bias_correction
+        plain = ss.quantize_command("py", "spec.json", ["a"], "o", 4, method, bias_correction=False)
+        assert "--bias-correction" not in plain and not parser.parse_args(plain[3:]).bias_correction
+        assert [arg for arg in corrected if arg != "--bias-correction"] == plain
 
     assert ss.parse_progress(progress_line("calibrate", 3, 4)) == (0.75, "calibrate 3/4")
     assert ss.parse_progress(progress_line("x", 0, 0))[0] == 0.0 and ss.parse_progress("hello") is None

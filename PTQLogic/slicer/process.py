@@ -28,7 +28,8 @@ _FLAGS = ["--progress-lines", "--json"]
 
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
                      out_dir: str | Path, patches: int, method: str, min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
-                     runtime: str = "auto", percentile: float | None = None) -> list[str]:
+                     runtime: str = "auto", percentile: float | None = None,
+                     bias_correction: bool = False) -> list[str]:
     """``python -m PTQLogic.app.cli quantize ...`` (always machine progress + JSON result).
 
     The accuracy guard checks INT8-vs-FP32 agreement on held-out data on ``runtime``, the one chosen for
@@ -36,6 +37,7 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
     ``min_agreement`` 0 or None measures agreement without enforcing it (``--no-guard``). The Q/DQ placement is
     the fidelity default (ModelOpt's). ``percentile`` is passed with ``method`` "percentile" only (the panel
     keeps its value while another method is chosen; the CLI refuses ``--percentile`` with other methods).
+    ``bias_correction`` adds ``--bias-correction`` (opt-in, any method; docs/fidelity.md).
     """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
@@ -44,6 +46,7 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
     percentile = float(percentile) if method == "percentile" and percentile is not None else None
     QuantizeOptions(method=str(method), percentile=percentile).validate_method()  # the CLI's own check, before a job
     calibration = ["--method", str(method)] + (["--percentile", repr(percentile)] if percentile is not None else [])
+    calibration += ["--bias-correction"] if bias_correction else []
     guard = ["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else ["--no-guard"]
     guard_runtime = runtime if runtime in ("openvino", "onnxruntime", "tensorrt") else "auto"
     return [str(python_exe), "-m", "PTQLogic.app.cli", "quantize", "--model", str(spec_path),
