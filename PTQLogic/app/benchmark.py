@@ -15,9 +15,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch
 from ..core.errors import Cancelled, EngineUnavailable, InputError
 from ..core.fileio import atomic_write_text
 from ..core.progress import Monitor
+
+if TYPE_CHECKING:
+    from ..evaluation.report import BenchmarkRow
 
 
 def _resolve_runtimes(runtimes: Sequence[str], precisions: Sequence[str]) -> list[str]:
@@ -197,95 +200,146 @@ def _dice(predicted, ref, pred_names, pairing, labels, warnings: list[str]) -> f
     return comparison.dice.mean
 
 
-def _run(model_dir, spec, ref, pairing, input_path, out: Path, runtimes, precisions, repeats, warmup,
-         batch_size, save_labels, monitor) -> dict[str, Any]:
-    from ..evaluation.metrics import agreement_dice, peak_memory_bytes
-    from ..engines.open import open_engine
-    from ..evaluation.report import BenchmarkRow, plot_latency_vs_size, to_markdown, write_csv, write_json
-    from ..core.sysinfo import system_info
+@dataclass
+class _Bench:
+    """What every engine's segmentation and row share within one benchmark run."""
 
-    labels = list(range(1, spec.num_classes))
-    pred_names = {i: c.name for i, c in enumerate(spec.classes)}
-    ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
-    shape = (batch_size, spec.in_channels, *spec.patch_size)
-    rows, skipped, warnings = [], [], []
-    for runtime in _resolve_runtimes(runtimes, precisions):
-        engines, build_s, failed = {}, {}, {}
-        for precision in ordered:
-            try:
-                started = time.perf_counter()
-                engines[precision], _ = open_engine(model_dir, runtime, precision, batch_size=batch_size,
-                                                    monitor=monitor)
-                build_s[precision] = time.perf_counter() - started
-            except Cancelled:
-                raise
-            except EngineUnavailable as exc:  # not installed / no device here: a row that says so
-                skipped.append({"runtime": runtime, "precision": precision, "reason": str(exc)})
-                failed[precision] = f"unavailable: {exc}"[:300]
-            except Exception as exc:
-                failed[precision] = _error_text(exc)
-        timings, errors = interleaved_latency(engines, shape, warmup, repeats, monitor) if engines else ({}, {})
-        failed.update(errors)
-        fp32_labels = None
-        for precision in ordered:
-            if precision in failed:
-                rows.append(BenchmarkRow.failed(spec.name, runtime, precision, failed[precision]))
-                continue
-            if precision not in timings:
-                continue
-            engine = engines[precision]
-            on_gpu = engine.device.type == "cuda"
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats(engine.device)
-            try:
-                with tempfile.TemporaryDirectory(dir=out) as scratch:
-                    target = (out if save_labels else Path(scratch)) / f"labels_{runtime}_{precision}.nii.gz"
-                    predicted, stages = staged_segmentation(input_path, spec, engine, batch_size, monitor, target)
-            except Cancelled:
-                raise
-            except Exception as exc:
-                rows.append(BenchmarkRow.failed(spec.name, runtime, precision, _error_text(exc),
-                                                device_label(engine.device)))
-                continue
-            if precision == "fp32":
-                fp32_labels = predicted
-            timing = timings[precision].summary()
-            spread = (None, None)
-            if precision != "fp32" and "fp32" in timings:
-                spread = paired_speedups(timings["fp32"], timings[precision])
-            rows.append(BenchmarkRow(
-                model=spec.name, runtime=runtime, precision=precision,
-                size_mb=engine.info.bytes_on_disk / 1e6,
-                latency_ms=timing["median_ms"],
-                volume_s=sum(stages.values()),
-                dice=None if ref is None else _dice(predicted, ref, pred_names, pairing, labels, warnings),
-                agreement_dice=None if fp32_labels is None or precision == "fp32"
-                else agreement_dice(predicted, fp32_labels, labels),
-                peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
-                device=device_label(engine.device), build_s=build_s[precision],
-                latency_p10_ms=timing["p10_ms"], latency_p90_ms=timing["p90_ms"],
-                latency_min_ms=timing["min_ms"], latency_max_ms=timing["max_ms"], repeats=int(timing["repeats"]),
-                speedup_p10=spread[0], speedup_p90=spread[1],
-                stages_s={k: round(v, 4) for k, v in stages.items()},
-            ))
-        del engines
-    if not any(not row.error for row in rows):
-        reasons = "; ".join(f"{row.runtime} {row.precision}: {row.error}" for row in rows)
-        raise EngineUnavailable(f"No engine could run here: {reasons}")
+    model_dir: Any
+    spec: Any
+    ref: Any  # the reference volume aligned to the input, or None
+    pairing: dict[str, Any] | None  # how the model's classes pair with the reference's labels
+    input_path: str | Path
+    out: Path
+    batch_size: int
+    save_labels: bool
+    monitor: Monitor
+    warnings: list[str] = field(default_factory=list)  # Dice pairing warnings, each once
+
+    def __post_init__(self) -> None:
+        self.labels = list(range(1, self.spec.num_classes))
+        self.pred_names = {i: c.name for i, c in enumerate(self.spec.classes)}
+
+
+def _open_engines(bench: _Bench, runtime: str, ordered: list[str],
+                  skipped: list[dict[str, str]]) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
+    """(precision -> engine, precision -> seconds to open it, precision -> why it did not open)."""
+    from ..engines.open import open_engine
+
+    engines, build_s, failed = {}, {}, {}
+    for precision in ordered:
+        try:
+            started = time.perf_counter()
+            engines[precision], _ = open_engine(bench.model_dir, runtime, precision, batch_size=bench.batch_size,
+                                                monitor=bench.monitor)
+            build_s[precision] = time.perf_counter() - started
+        except Cancelled:
+            raise
+        except EngineUnavailable as exc:  # not installed / no device here: a row that says so
+            skipped.append({"runtime": runtime, "precision": precision, "reason": str(exc)})
+            failed[precision] = f"unavailable: {exc}"[:300]
+        except Exception as exc:
+            failed[precision] = _error_text(exc)
+    return engines, build_s, failed
+
+
+def _engine_row(bench: _Bench, runtime: str, precision: str, engine, timings: dict[str, Timing], build_s: float,
+                fp32_labels: np.ndarray | None) -> tuple[BenchmarkRow, np.ndarray | None]:
+    """One timed engine's row, after it segments the whole volume, and its labels (None when that failed)."""
+    from ..evaluation.metrics import agreement_dice, peak_memory_bytes
+    from ..evaluation.report import BenchmarkRow
+
+    spec, out = bench.spec, bench.out
+    on_gpu = engine.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    try:
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            target = (out if bench.save_labels else Path(scratch)) / f"labels_{runtime}_{precision}.nii.gz"
+            predicted, stages = staged_segmentation(bench.input_path, spec, engine, bench.batch_size, bench.monitor,
+                                                    target)
+    except Cancelled:
+        raise
+    except Exception as exc:
+        return BenchmarkRow.failed(spec.name, runtime, precision, _error_text(exc), device_label(engine.device)), None
+    timing = timings[precision].summary()
+    spread = (None, None)
+    if precision != "fp32" and "fp32" in timings:
+        spread = paired_speedups(timings["fp32"], timings[precision])
+    return BenchmarkRow(
+        model=spec.name, runtime=runtime, precision=precision,
+        size_mb=engine.info.bytes_on_disk / 1e6,
+        latency_ms=timing["median_ms"],
+        volume_s=sum(stages.values()),
+        dice=None if bench.ref is None else _dice(predicted, bench.ref, bench.pred_names, bench.pairing,
+                                                  bench.labels, bench.warnings),
+        agreement_dice=None if fp32_labels is None or precision == "fp32"
+        else agreement_dice(predicted, fp32_labels, bench.labels),
+        peak_mem_mb=(peak_memory_bytes()["cuda_peak_allocated" if on_gpu else "cpu_peak_rss"] or 0) / 1e6,
+        device=device_label(engine.device), build_s=build_s,
+        latency_p10_ms=timing["p10_ms"], latency_p90_ms=timing["p90_ms"],
+        latency_min_ms=timing["min_ms"], latency_max_ms=timing["max_ms"], repeats=int(timing["repeats"]),
+        speedup_p10=spread[0], speedup_p90=spread[1],
+        stages_s={k: round(v, 4) for k, v in stages.items()},
+    ), predicted
+
+
+def _runtime_rows(bench: _Bench, runtime: str, ordered: list[str], shape: tuple[int, ...], repeats: int,
+                  warmup: int, skipped: list[dict[str, str]]) -> list[BenchmarkRow]:
+    """One runtime's rows, one per precision: opened together, timed interleaved, then each segments the volume.
+    Its engines are released on return, before the next runtime opens its own."""
+    from ..evaluation.report import BenchmarkRow
+
+    engines, build_s, failed = _open_engines(bench, runtime, ordered, skipped)
+    timings, errors = interleaved_latency(engines, shape, warmup, repeats, bench.monitor) if engines else ({}, {})
+    failed.update(errors)
+    rows, fp32_labels = [], None
+    for precision in ordered:
+        if precision in failed:
+            rows.append(BenchmarkRow.failed(bench.spec.name, runtime, precision, failed[precision]))
+            continue
+        if precision not in timings:
+            continue
+        row, predicted = _engine_row(bench, runtime, precision, engines[precision], timings, build_s[precision],
+                                     fp32_labels)
+        rows.append(row)
+        if precision == "fp32" and predicted is not None:
+            fp32_labels = predicted
+    return rows
+
+
+def _write_reports(rows: list[BenchmarkRow], title: str, out: Path, extra: dict[str, Any]) -> tuple[dict, str]:
+    """benchmark.md, .csv, .json and the latency plot in ``out``: (the machine's description, the markdown)."""
+    from ..core.sysinfo import system_info
+    from ..evaluation.report import plot_latency_vs_size, to_markdown, write_csv, write_json
+
     machine = system_info()
-    title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
     markdown = to_markdown(rows, title, machine=machine)
     atomic_write_text(out / "benchmark.md", markdown + "\n")
     write_csv(rows, out / "benchmark.csv")
-    write_json(rows, out / "benchmark.json", extra={"machine": machine, "title": title, "skipped": skipped,
-                                                     "repeats": repeats, "warmup": warmup})
+    write_json(rows, out / "benchmark.json", extra={"machine": machine, "title": title, **extra})
     if any(not row.error for row in rows):
         plot_latency_vs_size(rows, out / "latency_vs_size.png")
+    return machine, markdown
+
+
+def _run(model_dir, spec, ref, pairing, input_path, out: Path, runtimes, precisions, repeats, warmup,
+         batch_size, save_labels, monitor) -> dict[str, Any]:
+    bench = _Bench(model_dir, spec, ref, pairing, input_path, out, batch_size, save_labels, monitor)
+    ordered = sorted(precisions, key=lambda p: p != "fp32")  # FP32 first: it is the agreement reference
+    shape = (batch_size, spec.in_channels, *spec.patch_size)
+    rows, skipped = [], []
+    for runtime in _resolve_runtimes(runtimes, precisions):
+        rows += _runtime_rows(bench, runtime, ordered, shape, repeats, warmup, skipped)
+    if not any(not row.error for row in rows):
+        reasons = "; ".join(f"{row.runtime} {row.precision}: {row.error}" for row in rows)
+        raise EngineUnavailable(f"No engine could run here: {reasons}")
+    title = f"{spec.name}: {Path(input_path).name}, patch {'x'.join(map(str, spec.patch_size))}, batch {batch_size}"
+    machine, markdown = _write_reports(rows, title, out, {"skipped": skipped, "repeats": repeats, "warmup": warmup})
     return {
         "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.to_dict().items()}
                  for row in rows],
         "skipped": skipped,
-        "warnings": warnings,
+        "warnings": bench.warnings,
         "machine": machine,
         "markdown": markdown,
         "out": str(out),

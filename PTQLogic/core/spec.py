@@ -135,8 +135,7 @@ def intensity_steps(raw: Any) -> tuple[dict[str, Any], ...]:
     return tuple(steps)
 
 
-def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpec:
-    """Validate a parsed spec and build a :class:`ModelSpec`; every problem is a :class:`ModelError`."""
+def _check_keys(data: Any) -> None:
     if not isinstance(data, dict):
         raise ModelError("Model spec must be a JSON/YAML object (a mapping of keys to values).")
     known = {f for f in ModelSpec.__dataclass_fields__ if f != "base_dir"}
@@ -146,7 +145,16 @@ def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpe
     for key in ("name", "architecture", "classes", "patch_size"):
         if key not in data:
             raise ModelError(f"Model spec is missing required key '{key}'.")
-    raw_classes = data["classes"]
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], what: str) -> Any:
+    if value not in allowed:
+        raise ModelError(f"Model spec: {what} must be one of {allowed}, got {value!r}.")
+    return value
+
+
+def _classes(raw_classes: Any) -> tuple[ClassInfo, ...]:
+    """Names as strings or {"name", "color"} objects; a class without a color gets one of DEFAULT_COLORS."""
     if not isinstance(raw_classes, list) or len(raw_classes) < 2:
         raise ModelError("Model spec: 'classes' must list every output channel, background first (>= 2).")
     classes = []
@@ -159,34 +167,37 @@ def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpe
         if len(color) != 3 or not all(0 <= int(c) <= 255 for c in color):
             raise ModelError(f"Model spec: classes[{i}].color must be 3 integers 0-255, got {color!r}.")
         classes.append(ClassInfo(item["name"], tuple(int(c) for c in color)))
+    return tuple(classes)
 
-    pre = data.get("preprocessing", {}) or {}
+
+def _preprocessing(pre: Any) -> Preprocessing:
     if not isinstance(pre, dict):
         raise ModelError("Model spec: 'preprocessing' must be an object.")
     bad = sorted(set(pre) - set(Preprocessing.__dataclass_fields__))
     if bad:
         raise ModelError(f"Model spec: unknown preprocessing keys {bad}.")
-    intensity = pre.get("intensity", "ct")
-    if intensity not in INTENSITY_MODES:
-        raise ModelError(f"Model spec: preprocessing.intensity must be one of {INTENSITY_MODES}, got {intensity!r}.")
+    intensity = _one_of(pre.get("intensity", "ct"), INTENSITY_MODES, "preprocessing.intensity")
     window = tuple(float(v) for v in pre.get("ct_window", (-1000.0, 1000.0)))
     if len(window) != 2 or window[0] >= window[1]:
         raise ModelError(f"Model spec: preprocessing.ct_window must be [low, high] with low < high, got {window}.")
     spacing = pre.get("spacing")
     steps = intensity_steps(pre.get("steps", []))
-    preprocessing = Preprocessing(
+    return Preprocessing(
         orientation=pre.get("orientation", "RAS"),
         spacing=None if spacing is None else _tuple3(spacing, "preprocessing.spacing"),
         intensity=intensity,
         ct_window=window,
         steps=steps,
     )
-    weights_format = data.get("weights_format", "state_dict")
-    if weights_format not in WEIGHTS_FORMATS:
-        raise ModelError(f"Model spec: weights_format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}.")
-    blend = data.get("blend_mode", "gaussian")
-    if blend not in BLEND_MODES:
-        raise ModelError(f"Model spec: blend_mode must be one of {BLEND_MODES}, got {blend!r}.")
+
+
+def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpec:
+    """Validate a parsed spec and build a :class:`ModelSpec`; every problem is a :class:`ModelError`."""
+    _check_keys(data)
+    classes = _classes(data["classes"])
+    preprocessing = _preprocessing(data.get("preprocessing", {}) or {})
+    weights_format = _one_of(data.get("weights_format", "state_dict"), WEIGHTS_FORMATS, "weights_format")
+    blend = _one_of(data.get("blend_mode", "gaussian"), BLEND_MODES, "blend_mode")
     overlap = float(data.get("overlap", 0.25))
     if not 0.0 <= overlap < 1.0:
         raise ModelError(f"Model spec: overlap must be in [0, 1), got {overlap}.")
@@ -199,7 +210,7 @@ def spec_from_dict(data: dict[str, Any], base_dir: str | Path = ".") -> ModelSpe
     return ModelSpec(
         name=str(data["name"]),
         architecture=str(data["architecture"]),
-        classes=tuple(classes),
+        classes=classes,
         patch_size=_tuple3(data["patch_size"], "patch_size", int),
         in_channels=in_channels,
         kwargs=dict(kwargs),

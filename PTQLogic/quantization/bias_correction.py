@@ -26,6 +26,7 @@ import numpy as np
 from ..core.errors import InputError, ModelError, PTQError
 from ..core.fileio import atomic_path
 from ..core.progress import Monitor
+from .probe import cpu_session, with_outputs
 
 STAGE = "bias correction"
 CHUNK = 4  # patches per run: conv outputs are reduced to channel sums as they come, so memory stays bounded
@@ -156,21 +157,10 @@ def _targets(model, fp32_model) -> tuple[list[Any], dict[str, str]]:
 
 def _channel_stats(model, tensors: list[str], feed: _Feed) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """tensor -> (per-channel mean, per-channel standard deviation) over the patches and every voxel."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
-    options = ort.SessionOptions()
     # The graph as written (Q/DQ as float simulation): with any optimization level ONNX Runtime 1.32 rewrites the
     # Q/DQ graph so that a bias change no longer moves the conv's output mean by exactly that change (measured: a
     # residual 1e-5 after correcting the first conv of phantom_segresnet, against 5e-9 here).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(with_outputs(model, tensors, only=True).SerializeToString(), as_written=True)
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     voxels: dict[str, int] = {}

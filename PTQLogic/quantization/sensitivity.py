@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .probe import cpu_session, with_outputs
+
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -52,23 +54,8 @@ def quantized_compute_nodes(int8_model) -> dict[str, tuple[list[str], str]]:
     return found
 
 
-def _session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 0
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
 def _fp32_values(fp32_model, names: list[str], patches: np.ndarray) -> dict[str, list[np.ndarray]]:
-    import onnx
-
-    model = onnx.ModelProto.FromString(fp32_model.SerializeToString())
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = _session(model.SerializeToString())
+    session = cpu_session(with_outputs(fp32_model, names).SerializeToString())
     input_name = session.get_inputs()[0].name
     values: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for patch in patches:
@@ -98,7 +85,7 @@ def rank_sensitivity(fp32_onnx: str | Path, int8_onnx: str | Path, patches: np.n
     extractor = Extractor(int8_model)
     scores = {}
     for node, (inputs, output) in nodes.items():
-        session = _session(extractor.extract_model(inputs, [output]).SerializeToString())
+        session = cpu_session(extractor.extract_model(inputs, [output]).SerializeToString())
         test = [session.run([output], {name: ref[name][i] for name in inputs})[0] for i in range(len(patches))]
         scores[node] = _relative_error(test, ref[output])
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)

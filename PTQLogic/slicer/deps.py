@@ -84,17 +84,39 @@ def dependency_plan(installed: Mapping[str, str | None], has_nvidia_gpu: bool,
     machine = (machine or platform.machine()).lower()
     linux_x86 = system == "linux" and machine in ("x86_64", "amd64")
     ort_gpu_with_modelopt = system in ("linux", "windows") and machine in ("x86_64", "amd64")
-    wanted = [canonical(n) for n in requested]
     notes: list[str] = []
+    wanted, skipped = _wanted(requested, has_nvidia_gpu, python_version, notes)
+    items, to_uninstall = _items_to_install(wanted, have, has_nvidia_gpu, ort_gpu_with_modelopt, notes)
+    cuda_torch = "torch" in items and (has_nvidia_gpu or linux_x86)  # PyPI's Linux torch carries CUDA
+    sizes = {item: SIZES_MB["torch-cuda" if item == "torch" and cuda_torch else item] for item in items}
+    total = sum(sizes.values())
+    constraints = [f"{name}=={version}" for name, version in sorted(have.items()) if name in SLICER_SHIPPED]
+    return DependencyPlan(
+        to_install=[REQUIREMENTS[i] for i in items], skipped_shipped=skipped,
+        message=_plan_message(items, sizes, to_uninstall, notes, constraints),
+        to_uninstall=to_uninstall, constraints=constraints, download_mb=total,
+    )
+
+
+def _wanted(requested: Iterable[str], has_nvidia_gpu: bool, python_version: tuple[int, int] | None,
+            notes: list[str]) -> tuple[list[str], list[str]]:
+    """(the canonical names to plan for, in order and once each; those asked for that Slicer ships). ModelOpt is
+    dropped on too old a Python (a note says why); TensorRT is added with an NVIDIA GPU."""
+    wanted = [canonical(n) for n in requested]
     if not quantization_supported(python_version) and "nvidia-modelopt" in wanted:
         wanted.remove("nvidia-modelopt")
         notes.append(QUANTIZE_NEEDS_NEWER_PYTHON.rstrip("."))
     if has_nvidia_gpu and "tensorrt" not in wanted:
         wanted.append("tensorrt")
     skipped = sorted({n for n in wanted if n in SLICER_SHIPPED})
-    wanted = [n for n in dict.fromkeys(wanted) if n not in SLICER_SHIPPED]
+    return [n for n in dict.fromkeys(wanted) if n not in SLICER_SHIPPED], skipped
 
-    items: list[str] = []  # keys of SIZES_MB / REQUIREMENTS
+
+def _items_to_install(wanted: list[str], have: Mapping[str, str], has_nvidia_gpu: bool, ort_gpu_with_modelopt: bool,
+                      notes: list[str]) -> tuple[list[str], list[str]]:
+    """(keys of SIZES_MB / REQUIREMENTS to install, distributions to uninstall first); ONNX Runtime is decided
+    together with ModelOpt, which brings its own."""
+    items: list[str] = []
     to_uninstall: list[str] = []
     has_ort = any(have.get(d) for d in ORT_DISTRIBUTIONS)
     for name in wanted:
@@ -119,29 +141,26 @@ def dependency_plan(installed: Mapping[str, str | None], has_nvidia_gpu: bool,
                 notes.append("the plain onnxruntime is removed first: both provide the same 'onnxruntime' module")
         elif not has_ort and "onnxruntime" in wanted:
             items.append("onnxruntime-gpu" if ort_gpu_with_modelopt and have.get("nvidia-modelopt") else "onnxruntime")
+    return items, to_uninstall
 
-    cuda_torch = "torch" in items and (has_nvidia_gpu or linux_x86)  # PyPI's Linux torch carries CUDA
-    sizes = {item: SIZES_MB["torch-cuda" if item == "torch" and cuda_torch else item] for item in items}
-    total = sum(sizes.values())
-    constraints = [f"{name}=={version}" for name, version in sorted(have.items()) if name in SLICER_SHIPPED]
+
+def _plan_message(items: list[str], sizes: dict[str, int], to_uninstall: list[str], notes: list[str],
+                  constraints: list[str]) -> str:
+    """What the confirmation dialog says: what is installed or removed, roughly how big, and why."""
     if not items and not to_uninstall:
-        message = "All required Python packages are installed." + ("".join(" " + n + "." for n in notes))
-    else:
-        listing = ", ".join(f"{REQUIREMENTS[i]} (~{_size(sizes[i])})" for i in items)
-        message = f"PTQSegmentation needs to install: {listing}. Total download about {_size(total)}."
-        if to_uninstall:
-            message += f" It will first uninstall: {', '.join(to_uninstall)}."
-        if notes:
-            message += " Note: " + "; ".join(notes) + "."
-        if "torch" in items:
-            message += (" Tip: the PyTorch Slicer extension can install a torch build that matches your GPU/CPU.")
-        if constraints:
-            message += " Packages that Slicer ships (" + ", ".join(c.split("==")[0] for c in constraints) + \
-                       ") are kept at their current versions."
-    return DependencyPlan(
-        to_install=[REQUIREMENTS[i] for i in items], skipped_shipped=skipped, message=message,
-        to_uninstall=to_uninstall, constraints=constraints, download_mb=total,
-    )
+        return "All required Python packages are installed." + ("".join(" " + n + "." for n in notes))
+    listing = ", ".join(f"{REQUIREMENTS[i]} (~{_size(sizes[i])})" for i in items)
+    message = f"PTQSegmentation needs to install: {listing}. Total download about {_size(sum(sizes.values()))}."
+    if to_uninstall:
+        message += f" It will first uninstall: {', '.join(to_uninstall)}."
+    if notes:
+        message += " Note: " + "; ".join(notes) + "."
+    if "torch" in items:
+        message += (" Tip: the PyTorch Slicer extension can install a torch build that matches your GPU/CPU.")
+    if constraints:
+        message += " Packages that Slicer ships (" + ", ".join(c.split("==")[0] for c in constraints) + \
+                   ") are kept at their current versions."
+    return message
 
 
 def has_nvidia_gpu() -> bool:
