@@ -143,6 +143,29 @@ def test_confident_regions_are_not_resampled_and_near_ties_are():
     assert ties["resampled"] > counts["resampled"]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_many_classes_are_decided_among_their_candidates_with_nnunets_labels(seed):
+    """40 classes (a TotalSegmentator-sized output), smooth or noisy, fp16 or fp32, separate z or not, plus
+    near-ties one fp16 step apart and exact ties among the top classes: the voxels decided among their block's
+    candidate classes only get nnunetv2's labels, voxel for voxel."""
+    from PTQLogic.inference.nnunet.sparse_export import resampled_labels
+
+    rng = np.random.default_rng(200 + seed)
+    grid = tuple(int(g) for g in rng.integers(6, 14, 3))
+    shape = tuple(int(s) for s in rng.integers(8, 30, 3))
+    current, new = [[1.5, 1.5, 1.5], [4.0, 1.0, 1.0], [1.0, 0.8, 3.5]][seed % 3], [1.0, 0.7, 0.7]
+    dtype = torch.float16 if seed % 2 else torch.float32
+    logits = _smooth_logits(40, grid, seed, dtype) if seed < 3 else (6 * torch.randn((40, *grid))).to(dtype)
+    top = logits.float().argmax(0)
+    for k in (7, 23):  # class k one step above / equal to the top class in a slab of the grid
+        step = torch.nextafter(logits.max(0).values, torch.full(grid, 1e4, dtype=dtype))
+        logits[k, : grid[0] // 2] = (step if k == 7 else logits.max(0).values)[: grid[0] // 2]
+    counts = {}
+    ours = resampled_labels(logits, shape, current, new, None, np.uint8, counts=counts)
+    assert np.array_equal(ours, _nnunet_labels(logits, shape, current, new, None))
+    assert 0 < counts["by_candidates"] <= counts["resampled"] and top.unique().numel() > 3
+
+
 @pytest.mark.parametrize("path", ["order-1", "per-class"])
 def test_export_reports_progress_and_can_be_cancelled(path):
     plan = plans([1.5, 1.5, 1.5], [16, 16, 16])

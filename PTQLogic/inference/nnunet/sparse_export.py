@@ -9,7 +9,9 @@ magnitude, ``c`` is ahead after interpolation and after rounding back to that dt
 Only the other voxels (class borders, near-ties) are resampled, with SciPy's arithmetic reproduced bit for bit:
 coordinate ``((k + 0.5) * zoom) - 0.5``, weights ``1 - x`` and ``1 - (1 - x)``, edge indices clamped, corners
 summed in C order of ``((v * w0) * w1) * w2``, clipped to the class's range (per slice on the separate-z path) as
-skimage does, rounded by NumPy. The labels equal nnunetv2's (tested against its export).
+skimage does, rounded by NumPy. Of those, only classes that can win are evaluated: a class whose largest value
+on the corners is below another class's smallest cannot be the argmax (many-class networks, noisy logits).
+The labels equal nnunetv2's (tested against its export).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from ...core.progress import Monitor
 
 CHUNK = 1 << 18  # doubtful voxels evaluated at once (x classes x float64)
+CANDIDATES = (4, 16)  # classes evaluated per doubtful voxel (fewest, most) where no more can win in its block
 SLAB_VOXELS = 1 << 21  # output voxels gathered at once (their masks and up to 24 bytes of coordinates each)
 
 
@@ -95,7 +98,8 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
                      counts: dict[str, int] | None = None) -> np.ndarray:
     """argmax over classes of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)``;
     progress: the grid pass, then each slab of output slices; cancel between them. ``counts``, if given,
-    receives the output voxels and how many of them were resampled exactly."""
+    receives the output voxels, how many of them were resampled exactly, and how many of those were decided
+    among their block's candidate classes only."""
     monitor = monitor or Monitor()
     rows = max(1, SLAB_VOXELS // int(np.prod(shape[1:])))
     slabs = range(0, shape[0], rows)
@@ -103,10 +107,10 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
     monitor.update(stage, 0, len(slabs) + 1)
     plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
     top, certain = (t.numpy() for t in _certain_on_grid(logits, plan))
-    bounds, by_voxel = _class_ranges(logits, plan), None
+    bounds, by_voxel, candidates = _class_ranges(logits, plan), None, None
     origins = [plan.start(a).numpy() for a in range(plan.rank)]
     labels = np.empty(tuple(shape), dtype=dtype)
-    resampled = 0
+    resampled = by_candidates = 0
     for done, first in enumerate(slabs, start=1):
         monitor.check()
         monitor.update(stage, done, len(slabs) + 1)
@@ -116,12 +120,21 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
         doubtful[:, 0] += first
         resampled += len(doubtful)
         for chunk in range(0, len(doubtful), CHUNK):
-            by_voxel = _by_voxel(logits) if by_voxel is None else by_voxel
+            if candidates is None and logits.shape[0] > 2 * CANDIDATES[0]:
+                candidates = _block_candidates(logits, plan), logits.reshape(-1)  # once (a view if contiguous)
             where = torch.from_numpy(doubtful[chunk:chunk + CHUNK])
-            labels[tuple(where.T.numpy())] = _exact_values(by_voxel, plan, where, bounds).argmax(axis=1)
+            chosen, many = _chosen(candidates, plan, where)
+            if chosen is not None:
+                labels[tuple(where[~many].T.numpy())] = _candidate_labels(candidates[1], logits.dtype, plan,
+                                                                          where[~many], bounds, chosen)
+                by_candidates += len(chosen)
+                where = where[many]
+            if len(where):
+                by_voxel = _by_voxel(logits) if by_voxel is None else by_voxel
+                labels[tuple(where.T.numpy())] = _exact_values(by_voxel, plan, where, bounds).argmax(axis=1)
     monitor.update(stage, len(slabs) + 1, len(slabs) + 1)
     if counts is not None:
-        counts.update(voxels=int(np.prod(shape)), resampled=resampled)
+        counts.update(voxels=int(np.prod(shape)), resampled=resampled, by_candidates=by_candidates)
     return labels
 
 
@@ -182,9 +195,80 @@ def _class_ranges(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torc
     return flat.amin(dim=-1).double(), flat.amax(dim=-1).double()
 
 
-def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, bounds) -> np.ndarray:
-    """(voxels, classes) resampled values at output voxels ``where`` (n, rank), in the logits' dtype;
-    ``by_voxel``: the logits as (grid voxels, classes), so that each gather reads one voxel's classes at once."""
+def _over_block(values: torch.Tensor, plan: _Plan, reduce) -> torch.Tensor:
+    for a in plan.corner_axes:
+        values = reduce(values, _successor(values, a))
+    return values
+
+
+def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of corners (by its grid origin): how many classes can be the argmax somewhere in it, and the first
+    k of them in class order (the rest of a row repeats its first); k grows with the classes, within CANDIDATES.
+    A class cannot win where its largest corner value is below another class's smallest: interpolated values lie
+    between their corners' (up to float64 rounding, far below the logits' ulp), the corners are numbers of the
+    logits' dtype, and the clip keeps each class within its own range, so after rounding back to that dtype the
+    one is at most its largest corner and the other at least its smallest: strictly below, never a tie."""
+    floor, wide = None, torch.promote_types(logits.dtype, torch.float32)  # exact: fp16 and fp32 values as they are
+    for c in range(logits.shape[0]):
+        low = _over_block(logits[c].to(wide), plan, torch.minimum)
+        floor = low if floor is None else torch.maximum(floor, low)
+    k = min(CANDIDATES[1], max(CANDIDATES[0], logits.shape[0] // 6))  # 24 classes: 4, 96 or more: 16
+    count = torch.zeros(logits.shape[1:], dtype=torch.int16)
+    chosen = torch.zeros((k, *logits.shape[1:]), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
+    for c in range(logits.shape[0]):
+        can = _over_block(logits[c].to(wide), plan, torch.maximum) >= floor
+        for slot in range(k):
+            chosen[slot].masked_fill_(can & (count == slot), c)
+        count += can
+    for slot in range(1, k):
+        chosen[slot] = torch.where(count > slot, chosen[slot], chosen[0])
+    return count.flatten(), chosen.flatten(1)
+
+
+def _chosen(candidates, plan: _Plan, where: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The candidate classes (n', k) of the voxels ``where`` whose block has few enough, and which
+    voxels have more (evaluated with every class)."""
+    if candidates is None:
+        return None, torch.ones(len(where), dtype=torch.bool)
+    (count, chosen), _ = candidates
+    origin = _flat_index(plan, where, side=0)
+    many = count[origin] > chosen.shape[0]
+    return chosen[:, origin[~many]].T.long(), many
+
+
+def _candidate_labels(flat_logits: torch.Tensor, dtype: torch.dtype, plan: _Plan, where: torch.Tensor, bounds,
+                      chosen: torch.Tensor) -> np.ndarray:
+    """The argmax label at output voxels ``where`` among their ``chosen`` classes (n, k, ascending, so the
+    first largest is the first largest over every class), each value computed as :func:`_exact_values` does;
+    ``flat_logits``: the (classes, *grid) logits flattened."""
+    offset = chosen * int(np.prod(plan.grid))
+    total = None
+    for flat, weights in _corners(plan, where):
+        term = flat_logits[offset + flat.unsqueeze(1)].double()
+        for weight in weights:
+            term *= weight
+        total = term if total is None else total.add_(term)
+    low, high = bounds
+    if plan.separate is not None:
+        slices = plan.nearest[where[:, plan.separate]].unsqueeze(1).expand_as(chosen)
+        low, high = low[chosen, slices], high[chosen, slices]
+    else:
+        low, high = low[chosen], high[chosen]
+    values = torch.minimum(torch.maximum(total, low), high).numpy().astype(_numpy_dtype(dtype))
+    return chosen.numpy()[np.arange(len(chosen)), values.argmax(axis=1)]
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _flat_index(plan: _Plan, where: torch.Tensor, side: int = 0) -> torch.Tensor:
+    """Flat grid index of the corner at ``side`` along every interpolated axis (0: the block's origin)."""
+    return next(flat for flat, _ in _corners(plan, where, only=side))
+
+
+def _corners(plan: _Plan, where: torch.Tensor, only: int | None = None):
+    """(flat grid index, weights in axis order) of each corner of the output voxels ``where``, in SciPy's order."""
     strides = np.cumprod((1, *plan.grid[:0:-1]))[::-1]
     base = torch.zeros(where.shape[0], dtype=torch.int64)
     offsets, weights = {}, {}
@@ -198,25 +282,35 @@ def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, boun
             for side in (0, 1):
                 offsets[a, side] = plan.axes[a].index[side][at] * int(strides[a])
                 weights[a, side] = plan.axes[a].weight[side][at].unsqueeze(1)
-    total = None
-    for corner in itertools.product((0, 1), repeat=len(plan.corner_axes)):
+    n = len(plan.corner_axes)
+    sides = [(only,) * n] if only is not None else itertools.product((0, 1), repeat=n)
+    for corner in sides:
         flat = base
         for a, side in zip(plan.corner_axes, corner):
             flat = flat + offsets[a, side]
+        yield flat, [weights[a, side] for a, side in zip(plan.corner_axes, corner)]
+
+
+def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, bounds) -> np.ndarray:
+    """(voxels, classes) resampled values at output voxels ``where`` (n, rank), in the logits' dtype;
+    ``by_voxel``: the logits as (grid voxels, classes), so that each gather reads one voxel's classes at once."""
+    total = None
+    for flat, weights in _corners(plan, where):
         term = by_voxel.index_select(0, flat).double()
-        for a, side in zip(plan.corner_axes, corner):  # SciPy multiplies the weights in axis order
-            term *= weights[a, side]
+        for weight in weights:  # SciPy multiplies the weights in axis order
+            term *= weight
         total = term if total is None else total.add_(term)
     low, high = bounds
     if plan.separate is not None:
         slices = plan.nearest[where[:, plan.separate]]
         low, high = low[:, slices].T, high[:, slices].T
     total = torch.minimum(torch.maximum(total, low), high)
-    return total.numpy().astype(torch.empty(0, dtype=by_voxel.dtype).numpy().dtype)
+    return total.numpy().astype(_numpy_dtype(by_voxel.dtype))
 
 
 def working_bytes(classes: int, grid_voxels: float) -> int:
     """Peak bytes of :func:`resampled_labels` beyond the logits and the label map: the logits by voxel, the grid
-    pass (top-two values in float32, margins and thresholds in float64 with their shifted copies), one slab and
+    pass (top-two values in float32, margins and thresholds in float64 with their shifted copies), the candidate
+    classes per block (counts, up to 16 classes, the best smallest value, one class's block bounds), one slab and
     one chunk of doubtful voxels (classes x float64, a few copies)."""
-    return int(classes * grid_voxels * 2 + grid_voxels * 64 + SLAB_VOXELS * 26 + CHUNK * classes * 8 * 4)
+    return int(classes * grid_voxels * 2 + grid_voxels * 80 + SLAB_VOXELS * 26 + CHUNK * classes * 8 * 4)
