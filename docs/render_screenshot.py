@@ -83,6 +83,7 @@ def render(out: Path, result: dict | None, width: int = 430) -> Path:
     find("outputSegmentationSelector").addItem("phantom input PTQ")
     find("referenceSegmentationSelector").addItem("phantom labels" if result and result.get("reference_dice") else "None")
     find("sampleModelComboBox").setCurrentText(sample.stem)
+    find("methodComboBox").setCurrentText("entropy")  # the parameter node's default, as the module sets it
     find("modelPathLineEdit").setText(f".../PTQLogic/samples/data/{sample.name}")
     find("modelPathLineEdit").setCursorPosition(0)
     source = support.choose_model_source(str(sample))
