@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for row in order:
             took, labels = run_row(row, runner, properties, logits)
-            seconds[row].append(round(took, 2))
+            seconds[row].append(round(took, 4))
             results[row] = labels
             print(f"repeat {repeat + 1}/{args.repeats} {row}: {took:.1f} s", flush=True)
         reference = results["nnunetv2"]

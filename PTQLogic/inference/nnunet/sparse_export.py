@@ -107,7 +107,7 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
     monitor.update(stage, 0, len(slabs) + 1)
     plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
     top, certain = (t.numpy() for t in _certain_on_grid(logits, plan))
-    bounds, by_voxel, candidates = _class_ranges(logits, plan), None, None
+    bounds, by_voxel, candidates, flat_logits = _class_ranges(logits, plan), None, None, None
     origins = [plan.start(a).numpy() for a in range(plan.rank)]
     labels = np.empty(tuple(shape), dtype=dtype)
     resampled = by_candidates = 0
@@ -121,11 +121,11 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
         resampled += len(doubtful)
         for chunk in range(0, len(doubtful), CHUNK):
             if candidates is None and logits.shape[0] > 2 * CANDIDATES[0]:
-                candidates = _block_candidates(logits, plan), logits.reshape(-1)  # once (a view if contiguous)
+                candidates, flat_logits = _block_candidates(logits, plan), logits.reshape(-1)  # a view if contiguous
             where = torch.from_numpy(doubtful[chunk:chunk + CHUNK])
             chosen, many = _chosen(candidates, plan, where)
             if chosen is not None:
-                labels[tuple(where[~many].T.numpy())] = _candidate_labels(candidates[1], logits.dtype, plan,
+                labels[tuple(where[~many].T.numpy())] = _candidate_labels(flat_logits, logits.dtype, plan,
                                                                           where[~many], bounds, chosen)
                 by_candidates += len(chosen)
                 where = where[many]
@@ -230,8 +230,8 @@ def _chosen(candidates, plan: _Plan, where: torch.Tensor) -> tuple[torch.Tensor 
     voxels have more (evaluated with every class)."""
     if candidates is None:
         return None, torch.ones(len(where), dtype=torch.bool)
-    (count, chosen), _ = candidates
-    origin = _flat_index(plan, where, side=0)
+    count, chosen = candidates
+    origin, _ = next(_corners(plan, where))  # the first corner is the block's origin
     many = count[origin] > chosen.shape[0]
     return chosen[:, origin[~many]].T.long(), many
 
@@ -242,12 +242,7 @@ def _candidate_labels(flat_logits: torch.Tensor, dtype: torch.dtype, plan: _Plan
     first largest is the first largest over every class), each value computed as :func:`_exact_values` does;
     ``flat_logits``: the (classes, *grid) logits flattened."""
     offset = chosen * int(np.prod(plan.grid))
-    total = None
-    for flat, weights in _corners(plan, where):
-        term = flat_logits[offset + flat.unsqueeze(1)].double()
-        for weight in weights:
-            term *= weight
-        total = term if total is None else total.add_(term)
+    total = _interpolated(lambda flat: flat_logits[offset + flat.unsqueeze(1)], plan, where)
     low, high = bounds
     if plan.separate is not None:
         slices = plan.nearest[where[:, plan.separate]].unsqueeze(1).expand_as(chosen)
@@ -262,13 +257,9 @@ def _numpy_dtype(dtype: torch.dtype):
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _flat_index(plan: _Plan, where: torch.Tensor, side: int = 0) -> torch.Tensor:
-    """Flat grid index of the corner at ``side`` along every interpolated axis (0: the block's origin)."""
-    return next(flat for flat, _ in _corners(plan, where, only=side))
-
-
-def _corners(plan: _Plan, where: torch.Tensor, only: int | None = None):
-    """(flat grid index, weights in axis order) of each corner of the output voxels ``where``, in SciPy's order."""
+def _corners(plan: _Plan, where: torch.Tensor):
+    """(flat grid index, weights in axis order) of each corner of the output voxels ``where``, in SciPy's order
+    (the first: the block's origin)."""
     strides = np.cumprod((1, *plan.grid[:0:-1]))[::-1]
     base = torch.zeros(where.shape[0], dtype=torch.int64)
     offsets, weights = {}, {}
@@ -282,24 +273,29 @@ def _corners(plan: _Plan, where: torch.Tensor, only: int | None = None):
             for side in (0, 1):
                 offsets[a, side] = plan.axes[a].index[side][at] * int(strides[a])
                 weights[a, side] = plan.axes[a].weight[side][at].unsqueeze(1)
-    n = len(plan.corner_axes)
-    sides = [(only,) * n] if only is not None else itertools.product((0, 1), repeat=n)
-    for corner in sides:
+    for corner in itertools.product((0, 1), repeat=len(plan.corner_axes)):
         flat = base
         for a, side in zip(plan.corner_axes, corner):
             flat = flat + offsets[a, side]
         yield flat, [weights[a, side] for a, side in zip(plan.corner_axes, corner)]
 
 
+def _interpolated(gather, plan: _Plan, where: torch.Tensor) -> torch.Tensor:
+    """Sum over the corners of ``gather(flat grid index)`` (n, m) times its weights, in float64, with SciPy's order
+    of operations (weights multiplied in axis order, corners summed in C order)."""
+    total = None
+    for flat, weights in _corners(plan, where):
+        term = gather(flat).double()
+        for weight in weights:
+            term *= weight
+        total = term if total is None else total.add_(term)
+    return total
+
+
 def _exact_values(by_voxel: torch.Tensor, plan: _Plan, where: torch.Tensor, bounds) -> np.ndarray:
     """(voxels, classes) resampled values at output voxels ``where`` (n, rank), in the logits' dtype;
     ``by_voxel``: the logits as (grid voxels, classes), so that each gather reads one voxel's classes at once."""
-    total = None
-    for flat, weights in _corners(plan, where):
-        term = by_voxel.index_select(0, flat).double()
-        for weight in weights:  # SciPy multiplies the weights in axis order
-            term *= weight
-        total = term if total is None else total.add_(term)
+    total = _interpolated(lambda flat: by_voxel.index_select(0, flat), plan, where)
     low, high = bounds
     if plan.separate is not None:
         slices = plan.nearest[where[:, plan.separate]]
