@@ -71,7 +71,7 @@ class PTQSegmentationParameterNode:
     percentile: Annotated[float, WithinRange(99.0, 99.9999)] = 99.99  # method "percentile" only; PTQLogic's default
     biasCorrection: bool = False  # opt-in --bias-correction (any method; docs/fidelity.md)
     minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.98  # accuracy guard; 0 = measure only (--no-guard)
-    precision: Annotated[str, Choice(["int8", "fp16", "fp32"])] = "int8"
+    precision: Annotated[str, Choice(["auto", "int8", "fp16", "fp32"])] = "auto"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
     cpuBf16: bool = False  # OpenVINO INT8: float remainder in bf16 (AMX CPUs)

@@ -95,7 +95,7 @@ def test_every_option_has_help_and_defaults_are_shown():
             if action.default not in (None, False, argparse.SUPPRESS) and not action.required and action.help:
                 assert "(default:" in text, f"ptqseg {name}: defaults not shown"
     segment_help = " ".join(commands["segment"].format_help().split())
-    assert "(default: auto)" in segment_help and "(default: int8; fp32 with --runtime torch)" in segment_help
+    assert "(default: auto)" in segment_help and "(default: auto = int8 on the CPU runtimes, fp16 on TensorRT" in segment_help
     assert "fp16 needs an NVIDIA GPU" in segment_help
 
 

@@ -105,7 +105,7 @@ def test_parameter_node_bindings():
     combos = {param: [i.text for i in ET.parse(UI_FILE).getroot().findall(f".//widget[@name='{name}']/item/property/string")]
               for name, (cls, param) in widgets.items() if cls == "QComboBox" and param}
     source = MODULE_PY.read_text()
-    assert combos["precision"] == ["int8", "fp16", "fp32"] and combos["method"] == ["max", "entropy", "percentile"]
+    assert combos["precision"] == ["auto", "int8", "fp16", "fp32"] and combos["method"] == ["max", "entropy", "percentile"]
     assert combos["runtime"] == ["auto", "tensorrt", "openvino", "onnxruntime", "torch"]
     for choices in combos.values():  # Choice(...) annotations list the same values as the combo boxes
         assert all(f'"{c}"' in source for c in choices)

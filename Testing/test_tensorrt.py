@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -347,3 +348,108 @@ def test_cli_tensorrt_options(tmp_path, capsys):
 
     with pytest.raises(UsageError, match="--trt-opt-level"):  # main() prints it as one error line, exit 2
         parser.parse_args(["build", "--model", "m", "--trt-opt-level", "9"])
+
+
+# ---- issue 23: what a real TensorRT 8.6.0 run on an H200 showed (benchmarks/results/h200-trt86/) ----
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.13.0.35"])
+def test_plans_keep_layer_information_and_use_tensorrt_kernels_only(standin, artifacts, tmp_path, version):
+    """Detailed verbosity lets the engine inspector say what runs in INT8; without cuBLAS/cuDNN tactics a plan needs
+    neither library at run time (8.6.0 failed INT8 builds when it found an incompatible cuBLAS)."""
+    trt = standin(version)
+    assert te.build_recipe(trt, "int8")["tactic_sources"] == "tensorrt"
+    plan = _plan(te.build_tensorrt_plan(artifacts["int8"], "int8", tmp_path / "int8.plan"))
+    assert plan["profiling_verbosity"] == "DETAILED"
+    assert plan["tactic_sources"] == ["EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS"]
+
+
+def test_plans_are_tuned_for_the_batch_the_pipeline_runs(standin, artifacts, tmp_path):
+    trt = standin()
+    plan, _ = te.cached_plan(artifacts["fp32"], "fp32", tmp_path / "engines", "Stand-in GPU", 8, Monitor())
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan.read_bytes())
+    name = engine.get_tensor_name(0)
+    assert [shape[0] for shape in engine.get_tensor_profile_shape(name, 0)] == [1, te.PIPELINE_BATCH, 8]
+    assert tr._opt_batch(engine, name) == te.PIPELINE_BATCH == 4  # TensorRTEngine.preferred_batch
+    small, _ = te.cached_plan(artifacts["fp32"], "fp32", tmp_path / "engines", "Stand-in GPU", 2, Monitor())
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(small.read_bytes())
+    assert tr._opt_batch(engine, name) == 2  # never above the profile's maximum
+
+
+def test_timing_caches_are_kept_per_network(standin, artifacts, tmp_path):
+    """TensorRT 8.6.0 refused a timing cache holding another network's Myelin entries ([E] ... will not be used)
+    and reused the same network's (59.5 s -> 2.6 s): one cache per network and precision."""
+    standin()
+    engines = tmp_path / "engines"
+    _, fp32 = te.cached_plan(artifacts["fp32"], "fp32", engines, "Stand-in GPU", 4, Monitor())
+    _, int8 = te.cached_plan(artifacts["int8"], "int8", engines, "Stand-in GPU", 4, Monitor())
+    assert fp32["timing_cache"] != int8["timing_cache"]
+    with te.use_build_options(te.TensorRTBuildOptions(optimization_level=1)):  # the same network, a new plan
+        _, again = te.cached_plan(artifacts["fp32"], "fp32", engines, "Stand-in GPU", 4, Monitor())
+    assert again["from_cache"] is False and again["timing_cache"] == fp32["timing_cache"]
+    assert Path(fp32["timing_cache"]).read_bytes() == b"TIMING:Stand-in GPU:2"  # loaded and grown, not replaced
+
+
+def test_instancenorm_failures_on_tensorrt_860_say_what_to_install(artifacts, tmp_path):
+    assert "cuDNN 8" in te._instancenorm_hint(artifacts["fp32"], {"instancenorm": "parser default"})
+    assert te._instancenorm_hint(artifacts["fp32"], {"instancenorm": "native"}) == ""
+    relu = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 4, 4])]))
+    onnx.save(relu, str(tmp_path / "relu.onnx"))
+    assert te._instancenorm_hint(tmp_path / "relu.onnx", {"instancenorm": "parser default"}) == ""
+
+
+def test_precision_auto_is_fp16_on_tensorrt_and_int8_on_cpus():
+    import argparse
+
+    from PTQLogic.app.cli import _resolve_precision
+    from PTQLogic.cohort.runner import resolve_precision
+    from PTQLogic.engines import choose_precision
+
+    assert choose_precision("tensorrt")[0] == "fp16" and "no faster than FP16" in choose_precision("tensorrt")[1]
+    assert choose_precision("openvino")[0] == choose_precision("onnxruntime")[0] == "int8"
+    assert choose_precision("torch")[0] == "fp32"
+    expected_auto = "fp16" if HAS_TENSORRT and torch.cuda.is_available() else "int8"
+    assert choose_precision("auto")[0] == expected_auto
+    args = dict(json=True, progress_lines=False, debug=False)
+    assert _resolve_precision(argparse.Namespace(runtime="tensorrt", precision=None, **args)) == "fp16"
+    assert _resolve_precision(argparse.Namespace(runtime="tensorrt", precision="int8", **args)) == "int8"
+    assert _resolve_precision(argparse.Namespace(runtime="openvino", precision="auto", **args)) == "int8"
+    assert resolve_precision("tensorrt", "auto") == "fp16" and resolve_precision("auto", None) == "int8"
+
+
+def test_layer_summary_counts_what_runs_in_int8():
+    from PTQLogic.engines.trt_layers import summarize_layers, tensor_precision
+
+    def layer(name, kind, inputs, outputs):
+        return {"Name": name, "LayerType": kind, "Inputs": [{"Format/Datatype": f} for f in inputs],
+                "Outputs": [{"Format/Datatype": f} for f in outputs], "TacticName": "t"}
+
+    int8 = "Thirty-two wide channel vectorized row major Int8 format"
+    half = "Channel major FP16 format where channel % 8 == 0"
+    information = {"Layers": [
+        layer("Reformatting CopyNode for Input Tensor 0 to /conv1", "Reformat", ["Row major linear FP32 format"], [half]),
+        layer("/conv1/Conv + /act1/PRelu", "CaskConvolution", [half], [half]),
+        layer("/conv2/Conv", "CaskConvolution", [int8], [int8]),
+        layer("/up/ConvTranspose", "CaskDeconvolution", [int8], [half]),
+        "a layer given by name only"]}
+    summary = summarize_layers(information)
+    assert summary["layers"] == 5 and summary["convolutions"] == 3 and summary["reformats"] == 1
+    assert summary["convolutions_by_precision"] == {"fp16": 1, "int8": 2}
+    assert summary["by_precision"] == {"fp32": 1, "fp16": 1, "int8": 2, "unknown": 1}
+    assert [tensor_precision(t) for t in (int8, half, "Float", "Bool")] == ["int8", "fp16", "fp32", "other"]
+
+
+def test_quantizing_with_tensorrt_86_installed(standin, artifacts, tmp_path, monkeypatch):
+    """ModelOpt checks for custom TensorRT ops with an implicit-batch network whenever TensorRT imports; TensorRT
+    8.6's parser rejects that and every quantize failed on the GPU machine. The check is off for TensorRT < 10."""
+    from modelopt.onnx import trt_utils
+
+    from PTQLogic.quantization.quantize import QuantizeSettings, quantize_onnx
+    from test_engines import smooth_patches
+
+    monkeypatch.setattr(trt_utils, "trt", standin("8.6.0"), raising=False)
+    monkeypatch.setattr(trt_utils, "TRT_PYTHON_AVAILABLE", True)
+    out = quantize_onnx(artifacts["fp32"], smooth_patches(4, 3), tmp_path / "int8.onnx", QuantizeSettings()).path
+    assert out.is_file() and trt_utils.TRT_PYTHON_AVAILABLE is True  # restored afterwards

@@ -56,6 +56,11 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
     parser_flag = "VERSION_COMPATIBLE" if (major, minor, patch) == (8, 6, 0) else "NATIVE_INSTANCENORM"
     trt.OnnxParserFlag = enum.IntEnum("OnnxParserFlag", {parser_flag: 0})
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+    # NvInferRuntime.h of 8.6: ProfilingVerbosity and TacticSource values; cuBLAS(LT)/cuDNN are on by default in 8.x
+    trt.ProfilingVerbosity = enum.IntEnum("ProfilingVerbosity", {"LAYER_NAMES_ONLY": 0, "NONE": 1, "DETAILED": 2})
+    trt.TacticSource = enum.IntEnum("TacticSource", {"CUBLAS": 0, "CUBLAS_LT": 1, "CUDNN": 2,
+                                                     "EDGE_MASK_CONVOLUTIONS": 3, "JIT_CONVOLUTIONS": 4})
+    default_sources = 0b11111 if major < 10 else 0b11000
     trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
 
     class Logger:
@@ -151,6 +156,15 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
             self.builder_optimization_level = 3
             self.progress_monitor = None
             self._timing_cache = None
+            self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+            self._tactic_sources = default_sources
+
+        def get_tactic_sources(self) -> int:
+            return self._tactic_sources
+
+        def set_tactic_sources(self, tactic_sources: int) -> bool:
+            self._tactic_sources = int(tactic_sources)
+            return True
 
         def set_memory_pool_limit(self, pool, pool_size: int) -> None:
             self.pools[int(pool)] = int(pool_size)
@@ -235,6 +249,8 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
                 "io": [{"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)}
                        for mode, tensors in (("INPUT", network.inputs), ("OUTPUT", network.outputs)) for t in tensors],
                 "profiles": [p.shapes for p in config.profiles],
+                "profiling_verbosity": trt.ProfilingVerbosity(config.profiling_verbosity).name,
+                "tactic_sources": sorted(t.name for t in trt.TacticSource if config.get_tactic_sources() >> int(t) & 1),
             }
             return IHostMemory(json.dumps(plan).encode())
 
@@ -279,6 +295,9 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
 
         def create_execution_context(self) -> IExecutionContext:
             return IExecutionContext(self)
+
+        def get_tensor_profile_shape(self, name: str, profile_index: int):
+            return [tuple(shape) for shape in self.plan["profiles"][profile_index][name]]
 
     class Runtime:
         def __init__(self, logger: Logger) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 # wrong option must answer at once. torch/MONAI/ONNX are imported inside the command functions.
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -39,16 +40,25 @@ def _monitor(args: argparse.Namespace) -> Monitor:
 
 
 def _resolve_precision(args: argparse.Namespace) -> str:
-    """--precision, defaulting to int8 (fp32 for the PyTorch runtime, which has no INT8 engine)."""
+    """--precision; auto (the default): int8 on the CPU runtimes, fp16 on TensorRT, fp32 for the PyTorch runtime."""
     if args.runtime == "torch":
-        if args.precision is None:
+        if args.precision in (None, "auto"):
             _note(args, "--runtime torch runs the FP32 PyTorch reference (PyTorch has no INT8 engine; "
                         "use --runtime openvino, onnxruntime or tensorrt for INT8).")
             return "fp32"
         if args.precision == "int8":
             raise InputError("--runtime torch cannot run int8: PyTorch is the FP32 reference (fp16 only on an NVIDIA "
                              "GPU). Use --precision fp32, or --runtime openvino|onnxruntime|tensorrt for INT8.")
-    return args.precision or DEFAULT_PRECISION
+    if args.precision not in (None, "auto"):
+        return args.precision
+    if args.runtime in ("openvino", "onnxruntime") or args.runtime == "auto" and importlib.util.find_spec("tensorrt") is None:
+        return DEFAULT_PRECISION  # no TensorRT to choose: decided without importing torch (bad paths fail fast)
+    from ..engines import choose_precision
+
+    precision, reason = choose_precision(args.runtime)
+    if precision != DEFAULT_PRECISION:
+        _note(args, f"--precision auto: {reason}.")
+    return precision
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -116,6 +126,9 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     engine, reason = open_engine(open_model_dir(args.model), args.runtime, precision, monitor=_monitor(args))
     data = {**engine.info.to_dict(), "reason": reason}
+    layers = engine.layer_summary() if hasattr(engine, "layer_summary") else None
+    if layers is not None:  # TensorRT: what runs in INT8/FP16/FP32, from the engine inspector
+        data["layers"] = layers
     built = (engine.info.build or {}).get("build_seconds")
     _emit(args, data, f"{engine.info.runtime} {engine.info.precision} engine ready on {engine.info.device} "
           f"({engine.info.bytes_on_disk / 1e6:.2f} MB{f', built in {built:.1f} s' if built else ''})"

@@ -9,6 +9,7 @@ from .cli_support import Parser, int_at_least
 # Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
 RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+PRECISION_CHOICES = (*PRECISIONS, "auto")
 RUNTIME_CHOICES = ("auto", *RUNTIMES)
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # = torch_engine's
 DEFAULT_PRECISION = "int8"
@@ -20,11 +21,11 @@ def add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
     group.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5", default=None,
                        help="builder optimization level (default 2: shorter builds than TensorRT's 3)")
     group.add_argument("--trt-timing-cache", default="auto", metavar="PATH|auto|off",
-                       help="kernel timing cache reused across builds (auto: the user cache folder)")
+                       help="kernel timing cache reused by later builds (auto: the user cache folder, one per network and precision)")
 
 
-PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: {DEFAULT_PRECISION}; "
-                  "fp32 with --runtime torch)")
+PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: auto = {DEFAULT_PRECISION} on the CPU runtimes, "
+                  "fp16 on TensorRT, where INT8 measured no faster; fp32 with --runtime torch)")
 RUNTIME_HELP = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
 MODEL_FOLDER_HELP = "model folder from `ptqseg quantize`"
 REFERENCE_LABELS_HELP = ("label table of the reference (JSON/CSV, e.g. TotalSegmentator's {\"1\": \"spleen\", ...}; "
@@ -51,7 +52,7 @@ def common_options(engines: bool = True) -> Parser:
 def add_engine_options(cmd: argparse.ArgumentParser, precision_default: str | None = None) -> None:
     """--runtime and --precision of the commands that open one engine."""
     cmd.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
-    cmd.add_argument("--precision", choices=PRECISIONS, default=precision_default, help=PRECISION_HELP)
+    cmd.add_argument("--precision", choices=PRECISION_CHOICES, default=precision_default, help=PRECISION_HELP)
 
 
 def add_quantize_options(q: argparse.ArgumentParser) -> None:

@@ -73,6 +73,24 @@ def choose_runtime(precision: str) -> tuple[str, str]:
     raise EngineUnavailable("INT8 needs OpenVINO, ONNX Runtime or TensorRT; install one (pip install openvino).")
 
 
+# Measured with TensorRT 8.6.0 on an H200 (benchmarks/results/h200-trt86/): ModelOpt's INT8 Q/DQ UNet ran at
+# 0.95x FP16's latency at batch 1 and 1.10x at batch 4, with a plan as large as FP16's, so INT8 buys nothing there.
+TENSORRT_AUTO_PRECISION = ("fp16", "TensorRT: FP16 (INT8 measured no faster than FP16 on TensorRT 8.6, H200: "
+                           "1.27 vs 1.33 ms at batch 1, 3.28 vs 2.97 ms at batch 4; --precision int8 runs INT8)")
+
+
+def choose_precision(runtime: str) -> tuple[str, str]:
+    """Precision for ``--precision auto`` on ``runtime`` ("auto" resolved as :func:`choose_runtime` would),
+    with a one-line reason: FP16 on TensorRT, INT8 on the CPU runtimes, FP32 for the PyTorch reference."""
+    if runtime == "auto":
+        runtime, _ = choose_runtime("int8")
+    if runtime == "tensorrt":
+        return TENSORRT_AUTO_PRECISION
+    if runtime == "torch":
+        return "fp32", "PyTorch: the FP32 reference (it has no INT8 engine)"
+    return "int8", f"{runtime}: INT8 (the quantized model)"
+
+
 def _artifact(path: str | Path | None, what: str, hint: str) -> Path:
     if path is None:
         raise ModelError(f"No {what} was given; {hint}")

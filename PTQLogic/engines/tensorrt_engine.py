@@ -13,6 +13,7 @@ part of the cache key.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import warnings
 from contextvars import ContextVar
@@ -33,7 +34,9 @@ from .trt_graphs import dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, mak
 __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
 
-RECIPE_VERSION = 2  # bump whenever the builder code changes what a plan contains
+RECIPE_VERSION = 3  # bump whenever the builder code changes what a plan contains
+# windows per engine call in the pipeline: the optimization profile's opt shape, so kernels are tuned for it
+PIPELINE_BATCH = 4
 # TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches (level-3 builds of a small UNet
 # took minutes on TensorRT 8.6 in early runs that were not kept); the timing cache makes later builds faster still.
 DEFAULT_OPTIMIZATION_LEVEL = 2
@@ -53,7 +56,14 @@ class TensorRTBuildOptions:
         if int(self.workspace_bytes) < 1 << 20:
             raise InputError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_bytes} bytes.")
 
-    def timing_cache_path(self, trt_version: str, device_name: str) -> Path | None:
+    def timing_cache_path(self, trt_version: str, device_name: str, network: str = "") -> Path | None:
+        """"auto": one cache per TensorRT version, GPU and ``network`` (the ONNX content and precision).
+
+        TensorRT 8.6.0 cannot load a timing cache holding Myelin entries of another network ("Myelin error from
+        unknown graph ... The timing cache will not be used!", measured on an H200); the same network's cache
+        loads and cut a rebuild from 59.5 s to 2.6 s there. So caches are kept per network: a rebuild with
+        another batch profile, optimization level or after the plan was deleted starts warm, without errors.
+        """
         if self.timing_cache == "off":
             return None
         if self.timing_cache != "auto":
@@ -61,7 +71,8 @@ class TensorRTBuildOptions:
         from .cache import user_cache_dir
 
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in device_name)
-        return user_cache_dir() / "tensorrt" / f"timing-{trt_version}-{safe}.cache"
+        suffix = f"-{network}" if network else ""
+        return user_cache_dir() / "tensorrt" / f"timing-{trt_version}-{safe}{suffix}.cache"
 
 
 _OPTIONS: ContextVar[TensorRTBuildOptions] = ContextVar("tensorrt_build_options", default=TensorRTBuildOptions())
@@ -121,6 +132,9 @@ def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = Non
         "optimization_level": int(options.optimization_level),
         "workspace_bytes": int(options.workspace_bytes),
         "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else "parser default",
+        # layer names, types and formats kept in the plan, so the engine inspector can say what runs in INT8
+        "profiling_verbosity": "detailed" if hasattr(trt, "ProfilingVerbosity") else "default",
+        "tactic_sources": "tensorrt" if hasattr(trt, "TacticSource") else "default",
     }
 
 
@@ -229,12 +243,28 @@ def build_tensorrt_plan(
     timing_cache = _attach_timing_cache(config, timing_path)  # must outlive the build
     serialized = _build_serialized(trt, builder, network, config, monitor)
     if serialized is None:
-        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above).")
+        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above)."
+                         + _instancenorm_hint(onnx_path, recipe))
     plan_path = Path(plan_path)
     atomic_write_bytes(plan_path, bytes(serialized))
     _save_timing_cache(config, timing_path if timing_cache is not None else None)
     monitor.update("TensorRT: build", 1, 1)
     return plan_path
+
+
+def _instancenorm_hint(onnx_path: str | Path, recipe: dict[str, Any]) -> str:
+    """Why a network with InstanceNormalization may fail on TensorRT 8.6.0 ("Could not find any implementation
+    for node .../InstanceNormalization", seen with PyPI's tensorrt 8.6.0 and no cuDNN 8), and what to install."""
+    if recipe.get("instancenorm") == "native":
+        return ""
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    if not any(node.op_type == "InstanceNormalization" for node in graph.node):
+        return ""
+    return (" This TensorRT runs InstanceNormalization through a plugin that needs cuDNN 8 "
+            "(pip install 'nvidia-cudnn-cu12<9'); TensorRT 8.6.1 and later run it natively.")
 
 
 def _options_for_build(workspace_bytes: int | None, optimization_level: int | None) -> TensorRTBuildOptions:
@@ -297,7 +327,20 @@ def _builder_config(trt, builder, precision: str, recipe: dict[str, Any]):
             config.set_flag(trt.BuilderFlag.FP16)
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = recipe["optimization_level"]
+    if recipe.get("profiling_verbosity") == "detailed":
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if recipe.get("tactic_sources") == "tensorrt":
+        config.set_tactic_sources(_own_tactic_sources(trt, config.get_tactic_sources()))
     return config
+
+
+def _own_tactic_sources(trt, sources: int) -> int:
+    """``sources`` without cuBLAS, cuBLASLt and cuDNN: plans then need neither library at run time (TensorRT 10
+    leaves them out by default; 8.6 tries them and fails the build when an incompatible cuBLAS is found)."""
+    for name in ("CUBLAS", "CUBLAS_LT", "CUDNN"):
+        if hasattr(trt.TacticSource, name):
+            sources &= ~(1 << int(getattr(trt.TacticSource, name)))
+    return sources
 
 
 def _optimization_profile(builder, network, min_batch: int, opt_batch: int, max_batch: int):
@@ -356,15 +399,16 @@ def cached_plan(onnx_path: Path, precision: str, cache_dir: Path, device_name: s
     if recipe["graph"] and recipe["typing"] == "strong" and derive is not None:
         fields = engine_fields(onnx_path, precision, "onnx-graph", "", "any", {}, graph=recipe["graph"])
         source = cache.get_or_build(fields, lambda tmp: derive(onnx_path, tmp), suffix=".onnx")
-    profile = {"min_batch": 1, "opt_batch": 1, "max_batch": max_batch}
+    profile = {"min_batch": 1, "opt_batch": min(PIPELINE_BATCH, max_batch), "max_batch": max_batch}
     fields = engine_fields(onnx_path, precision, "tensorrt", trt.__version__, device_name, profile, recipe=recipe)
-    timing_cache = options.timing_cache_path(trt.__version__, device_name)
+    network = hashlib.sha256(f"{fields['model_sha256']} {precision}".encode()).hexdigest()[:16]
+    timing_cache = options.timing_cache_path(trt.__version__, device_name, network)
     seconds: list[float] = []
 
     def build(tmp: Path) -> None:
         started = time.perf_counter()
         with build_context():
-            build_tensorrt_plan(source, precision, tmp, min_batch=1, opt_batch=1, max_batch=max_batch,
+            build_tensorrt_plan(source, precision, tmp, min_batch=1, opt_batch=profile["opt_batch"], max_batch=max_batch,
                                 timing_cache_path=timing_cache, optimization_level=options.optimization_level,
                                 workspace_bytes=options.workspace_bytes, monitor=monitor)
         seconds.append(time.perf_counter() - started)

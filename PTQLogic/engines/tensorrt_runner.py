@@ -63,6 +63,14 @@ def enqueue(context, stream) -> None:
     stream.synchronize()
 
 
+def _opt_batch(engine, input_name: str) -> int:
+    """The opt batch of the plan's first optimization profile; 1 where it cannot be read."""
+    try:
+        return max(1, int(engine.get_tensor_profile_shape(input_name, 0)[1][0]))
+    except Exception:  # noqa: BLE001 - older plans / stand-ins: one window per call
+        return 1
+
+
 class TensorRTEngine:
     """Runs a serialized plan on its own CUDA stream; inputs and outputs are torch CUDA tensors."""
 
@@ -93,6 +101,7 @@ class TensorRTEngine:
         self._input_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
         self._output_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
         self.precision = precision
+        self._opt_batch = _opt_batch(self.engine, self.input_name)
         self.info = EngineInfo(
             runtime="tensorrt",
             precision=precision,
@@ -102,6 +111,19 @@ class TensorRTEngine:
             path=str(plan_path),
             build=build,
         )
+
+    def preferred_batch(self, num_classes: int, patch_size) -> int:
+        """Windows per call the plan's kernels were tuned for (its optimization profile's opt batch)."""
+        return self._opt_batch
+
+    def layer_summary(self, detail: bool = False) -> dict[str, Any] | None:
+        """What the plan runs per precision (:func:`.trt_layers.layer_report`); None without an inspector."""
+        from .trt_layers import layer_report
+
+        report = layer_report(self._trt, self.engine)
+        if report is not None and not detail:
+            report.pop("detail", None)
+        return report
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = aligned(batch.detach().to(self.device, self._input_dtype).contiguous())

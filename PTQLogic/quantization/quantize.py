@@ -229,13 +229,33 @@ def _run_cpu_placement(src: Path, dst: Path, calibration: np.ndarray, settings: 
     return report.narrowed_tensors
 
 
+@contextlib.contextmanager
+def _modelopt_without_old_tensorrt():
+    """ModelOpt checks models for custom TensorRT ops whenever TensorRT is importable, with a network created
+    without flags: implicit batch on TensorRT 8.x, whose ONNX parser then rejects every model. Our models have
+    no TensorRT plugins, so with a TensorRT older than 10 (no STRONGLY_TYPED flag) that check is switched off."""
+    from modelopt.onnx import trt_utils
+
+    trt = getattr(trt_utils, "trt", None)
+    old = getattr(trt_utils, "TRT_PYTHON_AVAILABLE", False) and trt is not None and not hasattr(
+        trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if not old:
+        yield
+        return
+    trt_utils.TRT_PYTHON_AVAILABLE = False
+    try:
+        yield
+    finally:
+        trt_utils.TRT_PYTHON_AVAILABLE = True
+
+
 def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray, settings: QuantizeSettings,
                   log: io.StringIO, monitor: Monitor, target: str) -> int | None:
     """Write the Q/DQ model to ``dst``; the "cpu" placement also narrows the weights for ``target`` and returns
     how many tensors it narrowed (None: ModelOpt's placement, whose weights are still 8-bit)."""
     if settings.placement == "cpu":
         return _run_cpu_placement(src, dst, calibration, settings, log, monitor, target)
-    with _captured_modelopt_log(log), _silent_third_party_bars():
+    with _captured_modelopt_log(log), _silent_third_party_bars(), _modelopt_without_old_tensorrt():
         from modelopt.onnx.quantization import quantize
 
         quantize(

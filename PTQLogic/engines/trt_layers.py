@@ -1,0 +1,85 @@
+"""What a TensorRT plan runs, layer by layer: the engine inspector's JSON, summarized.
+
+Plans built with detailed profiling verbosity (the recipe's default) name each layer's type, tactic and
+the format of every input and output ("... Int8 format", "... FP16 format where channel % 8 == 0").
+:func:`layer_report` counts layers by the precision they compute in, so a user can see whether an INT8
+plan really runs its convolutions in INT8 and how many reformatting layers it pays for.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+_PRECISIONS = (("int8", re.compile(r"\bInt8\b", re.I)), ("fp16", re.compile(r"\b(FP16|Half)\b", re.I)),
+               ("fp32", re.compile(r"\b(FP32|Float)\b", re.I)))
+_CONVOLUTION = re.compile(r"conv|deconv", re.I)
+_REFORMAT = re.compile(r"reformat|shuffle", re.I)
+
+
+def tensor_precision(description: str) -> str:
+    """"int8", "fp16", "fp32" or "other" for one inspector tensor format ("Format/Datatype" or a plain type)."""
+    for name, pattern in _PRECISIONS:
+        if pattern.search(description or ""):
+            return name
+    return "other"
+
+
+def _formats(tensors: Any) -> list[str]:
+    if not isinstance(tensors, list):
+        return []
+    out = []
+    for tensor in tensors:
+        if isinstance(tensor, dict):
+            out.append(str(tensor.get("Format/Datatype") or tensor.get("Datatype") or ""))
+        else:
+            out.append(str(tensor))
+    return out
+
+
+def summarize_layers(information: dict[str, Any]) -> dict[str, Any]:
+    """Counts from the inspector's engine information (``{"Layers": [...]}`` with detailed verbosity).
+
+    A layer computes in the lowest precision among its inputs (an INT8 convolution reads INT8 and may write
+    FP16 or INT8). Layers given only by name (plans without detailed verbosity) are counted as "unknown".
+    """
+    layers = information.get("Layers", []) if isinstance(information, dict) else []
+    rows = []
+    for layer in layers:
+        if not isinstance(layer, dict):
+            rows.append({"name": str(layer), "type": "unknown", "precision": "unknown"})
+            continue
+        inputs = [tensor_precision(f) for f in _formats(layer.get("Inputs"))]
+        outputs = [tensor_precision(f) for f in _formats(layer.get("Outputs"))]
+        kind = str(layer.get("LayerType") or layer.get("ParameterType") or "unknown")
+        precision = next((p for p in ("int8", "fp16", "fp32") if p in inputs), outputs[0] if outputs else "other")
+        rows.append({"name": str(layer.get("Name", "")), "type": kind, "precision": precision,
+                     "inputs": inputs, "outputs": outputs, "tactic": str(layer.get("TacticName", ""))})
+    convolutions = [r for r in rows if _CONVOLUTION.search(r["type"])
+                    or r["type"] == "unknown" and _CONVOLUTION.search(r["name"])]
+    return {
+        "layers": len(rows),
+        "by_precision": dict(Counter(r["precision"] for r in rows)),
+        "convolutions": len(convolutions),
+        "convolutions_by_precision": dict(Counter(r["precision"] for r in convolutions)),
+        "reformats": sum(bool(_REFORMAT.search(r["type"])) for r in rows),
+        "detail": rows,
+    }
+
+
+def layer_report(trt, engine) -> dict[str, Any] | None:
+    """:func:`summarize_layers` of a deserialized engine; None where this TensorRT has no engine inspector, and
+    ``{"layers": None, "error": ...}`` where its answer is not JSON."""
+    if not hasattr(engine, "create_engine_inspector") or not hasattr(trt, "LayerInformationFormat"):
+        return None
+    inspector = engine.create_engine_inspector()
+    if inspector is None:
+        return None
+    text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+    try:
+        information = json.loads(text, strict=False)  # layer names may hold control characters
+    except (TypeError, ValueError) as exc:
+        return {"layers": None, "error": f"unreadable engine information ({type(exc).__name__}: {exc})",
+                "text": str(text)[:2000]}
+    return summarize_layers(information)
