@@ -373,6 +373,8 @@ def test_plans_are_tuned_for_the_batch_the_pipeline_runs(standin, artifacts, tmp
     small, _ = te.cached_plan(artifacts["fp32"], "fp32", tmp_path / "engines", "Stand-in GPU", 2, Monitor())
     engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(small.read_bytes())
     assert tr._opt_batch(engine, name) == 2  # never above the profile's maximum
+    assert tr.windows_per_call(4, 14, (96, 96, 96)) == 4  # 50 MB of logits a window
+    assert tr.windows_per_call(4, 118, (128, 128, 128)) == 1  # 990 MB a window: one at a time
 
 
 def test_timing_caches_are_kept_per_network(standin, artifacts, tmp_path):

@@ -5,6 +5,7 @@ I/O addresses must be 256-byte aligned (a batch slice need not be: :func:`aligne
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,16 @@ def enqueue(context, stream) -> None:
     stream.synchronize()
 
 
+# float32 logits of one call at most: batch 4 of a 118-class 128^3 network would need 4 GB of GPU memory for them
+LOGITS_BYTES_PER_CALL = 1 << 30
+
+
+def windows_per_call(opt_batch: int, num_classes: int, patch_size) -> int:
+    """``opt_batch``, or fewer (at least 1) so that one call's float32 logits stay within LOGITS_BYTES_PER_CALL."""
+    per_window = 4 * int(num_classes) * math.prod(int(s) for s in patch_size)
+    return max(1, min(int(opt_batch), LOGITS_BYTES_PER_CALL // max(per_window, 1)))
+
+
 def _opt_batch(engine, input_name: str) -> int:
     """The opt batch of the plan's first optimization profile; 1 where it cannot be read."""
     try:
@@ -113,8 +124,8 @@ class TensorRTEngine:
         )
 
     def preferred_batch(self, num_classes: int, patch_size) -> int:
-        """Windows per call the plan's kernels were tuned for (its optimization profile's opt batch)."""
-        return self._opt_batch
+        """Windows per call: the opt batch the plan's kernels were tuned for, fewer where the logits would be large."""
+        return windows_per_call(self._opt_batch, num_classes, patch_size)
 
     def layer_summary(self, detail: bool = False) -> dict[str, Any] | None:
         """What the plan runs per precision (:func:`.trt_layers.layer_report`); None without an inspector."""
