@@ -391,15 +391,58 @@ def test_timing_caches_are_kept_per_network(standin, artifacts, tmp_path):
     assert Path(fp32["timing_cache"]).read_bytes() == b"TIMING:Stand-in GPU:2"  # loaded and grown, not replaced
 
 
-def test_instancenorm_failures_on_tensorrt_860_say_what_to_install(artifacts, tmp_path):
-    assert "cuDNN 8" in te._instancenorm_hint(artifacts["fp32"], {"instancenorm": "parser default"})
-    assert te._instancenorm_hint(artifacts["fp32"], {"instancenorm": "native"}) == ""
-    relu = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Relu", ["x"], ["y"])], "relu",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 4, 4])]))
-    onnx.save(relu, str(tmp_path / "relu.onnx"))
-    assert te._instancenorm_hint(tmp_path / "relu.onnx", {"instancenorm": "parser default"}) == ""
+def test_without_a_native_instancenorm_it_is_decomposed_for_tensorrt(standin, artifacts, tmp_path):
+    """NVIDIA's 8.6.0 binding has no parser flag, and its InstanceNorm plugin needs cuDNN 8 ("Could not find any
+    implementation for node .../InstanceNormalization" on the H200 without it): the plan gets elementary ops."""
+    trt = standin("8.6.0")
+    del trt.OnnxParserFlag  # as NVIDIA's own 8.6.0 binding
+    assert te.build_recipe(trt, "fp32")["instancenorm"] == "decomposed"
+    for precision in ("fp32", "int8"):
+        plan = _plan(te.build_tensorrt_plan(artifacts[precision], precision, tmp_path / f"{precision}.plan"))
+        assert plan["instancenorm"] is None  # the parser saw no InstanceNormalization node
+    assert te.build_recipe(standin("8.6.1"), "fp32")["instancenorm"] == "native"
+    from PTQLogic.engines.trt_graphs import decompose_instancenorm
+
+    int8 = onnx.load(str(artifacts["int8"]))  # the Q/DQ graph computes the same with the norms decomposed
+    decomposed = tmp_path / "int8-decomposed.onnx"
+    onnx.save(decompose_instancenorm(int8), str(decomposed))
+    torch.testing.assert_close(ort(decomposed, artifacts["batch"]), ort(artifacts["int8"], artifacts["batch"]),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["UNet", "SegResNet"])  # InstanceNorm, and GroupNorm exported through it
+def test_decomposed_instancenorm_computes_the_same(architecture, tmp_path):
+    import onnxruntime
+
+    from monai.networks.nets import SegResNet, UNet
+
+    from PTQLogic.core.spec import spec_from_dict
+    from PTQLogic.engines.trt_graphs import decompose_instancenorm
+    from PTQLogic.models.onnx_export import export_onnx
+
+    kwargs = ({"channels": [4, 8, 16], "strides": [2, 2]} if architecture == "UNet" else
+              {"init_filters": 8, "blocks_down": [1, 2], "blocks_up": [1]})
+    kwargs.update(spatial_dims=3, in_channels=1, out_channels=3)
+    torch.manual_seed(0)
+    network = (UNet if architecture == "UNet" else SegResNet)(**kwargs).eval()
+    spec = spec_from_dict({"name": architecture, "architecture": architecture, "kwargs": kwargs,
+                           "classes": ["background", "a", "b"], "patch_size": [32, 32, 32]})
+    original = onnx.load(str(export_onnx(network, spec, tmp_path / "fp32.onnx").path))
+    before = original.SerializeToString()
+    decomposed = decompose_instancenorm(original)
+    assert original.SerializeToString() == before  # input untouched
+    onnx.checker.check_model(decomposed)
+    ops = Counter(n.op_type for n in decomposed.graph.node)
+    assert Counter(n.op_type for n in original.graph.node)["InstanceNormalization"] > 0
+    assert ops["InstanceNormalization"] == 0 and ops["ReduceMean"] > 0
+    x = np.random.default_rng(0).normal(size=(2, 1, 32, 32, 32)).astype(np.float32)
+
+    def run(model):
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {model.graph.input[0].name: x})[0]
+
+    expected = run(original)
+    np.testing.assert_allclose(run(decomposed), expected, atol=1e-5 * np.abs(expected).max())
 
 
 def test_precision_auto_is_fp16_on_tensorrt_and_int8_on_cpus():

@@ -29,7 +29,7 @@ from ..core.fileio import atomic_write_bytes
 from ..core.progress import Monitor
 from .cache import model_cache_dir
 from .tensorrt_runner import TensorRTEngine, import_tensorrt
-from .trt_graphs import dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
+from .trt_graphs import decompose_instancenorm, dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
 
 __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
@@ -131,7 +131,8 @@ def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = Non
         "tf32": "off" if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32") else "default",
         "optimization_level": int(options.optimization_level),
         "workspace_bytes": int(options.workspace_bytes),
-        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else "parser default",
+        # without the parser's native InstanceNorm (8.6.0 and older) it becomes a cuDNN-8 plugin: decompose it instead
+        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else "decomposed",
         # layer names, types and formats kept in the plan, so the engine inspector can say what runs in INT8
         "profiling_verbosity": "detailed" if hasattr(trt, "ProfilingVerbosity") else "default",
         "tactic_sources": "tensorrt" if hasattr(trt, "TacticSource") else "default",
@@ -243,28 +244,12 @@ def build_tensorrt_plan(
     timing_cache = _attach_timing_cache(config, timing_path)  # must outlive the build
     serialized = _build_serialized(trt, builder, network, config, monitor)
     if serialized is None:
-        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above)."
-                         + _instancenorm_hint(onnx_path, recipe))
+        raise ModelError(f"TensorRT failed to build a {precision} engine from '{onnx_path}' (see the TensorRT log above).")
     plan_path = Path(plan_path)
     atomic_write_bytes(plan_path, bytes(serialized))
     _save_timing_cache(config, timing_path if timing_cache is not None else None)
     monitor.update("TensorRT: build", 1, 1)
     return plan_path
-
-
-def _instancenorm_hint(onnx_path: str | Path, recipe: dict[str, Any]) -> str:
-    """Why a network with InstanceNormalization may fail on TensorRT 8.6.0 ("Could not find any implementation
-    for node .../InstanceNormalization", seen with PyPI's tensorrt 8.6.0 and no cuDNN 8), and what to install."""
-    if recipe.get("instancenorm") == "native":
-        return ""
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 - only a hint
-        return ""
-    if not any(node.op_type == "InstanceNormalization" for node in graph.node):
-        return ""
-    return (" This TensorRT runs InstanceNormalization through a plugin that needs cuDNN 8 "
-            "(pip install 'nvidia-cudnn-cu12<9'); TensorRT 8.6.1 and later run it natively.")
 
 
 def _options_for_build(workspace_bytes: int | None, optimization_level: int | None) -> TensorRTBuildOptions:
@@ -293,21 +278,24 @@ def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, 
     if native is not None:
         parser.set_flag(native)
     monitor.update("TensorRT: parse", 0, 1)
-    model = _load_onnx_for(onnx_path, precision, strong)
+    model = _load_onnx_for(onnx_path, precision, strong, decompose_norms=native is None)
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse '{onnx_path}': {errors}")
     return network, parser
 
 
-def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool) -> onnx.ModelProto:
-    """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ on 8.x; FP16 tensors required when strongly typed."""
+def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompose_norms: bool = False) -> onnx.ModelProto:
+    """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ on 8.x, InstanceNormalization as elementary
+    ops where the parser has no native one; FP16 tensors required when strongly typed."""
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:
         raise ModelError(f"Cannot read ONNX '{onnx_path}': {exc}") from None
     if not strong and precision == "int8":
         model = dq_only_to_qdq(model)
+    if decompose_norms:
+        model = decompose_instancenorm(model)
     if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")
     return model

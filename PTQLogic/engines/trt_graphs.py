@@ -6,6 +6,8 @@
   conversion (``convert_to_f16``, what ``quantize(high_precision_dtype="fp16")`` runs) writes opset 19 with
   FP16 scales; the FP32-high-precision ``int8.onnx`` stays the artifact the CPU runtimes use.
 - :func:`dq_only_to_qdq`: INT8 weight initializers back to FP32 + Q/DQ for TensorRT 8.6.
+- :func:`decompose_instancenorm`: InstanceNormalization as elementary ops, for TensorRT without a native
+  InstanceNorm (8.6.0 and older parse it into a plugin that needs cuDNN 8).
 """
 from __future__ import annotations
 
@@ -115,3 +117,85 @@ def make_int8_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
     with atomic_path(dst) as tmp:
         onnx.save(converted, str(tmp))
     return dst
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
+def decompose_instancenorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every InstanceNormalization node as ReduceMean/Sub/Mul/Add/Sqrt/Div (two-pass variance, same epsilon),
+    with scale and bias broadcast over the channel axis. Returns a new model; the argument is not modified.
+
+    TensorRT 8.6.0's parser maps InstanceNormalization to a plugin that needs cuDNN 8 at build and run time
+    (and fails without it); elementary ops are built from TensorRT's own kernels.
+    """
+    if not any(n.op_type == "InstanceNormalization" for n in model.graph.node):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph, opset, ranks = model.graph, _opset(model), _ranks(model)
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "InstanceNormalization":
+            new_nodes.append(node)
+            continue
+        x, scale, bias = node.input[:3]
+        rank = ranks.get(x, 5)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        tag = f"{node.name or 'InstanceNormalization'}_{index}"
+        axes = list(range(2, rank))
+        channel_shape = [1, -1] + [1] * (rank - 2)
+
+        def name(part: str) -> str:
+            return f"{tag}/{part}"
+
+        def reduce_mean(src: str, dst: str) -> None:
+            if opset >= 18:
+                axes_name = name("axes")
+                if axes_name not in inits:
+                    inits[axes_name] = numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name)
+                    graph.initializer.append(inits[axes_name])
+                new_nodes.append(onnx.helper.make_node("ReduceMean", [src, axes_name], [dst], keepdims=1, name=dst))
+            else:
+                new_nodes.append(onnx.helper.make_node("ReduceMean", [src], [dst], axes=axes, keepdims=1, name=dst))
+
+        def per_channel(src: str, part: str) -> str:
+            if src in inits:  # a constant: reshaped once, no node needed
+                reshaped = numpy_helper.to_array(inits[src]).reshape(channel_shape)
+                graph.initializer.append(numpy_helper.from_array(reshaped, name(part)))
+                return name(part)
+            shape_name = name(f"{part}_shape")
+            graph.initializer.append(numpy_helper.from_array(np.array(channel_shape, dtype=np.int64), shape_name))
+            new_nodes.append(onnx.helper.make_node("Reshape", [src, shape_name], [name(part)], name=name(part)))
+            return name(part)
+
+        dtype = inits[scale].data_type if scale in inits else onnx.TensorProto.FLOAT
+        eps_name = name("epsilon")
+        graph.initializer.append(onnx.helper.make_tensor(eps_name, dtype, [], [eps]))
+        reduce_mean(x, name("mean"))
+        new_nodes.append(onnx.helper.make_node("Sub", [x, name("mean")], [name("centered")], name=name("centered")))
+        new_nodes.append(onnx.helper.make_node("Mul", [name("centered"), name("centered")], [name("squared")],
+                                               name=name("squared")))
+        reduce_mean(name("squared"), name("variance"))
+        new_nodes.append(onnx.helper.make_node("Add", [name("variance"), eps_name], [name("variance_eps")],
+                                               name=name("variance_eps")))
+        new_nodes.append(onnx.helper.make_node("Sqrt", [name("variance_eps")], [name("std")], name=name("std")))
+        new_nodes.append(onnx.helper.make_node("Div", [name("centered"), name("std")], [name("normalized")],
+                                               name=name("normalized")))
+        new_nodes.append(onnx.helper.make_node("Mul", [name("normalized"), per_channel(scale, "scale")],
+                                               [name("scaled")], name=name("scaled")))
+        new_nodes.append(onnx.helper.make_node("Add", [name("scaled"), per_channel(bias, "bias")], [node.output[0]],
+                                               name=name("shifted")))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return model
