@@ -484,6 +484,14 @@ def test_layer_summary_counts_what_runs_in_int8():
     assert summary["convolutions_by_precision"] == {"fp16": 1, "int8": 2}
     assert summary["by_precision"] == {"fp32": 1, "fp16": 1, "int8": 2, "unknown": 1}
     assert [tensor_precision(t) for t in (int8, half, "Float", "Bool")] == ["int8", "fp16", "fp32", "other"]
+    from PTQLogic.engines.trt_layers import parse_oneline
+
+    oneline = parse_oneline("Name: /down/conv/Conv + /down/act/PRelu, LayerType: CaskConvolution, Inputs: [ { Name: "
+                            f"x, Dimensions: [1,16,48,48,48], Format/Datatype: {int8} }}], Outputs: [ {{ Name: y, "
+                            f"Format/Datatype: {half} }}], TacticValue: 0x1")
+    assert oneline["Name"] == "/down/conv/Conv + /down/act/PRelu" and oneline["LayerType"] == "CaskConvolution"
+    assert summarize_layers({"Layers": [oneline]})["convolutions_by_precision"] == {"int8": 1}
+    assert summarize_layers({"Layers": [oneline]})["detail"][0]["outputs"] == ["fp16"]
 
 
 def test_quantizing_with_tensorrt_86_installed(standin, artifacts, tmp_path, monkeypatch):

@@ -69,8 +69,8 @@ def summarize_layers(information: dict[str, Any]) -> dict[str, Any]:
 
 
 def layer_report(trt, engine) -> dict[str, Any] | None:
-    """:func:`summarize_layers` of a deserialized engine; None where this TensorRT has no engine inspector, and
-    ``{"layers": None, "error": ...}`` where its answer is not JSON."""
+    """:func:`summarize_layers` of a deserialized engine; None where this TensorRT has no engine inspector. Where its
+    JSON does not parse, the layers' one-line descriptions are read instead (``json_error`` says why)."""
     if not hasattr(engine, "create_engine_inspector") or not hasattr(trt, "LayerInformationFormat"):
         return None
     inspector = engine.create_engine_inspector()
@@ -80,6 +80,21 @@ def layer_report(trt, engine) -> dict[str, Any] | None:
     try:
         information = json.loads(text, strict=False)  # layer names may hold control characters
     except (TypeError, ValueError) as exc:
-        return {"layers": None, "error": f"unreadable engine information ({type(exc).__name__}: {exc})",
-                "text": str(text)[:2000]}
+        lines = [inspector.get_layer_information(i, trt.LayerInformationFormat.ONELINE)
+                 for i in range(getattr(engine, "num_layers", 0))]
+        report = summarize_layers({"Layers": [parse_oneline(str(line)) for line in lines]})
+        report["json_error"] = f"{type(exc).__name__}: {exc}"
+        return report
     return summarize_layers(information)
+
+
+def parse_oneline(line: str) -> dict[str, Any]:
+    """One layer of the inspector's ONELINE format ("Name: ..., LayerType: ..., Inputs: [ { ... Format/Datatype:
+    ... } ], Outputs: [ ... ], ...") as the JSON format's fields :func:`summarize_layers` reads."""
+    name = re.search(r"Name:\s*([^,]*)", line)
+    kind = re.search(r"LayerType:\s*([^,]*)", line)
+    inputs, _, outputs = line.partition("Outputs:")
+    formats = re.compile(r"Format/Datatype:\s*([^}\]]*)")
+    return {"Name": name.group(1).strip() if name else line[:80], "LayerType": kind.group(1).strip() if kind else "unknown",
+            "Inputs": [{"Format/Datatype": f} for f in formats.findall(inputs)],
+            "Outputs": [{"Format/Datatype": f} for f in formats.findall(outputs)]}
