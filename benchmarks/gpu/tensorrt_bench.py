@@ -3,8 +3,10 @@ whole-volume time and agreement with the FP32 plan, for FP32 / FP16 / INT8 plans
 
 Networks: ``unet14`` (MONAI UNet 16-256, 2 residual units, BatchNorm, 14 classes, 96^3 windows, random weights,
 seed 0: speed and size only) and, with ``--ct``, the shipped real-CT sample ``ct_unet`` (agreement on a real CT).
-INT8 variants are model folders quantized by ``quantize_model`` with ModelOpt's placement (``modelopt``) and the
-INT8-chain placement (``cpu``, 8-bit weights: ``--target-cpu vnni``). Stages, each resumable in one work folder:
+INT8 variants are model folders quantized by ``quantize_model`` with ModelOpt's placement (``modelopt``), the
+INT8-chain placement (``cpu``, 8-bit weights: ``--target-cpu vnni``; skipped by default, it failed on 8.6.0) and
+ModelOpt's with the convolutions narrower than 32 channels kept FP16 (``wide``). Stages, each resumable in one
+work folder:
 
     python benchmarks/gpu/tensorrt_bench.py --work W --stage prepare [--ct ct.nii.gz]
     python benchmarks/gpu/tensorrt_bench.py --work W --stage build --levels 2 [--only unet14]
@@ -30,7 +32,10 @@ import torch
 
 UNET14 = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "channels": [16, 32, 64, 128, 256],
           "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "BATCH"}
-PLACEMENTS = ("modelopt", "cpu")
+# "wide": ModelOpt's placement with convolutions narrower than 32 channels left in FP16. INT8 tensor-core kernels
+# read 32-channel vectors: a 16-channel INT8 tensor is padded to 32 bytes per voxel, as many as FP16's 16 x 2.
+PLACEMENTS = ("modelopt", "cpu", "wide")
+NARROW = 32
 SAMPLE_CT = Path(__file__).resolve().parents[2] / "PTQLogic" / "samples" / "data" / "ct_unet.json"
 
 
@@ -88,12 +93,24 @@ def prepare(work: Path, ct: Path | None) -> None:
         out = work / f"unet14-{placement}"
         if not (out / "int8.onnx").is_file():
             started = time.perf_counter()
-            quantize_model(spec, calibration, out, num_patches=8, guard=None, placement=placement, target_cpu="vnni")
-            log(f"quantized {out.name} in {time.perf_counter() - started:.0f} s")
+            exclude = narrow_convolutions(work / "unet14-modelopt" / "fp32.onnx") if placement == "wide" else ()
+            quantize_model(spec, calibration, out, num_patches=8, guard=None, target_cpu="vnni", exclude_nodes=exclude,
+                           placement="modelopt" if placement == "wide" else placement)
+            log(f"quantized {out.name} in {time.perf_counter() - started:.0f} s ({len(exclude)} convolutions kept FP16)")
     if ct is not None and not (work / "ct_unet" / "int8.onnx").is_file():
         # the sample was trained on this CT: agreement here compares runtimes on one graph, not fidelity
         quantize_model(SAMPLE_CT, [ct], work / "ct_unet", num_patches=16, guard=None, placement="modelopt",
                        target_cpu="vnni")
+
+
+def narrow_convolutions(fp32_onnx: Path) -> list[str]:
+    """Names of the Conv/ConvTranspose nodes with fewer than NARROW input or output channels."""
+    import onnx
+
+    graph = onnx.load(str(fp32_onnx)).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    return [node.name for node in graph.node if node.op_type in ("Conv", "ConvTranspose")
+            and node.input[1] in shapes and min(shapes[node.input[1]][:2]) < NARROW]
 
 
 def variants(work: Path, only: list[str] | None) -> list[tuple[str, Path, str]]:
@@ -109,35 +126,46 @@ def variants(work: Path, only: list[str] | None) -> list[tuple[str, Path, str]]:
     return rows
 
 
-def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str]) -> None:
-    from PTQLogic.engines.tensorrt_engine import TensorRTBuildOptions, build_tensorrt_plan, cached_plan, use_build_options
+def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str], skip: list[str]) -> None:
+    """One plan per variant and level, as the product builds it (timing cache "auto": one per network and
+    precision, here under ``work/user-cache``); a variant TensorRT cannot build is recorded, not fatal."""
+    from PTQLogic.core.errors import ModelError
     from PTQLogic.core.progress import Monitor
+    from PTQLogic.engines.tensorrt_engine import TensorRTBuildOptions, build_tensorrt_plan, cached_plan, use_build_options
 
+    os.environ["PTQSEG_CACHE_DIR"] = str(work / "user-cache")
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     device_name = f"{props.name} sm_{props.major}{props.minor}"
     records = json.loads((work / "builds.json").read_text()) if (work / "builds.json").is_file() else {}
     for level in levels:
-        timing = work / f"timing-level{level}.cache"
         for label, onnx_path, precision in variants(work, only):
             key = f"{label} level{level}"
-            if key in records:
+            if key in records or label in skip:
                 continue
             lines: list[str] = []
-            options = TensorRTBuildOptions(optimization_level=level, timing_cache=str(timing))
-            with use_build_options(options), captured_output(lines):
-                plan, info = cached_plan(onnx_path, precision, work / "plans", device_name, 4, Monitor())
+            started = time.perf_counter()
+            try:
+                with use_build_options(TensorRTBuildOptions(optimization_level=level)), captured_output(lines):
+                    plan, info = cached_plan(onnx_path, precision, work / "plans", device_name, 4, Monitor())
+            except ModelError as exc:
+                records[key] = {"network": label.split()[0], "variant": label, "precision": precision, "level": level,
+                                "error": str(exc), "seconds": time.perf_counter() - started,
+                                "tensorrt_errors": [line for line in lines if "[E]" in line][:5], "gpu": name}
+                log(json.dumps(records[key]))
+                (work / "builds.json").write_text(json.dumps(records, indent=1))
+                continue
             cold, again = info["build_seconds"], None
             if label in warm:
-                with captured_output(lines):  # the same network again: the timing cache is warm now
+                with captured_output(lines):  # the same network again: its timing cache is warm now
                     started = time.perf_counter()
                     build_tensorrt_plan(onnx_path, precision, work / "rebuild.plan", opt_batch=4, max_batch=4,
-                                        timing_cache_path=timing, optimization_level=level)
+                                        timing_cache_path=info["timing_cache"], optimization_level=level)
                     again = time.perf_counter() - started
             records[key] = {"network": label.split()[0], "variant": label, "precision": precision, "level": level,
                             "plan": str(plan), "plan_bytes": plan.stat().st_size, "build_cold_s": cold,
-                            "build_warm_s": again, "tensorrt_errors": [l for l in lines if "[E]" in l][:5],
-                            "timing_cache_bytes": timing.stat().st_size if timing.is_file() else 0, "gpu": name}
+                            "build_warm_s": again, "tensorrt_errors": [line for line in lines if "[E]" in line][:5],
+                            "timing_cache": info["timing_cache"], "gpu": name}
             log(json.dumps({k: v for k, v in records[key].items() if k != "plan"}))
             (work / "builds.json").write_text(json.dumps(records, indent=1))
 
@@ -203,7 +231,7 @@ def measure(work: Path, out: Path, ct: Path | None, rounds: int, iters: int) -> 
 
     result["machine"]["tensorrt"] = tensorrt.__version__
     for net in ("unet14", "ct_unet"):
-        rows = {k: r for k, r in records.items() if r["network"] == net}
+        rows = {k: r for k, r in records.items() if r["network"] == net and "plan" in r}
         if not rows:
             continue
         engines = {k: TensorRTEngine(r["plan"], r["precision"]) for k, r in rows.items()}
@@ -284,6 +312,8 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[2])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--warm", nargs="*", default=["unet14 fp16"], help="variants rebuilt with the warm timing cache")
+    parser.add_argument("--skip", nargs="*", default=["unet14 int8 cpu"],
+                        help="variants not built (the cpu placement failed on TensorRT 8.6.0 after 94 s)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
@@ -291,7 +321,7 @@ def main() -> None:
     if args.stage == "prepare":
         prepare(args.work, args.ct)
     elif args.stage == "build":
-        build(args.work, args.levels, args.only, args.warm)
+        build(args.work, args.levels, args.only, args.warm, args.skip)
     else:
         measure(args.work, args.out or args.work, args.ct, args.rounds, args.iters)
 
