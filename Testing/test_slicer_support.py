@@ -437,9 +437,10 @@ def test_info_command_reports_the_auto_runtime_choice():
     assert proc.returncode == 0, proc.stderr
     text = runtime_choice_text(parse_result(proc.stdout))
     lines = text.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["FP32", "FP16", "INT8"]
+    assert [line.split(":")[0] for line in lines] == ["FP32", "FP16", "INT8", "AUTO precision"]
     assert lines[2].startswith("INT8: openvino - OpenVINO")  # no NVIDIA GPU here
     assert lines[1].startswith("FP16: unavailable - FP16 needs an NVIDIA GPU")
+    assert lines[3].startswith("AUTO precision: int8 - openvino")  # FP16 only where TensorRT runs
 
 
 def test_sample_models_are_the_shipped_specs_only():

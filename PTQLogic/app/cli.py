@@ -237,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from ..engines import choose_runtime
+    from ..engines import choose_precision, choose_runtime
     from ..core.sysinfo import cpu_int8_note, cpu_int8_target, system_info
 
     info = system_info()
@@ -249,6 +249,11 @@ def cmd_info(args: argparse.Namespace) -> None:
             info["auto_runtime"][precision] = {"runtime": runtime, "reason": reason}
         except PTQError as exc:
             info["auto_runtime"][precision] = {"runtime": None, "reason": str(exc)}
+    try:
+        precision, reason = choose_precision("auto")
+        info["auto_precision"] = {"precision": precision, "reason": reason}
+    except PTQError as exc:
+        info["auto_precision"] = {"precision": None, "reason": str(exc)}
     cpu = info["cpu"]
     flags = ", ".join(name for name, present in cpu["flags"].items() if present) or "none of AVX2/AVX-512/AMX"
     lines = [
@@ -266,6 +271,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         lines.append(f"{name}: {'missing: ' if isinstance(version, dict) else ''}{shown}")
     for precision, choice in info["auto_runtime"].items():
         lines.append(f"auto runtime for {precision}: {choice['runtime'] or 'none'} ({choice['reason']})")
+    lines.append(f"auto precision: {info['auto_precision']['precision'] or 'none'} ({info['auto_precision']['reason']})")
     lines.append(f"int8 target cpu: {info['int8_target_cpu']} (quantize --target-cpu auto)"
                  + (f"\nnote: {info['cpu_int8_note']}" if info["cpu_int8_note"] else ""))
     _emit(args, info, "\n".join(lines))

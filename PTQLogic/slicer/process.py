@@ -60,10 +60,15 @@ def info_command(python_exe: str) -> list[str]:
 
 
 def runtime_choice_text(info: dict) -> str:
-    """One line per precision saying which runtime "auto" picks here and why (from ``info_command``)."""
+    """One line per precision saying which runtime "auto" picks here and why, then what precision "auto" runs
+    (from ``info_command``)."""
     choices = info.get("auto_runtime") or {}
-    return "\n".join(f"{precision.upper()}: {choice.get('runtime') or 'unavailable'} - {choice.get('reason', '')}"
-                     for precision, choice in choices.items())
+    lines = [f"{precision.upper()}: {choice.get('runtime') or 'unavailable'} - {choice.get('reason', '')}"
+             for precision, choice in choices.items()]
+    auto = info.get("auto_precision")
+    if auto:
+        lines.append(f"AUTO precision: {auto.get('precision') or 'unavailable'} - {auto.get('reason', '')}")
+    return "\n".join(lines)
 
 
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
