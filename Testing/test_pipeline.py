@@ -116,3 +116,11 @@ def test_requantize_replaces_an_earlier_model_folder(quantized_unet, phantom_fil
         "volumes": 2, "patches": 2, "seed": 3, "method": "entropy", "inputs": [str(p) for p in phantom_files["calibration"]],
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or backup folder left
+
+
+def test_precision_auto_runs_the_int8_folder_on_a_cpu(quantized_unet, phantom_files, tmp_path):
+    from PTQLogic.pipeline import segment
+
+    outcome = segment(quantized_unet, phantom_files["image"], tmp_path / "labels.nii.gz", precision="auto")
+    assert outcome.precision == "int8" and outcome.runtime in ("openvino", "onnxruntime")  # no TensorRT here
+    assert (tmp_path / "labels.nii.gz").is_file()
