@@ -253,7 +253,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.cleanupJobTemp()
             self.showError(str(error))
             return
-        self.startJob(command, _("Comparing FP32 and INT8") if compare else _("Segmenting"), self.onSegmentFinished)
+        self.startJob(command, _("Comparing with FP32") if compare else _("Segmenting"), self.onSegmentFinished)
 
     def onSegmentFinished(self, result):
         params = self._parameterNode
