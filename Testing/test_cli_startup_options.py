@@ -33,9 +33,10 @@ print(json.dumps({"code": code, "heavy": [m for m in %r if m in sys.modules]}), 
 """ % (HEAVY,)
 
 
-def _probe(*argv: str) -> tuple[dict, str, float]:
+def _probe(*argv: str, env: dict | None = None) -> tuple[dict, str, float]:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=env)
     seconds = time.perf_counter() - started
     return json.loads(proc.stderr.strip().splitlines()[-1]), proc.stdout + proc.stderr, seconds
 
@@ -64,6 +65,20 @@ def test_wrong_paths_fail_before_torch_is_imported(argv):
     result, output, _ = _probe(*argv)
     assert result["code"] == 2 and "error: " in output, output
     assert not {"torch", "monai", "onnx", "openvino", "modelopt"} & set(result["heavy"]), result["heavy"]
+
+
+def test_wrong_paths_fail_first_where_tensorrt_is_installed(tmp_path):
+    """--precision auto asks whether TensorRT runs here (importing torch and the runtimes) only after the paths
+    are checked: a package named tensorrt on the path must not make a wrong path slow to report."""
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.py").write_text("raise ImportError('not a real TensorRT')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for argv in (["segment", "--model", "/nonexistent", "--input", "x.nii.gz", "--output", "y.nii.gz"],
+                 ["segment", "--model", str(ROOT / "PTQLogic" / "samples" / "data" / "phantom_unet.json"),
+                  "--input", "/nonexistent.nii.gz", "--output", "y.nii.gz"]):
+        result, output, _ = _probe(*argv, env=env)
+        assert result["code"] == 2 and "does not exist" in output, output
+        assert not {"torch", "openvino", "onnxruntime"} & set(result["heavy"]), result["heavy"]
 
 
 def test_version(capsys):

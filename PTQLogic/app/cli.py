@@ -53,12 +53,30 @@ def _resolve_precision(args: argparse.Namespace) -> str:
         return args.precision
     if args.runtime in ("openvino", "onnxruntime") or args.runtime == "auto" and importlib.util.find_spec("tensorrt") is None:
         return DEFAULT_PRECISION  # no TensorRT to choose: decided without importing torch (bad paths fail fast)
+    if args.runtime == "auto":  # deciding imports the runtimes: let a wrong path fail first, as it would without
+        _check_paths(args)
     from ..engines import choose_precision
 
     precision, reason = choose_precision(args.runtime)
     if precision != DEFAULT_PRECISION:
         _note(args, f"--precision auto: {reason}.")
     return precision
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The model and input checks ``segment``/``build`` make first, before anything heavy is imported."""
+    from pathlib import Path
+
+    from ..io.volumes import check_readable
+    from ..models.model_folder import check_model_path
+
+    models = args.model if isinstance(args.model, (list, tuple)) else [args.model]
+    for model in models:
+        check_model_path(model)
+    if getattr(args, "input", None):
+        if not Path(args.input).exists():
+            raise InputError(f"Input '{args.input}' does not exist.")
+        check_readable(Path(args.input))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
