@@ -123,31 +123,39 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(element type, rank) of every tensor whose shape inference knows them."""
     inferred = onnx.shape_inference.infer_shapes(model)
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+    return {v.name: (v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values
+            if v.type.tensor_type.HasField("shape")}
 
 
 def decompose_instancenorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every InstanceNormalization node as ReduceMean/Sub/Mul/Add/Sqrt/Div (two-pass variance, same epsilon),
-    with scale and bias broadcast over the channel axis. Returns a new model; the argument is not modified.
+    """Every InstanceNormalization node as elementary ops, with scale and bias broadcast over the channel axis.
+    Returns a new model; the argument is not modified.
 
     TensorRT 8.6.0's parser maps InstanceNormalization to a plugin that needs cuDNN 8 at build and run time
-    (and fails without it); elementary ops are built from TensorRT's own kernels.
+    (and fails without it); elementary ops are built from TensorRT's own kernels. The centred values are divided
+    by their largest magnitude m (at least 1e-3) before squaring, so FP16 cannot overflow (a plain (x - mean)^2
+    does once |x - mean| > 256): y = (d / m) / sqrt(mean((d / m)^2) + eps / m^2) = d / sqrt(var + eps).
     """
     if not any(n.op_type == "InstanceNormalization" for n in model.graph.node):
         return model
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph, opset, ranks = model.graph, _opset(model), _ranks(model)
+    graph, opset, types = model.graph, _opset(model), _tensor_types(model)
     inits = {i.name: i for i in graph.initializer}
+    replaced: set[str] = set()
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
         if node.op_type != "InstanceNormalization":
             new_nodes.append(node)
             continue
         x, scale, bias = node.input[:3]
-        rank = ranks.get(x, 5)
+        if x not in types:
+            raise ModelError(f"Cannot tell the rank of the input of '{node.name}' (InstanceNormalization) to rewrite it "
+                             "for this TensorRT; export the model with static shapes.")
+        dtype, rank = types[x]
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         tag = f"{node.name or 'InstanceNormalization'}_{index}"
         axes = list(range(2, rank))
@@ -156,46 +164,42 @@ def decompose_instancenorm(model: onnx.ModelProto) -> onnx.ModelProto:
         def name(part: str) -> str:
             return f"{tag}/{part}"
 
-        def reduce_mean(src: str, dst: str) -> None:
+        def add(op: str, inputs: list[str], part: str, **attrs) -> str:
+            new_nodes.append(onnx.helper.make_node(op, inputs, [name(part)], name=name(part), **attrs))
+            return name(part)
+
+        def constant(part: str, value, data_type: int = dtype) -> str:
+            graph.initializer.append(onnx.helper.make_tensor(name(part), data_type, np.shape(value),
+                                                             np.ravel(value).tolist()))
+            return name(part)
+
+        def reduce(op: str, src: str, part: str) -> str:
             if opset >= 18:
-                axes_name = name("axes")
-                if axes_name not in inits:
-                    inits[axes_name] = numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name)
-                    graph.initializer.append(inits[axes_name])
-                new_nodes.append(onnx.helper.make_node("ReduceMean", [src, axes_name], [dst], keepdims=1, name=dst))
-            else:
-                new_nodes.append(onnx.helper.make_node("ReduceMean", [src], [dst], axes=axes, keepdims=1, name=dst))
+                return add(op, [src, axes_name], part, keepdims=1)
+            return add(op, [src], part, axes=axes, keepdims=1)
 
         def per_channel(src: str, part: str) -> str:
             if src in inits:  # a constant: reshaped once, no node needed
+                replaced.add(src)
                 reshaped = numpy_helper.to_array(inits[src]).reshape(channel_shape)
                 graph.initializer.append(numpy_helper.from_array(reshaped, name(part)))
                 return name(part)
-            shape_name = name(f"{part}_shape")
-            graph.initializer.append(numpy_helper.from_array(np.array(channel_shape, dtype=np.int64), shape_name))
-            new_nodes.append(onnx.helper.make_node("Reshape", [src, shape_name], [name(part)], name=name(part)))
-            return name(part)
+            return add("Reshape", [src, constant(f"{part}_shape", channel_shape, onnx.TensorProto.INT64)], part)
 
-        dtype = inits[scale].data_type if scale in inits else onnx.TensorProto.FLOAT
-        eps_name = name("epsilon")
-        graph.initializer.append(onnx.helper.make_tensor(eps_name, dtype, [], [eps]))
-        reduce_mean(x, name("mean"))
-        new_nodes.append(onnx.helper.make_node("Sub", [x, name("mean")], [name("centered")], name=name("centered")))
-        new_nodes.append(onnx.helper.make_node("Mul", [name("centered"), name("centered")], [name("squared")],
-                                               name=name("squared")))
-        reduce_mean(name("squared"), name("variance"))
-        new_nodes.append(onnx.helper.make_node("Add", [name("variance"), eps_name], [name("variance_eps")],
-                                               name=name("variance_eps")))
-        new_nodes.append(onnx.helper.make_node("Sqrt", [name("variance_eps")], [name("std")], name=name("std")))
-        new_nodes.append(onnx.helper.make_node("Div", [name("centered"), name("std")], [name("normalized")],
-                                               name=name("normalized")))
-        new_nodes.append(onnx.helper.make_node("Mul", [name("normalized"), per_channel(scale, "scale")],
-                                               [name("scaled")], name=name("scaled")))
-        new_nodes.append(onnx.helper.make_node("Add", [name("scaled"), per_channel(bias, "bias")], [node.output[0]],
+        axes_name = constant("axes", axes, onnx.TensorProto.INT64) if opset >= 18 else ""
+        centered = add("Sub", [x, reduce("ReduceMean", x, "mean")], "centered")
+        largest = add("Max", [reduce("ReduceMax", add("Abs", [centered], "magnitude"), "largest_magnitude"),
+                              constant("smallest_scale", 1e-3)], "scale_down")
+        unit = add("Div", [centered, largest], "unit")
+        variance = reduce("ReduceMean", add("Mul", [unit, unit], "squared"), "variance")
+        epsilon = add("Div", [constant("eps_value", eps), add("Mul", [largest, largest], "scale_squared")], "epsilon")
+        std = add("Sqrt", [add("Add", [variance, epsilon], "variance_eps")], "std")
+        scaled = add("Mul", [add("Div", [unit, std], "normalized"), per_channel(scale, "scale")], "scaled")
+        new_nodes.append(onnx.helper.make_node("Add", [scaled, per_channel(bias, "bias")], [node.output[0]],
                                                name=name("shifted")))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}
+    for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
         graph.initializer.remove(init)
     return model

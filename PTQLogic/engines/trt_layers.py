@@ -75,7 +75,7 @@ def layer_report(trt, engine) -> dict[str, Any] | None:
         return None
     inspector = engine.create_engine_inspector()
     if inspector is None:
-        return None
+        return {"layers": None, "error": "the engine gave no inspector"}
     text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     try:
         information = json.loads(text, strict=False)  # layer names may hold control characters
