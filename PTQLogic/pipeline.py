@@ -68,7 +68,7 @@ def segment(
     output: str | Path,
     *,
     runtime: str = "auto",
-    precision: str = "int8",
+    precision: str = "auto",
     batch_size: int | None = None,
     compare: bool = False,
     reference: str | Path | None = None,

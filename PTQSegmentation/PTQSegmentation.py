@@ -238,6 +238,9 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not params.inputVolume:
                 raise PTQError("Choose an input volume.")
             support.check_segment_model(params.modelDir, reference=bool(params.referenceSegmentation))
+            if compare and params.runtime == "torch" and params.precision in ("auto", "fp32", "int8"):
+                raise PTQError(_("Compare runs a quantized (INT8) or FP16 engine against FP32: choose another runtime, "
+                                 "or FP16 for PyTorch on an NVIDIA GPU."))
             precision = "int8" if compare and params.precision == "fp32" else params.precision
             self._jobTemp = tempfile.TemporaryDirectory(prefix="ptqseg-")
             temp = Path(self._jobTemp.name)

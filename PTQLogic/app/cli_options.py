@@ -21,7 +21,7 @@ def add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
     group.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5", default=None,
                        help="builder optimization level (default 2: shorter builds than TensorRT's 3)")
     group.add_argument("--trt-timing-cache", default="auto", metavar="PATH|auto|off",
-                       help="kernel timing cache reused by later builds (auto: the user cache folder, one per network and precision)")
+                       help="kernel timing cache reused by later builds (auto: the user cache folder, one per network and precision; none on TensorRT 8.x, which refused its own saved caches)")
 
 
 PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: auto = {DEFAULT_PRECISION} on the CPU runtimes, "

@@ -329,7 +329,8 @@ def run_cohort(
 ) -> CohortSummary:
     """Segment every input volume on a Ray cluster; label maps and ``manifest.jsonl`` land in ``output_dir``.
 
-    ``precision``: int8 by default (fp32 for ``runtime="torch"``).
+    ``precision``: None/"auto" as :func:`resolve_precision` says (int8; fp16 for ``runtime="tensorrt"``, fp32 for
+    ``runtime="torch"``).
     ``pin_cpus``: on a local cluster, give each worker its own ``threads_per_worker`` CPUs (when they fit).
     ``torch_compile``: a ``torch.compile`` mode for ``runtime="torch"`` workers (compiled once per worker).
     ``on_dispatch(input, worker_pid)`` is called when a volume is handed to a worker (for monitoring).

@@ -75,8 +75,9 @@ def choose_runtime(precision: str) -> tuple[str, str]:
 
 # Measured with TensorRT 8.6.0 on an H200 (benchmarks/results/h200-trt86/): ModelOpt's INT8 Q/DQ UNet ran at
 # 0.95x FP16's latency at batch 1 and 1.10x at batch 4, with a plan as large as FP16's, so INT8 buys nothing there.
-TENSORRT_AUTO_PRECISION = ("fp16", "TensorRT: FP16 (INT8 measured no faster than FP16 on TensorRT 8.6, H200: "
-                           "1.27 vs 1.33 ms at batch 1, 3.28 vs 2.97 ms at batch 4; --precision int8 runs INT8)")
+TENSORRT_AUTO_PRECISION = ("fp16", "TensorRT: FP16 (on TensorRT 8.6.0, H200, INT8 took 0.95-1.07x FP16's time at "
+                           "batch 1 and 1.10-1.13x at batch 4, with a plan as large; other versions not measured; "
+                           "--precision int8 runs INT8)")
 
 
 def choose_precision(runtime: str) -> tuple[str, str]:

@@ -56,15 +56,18 @@ class TensorRTBuildOptions:
         if int(self.workspace_bytes) < 1 << 20:
             raise InputError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_bytes} bytes.")
 
-    def timing_cache_path(self, trt_version: str, device_name: str, network: str = "") -> Path | None:
-        """"auto": one cache per TensorRT version, GPU and ``network`` (the ONNX content and precision).
+    def timing_cache_path(self, trt_version: str, device_name: str, network: str = "",
+                          readable: bool = True) -> Path | None:
+        """"auto": one cache per TensorRT version, GPU and ``network`` (the ONNX content and precision), or none
+        where saved caches are not ``readable``.
 
-        TensorRT 8.6.0 cannot load a timing cache holding Myelin entries of another network ("Myelin error from
-        unknown graph ... The timing cache will not be used!", measured on an H200); the same network's cache
-        loads and cut a rebuild from 59.5 s to 2.6 s there. So caches are kept per network: a rebuild with
-        another batch profile, optimization level or after the plan was deleted starts warm, without errors.
+        On an H200, TensorRT 8.6.0 refused every timing cache it had saved once Myelin kernels were in it, with two
+        ``[E]`` lines per build ("Myelin error from unknown graph ... The timing cache will not be used!"), for
+        another network's cache and for the same network's alike; rebuilding in the same process was fast anyway
+        (59.5 s, then 2.6 s). So "auto" keeps no file on TensorRT 8.x (``readable`` False), and one per network
+        elsewhere, so that no build loads another network's entries.
         """
-        if self.timing_cache == "off":
+        if self.timing_cache == "off" or self.timing_cache == "auto" and not readable:
             return None
         if self.timing_cache != "auto":
             return Path(self.timing_cache)
@@ -390,7 +393,7 @@ def cached_plan(onnx_path: Path, precision: str, cache_dir: Path, device_name: s
     profile = {"min_batch": 1, "opt_batch": min(PIPELINE_BATCH, max_batch), "max_batch": max_batch}
     fields = engine_fields(onnx_path, precision, "tensorrt", trt.__version__, device_name, profile, recipe=recipe)
     network = hashlib.sha256(f"{fields['model_sha256']} {precision}".encode()).hexdigest()[:16]
-    timing_cache = options.timing_cache_path(trt.__version__, device_name, network)
+    timing_cache = options.timing_cache_path(trt.__version__, device_name, network, readable=strongly_typed(trt))
     seconds: list[float] = []
 
     def build(tmp: Path) -> None:
