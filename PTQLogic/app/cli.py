@@ -67,16 +67,14 @@ def _check_paths(args: argparse.Namespace) -> None:
     """The model and input checks ``segment``/``build`` make first, before anything heavy is imported."""
     from pathlib import Path
 
-    from ..io.volumes import check_readable
+    from ..io.volumes import check_input_path
     from ..models.model_folder import check_model_path
 
     models = args.model if isinstance(args.model, (list, tuple)) else [args.model]
     for model in models:
         check_model_path(model)
     if getattr(args, "input", None):
-        if not Path(args.input).exists():
-            raise InputError(f"Input '{args.input}' does not exist.")
-        check_readable(Path(args.input))
+        check_input_path(Path(args.input))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -114,10 +114,8 @@ def _to_volume(image, source: str) -> Volume:
     return volume.validate(f"image '{source}'")
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI/NRRD/MetaImage file or a folder with exactly one DICOM series as a :class:`Volume`."""
-    sitk = sitk_module()
-    path = Path(path)
+def check_input_path(path: Path) -> None:
+    """An input volume path that does not exist or cannot be read fails with that (no SimpleITK needed)."""
     try:
         exists = path.exists()
     except PermissionError:  # a folder above it cannot be entered
@@ -126,6 +124,13 @@ def read_volume(path: str | Path) -> Volume:
     if not exists:
         raise InputError(f"Input '{path}' does not exist.")
     check_readable(path)
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a NIfTI/NRRD/MetaImage file or a folder with exactly one DICOM series as a :class:`Volume`."""
+    sitk = sitk_module()
+    path = Path(path)
+    check_input_path(path)
     if path.is_dir():
         try:
             image = _read_dicom_folder(path)
