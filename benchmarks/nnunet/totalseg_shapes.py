@@ -93,6 +93,36 @@ def write_ct(path: Path, seed: int, shape_kji: Sequence[int], spacing_ijk: Seque
     return path
 
 
+# phantom class name -> TotalSegmentator "total" label value (totalsegmentator_total_labels.json); the spine
+# column is called vertebrae_L2
+PHANTOM_TO_TOTAL = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "vertebra": 30, "aorta": 52}
+
+
+def phantom_lut() -> np.ndarray:
+    """Phantom label value -> TotalSegmentator "total" label value."""
+    from PTQLogic.samples.phantom import LABELS
+
+    lut = np.zeros(max(LABELS.values()) + 1, np.uint8)
+    for name, total in PHANTOM_TO_TOTAL.items():
+        lut[LABELS[name]] = total
+    return lut
+
+
+def write_truth(path: Path, seed: int, cts: dict[str, Any]) -> Path:
+    """The test CT's phantom labels as TotalSegmentator "total" values (:data:`PHANTOM_TO_TOTAL`); kept if there."""
+    import SimpleITK as sitk
+
+    from PTQLogic.io.volumes import to_sitk_image
+    from PTQLogic.samples.phantom import make_phantom
+
+    if not path.is_file():
+        _, labels = make_phantom(seed, cts["shape_kji"], tuple(reversed(cts["spacing_kji"])))
+        tmp = path.with_name(path.name + ".part.nii.gz")
+        sitk.WriteImage(to_sitk_image(phantom_lut()[labels.array], labels.ijk_to_ras), str(tmp), True)
+        tmp.replace(path)
+    return path
+
+
 def write_cts(folder: Path, shape_xyz: Sequence[int], spacing_xyz: Sequence[float], test_seed: int,
               calibration_seeds: Sequence[int]) -> dict[str, Any]:
     """The test CT and the calibration CTs (other seeds), all of one shape and spacing."""
@@ -198,31 +228,69 @@ def trained_checkpoint(weights_dir: Path, task_id: int) -> Path:
     return found[0]
 
 
+def check_trained_plans(trained: Path, plans: dict[str, Any]) -> None:
+    """Refuse trained weights whose plans differ from this run's in what decides the network's answer
+    (architecture, patch, spacing, normalization, intensities): they were trained for another CT or shape."""
+    if not trained.is_file():
+        return  # a results folder without plans.json: the strict weight load still checks the architecture
+    theirs = json.loads(trained.read_text())
+
+    def key(p: dict[str, Any]) -> Any:
+        c = p["configurations"]["3d_fullres"]
+        return [c["architecture"], c["patch_size"], c["spacing"], c["normalization_schemes"],
+                p["foreground_intensity_properties_per_channel"]]
+
+    if json.dumps(key(theirs), sort_keys=True) != json.dumps(key(plans), sort_keys=True):
+        raise SystemExit(f"--weights: {trained} was planned for another CT, shape or spacing than this run "
+                         "(architecture, patch, spacing or intensities differ); train with the same --shape, "
+                         "--spacing, --parts and --tiny-networks")
+
+
 def write_part(root: Path, models: ModelSet, part: Part, plans: dict[str, Any], names: dict[int, str], seed: int,
                weights_dir: Path | None) -> Path:
     """One part as an nnU-Net v2 results folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); kept
     where an earlier run wrote it."""
     import torch
 
-    folder = root / f"Dataset{part.task_id}_TotalSegShape_{part.name}" / models.folder_name
+    folder = part_folder(root, models, part)
     target = folder / "fold_0" / "checkpoint_final.pth"
     if target.is_file():  # written by an earlier run with the same settings (the caller's work folder)
         return folder
     target.parent.mkdir(parents=True, exist_ok=True)
     plans = dict(plans, dataset_name=folder.parent.name)
-    dataset = _dataset_json([names[part.first_label + i] for i in range(part.classes)])
+    dataset = part_dataset(part, names)
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     if weights_dir is not None:
-        shutil.copyfile(trained_checkpoint(weights_dir, part.task_id), target)
+        source = trained_checkpoint(weights_dir, part.task_id)
+        check_trained_plans(source.parent.parent / "plans.json", plans)
+        shutil.copyfile(source, target)
         return folder
     architecture = plans["configurations"]["3d_fullres"]["architecture"]
-    checkpoint = {"network_weights": _random_weights(architecture, part.classes, seed + part.task_id),
-                  "trainer_name": models.trainer, "current_epoch": 0, "inference_allowed_mirroring_axes": None,
-                  "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
-                                "device": torch.device("cpu")}}
-    torch.save(checkpoint, target)
+    weights = _random_weights(architecture, part.classes, seed + part.task_id)
+    torch.save(checkpoint_record(models, plans, dataset, weights), target)
     return folder
+
+
+def part_folder(root: Path, models: ModelSet, part: Part) -> Path:
+    """Where a part's results folder lies under ``root`` (TotalSegmentator's layout)."""
+    return root / f"Dataset{part.task_id}_TotalSegShape_{part.name}" / models.folder_name
+
+
+def part_dataset(part: Part, names: dict[int, str]) -> dict[str, Any]:
+    """The part's dataset.json: its classes' global names in label order."""
+    return _dataset_json([names[part.first_label + i] for i in range(part.classes)])
+
+
+def checkpoint_record(models: ModelSet, plans: dict[str, Any], dataset: dict[str, Any], weights: dict[str, Any],
+                      epoch: int = 0) -> dict[str, Any]:
+    """An nnU-Net v2 ``checkpoint_final.pth`` as its trainer saves one (loadable with ``weights_only=True``)."""
+    import torch
+
+    return {"network_weights": weights, "trainer_name": models.trainer, "current_epoch": epoch,
+            "inference_allowed_mirroring_axes": None,
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset,
+                          "device": torch.device("cpu")}}
 
 
 def write_parts_file(path: Path, folders: Sequence[Path], names: dict[int, str]) -> Path:

@@ -142,11 +142,19 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> di
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
-    if "seconds" in results.get("nnunetv2", {}):
-        reference = report.read_labels(out / "nnunetv2.nii.gz")
+    # nnunetv2's labels; where its row cannot run, the project's pipeline on PyTorch FP32 (the same labels, voxel
+    # for voxel, wherever both ran: Testing/test_whole_ct_benchmark.py)
+    reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})), None)
+    truth = report.read_labels(cts["truth"]) if cts.get("truth") else None
+    if reference is not None or truth is not None:
+        labels = report.read_labels(out / f"{reference}.nii.gz") if reference else None
         for row in (r for r in rows if "seconds" in results[r]):
-            results[row]["agreement"] = report.agreement(reference, report.read_labels(out / f"{row}.nii.gz"))
-    return {"order": order, "rows": results}
+            mine = report.read_labels(out / f"{row}.nii.gz")
+            if labels is not None:
+                results[row]["agreement"] = report.agreement(labels, mine)
+            if truth is not None:
+                results[row]["truth"] = report.agreement(truth, mine)
+    return {"order": order, "rows": results, "reference": reference}
 
 
 def config_record(config: dict[str, Any], cts) -> dict[str, Any]:
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
                            CALIBRATION_SEEDS)
+    if args.weights:  # phantom-trained weights: the test CT's own labels say whether the network learned anything
+        cts["truth"] = shapes.write_truth(cts["test"].with_name("ct_truth.nii.gz"), TEST_SEED, cts)
     work = work_dir(args, "models", args.shape, args.spacing, args.tiny_networks, args.weights,
                     args.calibration_patches, args.labels)
     names = ["total", "fast"] if args.config == "both" else [args.config]

@@ -15,6 +15,7 @@ ROW_TITLES = {
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
 }
 STAGES = ("build", "preprocess", "network", "export", "other")
+REFERENCES = ("nnunetv2", "fp32-torch")  # agreement is with the first of these that ran in the repeat
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -47,8 +48,15 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def reference_of(repeats: list[dict[str, Any]]) -> str | None:
+    """The row every repeat's agreement is measured against (``REFERENCES``), None if none ran."""
+    found = {r.get("reference") for r in repeats}
+    return found.pop() if len(found) == 1 else None
+
+
 def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any]:
-    """Median and min-max per row over the repeats: end to end, stages, peak RSS, agreement, speedup."""
+    """Median and min-max per row over the repeats: end to end, stages, peak RSS, agreement with the reference
+    row's labels (and with the phantom's truth where the weights are trained), speedup over nnunetv2."""
     summary = {}
     for row in rows:
         runs = [r["rows"][row] for r in repeats if row in r["rows"] and "seconds" in r["rows"][row]]
@@ -60,8 +68,9 @@ def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, A
             "stages": {s: spread([r["stages"].get(s) for r in runs]) for s in STAGES},
             "peak_rss_gb": spread([r["peak_rss_bytes"] / 2**30 for r in runs]),
             "speedup_vs_nnunetv2": spread(ratios),
-            "dice_vs_nnunetv2": spread([r.get("agreement", {}).get("dice") for r in runs]),
-            "voxels_vs_nnunetv2": spread([r.get("agreement", {}).get("voxels") for r in runs]),
+            "dice_vs_reference": spread([r.get("agreement", {}).get("dice") for r in runs]),
+            "voxels_vs_reference": spread([r.get("agreement", {}).get("voxels") for r in runs]),
+            "dice_vs_truth": spread([r.get("truth", {}).get("dice") for r in runs]),
             "windows": runs[0]["windows"] if runs else None, "errors": errors}
     return summary
 
@@ -78,15 +87,17 @@ def _cell(value: dict[str, float] | None, fmt: str = "{:.1f}", ranged: bool = Tr
 def _row_line(row: str, s: dict[str, Any]) -> str:
     if s["seconds"] is None:
         why = s["errors"][0].splitlines()[-1][:160] if s["errors"] else "no result"
-        return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 10
+        return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 11
     stages = [_cell(s["stages"][k], ranged=False) for k in STAGES]
     return (f"| {ROW_TITLES[row]} | {_cell(s['seconds'])} | {_cell(s['speedup_vs_nnunetv2'], '{:.2f}x')} | "
             + " | ".join(stages) + f" | {_cell(s['peak_rss_gb'], '{:.2f}', False)} | "
-            f"{_cell(s['dice_vs_nnunetv2'], '{:.4f}')} | {_cell(s['voxels_vs_nnunetv2'], '{:.5f}')} | {s['windows']} |")
+            f"{_cell(s['dice_vs_reference'], '{:.4f}')} | {_cell(s['voxels_vs_reference'], '{:.5f}')} | "
+            f"{_cell(s['dice_vs_truth'], '{:.4f}')} | {s['windows']} |")
 
 
 def config_table(name: str, config: dict[str, Any]) -> list[str]:
     plans, ct = config["plans"], config["ct"]
+    reference = reference_of(config.get("repeats", []))
     lines = [f"### `{name}`: {len(config['parts'])} part(s) at {plans['spacing'][0]:g} mm, patch "
              f"{'x'.join(map(str, plans['patch_size']))}, features {plans['features_per_stage']}, step "
              f"{config['step_size']}, mirroring off",
@@ -94,13 +105,18 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
              f"(network grid {'x'.join(map(str, config['network_grid_kji']))} KJI, "
              f"{config['windows_per_part']} windows per part). Seconds: median (min-max) over the repeats; "
              "stages are medians.", "",
+             f"Agreement (mean Dice over the labels present, and voxels with the same label) is with the labels "
+             f"of: {ROW_TITLES[reference] if reference else 'no reference row ran'}"
+             + (" (nnunetv2's row did not run; this row gives nnunetv2's labels voxel for voxel wherever both "
+                "ran)" if reference == "fp32-torch" else "") + ". Dice vs truth: the phantom's own labels "
+             "(trained weights only).", "",
              "| row | end to end s | vs nnunetv2 | build | preprocess | network | export | other | peak RSS GB "
-             "| Dice vs nnunetv2 FP32 | voxel agreement | windows |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| Dice vs reference | voxel agreement | Dice vs truth | windows |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_row_line(row, s) for row, s in config["summary"].items()]
-    lines += [f"| {ROW_TITLES[row]} | not run (estimate only) |" + " |" * 10
+    lines += [f"| {ROW_TITLES[row]} | not run (estimate only) |" + " |" * 11
               for row in config["window_seconds"] or {} if row not in config["summary"]]
-    lines += [f"| {ROW_TITLES[row]} | n/a: {why} |" + " |" * 10 for row, why in config["not_run"].items()]
+    lines += [f"| {ROW_TITLES[row]} | n/a: {why} |" + " |" * 11 for row, why in config["not_run"].items()]
     return lines + ["", _estimate_line(config), ""]
 
 
@@ -133,7 +149,8 @@ def markdown(result: dict[str, Any]) -> str:
              "differs from PyTorch FP32 where classes nearly tie, which random weights make common; the "
              "project's pipeline on PyTorch (fp32-torch) gives nnunetv2's labels exactly."
              if settings["weights"] == "random" else
-             "Trained weights, quantized with the accuracy guard."), ""]
+             "Trained weights (on phantoms other than the test CT and the calibration CTs), quantized with the "
+             "accuracy guard."), ""]
     for name, config in result["configs"].items():
         lines += config_table(name, config)
     lines += ["Reproduce: `" + " ".join(result["command"]) + "`", ""]

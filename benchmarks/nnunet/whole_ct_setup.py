@@ -41,14 +41,21 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     return seconds
 
 
-def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Plans, part folders, parts files, and the first part quantized (the estimate needs its INT8 engine)."""
+def plans_for(name: str, args: argparse.Namespace, cts: dict[str, Any]) -> tuple[Any, tuple[Any, ...], list[int], dict]:
+    """The model set, its parts (``--parts``), the CT's network grid and the plans every part shares: nnunetv2's
+    planner on that grid, intensities from the first calibration CT (``train_totalseg_phantoms.py`` trains with
+    the same plans)."""
     models = shapes.MODEL_SETS[name]
     parts = models.parts[:args.parts] if name == "total" and args.parts else models.parts
     grid = shapes.network_grid(cts, models.spacing)
     plans = shapes.plan(models.spacing, grid, max(p.classes for p in parts) + 1,
                         shapes.intensity_properties(cts["calibration"][0]))
-    plans = shapes.shrink(plans) if args.tiny_networks else plans
+    return models, parts, grid, shapes.shrink(plans) if args.tiny_networks else plans
+
+
+def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Plans, part folders, parts files, and the first part quantized (the estimate needs its INT8 engine)."""
+    models, parts, grid, plans = plans_for(name, args, cts)
     names = shapes.label_names(args.labels)
     root = work / name
     folders = [shapes.write_part(root / "nnunet", models, p, plans, names, TEST_SEED, args.weights) for p in parts]

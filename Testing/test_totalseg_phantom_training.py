@@ -1,0 +1,131 @@
+"""benchmarks/training/train_totalseg_phantoms.py: phantom-trained weights for whole_ct.py's TotalSegmentator-shaped
+folders (tiny widths here), and whole_ct.py run on them without nnunetv2's row (agreement then with the project's
+PyTorch FP32 labels, plus Dice against the phantom's truth)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "benchmarks" / "training" / "train_totalseg_phantoms.py"
+WHOLE_CT = ROOT / "benchmarks" / "nnunet" / "whole_ct.py"
+CT = ["--shape", "64", "64", "40", "--spacing", "1.5", "1.5", "1.5"]
+sys.path[:0] = [str(TRAIN.parent), str(WHOLE_CT.parent)]
+
+import totalseg_shapes as shapes  # noqa: E402
+import train_totalseg_phantoms as training  # noqa: E402
+
+
+def test_each_part_learns_the_phantom_organs_among_its_classes():
+    from PTQLogic.samples.phantom import LABELS
+
+    parts = {p.name: p for p in shapes.MODEL_SETS["total"].parts}
+    organs = training.part_lut(parts["organs"])
+    assert organs[LABELS["spleen"]] == 1 and organs[LABELS["liver"]] == 5
+    assert (organs[LABELS["kidney_right"]], organs[LABELS["kidney_left"]]) == (2, 3)
+    assert organs[LABELS["aorta"]] == 0 and organs[LABELS["vertebra"]] == 0
+    assert training.part_lut(parts["vertebrae"])[LABELS["vertebra"]] == 30 - 25 + 1  # vertebrae_L2
+    assert training.part_lut(parts["cardiac"])[LABELS["aorta"]] == 52 - 51 + 1
+    assert not training.part_lut(parts["ribs"]).any() and not training.part_lut(parts["muscles"]).any()
+    fast = training.part_lut(shapes.MODEL_SETS["fast"].parts[0])  # one model of all 117: global values
+    assert [fast[LABELS[n]] for n in shapes.PHANTOM_TO_TOTAL] == list(shapes.PHANTOM_TO_TOTAL.values())
+    names = json.loads(shapes.TOTAL_LABELS.read_text()) if shapes.TOTAL_LABELS.is_file() else None
+    if names:  # the names the mapping claims
+        assert {names[str(v)] for v in shapes.PHANTOM_TO_TOTAL.values()} == {
+            "spleen", "kidney_right", "kidney_left", "liver", "vertebrae_L2", "aorta"}
+
+
+def test_class_priors_set_the_head_bias():
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Module()
+            self.decoder.seg_layers = torch.nn.ModuleList([torch.nn.Conv3d(2, 4, 1)])
+
+    net = Head()
+    training.set_class_priors(net, [np.array([0, 0, 0, 1]), np.array([0, 0, 1, 0])], 4)
+    assert net.decoder.seg_layers[-1].bias.detach().numpy() == pytest.approx(
+        np.log([0.75, 0.25, 1e-6, 1e-6]), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("totalseg-train")
+    command = [sys.executable, str(TRAIN), "--config", "fast", *CT, "--tiny-networks", "--steps", "60",
+               "--phantoms", "2", "--threads", "1", "--work", str(folder / "work"), "--out", str(folder / "weights")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"folder": folder, "stdout": done.stdout,
+            "log": json.loads((folder / "weights" / "training_fast.json").read_text())}
+
+
+@pytest.mark.slow
+def test_training_learns_and_writes_a_folder_the_project_loads(trained):
+    from PTQLogic.models.nnunet.checkpoint import load_checkpoint
+    from PTQLogic.models.nnunet.folder import open_nnunet_folder
+
+    record = trained["log"]["parts"]["total_3mm"]
+    losses = record["losses"]
+    assert len(losses) == 60 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert record["learned_classes"] == 6 and set(record["held_out_dice"]) <= {"1", "2", "3", "5", "30", "52"}
+    assert trained["log"]["train_seeds"] == [3000, 3001] and trained["log"]["held_out_seed"] == 2000
+    folder = next((trained["folder"] / "weights").glob("Dataset297_*/*__3d_fullres"))
+    opened = open_nnunet_folder(folder)
+    assert opened.configuration == "3d_fullres" and opened.folds == ("0",)
+    weights = load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
+    heads = [k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".bias")]
+    bias = weights[max(heads, key=lambda k: int(k.split(".")[2]))]  # the full-resolution head (the others: deep
+    assert float(bias[0]) > -1  # supervision's, unused at inference); background the most frequent class
+    absent = [c for c in range(118) if c not in (0, 1, 2, 3, 5, 30, 52)]
+    assert float(bias[absent].max()) < -8  # from the prior log(1e-6), never raised by 60 steps
+
+
+@pytest.mark.slow
+def test_whole_ct_on_trained_weights_without_nnunetv2(trained):
+    out = trained["folder"] / "result" / "whole_ct.json"
+    command = [sys.executable, str(WHOLE_CT), "--config", "fast", *CT, "--tiny-networks", "--repeats", "1",
+               "--calibration-patches", "4", "--threads", "1", "--rows", "fp32-torch", "int8",
+               "--weights", str(trained["folder"] / "weights"), "--work", str(trained["folder"] / "work"),
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads(out.read_text())["configs"]["fast"]
+    repeat = config["repeats"][0]
+    assert repeat["reference"] == "fp32-torch"
+    assert repeat["rows"]["fp32-torch"]["agreement"]["identical"] is True
+    assert 0 < repeat["rows"]["int8"]["agreement"]["dice"] <= 1
+    for row in ("fp32-torch", "int8"):  # against the phantom's labels, mapped to TotalSegmentator's values
+        assert 0 <= repeat["rows"][row]["truth"]["dice"] <= 1
+    text = out.with_suffix(".md").read_text()
+    assert "nnunetv2's row did not run" in text and "Dice vs truth" in text and "Trained weights" in text
+
+
+@pytest.mark.slow
+def test_whole_ct_refuses_weights_planned_for_another_ct(trained, tmp_path):
+    command = [sys.executable, str(WHOLE_CT), "--config", "fast", "--shape", "64", "64", "48",
+               "--spacing", "1.5", "1.5", "1.5", "--tiny-networks", "--estimate-only", "--rows", "fp32-torch",
+               "--weights", str(trained["folder"] / "weights"), "--work", str(tmp_path), "--out",
+               str(tmp_path / "r.json")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode != 0 and "planned for another CT" in done.stderr
+
+
+@pytest.mark.slow
+def test_resume_goes_on_from_the_saved_weights(tmp_path):
+    command = [sys.executable, str(TRAIN), "--config", "fast", *CT, "--tiny-networks", "--steps", "5",
+               "--phantoms", "1", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "w")]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    kept = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    again = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert first.returncode == kept.returncode == again.returncode == 0, again.stderr[-2000:]
+    assert "kept" in kept.stdout  # without --resume a trained part is left as it is
+    log = json.loads((tmp_path / "w" / "training_fast.json").read_text())
+    assert len(log["parts"]["total_3mm"]["losses"]) == 10 and log["settings"]["resume"] is True
+    assert [r["settings"]["resume"] for r in log["earlier_runs"]] == [False]  # the "kept" run wrote nothing

@@ -1,0 +1,260 @@
+"""Phantom-trained weights for the TotalSegmentator-shaped nnU-Net folders of ``whole_ct.py`` (issue 25).
+
+Random weights time the networks but say nothing about INT8 fidelity, and their near-tied logits make the
+export stage time a network that does not exist. This trains each part on abdominal phantoms
+(``PTQLogic.samples.phantom``) with the very plans ``whole_ct.py`` writes for the same CT, shape and
+``--parts`` (``whole_ct_setup.plans_for``), and saves TotalSegmentator's layout for ``whole_ct.py --weights``:
+
+    python benchmarks/training/train_totalseg_phantoms.py --config fast --steps 300 --patch 64 64 64 \\
+        --out /tmp/totalseg-phantom-weights
+    python benchmarks/nnunet/whole_ct.py --config fast --weights /tmp/totalseg-phantom-weights ...
+
+Labels: the phantom's six organs are TotalSegmentator "total" labels (spleen 1, kidneys 2/3, liver 5,
+vertebrae_L2 30 for its spine column, aorta 52); each part learns the ones among its classes, and every other
+voxel as background (the muscle and rib parts see none of theirs: they learn background only). Data kept apart:
+training phantoms use seeds from 3000, the held-out check seed 2000, ``whole_ct.py`` tests on seed 0 and
+calibrates on 101/102. Phantoms are generated at the model's spacing over the CT's field of view, so nnU-Net's
+preprocessing (``NnUNetRunner.preprocess``) only normalizes them and the labels need no resampling.
+Training: nnunetv2's own Dice + CE loss (``DC_and_CE_loss``, memory-efficient soft Dice, background excluded),
+Adam with polynomial decay from the head's class priors, random patches (two in three centred on one of the part's foreground voxels).
+Writes per part ``Dataset<task>_TotalSegShape_<part>/<trainer>__nnUNetPlans__3d_fullres/`` (plans.json,
+dataset.json, fold_0/checkpoint_final.pth) and ``training.json`` (losses, held-out Dice per class, seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+NNUNET = ROOT / "benchmarks" / "nnunet"
+sys.path[:0] = [str(ROOT), str(NNUNET)]
+
+import totalseg_shapes as shapes  # noqa: E402
+from whole_ct_setup import CALIBRATION_SEEDS, TEST_SEED, plans_for, work_dir  # noqa: E402
+
+PHANTOM_TO_TOTAL = shapes.PHANTOM_TO_TOTAL
+TRAIN_SEED_BASE, HELD_OUT_SEED = 3000, 2000
+
+
+def part_lut(part: shapes.Part) -> np.ndarray:
+    """Phantom label value -> the part's class (0 where the organ is not one of the part's classes)."""
+    from PTQLogic.samples.phantom import LABELS
+
+    lut = np.zeros(max(LABELS.values()) + 1, np.int64)
+    for name, total in PHANTOM_TO_TOTAL.items():
+        if part.first_label <= total < part.first_label + part.classes:
+            lut[LABELS[name]] = total - part.first_label + 1
+    return lut
+
+
+def phantom_shape(cts: dict[str, Any], spacing: float) -> tuple[int, int, int]:
+    """KJI voxels at ``spacing`` mm covering the CT's field of view."""
+    return tuple(max(8, int(round(n * s / spacing))) for n, s in zip(cts["shape_kji"], cts["spacing_kji"]))
+
+
+def network_volumes(runner: Any, seeds: Sequence[int], shape: Sequence[int], spacing: float) -> list[tuple[Any, Any]]:
+    """(normalized image (1, K, J, I) float32, phantom labels (K, J, I) int64) per seed, as nnU-Net sees them."""
+    import torch
+
+    from PTQLogic.samples.phantom import make_phantom
+
+    volumes = []
+    for seed in seeds:
+        image, labels = make_phantom(seed, shape, (spacing,) * 3)
+        data, _ = runner.preprocess(image)
+        if data.shape[1:] != labels.array.shape:  # same spacing: nnU-Net must not resample
+            raise SystemExit(f"preprocessing changed the phantom's grid {labels.array.shape} -> {data.shape[1:]}")
+        volumes.append((torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels.array.astype(np.int64))))
+    return volumes
+
+
+def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool):
+    """One patch (the volume padded with its minimum where smaller), centred on a foreground voxel if asked."""
+    import torch
+
+    pad = [max(0, p - s) for p, s in zip(patch, labels.shape)]
+    if any(pad):
+        widths = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
+        image = torch.nn.functional.pad(image, widths, value=float(image.min()))
+        labels = torch.nn.functional.pad(labels, widths)
+    points = torch.nonzero(labels > 0) if foreground else None
+    if points is not None and len(points):
+        centre = points[int(rng.integers(len(points)))].tolist()
+        start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, patch, labels.shape)]
+    else:
+        start = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, labels.shape)]
+    window = tuple(slice(a, a + p) for a, p in zip(start, patch))
+    return image[(slice(None), *window)], labels[window]
+
+
+def set_class_priors(network, labels: Sequence[Any], classes: int) -> None:
+    """The segmentation head's biases at the log of each class's voxel share in the training labels (a class
+    never seen at 1e-6): with 100+ outputs and a handful of organs present, Adam would otherwise spend most
+    of a short training pushing the absent classes' logits down one learning rate a step."""
+    import torch
+
+    counts = np.bincount(np.concatenate([np.asarray(y).ravel() for y in labels]), minlength=classes)
+    head = network.decoder.seg_layers[-1]
+    with torch.no_grad():
+        head.bias.copy_(torch.from_numpy(np.log(np.maximum(counts / counts.sum(), 1e-6))).to(head.bias.dtype))
+
+
+def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed: int,
+               priors: bool = True) -> list[float]:
+    """Train ``network`` in place (first its head's class priors, :func:`set_class_priors`, unless it goes on
+    from saved weights); the loss of every step."""
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lut_t = torch.from_numpy(lut)
+    data = [(image, lut_t[labels]) for image, labels in volumes]
+    if priors:
+        set_class_priors(network, [y.numpy() for _, y in data], len(network.decoder.seg_layers[-1].bias))
+    network.to(args.device).train()
+    loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / args.steps) ** 0.9)
+    losses, started = [], time.perf_counter()
+    for step in range(args.steps):
+        picks = [data[int(i)] for i in rng.integers(len(data), size=args.batch)]
+        crops = [crop(x, y, args.patch, rng, rng.random() < 2 / 3) for x, y in picks]
+        images = torch.stack([c[0] for c in crops]).to(args.device)
+        target = torch.stack([c[1] for c in crops])[:, None].to(args.device)
+        loss = loss_fn(network(images), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"  step {step + 1}/{args.steps} loss {np.mean(losses[-10:]):.4f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return losses
+
+
+def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str, windows: int = 4) -> dict:
+    """Dice per present class on ``windows`` foreground-centred patches of a held-out phantom (FP32, PyTorch)."""
+    import torch
+
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    image, labels = volume[0], torch.from_numpy(lut)[volume[1]]
+    network.eval()
+    hits: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for _ in range(windows):
+            x, y = crop(image, labels, patch, rng, True)
+            predicted = network(x[None].to(device)).argmax(1)[0].cpu()
+            for c in (int(v) for v in torch.unique(y) if v > 0):
+                a, b = predicted == c, y == c
+                hits.setdefault(c, []).append(float(2 * (a & b).sum() / (a.sum() + b.sum())))
+    return {str(c): round(float(np.mean(v)), 4) for c, v in sorted(hits.items())}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", choices=["total", "fast"], default="fast")
+    p.add_argument("--parts", type=int, default=None, help="first K parts of 'total' (as whole_ct.py --parts)")
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5], metavar=("X", "Y", "Z"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="whole_ct.py's --work (CTs)")
+    p.add_argument("--out", type=Path, required=True, help="weights folder for whole_ct.py --weights")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch", type=int, nargs=3, help="training patch KJI (default: the plans' patch)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--phantoms", type=int, default=6, help="training phantoms (seeds from 3000)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
+    p.add_argument("--resume", action="store_true", help="train the parts already in --out further (--steps more)")
+    p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (as whole_ct.py)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.phantoms < 1 or not args.lr > 0:
+        p.error("--steps, --batch and --phantoms must be at least 1, --lr positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from PTQLogic.core.sysinfo import system_info
+    from PTQLogic.inference.nnunet.predict import NnUNetRunner
+    from PTQLogic.models.nnunet.network import build_network
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
+                           CALIBRATION_SEEDS)
+    models, parts, _, plans = plans_for(args.config, args, cts)
+    arch = plans["configurations"]["3d_fullres"]
+    args.patch = list(args.patch or arch["patch_size"])
+    names = shapes.label_names(args.labels)
+    shape = phantom_shape(cts, models.spacing)
+    print(f"{models.name}: {len(parts)} part(s), phantoms {'x'.join(map(str, shape))} at {models.spacing} mm, "
+          f"patch {args.patch}, {args.steps} steps of {args.batch}", flush=True)
+    record: dict[str, Any] = {"config": models.name, "command": ["python"] + sys.argv, "machine": system_info(),
+                              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                              "phantom_shape_kji": shape, "phantom_to_total": PHANTOM_TO_TOTAL,
+                              "train_seeds": [TRAIN_SEED_BASE + i for i in range(args.phantoms)],
+                              "held_out_seed": HELD_OUT_SEED, "parts": {}}
+    log = args.out / f"training_{models.name}.json"
+    if log.is_file():  # parts trained by an earlier run into --out are kept, and so is their record
+        before = json.loads(log.read_text())
+        record["parts"] = before.get("parts", {})
+        record["earlier_runs"] = before.get("earlier_runs", []) + [
+            {"command": before.get("command"), "settings": before.get("settings")}]
+    volumes = held_out = None
+    for part in parts:
+        folder = shapes.part_folder(args.out, models, part)
+        target = folder / "fold_0" / "checkpoint_final.pth"
+        if target.is_file() and not args.resume:
+            print(f"{part.name}: kept {target}", flush=True)
+            continue
+        dataset = shapes.part_dataset(part, names)
+        runner = NnUNetRunner(plans, dataset, "3d_fullres")
+        if volumes is None:  # every part shares the plans, so the same network inputs
+            volumes = network_volumes(runner, record["train_seeds"], shape, models.spacing)
+            held_out = network_volumes(runner, [HELD_OUT_SEED], shape, models.spacing)[0]
+        lut = part_lut(part)
+        print(f"{part.name}: classes {part.classes}, learns {int((lut > 0).sum())} phantom organ(s)", flush=True)
+        network = build_network(arch["architecture"], 1, part.classes + 1)
+        earlier = record["parts"].get(part.name, {})
+        if target.is_file():  # --resume: go on from the saved weights (a new schedule of --steps steps)
+            from PTQLogic.models.nnunet.checkpoint import load_checkpoint
+
+            network.load_state_dict(load_checkpoint(target)["network_weights"])
+        else:
+            network.apply(network.initialize)
+        started = time.perf_counter()
+        losses = train_part(network, volumes, lut, args, seed=part.task_id + len(earlier.get("losses", [])),
+                            priors=not target.is_file())
+        losses = earlier.get("losses", []) + losses
+        seconds = time.perf_counter() - started + earlier.get("seconds", 0.0)
+        dice = held_out_dice(network, held_out, lut, args.patch, args.device)
+        weights = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (folder / "plans.json").write_text(json.dumps(dict(plans, dataset_name=folder.parent.name), indent=2))
+        (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+        partial = target.with_name(target.name + ".part")
+        torch.save(shapes.checkpoint_record(models, plans, dataset, weights, epoch=len(losses)), partial)
+        partial.replace(target)
+        record["parts"][part.name] = {"seconds": round(seconds, 1), "losses": [round(v, 5) for v in losses],
+                                      "held_out_dice": dice, "learned_classes": int((lut > 0).sum())}
+        print(f"{part.name}: {len(losses)} steps in {seconds / 60:.1f} min, held-out Dice {dice}", flush=True)
+        log.write_text(json.dumps(record, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
