@@ -105,6 +105,9 @@ def test_whole_ct_on_trained_weights_without_nnunetv2(trained):
         assert 0 <= repeat["rows"][row]["truth"]["dice"] <= 1
     text = out.with_suffix(".md").read_text()
     assert "nnunetv2's row did not run" in text and "Dice vs truth" in text and "Trained weights" in text
+    assert json.loads(out.read_text())["settings"]["guard"] is True and "with the accuracy guard" in text
+    quantized = next((trained["folder"] / "work").glob("models-*/fast/quantized/total_3mm"))
+    assert (quantized / "quantization.json").is_file()  # the guard held: the folder was written
 
 
 @pytest.mark.slow
@@ -129,3 +132,17 @@ def test_resume_goes_on_from_the_saved_weights(tmp_path):
     log = json.loads((tmp_path / "w" / "training_fast.json").read_text())
     assert len(log["parts"]["total_3mm"]["losses"]) == 10 and log["settings"]["resume"] is True
     assert [r["settings"]["resume"] for r in log["earlier_runs"]] == [False]  # the "kept" run wrote nothing
+
+
+def test_no_guard_is_recorded_and_said():
+    import whole_ct
+    import whole_ct_report
+
+    args = whole_ct.parse_args(["--config", "fast", "--out", "/tmp/unused.json", "--no-guard"])
+    assert args.no_guard is True
+    settings = {"weights": "/w", "guard": False, "threads": 2, "repeats": 1}
+    machine = {"cpu": {"model": "x", "usable_cores": 2}, "memory_bytes": 2**30,
+               "versions": {k: "1" for k in ("torch", "openvino", "nnunetv2", "onnxruntime")}}
+    text = whole_ct_report.markdown({"settings": settings, "machine": machine, "smoke": False, "configs": {},
+                                     "command": ["python"]})
+    assert "without the accuracy guard (--no-guard" in text

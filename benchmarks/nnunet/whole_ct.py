@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
     p.add_argument("--calibration-patches", type=int, default=32)
+    p.add_argument("--no-guard", action="store_true",
+                   help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
@@ -177,7 +179,7 @@ def write_result(args, configs, cts) -> None:
               "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "mirroring": False,
                            "weights": str(args.weights) if args.weights else "random",
                            "calibration_patches": args.calibration_patches, "tiny_networks": args.tiny_networks,
-                           "nnUNet_def_n_proc": args.threads, "guard": bool(args.weights)},
+                           "nnUNet_def_n_proc": args.threads, "guard": bool(args.weights) and not args.no_guard},
               "configs": {c["name"]: config_record(c, cts) for c in configs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((args.out, json.dumps(result, indent=1, default=str)),

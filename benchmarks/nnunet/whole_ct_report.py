@@ -149,8 +149,9 @@ def markdown(result: dict[str, Any]) -> str:
              "differs from PyTorch FP32 where classes nearly tie, which random weights make common; the "
              "project's pipeline on PyTorch (fp32-torch) gives nnunetv2's labels exactly."
              if settings["weights"] == "random" else
-             "Trained weights (on phantoms other than the test CT and the calibration CTs), quantized with the "
-             "accuracy guard."), ""]
+             "Trained weights (on phantoms other than the test CT and the calibration CTs), quantized "
+             + ("with the accuracy guard." if settings.get("guard") else "without the accuracy guard (--no-guard: "
+                "agreement recorded in quantization.json, not enforced).")), ""]
     for name, config in result["configs"].items():
         lines += config_table(name, config)
     lines += ["Reproduce: `" + " ".join(result["command"]) + "`", ""]

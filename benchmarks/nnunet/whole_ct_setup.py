@@ -35,7 +35,7 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     print(f"quantizing {folder.parent.name} ({args.calibration_patches} calibration patches) ...", flush=True)
     started = time.perf_counter()
     quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
-                   guard=DEFAULT_GUARD if args.weights else None)
+                   guard=DEFAULT_GUARD if args.weights and not args.no_guard else None)
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
