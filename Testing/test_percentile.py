@@ -61,3 +61,15 @@ def test_quantize_records_the_percentile(phantom_files, tmp_path):
     assert report["calibration"]["method"] == "percentile" and report["calibration"]["percentile"] == 99.95
     assert report["settings"]["percentile"] == 99.95 and report["qdq"]["ok"]
     assert "99.95 percentile" in (result.model_dir / "int8.modelopt.log").read_text()
+
+
+def test_a_killed_calibrator_is_reported_as_out_of_memory_with_what_to_do():
+    import signal
+
+    from PTQLogic.quantization.percentile import failure_message
+
+    killed = failure_message(-signal.SIGKILL, "", 16)
+    assert "out of memory" in killed and "fewer than 8" in killed and "--method entropy" in killed
+    assert "fewer than 4" in failure_message(-signal.SIGKILL, "", 4)
+    other = failure_message(1, "Traceback ... ValueError: bad", 16)
+    assert "exit code 1" in other and "ValueError: bad" in other and "memory" not in other

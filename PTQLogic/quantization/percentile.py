@@ -13,6 +13,7 @@ names, not op types). The 'cpu' placement calls ONNX Runtime's quantizer, which 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -103,8 +104,19 @@ def _ranges_in_child(fp32_onnx: Path, tensors: list[str], calibration: np.ndarra
         (work / "tensors.json").write_text(json.dumps(tensors))
         code, tail = run_module("PTQLogic.quantization.percentile", [fp32_onnx, work, percentile], on_batch)
         if code != 0 or not (work / "ranges.json").is_file():
-            raise ModelError(f"Percentile calibration failed (ONNX Runtime calibrator exit code {code}): {tail}")
+            raise ModelError(failure_message(code, tail, len(calibration)))
         return json.loads((work / "ranges.json").read_text())
+
+
+def failure_message(code: int, tail: str, patches: int) -> str:
+    """Why the calibrator's process failed; a kill by SIGKILL is almost always the kernel's out-of-memory killer
+    (ONNX Runtime's percentile calibrator holds every activation tensor of the patches it reads at once)."""
+    if code == -signal.SIGKILL:
+        return (f"Percentile calibration was killed (SIGKILL), most likely out of memory: ONNX Runtime's percentile "
+                f"calibrator holds every activation of the network for up to {min(patches, CHUNK)} patch(es) at "
+                "once, which for a large network can exceed this machine's memory. Use fewer --patches (fewer "
+                f"than {min(patches, CHUNK)}), or --method entropy (the default) or max.")
+    return f"Percentile calibration failed (ONNX Runtime calibrator exit code {code}): {tail}"
 
 
 def apply_percentile(int8_onnx: str | Path, fp32_onnx: str | Path, calibration: np.ndarray, percentile: float,
