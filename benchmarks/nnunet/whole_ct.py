@@ -45,8 +45,8 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
-from whole_ct_setup import (CALIBRATION_SEEDS, TEST_SEED, bf16_reason, needs_onnx, nnunetv2_memory_reason,  # noqa: E402
-                            prepare, quantize, work_dir)
+from whole_ct_setup import (CALIBRATION_SEEDS, TEST_SEED, bf16_reason, guarded, needs_onnx,  # noqa: E402
+                            nnunetv2_memory_reason, prepare, quantize, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
@@ -179,7 +179,7 @@ def write_result(args, configs, cts) -> None:
               "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "mirroring": False,
                            "weights": str(args.weights) if args.weights else "random",
                            "calibration_patches": args.calibration_patches, "tiny_networks": args.tiny_networks,
-                           "nnUNet_def_n_proc": args.threads, "guard": bool(args.weights) and not args.no_guard},
+                           "nnUNet_def_n_proc": args.threads, "guard": guarded(args)},
               "configs": {c["name"]: config_record(c, cts) for c in configs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((args.out, json.dumps(result, indent=1, default=str)),

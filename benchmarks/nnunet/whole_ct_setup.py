@@ -32,13 +32,25 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
 
     if (out / "nnunet_model.json").is_file():
         return None
+    from PTQLogic.core.progress import Monitor
+
+    def stage_done(stage: str, done: int, total: int) -> None:  # one line per finished stage, not per patch
+        if done == total:
+            print(f"  {stage} done ({time.perf_counter() - started:.0f} s)", flush=True)
+
     print(f"quantizing {folder.parent.name} ({args.calibration_patches} calibration patches) ...", flush=True)
     started = time.perf_counter()
     quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
-                   guard=DEFAULT_GUARD if args.weights and not args.no_guard else None)
+                   guard=DEFAULT_GUARD if guarded(args) else None, monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
+
+
+def guarded(args: argparse.Namespace) -> bool:
+    """Whether the INT8 parts are quantized with the accuracy guard: trained weights, unless --no-guard (random
+    weights have no answer worth guarding)."""
+    return bool(args.weights) and not args.no_guard
 
 
 def plans_for(name: str, args: argparse.Namespace, cts: dict[str, Any]) -> tuple[Any, tuple[Any, ...], list[int], dict]:

@@ -39,19 +39,14 @@ sys.path[:0] = [str(ROOT), str(NNUNET)]
 import totalseg_shapes as shapes  # noqa: E402
 from whole_ct_setup import CALIBRATION_SEEDS, TEST_SEED, plans_for, work_dir  # noqa: E402
 
-PHANTOM_TO_TOTAL = shapes.PHANTOM_TO_TOTAL
 TRAIN_SEED_BASE, HELD_OUT_SEED = 3000, 2000
 
 
 def part_lut(part: shapes.Part) -> np.ndarray:
     """Phantom label value -> the part's class (0 where the organ is not one of the part's classes)."""
-    from PTQLogic.samples.phantom import LABELS
-
-    lut = np.zeros(max(LABELS.values()) + 1, np.int64)
-    for name, total in PHANTOM_TO_TOTAL.items():
-        if part.first_label <= total < part.first_label + part.classes:
-            lut[LABELS[name]] = total - part.first_label + 1
-    return lut
+    total = shapes.phantom_lut().astype(np.int64)
+    inside = (total >= part.first_label) & (total < part.first_label + part.classes)
+    return np.where(inside, total - part.first_label + 1, 0)
 
 
 def phantom_shape(cts: dict[str, Any], spacing: float) -> tuple[int, int, int]:
@@ -205,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
           f"patch {args.patch}, {args.steps} steps of {args.batch}", flush=True)
     record: dict[str, Any] = {"config": models.name, "command": ["python"] + sys.argv, "machine": system_info(),
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                              "phantom_shape_kji": shape, "phantom_to_total": PHANTOM_TO_TOTAL,
+                              "phantom_shape_kji": shape, "phantom_to_total": shapes.PHANTOM_TO_TOTAL,
                               "train_seeds": [TRAIN_SEED_BASE + i for i in range(args.phantoms)],
                               "held_out_seed": HELD_OUT_SEED, "parts": {}}
     log = args.out / f"training_{models.name}.json"
