@@ -45,10 +45,11 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
-from whole_ct_setup import (CALIBRATION_SEEDS, TEST_SEED, bf16_reason, guarded, needs_onnx,  # noqa: E402
-                            nnunetv2_memory_reason, prepare, quantize, work_dir)
+from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
+                            needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
 
 
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
     p.add_argument("--calibration-patches", type=int, default=32)
+    p.add_argument("--calibration-cts", type=int, default=2,
+                   help="calibration CTs (other seeds than the test CT); with 3 or more the accuracy guard holds one "
+                        "out whole and measures agreement on it as segment runs it")
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
@@ -76,8 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (implies smoke)")
     p.add_argument("--smoke", action="store_true", help="label the result a smoke run, not a measurement")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1 or args.calibration_patches < 2:
-        p.error("--repeats and --threads must be at least 1, --calibration-patches at least 2")
+    if args.repeats < 1 or args.threads < 1 or args.calibration_patches < 2 or args.calibration_cts < 1:
+        p.error("--repeats, --threads and --calibration-cts must be at least 1, --calibration-patches at least 2")
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     args.smoke = args.smoke or args.tiny_networks
@@ -173,12 +177,15 @@ def config_record(config: dict[str, Any], cts) -> dict[str, Any]:
 def write_result(args, configs, cts) -> None:
     from PTQLogic.core.sysinfo import system_info
 
+    isa = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}  # an emulated older CPU, for one
     result = {"benchmark": "whole_ct (issue 25)", "smoke": args.smoke, "estimate_only": args.estimate_only,
-              "command": ["python"] + sys.argv,
+              "command": [f"{k}={v}" for k, v in isa.items()] + ["python"] + sys.argv, "environment": isa,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": system_info(),
               "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "mirroring": False,
                            "weights": str(args.weights) if args.weights else "random",
-                           "calibration_patches": args.calibration_patches, "tiny_networks": args.tiny_networks,
+                           "calibration_patches": args.calibration_patches,
+                           "calibration_seeds": list(calibration_seeds(args.calibration_cts)),
+                           "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args)},
               "configs": {c["name"]: config_record(c, cts) for c in configs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,11 +207,12 @@ def quantize_rest(config: dict[str, Any], cts, args) -> list[float | None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
-                           CALIBRATION_SEEDS)
+                           calibration_seeds(args.calibration_cts))
     if args.weights:  # phantom-trained weights: the test CT's own labels say whether the network learned anything
         cts["truth"] = shapes.write_truth(cts["test"].with_name("ct_truth.nii.gz"), TEST_SEED, cts)
+    # the guard and the calibration CTs change the INT8 parts: a run never reuses parts quantized otherwise
     work = work_dir(args, "models", args.shape, args.spacing, args.tiny_networks, args.weights,
-                    args.calibration_patches, args.labels)
+                    args.calibration_patches, args.labels, *models_key_extra(args))
     names = ["total", "fast"] if args.config == "both" else [args.config]
     configs = [prepare(name, args, cts, work) for name in names]
     if args.prepare_only:

@@ -139,7 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
     title = ("SMOKE RUN (not a result) -- " if result["smoke"] else "") + \
         ("ESTIMATE ONLY -- " if result.get("estimate_only") else "")
     lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on CPU (issue 25)", "",
-             f"Machine: {machine['cpu']['model']}, {settings['threads']} thread(s) of "
+             f"Machine: {machine['cpu']['model']}{emulated(result)}, {settings['threads']} thread(s) of "
              f"{machine['cpu']['usable_cores']} usable cores, {machine['memory_bytes'] / 2**30:.0f} GiB; "
              f"torch {versions['torch']}, openvino {versions['openvino']}, nnunetv2 {versions['nnunetv2']}, "
              f"onnxruntime {versions['onnxruntime']}. Repeats: {settings['repeats']}, rows interleaved (order "
@@ -156,3 +156,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += config_table(name, config)
     lines += ["Reproduce: `" + " ".join(result["command"]) + "`", ""]
     return "\n".join(lines)
+
+
+def emulated(result: dict[str, Any]) -> str:
+    """" (oneDNN limited to AVX2: ONEDNN_MAX_CPU_ISA=AVX2)" where the run emulated an older CPU, else ""."""
+    env = result.get("environment") or {}
+    return "".join(f" (oneDNN limited to {v}: {k}={v})" for k, v in env.items())

@@ -47,6 +47,18 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     return seconds
 
 
+def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
+    """The calibration CTs' seeds: 101, 102, ... (never the test CT's or the training phantoms')."""
+    return tuple(CALIBRATION_SEEDS[0] + i for i in range(count))
+
+
+def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
+    """What else keys the models folder: the guard and a non-default number of calibration CTs (empty for the
+    settings of the committed runs, so their folders are found again)."""
+    extra: tuple[Any, ...] = ("guard",) if guarded(args) else ()
+    return extra + ((f"calibration_cts={args.calibration_cts}",) if args.calibration_cts != 2 else ())
+
+
 def guarded(args: argparse.Namespace) -> bool:
     """Whether the INT8 parts are quantized with the accuracy guard: trained weights, unless --no-guard (random
     weights have no answer worth guarding)."""
