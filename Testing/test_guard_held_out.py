@@ -86,10 +86,11 @@ def test_unreachable_target_on_a_whole_held_out_volume_fails_with_what_to_do(tmp
 
     volumes = [*phantom_files["calibration"], phantom_files["image"]]
     with pytest.raises(AccuracyError, match=r"misses the accuracy target.*measured on whole volume\(s\): "
-                                            r".*--max-kept-layers.*--no-guard"):
+                                            r".*--max-kept-layers.*--no-guard") as raised:
         quantize_model(SAMPLE_UNET, volumes, tmp_path / "never", num_patches=4,
                        guard=GuardTarget(min_agreement=1.0, runtime="onnxruntime", max_kept=1))
     assert not (tmp_path / "never").exists()
+    assert "First give 3 or more" not in str(raised.value)  # measured on whole volumes already
 
 
 def test_nnunet_guard_measures_a_whole_held_out_volume_through_nnunets_prediction(tmp_path):
