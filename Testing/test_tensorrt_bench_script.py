@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
 import tensorrt_bench as bench  # noqa: E402
+import trt_layer_compare  # noqa: E402,F401
 
 
 def test_narrow_convolutions_are_those_under_32_channels(tmp_path):
@@ -44,3 +45,30 @@ def test_variants_list_the_plans_of_a_work_folder(tmp_path):
         ("unet14 int8 cpu", "int8"), ("unet14 int8 wide", "int8")]
     assert rows[1][1] == tmp_path / "unet14-modelopt" / "fp32.onnx"  # FP16 plans are built from the FP32 graph
     assert bench.variants(tmp_path, ["ct_unet"]) == []
+
+
+def test_layer_compare_pairs_convolutions_across_plans():
+    import trt_layer_compare as compare
+
+    fused = "/model/model.0/conv/unit0/conv/Conv + /model/model.0/conv/unit0/adn/A/PRelu"
+    assert compare.conv_nodes(fused) == ["/model/model.0/conv/unit0/conv/Conv"]
+    assert compare.conv_nodes("/model/model.2/model.2.0/conv/ConvTranspose") == ["/model/model.2/model.2.0/conv/ConvTranspose"]
+    assert compare.conv_nodes("Reformatting CopyNode for Input Tensor 0 to /x/PRelu") == []
+    layers = {
+        "unet14 fp16 level2": {"detail": [
+            {"name": fused, "type": "CaskConvolution", "precision": "fp16", "ms_batch4": 0.30},
+            {"name": "Reformatting CopyNode for Input Tensor 0 to " + fused, "type": "Reformat", "precision": "fp32",
+             "ms_batch4": 0.05}]},
+        "unet14 int8 modelopt level2": {"detail": [
+            {"name": "input_QuantizeLinear", "type": "Scale", "precision": "fp32", "ms_batch4": 0.02},
+            {"name": fused + " + /model/model.1/x_QuantizeLinear", "type": "CaskConvolution", "precision": "int8",
+             "ms_batch4": 0.40}]},
+        "ct_unet fp16 level2": {"detail": [{"name": fused, "type": "CaskConvolution", "ms_batch4": 9.0}]},
+    }
+    kinds = compare.time_by_kind(layers["unet14 fp16 level2"]["detail"])
+    assert kinds["convolution"]["fp16"] == 0.30 and kinds["reformat"]["all"] == 0.05
+    table = compare.conv_table({k: v["detail"] for k, v in layers.items() if k.startswith("unet14")})
+    row = table["/model/model.0/conv/unit0/conv/Conv"]
+    assert row["unet14 fp16 level2"]["ms"] == 0.30 and row["unet14 int8 modelopt level2"]["precision"] == "int8"
+    text = compare.report({"layers": layers}, "unet14")
+    assert "0.4000 int8" in text and "9.0" not in text  # another network's plan is not in this network's table

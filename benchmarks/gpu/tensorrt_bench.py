@@ -2,7 +2,9 @@
 whole-volume time and agreement with the FP32 plan, for FP32 / FP16 / INT8 plans of the same network.
 
 Networks: ``unet14`` (MONAI UNet 16-256, 2 residual units, BatchNorm, 14 classes, 96^3 windows, random weights,
-seed 0: speed and size only) and, with ``--ct``, the shipped real-CT sample ``ct_unet`` (agreement on a real CT).
+seed 0: speed and size only), ``segresnet`` (MONAI SegResNet, 16 filters, GroupNorm, 14 classes, 96^3, random
+weights: its norms reach TensorRT as InstanceNormalization) and, with ``--ct``, the shipped real-CT sample
+``ct_unet`` (agreement on a real CT).
 INT8 variants are model folders quantized by ``quantize_model`` with ModelOpt's placement (``modelopt``), the
 INT8-chain placement (``cpu``, 8-bit weights: ``--target-cpu vnni``; skipped by default, it failed on 8.6.0) and
 ModelOpt's with the convolutions narrower than 32 channels kept FP16 (``wide``). Stages, each resumable in one
@@ -32,6 +34,9 @@ import torch
 
 UNET14 = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "channels": [16, 32, 64, 128, 256],
           "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "BATCH"}
+# MONAI's SegResNet defaults (GroupNorm, 8 groups): its norms reach TensorRT 8.6.0 as InstanceNormalization
+SEGRESNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "init_filters": 16}
+NETWORKS = ("unet14", "segresnet", "ct_unet")
 # "wide": ModelOpt's placement with convolutions narrower than 32 channels left in FP16. INT8 tensor-core kernels
 # read 32-channel vectors: a 16-channel INT8 tensor is padded to 32 bytes per voxel, as many as FP16's 16 x 2.
 PLACEMENTS = ("modelopt", "cpu", "wide")
@@ -66,18 +71,20 @@ def captured_output(sink: list[str]):
             sink.extend(text.splitlines())
 
 
-def unet14_spec(work: Path) -> Path:
-    from monai.networks.nets import UNet
+def unet14_spec(work: Path, net: str = "unet14") -> Path:
+    """The random-weight network ``net`` (unet14 or segresnet) as a spec file in ``work``."""
+    from monai.networks.nets import SegResNet, UNet
 
-    path = work / "unet14.json"
+    path = work / f"{net}.json"
     if path.is_file():
         return path
     torch.manual_seed(0)
-    torch.save(UNet(**UNET14).state_dict(), work / "unet14.pt")
+    architecture, kwargs = ("UNet", UNET14) if net == "unet14" else ("SegResNet", SEGRESNET)
+    torch.save((UNet if net == "unet14" else SegResNet)(**kwargs).state_dict(), work / f"{net}.pt")
     classes = ["background"] + [f"class{i}" for i in range(1, 14)]
     path.write_text(json.dumps({
-        "name": "unet14-bn", "architecture": "UNet", "kwargs": UNET14, "classes": classes,
-        "patch_size": [96, 96, 96], "weights": "unet14.pt", "weights_format": "state_dict",
+        "name": "unet14-bn" if net == "unet14" else net, "architecture": architecture, "kwargs": kwargs,
+        "classes": classes, "patch_size": [96, 96, 96], "weights": f"{net}.pt", "weights_format": "state_dict",
         "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": "ct",
                           "ct_window": [-1024.0, 1024.0]}, "overlap": 0.5, "blend_mode": "gaussian"}))
     return path
@@ -97,6 +104,9 @@ def prepare(work: Path, ct: Path | None) -> None:
             quantize_model(spec, calibration, out, num_patches=8, guard=None, target_cpu="vnni", exclude_nodes=exclude,
                            placement="modelopt" if placement == "wide" else placement)
             log(f"quantized {out.name} in {time.perf_counter() - started:.0f} s ({len(exclude)} convolutions kept FP16)")
+    if not (work / "segresnet-modelopt" / "int8.onnx").is_file():
+        quantize_model(unet14_spec(work, "segresnet"), calibration, work / "segresnet-modelopt", num_patches=8,
+                       guard=None, target_cpu="vnni", placement="modelopt")
     if ct is not None and not (work / "ct_unet" / "int8.onnx").is_file():
         # the sample was trained on this CT: agreement here compares runtimes on one graph, not fidelity
         quantize_model(SAMPLE_CT, [ct], work / "ct_unet", num_patches=16, guard=None, placement="modelopt",
@@ -116,7 +126,8 @@ def narrow_convolutions(fp32_onnx: Path) -> list[str]:
 def variants(work: Path, only: list[str] | None) -> list[tuple[str, Path, str]]:
     """(name, onnx, precision) for every plan to build."""
     rows = []
-    for net, folders in (("unet14", [f"unet14-{p}" for p in PLACEMENTS]), ("ct_unet", ["ct_unet"])):
+    for net, folders in (("unet14", [f"unet14-{p}" for p in PLACEMENTS]), ("segresnet", ["segresnet-modelopt"]),
+                         ("ct_unet", ["ct_unet"])):
         if only and net not in only or not (work / folders[0] / "fp32.onnx").is_file():
             continue
         rows += [(f"{net} fp32", work / folders[0] / "fp32.onnx", "fp32"),
@@ -214,6 +225,14 @@ def layer_times(plan: str, precision: str, batch: int, iters: int = 10) -> dict[
     return {k: statistics.fmean(v) for k, v in profiler.times.items()}
 
 
+def save_inspector_json(engine, path: Path) -> None:
+    """The engine inspector's own JSON for the plan, as TensorRT wrote it (the raw evidence behind ``layers``)."""
+    trt = engine._trt
+    inspector = engine.engine.create_engine_inspector()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def engine_input_shape(engine) -> tuple[int, ...]:
     return tuple(engine.engine.get_tensor_profile_shape(engine.input_name, 0)[1])[1:]
 
@@ -230,7 +249,7 @@ def measure(work: Path, out: Path, ct: Path | None, rounds: int, iters: int) -> 
     import tensorrt
 
     result["machine"]["tensorrt"] = tensorrt.__version__
-    for net in ("unet14", "ct_unet"):
+    for net in NETWORKS:
         rows = {k: r for k, r in records.items() if r["network"] == net and "plan" in r}
         if not rows:
             continue
@@ -240,8 +259,12 @@ def measure(work: Path, out: Path, ct: Path | None, rounds: int, iters: int) -> 
             result["latency"][f"{net} batch{batch}"] = latency(engines, shape, batch, rounds, iters)
             log(json.dumps(result["latency"][f"{net} batch{batch}"], indent=0))
         for key, engine in engines.items():
-            summary = engine.layer_summary(detail=True)
-            times = layer_times(rows[key]["plan"], rows[key]["precision"], 4) if net == "unet14" else {}
+            try:  # the layer evidence must not cost the rest of the run
+                summary = engine.layer_summary(detail=True)
+                times = layer_times(rows[key]["plan"], rows[key]["precision"], 4) if net != "ct_unet" else {}
+                save_inspector_json(engine, work / "inspector" / f"{key.replace(' ', '_')}.json")
+            except Exception as exc:  # noqa: BLE001
+                summary, times = {"error": f"{type(exc).__name__}: {exc}"}, {}
             for row in (summary or {}).get("detail", []):
                 row["ms_batch4"] = times.get(row["name"])
             result["layers"][key] = summary
@@ -258,11 +281,11 @@ def measure(work: Path, out: Path, ct: Path | None, rounds: int, iters: int) -> 
 def whole_volume(net, work, engines, rows, ct, segment_volume, load_spec) -> dict:
     import numpy as np
 
-    if net == "unet14":
+    if net != "ct_unet":
         sys.path.insert(0, str(Path(__file__).parent))
         from gpu_pipeline import synthetic_ct
 
-        volume, spec = synthetic_ct(0), load_spec(work / "unet14.json")
+        volume, spec = synthetic_ct(0), load_spec(work / f"{net}.json")
     elif ct is not None:
         from PTQLogic.models.model_folder import open_model_dir
 
