@@ -197,3 +197,28 @@ def test_quantizing_with_tensorrt_86_installed(standin, artifacts, tmp_path, mon
     monkeypatch.setattr(trt_utils, "TRT_PYTHON_AVAILABLE", True)
     out = quantize_onnx(artifacts["fp32"], smooth_patches(4, 3), tmp_path / "int8.onnx", QuantizeSettings()).path
     assert out.is_file() and trt_utils.TRT_PYTHON_AVAILABLE is True  # restored afterwards
+
+
+def test_layer_precision_comes_from_the_kernel_names_where_the_inspector_gives_no_formats():
+    """TensorRT 8.6.0's inspector wrote "N/A due to dynamic shapes" for every tensor format of the H200 plans (a batch
+    range): the layer report read all as "other". The kernel names say it: of the 96^3 UNet-BN's 23 convolutions,
+    the INT8 plan ran 5 in INT8, 17 in FP16 (INT8 weights widened to FP16), 1 in FP32."""
+    import json
+    from pathlib import Path
+
+    from PTQLogic.engines.trt_layers import summarize_layers, tactic_precision
+
+    assert tactic_precision("sm80_xmma_fprop_implicit_gemm_interleaved_i8i8_i8i32_f32_nchw_vect_c_32kcrs") == "int8"
+    assert tactic_precision("sm80_xmma_fprop_implicit_gemm_indexed_wo_smem_f16f16_f16f16_f16_nhwckrsc") == "fp16"
+    assert tactic_precision("sm80_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_nchwkcrs_nchw") == "fp32"
+    assert tactic_precision("0x0000000000000000") is None
+    runs = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h200-trt86" / "2026-12-05-run2"
+    int8 = summarize_layers(json.loads((runs / "unet14_int8_modelopt_level2.json").read_text(), strict=False))
+    fp16 = summarize_layers(json.loads((runs / "unet14_fp16_level2.json").read_text(), strict=False))
+    assert int8["convolutions_by_precision"] == {"int8": 5, "fp16": 17, "fp32": 1}
+    assert fp16["convolutions_by_precision"] == {"fp16": 21, "fp32": 2}
+    residual = [r for r in int8["detail"] if r["precision"] == "int8"]
+    assert all("residual/Conv" in r["name"] and r["weights"] == "Int8" and r["precision_from"] == "tactic"
+               for r in residual)
+    widened = [r for r in int8["detail"] if r["type"] == "CaskConvolution" and r["precision"] == "fp16"]
+    assert widened and all(r["weights"] == "Half" for r in widened)  # Q/DQ'd convolutions run in FP16

@@ -14,6 +14,9 @@ from typing import Any
 
 _PRECISIONS = (("int8", re.compile(r"\bInt8\b", re.I)), ("fp16", re.compile(r"\b(FP16|Half)\b", re.I)),
                ("fp32", re.compile(r"\b(FP32|Float)\b", re.I)))
+# the kernel's own name says what it computes in ("..._i8i8_i8i32_f32_...", "..._f16f16_f16f16_f16_...")
+_TACTIC_PRECISION = (("int8", re.compile(r"_i8i8_", re.I)), ("fp16", re.compile(r"_(f16f16|h884|h1688)", re.I)),
+                     ("fp32", re.compile(r"_(f32f32|tf32)", re.I)))
 _CONVOLUTION = re.compile(r"conv|deconv", re.I)
 _REFORMAT = re.compile(r"reformat|shuffle", re.I)
 
@@ -24,6 +27,14 @@ def tensor_precision(description: str) -> str:
         if pattern.search(description or ""):
             return name
     return "other"
+
+
+def tactic_precision(tactic: str) -> str | None:
+    """"int8", "fp16" or "fp32" from a kernel name (TacticName), or None where the name does not say."""
+    for name, pattern in _TACTIC_PRECISION:
+        if pattern.search(tactic or ""):
+            return name
+    return None
 
 
 def _formats(tensors: Any) -> list[str]:
@@ -42,7 +53,9 @@ def summarize_layers(information: dict[str, Any]) -> dict[str, Any]:
     """Counts from the inspector's engine information (``{"Layers": [...]}`` with detailed verbosity).
 
     A layer computes in the lowest precision among its inputs (an INT8 convolution reads INT8 and may write
-    FP16 or INT8). Layers given only by name (plans without detailed verbosity) are counted as "unknown".
+    FP16 or INT8). Where the inspector gives no formats (TensorRT 8.6 writes "N/A due to dynamic shapes" for a plan
+    with a batch range), the kernel's name says it (``precision_from``: "tactic"). Layers given only by name (plans
+    without detailed verbosity) are counted as "unknown".
     """
     layers = information.get("Layers", []) if isinstance(information, dict) else []
     rows = []
@@ -54,8 +67,14 @@ def summarize_layers(information: dict[str, Any]) -> dict[str, Any]:
         outputs = [tensor_precision(f) for f in _formats(layer.get("Outputs"))]
         kind = str(layer.get("LayerType") or layer.get("ParameterType") or "unknown")
         precision = next((p for p in ("int8", "fp16", "fp32") if p in inputs), outputs[0] if outputs else "other")
+        tactic = str(layer.get("TacticName", ""))
+        source = "formats"
+        if precision not in ("int8", "fp16", "fp32") and tactic_precision(tactic):
+            precision, source = tactic_precision(tactic), "tactic"
+        weights = layer.get("Weights")
         rows.append({"name": str(layer.get("Name", "")), "type": kind, "precision": precision,
-                     "inputs": inputs, "outputs": outputs, "tactic": str(layer.get("TacticName", ""))})
+                     "precision_from": source, "inputs": inputs, "outputs": outputs, "tactic": tactic,
+                     "weights": weights.get("Type") if isinstance(weights, dict) else None})
     convolutions = [r for r in rows if _CONVOLUTION.search(r["type"])
                     or r["type"] == "unknown" and _CONVOLUTION.search(r["name"])]
     return {

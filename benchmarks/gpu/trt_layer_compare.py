@@ -2,6 +2,7 @@
 time in FP16 and in INT8 side by side.
 
     python benchmarks/gpu/trt_layer_compare.py results/tensorrt_bench.json --network unet14 [--out layers.md]
+        [--inspector DIR]  # the plans' raw inspector JSON (``<plan key with _ for spaces>.json``), re-summarized
 
 Layers are TensorRT's fused layers (IProfiler times at batch 4, ``layer_ms_batch4``); a convolution is paired across
 plans by the ONNX Conv/ConvTranspose node names inside the fused layer's name. Every number printed comes from the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -59,6 +61,24 @@ def conv_table(plans: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
     return dict(table)
 
 
+def with_inspector(result: dict, folder: Path) -> dict:
+    """``result`` with each plan's layers summarized again from its raw inspector JSON in ``folder`` (precision from
+    the kernel names where the JSON of the run had no formats) and the run's IProfiler times attached."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from PTQLogic.engines.trt_layers import summarize_layers
+
+    layers = {}
+    for key, times in result.get("layer_ms_batch4", {}).items():
+        path = folder / f"{key.replace(' ', '_')}.json"
+        if not path.is_file():
+            continue
+        summary = summarize_layers(json.loads(path.read_text(), strict=False))
+        for row in summary["detail"]:
+            row["ms_batch4"] = times.get(row["name"])
+        layers[key] = summary
+    return {**result, "layers": {**result.get("layers", {}), **layers}}
+
+
 def report(result: dict, network: str) -> str:
     plans = {key: (summary or {}).get("detail") or [] for key, summary in result.get("layers", {}).items()
              if key.startswith(network + " ")}
@@ -94,8 +114,12 @@ def main() -> None:
     parser.add_argument("result", type=Path)
     parser.add_argument("--network", default="unet14")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--inspector", type=Path, default=None, help="folder of the plans' raw inspector JSON")
     args = parser.parse_args()
-    text = report(json.loads(args.result.read_text()), args.network)
+    result = json.loads(args.result.read_text())
+    if args.inspector:
+        result = with_inspector(result, args.inspector)
+    text = report(result, args.network)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
