@@ -153,7 +153,7 @@ def _miss_message(guard: GuardReport, settings: QuantizeSettings) -> str:
               "The 'cpu' placement cannot keep layers in FP32: use --placement modelopt (or auto), or keep this "
               "INT8 anyway with --no-guard.")
     if guard.held_out_detail.get("kind") == "patches":
-        advice = (PATCHES_FIRST + " " + advice)
+        advice = f"{PATCHES_FIRST} {advice}"
     return (f"INT8 misses the accuracy target on {guard.runtime} ({guard.isa}): agreement with FP32 < "
             f"{guard.threshold:.4f} after trying up to {len(guard.kept)} layer(s) kept in FP32 ({tried}; measured on "
             f"{guard.held_out}). {advice}")
