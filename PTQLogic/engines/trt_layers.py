@@ -17,8 +17,8 @@ _PRECISIONS = (("int8", re.compile(r"\bInt8\b", re.I)), ("fp16", re.compile(r"\b
 # the kernel's own name says what it computes in ("..._i8i8_i8i32_f32_...", "..._f16f16_f16f16_f16_...")
 _TACTIC_PRECISION = (("int8", re.compile(r"_i8i8_", re.I)), ("fp16", re.compile(r"_(f16f16|h884|h1688)", re.I)),
                      ("fp32", re.compile(r"_(f32f32|tf32)", re.I)))
-_CONVOLUTION = re.compile(r"conv|deconv", re.I)
-_REFORMAT = re.compile(r"reformat|shuffle", re.I)
+CONVOLUTION = re.compile(r"conv|deconv", re.I)  # layer types (CaskConvolution, CaskDeconvolutionV2, ...)
+REFORMAT = re.compile(r"reformat|shuffle", re.I)
 
 
 def tensor_precision(description: str) -> str:
@@ -68,21 +68,21 @@ def summarize_layers(information: dict[str, Any]) -> dict[str, Any]:
         kind = str(layer.get("LayerType") or layer.get("ParameterType") or "unknown")
         precision = next((p for p in ("int8", "fp16", "fp32") if p in inputs), outputs[0] if outputs else "other")
         tactic = str(layer.get("TacticName", ""))
-        source = "formats"
-        if precision not in ("int8", "fp16", "fp32") and tactic_precision(tactic):
-            precision, source = tactic_precision(tactic), "tactic"
+        source, from_tactic = "formats", tactic_precision(tactic)
+        if precision not in ("int8", "fp16", "fp32") and from_tactic:
+            precision, source = from_tactic, "tactic"
         weights = layer.get("Weights")
         rows.append({"name": str(layer.get("Name", "")), "type": kind, "precision": precision,
                      "precision_from": source, "inputs": inputs, "outputs": outputs, "tactic": tactic,
                      "weights": weights.get("Type") if isinstance(weights, dict) else None})
-    convolutions = [r for r in rows if _CONVOLUTION.search(r["type"])
-                    or r["type"] == "unknown" and _CONVOLUTION.search(r["name"])]
+    convolutions = [r for r in rows if CONVOLUTION.search(r["type"])
+                    or r["type"] == "unknown" and CONVOLUTION.search(r["name"])]
     return {
         "layers": len(rows),
         "by_precision": dict(Counter(r["precision"] for r in rows)),
         "convolutions": len(convolutions),
         "convolutions_by_precision": dict(Counter(r["precision"] for r in convolutions)),
-        "reformats": sum(bool(_REFORMAT.search(r["type"])) for r in rows),
+        "reformats": sum(bool(REFORMAT.search(r["type"])) for r in rows),
         "detail": rows,
     }
 

@@ -36,7 +36,8 @@ UNET14 = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "channels": [
           "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "BATCH"}
 # MONAI's SegResNet defaults (GroupNorm, 8 groups): its norms reach TensorRT 8.6.0 as InstanceNormalization
 SEGRESNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "init_filters": 16}
-NETWORKS = ("unet14", "segresnet", "ct_unet")
+RANDOM_NETWORKS = {"unet14": ("unet14-bn", "UNet", UNET14), "segresnet": ("segresnet", "SegResNet", SEGRESNET)}
+NETWORKS = (*RANDOM_NETWORKS, "ct_unet")
 # "wide": ModelOpt's placement with convolutions narrower than 32 channels left in FP16. INT8 tensor-core kernels
 # read 32-channel vectors: a 16-channel INT8 tensor is padded to 32 bytes per voxel, as many as FP16's 16 x 2.
 PLACEMENTS = ("modelopt", "cpu", "wide")
@@ -71,19 +72,19 @@ def captured_output(sink: list[str]):
             sink.extend(text.splitlines())
 
 
-def unet14_spec(work: Path, net: str = "unet14") -> Path:
-    """The random-weight network ``net`` (unet14 or segresnet) as a spec file in ``work``."""
-    from monai.networks.nets import SegResNet, UNet
+def network_spec(work: Path, net: str = "unet14") -> Path:
+    """The random-weight network ``net`` (a key of RANDOM_NETWORKS) as a spec file in ``work``."""
+    from monai.networks import nets
 
     path = work / f"{net}.json"
     if path.is_file():
         return path
     torch.manual_seed(0)
-    architecture, kwargs = ("UNet", UNET14) if net == "unet14" else ("SegResNet", SEGRESNET)
-    torch.save((UNet if net == "unet14" else SegResNet)(**kwargs).state_dict(), work / f"{net}.pt")
+    name, architecture, kwargs = RANDOM_NETWORKS[net]
+    torch.save(getattr(nets, architecture)(**kwargs).state_dict(), work / f"{net}.pt")
     classes = ["background"] + [f"class{i}" for i in range(1, 14)]
     path.write_text(json.dumps({
-        "name": "unet14-bn" if net == "unet14" else net, "architecture": architecture, "kwargs": kwargs,
+        "name": name, "architecture": architecture, "kwargs": kwargs,
         "classes": classes, "patch_size": [96, 96, 96], "weights": f"{net}.pt", "weights_format": "state_dict",
         "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": "ct",
                           "ct_window": [-1024.0, 1024.0]}, "overlap": 0.5, "blend_mode": "gaussian"}))
@@ -94,7 +95,7 @@ def prepare(work: Path, ct: Path | None) -> None:
     from PTQLogic.pipeline import quantize_model
     from PTQLogic.samples.phantom import write_phantom_set
 
-    spec = unet14_spec(work)
+    spec = network_spec(work)
     calibration = [img for img, _ in write_phantom_set(work / "phantoms", 2, 100, shape=(96, 96, 96))]
     for placement in PLACEMENTS:
         out = work / f"unet14-{placement}"
@@ -105,7 +106,7 @@ def prepare(work: Path, ct: Path | None) -> None:
                            placement="modelopt" if placement == "wide" else placement)
             log(f"quantized {out.name} in {time.perf_counter() - started:.0f} s ({len(exclude)} convolutions kept FP16)")
     if not (work / "segresnet-modelopt" / "int8.onnx").is_file():
-        quantize_model(unet14_spec(work, "segresnet"), calibration, work / "segresnet-modelopt", num_patches=8,
+        quantize_model(network_spec(work, "segresnet"), calibration, work / "segresnet-modelopt", num_patches=8,
                        guard=None, target_cpu="vnni", placement="modelopt")
     if ct is not None and not (work / "ct_unet" / "int8.onnx").is_file():
         # the sample was trained on this CT: agreement here compares runtimes on one graph, not fidelity

@@ -17,8 +17,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from PTQLogic.engines.trt_layers import CONVOLUTION, REFORMAT, summarize_layers  # noqa: E402
+
 _CONV_NODE = re.compile(r"(/[^ +\]\[]*?/(?:Conv|ConvTranspose)(?:_\d+)?)(?=$|[ +\]\[,)])")
-_KINDS = (("reformat", re.compile(r"reformat|shuffle", re.I)), ("convolution", re.compile(r"conv|deconv", re.I)))
 
 
 def conv_nodes(layer_name: str) -> list[str]:
@@ -29,9 +31,9 @@ def conv_nodes(layer_name: str) -> list[str]:
 def layer_kind(row: dict) -> str:
     """"convolution", "reformat" or "other" for one row of ``layers[plan]["detail"]``."""
     kind, name = str(row.get("type", "")), str(row.get("name", ""))
-    if _KINDS[0][1].search(kind) or name.startswith("Reformatting"):  # its name holds the layer it feeds
+    if REFORMAT.search(kind) or name.startswith("Reformatting"):  # its name holds the layer it feeds
         return "reformat"
-    return "convolution" if conv_nodes(name) or _KINDS[1][1].search(kind) else "other"
+    return "convolution" if conv_nodes(name) or CONVOLUTION.search(kind) else "other"
 
 
 def time_by_kind(detail: list[dict]) -> dict[str, dict[str, float]]:
@@ -64,9 +66,6 @@ def conv_table(plans: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
 def with_inspector(result: dict, folder: Path) -> dict:
     """``result`` with each plan's layers summarized again from its raw inspector JSON in ``folder`` (precision from
     the kernel names where the JSON of the run had no formats) and the run's IProfiler times attached."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from PTQLogic.engines.trt_layers import summarize_layers
-
     layers = {}
     for key, times in result.get("layer_ms_batch4", {}).items():
         path = folder / f"{key.replace(' ', '_')}.json"
