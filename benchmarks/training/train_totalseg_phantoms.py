@@ -223,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             held_out = network_volumes(runner, [HELD_OUT_SEED], shape, models.spacing)[0]
         lut = part_lut(part)
         print(f"{part.name}: classes {part.classes}, learns {int((lut > 0).sum())} phantom organ(s)", flush=True)
-        network = build_network(arch["architecture"], 1, part.classes + 1)
         earlier = record["parts"].get(part.name, {})
+        seed = part.task_id + len(earlier.get("losses", []))
+        torch.manual_seed(seed)  # the initial weights too: a run is repeatable
+        network = build_network(arch["architecture"], 1, part.classes + 1)
         if target.is_file():  # --resume: go on from the saved weights (a new schedule of --steps steps)
             from PTQLogic.models.nnunet.checkpoint import load_checkpoint
 
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             network.apply(network.initialize)
         started = time.perf_counter()
-        losses = train_part(network, volumes, lut, args, seed=part.task_id + len(earlier.get("losses", [])),
+        losses = train_part(network, volumes, lut, args, seed=seed,
                             priors=not target.is_file())
         losses = earlier.get("losses", []) + losses
         seconds = time.perf_counter() - started + earlier.get("seconds", 0.0)
