@@ -111,6 +111,11 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
             self.network.instancenorm = None if not has_norm else ("native" if native else "plugin")
             self.network.float_types = sorted({onnx.TensorProto.DataType.Name(i.data_type)
                                                for i in proto.graph.initializer})
+            # 8.6.0 has no INT8 trilinear 3D Resize: a DQ feeding one failed the build on an H100
+            producers = {out: n.op_type for n in proto.graph.node for out in n.output}
+            self.network.dequantized_interpolations = sorted(
+                n.name for n in proto.graph.node if n.op_type == "Resize" and producers.get(n.input[0]) == "DequantizeLinear"
+                and next((a.s for a in n.attribute if a.name == "mode"), b"nearest") != b"nearest")
             return True
 
         @property
@@ -246,6 +251,7 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
                 "flags": flag_names, "optimization_level": config.builder_optimization_level,
                 "workspace": config.pools.get(0), "instancenorm": network.instancenorm,
                 "float_types": network.float_types,
+                "dequantized_interpolations": network.dequantized_interpolations,
                 "io": [{"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)}
                        for mode, tensors in (("INPUT", network.inputs), ("OUTPUT", network.outputs)) for t in tensors],
                 "profiles": [p.shapes for p in config.profiles],

@@ -29,12 +29,13 @@ from ..core.fileio import atomic_write_bytes
 from ..core.progress import Monitor
 from .cache import model_cache_dir
 from .tensorrt_runner import TensorRTEngine, import_tensorrt
-from .trt_graphs import decompose_instancenorm, dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx
+from .trt_graphs import (decompose_instancenorm, dequantize_interpolation_inputs, dq_only_to_qdq, int8_fp16_converter,
+                         make_fp16_onnx, make_int8_fp16_onnx)
 
 __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
 
-RECIPE_VERSION = 3  # bump whenever the builder code changes what a plan contains
+RECIPE_VERSION = 4  # bump whenever the builder code changes what a plan contains
 # windows per engine call in the pipeline: the optimization profile's opt shape, so kernels are tuned for it
 PIPELINE_BATCH = 4
 # TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches (level-3 builds of a small UNet
@@ -77,6 +78,13 @@ class TensorRTBuildOptions:
         suffix = f"-{network}" if network else ""
         return user_cache_dir() / "tensorrt" / f"timing-{trt_version}-{safe}{suffix}.cache"
 
+
+# measured: benchmarks/results/h100-trt86/2026-12-05-run3 (test_tensorrt_real.log) and Testing/test_tensorrt.py
+DECOMPOSED_NORM_INT8 = (
+    "This TensorRT has no native InstanceNormalization, so the norms run as elementary operations. An INT8 plan "
+    "built that way (TensorRT 8.6.0, H100) agreed 0.929 with FP32 on a small InstanceNorm UNet whose INT8 file "
+    "agrees 0.999 on ONNX Runtime. Check this plan with `ptqseg segment --compare`, or use FP16 (what --precision "
+    "auto picks on TensorRT) or TensorRT 8.6.1 or newer.")
 
 _OPTIONS: ContextVar[TensorRTBuildOptions] = ContextVar("tensorrt_build_options", default=TensorRTBuildOptions())
 
@@ -126,6 +134,7 @@ def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = Non
             graph.append(f"int8 high precision fp16 ({converter})")
     if precision == "int8" and not strong:
         graph.append("dq-only weights to Q/DQ")
+        graph.append("no Q/DQ before linear Resize")
     return {
         "recipe_version": RECIPE_VERSION,
         "typing": "strong" if strong else "weak",
@@ -289,15 +298,18 @@ def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, 
 
 
 def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompose_norms: bool = False) -> onnx.ModelProto:
-    """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ on 8.x, InstanceNormalization as elementary
-    ops where the parser has no native one; FP16 tensors required when strongly typed."""
+    """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ and no Q/DQ before a linear Resize on 8.x,
+    InstanceNormalization as elementary ops where the parser has no native one; FP16 tensors required when
+    strongly typed."""
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:
         raise ModelError(f"Cannot read ONNX '{onnx_path}': {exc}") from None
     if not strong and precision == "int8":
-        model = dq_only_to_qdq(model)
-    if decompose_norms:
+        model = dequantize_interpolation_inputs(dq_only_to_qdq(model))
+    if decompose_norms and any(node.op_type == "InstanceNormalization" for node in model.graph.node):
+        if precision == "int8":
+            warnings.warn(DECOMPOSED_NORM_INT8, RuntimeWarning, stacklevel=4)
         model = decompose_instancenorm(model)
     if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")

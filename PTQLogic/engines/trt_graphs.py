@@ -8,6 +8,7 @@
 - :func:`dq_only_to_qdq`: INT8 weight initializers back to FP32 + Q/DQ for TensorRT 8.6.
 - :func:`decompose_instancenorm`: InstanceNormalization as elementary ops, for TensorRT without a native
   InstanceNorm (8.6.0 and older parse it into a plugin that needs cuDNN 8).
+- :func:`dequantize_interpolation_inputs`: no Q/DQ pair right before a linear/cubic Resize, for TensorRT 8.6.
 """
 from __future__ import annotations
 
@@ -89,6 +90,47 @@ def dq_only_to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.remove(weight)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    return model
+
+
+def _interpolates(node: onnx.NodeProto) -> bool:
+    """A Resize that computes new values (linear, cubic); ``nearest`` (ONNX's default) only copies them."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return node.op_type == "Resize" and mode != b"nearest"
+
+
+def dequantize_interpolation_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every linear/cubic Resize reading the float tensor its input Q/DQ pair was made from.
+
+    ModelOpt quantizes the input of SegResNet's trilinear upsampling; TensorRT 8.6.0 then asks for an INT8
+    trilinear 3D Resize, which it has not ("Could not find any implementation for node .../Resize", on an H100).
+    Skipping that one rounding step only brings the Resize closer to FP32. A Q or DQ that other nodes still read
+    stays. Returns a new model (the argument itself when nothing changes); the argument is not modified.
+    """
+    if not any(_interpolates(node) for node in model.graph.node):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    changed = False
+    for node in graph.node:
+        dq = producers.get(node.input[0]) if _interpolates(node) and node.input else None
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+            changed = True
+    dropped: set[str] = set()
+    for _ in range(2 if changed else 0):  # a DQ nothing reads now, then the Q only that DQ read
+        read = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        unread = [n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read for n in graph.node]
+        kept = [n for n, drop in zip(graph.node, unread) if not drop]
+        dropped |= {name for n, drop in zip(graph.node, unread) if drop for name in n.input}
+        del graph.node[:]
+        graph.node.extend(kept)
+    read = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name in dropped and i.name not in read]  # their scales, zero points
+    for init in unused:
+        graph.initializer.remove(init)
     return model
 
 
