@@ -90,7 +90,8 @@ def test_nearest_resizes_and_shared_pairs_stay():
          node("Resize", ["dq", "roi", "scales"], "linear", mode="linear"),
          node("Conv", ["dq", "w"], "conv")], "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 2, 2, 2])],
-        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in ("nearest", "linear", "conv")],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in ("nearest", "linear", "conv")],
         [scale, zero, weight, roi, scales])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     rewritten = dequantize_interpolation_inputs(model)

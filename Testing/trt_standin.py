@@ -114,7 +114,8 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
             # 8.6.0 has no INT8 trilinear 3D Resize: a DQ feeding one failed the build on an H100
             producers = {out: n.op_type for n in proto.graph.node for out in n.output}
             self.network.dequantized_interpolations = sorted(
-                n.name for n in proto.graph.node if n.op_type == "Resize" and producers.get(n.input[0]) == "DequantizeLinear"
+                n.name for n in proto.graph.node if n.op_type == "Resize"
+                and producers.get(n.input[0]) == "DequantizeLinear"
                 and next((a.s for a in n.attribute if a.name == "mode"), b"nearest") != b"nearest")
             return True
 
