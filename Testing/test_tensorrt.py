@@ -116,9 +116,14 @@ def test_fp32_and_int8_plans_agree(artifacts, tmp_path):
                                         timing_cache_path=tmp_path / "timing.cache")
     int8_out = TensorRTEngine(int8_plan, "int8")(batch).cpu()
     agreement = (int8_out.argmax(1) == reference.argmax(1)).float().mean().item()
+    ort_int8 = ort(artifacts["int8"], artifacts["batch"])  # what the INT8 file itself computes
+    seen = (f"TensorRT INT8 vs FP32: agreement {agreement:.4f}, max |diff| {(int8_out - reference).abs().max():.4f}; "
+            f"vs ONNX Runtime INT8: agreement {(int8_out.argmax(1) == ort_int8.argmax(1)).float().mean():.4f}, "
+            f"max |diff| {(int8_out - ort_int8).abs().max():.4f}; ONNX Runtime INT8 vs FP32: agreement "
+            f"{(ort_int8.argmax(1) == reference.argmax(1)).float().mean():.4f}")
     # ONNX Runtime runs this INT8 file at 0.999; TensorRT 8.6.0 with the norms decomposed gave 0.929 on an H100
     # (benchmarks/results/h100-trt86/2026-12-05-run3/test_tensorrt_real.log), hence the build's warning
-    assert agreement >= (0.95 if native else 0.9) and (int8_out - reference).abs().max().item() > 1e-3
+    assert agreement >= (0.95 if native else 0.9) and (int8_out - reference).abs().max().item() > 1e-3, seen
 
     again = TensorRTEngine(fp32_plan, "fp32")  # a second deserialization of the same plan
     torch.testing.assert_close(again(batch), out)
