@@ -72,7 +72,11 @@ def test_without_a_native_instancenorm_it_is_decomposed_for_tensorrt(standin, ar
     implementation for node .../InstanceNormalization" on the H200 without it): the plan gets elementary ops."""
     trt = standin("8.6.0")
     del trt.OnnxParserFlag  # as NVIDIA's own 8.6.0 binding
-    assert te.build_recipe(trt, "fp32")["instancenorm"] == "decomposed"
+    assert te.build_recipe(trt, "fp32")["instancenorm"] == "decomposed, no fp16 guard"  # FP32 cannot overflow
+    assert te.build_recipe(trt, "int8")["instancenorm"] == te.build_recipe(trt, "fp16")["instancenorm"] == "decomposed"
+    ops = {precision: Counter(n.op_type for n in te._load_onnx_for(artifacts["fp32"], precision, False, True).graph.node)
+           for precision in ("fp32", "fp16")}
+    assert ops["fp32"]["ReduceMax"] == 0 and ops["fp16"]["ReduceMax"] == ops["fp16"]["ReduceMean"] / 2 > 0
     for precision in ("fp32", "int8"):
         plan = _plan(te.build_tensorrt_plan(artifacts[precision], precision, tmp_path / f"{precision}.plan"))
         assert plan["instancenorm"] is None  # the parser saw no InstanceNormalization node
@@ -119,6 +123,9 @@ def test_decomposed_instancenorm_computes_the_same(architecture, tmp_path):
 
     expected = run(original)
     np.testing.assert_allclose(run(decomposed), expected, atol=1e-5 * np.abs(expected).max())
+    unguarded = decompose_instancenorm(original, fp16_guard=False)  # FP32 plans: no ReduceMax
+    assert Counter(n.op_type for n in unguarded.graph.node)["ReduceMax"] == 0 < ops["ReduceMax"]
+    np.testing.assert_allclose(run(unguarded), expected, atol=1e-5 * np.abs(expected).max())
     if importlib.util.find_spec("onnxconverter_common") is not None:  # FP16 graphs: constants in the graph's type
         fp16 = onnx.load(str(make_fp16_onnx(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx")))
         np.testing.assert_allclose(run(decompose_instancenorm(fp16)), run(fp16), atol=2e-2 * np.abs(expected).max())

@@ -35,7 +35,7 @@ from .trt_graphs import (decompose_instancenorm, dequantize_interpolation_inputs
 __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
 
-RECIPE_VERSION = 4  # bump whenever the builder code changes what a plan contains
+RECIPE_VERSION = 5  # bump whenever the builder code changes what a plan contains
 # windows per engine call in the pipeline: the optimization profile's opt shape, so kernels are tuned for it
 PIPELINE_BATCH = 4
 # TensorRT's default level is 3 (0-5). Level 2 skips the slowest tactic searches (level-3 builds of a small UNet
@@ -144,7 +144,8 @@ def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = Non
         "optimization_level": int(options.optimization_level),
         "workspace_bytes": int(options.workspace_bytes),
         # without the parser's native InstanceNorm (8.6.0 and older) it becomes a cuDNN-8 plugin: decompose it instead
-        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else "decomposed",
+        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else
+        "decomposed" if precision != "fp32" else "decomposed, no fp16 guard",
         # layer names, types and formats kept in the plan, so the engine inspector can say what runs in INT8
         "profiling_verbosity": "detailed" if hasattr(trt, "ProfilingVerbosity") else "default",
         "tactic_sources": "tensorrt" if hasattr(trt, "TacticSource") else "default",
@@ -310,7 +311,7 @@ def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompos
     if decompose_norms and any(node.op_type == "InstanceNormalization" for node in model.graph.node):
         if precision == "int8":
             warnings.warn(DECOMPOSED_NORM_INT8, RuntimeWarning, stacklevel=4)
-        model = decompose_instancenorm(model)
+        model = decompose_instancenorm(model, fp16_guard=precision != "fp32")
     if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")
     return model
