@@ -45,8 +45,9 @@ def main() -> None:
         onnx.save(model, str(work / name))
         return work / name
 
-    qdq = save(dq_only_to_qdq(onnx.load(str(artifacts["int8"]))), "int8_qdq.onnx")
-    decomposed = save(decompose_instancenorm(onnx.load(str(qdq))), "int8_qdq_decomposed.onnx")
+    qdq_model = dq_only_to_qdq(onnx.load(str(artifacts["int8"])))
+    qdq = save(qdq_model, "int8_qdq.onnx")
+    decomposed = save(decompose_instancenorm(qdq_model), "int8_qdq_decomposed.onnx")
     fp16 = make_fp16_onnx(artifacts["fp32"], work / "fp16.onnx")
     rows = {
         "int8": artifacts["int8"],
