@@ -92,8 +92,9 @@ def segment(
 
     if precision == "auto":  # FP16 on TensorRT (INT8 measured no faster there), INT8 on the CPU runtimes
         from .engines import choose_precision
+        from .models.model_folder import model_onnx_files
 
-        precision, _ = choose_precision(runtime)
+        precision, _ = choose_precision(runtime, model_onnx_files(model))
     options = SegmentOptions(runtime=runtime, precision=precision, batch_size=batch_size, compare=compare,
                              reference=reference, device=device, mirroring=mirroring, step_size=step_size,
                              label_map=label_map, torch_compile=torch_compile, reference_labels=reference_labels)

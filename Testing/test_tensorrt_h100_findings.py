@@ -93,7 +93,7 @@ def test_nearest_resizes_and_shared_pairs_stay():
         [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
          for name in ("nearest", "linear", "conv")],
         [scale, zero, weight, roi, scales])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
     rewritten = dequantize_interpolation_inputs(model)
     inputs = {n.name: list(n.input) for n in rewritten.graph.node}
     assert inputs["linear"][0] == "x" and inputs["nearest"][0] == "dq" and inputs["conv"][0] == "dq"
@@ -111,7 +111,7 @@ def _without_pair(model: onnx.ModelProto) -> onnx.ModelProto:
         [onnx.helper.make_node("Resize", ["x", "roi", "scales"], ["linear"], mode="linear")], "g",
         list(model.graph.input), [onnx.helper.make_tensor_value_info("linear", onnx.TensorProto.FLOAT, None)],
         [i for i in model.graph.initializer if i.name in ("roi", "scales")])
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_int8_plans_on_tensorrt_8_get_the_rewritten_graph(standin, segresnet, tmp_path):

@@ -40,7 +40,8 @@ def _monitor(args: argparse.Namespace) -> Monitor:
 
 
 def _resolve_precision(args: argparse.Namespace) -> str:
-    """--precision; auto (the default): int8 on the CPU runtimes, fp16 on TensorRT, fp32 for the PyTorch runtime."""
+    """--precision; auto (the default): int8 on the CPU runtimes, fp16 on TensorRT (fp32 for a model whose
+    InstanceNorms this TensorRT would decompose), fp32 for the PyTorch runtime."""
     if args.runtime == "torch":
         if args.precision in (None, "auto"):
             _note(args, "--runtime torch runs the FP32 PyTorch reference (PyTorch has no INT8 engine; "
@@ -56,8 +57,10 @@ def _resolve_precision(args: argparse.Namespace) -> str:
     if args.runtime == "auto":  # deciding imports the runtimes: let a wrong path fail first, as it would without
         _check_paths(args)
     from ..engines import choose_precision
+    from ..models.model_folder import model_onnx_files
 
-    precision, reason = choose_precision(args.runtime)
+    model = getattr(args, "model", None)
+    precision, reason = choose_precision(args.runtime, model_onnx_files(model) if model else ())
     if precision != DEFAULT_PRECISION:
         _note(args, f"--precision auto: {reason}.")
     return precision

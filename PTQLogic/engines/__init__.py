@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -13,7 +14,8 @@ from ..core.errors import EngineUnavailable, InputError, ModelError
 from ..core.progress import Monitor
 from .base import PRECISIONS, RUNTIMES, Engine, EngineInfo
 
-__all__ = ["Engine", "EngineInfo", "RUNTIMES", "PRECISIONS", "available_runtimes", "choose_runtime", "create_engine"]
+__all__ = ["Engine", "EngineInfo", "RUNTIMES", "PRECISIONS", "available_runtimes", "choose_precision", "choose_runtime",
+           "create_engine"]
 
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime",
@@ -80,12 +82,27 @@ TENSORRT_AUTO_PRECISION = ("fp16", "TensorRT: FP16 (on TensorRT 8.6.0, H200, INT
                            "--precision int8 runs INT8)")
 
 
-def choose_precision(runtime: str) -> tuple[str, str]:
+# Measured with TensorRT 8.6.0 on an H100 (benchmarks/results/h100-trt86/2026-12-05-run4/): without a native
+# InstanceNormalization the norms run as elementary ops; FP16 and INT8 plans need an overflow guard (a ReduceMax
+# per norm) that took 49 of FP16's 56 ms and 582 of INT8's 592 ms (SegResNet, batch 4), so FP32 is fastest there.
+TENSORRT_DECOMPOSED_NORM_PRECISION = (
+    "fp32", "TensorRT: FP32 (this TensorRT has no native InstanceNormalization, so the model's norms run as "
+    "elementary ops, and in FP16 and INT8 plans their overflow guard dominates: SegResNet on TensorRT 8.6.0, H100, "
+    "batch 1 / 4: FP32 10.7 / 24.4 ms, FP16 41.0 / 55.4 ms, INT8 303 / 591 ms; TensorRT 8.6.1 or newer has a "
+    "native one; --precision fp16|int8 runs them)")
+
+
+def choose_precision(runtime: str, onnx_files: Sequence[str | Path] = ()) -> tuple[str, str]:
     """Precision for ``--precision auto`` on ``runtime`` ("auto" resolved as :func:`choose_runtime` would),
-    with a one-line reason: FP16 on TensorRT, INT8 on the CPU runtimes, FP32 for the PyTorch reference."""
+    with a one-line reason: FP16 on TensorRT (FP32 where ``onnx_files``, the model's ONNX, have InstanceNorms
+    this TensorRT would decompose), INT8 on the CPU runtimes, FP32 for the PyTorch reference."""
     if runtime == "auto":
         runtime, _ = choose_runtime("int8")
     if runtime == "tensorrt":
+        from .tensorrt_engine import decomposes_instancenorm
+
+        if onnx_files and decomposes_instancenorm(onnx_files):
+            return TENSORRT_DECOMPOSED_NORM_PRECISION
         return TENSORRT_AUTO_PRECISION
     if runtime == "torch":
         return "fp32", "PyTorch: the FP32 reference (it has no INT8 engine)"
