@@ -199,8 +199,9 @@ def stats(times: list[float]) -> dict:
 
 
 def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: int, threads: int | None,
-                runtimes: list[str], profile: bool, only: list[str] | None = None, batch: int = 1) -> dict:
-    x = np.random.default_rng(0).standard_normal((batch, 1, patch, patch, patch)).astype(np.float32)
+                runtimes: list[str], profile: bool, only: list[str] | None = None, batch: int = 1,
+                shape: tuple[int, int, int] | None = None) -> dict:
+    x = np.random.default_rng(0).standard_normal((batch, 1, *(shape or (patch,) * 3))).astype(np.float32)
     # NAME_<variant>.xml: an OpenVINO IR (e.g. from OpenVINO's own quantizer, NNCF), timed on OpenVINO only
     files = {p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.xml"))}
     files.update({p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.onnx"))})
@@ -319,7 +320,8 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     flags = ", ".join(k for k, v in m["flags"].items() if v) or "no AVX2/AVX-512/AMX"
     batch = report.get("batch", 1)
-    lines = [f"### Per-call latency, {report['patch']}^3 patch, batch {batch} (windows per call), "
+    size = "x".join(map(str, report["patch_shape"])) if report.get("patch_shape") else f"{report['patch']}^3"
+    lines = [f"### Per-call latency, {size} patch, batch {batch} (windows per call), "
              f"{report['repeats']} interleaved repeats",
              "", f"- CPU: {m['cpu']}, {m['usable_cores']} usable cores; features: {flags}"
              + (f"; **OpenVINO kernels capped to {m['isa_cap']}** (ONEDNN_MAX_CPU_ISA: no VNNI/AMX/bf16 used)"
@@ -382,6 +384,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", default=["unet_bn", "unet_in", "segresnet"])
     parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--patch-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="time existing files at a non-cubic patch (e.g. an nnU-Net plan's 128 112 112)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="default: the runtime's latency default")
@@ -402,11 +406,11 @@ def main() -> None:
         export(args.dir, args.patch)
     if args.variants:
         make_variants(args.dir, args.models, args.patch, args.variants)
-    report = {"machine": machine(), "patch": args.patch, "repeats": args.repeats, "warmup": args.warmup,
-              "threads": args.threads, "batch": args.batch, "interleave": "runtime", "models": {}}
+    report = {"machine": machine(), "patch": args.patch, "patch_shape": args.patch_shape, "repeats": args.repeats,
+              "warmup": args.warmup, "threads": args.threads, "batch": args.batch, "interleave": "runtime", "models": {}}
     for name in args.models:
         report["models"][name] = bench_model(args.dir, name, args.patch, args.repeats, args.warmup, args.threads,
-                                             args.runtimes, args.profile, args.configs, args.batch)
+                                             args.runtimes, args.profile, args.configs, args.batch, args.patch_shape)
         for key, row in report["models"][name]["rows"].items():
             extra = "".join(f" {k}={v:.2f}" for k, v in row.items() if k.startswith("speedup"))
             print(f"{name:10s} {key:28s} median {row['median_ms']:8.1f} ms  p10-p90 {row['p10_ms']:.1f}-"
