@@ -90,7 +90,7 @@ def segment(
     """
     from .inference.segmenters import open_segmenter
 
-    if precision == "auto":  # FP16 on TensorRT (INT8 measured no faster there), INT8 on the CPU runtimes
+    if precision == "auto":  # FP16 on TensorRT (FP32 where it decomposes the model's norms), INT8 on CPUs
         from .engines import choose_precision
         from .models.model_folder import model_onnx_files
 

@@ -25,7 +25,8 @@ def add_tensorrt_options(cmd: argparse.ArgumentParser) -> None:
 
 
 PRECISION_HELP = (f"engine precision ({NO_GPU_NOTE}) (default: auto = {DEFAULT_PRECISION} on the CPU runtimes, "
-                  "fp16 on TensorRT, where INT8 measured no faster; fp32 with --runtime torch)")
+                  "fp16 on TensorRT, where INT8 measured no faster (fp32 for a model whose InstanceNorms TensorRT "
+                  "8.6.0 decomposes); fp32 with --runtime torch)")
 RUNTIME_HELP = "inference runtime; auto: TensorRT on an NVIDIA GPU, else OpenVINO, else ONNX Runtime"
 MODEL_FOLDER_HELP = "model folder from `ptqseg quantize`"
 REFERENCE_LABELS_HELP = ("label table of the reference (JSON/CSV, e.g. TotalSegmentator's {\"1\": \"spleen\", ...}; "
