@@ -88,3 +88,61 @@ def test_int8_warning_points_to_fp32(standin, artifacts):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         te._load_onnx_for(artifacts["fp32"], "fp32", strong=False, decompose_norms=True)
+
+
+def test_fp32_norms_build_option_constrains_exactly_the_norms(standin, artifacts, tmp_path):
+    """norms="fp32" (opt-in, for the next GPU run): FP16/INT8 plans of a decomposed-norm model drop the FP16
+    overflow scale (the ReduceMax that took 491 of INT8's 592 ms) and constrain every layer of the norms, and
+    only those, to FP32 with TensorRT's PREFER_PRECISION_CONSTRAINTS flag."""
+    from PTQLogic.engines.trt_graphs import DECOMPOSED_NORM_MARK
+
+    trt = standin("8.6.0")
+    del trt.OnnxParserFlag
+    norms = {n.name for n in onnx.load(str(artifacts["fp32"])).graph.node if n.op_type == "InstanceNormalization"}
+    options = te.TensorRTBuildOptions(norms="fp32")
+    assert te.build_recipe(trt, "fp16", options)["instancenorm"] == "decomposed, fp32 layers"
+    assert te.build_recipe(trt, "fp32", options)["instancenorm"] == "decomposed, no fp16 guard"  # FP32 already
+    assert te.build_recipe(standin("8.6.1"), "fp16", options)["instancenorm"] == "native"  # nothing decomposed
+    trt = standin("8.6.0")
+    del trt.OnnxParserFlag
+    with te.use_build_options(options):
+        plans = {p: _plan_of(te.build_tensorrt_plan(artifacts["int8" if p == "int8" else "fp32"], p,
+                                                    tmp_path / f"{p}.plan")) for p in ("fp16", "int8")}
+        fp32_plan = _plan_of(te.build_tensorrt_plan(artifacts["fp32"], "fp32", tmp_path / "fp32.plan"))
+    for precision, plan in plans.items():
+        source = artifacts["int8" if precision == "int8" else "fp32"]
+        graph = te._load_onnx_for(source, precision, False, decompose_norms=True, fp32_norms=True).graph
+        marked = {n.name for n in graph.node if n.doc_string == DECOMPOSED_NORM_MARK}
+        assert len(marked) > 0 and all(any(name.startswith(norm + "_") for norm in norms) for name in marked)
+        assert "PREFER_PRECISION_CONSTRAINTS" in plan["flags"], precision
+        assert "ReduceMax" not in plan["op_types"] and "ReduceMean" in plan["op_types"]
+        assert set(plan["fp32_layers"]) == marked and plan["constrained_layers"] == len(marked)
+    assert "PREFER_PRECISION_CONSTRAINTS" not in fp32_plan["flags"] and fp32_plan["constrained_layers"] == 0
+    default = _plan_of(te.build_tensorrt_plan(artifacts["fp32"], "fp16", tmp_path / "default.plan"))
+    assert "ReduceMax" in default["op_types"] and default["constrained_layers"] == 0  # "scaled", the default
+    assert "PREFER_PRECISION_CONSTRAINTS" not in default["flags"]
+    with pytest.raises(Exception, match="norms must be 'scaled' or 'fp32'"):
+        te.TensorRTBuildOptions(norms="bf16")
+
+
+def test_decomposed_norms_compute_the_same_with_and_without_the_scale(artifacts):
+    """What the fp32 option builds from: the unscaled decomposition equals the scaled one and the original
+    InstanceNormalization (ONNX Runtime, FP32)."""
+    import onnxruntime
+
+    from PTQLogic.engines.trt_graphs import decompose_instancenorm
+
+    model = onnx.load(str(artifacts["fp32"]))
+    x = artifacts["batch"].numpy() if hasattr(artifacts["batch"], "numpy") else np.asarray(artifacts["batch"])
+
+    def run(m):
+        session = onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+    reference = run(model)
+    for guard in (True, False):
+        np.testing.assert_allclose(run(decompose_instancenorm(model, fp16_guard=guard)), reference, atol=1e-4)
+
+
+def _plan_of(path):
+    return json.loads(path.read_bytes())

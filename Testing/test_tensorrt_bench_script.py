@@ -45,6 +45,11 @@ def test_variants_list_the_plans_of_a_work_folder(tmp_path):
         ("unet14 int8 cpu", "int8"), ("unet14 int8 wide", "int8")]
     assert rows[1][1] == tmp_path / "unet14-modelopt" / "fp32.onnx"  # FP16 plans are built from the FP32 graph
     assert bench.variants(tmp_path, ["ct_unet"]) == []
+    both = bench.norm_variants(rows[:3], ["scaled", "fp32"])  # FP16/INT8 twice, FP32 once
+    assert [(label, mode) for label, _, _, mode in both] == [
+        ("unet14 fp32", "scaled"), ("unet14 fp16", "scaled"), ("unet14 fp16 normfp32", "fp32"),
+        ("unet14 int8 modelopt", "scaled"), ("unet14 int8 modelopt normfp32", "fp32")]
+    assert [row[:3] for row in bench.norm_variants(rows, ["scaled"])] == rows
 
 
 def test_layer_compare_pairs_convolutions_across_plans():

@@ -45,7 +45,7 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
         setattr(trt, alias, DataType[member])
 
     builder_flags = {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5,
-                     "TF32": 6, "BF16": 17}
+                     "TF32": 6, "PREFER_PRECISION_CONSTRAINTS": 11, "BF16": 17}
     if major >= 11:
         for removed in ("FP16", "INT8", "BF16"):
             builder_flags.pop(removed)
@@ -73,11 +73,22 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
         def __init__(self, name: str, shape: tuple, dtype) -> None:
             self.name, self.shape, self.dtype = name, shape, dtype
 
+    class ILayer:
+        """One layer per ONNX node, named after it (as the real parser names most layers)."""
+
+        def __init__(self, name: str, op_type: str, num_outputs: int) -> None:
+            self.name, self.type, self.num_outputs = name, op_type, num_outputs
+            self.precision, self.output_types = None, {}
+
+        def set_output_type(self, index: int, dtype) -> None:
+            self.output_types[index] = dtype
+
     class INetworkDefinition:
         def __init__(self, flags: int) -> None:
             self.flags = flags
             self.inputs: list[ITensor] = []
             self.outputs: list[ITensor] = []
+            self.layers: list[ILayer] = []
             self.instancenorm = None
 
         @property
@@ -86,6 +97,13 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
 
         def get_input(self, index: int) -> ITensor:
             return self.inputs[index]
+
+        @property
+        def num_layers(self) -> int:
+            return len(self.layers)
+
+        def get_layer(self, index: int) -> ILayer:
+            return self.layers[index]
 
     class OnnxParser:
         def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
@@ -105,6 +123,8 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
 
             self.network.inputs = [tensor(v) for v in proto.graph.input if v.name not in inits]
             self.network.outputs = [tensor(v) for v in proto.graph.output]
+            self.network.layers = [ILayer(n.name, n.op_type, len(n.output)) for n in proto.graph.node]
+            self.network.op_types = sorted({n.op_type for n in proto.graph.node})
             has_norm = any(n.op_type == "InstanceNormalization" for n in proto.graph.node)
             # 10+: native by default; 8.6: native only with the flag, else the cuDNN-8 plugin
             native = major >= 10 or 0 in self.flags
@@ -253,6 +273,13 @@ def make_tensorrt(version: str = "10.13.0.35", device: str = "Stand-in GPU") -> 
                 "workspace": config.pools.get(0), "instancenorm": network.instancenorm,
                 "float_types": network.float_types,
                 "dequantized_interpolations": network.dequantized_interpolations,
+                "op_types": network.op_types,
+                # layers constrained to FP32 (precision and every output), and the rest's constraints if any
+                "fp32_layers": sorted(layer.name for layer in network.layers if layer.precision == trt.float32
+                                      and set(layer.output_types) == set(range(layer.num_outputs))
+                                      and all(t == trt.float32 for t in layer.output_types.values())),
+                "constrained_layers": sum(layer.precision is not None or bool(layer.output_types)
+                                          for layer in network.layers),
                 "io": [{"name": t.name, "mode": mode, "dtype": t.dtype.name, "shape": list(t.shape)}
                        for mode, tensors in (("INPUT", network.inputs), ("OUTPUT", network.outputs)) for t in tensors],
                 "profiles": [p.shapes for p in config.profiles],

@@ -29,8 +29,8 @@ from ..core.fileio import atomic_write_bytes
 from ..core.progress import Monitor
 from .cache import model_cache_dir
 from .tensorrt_runner import TensorRTEngine, import_tensorrt
-from .trt_graphs import (decompose_instancenorm, dequantize_interpolation_inputs, dq_only_to_qdq, int8_fp16_converter,
-                         make_fp16_onnx, make_int8_fp16_onnx)
+from .trt_graphs import (decompose_instancenorm, decomposed_norm_prefixes, dequantize_interpolation_inputs,
+                         dq_only_to_qdq, int8_fp16_converter, make_fp16_onnx, make_int8_fp16_onnx)
 
 __all__ = ["TensorRTBuildOptions", "TensorRTEngine", "build_recipe", "build_tensorrt_plan", "dq_only_to_qdq",
            "make_fp16_onnx", "make_int8_fp16_onnx", "use_build_options"]
@@ -45,13 +45,18 @@ DEFAULT_OPTIMIZATION_LEVEL = 2
 
 @dataclass(frozen=True)
 class TensorRTBuildOptions:
-    """How plans are built. ``timing_cache``: "auto" (user cache folder), "off", or a file path."""
+    """How plans are built. ``timing_cache``: "auto" (user cache folder), "off", or a file path. ``norms``: how
+    FP16/INT8 plans run InstanceNorms that this TensorRT decomposes (no native one, 8.6.0): "scaled" (FP16-safe
+    scale, a ReduceMax per norm) or "fp32" (no scale; the norms' layers constrained to FP32, not yet measured)."""
 
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
     workspace_bytes: int = 2 << 30
     timing_cache: str = "auto"
+    norms: str = "scaled"
 
     def __post_init__(self) -> None:
+        if self.norms not in ("scaled", "fp32"):
+            raise InputError(f"TensorRT norms must be 'scaled' or 'fp32', got {self.norms!r}.")
         if not 0 <= int(self.optimization_level) <= 5:
             raise InputError(f"TensorRT optimization level must be 0-5, got {self.optimization_level}.")
         if int(self.workspace_bytes) < 1 << 20:
@@ -160,12 +165,24 @@ def build_recipe(trt, precision: str, options: TensorRTBuildOptions | None = Non
         "optimization_level": int(options.optimization_level),
         "workspace_bytes": int(options.workspace_bytes),
         # without the parser's native InstanceNorm (8.6.0 and older) it becomes a cuDNN-8 plugin: decompose it instead
-        "instancenorm": "native" if _native_instancenorm_flag(trt) is not None else
-        "decomposed" if precision != "fp32" else "decomposed, no fp16 guard",
+        "instancenorm": _instancenorm_recipe(trt, precision, options),
         # layer names, types and formats kept in the plan, so the engine inspector can say what runs in INT8
         "profiling_verbosity": "detailed" if hasattr(trt, "ProfilingVerbosity") else "default",
         "tactic_sources": "tensorrt" if hasattr(trt, "TacticSource") else "default",
     }
+
+
+def _instancenorm_recipe(trt, precision: str, options: TensorRTBuildOptions) -> str:
+    if _native_instancenorm_flag(trt) is not None:
+        return "native"
+    if precision == "fp32":
+        return "decomposed, no fp16 guard"  # FP32 cannot overflow
+    if options.norms == "fp32" and hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
+        return FP32_NORMS
+    return "decomposed"
+
+
+FP32_NORMS = "decomposed, fp32 layers"
 
 
 def _version(module: str) -> str:
@@ -266,7 +283,7 @@ def build_tensorrt_plan(
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # the parser owns the network's weights: it must outlive the build
-    network, parser = _parse_network(trt, builder, logger, onnx_path, precision, recipe["typing"] == "strong", monitor)
+    network, parser = _parse_network(trt, builder, logger, onnx_path, precision, recipe, monitor)
     config = _builder_config(trt, builder, precision, recipe)
     config.add_optimization_profile(_optimization_profile(builder, network, min_batch, opt_batch, max_batch))
     timing_path = _timing_cache_file(timing_cache_path, options)
@@ -299,7 +316,8 @@ def _network_flags(trt) -> int:
     return 0
 
 
-def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, strong: bool, monitor: Monitor):
+def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, recipe: dict[str, Any],
+                   monitor: Monitor):
     """(network, parser) for ``onnx_path``; the parser owns the weights, so the caller keeps it until the build ends."""
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -307,14 +325,32 @@ def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, 
     if native is not None:
         parser.set_flag(native)
     monitor.update("TensorRT: parse", 0, 1)
-    model = _load_onnx_for(onnx_path, precision, strong, decompose_norms=native is None)
+    fp32_norms = recipe["instancenorm"] == FP32_NORMS
+    model = _load_onnx_for(onnx_path, precision, recipe["typing"] == "strong", decompose_norms=native is None,
+                           fp32_norms=fp32_norms)
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse '{onnx_path}': {errors}")
+    if fp32_norms:
+        _constrain_to_fp32(trt, network, decomposed_norm_prefixes(model))
     return network, parser
 
 
-def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompose_norms: bool = False) -> onnx.ModelProto:
+def _constrain_to_fp32(trt, network, prefixes: set[str]) -> int:
+    """Layers named after a decomposed norm compute and output FP32 (the builder flag makes TensorRT prefer it)."""
+    count = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if any(layer.name.startswith(prefix) for prefix in prefixes):
+            layer.precision = trt.float32
+            for output in range(layer.num_outputs):
+                layer.set_output_type(output, trt.float32)
+            count += 1
+    return count
+
+
+def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompose_norms: bool = False,
+                   fp32_norms: bool = False) -> onnx.ModelProto:
     """The ONNX as this TensorRT parses it: DQ-only INT8 weights as Q/DQ and no Q/DQ before a linear Resize on 8.x,
     InstanceNormalization as elementary ops where the parser has no native one; FP16 tensors required when
     strongly typed."""
@@ -325,9 +361,9 @@ def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompos
     if not strong and precision == "int8":
         model = dequantize_interpolation_inputs(dq_only_to_qdq(model))
     if decompose_norms and any(node.op_type == "InstanceNormalization" for node in model.graph.node):
-        if precision == "int8":
+        if precision == "int8" and not fp32_norms:  # the measured path; fp32 norms are not measured yet
             warnings.warn(DECOMPOSED_NORM_INT8, RuntimeWarning, stacklevel=4)
-        model = decompose_instancenorm(model, fp16_guard=precision != "fp32")
+        model = decompose_instancenorm(model, fp16_guard=precision != "fp32" and not fp32_norms)
     if strong and precision == "fp16" and not _has_fp16_tensors(model):
         raise ModelError("This TensorRT is strongly typed: an fp16 engine needs an FP16 ONNX (make_fp16_onnx).")
     return model
@@ -349,6 +385,8 @@ def _builder_config(trt, builder, precision: str, recipe: dict[str, Any]):
         config.builder_optimization_level = recipe["optimization_level"]
     if recipe.get("profiling_verbosity") == "detailed":
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if recipe["instancenorm"] == FP32_NORMS:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     if recipe.get("tactic_sources") == "tensorrt":
         config.set_tactic_sources(_own_tactic_sources(trt, config.get_tactic_sources()))
     return config

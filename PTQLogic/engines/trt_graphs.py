@@ -173,6 +173,15 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             if v.type.tensor_type.HasField("shape")}
 
 
+# doc_string of every node decompose_instancenorm writes: how a TensorRT build finds the norms' layers again
+DECOMPOSED_NORM_MARK = "ptqseg: decomposed InstanceNormalization"
+
+
+def decomposed_norm_prefixes(model: onnx.ModelProto) -> set[str]:
+    """Name prefixes ("<norm>/") shared by the nodes of each decomposed norm; TensorRT names layers after them."""
+    return {node.name.rsplit("/", 1)[0] + "/" for node in model.graph.node if node.doc_string == DECOMPOSED_NORM_MARK}
+
+
 def decompose_instancenorm(model: onnx.ModelProto, fp16_guard: bool = True) -> onnx.ModelProto:
     """Every InstanceNormalization node as elementary ops, with scale and bias broadcast over the channel axis.
     Returns a new model; the argument is not modified.
@@ -182,7 +191,9 @@ def decompose_instancenorm(model: onnx.ModelProto, fp16_guard: bool = True) -> o
     may run these ops in FP16) the centred values are divided by their largest magnitude m (at least 1e-3) before
     squaring, so FP16 cannot overflow (a plain (x - mean)^2 does once |x - mean| > 256):
     y = (d / m) / sqrt(mean((d / m)^2) + eps / m^2) = d / sqrt(var + eps). That ReduceMax is costly (1.5 ms per
-    norm at 96³ on an H100, 25x a ReduceMean), so FP32 plans go without it: y = d / sqrt(mean(d^2) + eps).
+    norm at 96³ on an H100, 25x a ReduceMean; about 20 ms in an INT8 plan), so FP32 plans go without it:
+    y = d / sqrt(mean(d^2) + eps), and so may FP16/INT8 plans that keep these nodes in FP32 (their nodes carry
+    :data:`DECOMPOSED_NORM_MARK`, see :func:`decomposed_norm_prefixes`).
     """
     if not any(n.op_type == "InstanceNormalization" for n in model.graph.node):
         return model
@@ -209,7 +220,8 @@ def decompose_instancenorm(model: onnx.ModelProto, fp16_guard: bool = True) -> o
             return f"{tag}/{part}"
 
         def add(op: str, inputs: list[str], part: str, **attrs) -> str:
-            new_nodes.append(onnx.helper.make_node(op, inputs, [name(part)], name=name(part), **attrs))
+            new_nodes.append(onnx.helper.make_node(op, inputs, [name(part)], name=name(part),
+                                                   doc_string=DECOMPOSED_NORM_MARK, **attrs))
             return name(part)
 
         def constant(part: str, value, data_type: int = dtype) -> str:
@@ -244,7 +256,7 @@ def decompose_instancenorm(model: onnx.ModelProto, fp16_guard: bool = True) -> o
         std = add("Sqrt", [add("Add", [variance, epsilon], "variance_eps")], "std")
         scaled = add("Mul", [add("Div", [unit, std], "normalized"), per_channel(scale, "scale")], "scaled")
         new_nodes.append(onnx.helper.make_node("Add", [scaled, per_channel(bias, "bias")], [node.output[0]],
-                                               name=name("shifted")))
+                                               name=name("shifted"), doc_string=DECOMPOSED_NORM_MARK))
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input}

@@ -138,9 +138,17 @@ def variants(work: Path, only: list[str] | None) -> list[tuple[str, Path, str]]:
     return rows
 
 
-def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str], skip: list[str]) -> None:
-    """One plan per variant and level, as the product builds it (timing cache "auto": one per network and
-    precision, here under ``work/user-cache``); a variant TensorRT cannot build is recorded, not fatal."""
+def norm_variants(rows: list[tuple[str, Path, str]], norms: list[str]) -> list[tuple[str, Path, str, str]]:
+    """(label, onnx, precision, norms option) per variant and option; FP32 plans have no norm option to vary."""
+    return [(f"{label} normfp32" if mode == "fp32" else label, onnx_path, precision, mode)
+            for label, onnx_path, precision in rows for mode in norms if mode == "scaled" or precision != "fp32"]
+
+
+def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str], skip: list[str],
+          norms: list[str] = ("scaled",)) -> None:
+    """One plan per variant, level and ``norms`` build option (FP16/INT8 only; "fp32" variants are labelled
+    "normfp32"), as the product builds it (timing cache "auto": one per network and precision, here under
+    ``work/user-cache``); a variant TensorRT cannot build is recorded, not fatal."""
     from PTQLogic.core.errors import ModelError
     from PTQLogic.core.progress import Monitor
     from PTQLogic.engines.tensorrt_engine import TensorRTBuildOptions, build_tensorrt_plan, cached_plan, use_build_options
@@ -151,14 +159,15 @@ def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str]
     device_name = f"{props.name} sm_{props.major}{props.minor}"
     records = json.loads((work / "builds.json").read_text()) if (work / "builds.json").is_file() else {}
     for level in levels:
-        for label, onnx_path, precision in variants(work, only):
+        for label, onnx_path, precision, mode in norm_variants(variants(work, only), norms):
             key = f"{label} level{level}"
             if key in records or label in skip:
                 continue
             lines: list[str] = []
             started = time.perf_counter()
             try:
-                with use_build_options(TensorRTBuildOptions(optimization_level=level)), captured_output(lines):
+                with use_build_options(TensorRTBuildOptions(optimization_level=level, norms=mode)), \
+                        captured_output(lines):
                     plan, info = cached_plan(onnx_path, precision, work / "plans", device_name, 4, Monitor())
             except ModelError as exc:
                 records[key] = {"network": label.split()[0], "variant": label, "precision": precision, "level": level,
@@ -169,7 +178,8 @@ def build(work: Path, levels: list[int], only: list[str] | None, warm: list[str]
                 continue
             cold, again = info["build_seconds"], None
             if label in warm:
-                with captured_output(lines):  # the same network again: its timing cache is warm now
+                with use_build_options(TensorRTBuildOptions(optimization_level=level, norms=mode)), \
+                        captured_output(lines):  # the same network again: its timing cache is warm now
                     started = time.perf_counter()
                     build_tensorrt_plan(onnx_path, precision, work / "rebuild.plan", opt_batch=4, max_batch=4,
                                         timing_cache_path=info["timing_cache"], optimization_level=level)
@@ -336,6 +346,8 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[2])
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--warm", nargs="*", default=["unet14 fp16"], help="variants rebuilt with the warm timing cache")
+    parser.add_argument("--norms", nargs="+", choices=("scaled", "fp32"), default=["scaled"],
+                        help="FP16/INT8 plans of decomposed InstanceNorms: the FP16-safe scale, and/or FP32 norm layers")
     parser.add_argument("--skip", nargs="*", default=["unet14 int8 cpu"],
                         help="variants not built (the cpu placement failed on TensorRT 8.6.0 after 94 s)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -345,7 +357,7 @@ def main() -> None:
     if args.stage == "prepare":
         prepare(args.work, args.ct)
     elif args.stage == "build":
-        build(args.work, args.levels, args.only, args.warm, args.skip)
+        build(args.work, args.levels, args.only, args.warm, args.skip, args.norms)
     else:
         measure(args.work, args.out or args.work, args.ct, args.rounds, args.iters)
 
