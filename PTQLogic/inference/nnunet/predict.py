@@ -25,6 +25,7 @@ from ...core.errors import InputError, ModelError, PTQError
 from ...core.progress import Monitor
 from ...core.volume import Volume
 from ...models.nnunet.model_dir import NnUNetModel
+from .parallel_prefilter import parallel_prefilter
 
 STAGE = "nnU-Net sliding window"
 
@@ -57,6 +58,10 @@ def _resampling_function(name: str, kwargs: dict[str, Any]):
     return partial(table[name], **kwargs)
 
 
+def _no_mask(seg: np.ndarray | None, new_shape, *args, **kwargs) -> np.ndarray | None:
+    return None if seg is None else np.zeros((seg.shape[0], 1, 1, 1), np.int8)
+
+
 def _managers(plans: dict[str, Any], configuration: str):
     """nnU-Net's PlansManager/ConfigurationManager with every by-name lookup replaced by an allow-list."""
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -82,8 +87,9 @@ def _managers(plans: dict[str, Any], configuration: str):
 
         @property
         def resampling_fn_seg(self):
-            return _resampling_function(self.configuration.get("resampling_fn_seg", "resample_data_or_seg_to_shape"),
-                                        self.configuration.get("resampling_fn_seg_kwargs", {"is_seg": True}))
+            # run_case_npy also resamples its nonzero mask, which nothing here reads (1.2 s of a 512x512x300 CT's
+            # 10 s on 2 cores): an empty mask instead, same data and properties
+            return _no_mask
 
     class SafePlansManager(PlansManager):
         @property
@@ -194,7 +200,7 @@ class NnUNetRunner:
                              f"the input has {data.shape[0]}.")
         # SimpleITKIO's convention: array (z, y, x) == Volume's KJI, spacing reversed to (z, y, x)
         properties = {"spacing": [abs(float(s)) for s in volume.spacing[::-1]]}
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), parallel_prefilter():
             data, _, properties = _preprocessor().run_case_npy(
                 np.asarray(data, dtype=np.float32), None, properties, self.plans_manager, self.config, self.dataset)
         return data, properties

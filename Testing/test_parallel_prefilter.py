@@ -1,0 +1,108 @@
+"""nnU-Net preprocessing with the cubic prefilter on every core gives SciPy's and nnunetv2's arrays bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.ndimage import _interpolation
+from skimage.transform import resize
+
+from nnunet_factory import dataset, plans
+from PTQLogic.core.volume import Volume
+from PTQLogic.inference.nnunet import parallel_prefilter as pp
+from PTQLogic.inference.nnunet.predict import NnUNetRunner
+
+
+@pytest.fixture(scope="module")
+def big():
+    """Larger than the threshold below which the stock functions run (4M voxels), odd sizes on every axis."""
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(37, 263, 451)) * 300).astype(np.float64)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_zoom_and_resize_are_bit_identical(big, threads):
+    shape = (19, 120, 233)
+    stock_zoom = ndimage.zoom(big, np.divide(shape, big.shape), order=3, mode="nearest", grid_mode=True)
+    stock_resize = resize(big, shape, order=3, mode="edge", anti_aliasing=False)
+    stock_mirror = ndimage.zoom(big, 0.6, order=3, mode="mirror")  # no prepadding: the filter alone is parallel
+    with pp.parallel_prefilter(threads):
+        assert _interpolation.spline_filter is not ndimage.spline_filter  # swapped inside zoom's module only
+        np.testing.assert_array_equal(
+            ndimage.zoom(big, np.divide(shape, big.shape), order=3, mode="nearest", grid_mode=True), stock_zoom)
+        np.testing.assert_array_equal(resize(big, shape, order=3, mode="edge", anti_aliasing=False), stock_resize)
+        np.testing.assert_array_equal(ndimage.zoom(big, 0.6, order=3, mode="mirror"), stock_mirror)
+
+
+def test_pieces_equal_scipys(big):
+    stock_pad, stock_filter = _interpolation._prepad_for_spline_filter, _interpolation.spline_filter
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        padded, npad = pp.prepad(pool, 4, stock_pad, big, "nearest", 0.0)
+        expected, expected_npad = stock_pad(big, "nearest", 0.0)
+        assert npad == expected_npad and padded.dtype == expected.dtype
+        np.testing.assert_array_equal(padded, expected)
+        for order in (2, 3, 5):
+            np.testing.assert_array_equal(pp.spline_filter(pool, 4, stock_filter, big, order, np.float64, "nearest"),
+                                          stock_filter(big, order, np.float64, "nearest"))
+        small = big[:4, :10, :10]  # under the threshold, and other modes: SciPy's own functions
+        assert pp.prepad(pool, 4, lambda *a: "stock", small, "nearest", 0.0) == "stock"
+        assert pp.prepad(pool, 4, lambda *a: "stock", big, "grid-constant", 0.0) == "stock"
+
+
+def test_the_swap_is_undone_even_after_an_error(big):
+    stock = (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter)
+    with pytest.raises(ZeroDivisionError):
+        with pp.parallel_prefilter(2):
+            1 / 0
+    assert (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter) == stock
+    with pp.parallel_prefilter(1):  # one thread: nothing swapped
+        assert _interpolation.spline_filter is stock[0]
+
+
+def test_nnunet_preprocessing_equals_nnunetv2s_own():
+    """A CT-like volume of 5M voxels at 0.8x0.8x1.5 mm to the 3 mm grid: PTQLogic's preprocessing (parallel
+    prefilter, the unused nonzero mask not resampled) gives nnunetv2's DefaultPreprocessor's array and properties."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plan = plans([3.0, 3.0, 3.0], [32, 32, 32])
+    runner = NnUNetRunner(plan, dataset(["background", "a"]), "3d_fullres")
+    rng = np.random.default_rng(1)
+    array = np.clip(rng.normal(40, 300, size=(90, 170, 330)), -1024, 3000).astype(np.int16)
+    array[:, :20] = 0  # a zero border: cropped, and a mask with two labels that nnunetv2 resamples
+    volume = Volume(array=array, ijk_to_ras=np.diag([0.8, 0.8, 1.5, 1.0]))
+    data, properties = runner.preprocess(volume)
+    manager = PlansManager(plan)
+    expected, _, expected_properties = DefaultPreprocessor(verbose=False).run_case_npy(
+        array[None].astype(np.float32), None, {"spacing": [1.5, 0.8, 0.8]}, manager,
+        manager.get_configuration("3d_fullres"), dataset(["background", "a"]))
+    assert data.dtype == expected.dtype and data.shape == expected.shape
+    np.testing.assert_array_equal(data, expected)
+    assert set(properties) == set(expected_properties)
+    for key in properties:
+        np.testing.assert_array_equal(np.asarray(properties[key], dtype=object),
+                                      np.asarray(expected_properties[key], dtype=object))
+
+
+def test_preprocess_stage_benchmark_runs_and_compares(tmp_path):
+    """benchmarks/nnunet/preprocess_stage.py on a small nnU-Net folder and CT: both rows, identical arrays."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from nnunet_factory import write_folder, write_image
+
+    folder = write_folder(tmp_path / "model", plans([3.0, 3.0, 3.0], [32, 32, 32]), dataset(["background", "a"]))
+    array = np.clip(np.random.default_rng(2).normal(40, 300, size=(30, 60, 70)), -1024, 3000).astype(np.int16)
+    ct = write_image(Volume(array=array, ijk_to_ras=np.diag([0.8, 0.8, 1.5, 1.0])), tmp_path / "ct.nii.gz")
+    out = tmp_path / "result.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nnunet" / "preprocess_stage.py"), "--model",
+                          str(folder), "--ct", str(ct), "--repeats", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["identical"] is True and len(result["seconds"]["nnunetv2"]) == len(result["seconds"]["ptqseg"]) == 2
+    assert result["network_grid"] == [1, 15, 16, 19] and result["machine"]["cores"] >= 1
