@@ -260,9 +260,9 @@ class NnUNetRunner:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         with contextlib.redirect_stdout(io.StringIO()):
-            predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True, use_mirroring=mirroring,
-                                        perform_everything_on_device=False, device=torch.device("cpu"),
-                                        verbose=False, allow_tqdm=False)
+            predictor = _blending_predictor(nnUNetPredictor)(
+                tile_step_size=self.step_size, use_gaussian=True, use_mirroring=mirroring,
+                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False, allow_tqdm=False)
             predictor.manual_initialization(network, self.plans_manager, self.config, None, self.dataset,
                                             "PTQLogic", self.mirror_axes)
         return predictor
@@ -272,6 +272,46 @@ class NnUNetRunner:
         windows = len(predictor._internal_get_sliding_window_slicers(tuple(padded)))
         axes = len(self.mirror_axes) if (mirroring and self.mirror_axes) else 0
         return windows * (2 ** axes)
+
+
+def add_in_slabs(total: torch.Tensor, window: torch.Tensor) -> None:
+    """``total += window`` one slab of the first spatial axis at a time: the same value for every element, but
+    when the two are laid out differently (class-major half-precision sums, channels-last logits from OpenVINO)
+    each slab's strided reads stay in cache: 5x faster for a 118-class 128x112x112 window on 2 cores."""
+    for index in range(window.shape[1]):
+        total[:, index].add_(window[:, index])
+
+
+def _blending_predictor(base):
+    """nnU-Net's predictor whose CPU sliding window (``perform_everything_on_device=False``) adds each window with
+    :func:`add_in_slabs`; everything else as nnunetv2 2.5+ computes it (same gaussian, half-precision sums,
+    division and inf check, tested bit for bit against it)."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    class BlendingPredictor(base):
+        @torch.inference_mode()
+        def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
+            if do_on_device and self.device.type != "cpu":
+                return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+            cpu = torch.device("cpu")
+            data = data.to(cpu)
+            logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half)
+            counts = torch.zeros(data.shape[1:], dtype=torch.half)
+            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                        value_scaling_factor=10, device=cpu) if self.use_gaussian else 1
+            for window in slicers:
+                patch = torch.clone(data[window][None], memory_format=torch.contiguous_format).to(self.device)
+                prediction = self._internal_maybe_mirror_and_predict(patch)[0].to(cpu)
+                if self.use_gaussian:
+                    prediction *= gaussian
+                add_in_slabs(logits[window], prediction)
+                counts[window[1:]] += gaussian
+            torch.div(logits, counts, out=logits)
+            if torch.any(torch.isinf(logits)):
+                raise RuntimeError("Encountered inf in predicted array (nnU-Net's half-precision sums).")
+            return logits
+
+    return BlendingPredictor
 
 
 def runner_for(model: NnUNetModel) -> NnUNetRunner:

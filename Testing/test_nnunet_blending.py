@@ -1,0 +1,73 @@
+"""The nnU-Net sliding window's blending, with each window added in slabs, gives nnunetv2's own half-precision
+logits bit for bit, for class-major and channels-last (OpenVINO's layout) windows, with and without mirroring."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_factory import architecture, dataset, plans
+from PTQLogic.core.progress import Monitor
+from PTQLogic.inference.nnunet.predict import NnUNetRunner, _EngineNetwork, add_in_slabs
+
+
+class _ConvEngine:
+    """A real 3-D convolution (fixed random weights) as an engine; ``channels_last`` hands its logits out with
+    channels-last strides, as the OpenVINO engine does."""
+
+    device = "cpu"
+
+    def __init__(self, classes: int, channels_last: bool):
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, classes, 3, padding=1)
+        self.channels_last = channels_last
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) * 3
+        return y.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else y
+
+
+def _predictors(mirroring: bool, step: float = 0.5):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    arch = architecture(features=(4, 8), strides=((1, 1, 1), (2, 2, 2)), kernels=((3, 3, 3),) * 2)
+    runner = NnUNetRunner(plans([1.5, 1.5, 1.5], [16, 20, 24], arch=arch), dataset(["background", "a", "b", "c"]),
+                          "3d_fullres", mirror_axes=(0, 1, 2), step_size=step)
+    network = _EngineNetwork(Monitor(), 4)
+    ours = runner._predictor(network, mirroring)
+    with contextlib.redirect_stdout(io.StringIO()):
+        stock = nnUNetPredictor(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)
+        stock.manual_initialization(network, runner.plans_manager, runner.config, None, runner.dataset, "stock",
+                                    runner.mirror_axes)
+    assert type(ours) is not nnUNetPredictor and isinstance(ours, nnUNetPredictor)
+    return network, ours, stock
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_blending_equals_nnunetv2(channels_last, mirroring):
+    network, ours, stock = _predictors(mirroring)
+    network.engine = _ConvEngine(4, channels_last)
+    data = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 37, 29, 51)).astype(np.float32))
+    expected = stock.predict_sliding_window_return_logits(data)
+    got = ours.predict_sliding_window_return_logits(data)
+    assert got.dtype == expected.dtype == torch.half and got.shape == expected.shape == (4, 37, 29, 51)
+    assert torch.equal(got, expected)
+    assert float(expected.float().abs().max()) > 1  # not a comparison of zeros
+
+
+def test_add_in_slabs_equals_a_plain_add():
+    rng = torch.Generator().manual_seed(3)
+    total = (torch.randn((5, 9, 10, 11), generator=rng) * 4).half()
+    window = (torch.randn((1, 7, 8, 9, 5), generator=rng) * 40).permute(0, 4, 1, 2, 3)[0]  # channels-last view
+    view = (slice(None), slice(1, 8), slice(2, 10), slice(0, 9))
+    expected = total.clone()
+    expected[view] += window
+    add_in_slabs(total[view], window)
+    assert torch.equal(total, expected)
