@@ -213,16 +213,16 @@ def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, 
         low = _over_block(logits[c].to(wide), plan, torch.minimum)
         floor = low if floor is None else torch.maximum(floor, low)
     k = min(CANDIDATES[1], max(CANDIDATES[0], logits.shape[0] // 6))  # 24 classes: 4, 96 or more: 16
-    count = torch.zeros(logits.shape[1:], dtype=torch.int16)
-    chosen = torch.zeros((k, *logits.shape[1:]), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
+    count = torch.zeros(logits.shape[1:].numel(), dtype=torch.int16)
+    chosen = torch.zeros((k, count.numel()), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
     for c in range(logits.shape[0]):
-        can = _over_block(logits[c].to(wide), plan, torch.maximum) >= floor
-        for slot in range(k):
-            chosen[slot].masked_fill_(can & (count == slot), c)
+        can = (_over_block(logits[c].to(wide), plan, torch.maximum) >= floor).flatten()
+        hit = torch.nonzero(can & (count < k)).squeeze(1)  # few blocks per class: write only those
+        chosen[count[hit].long(), hit] = c
         count += can
     for slot in range(1, k):
         chosen[slot] = torch.where(count > slot, chosen[slot], chosen[0])
-    return count.flatten(), chosen.flatten(1)
+    return count, chosen
 
 
 def _chosen(candidates, plan: _Plan, where: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
