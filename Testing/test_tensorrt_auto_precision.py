@@ -75,9 +75,13 @@ def test_cli_auto_precision_says_why_it_runs_fp32(standin, artifacts, tmp_path, 
     trt = standin("8.6.0")
     del trt.OnnxParserFlag
     args = dict(json=False, progress_lines=False, debug=False)
-    assert _resolve_precision(argparse.Namespace(runtime="tensorrt", precision=None, model=str(nnunet), **args)) == "fp32"
+
+    def resolve(precision):
+        return _resolve_precision(argparse.Namespace(runtime="tensorrt", precision=precision, model=str(nnunet), **args))
+
+    assert resolve(None) == "fp32"
     assert "no native InstanceNormalization" in capsys.readouterr().err
-    assert _resolve_precision(argparse.Namespace(runtime="tensorrt", precision="fp16", model=str(nnunet), **args)) == "fp16"
+    assert resolve("fp16") == "fp16"
 
 
 def test_int8_warning_points_to_fp32(standin, artifacts):

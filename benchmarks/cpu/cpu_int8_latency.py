@@ -407,7 +407,8 @@ def main() -> None:
     if args.variants:
         make_variants(args.dir, args.models, args.patch, args.variants)
     report = {"machine": machine(), "patch": args.patch, "patch_shape": args.patch_shape, "repeats": args.repeats,
-              "warmup": args.warmup, "threads": args.threads, "batch": args.batch, "interleave": "runtime", "models": {}}
+              "warmup": args.warmup, "threads": args.threads, "batch": args.batch, "interleave": "runtime",
+              "models": {}}
     for name in args.models:
         report["models"][name] = bench_model(args.dir, name, args.patch, args.repeats, args.warmup, args.threads,
                                              args.runtimes, args.profile, args.configs, args.batch, args.patch_shape)

@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None)
     parser.add_argument("--warm", nargs="*", default=["unet14 fp16"], help="variants rebuilt with the warm timing cache")
     parser.add_argument("--norms", nargs="+", choices=("scaled", "fp32"), default=["scaled"],
-                        help="FP16/INT8 plans of decomposed InstanceNorms: the FP16-safe scale, and/or FP32 norm layers")
+                        help="FP16/INT8 plans of decomposed InstanceNorms: the FP16-safe scale and/or FP32 layers")
     parser.add_argument("--skip", nargs="*", default=["unet14 int8 cpu"],
                         help="variants not built (the cpu placement failed on TensorRT 8.6.0 after 94 s)")
     parser.add_argument("--rounds", type=int, default=5)
