@@ -92,7 +92,7 @@ def segment(
 
     if precision == "auto":  # FP16 on TensorRT (FP32 where it decomposes the model's norms), INT8 on CPUs
         from .engines import choose_precision
-        from .models.model_folder import model_onnx_files
+        from .inference.segmenters import model_onnx_files
 
         precision, _ = choose_precision(runtime, model_onnx_files(model))
     options = SegmentOptions(runtime=runtime, precision=precision, batch_size=batch_size, compare=compare,

@@ -14,7 +14,7 @@ import pytest
 
 from PTQLogic.engines import TENSORRT_AUTO_PRECISION, TENSORRT_DECOMPOSED_NORM_PRECISION, choose_precision
 from PTQLogic.engines import tensorrt_engine as te
-from PTQLogic.models.model_folder import model_onnx_files
+from PTQLogic.inference.segmenters import model_onnx_files
 
 from test_tensorrt import artifacts, standin  # noqa: F401 - fixtures shared with it
 

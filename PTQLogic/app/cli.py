@@ -57,7 +57,7 @@ def _resolve_precision(args: argparse.Namespace) -> str:
     if args.runtime == "auto":  # deciding imports the runtimes: let a wrong path fail first, as it would without
         _check_paths(args)
     from ..engines import choose_precision
-    from ..models.model_folder import model_onnx_files
+    from ..inference.segmenters import model_onnx_files
 
     model = getattr(args, "model", None)
     precision, reason = choose_precision(args.runtime, model_onnx_files(model) if model else ())

@@ -84,7 +84,7 @@ TENSORRT_AUTO_PRECISION = ("fp16", "TensorRT: FP16 (on TensorRT 8.6.0, H200, INT
 
 # Measured with TensorRT 8.6.0 on an H100 (benchmarks/results/h100-trt86/2026-12-05-run4/): without a native
 # InstanceNormalization the norms run as elementary ops; FP16 and INT8 plans need an overflow guard (a ReduceMax
-# per norm) that took 49 of FP16's 56 ms and 582 of INT8's 592 ms (SegResNet, batch 4), so FP32 is fastest there.
+# per norm) that took 38.6 of FP16's 55.7 ms and 491 of INT8's 592 ms (SegResNet, batch 4), so FP32 is fastest there.
 TENSORRT_DECOMPOSED_NORM_PRECISION = (
     "fp32", "TensorRT: FP32 (this TensorRT has no native InstanceNormalization, so the model's norms run as "
     "elementary ops, and in FP16 and INT8 plans their overflow guard dominates: SegResNet on TensorRT 8.6.0, H100, "

@@ -336,17 +336,14 @@ def _parse_network(trt, builder, logger, onnx_path: str | Path, precision: str, 
     return network, parser
 
 
-def _constrain_to_fp32(trt, network, prefixes: set[str]) -> int:
+def _constrain_to_fp32(trt, network, prefixes: set[str]) -> None:
     """Layers named after a decomposed norm compute and output FP32 (the builder flag makes TensorRT prefer it)."""
-    count = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
         if any(layer.name.startswith(prefix) for prefix in prefixes):
             layer.precision = trt.float32
             for output in range(layer.num_outputs):
                 layer.set_output_type(output, trt.float32)
-            count += 1
-    return count
 
 
 def _load_onnx_for(onnx_path: str | Path, precision: str, strong: bool, decompose_norms: bool = False,

@@ -157,24 +157,3 @@ def check_out_dir(out_dir: str | Path, inputs: Sequence[str | Path]) -> Path:
             if item == out_dir or out_dir in item.parents:
                 raise InputError(f"Input '{item}' lies inside the output folder '{out_dir}', which would be replaced.")
     return out_dir
-
-
-def model_onnx_files(models: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The FP32 ONNX files a model argument of ``segment`` runs from: an ONNX file itself, a quantized folder's
-    ``fp32.onnx``, a quantized nnU-Net folder's ``fold_*/fp32.onnx``, the folders a parts file lists. What is
-    not one of these gives nothing (an unquantized source is exported later)."""
-    items = [models] if isinstance(models, (str, Path)) else list(models)
-    found: list[Path] = []
-    for item in map(Path, items):
-        if item.suffix.lower() == ".onnx" and item.is_file():
-            found.append(item)
-        elif item.suffix.lower() == ".json" and item.is_file():
-            try:
-                parts = json.loads(item.read_text(encoding="utf-8")).get("parts")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(parts, list):
-                found += model_onnx_files([item.parent / p for p in parts if isinstance(p, str)])
-        elif item.is_dir():
-            found += [p for p in [item / FP32_NAME, *sorted(item.glob(f"fold_*/{FP32_NAME}"))] if p.is_file()]
-    return found

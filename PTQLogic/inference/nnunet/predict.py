@@ -14,7 +14,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -282,6 +282,7 @@ def add_in_slabs(total: torch.Tensor, window: torch.Tensor) -> None:
         total[:, index].add_(window[:, index])
 
 
+@cache
 def _blending_predictor(base):
     """nnU-Net's predictor whose CPU sliding window (``perform_everything_on_device=False``) adds each window with
     :func:`add_in_slabs`; everything else as nnunetv2 2.5+ computes it (same gaussian, half-precision sums,
