@@ -1,5 +1,6 @@
-"""The nnU-Net sliding window's blending, with each window added in slabs, gives nnunetv2's own half-precision
-logits bit for bit, for class-major and channels-last (OpenVINO's layout) windows, with and without mirroring."""
+"""The nnU-Net sliding window's blending, with each window weighted and added in slabs, gives nnunetv2's own
+half-precision logits bit for bit, for class-major and channels-last (OpenVINO's layout) windows, with and without
+mirroring, and when the engine hands out one reused output buffer (OpenVINO's ``forward_transient``)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,31 @@ class _ConvEngine:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x) * 3
         return y.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else y
+
+
+class _TransientConvEngine(_ConvEngine):
+    """As OpenVINO's engine: ``forward_transient`` writes every result into one buffer of its own (the next call
+    overwrites it); ``__call__`` hands out a copy."""
+
+    def __init__(self, classes: int):
+        super().__init__(classes, channels_last=True)
+        self.buffer: torch.Tensor | None = None
+        self.calls = {"transient": 0, "copy": 0}
+
+    def _into_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().__call__(x)
+        if self.buffer is None or self.buffer.shape != y.shape:
+            self.buffer = torch.empty_like(y)
+        self.buffer.copy_(y)
+        return self.buffer
+
+    def forward_transient(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls["transient"] += 1
+        return self._into_buffer(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls["copy"] += 1
+        return self._into_buffer(x).clone(memory_format=torch.preserve_format)
 
 
 def _predictors(mirroring: bool, step: float = 0.5):
@@ -62,6 +88,21 @@ def test_blending_equals_nnunetv2(channels_last, mirroring):
     assert float(expected.float().abs().max()) > 1  # not a comparison of zeros
 
 
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_blending_from_the_engines_own_buffer_equals_nnunetv2(mirroring):
+    """Without mirroring the window's logits are read in place from the engine's buffer (no copy) and the result
+    is still nnunetv2's; with mirroring the first window is summed into, so a copy is taken."""
+    network, ours, stock = _predictors(mirroring)  # one network object: stock runs first, on a fresh engine
+    data = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 37, 29, 51)).astype(np.float32))
+    network.engine = _ConvEngine(4, channels_last=True)
+    expected = stock.predict_sliding_window_return_logits(data)
+    network.engine, network.transient = _TransientConvEngine(4), not mirroring
+    got = ours.predict_sliding_window_return_logits(data)
+    assert torch.equal(got, expected)
+    used = network.engine.calls
+    assert (used["transient"] > 0, used["copy"] > 0) == ((False, True) if mirroring else (True, False))
+
+
 def test_add_in_slabs_equals_a_plain_add():
     rng = torch.Generator().manual_seed(3)
     total = (torch.randn((5, 9, 10, 11), generator=rng) * 4).half()
@@ -71,3 +112,17 @@ def test_add_in_slabs_equals_a_plain_add():
     expected[view] += window
     add_in_slabs(total[view], window)
     assert torch.equal(total, expected)
+
+
+def test_weighted_add_in_slabs_equals_multiply_then_add_and_leaves_the_window_alone():
+    rng = torch.Generator().manual_seed(4)
+    total = (torch.randn((5, 9, 10, 11), generator=rng) * 4).half()
+    window = (torch.randn((1, 7, 8, 9, 5), generator=rng) * 40).permute(0, 4, 1, 2, 3)[0]
+    weight = torch.rand((7, 8, 9), generator=rng) * 10
+    view = (slice(None), slice(1, 8), slice(2, 10), slice(0, 9))
+    before = window.clone()
+    expected = total.clone()
+    expected[view] += window * weight
+    add_in_slabs(total[view], window, weight)
+    assert torch.equal(total, expected)
+    assert torch.equal(window, before)
