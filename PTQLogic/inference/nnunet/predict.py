@@ -25,7 +25,7 @@ from ...core.errors import InputError, ModelError, PTQError
 from ...core.progress import Monitor
 from ...core.volume import Volume
 from ...models.nnunet.model_dir import NnUNetModel
-from .parallel_prefilter import parallel_prefilter
+from .parallel_zoom import parallel_zoom
 
 STAGE = "nnU-Net sliding window"
 
@@ -206,7 +206,7 @@ class NnUNetRunner:
                              f"the input has {data.shape[0]}.")
         # SimpleITKIO's convention: array (z, y, x) == Volume's KJI, spacing reversed to (z, y, x)
         properties = {"spacing": [abs(float(s)) for s in volume.spacing[::-1]]}
-        with contextlib.redirect_stdout(io.StringIO()), parallel_prefilter():
+        with contextlib.redirect_stdout(io.StringIO()), parallel_zoom():
             data, _, properties = _preprocessor().run_case_npy(
                 np.asarray(data, dtype=np.float32), None, properties, self.plans_manager, self.config, self.dataset)
         return data, properties
@@ -300,8 +300,8 @@ def add_in_slabs(total: torch.Tensor, window: torch.Tensor, weight: torch.Tensor
 @cache
 def _blending_predictor(base):
     """nnU-Net's predictor whose CPU sliding window (``perform_everything_on_device=False``) adds each window with
-    :func:`add_in_slabs`; everything else as nnunetv2 2.5+ computes it (same gaussian, half-precision sums,
-    division and inf check, tested bit for bit against it)."""
+    :func:`add_in_slabs` and divides the sums class by class; everything else as nnunetv2 2.5+ computes it (same
+    gaussian, half-precision sums, division and inf check, tested bit for bit against it)."""
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
     class BlendingPredictor(base):
@@ -320,9 +320,10 @@ def _blending_predictor(base):
                 prediction = self._internal_maybe_mirror_and_predict(patch)[0].to(cpu)
                 add_in_slabs(logits[window], prediction, gaussian if self.use_gaussian else None)
                 counts[window[1:]] += gaussian
-            torch.div(logits, counts, out=logits)
-            if torch.any(torch.isinf(logits)):
-                raise RuntimeError("Encountered inf in predicted array (nnU-Net's half-precision sums).")
+            for sums in logits:  # one class at a time: its division and inf check stay in cache
+                torch.div(sums, counts, out=sums)
+                if torch.isinf(sums).any():
+                    raise RuntimeError("Encountered inf in predicted array (nnU-Net's half-precision sums).")
             return logits
 
     return BlendingPredictor

@@ -208,10 +208,16 @@ def _run_all(models, runners, volume, runtime, precision, device, mirroring, mon
 
 
 def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    merged = np.zeros(parts[0].shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    """Each part's labels mapped to the merged classes; a later part's foreground wins over what is there."""
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    merged = None
     for labels, lookup in zip(parts, lookups):
-        mapped = lookup[labels]
-        merged[labels > 0] = mapped[labels > 0]
+        mapped = np.asarray(lookup, dtype=dtype)[labels]
+        if merged is None and int(lookup[0]) == 0:
+            merged = mapped  # the first part: background stays 0, so its mapped labels are the merge so far
+            continue
+        merged = np.zeros(labels.shape, dtype) if merged is None else merged
+        np.copyto(merged, mapped, where=labels > 0)
     return merged
 
 

@@ -1,4 +1,5 @@
-"""nnU-Net preprocessing with the cubic prefilter on every core gives SciPy's and nnunetv2's arrays bit for bit."""
+"""nnU-Net preprocessing with the cubic prefilter and the interpolation on every core gives SciPy's and nnunetv2's
+arrays bit for bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ from skimage.transform import resize
 
 from nnunet_factory import dataset, plans
 from PTQLogic.core.volume import Volume
-from PTQLogic.inference.nnunet import parallel_prefilter as pp
+from PTQLogic.inference.nnunet import parallel_zoom as pp
 from PTQLogic.inference.nnunet.predict import NnUNetRunner
 
 
@@ -21,13 +22,14 @@ def big():
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])
-def test_zoom_and_resize_are_bit_identical(big, threads):
-    shape = (19, 120, 233)
+@pytest.mark.parametrize("shape", [(19, 120, 233), (41, 160, 300)])  # 0.5M output voxels (not split), 2.0M (split)
+def test_zoom_and_resize_are_bit_identical(big, threads, shape):
     stock_zoom = ndimage.zoom(big, np.divide(shape, big.shape), order=3, mode="nearest", grid_mode=True)
     stock_resize = resize(big, shape, order=3, mode="edge", anti_aliasing=False)
     stock_mirror = ndimage.zoom(big, 0.6, order=3, mode="mirror")  # no prepadding: the filter alone is parallel
-    with pp.parallel_prefilter(threads):
+    with pp.parallel_zoom(threads):
         assert _interpolation.spline_filter is not ndimage.spline_filter  # swapped inside zoom's module only
+        assert isinstance(_interpolation._nd_image, pp._SplitInterpolation)
         np.testing.assert_array_equal(
             ndimage.zoom(big, np.divide(shape, big.shape), order=3, mode="nearest", grid_mode=True), stock_zoom)
         np.testing.assert_array_equal(resize(big, shape, order=3, mode="edge", anti_aliasing=False), stock_resize)
@@ -51,13 +53,41 @@ def test_pieces_equal_scipys(big):
         assert pp.prepad(pool, 4, lambda *a: "stock", big, "grid-constant", 0.0) == "stock"
 
 
+@pytest.mark.parametrize("order, mode, grid_mode", [(0, "reflect", True), (1, "constant", False), (3, "mirror", False),
+                                                   (3, "nearest", True), (5, "grid-constant", True), (2, "wrap", False)])
+def test_interpolation_in_slabs_is_bit_identical(order, mode, grid_mode):
+    """Every order, and boundary modes whose edge handling depends on the coordinate: the slabs' coordinates are
+    the whole call's. Zooms up and down, odd sizes, float32 and int16 input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(order)
+    volumes = [(rng.normal(size=(23, 41, 37)) * 100).astype(np.float32), rng.integers(-900, 900, (31, 17, 29), np.int16)]
+    outputs = [(57, 36, 71), (64, 71, 33)]  # 146k and 150k voxels: the threshold set to 0 below
+    with ThreadPoolExecutor(3) as pool:
+        split = pp._SplitInterpolation(pool, 3, _interpolation._nd_image)
+        for volume, shape in zip(volumes, outputs):
+            zoom = np.ascontiguousarray(np.divide(volume.shape, shape) if grid_mode
+                                        else np.divide(np.subtract(volume.shape, 1), np.subtract(shape, 1)))
+            filtered = ndimage.spline_filter(volume, order, np.float64, mode) if order > 1 else volume
+            expected, got = np.empty(shape, np.float32), np.full(shape, np.nan, np.float32)
+            code = ndimage._ni_support._extend_mode_to_code(mode)
+            _interpolation._nd_image.zoom_shift(filtered, zoom, None, expected, order, code, 0.0, 0, grid_mode)
+            threshold, pp.MIN_VOXELS = pp.MIN_VOXELS, 0
+            try:
+                split.zoom_shift(filtered, zoom, None, got, order, code, 0.0, 0, grid_mode)
+            finally:
+                pp.MIN_VOXELS = threshold
+            np.testing.assert_array_equal(got, expected)
+            assert np.ptp(expected) > 10  # not a comparison of constants
+
+
 def test_the_swap_is_undone_even_after_an_error(big):
-    stock = (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter)
+    stock = (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter, _interpolation._nd_image)
     with pytest.raises(ZeroDivisionError):
-        with pp.parallel_prefilter(2):
+        with pp.parallel_zoom(2):
             1 / 0
-    assert (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter) == stock
-    with pp.parallel_prefilter(1):  # one thread: nothing swapped
+    assert (_interpolation.spline_filter, _interpolation._prepad_for_spline_filter, _interpolation._nd_image) == stock
+    with pp.parallel_zoom(1):  # one thread: nothing swapped
         assert _interpolation.spline_filter is stock[0]
 
 
