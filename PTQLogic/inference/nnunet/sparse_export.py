@@ -106,23 +106,24 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
     monitor.check()
     monitor.update(stage, 0, len(slabs) + 1)
     plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
-    top, certain = (t.numpy() for t in _certain_on_grid(logits, plan))
+    top, certain = _certain_on_grid(logits, plan)
+    doubt = ~certain
     bounds, by_voxel, candidates, flat_logits = _class_ranges(logits, plan), None, None, None
-    origins = [plan.start(a).numpy() for a in range(plan.rank)]
+    origins = [plan.start(a) for a in range(plan.rank)]
     labels = np.empty(tuple(shape), dtype=dtype)
     resampled = by_candidates = 0
     for done, first in enumerate(slabs, start=1):
         monitor.check()
         monitor.update(stage, done, len(slabs) + 1)
-        block = np.ix_(origins[0][first:first + rows], *origins[1:])
-        labels[first:first + rows] = top[block]
-        doubtful = np.argwhere(~certain[block])
+        # each output voxel's block origin on the grid, one axis at a time (torch's gathers use every core)
+        labels[first:first + rows] = _gather(top, [origins[0][first:first + rows], *origins[1:]]).numpy()
+        doubtful = torch.nonzero(_gather(doubt, [origins[0][first:first + rows], *origins[1:]]))
         doubtful[:, 0] += first
         resampled += len(doubtful)
         for chunk in range(0, len(doubtful), CHUNK):
             if candidates is None and logits.shape[0] > 2 * CANDIDATES[0]:
                 candidates, flat_logits = _block_candidates(logits, plan), logits.reshape(-1)  # a view if contiguous
-            where = torch.from_numpy(doubtful[chunk:chunk + CHUNK])
+            where = doubtful[chunk:chunk + CHUNK]
             chosen, many = _chosen(candidates, plan, where)
             if chosen is not None:
                 labels[tuple(where[~many].T.numpy())] = _candidate_labels(flat_logits, logits.dtype, plan,
@@ -144,6 +145,13 @@ def resampled_values(logits: torch.Tensor, shape: Sequence[int], current_spacing
     output voxels ``where`` (n, rank), bit for bit, in the logits' dtype."""
     plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
     return _exact_values(_by_voxel(logits), plan, where, _class_ranges(logits, plan)).T
+
+
+def _gather(grid: torch.Tensor, indices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``grid[np.ix_(*indices)]``, one axis at a time."""
+    for axis, index in enumerate(indices):
+        grid = grid.index_select(axis, index)
+    return grid
 
 
 def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +204,13 @@ def _class_ranges(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torc
 
 
 def _over_block(values: torch.Tensor, plan: _Plan, reduce) -> torch.Tensor:
+    """``reduce`` of each voxel with its successors along the interpolated axes (``reduce(v, _successor(v, a))``
+    without the copy: the last entry, reduced with itself, stays as it is). ``values`` is left as it was."""
     for a in plan.corner_axes:
-        values = reduce(values, _successor(values, a))
+        n = values.shape[a]
+        out = values.clone()
+        reduce(values.narrow(a, 0, n - 1), values.narrow(a, 1, n - 1), out=out.narrow(a, 0, n - 1))
+        values = out
     return values
 
 
