@@ -91,9 +91,31 @@ def test_the_swap_is_undone_even_after_an_error(big):
         assert _interpolation.spline_filter is stock[0]
 
 
+def test_float64_copy_and_ct_normalization_in_slabs_are_bit_identical(big):
+    """The image's float64 copy and CT normalization (clip, minus mean, over std: fixed numbers, element by
+    element) computed in slabs on several threads give NumPy's and nnunetv2's single-threaded values."""
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+
+    image = big.astype(np.float32)
+    np.testing.assert_array_equal(pp.as_float64(image), image.astype(np.float64))
+    assert pp.as_float64(image).dtype == np.float64
+    channels_first = image[None, :, ::-1]  # nnU-Net's (1, z, y, x), a strided view: split along its longest axis
+    np.testing.assert_array_equal(pp.as_float64(channels_first), channels_first.astype(np.float64))
+    seen = []
+    pp.in_slabs(lambda slab: seen.append(slab.shape), (channels_first,), threads=3)
+    assert len(seen) == 6 and {s[:3] for s in seen} == {(1, 37, 263)} and sum(s[3] for s in seen) == 451
+    properties = {"mean": 41.3, "std": 173.9, "percentile_00_5": -702.5, "percentile_99_5": 611.25}
+    expected = CTNormalization(intensityproperties=properties).run(image.copy())
+    got = image.copy()
+    pp.in_slabs(lambda slab: CTNormalization(intensityproperties=properties).run(slab), (got,), threads=3)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, image)  # it did normalize, in place
+
+
 def test_nnunet_preprocessing_equals_nnunetv2s_own():
-    """A CT-like volume of 5M voxels at 0.8x0.8x1.5 mm to the 3 mm grid: PTQLogic's preprocessing (parallel
-    prefilter, the unused nonzero mask not resampled) gives nnunetv2's DefaultPreprocessor's array and properties."""
+    """A CT-like volume of 5M voxels at 0.8x0.8x1.5 mm to the 3 mm grid: PTQLogic's preprocessing (normalization
+    and the float64 copy in slabs, parallel prefilter and interpolation, the unused nonzero mask not resampled)
+    gives nnunetv2's DefaultPreprocessor's array and properties."""
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

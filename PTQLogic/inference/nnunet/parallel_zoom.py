@@ -107,6 +107,32 @@ class _SplitInterpolation:
         return None
 
 
+def in_slabs(function, arrays: tuple[np.ndarray, ...], threads: int | None = None) -> None:
+    """``function(*slabs)`` for slabs of ``arrays`` (one shape) along their longest axis, on ``threads`` threads
+    (default: the usable cores), for element-wise work in place (NumPy releases the GIL in its loops). Small
+    arrays: one call."""
+    threads = threads or default_threads()
+    shape = arrays[0].shape
+    axis = int(np.argmax(shape)) if shape else 0
+    if threads < 2 or arrays[0].size < MIN_VOXELS or len(shape) < 1 or shape[axis] < 2:
+        function(*arrays)
+        return
+
+    def run(bounds):
+        index = _along(axis, len(shape), *bounds)
+        function(*(a[index] for a in arrays))
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="ptqseg-slabs") as pool:
+        list(pool.map(run, _chunks(shape[axis], threads * 2)))
+
+
+def as_float64(array: np.ndarray) -> np.ndarray:
+    """``array.astype(np.float64)`` (the same values), converted in slabs on every core."""
+    wide = np.empty(array.shape, np.float64)
+    in_slabs(lambda out, source: np.copyto(out, source), (wide, array))
+    return wide
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
