@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
+    p.add_argument("--row-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop a row's process after this long and record it as taking more (a lower bound: "
+                        "nnunetv2's own export of a many-class model can take many minutes)")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
@@ -88,16 +91,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int) -> dict[str, Any]:
-    """``whole_ct_rows.py`` in its own process; its result dict, or {"error": ...}."""
+def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
+              timeout: float | None = None) -> dict[str, Any]:
+    """``whole_ct_rows.py`` in its own process; its result dict, or {"error": ...}; stopped after ``timeout``
+    seconds: {"error": ..., "stopped_after": timeout}."""
     spec_path, result_path = work / f"{mode}-spec.json", work / f"{mode}-result.json"
     spec_path.write_text(json.dumps(spec, default=str))
     result_path.unlink(missing_ok=True)
     env = dict(os.environ, nnUNet_def_n_proc=str(threads), OMP_NUM_THREADS=str(threads),
                PTQSEG_CACHE_DIR=str(work / "engine-cache"),
                PTQSEG_CPU_FLOAT="bf16" if spec.get("row") == "int8-bf16" else "f32")
-    done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path), str(result_path)],
-                          env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path),
+                               str(result_path)], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # the child was killed
+        return {"error": f"stopped after {timeout:g} s (--row-timeout)", "stopped_after": timeout}
     if done.returncode != 0 or not result_path.is_file():
         return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
     return json.loads(result_path.read_text())
@@ -144,7 +152,7 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> di
     results = {}
     for row in order:
         spec = dict(base_spec(config, cts, args), row=row, output=str(out / f"{row}.nii.gz"))
-        results[row] = run_child("row", spec, work, args.threads)
+        results[row] = run_child("row", spec, work, args.threads, args.row_timeout)
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
