@@ -8,8 +8,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "nnunet"))
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 import whole_ct  # noqa: E402
 import whole_ct_report as report  # noqa: E402
+import whole_ct_rows as rows  # noqa: E402
 
 
 def _row(seconds: float) -> dict:
@@ -44,3 +48,28 @@ def test_run_child_stops_a_row_at_the_timeout(tmp_path):
     result = whole_ct.run_child("row", spec, tmp_path, 1, timeout=0.05)
     assert result == {"error": "stopped after 0.05 s (--row-timeout)", "stopped_after": 0.05}
     assert not (tmp_path / "row-result.json").exists()
+
+
+def test_every_row_has_a_title_runtime_and_precision():
+    assert set(report.ROW_TITLES) == set(whole_ct.ROWS + whole_ct.GPU_ROWS)
+    project = [r for r in whole_ct.ROWS + whole_ct.GPU_ROWS if r not in rows.NNUNET_ROWS]
+    assert all(r in rows.RUNTIME and r in rows.PRECISION for r in project)
+    assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "fp16-torch-cuda"}
+
+
+def test_the_gpu_table_compares_with_nnunetv2_on_cuda():
+    repeats = [{"rows": {"nnunetv2-cuda": _row(30.0), "fp16-tensorrt": _row(3.0)}, "reference": "nnunetv2-cuda"}]
+    assert report.baseline_of(repeats) == "nnunetv2-cuda"
+    summary = report.summarize(repeats, ["nnunetv2-cuda", "fp16-tensorrt"])
+    assert summary["fp16-tensorrt"]["speedup_vs_nnunetv2"]["median"] == 10.0
+    both = [{"rows": {"nnunetv2": _row(60.0), "nnunetv2-cuda": _row(30.0), "int8": _row(6.0)}}]
+    assert report.baseline_of(both) == "nnunetv2"  # the CPU predictor where it ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_gpu_rows_are_refused_up_front_without_a_gpu(capsys):
+    with pytest.raises(SystemExit) as stop:
+        whole_ct.parse_args(["--config", "fast", "--rows", "int8", "fp16-torch-cuda", "--out", "x.json"])
+    assert stop.value.code == 2
+    assert "rows fp16-torch-cuda need an NVIDIA GPU with CUDA" in capsys.readouterr().err
+    assert whole_ct.gpu_rows_missing(["int8", "fp32"]) is None

@@ -8,6 +8,9 @@ against this project's OpenVINO FP32 and INT8 engines, on the same CT, in the sa
     python benchmarks/nnunet/whole_ct.py --config total --estimate-only --out /tmp/whole_ct.json
     # models only (CTs, folders, every part quantized into --work; a later run with the same settings reuses them)
     python benchmarks/nnunet/whole_ct.py --config both --prepare-only --out /tmp/whole_ct.json
+    # the GPU counterpart (an NVIDIA GPU; TensorRT rows where TensorRT is installed); nnunetv2 stopped after 10 min
+    python benchmarks/nnunet/whole_ct.py --config fast --rows nnunetv2-cuda fp32-torch fp16-torch-cuda \
+        fp16-tensorrt int8-tensorrt --row-timeout 600 --out benchmarks/results/<machine>/whole_ct/gpu.json
     # smoke (seconds; tiny networks, not TotalSegmentator's shape; labelled SMOKE)
     python benchmarks/nnunet/whole_ct.py --config total --parts 2 --shape 32 32 24 --spacing 1.5 1.5 1.5 \\
         --tiny-networks --repeats 1 --calibration-patches 4 --out /tmp/smoke/whole_ct.json
@@ -21,7 +24,9 @@ INT8: ``PTQLogic.pipeline.quantize_model`` per part (ModelOpt's placement, as fo
 own API pieces, the parts merged as the project merges them and written with its SimpleITKIO; this project's
 ``segment`` on the parts file with OpenVINO FP32, INT8, INT8 with bf16 float layers (only where OpenVINO runs
 bf16 natively); nnunetv2's row is n/a where its export (every class resampled at once) would not fit in the
-memory available. The project's export resamples only voxels near class borders (``sparse_export.py``), so its
+memory available. On a GPU (issue 25's counterpart table): nnunetv2's predictor on CUDA (its export on the CPU,
+as nnunetv2 does it) and this project's PyTorch FP16, TensorRT FP16 and INT8 on the quantized parts; these rows are
+refused up front where there is no CUDA GPU (or no TensorRT), and were written without one: not yet run. The project's export resamples only voxels near class borders (``sparse_export.py``), so its
 time depends on the weights: random weights put borders everywhere and make that column pessimistic
 (``export_stage.py`` measures the stage with logits modelled on a trained network and with noise). Agreement:
 each row's label map against nnunetv2's of the same repeat. Engine builds are in the
@@ -31,6 +36,7 @@ end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,6 +55,7 @@ from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, 
                             needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
+GPU_ROWS = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")  # issue 25's GPU counterpart
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
 
@@ -61,7 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5], metavar=("X", "Y", "Z"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
+    p.add_argument("--rows", nargs="+", choices=ROWS + GPU_ROWS, default=list(DEFAULT_ROWS),
+                   help="CPU rows, and on an NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), fp16-torch-cuda "
+                        "(the project's pipeline, PyTorch FP16), fp16-tensorrt, int8-tensorrt")
     p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
@@ -88,7 +97,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     args.smoke = args.smoke or args.tiny_networks
+    missing = gpu_rows_missing(args.rows)
+    if missing:
+        p.error(missing)
     return args
+
+
+def gpu_rows_missing(rows) -> str | None:
+    """Why the GPU rows asked for cannot run on this machine (no CUDA GPU; TensorRT not importable), else None."""
+    wanted = [r for r in rows if r in GPU_ROWS]
+    if not wanted:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"rows {', '.join(wanted)} need an NVIDIA GPU with CUDA (torch.cuda.is_available() is False here)"
+    tensorrt = [r for r in wanted if r.endswith("-tensorrt")]
+    if tensorrt and importlib.util.find_spec("tensorrt") is None:
+        return f"rows {', '.join(tensorrt)} need TensorRT (the tensorrt module is not importable here)"
+    return None
 
 
 def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
@@ -230,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reason = bf16_reason() if "int8-bf16" in args.rows else None
     for config in configs:
-        memory = nnunetv2_memory_reason(config, cts) if "nnunetv2" in args.rows else None
-        config["not_run"] = {k: v for k, v in (("int8-bf16", reason), ("nnunetv2", memory)) if v}
+        memory = nnunetv2_memory_reason(config, cts) if {"nnunetv2", "nnunetv2-cuda"} & set(args.rows) else None
+        config["not_run"] = {k: v for k, v in (("int8-bf16", reason), ("nnunetv2", memory), ("nnunetv2-cuda", memory))
+                             if v and k in args.rows}
         config["rows"] = [r for r in args.rows if r not in config["not_run"]]
     minutes = estimate(configs, cts, args, work)
     if args.max_minutes is not None and minutes > args.max_minutes:

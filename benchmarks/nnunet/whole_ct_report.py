@@ -13,9 +13,13 @@ ROW_TITLES = {
     "int8": "this project, OpenVINO INT8 (f32 remainder)",
     "int8-bf16": "this project, OpenVINO INT8 (bf16 remainder)",
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
+    "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor`, PyTorch FP32 on CUDA",
+    "fp16-torch-cuda": "this project, PyTorch FP16 on CUDA",
+    "fp16-tensorrt": "this project, TensorRT FP16",
+    "int8-tensorrt": "this project, TensorRT INT8",
 }
 STAGES = ("build", "preprocess", "network", "export", "other")
-REFERENCES = ("nnunetv2", "fp32-torch")  # agreement is with the first of these that ran in the repeat
+REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -54,17 +58,24 @@ def reference_of(repeats: list[dict[str, Any]]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def baseline_of(repeats: list[dict[str, Any]]) -> str:
+    """nnunetv2's row the speedups are over: its CPU row where it was run, else its CUDA row (the GPU table)."""
+    return "nnunetv2" if any("nnunetv2" in r["rows"] for r in repeats) or \
+        not any("nnunetv2-cuda" in r["rows"] for r in repeats) else "nnunetv2-cuda"
+
+
 def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any]:
     """Median and min-max per row over the repeats: end to end, stages, peak RSS, agreement with the reference
-    row's labels (and with the phantom's truth where the weights are trained), speedup over nnunetv2."""
-    summary = {}
+    row's labels (and with the phantom's truth where the weights are trained), speedup over nnunetv2 (its CPU
+    row, else its CUDA row)."""
+    summary, base = {}, baseline_of(repeats)
     for row in rows:
         runs = [r["rows"][row] for r in repeats if row in r["rows"] and "seconds" in r["rows"][row]]
-        ratios = [r["rows"]["nnunetv2"]["seconds"] / r["rows"][row]["seconds"] for r in repeats
-                  if "seconds" in r["rows"].get(row, {}) and "seconds" in r["rows"].get("nnunetv2", {})]
+        ratios = [r["rows"][base]["seconds"] / r["rows"][row]["seconds"] for r in repeats
+                  if "seconds" in r["rows"].get(row, {}) and "seconds" in r["rows"].get(base, {})]
         # nnunetv2 stopped by --row-timeout: it took longer than that, so the ratio is a lower bound
-        bounds = [r["rows"]["nnunetv2"]["stopped_after"] / r["rows"][row]["seconds"] for r in repeats
-                  if "seconds" in r["rows"].get(row, {}) and "stopped_after" in r["rows"].get("nnunetv2", {})]
+        bounds = [r["rows"][base]["stopped_after"] / r["rows"][row]["seconds"] for r in repeats
+                  if "seconds" in r["rows"].get(row, {}) and "stopped_after" in r["rows"].get(base, {})]
         errors = [r["rows"][row]["error"] for r in repeats if "error" in r["rows"].get(row, {})]
         summary[row] = {
             "seconds": spread([r["seconds"] for r in runs]),
@@ -153,7 +164,9 @@ def markdown(result: dict[str, Any]) -> str:
     versions = machine["versions"]
     title = ("SMOKE RUN (not a result) -- " if result["smoke"] else "") + \
         ("ESTIMATE ONLY -- " if result.get("estimate_only") else "")
-    lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on CPU (issue 25)", "",
+    gpu = any(row in ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt") for row in settings["rows"])
+    lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on {'CPU and GPU' if gpu else 'CPU'} (issue 25)",
+             "",
              f"Machine: {machine['cpu']['model']}{emulated(result)}, {settings['threads']} thread(s) of "
              f"{machine['cpu']['usable_cores']} usable cores, {machine['memory_bytes'] / 2**30:.0f} GiB; "
              f"torch {versions['torch']}, openvino {versions['openvino']}, nnunetv2 {versions['nnunetv2']}, "

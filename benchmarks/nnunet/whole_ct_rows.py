@@ -3,7 +3,8 @@
     python benchmarks/nnunet/whole_ct_rows.py row SPEC.json RESULT.json
     python benchmarks/nnunet/whole_ct_rows.py windows SPEC.json RESULT.json
 
-SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, fp32, int8, int8-bf16, fp32-torch), ``ct``, ``output``,
+SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, fp32, int8, int8-bf16, fp32-torch; on a GPU nnunetv2-cuda,
+fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
 ``folders`` (the nnU-Net results folders, nnunetv2's row), ``parts_file`` (the quantized parts, this project's
 OpenVINO rows), ``torch_parts_file`` (the original folders, the project's pipeline on PyTorch),
 ``labels`` (global value -> name), ``step_size``, ``threads``, ``cpus``. The caller sets the environment
@@ -28,8 +29,12 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "fp32-torch": "fp32"}
-RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "fp32-torch": "torch"}
+PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "fp32-torch": "fp32",
+             "fp16-torch-cuda": "fp16", "fp16-tensorrt": "fp16", "int8-tensorrt": "int8"}
+RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "fp32-torch": "torch",
+           "fp16-torch-cuda": "torch", "fp16-tensorrt": "tensorrt", "int8-tensorrt": "tensorrt"}
+DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda"}  # the rest: the CPU, or TensorRT's own GPU
+NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
 
 
 class StageClock:
@@ -87,14 +92,14 @@ def _name_trainers() -> None:
         predict.recursive_find_trainer_class_by_name = find
 
 
-def _predictor(folder: str, step_size: float):
+def _predictor(folder: str, step_size: float, device: str = "cpu"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     _name_trainers()
     # TotalSegmentator's call (nnunet.py, nnUNetv2_predict): gaussian, no mirroring, everything on the device
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=True, device=torch.device("cpu"), verbose=False,
+                                perform_everything_on_device=True, device=torch.device(device), verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     return predictor
@@ -110,7 +115,8 @@ def _lookup(dataset: dict[str, Any], labels: dict[str, str]):
 
 
 def run_nnunetv2(spec: dict[str, Any]) -> dict[str, Any]:
-    """nnunetv2's CPU predictor, stage by stage through its own API, the parts merged as the project merges them."""
+    """nnunetv2's predictor (CPU, or CUDA for ``nnunetv2-cuda``), stage by stage through its own API, the parts
+    merged as the project merges them."""
     import numpy as np
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -122,7 +128,7 @@ def run_nnunetv2(spec: dict[str, Any]) -> dict[str, Any]:
     merged = np.zeros(image.shape[1:], dtype=np.uint8)
     for folder in spec["folders"]:
         with clock("build"):
-            predictor = _predictor(folder, spec["step_size"])
+            predictor = _predictor(folder, spec["step_size"], DEVICE.get(spec["row"], "cpu"))
         counter = _WindowCounter(predictor.network)
         with clock("preprocess"):
             preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -153,16 +159,19 @@ class _WindowCounter:
 
 
 def run_project(spec: dict[str, Any]) -> dict[str, Any]:
-    """``PTQLogic.pipeline.segment`` on the parts file, as ``ptqseg segment`` runs it: OpenVINO on the quantized
-    parts, or (``fp32-torch``) PyTorch on the original folders, nnunetv2's arithmetic in the project's pipeline."""
+    """``PTQLogic.pipeline.segment`` on the parts file, as ``ptqseg segment`` runs it: OpenVINO (or, on a GPU,
+    TensorRT and PyTorch FP16) on the quantized parts, or (``fp32-torch``) PyTorch on the original folders,
+    nnunetv2's arithmetic in the project's pipeline."""
     from PTQLogic.core.progress import Monitor
     from PTQLogic.pipeline import segment
 
     row = spec["row"]
-    parts_file = spec["torch_parts_file"] if RUNTIME[row] == "torch" else spec["parts_file"]
+    # fp32-torch: the original nnU-Net folders; every other row the quantized parts (PyTorch FP16 loads their weights)
+    parts_file = spec["torch_parts_file"] if row == "fp32-torch" else spec["parts_file"]
     clock, started = ProgressClock(), time.perf_counter()
     outcome = segment(parts_file, spec["ct"], spec["output"], runtime=RUNTIME[row], precision=PRECISION[row],
-                      step_size=spec["step_size"], mirroring=False, monitor=Monitor(on_progress=clock.record))
+                      device=DEVICE.get(row), step_size=spec["step_size"], mirroring=False,
+                      monitor=Monitor(on_progress=clock.record))
     seconds = time.perf_counter() - started
     stages = {"build": outcome.build_seconds, **clock.seconds}
     # outcome.seconds: every part's preprocessing, sliding window and export (engine builds left out)
@@ -173,16 +182,25 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
             "warnings": outcome.warnings}
 
 
-def _time_window(call, patch) -> float:
+def _time_window(call, patch, device: str = "cpu") -> float:
     """Seconds of one window (batch 1), the second of two calls (the first allocates)."""
     import torch
 
-    x = torch.randn(1, 1, *patch)
+    x = torch.randn(1, 1, *patch, device=device)
     with torch.inference_mode():
         call(x)
+        _synchronize(device)
         started = time.perf_counter()
         call(x)
+        _synchronize(device)
     return time.perf_counter() - started
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
@@ -192,15 +210,16 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
 
     seconds = {}
     for row in spec["rows"]:
-        if RUNTIME.get(row, "torch") == "torch":
-            predictor = _predictor(spec["folders"][0], spec["step_size"])
+        device = DEVICE.get(row, "cpu")
+        if row in NNUNET_ROWS or row == "fp32-torch":
+            predictor = _predictor(spec["folders"][0], spec["step_size"], device)
             patch = predictor.configuration_manager.patch_size
-            seconds[row] = _time_window(predictor.network, patch)
+            seconds[row] = _time_window(predictor.network, patch, device)
             continue
         os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row == "int8-bf16" else "f32"
         model = open_nnunet_model(spec["quantized"][0])
-        engines, _ = open_engines(model, "openvino", PRECISION[row])
-        seconds[row] = _time_window(engines[0], model.spec.patch_size)
+        engines, _ = open_engines(model, RUNTIME[row], PRECISION[row], device=DEVICE.get(row))
+        seconds[row] = _time_window(engines[0], model.spec.patch_size, "cpu" if RUNTIME[row] == "openvino" else "cuda")
     return seconds
 
 
@@ -216,9 +235,9 @@ def _import_modules(row: str) -> None:
     """Every heavy module the row will use, imported before its clock starts (import time is no stage)."""
     import importlib
 
-    for name in NNUNET_MODULES if row == "nnunetv2" else PROJECT_MODULES:
+    for name in NNUNET_MODULES if row in NNUNET_ROWS else PROJECT_MODULES:
         importlib.import_module(name)
-    if row == "nnunetv2":
+    if row in NNUNET_ROWS:
         _name_trainers()
 
 
@@ -247,7 +266,7 @@ def main(argv: list[str]) -> int:
         result: dict[str, Any] = {"window_seconds": measure_windows(spec)}
     else:
         _import_modules(spec["row"])
-        result = (run_nnunetv2 if spec["row"] == "nnunetv2" else run_project)(spec)
+        result = (run_nnunetv2 if spec["row"] in NNUNET_ROWS else run_project)(spec)
     result["peak_rss_bytes"] = peak_rss_bytes()
     Path(result_path).write_text(json.dumps(result, indent=1, default=str))
     return 0

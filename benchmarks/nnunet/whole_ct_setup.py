@@ -99,7 +99,7 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
 
 def needs_onnx(args: argparse.Namespace) -> bool:
     """Whether any row runs the quantized folders (their fp32.onnx / int8.onnx)."""
-    return any(row not in ("nnunetv2", "fp32-torch") for row in args.rows)
+    return any(row not in ("nnunetv2", "nnunetv2-cuda", "fp32-torch") for row in args.rows)
 
 
 def bf16_reason() -> str | None:
