@@ -1,6 +1,8 @@
 """Every CPU runtime on one tiny exported + ModelOpt-quantized UNet: agreement, INT8 execution, info."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -105,6 +107,33 @@ def test_openvino_runs_quantized_convolutions_in_int8(artifacts):
     assert int8["convolutions"] == 5 and int8["not_int8"] == 5 - expected
     fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2).int8_layer_summary()
     assert fp32["convolutions"] == 5 and fp32["int8"] == 0 and fp32["precisions"] == {"f32": 5}
+
+
+def test_openvino_keeps_the_rewritten_int8_graph_in_its_cache(artifacts, tmp_path):
+    """INT8 on a CPU without AMX (capped here below AMX, as on most CPUs): the graph with uint8 quantizers after
+    each Concat is made once and kept in the engine cache; a later process reads it from there without importing
+    onnx, and computes the same logits. The model file itself is never changed."""
+    import subprocess
+    import sys
+
+    torch.save(artifacts["batch"], tmp_path / "batch.pt")
+    code = ("import sys, torch; from PTQLogic.engines.openvino_engine import OpenVINOEngine; "
+            "e = OpenVINOEngine(sys.argv[1], 'int8', threads=2, cache_dir=sys.argv[2]); "
+            "torch.save(e(torch.load(sys.argv[3])), sys.argv[4]); print(e.unsigned_concats, 'onnx' in sys.modules)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}
+    before = artifacts["int8"].read_bytes()
+    runs = []
+    for name in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", code, str(artifacts["int8"]), str(tmp_path / "cache"),
+                               str(tmp_path / "batch.pt"), str(tmp_path / f"{name}.pt")],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(done.stdout.split())
+    assert runs == [["True", "True"], ["True", "False"]]  # rewritten with onnx, then read from the cache
+    kept = list((tmp_path / "cache").glob("unsigned-concats-v*.onnx"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 0
+    assert torch.equal(torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt"))
+    assert artifacts["int8"].read_bytes() == before
 
 
 def test_engine_info_describes_the_artifact(artifacts):

@@ -41,6 +41,9 @@ def cpu_float_precision(value: str | None = None) -> str:
     return value
 
 
+UNSIGNED_CONCATS_VERSION = 1  # bump when unsigned_concat_activations changes what it writes
+
+
 class OpenVINOEngine:
     def __init__(
         self,
@@ -111,17 +114,39 @@ class OpenVINOEngine:
     def _read_model(self):
         """The ONNX file as OpenVINO compiles it. INT8 on a CPU without AMX: quantizers after a Concat as uint8
         (the same values; OpenVINO 2026.4 runs int8 ``Concat -> Q -> DQ -> Conv`` wrongly there, see
-        ``onnx_graph.weight_range.unsigned_concat_activations``); the file itself is never changed."""
+        ``onnx_graph.weight_range.unsigned_concat_activations``); the file itself is never changed. The rewritten
+        graph (or a mark that it needs none) is kept in the engine cache: later runs read it without importing
+        the onnx package (0.65 s on the 2-core development machine, most of a cached engine's load)."""
         if not self.unsigned_concats:
             return self._core.read_model(str(self._onnx_path))
+        rewritten = self._rewritten_path()
+        if rewritten is not None and rewritten.is_file():
+            return self._core.read_model(str(rewritten if rewritten.stat().st_size else self._onnx_path))
         import onnx
 
         from ..onnx_graph.weight_range import unsigned_concat_activations
 
         proto = onnx.load(str(self._onnx_path))
-        if not unsigned_concat_activations(proto):
-            return self._core.read_model(str(self._onnx_path))
-        return self._core.read_model(proto.SerializeToString())
+        changed = unsigned_concat_activations(proto)
+        data = proto.SerializeToString() if changed else b""  # empty: "nothing to rewrite"
+        if rewritten is not None:
+            from ..core.fileio import atomic_write_bytes
+
+            try:
+                atomic_write_bytes(rewritten, data)
+            except OSError:
+                pass  # a read-only cache: rewritten again next time
+        return self._core.read_model(data) if changed else self._core.read_model(str(self._onnx_path))
+
+    def _rewritten_path(self) -> Path | None:
+        """Where the uint8-concat graph of this ONNX file lives in the engine cache, named by the file's content
+        (a cache folder given by hand may serve several models); None without a cache."""
+        if self._cache_dir is None:
+            return None
+        from ..core.fileio import sha256_file
+
+        digest = sha256_file(self._onnx_path)[:24]
+        return self._cache_dir / f"unsigned-concats-v{UNSIGNED_CONCATS_VERSION}-{digest}.onnx"
 
     @staticmethod
     def _batch_dynamic_shape(ov, shape, patch_size: Sequence[int] | None):
