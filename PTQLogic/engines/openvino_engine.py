@@ -143,10 +143,12 @@ class OpenVINOEngine:
         (a cache folder given by hand may serve several models); None without a cache."""
         if self._cache_dir is None:
             return None
-        from ..core.fileio import sha256_file
+        if getattr(self, "_rewritten", None) is None:  # hashed once per engine, not per compiled shape
+            from ..core.fileio import sha256_file
 
-        digest = sha256_file(self._onnx_path)[:24]
-        return self._cache_dir / f"unsigned-concats-v{UNSIGNED_CONCATS_VERSION}-{digest}.onnx"
+            digest = sha256_file(self._onnx_path)[:24]
+            self._rewritten = self._cache_dir / f"unsigned-concats-v{UNSIGNED_CONCATS_VERSION}-{digest}.onnx"
+        return self._rewritten
 
     @staticmethod
     def _batch_dynamic_shape(ov, shape, patch_size: Sequence[int] | None):

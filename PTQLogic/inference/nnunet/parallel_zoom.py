@@ -91,17 +91,17 @@ class _SplitInterpolation:
     def __getattr__(self, name: str):
         return getattr(self._stock, name)
 
-    def zoom_shift(self, input, zoom, shift, output, *args):
+    def zoom_shift(self, input, zoom, shift, output, *args, **kwargs):
         stock = self._stock.zoom_shift
         if zoom is None or shift is not None or not isinstance(output, np.ndarray) or output.ndim < 2 \
                 or output.size < MIN_VOXELS // 4 or output.shape[0] < 2:
-            return stock(input, zoom, shift, output, *args)
+            return stock(input, zoom, shift, output, *args, **kwargs)
 
         def run(bounds):
             lo, hi = bounds
             offset = np.zeros(output.ndim, np.float64)
             offset[0] = lo  # an integer: kk + lo is exact, the coordinate the whole call computes for plane lo + kk
-            stock(input, zoom, offset, output[lo:hi], *args)
+            stock(input, zoom, offset, output[lo:hi], *args, **kwargs)
 
         list(self._pool.map(run, _chunks(output.shape[0], self._threads * 2)))
         return None
