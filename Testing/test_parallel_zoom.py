@@ -53,15 +53,17 @@ def test_pieces_equal_scipys(big):
         assert pp.prepad(pool, 4, lambda *a: "stock", big, "grid-constant", 0.0) == "stock"
 
 
-@pytest.mark.parametrize("order, mode, grid_mode", [(0, "reflect", True), (1, "constant", False), (3, "mirror", False),
-                                                   (3, "nearest", True), (5, "grid-constant", True), (2, "wrap", False)])
+@pytest.mark.parametrize("order, mode, grid_mode", [(0, "reflect", True), (1, "constant", False),
+                                                   (3, "mirror", False), (3, "nearest", True),
+                                                   (5, "grid-constant", True), (2, "wrap", False)])
 def test_interpolation_in_slabs_is_bit_identical(order, mode, grid_mode):
     """Every order, and boundary modes whose edge handling depends on the coordinate: the slabs' coordinates are
     the whole call's. Zooms up and down, odd sizes, float32 and int16 input."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(order)
-    volumes = [(rng.normal(size=(23, 41, 37)) * 100).astype(np.float32), rng.integers(-900, 900, (31, 17, 29), np.int16)]
+    volumes = [(rng.normal(size=(23, 41, 37)) * 100).astype(np.float32),
+               rng.integers(-900, 900, (31, 17, 29), np.int16)]
     outputs = [(57, 36, 71), (64, 71, 33)]  # 146k and 150k voxels: the threshold set to 0 below
     with ThreadPoolExecutor(3) as pool:
         split = pp._SplitInterpolation(pool, 3, _interpolation._nd_image)

@@ -164,7 +164,8 @@ def markdown(result: dict[str, Any]) -> str:
     versions = machine["versions"]
     title = ("SMOKE RUN (not a result) -- " if result["smoke"] else "") + \
         ("ESTIMATE ONLY -- " if result.get("estimate_only") else "")
-    gpu = any(row in ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt") for row in settings.get("rows", ()))
+    gpu_rows = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
+    gpu = any(row in gpu_rows for row in settings.get("rows", ()))
     lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on {'CPU and GPU' if gpu else 'CPU'} (issue 25)",
              "",
              f"Machine: {machine['cpu']['model']}{emulated(result)}, {settings['threads']} thread(s) of "
