@@ -28,9 +28,9 @@ memory available. On a GPU (issue 25's counterpart table): nnunetv2's predictor 
 as nnunetv2 does it) and this project's PyTorch FP16, TensorRT FP16 and INT8 on the quantized parts; these rows are
 refused up front where there is no CUDA GPU (or no TensorRT), and were written without one: not yet run. The
 project's export resamples only voxels near class borders (``sparse_export.py``), so its time depends on the
-weights: random weights put borders everywhere and make that column pessimistic (``export_stage.py`` measures the stage with logits modelled on a trained network and with noise). Agreement:
-each row's label map against nnunetv2's of the same repeat. Engine builds are in the
-end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first repeat only. Writes ``--out``
+weights: random weights put borders everywhere and make that column pessimistic (``export_stage.py`` measures
+the stage with logits modelled on a trained network and with noise). Agreement: each row's label map against
+nnunetv2's of the same repeat. Engine builds are in the end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first repeat only. Writes ``--out``
 (raw JSON) and the Markdown table next to it.
 """
 from __future__ import annotations
