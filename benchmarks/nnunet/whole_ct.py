@@ -30,8 +30,8 @@ refused up front where there is no CUDA GPU (or no TensorRT), and were written w
 project's export resamples only voxels near class borders (``sparse_export.py``), so its time depends on the
 weights: random weights put borders everywhere and make that column pessimistic (``export_stage.py`` measures
 the stage with logits modelled on a trained network and with noise). Agreement: each row's label map against
-nnunetv2's of the same repeat. Engine builds are in the end-to-end time; OpenVINO's compile cache (in ``--work``) is cold in the first repeat only. Writes ``--out``
-(raw JSON) and the Markdown table next to it.
+nnunetv2's of the same repeat. Engine builds are in the end-to-end time; OpenVINO's compile cache (in
+``--work``) is cold in the first repeat only. Writes ``--out`` (raw JSON) and the Markdown table next to it.
 """
 from __future__ import annotations
 
