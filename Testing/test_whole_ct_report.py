@@ -30,7 +30,7 @@ def test_a_stopped_nnunetv2_row_gives_lower_bounds():
     assert summary["int8"]["speedup_vs_nnunetv2"] is None
     assert summary["int8"]["speedup_at_least"] == {"median": 36.0, "min": 32.0, "max": 40.0, "n": 2}
     line = report._row_line("nnunetv2", summary["nnunetv2"])
-    assert "> 400 (stopped, 2 of them)" in line
+    assert "> 400 (stopped; 2 repeat(s))" in line
     assert "| > 32.0x |" in report._row_line("int8", summary["int8"])
     assert "| > 25.0x |" in report._row_line("fp32", summary["fp32"])
 
@@ -43,11 +43,27 @@ def test_a_finished_nnunetv2_row_gives_plain_ratios():
 
 
 def test_run_child_stops_a_row_at_the_timeout(tmp_path):
-    """A real child process (the row runner) stopped long before it could finish: recorded, not raised."""
+    """A real child process (the row runner) stopped before its clock started (still importing): recorded, with
+    no lower bound, not raised."""
     spec = {"row": "fp32", "threads": 1, "cpus": None}
     result = whole_ct.run_child("row", spec, tmp_path, 1, timeout=0.05)
-    assert result == {"error": "stopped after 0.05 s (--row-timeout)", "stopped_after": 0.05}
+    assert result == {"error": "stopped after 0.05 s (--row-timeout)"}
     assert not (tmp_path / "row-result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_row_stopped_while_running_gets_the_seconds_its_clock_ran(tmp_path):
+    """nnunetv2's row reading a CT that never arrives (a named pipe with no writer) blocks after its imports, its
+    clock running: the bound is the time since the clock started, not the process's (imports excluded)."""
+    import os
+
+    pipe = tmp_path / "ct.nii.gz"
+    os.mkfifo(pipe)
+    spec = {"row": "nnunetv2", "ct": str(pipe), "threads": 1, "cpus": None, "folders": [], "labels": {},
+            "output": str(tmp_path / "out.nii.gz"), "step_size": 0.5}
+    result = whole_ct.run_child("row", spec, tmp_path, 1, timeout=30)
+    assert result["error"].startswith("stopped after 30 s (--row-timeout), ")
+    assert 0 < result["stopped_after"] < 30  # its imports took the rest
 
 
 def test_every_row_has_a_title_runtime_and_precision():

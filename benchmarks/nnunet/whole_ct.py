@@ -41,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
+from whole_ct_rows import started_mark  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
                             needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
 
@@ -83,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
     p.add_argument("--row-timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop a row's process after this long and record it as taking more (a lower bound: "
-                        "nnunetv2's own export of a many-class model can take many minutes)")
+                   help="stop a row's process after this long; the row is recorded as taking longer than its clock "
+                        "had run by then (imports excluded, as for finished rows): a lower bound (nnunetv2's own "
+                        "export of a many-class model can take many minutes)")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
@@ -121,10 +124,12 @@ def gpu_rows_missing(rows) -> str | None:
 def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
               timeout: float | None = None) -> dict[str, Any]:
     """``whole_ct_rows.py`` in its own process; its result dict, or {"error": ...}; stopped after ``timeout``
-    seconds: {"error": ..., "stopped_after": timeout}."""
+    seconds: {"error": ..., "stopped_after": S}, S the seconds its end-to-end clock had run (imports excluded, as
+    in a finished row), absent if it was stopped before its clock started."""
     spec_path, result_path = work / f"{mode}-spec.json", work / f"{mode}-result.json"
     spec_path.write_text(json.dumps(spec, default=str))
     result_path.unlink(missing_ok=True)
+    started_mark(result_path).unlink(missing_ok=True)
     env = dict(os.environ, nnUNet_def_n_proc=str(threads), OMP_NUM_THREADS=str(threads),
                PTQSEG_CACHE_DIR=str(work / "engine-cache"),
                PTQSEG_CPU_FLOAT="bf16" if spec.get("row") == "int8-bf16" else "f32")
@@ -132,7 +137,12 @@ def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
         done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path),
                                str(result_path)], env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:  # the child was killed
-        return {"error": f"stopped after {timeout:g} s (--row-timeout)", "stopped_after": timeout}
+        mark = started_mark(result_path)
+        stopped = {"error": f"stopped after {timeout:g} s (--row-timeout)"}
+        if mark.is_file():
+            stopped["stopped_after"] = round(time.time() - mark.stat().st_mtime, 1)
+            stopped["error"] += f", {stopped['stopped_after']:g} s after its clock started"
+        return stopped
     if done.returncode != 0 or not result_path.is_file():
         return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
     return json.loads(result_path.read_text())

@@ -103,7 +103,7 @@ def _cell(value: dict[str, float] | None, fmt: str = "{:.1f}", ranged: bool = Tr
 def _row_line(row: str, s: dict[str, Any]) -> str:
     stopped = s.get("stopped_after")
     if s["seconds"] is None and stopped:
-        return f"| {ROW_TITLES[row]} | > {stopped['min']:g} (stopped, {stopped['n']} of them) |" + " |" * 11
+        return f"| {ROW_TITLES[row]} | > {stopped['min']:g} (stopped; {stopped['n']} repeat(s)) |" + " |" * 11
     if s["seconds"] is None:
         why = s["errors"][0].splitlines()[-1][:160] if s["errors"] else "no result"
         return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 11

@@ -258,6 +258,11 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # not Linux: the best there is
 
 
+def started_mark(result_path: str | Path) -> Path:
+    """The file a row touches when its clock starts (after its imports)."""
+    return Path(f"{result_path}.started")
+
+
 def main(argv: list[str]) -> int:
     mode, spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
@@ -266,6 +271,7 @@ def main(argv: list[str]) -> int:
         result: dict[str, Any] = {"window_seconds": measure_windows(spec)}
     else:
         _import_modules(spec["row"])
+        started_mark(result_path).touch()  # the row's clock starts now: a parent that stops it reads this time
         result = (run_nnunetv2 if spec["row"] in NNUNET_ROWS else run_project)(spec)
     result["peak_rss_bytes"] = peak_rss_bytes()
     Path(result_path).write_text(json.dumps(result, indent=1, default=str))
