@@ -89,3 +89,9 @@ def test_gpu_rows_are_refused_up_front_without_a_gpu(capsys):
     assert stop.value.code == 2
     assert "rows fp16-torch-cuda need an NVIDIA GPU with CUDA" in capsys.readouterr().err
     assert whole_ct.gpu_rows_missing(["int8", "fp32"]) is None
+
+
+def test_a_row_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as stop:
+        whole_ct.parse_args(["--config", "fast", "--row-timeout", "0", "--out", "x.json"])
+    assert stop.value.code == 2 and "--row-timeout must be a positive number of seconds" in capsys.readouterr().err

@@ -73,6 +73,7 @@ class OpenVINOEngine:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         self._core, self._onnx_path = core, onnx_path
         self.unsigned_concats = precision == "int8" and device.upper().startswith("CPU") and not amx_int8_in_use()
+        self._rewritten: Path | None = None  # the cached uint8-concat graph (``_rewritten_path``), once hashed
         try:
             model = self._read_model()
         except Exception as exc:
@@ -143,7 +144,7 @@ class OpenVINOEngine:
         (a cache folder given by hand may serve several models); None without a cache."""
         if self._cache_dir is None:
             return None
-        if getattr(self, "_rewritten", None) is None:  # hashed once per engine, not per compiled shape
+        if self._rewritten is None:  # hashed once per engine, not per compiled shape
             from ..core.fileio import sha256_file
 
             digest = sha256_file(self._onnx_path)[:24]

@@ -52,12 +52,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
-from whole_ct_rows import started_mark  # noqa: E402
+from whole_ct_rows import NNUNET_ROWS, started_mark  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
                             needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
-GPU_ROWS = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")  # issue 25's GPU counterpart
+GPU_ROWS = report.GPU_ROWS
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
 
@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     args.smoke = args.smoke or args.tiny_networks
+    if args.row_timeout is not None and args.row_timeout <= 0:
+        p.error(f"--row-timeout must be a positive number of seconds, got {args.row_timeout:g}")
     missing = gpu_rows_missing(args.rows)
     if missing:
         p.error(missing)
@@ -267,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reason = bf16_reason() if "int8-bf16" in args.rows else None
     for config in configs:
-        memory = nnunetv2_memory_reason(config, cts) if {"nnunetv2", "nnunetv2-cuda"} & set(args.rows) else None
-        config["not_run"] = {k: v for k, v in (("int8-bf16", reason), ("nnunetv2", memory), ("nnunetv2-cuda", memory))
-                             if v and k in args.rows}
+        memory = nnunetv2_memory_reason(config, cts) if set(NNUNET_ROWS) & set(args.rows) else None
+        not_run = {"int8-bf16": reason, **{row: memory for row in NNUNET_ROWS}}
+        config["not_run"] = {k: why for k, why in not_run.items() if why and k in args.rows}
         config["rows"] = [r for r in args.rows if r not in config["not_run"]]
     minutes = estimate(configs, cts, args, work)
     if args.max_minutes is not None and minutes > args.max_minutes:

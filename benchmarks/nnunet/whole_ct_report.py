@@ -19,6 +19,7 @@ ROW_TITLES = {
     "int8-tensorrt": "this project, TensorRT INT8",
 }
 STAGES = ("build", "preprocess", "network", "export", "other")
+GPU_ROWS = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")  # issue 25's GPU counterpart
 REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
 
 
@@ -164,8 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
     versions = machine["versions"]
     title = ("SMOKE RUN (not a result) -- " if result["smoke"] else "") + \
         ("ESTIMATE ONLY -- " if result.get("estimate_only") else "")
-    gpu_rows = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
-    gpu = any(row in gpu_rows for row in settings.get("rows", ()))
+    gpu = any(row in GPU_ROWS for row in settings.get("rows", ()))
     lines = [f"# {title}Whole-CT TotalSegmentator-class segmentation on {'CPU and GPU' if gpu else 'CPU'} (issue 25)",
              "",
              f"Machine: {machine['cpu']['model']}{emulated(result)}, {settings['threads']} thread(s) of "

@@ -62,8 +62,6 @@ def _widened_first(resample):
     """nnunetv2's SciPy resampling converts the whole image to float64 first, on one core (1.3 s of a 512x512x300
     CT on 2 cores); here that copy is made on every core, and the result, computed in float64 as before, is
     rounded to the input's dtype once at the end, as nnunetv2 rounds it into an array of that dtype."""
-    if getattr(getattr(resample, "func", resample), "__name__", "") != "resample_data_or_seg_to_shape":
-        return resample
 
     def run(data, new_shape, *args, **kwargs):
         if not isinstance(data, np.ndarray) or data.dtype != np.float32:
@@ -92,8 +90,9 @@ def _managers(plans: dict[str, Any], configuration: str):
 
         @property
         def resampling_fn_data(self):
-            return _widened_first(_resampling_function(self.configuration["resampling_fn_data"],
-                                                       self.configuration["resampling_fn_data_kwargs"]))
+            name = self.configuration["resampling_fn_data"]
+            resample = _resampling_function(name, self.configuration["resampling_fn_data_kwargs"])
+            return _widened_first(resample) if name == "resample_data_or_seg_to_shape" else resample
 
         @property
         def resampling_fn_probabilities(self):
