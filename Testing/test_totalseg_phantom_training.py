@@ -89,11 +89,19 @@ def test_training_learns_and_writes_a_folder_the_project_loads(trained):
     assert float(bias[absent].max()) < -8  # from the prior log(1e-6), never raised by 60 steps
 
 
+def _totalsegmentator_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("totalsegmentator") is not None
+
+
 @pytest.mark.slow
 def test_whole_ct_on_trained_weights_without_nnunetv2(trained):
     out = trained["folder"] / "result" / "whole_ct.json"
+    # totalseg: TotalSegmentator's own resampling to the model's 3 mm and back (.ci/run installs it)
+    extra = ["totalseg"] if _totalsegmentator_installed() else []
     command = [sys.executable, str(WHOLE_CT), "--config", "fast", *CT, "--tiny-networks", "--repeats", "1",
-               "--calibration-patches", "4", "--threads", "1", "--rows", "fp32-torch", "int8",
+               "--calibration-patches", "4", "--threads", "1", "--rows", "fp32-torch", "int8", *extra,
                "--weights", str(trained["folder"] / "weights"), "--work", str(trained["folder"] / "work"),
                "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -105,6 +113,10 @@ def test_whole_ct_on_trained_weights_without_nnunetv2(trained):
     assert 0 < repeat["rows"]["int8"]["agreement"]["dice"] <= 1
     for row in ("fp32-torch", "int8"):  # against the phantom's labels, mapped to TotalSegmentator's values
         assert 0 <= repeat["rows"][row]["truth"]["dice"] <= 1
+    if extra:  # the CT there and back: on the CT's grid, in its orientation, finding what nnunetv2's way finds
+        totalseg, reference = repeat["rows"]["totalseg"], repeat["rows"]["fp32-torch"]
+        assert totalseg["windows"] == reference["windows"] and totalseg["agreement"]["voxels"] > 0.9
+        assert totalseg["truth"]["dice"] > 0.7 * reference["truth"]["dice"] > 0, (totalseg, reference)
     text = out.with_suffix(".md").read_text()
     assert "nnunetv2's row did not run" in text and "Dice vs truth" in text and "Trained weights" in text
     assert json.loads(out.read_text())["settings"]["guard"] is True and "with the accuracy guard" in text

@@ -68,9 +68,9 @@ def test_a_row_stopped_while_running_gets_the_seconds_its_clock_ran(tmp_path):
 
 def test_every_row_has_a_title_runtime_and_precision():
     assert set(report.ROW_TITLES) == set(whole_ct.ROWS + whole_ct.GPU_ROWS)
-    project = [r for r in whole_ct.ROWS + whole_ct.GPU_ROWS if r not in rows.NNUNET_ROWS]
+    project = [r for r in whole_ct.ROWS + whole_ct.GPU_ROWS if r not in rows.BASELINE_ROWS]
     assert all(r in rows.RUNTIME and r in rows.PRECISION for r in project)
-    assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "fp16-torch-cuda"}
+    assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda"}
 
 
 def test_the_gpu_table_compares_with_nnunetv2_on_cuda():
@@ -95,3 +95,60 @@ def test_a_row_timeout_must_be_positive(capsys):
     with pytest.raises(SystemExit) as stop:
         whole_ct.parse_args(["--config", "fast", "--row-timeout", "0", "--out", "x.json"])
     assert stop.value.code == 2 and "--row-timeout must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
+    """The run spends --row-timeout on a stopped row once: later repeats carry its bound without running it, and
+    the table counts the one real stop."""
+    from types import SimpleNamespace
+
+    ran = []
+
+    def child(mode, spec, work, threads, timeout=None):
+        ran.append(spec["row"])
+        if spec["row"] == "nnunetv2":
+            return {"error": "stopped after 300 s (--row-timeout)", "stopped_after": 299.5}
+        return _row(10.0)
+
+    monkeypatch.setattr(whole_ct, "run_child", child)
+    config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
+              "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
+    args = SimpleNamespace(threads=1, row_timeout=300.0)
+    repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
+    assert ran.count("nnunetv2") == 1 and ran.count("int8") == 3
+    assert repeats[2]["rows"]["nnunetv2"]["error"] == "not run again: stopped in repeat 1"
+    summary = report.summarize(repeats, ["nnunetv2", "int8"])
+    assert summary["int8"]["speedup_at_least"]["n"] == 3 and summary["int8"]["speedup_at_least"]["min"] == 29.95
+    assert "> 299.5 (stopped; 1 repeat(s))" in report._row_line("nnunetv2", summary["nnunetv2"])
+
+
+def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monkeypatch):
+    """--once: a long baseline (here TotalSegmentator's way and the reference labels) runs in the first repeat only;
+    every repeat's speedup uses its one time and every repeat's agreement its labels."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    seconds = {"totalseg": 60.0, "fp32-torch": 40.0, "int8": 10.0}
+    ran = []
+
+    def child(mode, spec, work, threads, timeout=None):
+        ran.append(spec["row"])
+        labels = np.zeros((4, 4, 4), np.uint8)
+        labels[:2] = 1 if spec["row"] != "int8" else 2 - (len(ran) > 3)  # int8 differs from the reference once
+        sitk.WriteImage(sitk.GetImageFromArray(labels), spec["output"])
+        return _row(seconds[spec["row"]])
+
+    monkeypatch.setattr(whole_ct, "run_child", child)
+    config = {"name": "fast", "rows": ["totalseg", "fp32-torch", "int8"], "folders": [], "labels": {},
+              "quantized": [], "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
+    args = SimpleNamespace(threads=1, row_timeout=None, once=["totalseg", "fp32-torch"])
+    repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
+    assert sorted(ran) == ["fp32-torch", "int8", "int8", "int8", "totalseg"]
+    assert [r["reference"] for r in repeats] == ["fp32-torch"] * 3
+    assert [r["rows"]["int8"]["agreement"]["dice"] for r in repeats] == [0.0, 1.0, 1.0]
+    summary = report.summarize(repeats, ["totalseg", "fp32-torch", "int8"])
+    assert summary["int8"]["speedup_vs_totalseg"] == {"median": 6.0, "min": 6.0, "max": 6.0, "n": 3}
+    assert summary["totalseg"]["seconds"]["n"] == 1
+    assert "| 6.00x (6.00x-6.00x) |" in report._row_line("int8", summary["int8"])

@@ -24,9 +24,14 @@ INT8: ``PTQLogic.pipeline.quantize_model`` per part (ModelOpt's placement, as fo
 own API pieces, the parts merged as the project merges them and written with its SimpleITKIO; this project's
 ``segment`` on the parts file with OpenVINO FP32, INT8, INT8 with bf16 float layers (only where OpenVINO runs
 bf16 natively); nnunetv2's row is n/a where its export (every class resampled at once) would not fit in the
-memory available. On a GPU (issue 25's counterpart table): nnunetv2's predictor on CUDA (its export on the CPU,
-as nnunetv2 does it) and this project's PyTorch FP16, TensorRT FP16 and INT8 on the quantized parts; these rows are
-refused up front where there is no CUDA GPU (or no TensorRT), and were written without one: not yet run. The
+memory available. ``totalseg``: the job as TotalSegmentator runs it (``whole_ct_totalseg.py``: the CT resampled
+to the model's spacing first with TotalSegmentator's own functions, nnunetv2's predictor there, the labels
+resampled back), much less work than nnunetv2 on the CT's grid and other labels: the baseline a TotalSegmentator
+user has. A row stopped by ``--row-timeout`` is not run again in later repeats (its bound carries over); rows named
+by ``--once`` run in the first repeat only. On a GPU (issue 25's counterpart table): nnunetv2's predictor on CUDA
+(its export on the CPU, as nnunetv2 does it), TotalSegmentator's way on CUDA, and this project's PyTorch FP16,
+TensorRT FP16 and INT8 on the quantized parts; these rows are refused up front where there is no CUDA GPU (or no
+TensorRT), and were written without one: not yet run. The
 project's export resamples only voxels near class borders (``sparse_export.py``), so its time depends on the
 weights: random weights put borders everywhere and make that column pessimistic (``export_stage.py`` measures
 the stage with logits modelled on a trained network and with noise). Agreement: each row's label map against
@@ -53,10 +58,12 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
 from whole_ct_rows import NNUNET_ROWS, started_mark  # noqa: E402
+from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402
+from whole_ct_totalseg import missing_reason as totalseg_missing  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
                             needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
 
-ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch")
+ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch", "totalseg")
 GPU_ROWS = report.GPU_ROWS
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
@@ -71,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--rows", nargs="+", choices=ROWS + GPU_ROWS, default=list(DEFAULT_ROWS),
-                   help="CPU rows, and on an NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), fp16-torch-cuda "
+                   help="CPU rows (totalseg: the CT as TotalSegmentator runs it, whole_ct_totalseg.py), and on an "
+                        "NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), totalseg-cuda, fp16-torch-cuda "
                         "(the project's pipeline, PyTorch FP16), fp16-tensorrt, int8-tensorrt")
     p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
@@ -88,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="stop a row's process after this long; the row is recorded as taking longer than its clock "
                         "had run by then (imports excluded, as for finished rows): a lower bound (nnunetv2's own "
                         "export of a many-class model can take many minutes)")
+    p.add_argument("--once", nargs="+", default=[], metavar="ROW",
+                   help="rows run in the first repeat only (long baselines): their time counts once and their labels "
+                        "stay the reference of every repeat")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
@@ -102,7 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.smoke = args.smoke or args.tiny_networks
     if args.row_timeout is not None and args.row_timeout <= 0:
         p.error(f"--row-timeout must be a positive number of seconds, got {args.row_timeout:g}")
-    missing = gpu_rows_missing(args.rows)
+    if not set(args.once) <= set(args.rows):
+        p.error(f"--once {' '.join(args.once)}: every row named there must be one of --rows")
+    missing = gpu_rows_missing(args.rows) or (set(TOTALSEG_ROWS) & set(args.rows) and totalseg_missing())
     if missing:
         p.error(missing)
     return args
@@ -189,19 +202,32 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> di
     shift = repeat % max(len(rows), 1)
     order = rows[shift:] + rows[:shift]
     results = {}
+    stopped, once = config.setdefault("stopped", {}), config.setdefault("ran_once", set())
     for row in order:
+        if repeat > 0 and row in getattr(args, "once", ()):
+            continue  # --once: timed in the first repeat; its labels (if it finished) stay the reference
+        if row in stopped:  # --row-timeout stopped it in an earlier repeat: it is not run again, its bound holds
+            results[row] = dict(stopped[row], error=f"not run again: stopped in repeat {stopped[row]['repeat']}",
+                                carried=True)
+            print(f"[{config['name']} repeat {repeat + 1}] {row}: {results[row]['error']}", flush=True)
+            continue
         spec = dict(base_spec(config, cts, args), row=row, output=str(out / f"{row}.nii.gz"))
         results[row] = run_child("row", spec, work, args.threads, args.row_timeout)
+        if "stopped_after" in results[row]:
+            stopped[row] = {"stopped_after": results[row]["stopped_after"], "repeat": repeat + 1}
+        elif "seconds" in results[row]:
+            once.add(row)
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
     # nnunetv2's labels; where its row cannot run, the project's pipeline on PyTorch FP32 (the same labels, voxel
     # for voxel, wherever both ran: Testing/test_whole_ct_benchmark.py)
-    reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})), None)
+    reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})
+                      or (r in getattr(args, "once", ()) and r in once)), None)
     truth = report.read_labels(cts["truth"]) if cts.get("truth") else None
     if reference is not None or truth is not None:
         labels = report.read_labels(out / f"{reference}.nii.gz") if reference else None
-        for row in (r for r in rows if "seconds" in results[r]):
+        for row in (r for r in rows if "seconds" in results.get(r, {})):
             mine = report.read_labels(out / f"{row}.nii.gz")
             if labels is not None:
                 results[row]["agreement"] = report.agreement(labels, mine)
@@ -228,7 +254,8 @@ def write_result(args, configs, cts) -> None:
     result = {"benchmark": "whole_ct (issue 25)", "smoke": args.smoke, "estimate_only": args.estimate_only,
               "command": [f"{k}={v}" for k, v in isa.items()] + ["python"] + sys.argv, "environment": isa,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": system_info(),
-              "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "mirroring": False,
+              "settings": {"repeats": args.repeats, "threads": args.threads, "rows": args.rows, "once": args.once,
+                           "mirroring": False,
                            "weights": str(args.weights) if args.weights else "random",
                            "calibration_patches": args.calibration_patches,
                            "calibration_seeds": list(calibration_seeds(args.calibration_cts)),

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402  (a name only: that module imports no runtime at load)
+
 ROW_TITLES = {
     "nnunetv2": "nnunetv2 `nnUNetPredictor`, PyTorch FP32",
     "fp32": "this project, OpenVINO FP32",
@@ -14,12 +16,15 @@ ROW_TITLES = {
     "int8-bf16": "this project, OpenVINO INT8 (bf16 remainder)",
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
     "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor`, PyTorch FP32 on CUDA",
+    "totalseg": "TotalSegmentator's way: CT resampled to the model's spacing, nnunetv2 FP32 there, labels back",
+    "totalseg-cuda": "TotalSegmentator's way, nnunetv2 FP32 on CUDA",
     "fp16-torch-cuda": "this project, PyTorch FP16 on CUDA",
     "fp16-tensorrt": "this project, TensorRT FP16",
     "int8-tensorrt": "this project, TensorRT INT8",
 }
 STAGES = ("build", "preprocess", "network", "export", "other")
-GPU_ROWS = ("nnunetv2-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")  # issue 25's GPU counterpart
+# issue 25's GPU counterpart
+GPU_ROWS = ("nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
 REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
 
 
@@ -65,15 +70,29 @@ def baseline_of(repeats: list[dict[str, Any]]) -> str:
         not any("nnunetv2-cuda" in r["rows"] for r in repeats) else "nnunetv2-cuda"
 
 
+def totalseg_of(repeats: list[dict[str, Any]]) -> str | None:
+    """The TotalSegmentator-way row that ran (its CPU row first), or None."""
+    return next((r for r in TOTALSEG_ROWS if any("seconds" in k["rows"].get(r, {}) for k in repeats)), None)
+
+
+def _ratios(repeats: list[dict[str, Any]], base: str | None, row: str) -> list[float]:
+    """base's seconds / row's, per repeat where both ran; a base run in one repeat only (``--once``) is used for
+    every repeat."""
+    if base is None:
+        return []
+    once = [k["rows"][base]["seconds"] for k in repeats if "seconds" in k["rows"].get(base, {})]
+    return [k["rows"].get(base, {}).get("seconds", once[0]) / k["rows"][row]["seconds"]
+            for k in repeats if "seconds" in k["rows"].get(row, {}) and once]
+
+
 def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any]:
     """Median and min-max per row over the repeats: end to end, stages, peak RSS, agreement with the reference
     row's labels (and with the phantom's truth where the weights are trained), speedup over nnunetv2 (its CPU
-    row, else its CUDA row)."""
-    summary, base = {}, baseline_of(repeats)
+    row, else its CUDA row) and over the job as TotalSegmentator runs it."""
+    summary, base, totalseg = {}, baseline_of(repeats), totalseg_of(repeats)
     for row in rows:
         runs = [r["rows"][row] for r in repeats if row in r["rows"] and "seconds" in r["rows"][row]]
-        ratios = [r["rows"][base]["seconds"] / r["rows"][row]["seconds"] for r in repeats
-                  if "seconds" in r["rows"].get(row, {}) and "seconds" in r["rows"].get(base, {})]
+        ratios = _ratios(repeats, base, row)
         # nnunetv2 stopped by --row-timeout: it took longer than that, so the ratio is a lower bound
         bounds = [r["rows"][base]["stopped_after"] / r["rows"][row]["seconds"] for r in repeats
                   if "seconds" in r["rows"].get(row, {}) and "stopped_after" in r["rows"].get(base, {})]
@@ -83,8 +102,11 @@ def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, A
             "stages": {s: spread([r["stages"].get(s) for r in runs]) for s in STAGES},
             "peak_rss_gb": spread([r["peak_rss_bytes"] / 2**30 for r in runs]),
             "speedup_vs_nnunetv2": spread(ratios), "speedup_at_least": spread(bounds),
+            "speedup_vs_totalseg": spread(_ratios(repeats, totalseg, row)),
+            # repeats that ran it until it was stopped (a stopped row is not run again: its later bounds carry)
             "stopped_after": spread([r["rows"][row]["stopped_after"] for r in repeats
-                                     if "stopped_after" in r["rows"].get(row, {})]),
+                                     if "stopped_after" in r["rows"].get(row, {})
+                                     and not r["rows"][row].get("carried")]),
             "dice_vs_reference": spread([r.get("agreement", {}).get("dice") for r in runs]),
             "voxels_vs_reference": spread([r.get("agreement", {}).get("voxels") for r in runs]),
             "dice_vs_truth": spread([r.get("truth", {}).get("dice") for r in runs]),
@@ -104,15 +126,16 @@ def _cell(value: dict[str, float] | None, fmt: str = "{:.1f}", ranged: bool = Tr
 def _row_line(row: str, s: dict[str, Any]) -> str:
     stopped = s.get("stopped_after")
     if s["seconds"] is None and stopped:
-        return f"| {ROW_TITLES[row]} | > {stopped['min']:g} (stopped; {stopped['n']} repeat(s)) |" + " |" * 11
+        return f"| {ROW_TITLES[row]} | > {stopped['min']:g} (stopped; {stopped['n']} repeat(s)) |" + " |" * 12
     if s["seconds"] is None:
         why = s["errors"][0].splitlines()[-1][:160] if s["errors"] else "no result"
-        return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 11
+        return f"| {ROW_TITLES[row]} | failed: {why} |" + " |" * 12
     stages = [_cell(s["stages"][k], ranged=False) for k in STAGES]
     at_least = s.get("speedup_at_least")
     versus = (_cell(s["speedup_vs_nnunetv2"], "{:.2f}x") if s["speedup_vs_nnunetv2"] or not at_least
               else f"> {at_least['min']:.1f}x")
     return (f"| {ROW_TITLES[row]} | {_cell(s['seconds'])} | {versus} | "
+            f"{_cell(s.get('speedup_vs_totalseg'), '{:.2f}x')} | "
             + " | ".join(stages) + f" | {_cell(s['peak_rss_gb'], '{:.2f}', False)} | "
             f"{_cell(s['dice_vs_reference'], '{:.4f}')} | {_cell(s['voxels_vs_reference'], '{:.5f}')} | "
             f"{_cell(s['dice_vs_truth'], '{:.4f}')} | {s['windows']} |")
@@ -133,17 +156,17 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
              + (" (nnunetv2's row did not run; this row gives nnunetv2's labels voxel for voxel wherever both "
                 "ran)" if reference == "fp32-torch" else "") + ". Dice vs truth: the phantom's own labels "
              "(trained weights only).", "",
-             "| row | end to end s | vs nnunetv2 | build | preprocess | network | export | other | peak RSS GB "
-             "| Dice vs reference | voxel agreement | Dice vs truth | windows |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| row | end to end s | vs nnunetv2 | vs TotalSegmentator's way | build | preprocess | network | export "
+             "| other | peak RSS GB | Dice vs reference | voxel agreement | Dice vs truth | windows |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_row_line(row, s) for row, s in config["summary"].items()]
     stopped = [row for row, s in config["summary"].items() if s.get("stopped_after")]
     if stopped:
         lines += ["", "Stopped by `--row-timeout` (the row took longer; where it is nnunetv2's, the \"vs nnunetv2\" "
                   "ratios marked > are lower bounds): " + ", ".join(ROW_TITLES[r] for r in stopped) + "."]
-    lines += [f"| {ROW_TITLES[row]} | not run (estimate only) |" + " |" * 11
+    lines += [f"| {ROW_TITLES[row]} | not run (estimate only) |" + " |" * 12
               for row in config["window_seconds"] or {} if row not in config["summary"]]
-    lines += [f"| {ROW_TITLES[row]} | n/a: {why} |" + " |" * 11 for row, why in config["not_run"].items()]
+    lines += [f"| {ROW_TITLES[row]} | n/a: {why} |" + " |" * 12 for row, why in config["not_run"].items()]
     return lines + ["", _estimate_line(config), ""]
 
 
@@ -181,6 +204,9 @@ def markdown(result: dict[str, Any]) -> str:
              "Trained weights (on phantoms other than the test CT and the calibration CTs), quantized "
              + ("with the accuracy guard." if settings.get("guard") else "without the accuracy guard (--no-guard: "
                 "agreement recorded in quantization.json, not enforced).")), ""]
+    if settings.get("once"):
+        lines += ["Run in the first repeat only (`--once`; their labels stay the reference, their time is used for "
+                  "every repeat's ratio): " + ", ".join(ROW_TITLES[r] for r in settings["once"]) + ".", ""]
     for name, config in result["configs"].items():
         lines += config_table(name, config)
     lines += ["Reproduce: `" + " ".join(result["command"]) + "`", ""]

@@ -3,8 +3,8 @@
     python benchmarks/nnunet/whole_ct_rows.py row SPEC.json RESULT.json
     python benchmarks/nnunet/whole_ct_rows.py windows SPEC.json RESULT.json
 
-SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, fp32, int8, int8-bf16, fp32-torch; on a GPU nnunetv2-cuda,
-fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
+SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, totalseg, fp32, int8, int8-bf16, fp32-torch; on a GPU
+nnunetv2-cuda, totalseg-cuda, fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
 ``folders`` (the nnU-Net results folders, nnunetv2's row), ``parts_file`` (the quantized parts, this project's
 OpenVINO rows), ``torch_parts_file`` (the original folders, the project's pipeline on PyTorch),
 ``labels`` (global value -> name), ``step_size``, ``threads``, ``cpus``. The caller sets the environment
@@ -28,13 +28,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from whole_ct_totalseg import TOTALSEG_ROWS, run_totalseg  # noqa: E402
+
 PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "fp32-torch": "fp32",
              "fp16-torch-cuda": "fp16", "fp16-tensorrt": "fp16", "int8-tensorrt": "int8"}
 RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "fp32-torch": "torch",
            "fp16-torch-cuda": "torch", "fp16-tensorrt": "tensorrt", "int8-tensorrt": "tensorrt"}
-DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda"}  # the rest: the CPU, or TensorRT's own GPU
+# the rest: the CPU, or TensorRT's own GPU
+DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "cuda"}
 NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
+BASELINE_ROWS = NNUNET_ROWS + TOTALSEG_ROWS  # nnunetv2's predictor, on the CT's grid or TotalSegmentator's way
 
 
 class StageClock:
@@ -149,6 +154,14 @@ def run_nnunetv2(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "stages": dict(clock.seconds), "windows": windows}
 
 
+def run_totalsegmentator(spec: dict[str, Any]) -> dict[str, Any]:
+    """The CT as TotalSegmentator segments it (``whole_ct_totalseg.py``), nnunetv2's predictor on the CPU or CUDA."""
+    clock = StageClock()
+    device = DEVICE.get(spec["row"], "cpu")
+    result = run_totalseg(spec, lambda folder: _predictor(folder, spec["step_size"], device), _lookup, clock)
+    return dict(result, stages=dict(clock.seconds))
+
+
 class _WindowCounter:
     def __init__(self, network) -> None:
         self.calls = 0
@@ -211,7 +224,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
     seconds = {}
     for row in spec["rows"]:
         device = DEVICE.get(row, "cpu")
-        if row in NNUNET_ROWS or row == "fp32-torch":
+        if row in BASELINE_ROWS or row == "fp32-torch":
             predictor = _predictor(spec["folders"][0], spec["step_size"], device)
             patch = predictor.configuration_manager.patch_size
             seconds[row] = _time_window(predictor.network, patch, device)
@@ -225,6 +238,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
 
 NNUNET_MODULES = ("SimpleITK", "nnunetv2.inference.export_prediction", "nnunetv2.inference.predict_from_raw_data",
                   "nnunetv2.imageio.simpleitk_reader_writer")
+TOTALSEG_MODULES = ("nibabel", "totalsegmentator.resampling", "totalsegmentator.alignment")
 PROJECT_MODULES = ("SimpleITK", "openvino", "nnunetv2.inference.export_prediction",
                    "nnunetv2.inference.predict_from_raw_data", "PTQLogic.engines.openvino_engine",
                    "PTQLogic.inference.nnunet.engines", "PTQLogic.inference.nnunet.predict",
@@ -235,9 +249,10 @@ def _import_modules(row: str) -> None:
     """Every heavy module the row will use, imported before its clock starts (import time is no stage)."""
     import importlib
 
-    for name in NNUNET_MODULES if row in NNUNET_ROWS else PROJECT_MODULES:
+    for name in (NNUNET_MODULES + TOTALSEG_MODULES * (row in TOTALSEG_ROWS) if row in BASELINE_ROWS
+                 else PROJECT_MODULES):
         importlib.import_module(name)
-    if row in NNUNET_ROWS:
+    if row in BASELINE_ROWS:
         _name_trainers()
 
 
@@ -272,7 +287,8 @@ def main(argv: list[str]) -> int:
     else:
         _import_modules(spec["row"])
         started_mark(result_path).touch()  # the row's clock starts now: a parent that stops it reads this time
-        result = (run_nnunetv2 if spec["row"] in NNUNET_ROWS else run_project)(spec)
+        result = (run_nnunetv2 if spec["row"] in NNUNET_ROWS else
+                  run_totalsegmentator if spec["row"] in TOTALSEG_ROWS else run_project)(spec)
     result["peak_rss_bytes"] = peak_rss_bytes()
     Path(result_path).write_text(json.dumps(result, indent=1, default=str))
     return 0
