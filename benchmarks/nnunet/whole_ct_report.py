@@ -1,4 +1,7 @@
-"""Agreement, summaries and the Markdown table of ``whole_ct.py`` (numbers in, text out; no runtimes)."""
+"""Agreement, summaries and the Markdown table of ``whole_ct.py`` (numbers in, text out; no runtimes).
+
+    python benchmarks/nnunet/whole_ct_report.py RESULT.json   # summaries and RESULT.md again from its repeats
+"""
 from __future__ import annotations
 
 import statistics
@@ -217,3 +220,22 @@ def emulated(result: dict[str, Any]) -> str:
     """" (oneDNN limited to AVX2: ONEDNN_MAX_CPU_ISA=AVX2)" where the run emulated an older CPU, else ""."""
     env = result.get("environment") or {}
     return "".join(f" (oneDNN limited to {v}: {k}={v})" for k, v in env.items())
+
+
+def rerender(path: Path) -> None:
+    """Summarize a result's repeats again and rewrite its Markdown (after the report gained a column); the raw
+    repeats are left as they are."""
+    import json
+
+    result = json.loads(path.read_text())
+    for config in result["configs"].values():
+        if config.get("repeats"):
+            config["summary"] = summarize(config["repeats"], list(config["summary"]))
+    path.with_suffix(".md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:]:
+        rerender(Path(name))
