@@ -114,7 +114,10 @@ def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
     config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
               "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
     args = SimpleNamespace(threads=1, row_timeout=300.0)
-    repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
+    saved = []  # what the run writes after each row: a run cut off keeps every finished row
+    repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path,
+                                   on_row=lambda partial: saved.append(sorted(partial["rows"]))) for k in range(3)]
+    assert saved[:2] == [["nnunetv2"], ["int8", "nnunetv2"]] and len(saved) == 4  # 2, then int8 alone twice
     assert ran.count("nnunetv2") == 1 and ran.count("int8") == 3
     assert repeats[2]["rows"]["nnunetv2"]["error"] == "not run again: stopped in repeat 1"
     summary = report.summarize(repeats, ["nnunetv2", "int8"])
@@ -152,3 +155,12 @@ def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monk
     assert summary["int8"]["speedup_vs_totalseg"] == {"median": 6.0, "min": 6.0, "max": 6.0, "n": 3}
     assert summary["totalseg"]["seconds"]["n"] == 1
     assert "| 6.00x (6.00x-6.00x) |" in report._row_line("int8", summary["int8"])
+
+
+def test_no_probe_cannot_go_with_max_minutes(capsys):
+    with pytest.raises(SystemExit) as stop:
+        whole_ct.parse_args(["--config", "fast", "--no-probe", "--max-minutes", "5", "--out", "x.json"])
+    assert stop.value.code == 2 and "--max-minutes needs the probe's estimate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "fast", "--rows", "int8", "--once", "fp32", "--out", "x.json"])
+    assert "every row named there must be one of --rows" in capsys.readouterr().err

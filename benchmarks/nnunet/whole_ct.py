@@ -49,7 +49,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--once", nargs="+", default=[], metavar="ROW",
                    help="rows run in the first repeat only (long baselines): their time counts once and their labels "
                         "stay the reference of every repeat")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip timing one window per row before the run (no estimate: --max-minutes cannot refuse)")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
@@ -113,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.smoke = args.smoke or args.tiny_networks
     if args.row_timeout is not None and args.row_timeout <= 0:
         p.error(f"--row-timeout must be a positive number of seconds, got {args.row_timeout:g}")
+    if args.no_probe and args.max_minutes is not None:
+        p.error("--max-minutes needs the probe's estimate: leave out --no-probe")
     if not set(args.once) <= set(args.rows):
         p.error(f"--once {' '.join(args.once)}: every row named there must be one of --rows")
     missing = gpu_rows_missing(args.rows) or (set(TOTALSEG_ROWS) & set(args.rows) and totalseg_missing())
@@ -177,7 +181,8 @@ def estimate(configs: list[dict[str, Any]], cts, args, work: Path) -> float:
     total = 0.0
     for config in configs:
         spec = dict(base_spec(config, cts, args), rows=config["rows"])
-        probe = run_child("windows", spec, work, args.threads) if config["rows"] else {"window_seconds": {}}
+        probe = (run_child("windows", spec, work, args.threads) if config["rows"] and not args.no_probe
+                 else {"window_seconds": {}})
         config["window_seconds"] = probe.get("window_seconds", {})
         windows = config["windows"] * len(config["parts"])
         minutes = {r: args.repeats * windows * s / 60 for r, s in config["window_seconds"].items()}
@@ -196,12 +201,15 @@ def estimate(configs: list[dict[str, Any]], cts, args, work: Path) -> float:
     return total
 
 
-def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> dict[str, Any]:
+def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path,
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One repeat of every row, in the rotated order; ``on_row(results so far)`` after each row (the run saves
+    what it has: a long run stopped or cut off keeps every finished row)."""
     rows, out = config["rows"], work / "labels" / config["name"]
     out.mkdir(parents=True, exist_ok=True)
     shift = repeat % max(len(rows), 1)
     order = rows[shift:] + rows[:shift]
-    results = {}
+    results: dict[str, Any] = {}
     stopped, once = config.setdefault("stopped", {}), config.setdefault("ran_once", set())
     for row in order:
         if repeat > 0 and row in getattr(args, "once", ()):
@@ -217,6 +225,8 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path) -> di
             stopped[row] = {"stopped_after": results[row]["stopped_after"], "repeat": repeat + 1}
         elif "seconds" in results[row]:
             once.add(row)
+        if on_row is not None:
+            on_row({"order": order, "rows": results, "reference": None, "partial": True})
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
@@ -309,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             config["quantize_seconds"] += quantize_rest(config, cts, args)
         for repeat in range(args.repeats):
             for config in configs:
-                config.setdefault("repeats", []).append(run_repeat(config, repeat, cts, args, work))
-            write_result(args, configs, cts)  # after every repeat: a long run stopped early keeps what it measured
+                done = config.setdefault("repeats", [])
+
+                def save(partial: dict[str, Any], done=done, repeat=repeat) -> None:
+                    done[repeat:] = [partial]
+                    write_result(args, configs, cts)
+
+                done[repeat:] = [run_repeat(config, repeat, cts, args, work, on_row=save)]
+            write_result(args, configs, cts)  # after every row and repeat: a run stopped early keeps what it measured
     else:
         write_result(args, configs, cts)
     return 0
