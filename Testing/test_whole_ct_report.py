@@ -94,7 +94,17 @@ def test_gpu_rows_are_refused_up_front_without_a_gpu(capsys):
 def test_a_row_timeout_must_be_positive(capsys):
     with pytest.raises(SystemExit) as stop:
         whole_ct.parse_args(["--config", "fast", "--row-timeout", "0", "--out", "x.json"])
-    assert stop.value.code == 2 and "--row-timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--row-timeout: must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_row_timeouts_for_every_row_or_one():
+    args = whole_ct.parse_args(["--config", "fast", "--rows", "nnunetv2", "int8", "--row-timeout", "900",
+                                "nnunetv2=300", "--out", "x.json"])
+    assert args.row_timeout == {"*": 900.0, "nnunetv2": 300.0}
+    with pytest.raises(ValueError, match="fp32 is not one of --rows"):
+        whole_ct.row_timeouts(["fp32=10"], ["int8"])
+    with pytest.raises(ValueError, match="is not SECONDS or ROW=SECONDS"):
+        whole_ct.row_timeouts(["int8=soon"], ["int8"])
 
 
 def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
@@ -113,7 +123,7 @@ def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
               "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout=300.0)
+    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0})
     saved = []  # what the run writes after each row: a run cut off keeps every finished row
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path,
                                    on_row=lambda partial: saved.append(sorted(partial["rows"]))) for k in range(3)]
@@ -146,7 +156,7 @@ def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monk
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["totalseg", "fp32-torch", "int8"], "folders": [], "labels": {},
               "quantized": [], "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout=None, once=["totalseg", "fp32-torch"])
+    args = SimpleNamespace(threads=1, row_timeout={}, once=["totalseg", "fp32-torch"])
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
     assert sorted(ran) == ["fp32-torch", "int8", "int8", "int8", "totalseg"]
     assert [r["reference"] for r in repeats] == ["fp32-torch"] * 3

@@ -10,7 +10,7 @@ against this project's OpenVINO FP32 and INT8 engines, on the same CT, in the sa
     python benchmarks/nnunet/whole_ct.py --config both --prepare-only --out /tmp/whole_ct.json
     # the GPU counterpart (an NVIDIA GPU; TensorRT rows where TensorRT is installed); nnunetv2 stopped after 10 min
     python benchmarks/nnunet/whole_ct.py --config fast --rows nnunetv2-cuda fp32-torch fp16-torch-cuda \
-        fp16-tensorrt int8-tensorrt --row-timeout 600 --out benchmarks/results/<machine>/whole_ct/gpu.json
+        fp16-tensorrt int8-tensorrt --row-timeout nnunetv2-cuda=600 --out benchmarks/results/<machine>/whole_ct/gpu.json
     # smoke (seconds; tiny networks, not TotalSegmentator's shape; labelled SMOKE)
     python benchmarks/nnunet/whole_ct.py --config total --parts 2 --shape 32 32 24 --spacing 1.5 1.5 1.5 \\
         --tiny-networks --repeats 1 --calibration-patches 4 --out /tmp/smoke/whole_ct.json
@@ -92,10 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
-    p.add_argument("--row-timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop a row's process after this long; the row is recorded as taking longer than its clock "
-                        "had run by then (imports excluded, as for finished rows): a lower bound (nnunetv2's own "
-                        "export of a many-class model can take many minutes)")
+    p.add_argument("--row-timeout", nargs="+", default=[], metavar="[ROW=]SECONDS",
+                   help="stop a row's process after this long (every row, or ROW=SECONDS for one); the row is "
+                        "recorded as taking longer than its clock had run by then (imports excluded, as for finished "
+                        "rows): a lower bound (nnunetv2's own export of a many-class model can take many minutes)")
     p.add_argument("--once", nargs="+", default=[], metavar="ROW",
                    help="rows run in the first repeat only (long baselines): their time counts once and their labels "
                         "stay the reference of every repeat")
@@ -113,8 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     args.smoke = args.smoke or args.tiny_networks
-    if args.row_timeout is not None and args.row_timeout <= 0:
-        p.error(f"--row-timeout must be a positive number of seconds, got {args.row_timeout:g}")
+    try:
+        args.row_timeout = row_timeouts(args.row_timeout, args.rows)
+    except ValueError as error:
+        p.error(f"--row-timeout: {error}")
     if args.no_probe and args.max_minutes is not None:
         p.error("--max-minutes needs the probe's estimate: leave out --no-probe")
     if not set(args.once) <= set(args.rows):
@@ -123,6 +125,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if missing:
         p.error(missing)
     return args
+
+
+def row_timeouts(values: list[str], rows: list[str]) -> dict[str, float]:
+    """``["600", "nnunetv2=300"]`` -> {"*": 600.0, "nnunetv2": 300.0}; ValueError on a bad value or row."""
+    limits = {}
+    for value in values:
+        row, _, seconds = value.rpartition("=")
+        if row and row not in rows:
+            raise ValueError(f"{row} is not one of --rows ({' '.join(rows)})")
+        try:
+            limit = float(seconds)
+        except ValueError:
+            raise ValueError(f"{value!r} is not SECONDS or ROW=SECONDS") from None
+        if not limit > 0:
+            raise ValueError(f"must be a positive number of seconds, got {seconds}")
+        limits[row or "*"] = limit
+    return limits
 
 
 def gpu_rows_missing(rows) -> str | None:
@@ -220,7 +239,8 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path,
             print(f"[{config['name']} repeat {repeat + 1}] {row}: {results[row]['error']}", flush=True)
             continue
         spec = dict(base_spec(config, cts, args), row=row, output=str(out / f"{row}.nii.gz"))
-        results[row] = run_child("row", spec, work, args.threads, args.row_timeout)
+        timeout = args.row_timeout.get(row, args.row_timeout.get("*")) if args.row_timeout else None
+        results[row] = run_child("row", spec, work, args.threads, timeout)
         if "stopped_after" in results[row]:
             stopped[row] = {"stopped_after": results[row]["stopped_after"], "repeat": repeat + 1}
         elif "seconds" in results[row]:
