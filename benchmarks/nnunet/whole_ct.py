@@ -245,25 +245,34 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path,
             stopped[row] = {"stopped_after": results[row]["stopped_after"], "repeat": repeat + 1}
         elif "seconds" in results[row]:
             once.add(row)
+        reference = score(results, once, args, cts, out)
         if on_row is not None:
-            on_row({"order": order, "rows": results, "reference": None, "partial": True})
+            on_row({"order": order, "rows": results, "reference": reference, "partial": True})
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
-    # nnunetv2's labels; where its row cannot run, the project's pipeline on PyTorch FP32 (the same labels, voxel
-    # for voxel, wherever both ran: Testing/test_whole_ct_benchmark.py)
+    return {"order": order, "rows": results, "reference": score(results, once, args, cts, out)}
+
+
+def score(results: dict[str, Any], once: set[str], args, cts, out: Path) -> str | None:
+    """Agreement of every finished row with the reference labels, and with the phantom's truth where trained;
+    after each row (a run cut off keeps them), again only where the reference changed. The reference: nnunetv2's
+    labels; where its row cannot run, the project's pipeline on PyTorch FP32 (the same labels, voxel for voxel,
+    wherever both ran: Testing/test_whole_ct_benchmark.py), also from the first repeat (``--once``)."""
     reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})
                       or (r in getattr(args, "once", ()) and r in once)), None)
-    truth = report.read_labels(cts["truth"]) if cts.get("truth") else None
-    if reference is not None or truth is not None:
-        labels = report.read_labels(out / f"{reference}.nii.gz") if reference else None
-        for row in (r for r in rows if "seconds" in results.get(r, {})):
-            mine = report.read_labels(out / f"{row}.nii.gz")
-            if labels is not None:
-                results[row]["agreement"] = report.agreement(labels, mine)
-            if truth is not None:
-                results[row]["truth"] = report.agreement(truth, mine)
-    return {"order": order, "rows": results, "reference": reference}
+    labels = None
+    for row, result in results.items():
+        if "seconds" not in result:
+            continue
+        if reference is not None and result.get("agreement_with") != reference:
+            labels = report.read_labels(out / f"{reference}.nii.gz") if labels is None else labels
+            result["agreement"] = report.agreement(labels, report.read_labels(out / f"{row}.nii.gz"))
+            result["agreement_with"] = reference
+        if cts.get("truth") and "truth" not in result:
+            result["truth"] = report.agreement(report.read_labels(cts["truth"]),
+                                               report.read_labels(out / f"{row}.nii.gz"))
+    return reference
 
 
 def config_record(config: dict[str, Any], cts) -> dict[str, Any]:
