@@ -116,7 +116,9 @@ def test_whole_ct_on_trained_weights_without_nnunetv2(trained):
     if extra:  # the CT there and back: on the CT's grid, in its orientation, finding what nnunetv2's way finds
         totalseg, reference = repeat["rows"]["totalseg"], repeat["rows"]["fp32-torch"]
         assert totalseg["windows"] == reference["windows"] and totalseg["agreement"]["voxels"] > 0.9
-        assert totalseg["truth"]["dice"] > 0.7 * reference["truth"]["dice"] > 0, (totalseg, reference)
+        # 0.78 and 0.99x here; with the CT turned to RAS (a mirrored body for these networks) 0.27 and 0.74x
+        assert totalseg["agreement"]["dice"] > 0.6, (totalseg, reference)
+        assert totalseg["truth"]["dice"] > 0.9 * reference["truth"]["dice"] > 0, (totalseg, reference)
     text = out.with_suffix(".md").read_text()
     assert "nnunetv2's row did not run" in text and "Dice vs truth" in text and "Trained weights" in text
     assert json.loads(out.read_text())["settings"]["guard"] is True and "with the accuracy guard" in text

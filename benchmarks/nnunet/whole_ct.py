@@ -210,13 +210,17 @@ def estimate(configs: list[dict[str, Any]], cts, args, work: Path) -> float:
         quant = None if left and first is None else (first or 0.0) * len(left) / 60  # None: first part was cached
         config["estimate_minutes"] = {"rows": minutes, "quantization": quant}
         total += sum(minutes.values()) + (quant or 0.0) if "error" not in probe else float("inf")
+        if args.no_probe:
+            print(f"[{config['name']}] no per-window probe (--no-probe): no estimate", flush=True)
+            continue
         per = ", ".join(f"{r} {s:.2f} s" for r, s in config["window_seconds"].items())
         print(f"[{config['name']}] one window ({'x'.join(map(str, config['plans']['patch_size']))}, "
               f"{args.threads} threads): {per}; {windows} windows per row per repeat; estimate "
               + ", ".join(f"{r} {m:.1f} min" for r, m in minutes.items())
               + f", quantizing {len(left)} more part(s) " + ("(time unknown)" if quant is None else f"{quant:.1f} min")
               + ("" if "error" not in probe else f"; probe failed: {probe['error'][-400:]}"), flush=True)
-    print(f"estimated run: {total:.1f} min (network time only; preprocessing and export add to it)", flush=True)
+    if not args.no_probe:
+        print(f"estimated run: {total:.1f} min (network time only; preprocessing and export add to it)", flush=True)
     return total
 
 

@@ -238,7 +238,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
 
 NNUNET_MODULES = ("SimpleITK", "nnunetv2.inference.export_prediction", "nnunetv2.inference.predict_from_raw_data",
                   "nnunetv2.imageio.simpleitk_reader_writer")
-TOTALSEG_MODULES = ("nibabel", "totalsegmentator.resampling", "totalsegmentator.alignment")
+TOTALSEG_MODULES = ("nibabel", "totalsegmentator.resampling")
 PROJECT_MODULES = ("SimpleITK", "openvino", "nnunetv2.inference.export_prediction",
                    "nnunetv2.inference.predict_from_raw_data", "PTQLogic.engines.openvino_engine",
                    "PTQLogic.inference.nnunet.engines", "PTQLogic.inference.nnunet.predict",

@@ -1,19 +1,22 @@
 """The ``totalseg`` and ``totalseg-cuda`` rows of ``whole_ct.py``: the job as TotalSegmentator runs it.
 
 TotalSegmentator (2.18, ``totalsegmentator/nnunet.py``) does not hand the CT to nnunetv2 at its own spacing: it
-reorients the NIfTI to the closest canonical orientation, resamples it to the model's spacing itself (cubic
+reorients the NIfTI to the orientation its networks were trained in (RAS), resamples it to the model's spacing (cubic
 spline, cast to int32, one thread), writes it, lets nnunetv2's predictor segment each part at that spacing (so
 nnunetv2's preprocessing only normalizes and its export only takes the argmax), merges the parts there, and
 resamples the merged label map back to the CT's grid (linear, one class at a time within its bounding box,
 ``crop_resample``) before undoing the reorientation. The labels therefore differ from nnunetv2's on the original
 grid (the ``nnunetv2`` row, which this project's pipeline reproduces voxel for voxel), and the work is much less.
 
-This row runs those steps with TotalSegmentator's own functions (``totalsegmentator.resampling.change_spacing``,
-``totalsegmentator.alignment``; ``pip install --no-deps TotalSegmentator``: only those two modules are imported,
-they need nibabel, scipy and joblib) and nnunetv2's predictor configured as TotalSegmentator configures it (step
-0.8 for ``total``, no mirroring, everything on the device). The files TotalSegmentator writes between the steps
-are written here too, into a temporary folder. Not included: its cropping, statistics and postprocessing
-options (off by default for ``total``), DICOM input, licence and download checks.
+This row runs those steps with TotalSegmentator's own resampling (``totalsegmentator.resampling.change_spacing``;
+``pip install --no-deps TotalSegmentator``: only that module is imported, it needs nibabel, scipy and joblib) and
+nnunetv2's predictor configured as TotalSegmentator configures it (step 0.8 for ``total``, no mirroring,
+everything on the device). The files TotalSegmentator writes between the steps are written here too, into a
+temporary folder. One step differs on purpose: the reorientation. TotalSegmentator's networks were trained on
+canonical (RAS) arrays, so it turns every CT to RAS; the benchmark's networks were trained on arrays in the
+orientation of the benchmark's CT (LPS), so the row keeps that orientation (turning it to RAS would show them a
+mirrored body; the turn itself is an axis flip, a negligible cost). Not included: its cropping, statistics and
+postprocessing options (off by default for ``total``), DICOM input, licence and download checks.
 """
 from __future__ import annotations
 
@@ -46,7 +49,6 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from totalsegmentator.alignment import as_closest_canonical, undo_canonical
     from totalsegmentator.resampling import change_spacing
 
     started, windows = time.perf_counter(), 0
@@ -54,12 +56,12 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
         scan, resampled = Path(tmp) / "s01_0000.nii.gz", Path(tmp) / "s01.nii.gz"
         with clock("other"):
             original = nib.load(spec["ct"])
-            canonical = as_closest_canonical(nib.Nifti1Image(original.get_fdata(), original.affine))
+            image_in = nib.Nifti1Image(original.get_fdata(), original.affine)  # kept in its orientation (above)
         with clock("build"):
             predictors = [predictor_for(folder) for folder in spec["folders"]]
         spacing = [float(v) for v in predictors[0].configuration_manager.spacing]
         with clock("preprocess"):  # TotalSegmentator's own resampling to the model's spacing, and its file
-            nib.save(change_spacing(canonical, spacing[::-1], order=3, dtype=np.int32, nr_cpus=1), scan)
+            nib.save(change_spacing(image_in, spacing[::-1], order=3, dtype=np.int32, nr_cpus=1), scan)
         with clock("other"):
             image, properties = SimpleITKIO().read_images([str(scan)])
         merged = np.zeros(image.shape[1:], dtype=np.uint8)
@@ -84,11 +86,10 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
             SimpleITKIO().write_seg(merged, str(resampled), properties)
             at_model_spacing = nib.load(resampled)
         with clock("export"):  # back to the CT's grid as TotalSegmentator 2.18 does by default
-            back = change_spacing(at_model_spacing, spacing[::-1], canonical.shape, order=1, dtype=np.uint8,
-                                  nr_cpus=1, force_affine=canonical.affine, crop_resample=True)
+            back = change_spacing(at_model_spacing, spacing[::-1], image_in.shape, order=1, dtype=np.uint8,
+                                  nr_cpus=1, force_affine=image_in.affine, crop_resample=True)
         with clock("other"):
-            out = undo_canonical(back, original)
-            nib.save(nib.Nifti1Image(np.asanyarray(out.dataobj).astype(np.uint8), out.affine), spec["output"])
+            nib.save(nib.Nifti1Image(np.asanyarray(back.dataobj).astype(np.uint8), original.affine), spec["output"])
     return {"seconds": time.perf_counter() - started, "windows": windows}
 
 
