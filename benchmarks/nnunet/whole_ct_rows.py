@@ -249,8 +249,10 @@ def _import_modules(row: str) -> None:
     """Every heavy module the row will use, imported before its clock starts (import time is no stage)."""
     import importlib
 
-    for name in (NNUNET_MODULES + TOTALSEG_MODULES * (row in TOTALSEG_ROWS) if row in BASELINE_ROWS
-                 else PROJECT_MODULES):
+    names = PROJECT_MODULES if row not in BASELINE_ROWS else NNUNET_MODULES
+    if row in TOTALSEG_ROWS:
+        names += TOTALSEG_MODULES
+    for name in names:
         importlib.import_module(name)
     if row in BASELINE_ROWS:
         _name_trainers()
