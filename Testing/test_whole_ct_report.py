@@ -123,7 +123,7 @@ def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
               "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0})
+    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0}, once=[])
     saved = []  # what the run writes after each row: a run cut off keeps every finished row
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path,
                                    on_row=lambda partial: saved.append(sorted(partial["rows"]))) for k in range(3)]

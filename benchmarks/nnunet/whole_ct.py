@@ -31,10 +31,10 @@ user has. A row stopped by ``--row-timeout`` is not run again in later repeats (
 by ``--once`` run in the first repeat only. On a GPU (issue 25's counterpart table): nnunetv2's predictor on CUDA
 (its export on the CPU, as nnunetv2 does it), TotalSegmentator's way on CUDA, and this project's PyTorch FP16,
 TensorRT FP16 and INT8 on the quantized parts; these rows are refused up front where there is no CUDA GPU (or no
-TensorRT), and were written without one: not yet run. The
-project's export resamples only voxels near class borders (``sparse_export.py``), so its time depends on the
-weights: random weights put borders everywhere and make that column pessimistic (``export_stage.py`` measures
-the stage with logits modelled on a trained network and with noise). Agreement: each row's label map against
+TensorRT), and were written without one: not yet run. The project's export resamples only voxels near class
+borders (``sparse_export.py``), so its time depends on the weights: random weights put borders everywhere and
+make that column pessimistic (``export_stage.py`` measures the stage with logits modelled on a trained network
+and with noise). Agreement: each row's label map against
 nnunetv2's of the same repeat. Engine builds are in the end-to-end time; OpenVINO's compile cache (in
 ``--work``) is cold in the first repeat only. Writes ``--out`` (raw JSON) and the Markdown table next to it.
 """
@@ -233,9 +233,9 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path,
     shift = repeat % max(len(rows), 1)
     order = rows[shift:] + rows[:shift]
     results: dict[str, Any] = {}
-    stopped, once = config.setdefault("stopped", {}), config.setdefault("ran_once", set())
+    stopped, finished = config.setdefault("stopped", {}), config.setdefault("finished", set())
     for row in order:
-        if repeat > 0 and row in getattr(args, "once", ()):
+        if repeat > 0 and row in args.once:
             continue  # --once: timed in the first repeat; its labels (if it finished) stay the reference
         if row in stopped:  # --row-timeout stopped it in an earlier repeat: it is not run again, its bound holds
             results[row] = dict(stopped[row], error=f"not run again: stopped in repeat {stopped[row]['repeat']}",
@@ -248,34 +248,36 @@ def run_repeat(config: dict[str, Any], repeat: int, cts, args, work: Path,
         if "stopped_after" in results[row]:
             stopped[row] = {"stopped_after": results[row]["stopped_after"], "repeat": repeat + 1}
         elif "seconds" in results[row]:
-            once.add(row)
-        reference = score(results, once, args, cts, out)
+            finished.add(row)
+        reference = score(results, finished, args, cts, out)
         if on_row is not None:
             on_row({"order": order, "rows": results, "reference": reference, "partial": True})
         print(f"[{config['name']} repeat {repeat + 1}] {row}: "
               + (f"{results[row]['seconds']:.1f} s" if "seconds" in results[row] else results[row]["error"][-300:]),
               flush=True)
-    return {"order": order, "rows": results, "reference": score(results, once, args, cts, out)}
+    return {"order": order, "rows": results, "reference": score(results, finished, args, cts, out)}
 
 
-def score(results: dict[str, Any], once: set[str], args, cts, out: Path) -> str | None:
+def score(results: dict[str, Any], finished: set[str], args, cts, out: Path) -> str | None:
     """Agreement of every finished row with the reference labels, and with the phantom's truth where trained;
     after each row (a run cut off keeps them), again only where the reference changed. The reference: nnunetv2's
     labels; where its row cannot run, the project's pipeline on PyTorch FP32 (the same labels, voxel for voxel,
     wherever both ran: Testing/test_whole_ct_benchmark.py), also from the first repeat (``--once``)."""
     reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})
-                      or (r in getattr(args, "once", ()) and r in once)), None)
-    labels = None
+                      or (r in args.once and r in finished)), None)
+    labels = truth = None  # each map read once per call, and only where a row needs it
     for row, result in results.items():
-        if "seconds" not in result:
+        to_reference = reference is not None and "seconds" in result and result.get("agreement_with") != reference
+        to_truth = cts.get("truth") is not None and "seconds" in result and "truth" not in result
+        if not (to_reference or to_truth):
             continue
-        if reference is not None and result.get("agreement_with") != reference:
+        mine = report.read_labels(out / f"{row}.nii.gz")
+        if to_reference:
             labels = report.read_labels(out / f"{reference}.nii.gz") if labels is None else labels
-            result["agreement"] = report.agreement(labels, report.read_labels(out / f"{row}.nii.gz"))
-            result["agreement_with"] = reference
-        if cts.get("truth") and "truth" not in result:
-            result["truth"] = report.agreement(report.read_labels(cts["truth"]),
-                                               report.read_labels(out / f"{row}.nii.gz"))
+            result["agreement"], result["agreement_with"] = report.agreement(labels, mine), reference
+        if to_truth:
+            truth = report.read_labels(cts["truth"]) if truth is None else truth
+            result["truth"] = report.agreement(truth, mine)
     return reference
 
 
@@ -353,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for config in configs:
                 done = config.setdefault("repeats", [])
+                done.append({"rows": {}})  # this repeat, replaced by what it has after each row
 
-                def save(partial: dict[str, Any], done=done, repeat=repeat) -> None:
-                    done[repeat:] = [partial]
+                def save(partial: dict[str, Any]) -> None:
+                    done[-1] = partial
                     write_result(args, configs, cts)
 
-                done[repeat:] = [run_repeat(config, repeat, cts, args, work, on_row=save)]
+                done[-1] = run_repeat(config, repeat, cts, args, work, on_row=save)
             write_result(args, configs, cts)  # after every row and repeat: a run stopped early keeps what it measured
     else:
         write_result(args, configs, cts)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -225,8 +226,6 @@ def emulated(result: dict[str, Any]) -> str:
 def rerender(path: Path) -> None:
     """Summarize a result's repeats again and rewrite its Markdown (after the report gained a column); the raw
     repeats are left as they are."""
-    import json
-
     result = json.loads(path.read_text())
     for config in result["configs"].values():
         if config.get("repeats"):

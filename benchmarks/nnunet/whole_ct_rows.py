@@ -158,7 +158,8 @@ def run_totalsegmentator(spec: dict[str, Any]) -> dict[str, Any]:
     """The CT as TotalSegmentator segments it (``whole_ct_totalseg.py``), nnunetv2's predictor on the CPU or CUDA."""
     clock = StageClock()
     device = DEVICE.get(spec["row"], "cpu")
-    result = run_totalseg(spec, lambda folder: _predictor(folder, spec["step_size"], device), _lookup, clock)
+    result = run_totalseg(spec, lambda folder: _predictor(folder, spec["step_size"], device), _lookup, clock,
+                          _WindowCounter)
     return dict(result, stages=dict(clock.seconds))
 
 

@@ -1,8 +1,8 @@
 """The ``totalseg`` and ``totalseg-cuda`` rows of ``whole_ct.py``: the job as TotalSegmentator runs it.
 
 TotalSegmentator (2.18, ``totalsegmentator/nnunet.py``) does not hand the CT to nnunetv2 at its own spacing: it
-reorients the NIfTI to the orientation its networks were trained in (RAS), resamples it to the model's spacing (cubic
-spline, cast to int32, one thread), writes it, lets nnunetv2's predictor segment each part at that spacing (so
+reorients the NIfTI to the orientation its networks were trained in (RAS), resamples it to the model's spacing
+(cubic spline, cast to int32, one thread), writes it, lets nnunetv2's predictor segment each part at that spacing (so
 nnunetv2's preprocessing only normalizes and its export only takes the argmax), merges the parts there, and
 resamples the merged label map back to the CT's grid (linear, one class at a time within its bounding box,
 ``crop_resample``) before undoing the reorientation. The labels therefore differ from nnunetv2's on the original
@@ -42,16 +42,17 @@ def missing_reason() -> str | None:
     return None
 
 
-def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str, Any]:
+def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock, counter) -> dict[str, Any]:
     """One whole CT the TotalSegmentator way; ``predictor_for(folder)`` gives nnunetv2's predictor of a part,
-    ``lookup(dataset, labels)`` a part's label -> global label table, ``clock(stage)`` times a stage."""
+    ``lookup(dataset, labels)`` a part's label -> global label table, ``clock(stage)`` times a stage,
+    ``counter(network)`` counts a network's calls (``.calls``)."""
     import nibabel as nib
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from totalsegmentator.resampling import change_spacing
 
-    started, windows = time.perf_counter(), 0
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ptqseg-totalseg-") as tmp:
         scan, resampled = Path(tmp) / "s01_0000.nii.gz", Path(tmp) / "s01.nii.gz"
         with clock("other"):
@@ -59,6 +60,7 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
             image_in = nib.Nifti1Image(original.get_fdata(), original.affine)  # kept in its orientation (above)
         with clock("build"):
             predictors = [predictor_for(folder) for folder in spec["folders"]]
+        counters = [counter(predictor.network) for predictor in predictors]
         spacing = [float(v) for v in predictors[0].configuration_manager.spacing]
         with clock("preprocess"):  # TotalSegmentator's own resampling to the model's spacing, and its file
             nib.save(change_spacing(image_in, spacing[::-1], order=3, dtype=np.int32, nr_cpus=1), scan)
@@ -66,7 +68,6 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
             image, properties = SimpleITKIO().read_images([str(scan)])
         merged = np.zeros(image.shape[1:], dtype=np.uint8)
         for predictor in predictors:
-            counter = _count_windows(predictor.network)
             with clock("preprocess"):
                 preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
                 data, _, props = preprocessor.run_case_npy(image, None, copy.deepcopy(properties),
@@ -81,7 +82,6 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
             with clock("other"):
                 mapped = lookup(predictor.dataset_json, spec["labels"])[labels]
                 np.copyto(merged, mapped, where=mapped != 0)
-            windows += counter()
         with clock("other"):
             SimpleITKIO().write_seg(merged, str(resampled), properties)
             at_model_spacing = nib.load(resampled)
@@ -90,19 +90,4 @@ def run_totalseg(spec: dict[str, Any], predictor_for, lookup, clock) -> dict[str
                                   nr_cpus=1, force_affine=image_in.affine, crop_resample=True)
         with clock("other"):
             nib.save(nib.Nifti1Image(np.asanyarray(back.dataobj).astype(np.uint8), original.affine), spec["output"])
-    return {"seconds": time.perf_counter() - started, "windows": windows}
-
-
-def _count_windows(network):
-    calls = [0]
-
-    def count(*_: Any) -> None:
-        calls[0] += 1
-
-    handle = network.register_forward_pre_hook(count)
-
-    def done() -> int:
-        handle.remove()
-        return calls[0]
-
-    return done
+    return {"seconds": time.perf_counter() - started, "windows": sum(c.calls for c in counters)}
