@@ -32,14 +32,18 @@ def network_grid(runner, volume: Volume, cropped: Sequence[int] | None = None) -
     return tuple(int(g) for g in compute_new_shape(shape, spacing, target))
 
 
-def prediction_bytes(runner, volume: Volume, folds: int) -> int:
-    """Peak bytes of ``runner.predict`` on ``volume`` (cropping to the nonzero region not counted)."""
+def _sizes(runner, volume: Volume) -> tuple[float, float, bool, int]:
+    """Network grid voxels (padded to one patch), input voxels, whether the export resamples, classes."""
     unpadded = network_grid(runner, volume)
     patch = [1] * (len(unpadded) - len(runner.config.patch_size)) + list(runner.config.patch_size)
-    grid = float(np.prod([max(g, p) for g, p in zip(unpadded, patch)], dtype=float))  # padded to one patch
+    grid = float(np.prod([max(g, p) for g, p in zip(unpadded, patch)], dtype=float))
     voxels = float(np.prod(volume.spatial_shape, dtype=float))
-    resampled = sorted(unpadded) != sorted(volume.spatial_shape)
-    classes = runner.label_manager.num_segmentation_heads
+    return grid, voxels, sorted(unpadded) != sorted(volume.spatial_shape), runner.label_manager.num_segmentation_heads
+
+
+def prediction_bytes(runner, volume: Volume, folds: int) -> int:
+    """Peak bytes of ``runner.predict`` on ``volume`` (cropping to the nonzero region not counted)."""
+    grid, voxels, _, classes = _sizes(runner, volume)
     channels = runner.in_channels
     # the float32 image, its transposed copy and the preprocessed grid
     image = channels * (2 * voxels + grid) * 4
@@ -47,18 +51,23 @@ def prediction_bytes(runner, volume: Volume, folds: int) -> int:
     # holds fp16 logits plus 3 bytes while it divides by the weights and checks for infinities, and with
     # several folds the next fold's fp16 logits before they are added.
     window = classes * grid * (5 + (2 if folds > 1 else 0))
+    export = export_bytes(runner, volume)
+    return int(image + max(window, export) + ENGINE_WORKING_BYTES)
+
+
+def export_bytes(runner, volume: Volume) -> int:
+    """Peak bytes of ``runner.export`` on ``volume``'s logits, those logits included."""
+    grid, voxels, resampled, classes = _sizes(runner, volume)
     # the export (export.py), beside the fp16 logits: order-1 resampling (the plans' usual) takes most labels
     # from the grid (sparse_export.py: its working set, the labels and the uncropped label map); any other
     # resampling runs one class at a time: that class as float64 (float32 for resample_torch_fornnunet) on the
     # grid and on the input grid, its fp16 copy, the running maximum, the labels, the comparison mask and the
     # uncropped label map
     if resampled and order_one_kwargs(runner.config.configuration) is not None:
-        export = classes * grid * 2 + working_bytes(classes, grid) + voxels * (1 + 1)
-    else:
-        torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
-        one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
-        export = classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1)
-    return int(image + max(window, export) + ENGINE_WORKING_BYTES)
+        return int(classes * grid * 2 + working_bytes(classes, grid) + voxels * (1 + 1))
+    torch_fn = runner.config.configuration["resampling_fn_probabilities"] != "resample_data_or_seg_to_shape"
+    one_class = (grid * (4 if torch_fn else 8) + voxels * 8) if resampled else 0
+    return int(classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1))
 
 
 def _kept_for_later_bytes(runners: Sequence, volume: Volume, index: int) -> int:
@@ -76,6 +85,16 @@ def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int])
     maps = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
     return [int(prediction_bytes(r, volume, f) + maps + volume.array.nbytes + _kept_for_later_bytes(runners, volume, i))
             for i, (r, f) in enumerate(zip(runners, folds))]
+
+
+def overlap_fits(runners: Sequence, volume: Volume, folds: Sequence[int]) -> bool:
+    """Whether several parts can run with each part's export beside the next part's sliding window: that part's
+    peak plus the previous part's export (its logits, its working set) fit in the memory available now."""
+    if len(runners) < 2:
+        return False
+    sizes = peak_bytes_per_part(runners, volume, folds)
+    overlapped = max(sizes[i] + export_bytes(runners[i - 1], volume) for i in range(1, len(runners)))
+    return overlapped <= available_memory_bytes()
 
 
 def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume") -> int:

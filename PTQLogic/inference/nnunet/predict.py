@@ -184,6 +184,16 @@ class _EngineNetwork(torch.nn.Module):
         return logits.to(device=x.device, dtype=torch.float32)
 
 
+class PredictedLogits(NamedTuple):
+    """One model's sliding-window result on the network grid, before the export."""
+
+    logits: torch.Tensor  # (classes, *network grid), fp16 as nnU-Net accumulates them
+    properties: dict[str, Any]  # nnU-Net's preprocessing properties (cropping, spacing) for the export
+    seconds: float  # preprocessing (if done here) and sliding window
+    network_seconds: float  # in the engines only
+    patches: int
+
+
 @dataclass
 class NnUNetPrediction:
     labels: np.ndarray  # (K, J, I) on the input grid
@@ -249,8 +259,25 @@ class NnUNetRunner:
         :meth:`preprocess_key` (read only; it is not preprocessed again); ``stages``: progress stage names."""
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-        from .export import logits_to_labels
+        monitor = monitor or Monitor()
+        stages = stages or stages_for()
+        predicted = self.predict_logits(volume, engines, mirroring=mirroring, monitor=monitor,
+                                        preprocessed=preprocessed, stages=stages)
+        labels, seconds = self.export(predicted, monitor, stages.export)
+        probabilities = None
+        if return_probabilities:
+            with contextlib.redirect_stdout(io.StringIO()):
+                _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+                    predicted.logits, self.plans_manager, self.config, self.label_manager, predicted.properties,
+                    return_probabilities=True)
+        monitor.check()
+        return NnUNetPrediction(labels=labels, probabilities=probabilities, seconds=predicted.seconds + seconds,
+                                network_seconds=predicted.network_seconds, patches=predicted.patches)
 
+    def predict_logits(self, volume: Volume, engines: Sequence[Engine], *, mirroring: bool = False,
+                       monitor: Monitor | None = None, preprocessed: tuple[np.ndarray, dict[str, Any]] | None = None,
+                       stages: Stages | None = None) -> "PredictedLogits":
+        """The first half of :meth:`predict`: preprocessing (unless given) and the sliding window."""
         monitor = monitor or Monitor()
         stages = stages or stages_for()
         if not engines:
@@ -269,18 +296,18 @@ class NnUNetRunner:
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
         with contextlib.redirect_stdout(io.StringIO()):
             logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
-            del data
-            # one class at a time (memory); nnunetv2's own export only where probabilities are asked for
-            labels = logits_to_labels(logits, self.plans_manager, self.config, self.label_manager, properties,
-                                      monitor, stages.export)
-            probabilities = None
-            if return_probabilities:
-                _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-                    logits, self.plans_manager, self.config, self.label_manager, properties, return_probabilities=True)
-        monitor.check()
-        return NnUNetPrediction(labels=np.asarray(labels), probabilities=probabilities,
-                                seconds=time.perf_counter() - started, network_seconds=network.seconds,
-                                patches=network.calls)
+        return PredictedLogits(logits, properties, time.perf_counter() - started, network.seconds, network.calls)
+
+    def export(self, predicted: "PredictedLogits", monitor: Monitor | None = None,
+               stage: str | None = None) -> tuple[np.ndarray, float]:
+        """The second half of :meth:`predict`: the label map on the input grid, and its seconds. It only reads
+        ``predicted``, so it can run in another thread while the next part's sliding window runs."""
+        from .export import STAGE as EXPORT, logits_to_labels
+
+        started = time.perf_counter()
+        labels = logits_to_labels(predicted.logits, self.plans_manager, self.config, self.label_manager,
+                                  predicted.properties, monitor or Monitor(), stage or EXPORT)
+        return np.asarray(labels), time.perf_counter() - started
 
     def _predictor(self, network: _EngineNetwork, mirroring: bool):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -10,8 +10,11 @@ given, else the parts' classes in order. A *parts file* is a JSON ``{"parts": [f
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -131,6 +134,7 @@ class _Run:
     network_seconds: float = 0.0
     patches: int = 0
     build_seconds: float = 0.0
+    beside_seconds: float = 0.0  # export work that ran beside the next part's sliding window (not in ``seconds``)
 
 
 class _SharedPreprocessing:
@@ -180,31 +184,102 @@ def _show_estimate(estimate, index: int, engine, runner, monitor: Monitor) -> No
         estimate.shown = True
 
 
-def _run_all(models, runners, volume, runtime, precision, device, mirroring, monitor, estimate=None) -> _Run:
-    """Every part in turn (engines opened per part); parts with the same preprocessing share it."""
+def _run_all(models, runners, volume, runtime, precision, device, mirroring, monitor, estimate=None,
+             overlap: bool = False) -> _Run:
+    """Every part in turn (engines opened per part); parts with the same preprocessing share it. ``overlap``: each
+    part's export runs in a second thread while the next part's sliding window runs (the export is mostly
+    single-threaded, the engines use every core), so at most two parts' logits are held. ``seconds``: the time
+    spent preprocessing, in sliding windows and waiting for exports: overlapped work counts once."""
     from .predict import stages_for
 
     run = _Run()
+    monitor, exports = _two_threads(monitor) if overlap else (monitor, None)
     shared = _SharedPreprocessing(runners, volume, monitor)
-    for index, (model, runner) in enumerate(zip(models, runners)):
-        monitor.check()  # a cancel between parts stops before the next part's engines are built
-        stages = stages_for(_part_label(models, index))
-        started = time.perf_counter()
-        engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
-        run.build_seconds += time.perf_counter() - started
-        run.info, run.reason = engines[0].info, why or run.reason
-        run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
-        if estimate is not None:
-            _show_estimate(estimate, index, engines[0], runner, monitor)
-        result = runner.predict(volume, engines, mirroring=mirroring, monitor=monitor,
-                                preprocessed=shared.get(runner, stages.preprocessing), stages=stages)
-        del engines  # before the next part's are built
-        run.parts.append(result.labels)
-        run.seconds += result.seconds
-        run.network_seconds += result.network_seconds
-        run.patches += result.patches
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnunet-export") as pool:
+        exporting: Future | None = None
+        try:
+            for index, (model, runner) in enumerate(zip(models, runners)):
+                monitor.check()  # a cancel between parts stops before the next part's engines are built
+                stages = stages_for(_part_label(models, index))
+                started = time.perf_counter()
+                engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
+                run.build_seconds += time.perf_counter() - started
+                run.info, run.reason = engines[0].info, why or run.reason
+                run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
+                if estimate is not None:
+                    _show_estimate(estimate, index, engines[0], runner, monitor)
+                predicted = runner.predict_logits(volume, engines, mirroring=mirroring, monitor=monitor,
+                                                  preprocessed=shared.get(runner, stages.preprocessing), stages=stages)
+                del engines  # before the next part's are built
+                run.seconds += predicted.seconds
+                run.network_seconds += predicted.network_seconds
+                run.patches += predicted.patches
+                run.seconds += _collect(exporting, run)  # the previous part's export, before this one's starts
+                if exports is None:
+                    labels, seconds = runner.export(predicted, monitor, stages.export)
+                    run.parts.append(labels)
+                    run.seconds += seconds
+                else:
+                    exporting = pool.submit(runner.export, predicted, exports, stages.export)
+                del predicted
+            run.seconds += _collect(exporting, run)
+        except BaseException:
+            if exports is not None:
+                exports.cancel()  # a running export stops at its next check, before the pool is shut down
+            raise
     run.seconds += shared.seconds
     return run
+
+
+def _collect(exporting: Future | None, run: _Run) -> float:
+    """Wait for an export (its exceptions, Cancelled included, raise here) and keep its labels; the seconds
+    waited (the rest of its seconds ran beside the sliding window)."""
+    if exporting is None:
+        return 0.0
+    started = time.perf_counter()
+    while True:  # in short waits: Ctrl-C reaches the main thread between bytecodes (core/interrupts.py)
+        try:
+            labels, seconds = exporting.result(timeout=0.1)
+            break
+        except FutureTimeout:
+            continue
+    waited = time.perf_counter() - started
+    run.parts.append(labels)
+    run.beside_seconds += max(seconds - waited, 0.0)
+    return waited
+
+
+class _EitherEvent:
+    """Set when the user cancels (``parent``) or when this one is set (the main thread stopping its helper)."""
+
+    def __init__(self, parent: threading.Event):
+        self.parent, self.own = parent, threading.Event()
+
+    def is_set(self) -> bool:
+        return self.own.is_set() or self.parent.is_set()
+
+    def set(self) -> None:
+        self.own.set()
+
+
+def _two_threads(monitor: Monitor) -> tuple[Monitor, Monitor]:
+    """Monitors for the main thread and the export thread: callbacks run one at a time; the user's cancel
+    reaches both, and the export thread's can also be stopped on its own."""
+    monitor.end_loading()  # the copies do not know about an open "loading" stage
+    lock = threading.Lock()
+
+    def locked(callback):
+        if callback is None:
+            return None
+
+        def call(*args):
+            with lock:
+                callback(*args)
+        return call
+
+    progress, estimate = locked(monitor.on_progress), locked(monitor.on_estimate)
+    return (Monitor(on_progress=progress, cancel_event=monitor.cancel_event, on_estimate=estimate),
+            Monitor(on_progress=progress, cancel_event=_EitherEvent(monitor.cancel_event), on_estimate=estimate))
 
 
 def _merge(parts: Sequence[np.ndarray], lookups: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
@@ -245,7 +320,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     from ...io.volumes import read_volume, write_label_tables, write_labelmap
     from ...core.fileio import check_output_path
     from .estimate import estimate_run
-    from .memory import check_nnunet_memory
+    from .memory import check_nnunet_memory, overlap_fits
     from .predict import runner_for
 
     monitor = monitor or Monitor()
@@ -269,18 +344,20 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         check_label_map(ref_volume.array, f"Reference '{reference}'")
         ref_names = reference_names(reference, reference_labels)
     runners = [runner_for(m) for m in opened]
-    check_nnunet_memory(runners, volume, [len(m.folds) for m in opened],
-                        f"input volume '{input_path}'")  # before any engine is built
+    folds = [len(m.folds) for m in opened]
+    check_nnunet_memory(runners, volume, folds, f"input volume '{input_path}'")  # before any engine is built
+    overlap = overlap_fits(runners, volume, folds)
     estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32")
     if estimate.seconds is not None:  # measured by the accuracy guard here: said before any engine is built
         monitor.estimate(estimate.to_dict())
         estimate.shown = True
-    run = _run_all(opened, runners, volume, runtime, precision, device, mirroring, monitor, estimate)
+    run = _run_all(opened, runners, volume, runtime, precision, device, mirroring, monitor, estimate, overlap)
     merged = _merge(run.parts, lookups, len(classes))
     present = list(range(1, len(classes)))
     agreement = fp32 = None
     if compare and precision != "fp32":
-        fp32 = _run_all(opened, runners, volume, run.info.runtime, "fp32", device, mirroring, monitor)
+        fp32 = _run_all(opened, runners, volume, run.info.runtime, "fp32", device, mirroring, monitor,
+                        overlap=overlap)
         agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
     on_cpu = str(run.info.device).lower().startswith("cpu")
     warnings = _int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []
@@ -297,6 +374,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                           runtime_reason=run.reason, precision=run.info.precision,
                           engine_size_mb=run.engine_bytes / 1e6, seconds=run.seconds,
                           network_seconds=run.network_seconds, patches=run.patches, build_seconds=run.build_seconds,
+                          overlapped_seconds=run.beside_seconds,
                           agreement_dice=agreement, reference_dice=reference_dice, reference_per_class=per_class,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
                           fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings,
