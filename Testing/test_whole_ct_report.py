@@ -123,7 +123,7 @@ def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
               "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0}, once=[])
+    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0}, once=[], reference_labels=None)
     saved = []  # what the run writes after each row: a run cut off keeps every finished row
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path,
                                    on_row=lambda partial: saved.append(sorted(partial["rows"]))) for k in range(3)]
@@ -156,7 +156,7 @@ def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monk
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["totalseg", "fp32-torch", "int8"], "folders": [], "labels": {},
               "quantized": [], "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout={}, once=["totalseg", "fp32-torch"])
+    args = SimpleNamespace(threads=1, row_timeout={}, once=["totalseg", "fp32-torch"], reference_labels=None)
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
     assert sorted(ran) == ["fp32-torch", "int8", "int8", "int8", "totalseg"]
     assert [r["reference"] for r in repeats] == ["fp32-torch"] * 3
@@ -165,6 +165,57 @@ def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monk
     assert summary["int8"]["speedup_vs_totalseg"] == {"median": 6.0, "min": 6.0, "max": 6.0, "n": 3}
     assert summary["totalseg"]["seconds"]["n"] == 1
     assert "| 6.00x (6.00x-6.00x) |" in report._row_line("int8", summary["int8"])
+
+
+def test_reference_labels_from_an_earlier_run_where_no_reference_row_runs(tmp_path, monkeypatch):
+    """--reference-labels: nnunetv2's FP32 labels of the same CT from an earlier run are the agreement reference of
+    a run that leaves the long reference rows out; a reference row that does run takes precedence, and labels of
+    another shape are refused."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    given = np.zeros((4, 4, 4), np.uint8)
+    given[:2] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(given), str(tmp_path / "earlier.nii.gz"))
+
+    def child(mode, spec, work, threads, timeout=None):
+        labels = given.copy()
+        labels[0] = 2 if spec["row"] == "int8" else 1  # int8 differs from the given labels in one slab
+        sitk.WriteImage(sitk.GetImageFromArray(labels), spec["output"])
+        return _row(10.0)
+
+    monkeypatch.setattr(whole_ct, "run_child", child)
+    config = {"name": "fast", "rows": ["int8"], "folders": [], "labels": {}, "quantized": [], "parts_file": "p",
+              "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
+    args = SimpleNamespace(threads=1, row_timeout={}, once=[], reference_labels=tmp_path / "earlier.nii.gz")
+    result = whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "a")
+    assert result["reference"] == report.GIVEN
+    assert result["rows"]["int8"]["agreement"]["voxels"] == pytest.approx(0.75)
+    config["rows"] = ["fp32-torch", "int8"]
+    result = whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "b")
+    assert result["reference"] == "fp32-torch" and result["rows"]["int8"]["agreement"]["voxels"] == 0.75
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 5), np.uint8)), str(tmp_path / "earlier.nii.gz"))
+    config["rows"] = ["int8"]
+    with pytest.raises(SystemExit, match="not the same CT"):
+        whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "c")
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "fast", "--reference-labels", str(tmp_path / "none.nii.gz"), "--out", "x"])
+
+
+def test_exports_beside_the_sliding_window_are_said_under_the_table():
+    runs = [dict(_row(10.0), export_beside_network=3.0) for _ in range(2)]
+    summary = report.summarize([{"rows": {"int8": r}} for r in runs], ["int8"])
+    assert summary["int8"]["export_beside_network"]["median"] == 3.0
+    config = {"plans": {"spacing": [1.5], "patch_size": [128, 128, 128], "features_per_stage": [32]},
+              "ct": {"shape_xyz": [4, 4, 4], "spacing_xyz": [1, 1, 1]}, "parts": ["a", "b"], "step_size": 0.5,
+              "network_grid_kji": [4, 4, 4], "windows_per_part": 1, "summary": summary, "window_seconds": {},
+              "not_run": {}, "estimate_minutes": None, "repeats": []}
+    text = "\n".join(report.config_table("total", config))
+    assert "sliding window (within the network column), for 3.0 (3.0-3.0) s (this project, OpenVINO INT8" in text
+    summary["int8"]["export_beside_network"] = None
+    assert "beside the next part" not in "\n".join(report.config_table("total", config))
 
 
 def test_no_probe_cannot_go_with_max_minutes(capsys):

@@ -41,6 +41,7 @@ nnunetv2's of the same repeat. Engine builds are in the end-to-end time; OpenVIN
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -101,6 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "stay the reference of every repeat")
     p.add_argument("--no-probe", action="store_true",
                    help="skip timing one window per row before the run (no estimate: --max-minutes cannot refuse)")
+    p.add_argument("--reference-labels", type=Path,
+                   help="nnunetv2's FP32 labels of the same CT and weights from an earlier run (a reference row's "
+                        "label map): the agreement reference where no reference row runs in this one")
+    p.add_argument("--note", default="", help="one line for the result's header (e.g. where the parts were quantized)")
     p.add_argument("--estimate-only", action="store_true")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
@@ -119,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--row-timeout: {error}")
     if args.no_probe and args.max_minutes is not None:
         p.error("--max-minutes needs the probe's estimate: leave out --no-probe")
+    if args.reference_labels is not None and not args.reference_labels.is_file():
+        p.error(f"--reference-labels {args.reference_labels}: no such file")
     if not set(args.once) <= set(args.rows):
         p.error(f"--once {' '.join(args.once)}: every row named there must be one of --rows")
     missing = gpu_rows_missing(args.rows) or (set(TOTALSEG_ROWS) & set(args.rows) and totalseg_missing())
@@ -265,6 +272,8 @@ def score(results: dict[str, Any], finished: set[str], args, cts, out: Path) -> 
     wherever both ran: Testing/test_whole_ct_benchmark.py), also from the first repeat (``--once``)."""
     reference = next((r for r in report.REFERENCES if "seconds" in results.get(r, {})
                       or (r in args.once and r in finished)), None)
+    if reference is None and args.reference_labels is not None:
+        reference = report.GIVEN
     labels = truth = None  # each map read once per call, and only where a row needs it
     for row, result in results.items():
         to_reference = reference is not None and "seconds" in result and result.get("agreement_with") != reference
@@ -273,7 +282,12 @@ def score(results: dict[str, Any], finished: set[str], args, cts, out: Path) -> 
             continue
         mine = report.read_labels(out / f"{row}.nii.gz")
         if to_reference:
-            labels = report.read_labels(out / f"{reference}.nii.gz") if labels is None else labels
+            given = reference == report.GIVEN
+            labels = (report.read_labels(args.reference_labels if given else out / f"{reference}.nii.gz")
+                      if labels is None else labels)
+            if labels.shape != mine.shape:
+                raise SystemExit(f"--reference-labels {args.reference_labels}: shape {labels.shape}, the CT's "
+                                 f"labels {mine.shape}: not the same CT")
             result["agreement"], result["agreement_with"] = report.agreement(labels, mine), reference
         if to_truth:
             truth = report.read_labels(cts["truth"]) if truth is None else truth
@@ -305,7 +319,10 @@ def write_result(args, configs, cts) -> None:
                            "calibration_patches": args.calibration_patches,
                            "calibration_seeds": list(calibration_seeds(args.calibration_cts)),
                            "tiny_networks": args.tiny_networks,
-                           "nnUNet_def_n_proc": args.threads, "guard": guarded(args)},
+                           "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
+                           "reference_labels": args.reference_labels and {
+                               "path": str(args.reference_labels),
+                               "sha256": hashlib.sha256(args.reference_labels.read_bytes()).hexdigest()}},
               "configs": {c["name"]: config_record(c, cts) for c in configs}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((args.out, json.dumps(result, indent=1, default=str)),

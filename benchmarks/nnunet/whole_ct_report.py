@@ -30,6 +30,8 @@ STAGES = ("build", "preprocess", "network", "export", "other")
 # issue 25's GPU counterpart
 GPU_ROWS = ("nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
 REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
+GIVEN = "reference-labels"  # else with the label map given with --reference-labels
+GIVEN_TITLE = "the label map given with `--reference-labels` (nnunetv2's FP32 labels from an earlier run)"
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -104,6 +106,7 @@ def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, A
         summary[row] = {
             "seconds": spread([r["seconds"] for r in runs]),
             "stages": {s: spread([r["stages"].get(s) for r in runs]) for s in STAGES},
+            "export_beside_network": spread([r.get("export_beside_network") or None for r in runs]),
             "peak_rss_gb": spread([r["peak_rss_bytes"] / 2**30 for r in runs]),
             "speedup_vs_nnunetv2": spread(ratios), "speedup_at_least": spread(bounds),
             "speedup_vs_totalseg": spread(_ratios(repeats, totalseg, row)),
@@ -156,7 +159,7 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
              f"{config['windows_per_part']} windows per part). Seconds: median (min-max) over the repeats; "
              "stages are medians.", "",
              f"Agreement (mean Dice over the labels present, and voxels with the same label) is with the labels "
-             f"of: {ROW_TITLES[reference] if reference else 'no reference row ran'}"
+             f"of: {ROW_TITLES.get(reference, GIVEN_TITLE) if reference else 'no reference row ran'}"
              + (" (nnunetv2's row did not run; this row gives nnunetv2's labels voxel for voxel wherever both "
                 "ran)" if reference == "fp32-torch" else "") + ". Dice vs truth: the phantom's own labels "
              "(trained weights only).", "",
@@ -164,6 +167,12 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
              "| other | peak RSS GB | Dice vs reference | voxel agreement | Dice vs truth | windows |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_row_line(row, s) for row, s in config["summary"].items()]
+    beside = {row: s["export_beside_network"] for row, s in config["summary"].items()
+              if s.get("export_beside_network")}
+    if beside:
+        lines += ["", "Export: the seconds the run waited for it. The rest of each part's export ran beside the next "
+                  "part's sliding window (within the network column), for " + ", ".join(
+                      f"{_cell(v)} s ({ROW_TITLES[r]})" for r, v in beside.items()) + " in all."]
     stopped = [row for row, s in config["summary"].items() if s.get("stopped_after")]
     if stopped:
         lines += ["", "Stopped by `--row-timeout` (the row took longer; where it is nnunetv2's, the \"vs nnunetv2\" "
@@ -208,6 +217,12 @@ def markdown(result: dict[str, Any]) -> str:
              "Trained weights (on phantoms other than the test CT and the calibration CTs), quantized "
              + ("with the accuracy guard." if settings.get("guard") else "without the accuracy guard (--no-guard: "
                 "agreement recorded in quantization.json, not enforced).")), ""]
+    if settings.get("note"):
+        lines += [f"Note: {settings['note']}", ""]
+    given = settings.get("reference_labels")
+    if given:
+        lines += [f"Reference labels given: `{given['path']}` (sha256 {given['sha256'][:16]}...), used where no "
+                  "reference row ran in this run.", ""]
     if settings.get("once"):
         lines += ["Run in the first repeat only (`--once`; their labels stay the reference, their time is used for "
                   "every repeat's ratio): " + ", ".join(ROW_TITLES[r] for r in settings["once"]) + ".", ""]

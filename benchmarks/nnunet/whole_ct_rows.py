@@ -188,10 +188,13 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
                       monitor=Monitor(on_progress=clock.record))
     seconds = time.perf_counter() - started
     stages = {"build": outcome.build_seconds, **clock.seconds}
-    # outcome.seconds: every part's preprocessing, sliding window and export (engine builds left out)
-    stages["network"] = outcome.seconds - stages.get("preprocess", 0.0) - stages.get("export", 0.0)
+    # outcome.seconds: every part's preprocessing, sliding window and export (engine builds left out), where an
+    # export that ran beside the next part's sliding window counts only for the time the run waited for it
+    stages["export"] = max(stages.get("export", 0.0) - outcome.overlapped_seconds, 0.0)
+    stages["network"] = outcome.seconds - stages.get("preprocess", 0.0) - stages["export"]
     stages["other"] = seconds - sum(stages.values())  # read, memory check, speed probe, merge, write
-    return {"seconds": seconds, "stages": stages, "windows": outcome.patches,
+    return {"seconds": seconds, "stages": stages, "export_beside_network": outcome.overlapped_seconds,
+            "windows": outcome.patches,
             "engine_seconds": outcome.network_seconds, "engine": outcome.runtime_reason or outcome.runtime,
             "warnings": outcome.warnings}
 
