@@ -105,9 +105,9 @@ def test_peak_rss_is_the_rows_own():
     assert 0 < int(done.stdout) < held.nbytes / 2
 
 
-def test_guard_and_calibration_cts_key_the_quantized_parts(tmp_path):
-    """A guarded run, or one with other calibration CTs, never reuses INT8 parts quantized otherwise; the committed
-    runs' settings (no guard, two CTs) keep their folders."""
+def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
+    """A guarded run, or one with other calibration CTs or nodes kept in FP32, never reuses INT8 parts quantized
+    otherwise; the committed runs' settings (no guard, two CTs, nothing kept) keep their folders."""
     sys.path[:0] = [str(ROOT / "benchmarks" / "nnunet")]
     import argparse
 
@@ -115,9 +115,11 @@ def test_guard_and_calibration_cts_key_the_quantized_parts(tmp_path):
 
     assert calibration_seeds() == (101, 102) and calibration_seeds(3) == (101, 102, 103)
     folders = set()
-    for weights, no_guard, count in ((None, False, 2), ("w", True, 2), ("w", False, 2), ("w", False, 3)):
-        args = argparse.Namespace(work=tmp_path, weights=weights, no_guard=no_guard, calibration_cts=count)
+    for weights, no_guard, count, kept in ((None, False, 2, []), ("w", True, 2, []), ("w", False, 2, []),
+                                           ("w", False, 3, []), ("w", True, 2, ["seg_layers"])):
+        args = argparse.Namespace(work=tmp_path, weights=weights, no_guard=no_guard, calibration_cts=count,
+                                  exclude_nodes=kept)
         folders.add(work_dir(args, "models", "same inputs", *models_key_extra(args)))
-    assert len(folders) == 3  # random weights and --no-guard: both unguarded, two CTs, the same key
-    args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2)
+    assert len(folders) == 4  # random weights and --no-guard: both unguarded, two CTs, the same key
+    args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
     assert models_key_extra(args) == ()

@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration-cts", type=int, default=2,
                    help="calibration CTs (other seeds than the test CT); with 3 or more the accuracy guard holds one "
                         "out whole and measures agreement on it as segment runs it")
+    p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="REGEX",
+                   help="ONNX node names kept in FP32 in every part (as ptqseg quantize --exclude-nodes), e.g. the "
+                        "first convolution and the segmentation layer")
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
@@ -320,6 +323,7 @@ def write_result(args, configs, cts) -> None:
                            "calibration_seeds": list(calibration_seeds(args.calibration_cts)),
                            "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
+                           "exclude_nodes": args.exclude_nodes,
                            "reference_labels": args.reference_labels and {
                                "path": str(args.reference_labels),
                                "sha256": hashlib.sha256(args.reference_labels.read_bytes()).hexdigest()}},

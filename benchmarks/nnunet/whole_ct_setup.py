@@ -42,7 +42,8 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     print(f"quantizing {folder.parent.name} ({args.calibration_patches} calibration patches) ...", flush=True)
     started = time.perf_counter()
     quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
-                   guard=DEFAULT_GUARD if guarded(args) else None, monitor=Monitor(on_progress=stage_done))
+                   guard=DEFAULT_GUARD if guarded(args) else None, exclude_nodes=args.exclude_nodes,
+                   monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
@@ -54,10 +55,11 @@ def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
 
 
 def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
-    """What else keys the models folder: the guard and a non-default number of calibration CTs (empty for the
-    settings of the committed runs, so their folders are found again)."""
+    """What else keys the models folder: the guard, a non-default number of calibration CTs and nodes kept in FP32
+    (empty for the settings of the committed runs, so their folders are found again)."""
     extra: tuple[Any, ...] = ("guard",) if guarded(args) else ()
-    return extra + ((f"calibration_cts={args.calibration_cts}",) if args.calibration_cts != 2 else ())
+    extra += (f"calibration_cts={args.calibration_cts}",) if args.calibration_cts != 2 else ()
+    return extra + ((f"exclude_nodes={sorted(args.exclude_nodes)}",) if args.exclude_nodes else ())
 
 
 def guarded(args: argparse.Namespace) -> bool:
