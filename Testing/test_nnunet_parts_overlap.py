@@ -133,7 +133,7 @@ def test_overlap_only_where_two_parts_fit(parts, monkeypatch):
     folds = [len(m.folds) for m in models]
     sizes = peak_bytes_per_part(runners, volume, folds)
     overlapped = max(sizes[i] + export_bytes(runners[i - 1], volume) for i in (1, 2))
-    assert overlapped > max(sizes)
+    assert overlapped > max(sizes) and overlapped == max(peak_bytes_per_part(runners, volume, folds, overlap=True))
     monkeypatch.setenv(MEMORY_ENV, str(overlapped / 2**30))
     assert overlap_fits(runners, volume, folds)
     monkeypatch.setenv(MEMORY_ENV, str((overlapped - 2**20) / 2**30))
@@ -153,6 +153,8 @@ def test_segment_overlaps_parts_and_says_how_long_the_exports_ran_beside(parts, 
     monkeypatch.setattr(segment_module, "_run_all", spy)
     outcome = segment([m.root for m in models], image, tmp_path / "o.nii.gz", runtime="torch", precision="fp32")
     assert calls == [True] and outcome.to_dict()["overlapped_seconds"] == outcome.overlapped_seconds
+    runners = parts[1]  # the peak said before the run counts the export beside the next part's sliding window
+    assert outcome.estimate["peak_bytes"] == max(peak_bytes_per_part(runners, parts[2], [1, 1, 1], overlap=True))
     monkeypatch.setenv(MEMORY_ENV, str(max(peak_bytes_per_part(
         parts[1], parts[2], [1, 1, 1])) / 2**30))  # enough for one part at a time only
     segment([m.root for m in models], image, tmp_path / "p.nii.gz", runtime="torch", precision="fp32")

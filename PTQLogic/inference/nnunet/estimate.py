@@ -176,10 +176,11 @@ def _network(model: NnUNetModel, runner) -> str:
 
 
 def estimate_run(models: Sequence[NnUNetModel], runners: Sequence, volume: Volume, runtime: str, precision: str,
-                 mirroring: bool, compare: bool = False) -> RunEstimate:
-    """Windows, memory and (where the accuracy guard measured it here) speed of each part; no engine is built."""
+                 mirroring: bool, compare: bool = False, overlap: bool = False) -> RunEstimate:
+    """Windows, memory and (where the accuracy guard measured it here) speed of each part; no engine is built.
+    ``overlap``: each part's export runs beside the next part's sliding window (its memory counts there)."""
     cropped = cropped_shape(volume)
-    peaks = peak_bytes_per_part(runners, volume, [len(m.folds) for m in models])
+    peaks = peak_bytes_per_part(runners, volume, [len(m.folds) for m in models], overlap)
     parts = []
     for model, runner, peak in zip(models, runners, peaks):
         windows = window_count(runner, network_grid(runner, volume, cropped), mirroring) * len(model.folds)

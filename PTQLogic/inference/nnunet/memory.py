@@ -79,22 +79,23 @@ def _kept_for_later_bytes(runners: Sequence, volume: Volume, index: int) -> int:
     return sum(int(r.in_channels * np.prod(network_grid(r, volume), dtype=float) * 4) for r in kept.values())
 
 
-def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int]) -> list[int]:
-    """Peak bytes while each part runs (parts run one after another); the largest is the run's peak."""
+def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int], overlap: bool = False) -> list[int]:
+    """Peak bytes while each part runs (one after another; ``overlap``: with the previous part's export beside it);
+    the largest is the run's peak."""
     voxels = float(np.prod(volume.spatial_shape, dtype=float))
     maps = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
-    return [int(prediction_bytes(r, volume, f) + maps + volume.array.nbytes + _kept_for_later_bytes(runners, volume, i))
-            for i, (r, f) in enumerate(zip(runners, folds))]
+    alone = [int(prediction_bytes(r, volume, f) + maps + volume.array.nbytes
+                 + _kept_for_later_bytes(runners, volume, i)) for i, (r, f) in enumerate(zip(runners, folds))]
+    if not overlap:
+        return alone
+    return alone[:1] + [alone[i] + export_bytes(runners[i - 1], volume) for i in range(1, len(runners))]
 
 
 def overlap_fits(runners: Sequence, volume: Volume, folds: Sequence[int]) -> bool:
     """Whether several parts can run with each part's export beside the next part's sliding window: that part's
     peak plus the previous part's export (its logits, its working set) fit in the memory available now."""
-    if len(runners) < 2:
-        return False
-    sizes = peak_bytes_per_part(runners, volume, folds)
-    overlapped = max(sizes[i] + export_bytes(runners[i - 1], volume) for i in range(1, len(runners)))
-    return overlapped <= available_memory_bytes()
+    peak = max(peak_bytes_per_part(runners, volume, folds, overlap=True))
+    return len(runners) > 1 and peak <= available_memory_bytes()
 
 
 def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume") -> int:

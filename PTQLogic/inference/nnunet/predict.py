@@ -276,7 +276,7 @@ class NnUNetRunner:
 
     def predict_logits(self, volume: Volume, engines: Sequence[Engine], *, mirroring: bool = False,
                        monitor: Monitor | None = None, preprocessed: tuple[np.ndarray, dict[str, Any]] | None = None,
-                       stages: Stages | None = None) -> "PredictedLogits":
+                       stages: Stages | None = None) -> PredictedLogits:
         """The first half of :meth:`predict`: preprocessing (unless given) and the sliding window."""
         monitor = monitor or Monitor()
         stages = stages or stages_for()
@@ -298,7 +298,7 @@ class NnUNetRunner:
             logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
         return PredictedLogits(logits, properties, time.perf_counter() - started, network.seconds, network.calls)
 
-    def export(self, predicted: "PredictedLogits", monitor: Monitor | None = None,
+    def export(self, predicted: PredictedLogits, monitor: Monitor | None = None,
                stage: str | None = None) -> tuple[np.ndarray, float]:
         """The second half of :meth:`predict`: the label map on the input grid, and its seconds. It only reads
         ``predicted``, so it can run in another thread while the next part's sliding window runs."""

@@ -347,7 +347,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     folds = [len(m.folds) for m in opened]
     check_nnunet_memory(runners, volume, folds, f"input volume '{input_path}'")  # before any engine is built
     overlap = overlap_fits(runners, volume, folds)
-    estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32")
+    estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32",
+                            overlap)
     if estimate.seconds is not None:  # measured by the accuracy guard here: said before any engine is built
         monitor.estimate(estimate.to_dict())
         estimate.shown = True
