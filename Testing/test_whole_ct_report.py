@@ -33,6 +33,10 @@ def test_a_stopped_nnunetv2_row_gives_lower_bounds():
     assert "> 400 (stopped; 2 repeat(s))" in line
     assert "| > 32.0x |" in report._row_line("int8", summary["int8"])
     assert "| > 25.0x |" in report._row_line("fp32", summary["fp32"])
+    # a lower bound is rounded down: 285.9 / 58.57 = 4.88 shows as > 4.8x, 46 / 10 as > 4.6x
+    for stopped_after, seconds, shown in ((285.9, 58.57, "> 4.8x"), (46.0, 10.0, "> 4.6x")):
+        bound = [{"rows": {"nnunetv2": dict(stopped, stopped_after=stopped_after), "int8": _row(seconds)}}]
+        assert f"| {shown} |" in report._row_line("int8", report.summarize(bound, ["nnunetv2", "int8"])["int8"])
 
 
 def test_a_finished_nnunetv2_row_gives_plain_ratios():
@@ -193,6 +197,9 @@ def test_reference_labels_from_an_earlier_run_where_no_reference_row_runs(tmp_pa
     result = whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "a")
     assert result["reference"] == report.GIVEN
     assert result["rows"]["int8"]["agreement"]["voxels"] == pytest.approx(0.75)
+    assert result["rows"]["int8"]["agreement"]["per_class"] == {  # label 2: in the int8 map only
+        "1": {"dice": 0.66667, "reference_voxels": 32, "voxels": 16},
+        "2": {"dice": 0.0, "reference_voxels": 0, "voxels": 16}}
     config["rows"] = ["fp32-torch", "int8"]
     result = whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "b")
     assert result["reference"] == "fp32-torch" and result["rows"]["int8"]["agreement"]["voxels"] == 0.75
@@ -225,3 +232,24 @@ def test_no_probe_cannot_go_with_max_minutes(capsys):
     with pytest.raises(SystemExit):
         whole_ct.parse_args(["--config", "fast", "--rows", "int8", "--once", "fp32", "--out", "x.json"])
     assert "every row named there must be one of --rows" in capsys.readouterr().err
+
+
+def test_agreement_of_label_maps_from_other_runs(tmp_path, capsys):
+    """``whole_ct_report.py --agreement REFERENCE MAP ...``: each map's agreement, mean and per label, as JSON."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    reference = np.zeros((4, 4, 4), np.uint8)
+    reference[:2] = 1
+    other = reference.copy()
+    other[3, 0, 0] = 3  # one voxel of a label the reference never has
+    for name, labels in (("ref", reference), ("same", reference), ("other", other)):
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / f"{name}.nii.gz"))
+    report.main(["--agreement", *(str(tmp_path / f"{n}.nii.gz") for n in ("ref", "same", "other"))])
+    scores = json.loads(capsys.readouterr().out)["maps"]
+    same, other_score = scores[str(tmp_path / "same.nii.gz")], scores[str(tmp_path / "other.nii.gz")]
+    assert same["identical"] and same["dice"] == 1.0
+    assert other_score["dice"] == 0.5 and other_score["per_class"]["3"] == {"dice": 0.0, "reference_voxels": 0,
+                                                                            "voxels": 1}

@@ -288,7 +288,7 @@ def score(results: dict[str, Any], finished: set[str], args, cts, out: Path) -> 
             given = reference == report.GIVEN
             labels = (report.read_labels(args.reference_labels if given else out / f"{reference}.nii.gz")
                       if labels is None else labels)
-            if labels.shape != mine.shape:
+            if given and labels.shape != mine.shape:
                 raise SystemExit(f"--reference-labels {args.reference_labels}: shape {labels.shape}, the CT's "
                                  f"labels {mine.shape}: not the same CT")
             result["agreement"], result["agreement_with"] = report.agreement(labels, mine), reference

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,8 +42,9 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
-    """Mean Dice over the labels present in either map (``evaluation.metrics.agreement_dice``'s rule) and the
-    fraction of voxels with the same label, through one confusion matrix (fast on 117 classes)."""
+    """Mean Dice over the labels present in either map (``evaluation.metrics.agreement_dice``'s rule), each label's
+    Dice and voxel counts, and the fraction of voxels with the same label, through one confusion matrix (fast on
+    117 classes)."""
     if reference.shape != other.shape:
         return {"error": f"shapes differ: {reference.shape} vs {other.shape}"}
     classes = int(max(reference.max(), other.max())) + 1
@@ -54,7 +56,9 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     present = [c for c in range(1, classes) if in_ref[c] + in_other[c] > 0]
     dice = [2.0 * both[c] / (in_ref[c] + in_other[c]) for c in present]
     return {"dice": float(np.mean(dice)) if dice else 1.0, "voxels": float(both.sum() / confusion.sum()),
-            "classes": len(present), "identical": bool(both.sum() == confusion.sum())}
+            "classes": len(present), "identical": bool(both.sum() == confusion.sum()),
+            "per_class": {str(c): {"dice": round(float(d), 5), "reference_voxels": int(in_ref[c]),
+                                   "voxels": int(in_other[c])} for c, d in zip(present, dice)}}
 
 
 def spread(values: Sequence[float]) -> dict[str, float] | None:
@@ -140,7 +144,7 @@ def _row_line(row: str, s: dict[str, Any]) -> str:
     stages = [_cell(s["stages"][k], ranged=False) for k in STAGES]
     at_least = s.get("speedup_at_least")
     versus = (_cell(s["speedup_vs_nnunetv2"], "{:.2f}x") if s["speedup_vs_nnunetv2"] or not at_least
-              else f"> {at_least['min']:.1f}x")
+              else f"> {math.floor(at_least['min'] * 10 + 1e-9) / 10:.1f}x")  # a lower bound: rounded down
     return (f"| {ROW_TITLES[row]} | {_cell(s['seconds'])} | {versus} | "
             f"{_cell(s.get('speedup_vs_totalseg'), '{:.2f}x')} | "
             + " | ".join(stages) + f" | {_cell(s['peak_rss_gb'], '{:.2f}', False)} | "
@@ -248,8 +252,25 @@ def rerender(path: Path) -> None:
     path.with_suffix(".md").write_text(markdown(result))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``RESULT.json ...``: re-render each table; ``--agreement REFERENCE MAP ...``: one JSON object with each label
+    map's agreement with the reference map (mean and per label), e.g. for label maps of different runs."""
+    import argparse
     import sys
 
-    for name in sys.argv[1:]:
-        rerender(Path(name))
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--agreement", nargs="+", type=Path, metavar=("REFERENCE", "MAP"))
+    parser.add_argument("results", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    for name in args.results:
+        rerender(name)
+    if args.agreement:
+        reference = read_labels(args.agreement[0])
+        scores = {str(m): agreement(reference, read_labels(m)) for m in args.agreement[1:]}
+        json.dump({"command": ["python", *sys.argv], "reference": str(args.agreement[0]), "maps": scores},
+                  sys.stdout, indent=1)
+        print()
+
+
+if __name__ == "__main__":
+    main()
