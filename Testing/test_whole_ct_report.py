@@ -207,6 +207,10 @@ def test_reference_labels_from_an_earlier_run_where_no_reference_row_runs(tmp_pa
     config["rows"] = ["int8"]
     with pytest.raises(SystemExit, match="not the same CT"):
         whole_ct.run_repeat(config, 0, {"test": "ct.nii.gz"}, args, tmp_path / "c")
+    # and the run refuses it before any work: the CT's shape is known once it is written
+    assert "not the same CT" in whole_ct.reference_shape_error(tmp_path / "earlier.nii.gz", (4, 4, 4))
+    assert whole_ct.reference_shape_error(tmp_path / "earlier.nii.gz", (4, 4, 5)) is None
+    assert whole_ct.reference_shape_error(None, (4, 4, 4)) is None
     with pytest.raises(SystemExit):
         whole_ct.parse_args(["--config", "fast", "--reference-labels", str(tmp_path / "none.nii.gz"), "--out", "x"])
 

@@ -154,6 +154,16 @@ def row_timeouts(values: list[str], rows: list[str]) -> dict[str, float]:
     return limits
 
 
+def reference_shape_error(path: Path | None, shape_kji) -> str | None:
+    """Why ``--reference-labels`` cannot be this CT's labels (another shape), or None."""
+    if path is None:
+        return None
+    shape = report.read_labels(path).shape
+    if tuple(shape) == tuple(shape_kji):
+        return None
+    return f"--reference-labels {path}: shape {tuple(shape)}, the CT's {tuple(shape_kji)}: not the same CT"
+
+
 def gpu_rows_missing(rows) -> str | None:
     """Why the GPU rows asked for cannot run on this machine (no CUDA GPU; TensorRT not importable), else None."""
     wanted = [r for r in rows if r in GPU_ROWS]
@@ -348,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
                            calibration_seeds(args.calibration_cts))
+    wrong = reference_shape_error(args.reference_labels, cts["shape_kji"])
+    if wrong:  # before any quantizing or row: a reference of another CT would only fail after the first row
+        print(wrong, file=sys.stderr)
+        return 2
     if args.weights:  # phantom-trained weights: the test CT's own labels say whether the network learned anything
         cts["truth"] = shapes.write_truth(cts["test"].with_name("ct_truth.nii.gz"), TEST_SEED, cts)
     # the guard and the calibration CTs change the INT8 parts: a run never reuses parts quantized otherwise
