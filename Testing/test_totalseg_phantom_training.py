@@ -162,3 +162,15 @@ def test_no_guard_is_recorded_and_said():
     text = whole_ct_report.markdown({"settings": settings, "machine": machine, "smoke": False, "configs": {},
                                      "command": ["python"]})
     assert "without the accuracy guard (--no-guard" in text
+
+
+@pytest.mark.slow
+def test_only_trains_the_named_parts_and_keeps_the_others(tmp_path):
+    command = [sys.executable, str(TRAIN), "--config", "total", "--parts", "2", *CT, "--tiny-networks", "--steps", "2",
+               "--phantoms", "1", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "w")]
+    done = subprocess.run(command + ["--only", "vertebrae"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name.split("_")[-1] for p in (tmp_path / "w").glob("Dataset*")] == ["vertebrae"]
+    assert set(json.loads((tmp_path / "w" / "training_total.json").read_text())["parts"]) == {"vertebrae"}
+    wrong = subprocess.run(command + ["--only", "ribs"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert wrong.returncode != 0 and "--only: no part ['ribs'] in ['organs', 'vertebrae']" in wrong.stderr

@@ -116,6 +116,8 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     if priors:
         set_class_priors(network, [y.numpy() for _, y in data], len(network.decoder.seg_layers[-1].bias))
     network.to(args.device).train()
+    amp = args.amp and str(args.device).startswith("cuda")
+    torch.backends.cudnn.benchmark = amp
     loss_fn = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                              weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
@@ -126,7 +128,8 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
         crops = [crop(x, y, args.patch, rng, rng.random() < 2 / 3) for x, y in picks]
         images = torch.stack([c[0] for c in crops]).to(args.device)
         target = torch.stack([c[1] for c in crops])[:, None].to(args.device)
-        loss = loss_fn(network(images), target)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(network(images), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -171,7 +174,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phantoms", type=int, default=6, help="training phantoms (seeds from 3000)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast on CUDA, as nnU-Net trains in mixed precision (ignored on the CPU)")
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
+    p.add_argument("--only", nargs="+", metavar="PART", help="train only these parts (e.g. muscles ribs): the others "
+                   "of --parts are left as they are in --out, so parts can be trained on different machines")
     p.add_argument("--resume", action="store_true", help="train the parts already in --out further (--steps more)")
     p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (as whole_ct.py)")
     args = p.parse_args(argv)
@@ -210,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         record["earlier_runs"] = before.get("earlier_runs", []) + [
             {"command": before.get("command"), "settings": before.get("settings")}]
     volumes = held_out = None
+    unknown = set(args.only or []) - {part.name for part in parts}
+    if unknown:
+        raise SystemExit(f"--only: no part {sorted(unknown)} in {[part.name for part in parts]}")
     for part in parts:
+        if args.only and part.name not in args.only:
+            continue
         folder = shapes.part_folder(args.out, models, part)
         target = folder / "fold_0" / "checkpoint_final.pth"
         if target.is_file() and not args.resume:
