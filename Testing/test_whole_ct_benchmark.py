@@ -125,3 +125,20 @@ def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
     assert len(folders) == 4  # random weights and --no-guard: both unguarded, two CTs, the same key
     args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
     assert models_key_extra(args) == ()
+
+
+def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
+    """quantize's "auto" target follows the CPU, an emulated one too (ONEDNN_MAX_CPU_ISA=AVX2: 7-bit weights), so a
+    run on such a CPU must not reuse 8-bit parts of a VNNI run in the same --work, nor leave its own for one."""
+    sys.path[:0] = [str(ROOT / "benchmarks" / "nnunet")]
+    import argparse
+
+    from whole_ct_setup import models_key_extra
+
+    from PTQLogic.core.sysinfo import cpu_int8_target
+
+    args = argparse.Namespace(weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert models_key_extra(args) == ("target_cpu=avx2",)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert models_key_extra(args) == (() if cpu_int8_target() == "vnni" else ("target_cpu=avx2",))

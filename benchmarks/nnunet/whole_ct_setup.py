@@ -55,9 +55,14 @@ def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
 
 
 def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
-    """What else keys the models folder: the guard, a non-default number of calibration CTs and nodes kept in FP32
-    (empty for the settings of the committed runs, so their folders are found again)."""
+    """What else keys the models folder: the guard, a non-default number of calibration CTs, nodes kept in FP32 and
+    an INT8 target without int8 dot products (7-bit weights: this CPU, or one emulated with ``ONEDNN_MAX_CPU_ISA``),
+    so a run never reuses parts quantized for another CPU (empty for the settings of the committed VNNI/AMX runs,
+    so their folders are found again)."""
+    from PTQLogic.onnx_graph.weight_range import resolve_target_cpu
+
     extra: tuple[Any, ...] = ("guard",) if guarded(args) else ()
+    extra += ("target_cpu=avx2",) if resolve_target_cpu("auto")[0] == "avx2" else ()
     extra += (f"calibration_cts={args.calibration_cts}",) if args.calibration_cts != 2 else ()
     return extra + ((f"exclude_nodes={sorted(args.exclude_nodes)}",) if args.exclude_nodes else ())
 
