@@ -129,7 +129,8 @@ def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
 
 def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
     """quantize's "auto" target follows the CPU, an emulated one too (ONEDNN_MAX_CPU_ISA=AVX2: 7-bit weights), so a
-    run on such a CPU must not reuse 8-bit parts of a VNNI run in the same --work, nor leave its own for one."""
+    run on such a CPU must not reuse 8-bit parts of a VNNI run in the same --work, nor leave its own for one, unless
+    --target-cpu vnni asks for them."""
     sys.path[:0] = [str(ROOT / "benchmarks" / "nnunet")]
     import argparse
 
@@ -140,5 +141,14 @@ def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
     args = argparse.Namespace(weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert models_key_extra(args) == ("target_cpu=avx2",)
+    args.target_cpu = "vnni"  # asked for: the VNNI parts on the emulated CPU (the same folder on both ISAs)
+    assert models_key_extra(args) == ()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    args.target_cpu = "auto"
     assert models_key_extra(args) == (() if cpu_int8_target() == "vnni" else ("target_cpu=avx2",))
+    args.target_cpu = "avx2"
+    assert models_key_extra(args) == ("target_cpu=avx2",)
+    import whole_ct
+
+    assert whole_ct.parse_args(["--out", "r.json", "--target-cpu", "avx2"]).target_cpu == "avx2"
+    assert whole_ct.parse_args(["--out", "r.json"]).target_cpu == "auto"

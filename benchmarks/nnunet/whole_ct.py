@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="REGEX",
                    help="ONNX node names kept in FP32 in every part (as ptqseg quantize --exclude-nodes), e.g. the "
                         "first convolution and the segmentation layer")
+    p.add_argument("--target-cpu", choices=["auto", "vnni", "avx2"], default="auto",
+                   help="the CPU the INT8 parts are quantized for (as ptqseg quantize --target-cpu; auto: this one, "
+                        "ONEDNN_MAX_CPU_ISA included); vnni with ONEDNN_MAX_CPU_ISA=AVX2 runs VNNI parts on the "
+                        "emulated AVX2 CPU")
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
@@ -333,7 +337,7 @@ def write_result(args, configs, cts) -> None:
                            "calibration_seeds": list(calibration_seeds(args.calibration_cts)),
                            "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
-                           "exclude_nodes": args.exclude_nodes,
+                           "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
                            "reference_labels": args.reference_labels and {
                                "path": str(args.reference_labels),
                                "sha256": hashlib.sha256(args.reference_labels.read_bytes()).hexdigest()}},
