@@ -55,6 +55,38 @@ def test_class_priors_set_the_head_bias():
         np.log([0.75, 0.25, 1e-6, 1e-6]), rel=1e-5)
 
 
+def test_nearest_labels_keep_each_voxel_centres_label():
+    labels = np.arange(4 * 6 * 2).reshape(4, 6, 2)
+    assert training.nearest_labels(labels, (4, 6, 2)).tolist() == labels.tolist()
+    assert training.nearest_labels(labels, (2, 3, 1)).tolist() == labels[1::2, 1::2, 1:].tolist()
+    assert training.nearest_labels(labels, (8, 6, 2))[::2].tolist() == labels.tolist()
+
+
+def test_phantoms_on_the_ct_grid_are_what_the_network_meets_at_test(tmp_path):
+    """grid "ct": drawn as the test CT is (its shape and spacing) and resampled by nnU-Net's own preprocessing to
+    the network grid, labels alongside; "model": drawn on the network grid, preprocessing only normalizes."""
+    from whole_ct_setup import plans_for
+
+    from PTQLogic.inference.nnunet.predict import NnUNetRunner
+    from PTQLogic.samples.phantom import make_phantom
+
+    args = training.parse_args(["--config", "fast", *CT, "--tiny-networks", "--out", str(tmp_path / "w"),
+                                "--work", str(tmp_path / "work")])
+    (tmp_path / "ct").mkdir()
+    cts = shapes.write_cts(tmp_path / "ct", args.shape, args.spacing, 0, [101])
+    models, parts, _, plans = plans_for("fast", args, cts)
+    runner = NnUNetRunner(plans, shapes.part_dataset(parts[0], shapes.label_names(args.labels)), "3d_fullres")
+    (image, labels), = training.network_volumes(runner, [3000], cts, models.spacing, "ct")
+    grid = shapes.network_grid(cts, models.spacing)  # 1.5 mm CT -> the 3 mm network grid
+    assert list(image.shape) == [1, *grid] and list(labels.shape) == grid and grid != list(cts["shape_kji"])
+    drawn, truth = make_phantom(3000, cts["shape_kji"], tuple(reversed(cts["spacing_kji"])))
+    assert np.array_equal(image.numpy(), runner.preprocess(drawn)[0])  # the CT-grid phantom, as nnU-Net resamples it
+    share = [float((truth.array == v).mean()) for v in range(1, 7)]  # every organ keeps its share of the volume
+    assert [float((labels.numpy() == v).mean()) for v in range(1, 7)] == pytest.approx(share, abs=0.01)
+    (image, labels), = training.network_volumes(runner, [3000], cts, models.spacing, "model")
+    assert list(labels.shape) == list(training.phantom_shape(cts, models.spacing))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("totalseg-train")
@@ -174,3 +206,17 @@ def test_only_trains_the_named_parts_and_keeps_the_others(tmp_path):
     assert set(json.loads((tmp_path / "w" / "training_total.json").read_text())["parts"]) == {"vertebrae"}
     wrong = subprocess.run(command + ["--only", "ribs"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert wrong.returncode != 0 and "--only: no part ['ribs'] in ['organs', 'vertebrae']" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_grid_gap_scores_a_trained_part_on_both_grids(trained, tmp_path):
+    out = tmp_path / "gap.json"
+    command = [sys.executable, str(TRAIN.parent / "grid_gap.py"), "--config", "fast", *CT, "--tiny-networks",
+               "--windows", "1", "--weights", str(trained["folder"] / "weights"),
+               "--work", str(trained["folder"] / "work"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(out.read_text())["dice_by_grid"]
+    assert set(scores) == {"model", "ct"}
+    for grid in scores.values():  # the organs in the window, each scored
+        assert grid["2000"] and all(0 <= v <= 1 for v in grid["2000"].values())

@@ -9,12 +9,13 @@ export stage time a network that does not exist. This trains each part on abdomi
         --out /tmp/totalseg-phantom-weights
     python benchmarks/nnunet/whole_ct.py --config fast --weights /tmp/totalseg-phantom-weights ...
 
+Phantoms are drawn on the CT's own grid and resampled by nnU-Net's preprocessing, as the test CT is
+(``--phantom-grid ct``; ``model`` draws them at the model's spacing, as runs before 2026-12-06 did).
 Labels: the phantom's six organs are TotalSegmentator "total" labels (spleen 1, kidneys 2/3, liver 5,
 vertebrae_L2 30 for its spine column, aorta 52); each part learns the ones among its classes, and every other
 voxel as background (the muscle and rib parts see none of theirs: they learn background only). Data kept apart:
 training phantoms use seeds from 3000, the held-out check seed 2000, ``whole_ct.py`` tests on seed 0 and
-calibrates on 101/102. Phantoms are generated at the model's spacing over the CT's field of view, so nnU-Net's
-preprocessing (``NnUNetRunner.preprocess``) only normalizes them and the labels need no resampling.
+calibrates on 101/102.
 Training: nnunetv2's own Dice + CE loss (``DC_and_CE_loss``, memory-efficient soft Dice, background excluded),
 Adam with polynomial decay from the head's class priors, random patches (two in three centred on one of the part's foreground voxels).
 Writes per part ``Dataset<task>_TotalSegShape_<part>/<trainer>__nnUNetPlans__3d_fullres/`` (plans.json,
@@ -54,19 +55,37 @@ def phantom_shape(cts: dict[str, Any], spacing: float) -> tuple[int, int, int]:
     return tuple(max(8, int(round(n * s / spacing))) for n, s in zip(cts["shape_kji"], cts["spacing_kji"]))
 
 
-def network_volumes(runner: Any, seeds: Sequence[int], shape: Sequence[int], spacing: float) -> list[tuple[Any, Any]]:
-    """(normalized image (1, K, J, I) float32, phantom labels (K, J, I) int64) per seed, as nnU-Net sees them."""
+def nearest_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``labels`` on a grid of ``shape`` over the same extent, each voxel taking the label at its centre."""
+    index = [np.minimum(((np.arange(n) + 0.5) * (s / n)).astype(np.int64), s - 1) for n, s in zip(shape, labels.shape)]
+    return labels[np.ix_(*index)]
+
+
+def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spacing: float,
+                    grid: str = "ct") -> list[tuple[Any, Any]]:
+    """(normalized image (1, K, J, I) float32, phantom labels (K, J, I) int64) per seed, as nnU-Net sees them.
+
+    ``grid`` "ct": each phantom is drawn on the CT's own grid, as ``whole_ct.py``'s test and calibration CTs are,
+    and nnU-Net's preprocessing resamples it to the network's spacing (labels follow by nearest neighbour), so the
+    networks train on what they meet at test. "model": drawn at the model's spacing over the CT's field of view,
+    so preprocessing only normalizes (faster; the runs before 2026-12-06: noise and blur per voxel then differ
+    from the resampled test CT's, and networks that scored 0.98 on such phantoms over-segmented the test CT).
+    """
     import torch
 
     from PTQLogic.samples.phantom import make_phantom
 
     volumes = []
     for seed in seeds:
-        image, labels = make_phantom(seed, shape, (spacing,) * 3)
+        if grid == "ct":
+            image, labels = make_phantom(seed, cts["shape_kji"], tuple(reversed(cts["spacing_kji"])))
+        else:
+            image, labels = make_phantom(seed, phantom_shape(cts, spacing), (spacing,) * 3)
         data, _ = runner.preprocess(image)
-        if data.shape[1:] != labels.array.shape:  # same spacing: nnU-Net must not resample
-            raise SystemExit(f"preprocessing changed the phantom's grid {labels.array.shape} -> {data.shape[1:]}")
-        volumes.append((torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels.array.astype(np.int64))))
+        target = labels.array if grid == "model" else nearest_labels(labels.array, data.shape[1:])
+        if data.shape[1:] != target.shape:  # same spacing: nnU-Net must not resample
+            raise SystemExit(f"preprocessing changed the phantom's grid {target.shape} -> {data.shape[1:]}")
+        volumes.append((torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(target.astype(np.int64))))
     return volumes
 
 
@@ -172,6 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, nargs=3, help="training patch KJI (default: the plans' patch)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--phantoms", type=int, default=6, help="training phantoms (seeds from 3000)")
+    p.add_argument("--phantom-grid", choices=["ct", "model"], default="ct",
+                   help="draw phantoms on the CT's grid and let nnU-Net resample them, as the test CT (ct), or at the "
+                        "model's spacing (model: faster, the runs before 2026-12-06; see network_volumes)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true",
@@ -202,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     arch = plans["configurations"]["3d_fullres"]
     args.patch = list(args.patch or arch["patch_size"])
     names = shapes.label_names(args.labels)
-    shape = phantom_shape(cts, models.spacing)
-    print(f"{models.name}: {len(parts)} part(s), phantoms {'x'.join(map(str, shape))} at {models.spacing} mm, "
+    on_ct = args.phantom_grid == "ct"
+    shape = tuple(shapes.network_grid(cts, models.spacing)) if on_ct else phantom_shape(cts, models.spacing)
+    drawn = "on the CT's grid, resampled to " if on_ct else ""
+    print(f"{models.name}: {len(parts)} part(s), phantoms {drawn}{'x'.join(map(str, shape))} at {models.spacing} mm, "
           f"patch {args.patch}, {args.steps} steps of {args.batch}", flush=True)
     record: dict[str, Any] = {"config": models.name, "command": ["python"] + sys.argv, "machine": system_info(),
                               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -231,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = shapes.part_dataset(part, names)
         runner = NnUNetRunner(plans, dataset, "3d_fullres")
         if volumes is None:  # every part shares the plans, so the same network inputs
-            volumes = network_volumes(runner, record["train_seeds"], shape, models.spacing)
-            held_out = network_volumes(runner, [HELD_OUT_SEED], shape, models.spacing)[0]
+            volumes = network_volumes(runner, record["train_seeds"], cts, models.spacing, args.phantom_grid)
+            held_out = network_volumes(runner, [HELD_OUT_SEED], cts, models.spacing, args.phantom_grid)[0]
         lut = part_lut(part)
         print(f"{part.name}: classes {part.classes}, learns {int((lut > 0).sum())} phantom organ(s)", flush=True)
         earlier = record["parts"].get(part.name, {})
