@@ -83,7 +83,7 @@ def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spac
             image, labels = make_phantom(seed, phantom_shape(cts, spacing), (spacing,) * 3)
         data, _ = runner.preprocess(image)
         target = labels.array if grid == "model" else nearest_labels(labels.array, data.shape[1:])
-        if data.shape[1:] != target.shape:  # same spacing: nnU-Net must not resample
+        if data.shape[1:] != target.shape:  # the labels must lie on the grid nnU-Net gives the image
             raise SystemExit(f"preprocessing changed the phantom's grid {target.shape} -> {data.shape[1:]}")
         volumes.append((torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(target.astype(np.int64))))
     return volumes
