@@ -109,6 +109,14 @@ def test_training_learns_and_writes_a_folder_the_project_loads(trained):
     assert len(losses) == 60 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert max(record["held_out_dice"].values()) > 0.5  # at least one organ found on the held-out phantom
     assert record["learned_classes"] == 6 and set(record["held_out_dice"]) <= {"1", "2", "3", "5", "30", "52"}
+    whole = record["held_out_volume"]  # the whole held-out phantom: every class either side gives, scored
+    assert set(whole["dice"]) == set(whole["voxels_predicted_true"]) and whole["dice"]
+    assert whole["mean"] == pytest.approx(np.mean(list(whole["dice"].values())), abs=1e-4)
+    for c, (predicted, true) in whole["voxels_predicted_true"].items():
+        assert predicted + true > 0
+        if min(predicted, true) == 0:  # a class only one side gives scores 0
+            assert whole["dice"][c] == 0
+    assert "whole held-out phantom, Dice" in trained["stdout"]
     assert trained["log"]["train_seeds"] == [3000, 3001] and trained["log"]["held_out_seed"] == 2000
     folder = next((trained["folder"] / "weights").glob("Dataset297_*/*__3d_fullres"))
     opened = open_nnunet_folder(folder)
@@ -200,12 +208,28 @@ def test_no_guard_is_recorded_and_said():
 def test_only_trains_the_named_parts_and_keeps_the_others(tmp_path):
     command = [sys.executable, str(TRAIN), "--config", "total", "--parts", "2", *CT, "--tiny-networks", "--steps", "2",
                "--phantoms", "1", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "w")]
-    done = subprocess.run(command + ["--only", "vertebrae"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = subprocess.run(command + ["--only", "vertebrae", "--part-steps", "vertebrae=3", "--no-volume-check"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name.split("_")[-1] for p in (tmp_path / "w").glob("Dataset*")] == ["vertebrae"]
-    assert set(json.loads((tmp_path / "w" / "training_total.json").read_text())["parts"]) == {"vertebrae"}
+    parts = json.loads((tmp_path / "w" / "training_total.json").read_text())["parts"]
+    assert set(parts) == {"vertebrae"} and len(parts["vertebrae"]["losses"]) == 3  # --part-steps over --steps
+    assert parts["vertebrae"]["held_out_volume"] is None
     wrong = subprocess.run(command + ["--only", "ribs"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert wrong.returncode != 0 and "--only: no part ['ribs'] in ['organs', 'vertebrae']" in wrong.stderr
+    wrong = subprocess.run(command + ["--part-steps", "ribs=3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert wrong.returncode != 0 and "--part-steps: no part ['ribs']" in wrong.stderr
+    bad = subprocess.run(command + ["--part-steps", "organs"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert bad.returncode == 2 and "--part-steps takes PART=STEPS" in bad.stderr
+
+
+def test_phantoms_drawn_in_processes_are_the_ones_drawn_in_order():
+    cts = {"shape_kji": (20, 24, 28), "spacing_kji": (2.0, 1.5, 1.5)}
+    serial = training.draw_phantoms([3000, 3001, 2000], cts, 3.0, "ct", workers=1)
+    parallel = training.draw_phantoms([3000, 3001, 2000], cts, 3.0, "ct", workers=2)
+    for (a, la), (b, lb) in zip(serial, parallel):
+        assert a.array.shape == (20, 24, 28) and np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
+    assert not np.array_equal(serial[0][0].array, serial[1][0].array)
 
 
 @pytest.mark.slow

@@ -126,9 +126,18 @@ def write_truth(path: Path, seed: int, cts: dict[str, Any]) -> Path:
 def write_cts(folder: Path, shape_xyz: Sequence[int], spacing_xyz: Sequence[float], test_seed: int,
               calibration_seeds: Sequence[int]) -> dict[str, Any]:
     """The test CT and the calibration CTs (other seeds), all of one shape and spacing."""
+    from concurrent.futures import ProcessPoolExecutor
+
     shape_kji, spacing = tuple(reversed(shape_xyz)), tuple(spacing_xyz)
-    test = write_ct(folder / "ct.nii.gz", test_seed, shape_kji, spacing)
-    calibration = [write_ct(folder / f"calibration_{s}.nii.gz", s, shape_kji, spacing) for s in calibration_seeds]
+    seeds = [test_seed, *calibration_seeds]
+    paths = [folder / "ct.nii.gz"] + [folder / f"calibration_{s}.nii.gz" for s in calibration_seeds]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    workers = min(len(missing), len(os.sched_getaffinity(0)) // 2)  # each CT draws in its own process (~3 GB)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(write_ct, [paths[i] for i in missing], [seeds[i] for i in missing],
+                          [shape_kji] * len(missing), [spacing] * len(missing)))
+    test, *calibration = [write_ct(path, seed, shape_kji, spacing) for path, seed in zip(paths, seeds)]
     return {"test": test, "calibration": calibration, "shape_kji": shape_kji, "spacing_kji": spacing[::-1]}
 
 
