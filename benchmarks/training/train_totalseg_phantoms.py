@@ -75,11 +75,13 @@ def draw_phantoms(seeds: Sequence[int], cts: dict[str, Any], spacing: float, gri
     """:func:`draw_phantom` for every seed, ``workers`` at a time in processes (a CT-grid phantom of 512x512x300
     takes about 40 s on one core and about 3 GB while drawn)."""
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
+    draw = partial(draw_phantom, cts=cts, spacing=spacing, grid=grid)
     if workers <= 1 or len(seeds) == 1:
-        return [draw_phantom(s, cts, spacing, grid) for s in seeds]
+        return [draw(s) for s in seeds]
     with ProcessPoolExecutor(min(workers, len(seeds))) as pool:
-        return list(pool.map(draw_phantom, seeds, *zip(*[(cts, spacing, grid)] * len(seeds))))
+        return list(pool.map(draw, seeds))
 
 
 def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spacing: float,
