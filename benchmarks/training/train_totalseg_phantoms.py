@@ -196,26 +196,24 @@ def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device
 
 
 def held_out_volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str) -> dict:
-    """The whole held-out phantom segmented as a sliding window (MONAI's, Gaussian blending, overlap 0.5, FP32):
-    Dice per class present in the truth or the prediction, so that a class the network gives where the phantom
-    has none (a false positive away from the organs, which windows around the organs never see) counts as 0,
-    as it does in whole_ct.py's agreement; and the voxels of each class predicted vs true."""
+    """The whole held-out phantom segmented as a sliding window (MONAI's, Gaussian blending, overlap 0.5, FP32),
+    scored by ``whole_ct.py``'s own agreement (``whole_ct_report.agreement``): Dice per class present in the truth or
+    the prediction, so that a class the network gives where the phantom has none (a false positive away from the
+    organs, which windows around the organs never see) counts as 0; and the voxels of each class predicted vs true."""
     import torch
     from monai.inferers import sliding_window_inference
+    from whole_ct_report import agreement
 
     image, labels = volume[0], torch.from_numpy(lut)[volume[1]]
     network.eval()
     with torch.no_grad():
         logits = sliding_window_inference(image[None].to(device), list(patch), 2, network, overlap=0.5,
                                           mode="gaussian", sw_device=device, device="cpu")
-    predicted = logits.argmax(1)[0]
-    dice, voxels = {}, {}
-    for c in sorted((set(torch.unique(predicted).tolist()) | set(torch.unique(labels).tolist())) - {0}):
-        a, b = predicted == c, labels == c
-        dice[str(c)] = round(float(2 * (a & b).sum() / (a.sum() + b.sum())), 4)
-        voxels[str(c)] = [int(a.sum()), int(b.sum())]
-    return {"dice": dice, "mean": round(float(np.mean(list(dice.values()))), 4) if dice else None,
-            "voxels_predicted_true": voxels}
+    scores = agreement(labels.numpy(), logits.argmax(1)[0].numpy())
+    per_class = scores["per_class"]
+    return {"dice": {c: round(v["dice"], 4) for c, v in per_class.items()},
+            "mean": round(scores["dice"], 4) if per_class else None,
+            "voxels_predicted_true": {c: [v["voxels"], v["reference_voxels"]] for c, v in per_class.items()}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -308,9 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = shapes.part_dataset(part, names)
         runner = NnUNetRunner(plans, dataset, "3d_fullres")
         if volumes is None:  # every part shares the plans, so the same network inputs
-            drawn = network_volumes(runner, record["train_seeds"] + [HELD_OUT_SEED], cts, models.spacing,
-                                    args.phantom_grid, args.draw_workers)
-            volumes, held_out = drawn[:-1], drawn[-1]
+            *volumes, held_out = network_volumes(runner, record["train_seeds"] + [HELD_OUT_SEED], cts,
+                                                 models.spacing, args.phantom_grid, args.draw_workers)
         lut = part_lut(part)
         print(f"{part.name}: classes {part.classes}, learns {int((lut > 0).sum())} phantom organ(s)", flush=True)
         earlier = record["parts"].get(part.name, {})
