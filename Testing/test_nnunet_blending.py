@@ -126,3 +126,43 @@ def test_weighted_add_in_slabs_equals_multiply_then_add_and_leaves_the_window_al
     add_in_slabs(total[view], window, weight)
     assert torch.equal(total, expected)
     assert torch.equal(window, before)
+
+
+def test_engines_on_a_gpu_get_nnunets_on_device_sliding_window_and_cpu_engines_the_slab_blending():
+    from PTQLogic.inference.nnunet.predict import _engines_device
+
+    network, ours, _ = _predictors(False)
+    assert ours.device.type == "cpu" and not ours.perform_everything_on_device
+    runner = NnUNetRunner(ours.plans_manager.plans, ours.dataset_json, "3d_fullres", step_size=0.5)
+    on_gpu = runner._predictor(network, False, torch.device("cuda"))
+    # the same blending class: built for a GPU it hands the windows to nnunetv2's own loop
+    assert type(on_gpu) is type(ours) and on_gpu.device.type == "cuda" and on_gpu.perform_everything_on_device
+    assert _engines_device([_ConvEngine(4, False)]).type == "cpu"
+    gpu_engine = type("GpuEngine", (), {"device": torch.device("cuda", 0)})()
+    assert _engines_device([gpu_engine, gpu_engine]) == torch.device("cuda", 0)
+    assert _engines_device([gpu_engine, _ConvEngine(4, False)]) is None  # mixed folds: the CPU path
+    assert runner._predictor(network, False, None).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the project's GPU machine)")
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_on_device_sliding_window_equals_nnunetv2_on_the_gpu(mirroring):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    network, ours, _ = _predictors(mirroring)
+    runner = NnUNetRunner(ours.plans_manager.plans, ours.dataset_json, "3d_fullres", mirror_axes=(0, 1, 2))
+    gpu = torch.device("cuda")
+    ours = runner._predictor(network, mirroring, gpu)
+    with contextlib.redirect_stdout(io.StringIO()):
+        stock = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=True, device=gpu, verbose=False, allow_tqdm=False)
+        stock.manual_initialization(network, runner.plans_manager, runner.config, None, runner.dataset, "stock",
+                                    runner.mirror_axes)
+    engine = _ConvEngine(4, False)
+    engine.conv, engine.device = engine.conv.to(gpu), gpu
+    network.engine = engine
+    data = torch.from_numpy(np.random.default_rng(5).normal(size=(1, 37, 29, 51)).astype(np.float32))
+    expected = stock.predict_sliding_window_return_logits(data)
+    got = ours.predict_sliding_window_return_logits(data)
+    assert got.device.type == "cuda" and got.dtype == torch.half and torch.equal(got, expected)
+    assert float(expected.float().abs().max()) > 1

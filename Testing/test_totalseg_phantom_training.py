@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "benchmarks" / "training" / "train_totalseg_phantoms.py"
@@ -223,13 +224,35 @@ def test_only_trains_the_named_parts_and_keeps_the_others(tmp_path):
     assert bad.returncode == 2 and "--part-steps takes PART=STEPS" in bad.stderr
 
 
-def test_phantoms_drawn_in_processes_are_the_ones_drawn_in_order():
-    cts = {"shape_kji": (20, 24, 28), "spacing_kji": (2.0, 1.5, 1.5)}
-    serial = training.draw_phantoms([3000, 3001, 2000], cts, 3.0, "ct", workers=1)
-    parallel = training.draw_phantoms([3000, 3001, 2000], cts, 3.0, "ct", workers=2)
+def test_phantoms_prepared_in_processes_are_the_ones_prepared_in_order(tmp_path):
+    """Drawn and resampled in worker processes (the runner travels by pickle), the same arrays as in order."""
+    from whole_ct_setup import plans_for
+
+    from PTQLogic.inference.nnunet.predict import NnUNetRunner
+
+    args = training.parse_args(["--config", "fast", *CT, "--tiny-networks", "--out", str(tmp_path / "w")])
+    (tmp_path / "ct").mkdir()
+    cts = shapes.write_cts(tmp_path / "ct", args.shape, args.spacing, 0, [101])
+    models, parts, _, plans = plans_for("fast", args, cts)
+    runner = NnUNetRunner(plans, shapes.part_dataset(parts[0], shapes.label_names(args.labels)), "3d_fullres")
+    serial = training.network_volumes(runner, [3000, 3001, 2000], cts, models.spacing, "ct", workers=1)
+    parallel = training.network_volumes(runner, [3000, 3001, 2000], cts, models.spacing, "ct", workers=2)
     for (a, la), (b, lb) in zip(serial, parallel):
-        assert a.array.shape == (20, 24, 28) and np.array_equal(a.array, b.array) and np.array_equal(la.array, lb.array)
-    assert not np.array_equal(serial[0][0].array, serial[1][0].array)
+        assert a.dtype == torch.float32 and la.dtype == torch.int64 and la.shape == a.shape[1:]
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(serial[0][0], serial[1][0])
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 28), (6, 24, 10)])  # the second is padded to the patch
+def test_a_crop_from_known_foreground_points_is_the_crop_that_searches_for_them(shape):
+    labels = torch.zeros(shape, dtype=torch.int64)
+    labels[2:5, 3:9, 4:7] = 2
+    image = torch.randn(1, *shape)
+    points = torch.nonzero(labels > 0).to(torch.int32)
+    for seed in range(5):
+        x, y = training.crop(image, labels, (8, 8, 8), np.random.default_rng(seed), True)
+        px, py = training.crop(image, labels, (8, 8, 8), np.random.default_rng(seed), True, points)
+        assert x.shape == (1, 8, 8, 8) and torch.equal(x, px) and torch.equal(y, py) and int((y > 0).sum()) > 0
 
 
 @pytest.mark.slow

@@ -70,23 +70,21 @@ def draw_phantom(seed: int, cts: dict[str, Any], spacing: float, grid: str) -> t
     return make_phantom(seed, phantom_shape(cts, spacing), (spacing,) * 3)
 
 
-def draw_phantoms(seeds: Sequence[int], cts: dict[str, Any], spacing: float, grid: str,
-                  workers: int) -> list[tuple[Any, Any]]:
-    """:func:`draw_phantom` for every seed, ``workers`` at a time in processes (a CT-grid phantom of 512x512x300
-    takes about 40 s on one core and about 3 GB while drawn)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-
-    draw = partial(draw_phantom, cts=cts, spacing=spacing, grid=grid)
-    if workers <= 1 or len(seeds) == 1:
-        return [draw(s) for s in seeds]
-    with ProcessPoolExecutor(min(workers, len(seeds))) as pool:
-        return list(pool.map(draw, seeds))
+def network_volume(seed: int, runner: Any, cts: dict[str, Any], spacing: float, grid: str) -> tuple[Any, Any]:
+    """The phantom of ``seed`` as nnU-Net sees it: (normalized image (1, K, J, I) float32, labels (K, J, I) uint8)."""
+    image, labels = draw_phantom(seed, cts, spacing, grid)
+    data, _ = runner.preprocess(image)
+    target = labels.array if grid == "model" else nearest_labels(labels.array, data.shape[1:])
+    if data.shape[1:] != target.shape:  # the labels must lie on the grid nnU-Net gives the image
+        raise SystemExit(f"preprocessing changed the phantom's grid {target.shape} -> {data.shape[1:]}")
+    return np.ascontiguousarray(data), target
 
 
 def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spacing: float,
                     grid: str = "ct", workers: int = 1) -> list[tuple[Any, Any]]:
-    """(normalized image (1, K, J, I) float32, phantom labels (K, J, I) int64) per seed, as nnU-Net sees them.
+    """(normalized image (1, K, J, I) float32, phantom labels (K, J, I) int64) per seed, as nnU-Net sees them,
+    drawn and preprocessed ``workers`` at a time in processes (a CT-grid phantom of 512x512x300 takes about 40 s
+    on one core to draw and about 3 GB while drawn, then seconds to resample).
 
     ``grid`` "ct": each phantom is drawn on the CT's own grid, as ``whole_ct.py``'s test and calibration CTs are,
     and nnU-Net's preprocessing resamples it to the network's spacing (labels follow by nearest neighbour), so the
@@ -94,20 +92,24 @@ def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spac
     so preprocessing only normalizes (faster; the runs before 2026-12-06: noise and blur per voxel then differ
     from the resampled test CT's, and networks that scored 0.98 on such phantoms over-segmented the test CT).
     """
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     import torch
 
-    volumes = []
-    for image, labels in draw_phantoms(seeds, cts, spacing, grid, workers):
-        data, _ = runner.preprocess(image)
-        target = labels.array if grid == "model" else nearest_labels(labels.array, data.shape[1:])
-        if data.shape[1:] != target.shape:  # the labels must lie on the grid nnU-Net gives the image
-            raise SystemExit(f"preprocessing changed the phantom's grid {target.shape} -> {data.shape[1:]}")
-        volumes.append((torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(target.astype(np.int64))))
-    return volumes
+    one = partial(network_volume, runner=runner, cts=cts, spacing=spacing, grid=grid)
+    if workers <= 1 or len(seeds) == 1:
+        drawn = [one(s) for s in seeds]
+    else:
+        with ProcessPoolExecutor(min(workers, len(seeds))) as pool:
+            drawn = list(pool.map(one, seeds))
+    return [(torch.from_numpy(image), torch.from_numpy(labels.astype(np.int64))) for image, labels in drawn]
 
 
-def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool):
-    """One patch (the volume padded with its minimum where smaller), centred on a foreground voxel if asked."""
+def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool, points=None):
+    """One patch (the volume padded with its minimum where smaller), centred on a foreground voxel if asked
+    (``points``: the volume's foreground voxels, ``torch.nonzero(labels > 0)``, if known: a search of the whole
+    volume costs tens of ms a patch)."""
     import torch
 
     pad = [max(0, p - s) for p, s in zip(patch, labels.shape)]
@@ -115,8 +117,10 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
         widths = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
         image = torch.nn.functional.pad(image, widths, value=float(image.min()))
         labels = torch.nn.functional.pad(labels, widths)
-    points = torch.nonzero(labels > 0) if foreground else None
-    if points is not None and len(points):
+        points = None if points is None else points + torch.tensor([p // 2 for p in pad], dtype=points.dtype)
+    if foreground and points is None:
+        points = torch.nonzero(labels > 0)
+    if foreground and len(points):
         centre = points[int(rng.integers(len(points)))].tolist()
         start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, patch, labels.shape)]
     else:
@@ -149,6 +153,7 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     rng = np.random.default_rng(seed)
     lut_t = torch.from_numpy(lut)
     data = [(image, lut_t[labels]) for image, labels in volumes]
+    points = [torch.nonzero(y > 0).to(torch.int32) for _, y in data]
     if priors:
         set_class_priors(network, [y.numpy() for _, y in data], len(network.decoder.seg_layers[-1].bias))
     network.to(args.device).train()
@@ -160,8 +165,8 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / steps) ** 0.9)
     losses, started = [], time.perf_counter()
     for step in range(steps):
-        picks = [data[int(i)] for i in rng.integers(len(data), size=args.batch)]
-        crops = [crop(x, y, args.patch, rng, rng.random() < 2 / 3) for x, y in picks]
+        picks = [int(i) for i in rng.integers(len(data), size=args.batch)]
+        crops = [crop(*data[i], args.patch, rng, rng.random() < 2 / 3, points[i]) for i in picks]
         images = torch.stack([c[0] for c in crops]).to(args.device)
         target = torch.stack([c[1] for c in crops])[:, None].to(args.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

@@ -214,11 +214,14 @@ class NnUNetRunner:
 
         if not 0 < step_size <= 1:
             raise InputError(f"Sliding-window step size must be in (0, 1], got {step_size}.")
-        self.plans, self.dataset = plans, dataset
+        self.plans, self.dataset, self.configuration = plans, dataset, configuration
         self.plans_manager, self.config = _managers(plans, configuration)
         self.label_manager = LabelManager(label_dict=dataset["labels"], regions_class_order=None)
         self.mirror_axes = tuple(mirror_axes) if mirror_axes is not None else None
         self.step_size = step_size
+
+    def __reduce__(self):  # the plans manager's class is made per call: a process gets the runner rebuilt
+        return type(self), (self.plans, self.dataset, self.configuration, self.mirror_axes, self.step_size)
 
     @property
     def in_channels(self) -> int:
@@ -292,7 +295,7 @@ class NnUNetRunner:
         # mirroring adds a flipped window's logits to the first window's, which must then be a copy of its own
         network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads, stages.sliding_window,
                                  transient=not mirroring)
-        predictor = self._predictor(network, mirroring)
+        predictor = self._predictor(network, mirroring, _engines_device(engines))
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
         with contextlib.redirect_stdout(io.StringIO()):
             logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
@@ -309,13 +312,17 @@ class NnUNetRunner:
                                   predicted.properties, monitor or Monitor(), stage or EXPORT)
         return np.asarray(labels), time.perf_counter() - started
 
-    def _predictor(self, network: _EngineNetwork, mirroring: bool):
+    def _predictor(self, network: _EngineNetwork, mirroring: bool, device: torch.device | None = None):
+        """nnU-Net's predictor around ``network``. On a GPU (every fold's engine there) it keeps the volume, the
+        windows and the blended sums on the GPU, as nnunetv2 does with ``perform_everything_on_device``: blending
+        a window's logits on the CPU after copying them from the GPU took most of a whole-CT run on an H100."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        device = device if device is not None and device.type == "cuda" else torch.device("cpu")
         with contextlib.redirect_stdout(io.StringIO()):
             predictor = _blending_predictor(nnUNetPredictor)(
                 tile_step_size=self.step_size, use_gaussian=True, use_mirroring=mirroring,
-                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+                perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False)
             predictor.manual_initialization(network, self.plans_manager, self.config, None, self.dataset,
                                             "PTQLogic", self.mirror_axes)
         return predictor
@@ -372,6 +379,12 @@ def _blending_predictor(base):
             return logits
 
     return BlendingPredictor
+
+
+def _engines_device(engines: Sequence[Engine]) -> torch.device | None:
+    """The device all engines run on, or None when they differ."""
+    devices = {str(getattr(engine, "device", "cpu")) for engine in engines}
+    return torch.device(devices.pop()) if len(devices) == 1 else None
 
 
 def runner_for(model: NnUNetModel) -> NnUNetRunner:
