@@ -244,15 +244,29 @@ def test_phantoms_prepared_in_processes_are_the_ones_prepared_in_order(tmp_path)
 
 
 @pytest.mark.parametrize("shape", [(20, 24, 28), (6, 24, 10)])  # the second is padded to the patch
-def test_a_crop_from_known_foreground_points_is_the_crop_that_searches_for_them(shape):
+def test_a_crop_from_known_class_points_is_the_crop_that_searches_for_them(shape):
     labels = torch.zeros(shape, dtype=torch.int64)
     labels[2:5, 3:9, 4:7] = 2
+    labels[1:3, 12:14, 8:9] = 5
     image = torch.randn(1, *shape)
-    points = torch.nonzero(labels > 0).to(torch.int32)
+    points = training.class_points(labels)
+    assert [len(p) for p in points] == [int((labels == 2).sum()), int((labels == 5).sum())]
     for seed in range(5):
         x, y = training.crop(image, labels, (8, 8, 8), np.random.default_rng(seed), True)
         px, py = training.crop(image, labels, (8, 8, 8), np.random.default_rng(seed), True, points)
         assert x.shape == (1, 8, 8, 8) and torch.equal(x, px) and torch.equal(y, py) and int((y > 0).sum()) > 0
+
+
+def test_foreground_patches_centre_each_class_equally_often_as_nnunet_does():
+    """A class of 8 voxels beside one of 8000: about half of the foreground patches are centred on the small one
+    (one in a thousand if every foreground voxel were equally likely)."""
+    labels = torch.zeros((60, 60, 60), dtype=torch.int64)
+    labels[0:20, 0:20, 0:20] = 1
+    labels[50:52, 50:52, 50:52] = 3
+    image = torch.zeros(1, 60, 60, 60)
+    rng, points = np.random.default_rng(0), training.class_points(labels)
+    small = sum(int((training.crop(image, labels, (6, 6, 6), rng, True, points)[1] == 3).any()) for _ in range(400))
+    assert 150 < small < 250
 
 
 @pytest.mark.slow
@@ -267,3 +281,21 @@ def test_grid_gap_scores_a_trained_part_on_both_grids(trained, tmp_path):
     assert set(scores) == {"model", "ct"}
     for grid in scores.values():  # the organs in the window, each scored
         assert grid["2000"] and all(0 <= v <= 1 for v in grid["2000"].values())
+
+
+@pytest.mark.slow
+def test_volume_check_scores_a_trained_part_on_whole_phantoms_of_the_seeds_asked(trained, tmp_path):
+    out = tmp_path / "check.json"
+    command = [sys.executable, str(TRAIN.parent / "volume_check.py"), "--config", "fast", *CT, "--tiny-networks",
+               "--seeds", "0", "3000", "--overlap", "0.2", "0.5", "--weights", str(trained["folder"] / "weights"),
+               "--work", str(trained["folder"] / "work"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(out.read_text())["scores_by_seed_and_overlap"]
+    assert set(scores) == {"0", "3000"} and all(set(v) == {"0.2", "0.5"} for v in scores.values())
+    for score in (s for by_overlap in scores.values() for s in by_overlap.values()):
+        assert score["dice"] and all(0 <= v <= 1 for v in score["dice"].values())
+        assert all(true > 0 or predicted > 0 for predicted, true in score["voxels_predicted_true"].values())
+    bad = subprocess.run(command[:-2] + ["--part", "ribs", "--out", str(out)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert bad.returncode == 2 and "--part: no part 'ribs'" in bad.stderr

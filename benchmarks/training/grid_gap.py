@@ -20,7 +20,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks" / "nnunet"), str(Path(__file_
 
 import totalseg_shapes as shapes  # noqa: E402
 import train_totalseg_phantoms as training  # noqa: E402
-from whole_ct_setup import plans_for, work_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from PTQLogic.models.nnunet.checkpoint import load_checkpoint
     from PTQLogic.models.nnunet.network import build_network
 
-    cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing,
-                           training.TEST_SEED, training.CALIBRATION_SEEDS)
-    models, parts, _, plans = plans_for(args.config, args, cts)
+    cts, models, parts, plans = training.part_setup(args)
     part = next(q for q in parts if args.part in (None, q.name))
     arch = plans["configurations"]["3d_fullres"]
     network = build_network(arch["architecture"], 1, part.classes + 1)

@@ -17,7 +17,9 @@ voxel as background (the muscle and rib parts see none of theirs: they learn bac
 training phantoms use seeds from 3000, the held-out check seed 2000, ``whole_ct.py`` tests on seed 0 and
 calibrates on 101/102.
 Training: nnunetv2's own Dice + CE loss (``DC_and_CE_loss``, memory-efficient soft Dice, background excluded),
-Adam with polynomial decay from the head's class priors, random patches (two in three centred on one of the part's foreground voxels).
+Adam with polynomial decay from the head's class priors, random patches (two in three centred on a voxel of one of the
+part's classes, each class as likely as the others, as nnU-Net samples foreground; before 2026-12-06 on any foreground
+voxel, so mostly on the liver).
 Writes per part ``Dataset<task>_TotalSegShape_<part>/<trainer>__nnUNetPlans__3d_fullres/`` (plans.json,
 dataset.json, fold_0/checkpoint_final.pth) and ``training.json`` (losses, held-out Dice per class, seconds).
 """
@@ -106,10 +108,19 @@ def network_volumes(runner: Any, seeds: Sequence[int], cts: dict[str, Any], spac
     return [(torch.from_numpy(image), torch.from_numpy(labels.astype(np.int64))) for image, labels in drawn]
 
 
+def class_points(labels) -> list:
+    """The voxels (``torch.nonzero``, int32) of each foreground class present in ``labels``, in class order: what
+    nnU-Net's data loader keeps as a case's ``class_locations``."""
+    import torch
+
+    return [torch.nonzero(labels == c).to(torch.int32) for c in torch.unique(labels).tolist() if c > 0]
+
+
 def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool, points=None):
-    """One patch (the volume padded with its minimum where smaller), centred on a foreground voxel if asked
-    (``points``: the volume's foreground voxels, ``torch.nonzero(labels > 0)``, if known: a search of the whole
-    volume costs tens of ms a patch)."""
+    """One patch (the volume padded with its minimum where smaller). ``foreground``: centred on a voxel of one
+    foreground class drawn with equal chance among those present, as nnU-Net's data loader draws them, so that a
+    kidney is centred as often as the liver (five times its size); ``points``: :func:`class_points` of ``labels``
+    if known (searching the volume costs tens of ms a patch)."""
     import torch
 
     pad = [max(0, p - s) for p, s in zip(patch, labels.shape)]
@@ -117,11 +128,14 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
         widths = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
         image = torch.nn.functional.pad(image, widths, value=float(image.min()))
         labels = torch.nn.functional.pad(labels, widths)
-        points = None if points is None else points + torch.tensor([p // 2 for p in pad], dtype=points.dtype)
+        if points is not None:
+            offset = torch.tensor([p // 2 for p in pad], dtype=torch.int32)
+            points = [voxels + offset for voxels in points]
     if foreground and points is None:
-        points = torch.nonzero(labels > 0)
-    if foreground and len(points):
-        centre = points[int(rng.integers(len(points)))].tolist()
+        points = class_points(labels)
+    if foreground and points:
+        voxels = points[int(rng.integers(len(points)))]
+        centre = voxels[int(rng.integers(len(voxels)))].tolist()
         start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, patch, labels.shape)]
     else:
         start = [int(rng.integers(0, s - p + 1)) for p, s in zip(patch, labels.shape)]
@@ -153,7 +167,7 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     rng = np.random.default_rng(seed)
     lut_t = torch.from_numpy(lut)
     data = [(image, lut_t[labels]) for image, labels in volumes]
-    points = [torch.nonzero(y > 0).to(torch.int32) for _, y in data]
+    points = [class_points(y) for _, y in data]
     if priors:
         set_class_priors(network, [y.numpy() for _, y in data], len(network.decoder.seg_layers[-1].bias))
     network.to(args.device).train()
@@ -200,8 +214,10 @@ def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device
     return {str(c): round(float(np.mean(v)), 4) for c, v in sorted(hits.items())}
 
 
-def held_out_volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str) -> dict:
-    """The whole held-out phantom segmented as a sliding window (MONAI's, Gaussian blending, overlap 0.5, FP32),
+def held_out_volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str,
+                         overlap: float = 0.5) -> dict:
+    """The whole held-out phantom segmented as a sliding window (MONAI's, Gaussian blending, FP32; ``overlap`` 0.2
+    places windows as nnU-Net's step 0.8, TotalSegmentator's, does),
     scored by ``whole_ct.py``'s own agreement (``whole_ct_report.agreement``): Dice per class present in the truth or
     the prediction, so that a class the network gives where the phantom has none (a false positive away from the
     organs, which windows around the organs never see) counts as 0; and the voxels of each class predicted vs true."""
@@ -212,13 +228,22 @@ def held_out_volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int],
     image, labels = volume[0], torch.from_numpy(lut)[volume[1]]
     network.eval()
     with torch.no_grad():
-        logits = sliding_window_inference(image[None].to(device), list(patch), 2, network, overlap=0.5,
+        logits = sliding_window_inference(image[None].to(device), list(patch), 2, network, overlap=overlap,
                                           mode="gaussian", sw_device=device, device="cpu")
     scores = agreement(labels.numpy(), logits.argmax(1)[0].numpy())
     per_class = scores["per_class"]
     return {"dice": {c: round(v["dice"], 4) for c, v in per_class.items()},
             "mean": round(scores["dice"], 4) if per_class else None,
             "voxels_predicted_true": {c: [v["voxels"], v["reference_voxels"]] for c, v in per_class.items()}}
+
+
+def part_setup(args: argparse.Namespace) -> tuple[dict[str, Any], shapes.ModelSet, list[shapes.Part], dict]:
+    """The test and calibration CTs ``whole_ct.py`` writes for these settings (``--work``, ``--shape``,
+    ``--spacing``), the model set, its parts and the plans nnU-Net writes for them: (cts, models, parts, plans)."""
+    cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
+                           CALIBRATION_SEEDS)
+    models, parts, _, plans = plans_for(args.config, args, cts)
+    return cts, models, list(parts), plans
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -273,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cts = shapes.write_cts(work_dir(args, "ct", args.shape, args.spacing), args.shape, args.spacing, TEST_SEED,
-                           CALIBRATION_SEEDS)
-    models, parts, _, plans = plans_for(args.config, args, cts)
+    cts, models, parts, plans = part_setup(args)
     arch = plans["configurations"]["3d_fullres"]
     args.patch = list(args.patch or arch["patch_size"])
     names = shapes.label_names(args.labels)
