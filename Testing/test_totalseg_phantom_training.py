@@ -110,14 +110,18 @@ def test_training_learns_and_writes_a_folder_the_project_loads(trained):
     assert len(losses) == 60 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert max(record["held_out_dice"].values()) > 0.5  # at least one organ found on the held-out phantom
     assert record["learned_classes"] == 6 and set(record["held_out_dice"]) <= {"1", "2", "3", "5", "30", "52"}
-    whole = record["held_out_volume"]  # the whole held-out phantom: every class either side gives, scored
-    assert set(whole["dice"]) == set(whole["voxels_predicted_true"]) and whole["dice"]
-    assert whole["mean"] == pytest.approx(np.mean(list(whole["dice"].values())), abs=1e-4)
-    for c, (predicted, true) in whole["voxels_predicted_true"].items():
-        assert predicted + true > 0
-        if min(predicted, true) == 0:  # a class only one side gives scores 0
-            assert whole["dice"][c] == 0
+    # the whole held-out phantom and the first training one, windows placed as at the set's step (fast: 0.5):
+    # every class either side gives, scored
+    assert record["volume_check_overlap"] == 0.5 and record["held_out_volume"] != record["training_volume"]
+    for whole in (record["held_out_volume"], record["training_volume"]):
+        assert set(whole["dice"]) == set(whole["voxels_predicted_true"]) and whole["dice"]
+        assert whole["mean"] == pytest.approx(np.mean(list(whole["dice"].values())), abs=1e-4)
+        for c, (predicted, true) in whole["voxels_predicted_true"].items():
+            assert predicted + true > 0
+            if min(predicted, true) == 0:  # a class only one side gives scores 0
+                assert whole["dice"][c] == 0
     assert "whole held-out phantom, Dice" in trained["stdout"]
+    assert "whole training phantom (3000), Dice" in trained["stdout"]
     assert trained["log"]["train_seeds"] == [3000, 3001] and trained["log"]["held_out_seed"] == 2000
     folder = next((trained["folder"] / "weights").glob("Dataset297_*/*__3d_fullres"))
     opened = open_nnunet_folder(folder)
@@ -215,7 +219,7 @@ def test_only_trains_the_named_parts_and_keeps_the_others(tmp_path):
     assert [p.name.split("_")[-1] for p in (tmp_path / "w").glob("Dataset*")] == ["vertebrae"]
     parts = json.loads((tmp_path / "w" / "training_total.json").read_text())["parts"]
     assert set(parts) == {"vertebrae"} and len(parts["vertebrae"]["losses"]) == 3  # --part-steps over --steps
-    assert parts["vertebrae"]["held_out_volume"] is None
+    assert parts["vertebrae"]["held_out_volume"] is None and parts["vertebrae"]["training_volume"] is None
     wrong = subprocess.run(command + ["--only", "ribs"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert wrong.returncode != 0 and "--only: no part ['ribs'] in ['organs', 'vertebrae']" in wrong.stderr
     wrong = subprocess.run(command + ["--part-steps", "ribs=3"], capture_output=True, text=True, cwd=ROOT, timeout=600)

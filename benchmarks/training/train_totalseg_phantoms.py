@@ -214,12 +214,12 @@ def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device
     return {str(c): round(float(np.mean(v)), 4) for c, v in sorted(hits.items())}
 
 
-def held_out_volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str,
+def volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str,
                          overlap: float = 0.5) -> dict:
-    """The whole held-out phantom segmented as a sliding window (MONAI's, Gaussian blending, FP32; ``overlap`` 0.2
-    places windows as nnU-Net's step 0.8, TotalSegmentator's, does),
-    scored by ``whole_ct.py``'s own agreement (``whole_ct_report.agreement``): Dice per class present in the truth or
-    the prediction, so that a class the network gives where the phantom has none (a false positive away from the
+    """A whole phantom (the held-out one, or one trained on) segmented as a sliding window (MONAI's, Gaussian
+    blending, FP32; ``overlap`` 0.2 places windows as nnU-Net's step 0.8, TotalSegmentator's, does), scored by
+    ``whole_ct.py``'s own agreement (``whole_ct_report.agreement``): Dice per class present in the truth or the
+    prediction, so that a class the network gives where the phantom has none (a false positive away from the
     organs, which windows around the organs never see) counts as 0; and the voxels of each class predicted vs true."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -268,7 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draw-workers", type=int, default=1,
                    help="processes drawing the phantoms at once (each about 3 GB on a 512x512x300 CT grid)")
     p.add_argument("--no-volume-check", action="store_true",
-                   help="skip the whole held-out phantom's sliding-window Dice (held_out_volume in training.json)")
+                   help="skip the sliding-window Dice of the whole held-out phantom and of the first training one "
+                        "(held_out_volume, training_volume in training.json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast on CUDA, as nnU-Net trains in mixed precision (ignored on the CPU)")
@@ -354,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         losses = earlier.get("losses", []) + losses
         seconds = time.perf_counter() - started + earlier.get("seconds", 0.0)
         dice = held_out_dice(network, held_out, lut, args.patch, args.device)
-        whole = None if args.no_volume_check else held_out_volume_dice(network, held_out, lut, args.patch, args.device)
+        # whole phantoms with windows where nnU-Net's predictor puts them at the set's step (TotalSegmentator's 0.8):
+        # the held-out one, and the first training one (a network that misses an organ there did not learn it)
+        overlap = round(1 - models.step_size, 6)
+        whole, fit = (None, None) if args.no_volume_check else (
+            volume_dice(network, v, lut, args.patch, args.device, overlap) for v in (held_out, volumes[0]))
         weights = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
         target.parent.mkdir(parents=True, exist_ok=True)
         (folder / "plans.json").write_text(json.dumps(dict(plans, dataset_name=folder.parent.name), indent=2))
@@ -363,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(shapes.checkpoint_record(models, plans, dataset, weights, epoch=len(losses)), partial)
         partial.replace(target)
         record["parts"][part.name] = {"seconds": round(seconds, 1), "losses": [round(v, 5) for v in losses],
-                                      "held_out_dice": dice, "held_out_volume": whole,
+                                      "held_out_dice": dice, "held_out_volume": whole, "training_volume": fit,
+                                      "volume_check_overlap": overlap,
                                       "learned_classes": int((lut > 0).sum())}
         print(f"{part.name}: {len(losses)} steps in {seconds / 60:.1f} min, held-out Dice {dice}", flush=True)
-        if whole:
-            print(f"{part.name}: whole held-out phantom, Dice {whole['dice']} (mean {whole['mean']}), voxels "
-                  f"predicted/true {whole['voxels_predicted_true']}", flush=True)
+        for name, scores in (("held-out phantom", whole), (f"training phantom ({TRAIN_SEED_BASE})", fit)):
+            if scores:
+                print(f"{part.name}: whole {name}, Dice {scores['dice']} (mean {scores['mean']}), voxels "
+                      f"predicted/true {scores['voxels_predicted_true']}", flush=True)
         log.write_text(json.dumps(record, indent=1, default=str))
     return 0
 

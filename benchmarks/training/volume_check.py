@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         volume = training.network_volumes(runner, [seed], cts, models.spacing)[0]
         for overlap in args.overlap:
             started = time.perf_counter()
-            score = training.held_out_volume_dice(network, volume, lut, arch["patch_size"], args.device, overlap)
+            score = training.volume_dice(network, volume, lut, arch["patch_size"], args.device, overlap)
             scores.setdefault(str(seed), {})[str(overlap)] = score
             print(f"seed {seed}, overlap {overlap}: Dice {score['dice']}, voxels predicted/true "
                   f"{score['voxels_predicted_true']} ({time.perf_counter() - started:.0f} s)", flush=True)
