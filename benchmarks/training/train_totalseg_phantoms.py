@@ -215,7 +215,7 @@ def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device
 
 
 def volume_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str,
-                         overlap: float = 0.5) -> dict:
+                overlap: float = 0.5) -> dict:
     """A whole phantom (the held-out one, or one trained on) segmented as a sliding window (MONAI's, Gaussian
     blending, FP32; ``overlap`` 0.2 places windows as nnU-Net's step 0.8, TotalSegmentator's, does), scored by
     ``whole_ct.py``'s own agreement (``whole_ct_report.agreement``): Dice per class present in the truth or the
