@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -244,6 +245,56 @@ def part_setup(args: argparse.Namespace) -> tuple[dict[str, Any], shapes.ModelSe
                            CALIBRATION_SEEDS)
     models, parts, _, plans = plans_for(args.config, args, cts)
     return cts, models, list(parts), plans
+
+
+def add_trained_part_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the scripts that score one trained part (``grid_gap.py``, ``volume_check.py``)."""
+    p.add_argument("--config", choices=["total", "fast"], default="total")
+    p.add_argument("--part", default=None, help="the part's name (default: the first)")
+    p.add_argument("--weights", type=Path, required=True, help="train_totalseg_phantoms.py's --out")
+    p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
+    p.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5])
+    p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"))
+    p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS)
+    p.add_argument("--tiny-networks", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+
+
+@dataclass
+class TrainedPart:
+    """One part of a trained set, ready to score: its CTs' settings, network (FP32, eval), runner and label map."""
+
+    cts: dict[str, Any]
+    models: shapes.ModelSet
+    part: shapes.Part
+    plans: dict
+    network: Any
+    runner: Any
+    lut: np.ndarray
+    checkpoint: Path
+
+    @property
+    def patch(self) -> list[int]:
+        return list(self.plans["configurations"]["3d_fullres"]["patch_size"])
+
+
+def load_trained_part(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainedPart:
+    """``args.part`` of the set in ``args.weights`` (options of :func:`add_trained_part_arguments`); an unknown part
+    is a usage error naming the set's parts."""
+    from PTQLogic.inference.nnunet.predict import NnUNetRunner
+    from PTQLogic.models.nnunet.checkpoint import load_checkpoint
+    from PTQLogic.models.nnunet.network import build_network
+
+    args.parts = None
+    cts, models, parts, plans = part_setup(args)
+    part = next((q for q in parts if args.part in (None, q.name)), None)
+    if part is None:
+        parser.error(f"--part: no part {args.part!r} in {[q.name for q in parts]}")
+    network = build_network(plans["configurations"]["3d_fullres"]["architecture"], 1, part.classes + 1)
+    checkpoint = shapes.part_folder(args.weights, models, part) / "fold_0" / "checkpoint_final.pth"
+    network.load_state_dict(load_checkpoint(checkpoint)["network_weights"])
+    runner = NnUNetRunner(plans, shapes.part_dataset(part, shapes.label_names(args.labels)), "3d_fullres")
+    return TrainedPart(cts, models, part, plans, network.eval(), runner, part_lut(part), checkpoint)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
