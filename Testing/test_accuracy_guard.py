@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from PTQLogic.core.errors import AccuracyError
+from PTQLogic.core.progress import Monitor
 from PTQLogic.pipeline import quantize_model
 from PTQLogic.quantization.guard import GuardTarget
 from PTQLogic.quantization.sensitivity import rank_sensitivity
@@ -63,8 +64,11 @@ def test_ranking_finds_the_layers_with_outlier_inputs(outlier_spec, phantom_file
 
     patches = sample_calibration_patches(load_calibration_volumes(phantom_files["calibration"]),
                                          load_spec(outlier_spec), CalibrationSettings(num_patches=4, seed=5), None)
-    ranking = rank_sensitivity(model_dir / "fp32.onnx", model_dir / "int8.onnx", patches)
+    seen = []
+    ranking = rank_sensitivity(model_dir / "fp32.onnx", model_dir / "int8.onnx", patches,
+                               Monitor(on_progress=lambda *step: seen.append(step)))
     assert {name for name, _ in ranking[:2]} == OUTLIER_NODES, ranking
+    assert seen == [("ranking layers", i, len(patches)) for i in range(len(patches) + 1)]  # progress per patch
     assert ranking[1][1] > 5 * abs(ranking[2][1])
 
 

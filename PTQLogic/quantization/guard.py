@@ -123,7 +123,7 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: H
     if guard.met:
         return report, guard
     if settings.placement == "modelopt":
-        guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out.ranking_patches)
+        guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out.ranking_patches, monitor)
     limit = min(target.max_kept, len(guard.ranking))
     count = 0
     while not guard.met and count < limit:

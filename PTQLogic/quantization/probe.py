@@ -20,13 +20,14 @@ def with_outputs(model, tensors: list[str], only: bool = False):
     return probe
 
 
-def cpu_session(model_bytes: bytes, as_written: bool = False) -> Any:
+def cpu_session(model_bytes: bytes, as_written: bool = False, arena: bool = True) -> Any:
     """An ONNX Runtime CPU session of a serialized model. ``as_written``: no graph optimization, ONNX Runtime's
-    warnings silenced."""
+    warnings silenced. ``arena=False``: memory is freed after each run instead of staying reserved in the session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
+    options.enable_cpu_mem_arena = arena
     if as_written:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3

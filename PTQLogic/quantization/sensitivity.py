@@ -12,11 +12,13 @@ tensors, and ``channel_padding`` channel counts, so FP32 values would not fit it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..core.progress import Monitor
 from .probe import cpu_session, with_outputs
+
+STAGE = "ranking layers"  # one step per held-out patch
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -55,18 +57,8 @@ def quantized_compute_nodes(int8_model) -> dict[str, tuple[list[str], str]]:
     return found
 
 
-def _subgraph_session(extractor, inputs: list[str], output: str) -> Any:
-    """A session of one node's Q/DQ subgraph; no memory arena, so a large activation is freed after each run
-    instead of staying reserved in every node's session."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    model = extractor.extract_model(inputs, [output]).SerializeToString()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def rank_sensitivity(fp32_onnx: str | Path, int8_onnx: str | Path, patches: np.ndarray) -> list[tuple[str, float]]:
+def rank_sensitivity(fp32_onnx: str | Path, int8_onnx: str | Path, patches: np.ndarray,
+                     monitor: Monitor | None = None) -> list[tuple[str, float]]:
     """Quantized compute nodes, most sensitive first, with the relative error each adds on its own.
 
     Patches are taken one at a time: the FP32 values of every layer's inputs and output for one patch are a
@@ -83,14 +75,20 @@ def rank_sensitivity(fp32_onnx: str | Path, int8_onnx: str | Path, patches: np.n
     fp32 = cpu_session(with_outputs(onnx.load(str(fp32_onnx)), names).SerializeToString())
     input_name = fp32.get_inputs()[0].name
     extractor = Extractor(onnx.shape_inference.infer_shapes(int8_model))
-    sessions = {node: _subgraph_session(extractor, inputs, output) for node, (inputs, output) in nodes.items()}
+    # no memory arena: a large activation is freed after each run instead of staying reserved in every session
+    sessions = {node: cpu_session(extractor.extract_model(inputs, [output]).SerializeToString(), arena=False)
+                for node, (inputs, output) in nodes.items()}
     squared = {node: [0.0, 0.0] for node in nodes}  # sum of squared error, sum of squared FP32 output
-    for patch in patches:
+    monitor = monitor or Monitor()
+    for index, patch in enumerate(patches):
+        monitor.update(STAGE, index, len(patches))
         ref = dict(zip(names, fp32.run(names, {input_name: patch[None]})))
         for node, (inputs, output) in nodes.items():
             test = sessions[node].run([output], {name: ref[name] for name in inputs})[0]
-            squared[node][0] += float(np.sum((test.astype(np.float64) - ref[output]) ** 2))
-            squared[node][1] += float(np.sum(ref[output].astype(np.float64) ** 2))
+            expected = ref[output].astype(np.float64)
+            squared[node][0] += float(np.sum((test - expected) ** 2))
+            squared[node][1] += float(np.sum(expected ** 2))
         del ref
+    monitor.update(STAGE, len(patches), len(patches))
     scores = {node: float(np.sqrt(err / max(norm, 1e-30))) for node, (err, norm) in squared.items()}
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)
