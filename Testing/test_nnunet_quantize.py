@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
@@ -101,6 +102,13 @@ def test_quantize_two_folds_and_segment_with_every_runtime(tmp_path, images, cap
     _segment(out, images["image"], tmp_path / "openvino8.seg.nrrd", capsys, "--runtime", "openvino")
     header = sitk.ReadImage(str(tmp_path / "openvino8.seg.nrrd"))  # Slicer's segment names are the classes
     assert [header.GetMetaData(f"Segment{i}_Name") for i in range(3)] == LABELS[1:]
+    shutil.copytree(out, tmp_path / "copied")  # a copy that lost one fold's ONNX: said so, not "no fold 1"
+    (tmp_path / "copied" / "fold_1" / "fp32.onnx").unlink()
+    code = main(["segment", "--model", str(tmp_path / "copied"), "--input", images["image"],
+                 "--output", str(tmp_path / "c.nii.gz")])
+    err = capsys.readouterr().err
+    assert code != 0 and "incomplete: fold_1/fp32.onnx is missing" in err and "no fold" not in err, err
+    assert not (tmp_path / "c.nii.gz").exists()
 
 
 def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images, capsys):

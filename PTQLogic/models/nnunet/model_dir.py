@@ -64,9 +64,13 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
         class_names(dataset)
         validate_plans(plans, meta["configuration"], dataset)
         chosen = [str(f) for f in folds] if folds else list(meta["folds"])
-        missing = [f for f in chosen if f not in meta["folds"] or not (root / f"fold_{f}" / "fp32.onnx").is_file()]
-        if missing:
-            raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {missing} (it has {meta['folds']}).")
+        unknown = [f for f in chosen if f not in meta["folds"]]
+        if unknown:
+            raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {unknown} (it has {meta['folds']}).")
+        lost = [f"fold_{f}/fp32.onnx" for f in chosen if not (root / f"fold_{f}" / "fp32.onnx").is_file()]
+        if lost:
+            raise ModelError(f"Quantized nnU-Net model folder '{root}' is incomplete: {', '.join(lost)} is missing; "
+                             "copy the whole folder again, or quantize the original nnU-Net folder again.")
         return NnUNetModel(root, load_spec(root / "spec.json"), plans, dataset, meta["configuration"], chosen,
                            meta.get("mirror_axes"), float(meta.get("step_size", 0.5)), quantized=True)
     loaded = NnUNetSource().load(root, folds=list(folds) if folds else None, checkpoint=checkpoint)
