@@ -125,6 +125,11 @@ def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
     assert len(folders) == 4  # random weights and --no-guard: both unguarded, two CTs, the same key
     args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
     assert models_key_extra(args) == ()
+    defaults = dict(vars(args), method="entropy", percentile=None, bias_correction=False)
+    assert models_key_extra(argparse.Namespace(**defaults)) == ()  # the committed runs' folders are found again
+    others = [models_key_extra(argparse.Namespace(**dict(defaults, **change)))
+              for change in ({"method": "max"}, {"method": "percentile", "percentile": 99.9}, {"bias_correction": True})]
+    assert len(set(others)) == 3 and () not in others
 
 
 def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):

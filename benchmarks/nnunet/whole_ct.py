@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the CPU the INT8 parts are quantized for (as ptqseg quantize --target-cpu; auto: this one, "
                         "ONEDNN_MAX_CPU_ISA included); vnni with ONEDNN_MAX_CPU_ISA=AVX2 runs VNNI parts on the "
                         "emulated AVX2 CPU")
+    p.add_argument("--method", choices=["entropy", "max", "percentile"], default="entropy",
+                   help="activation calibration of the INT8 parts (as ptqseg quantize --method)")
+    p.add_argument("--percentile", type=float, help="with --method percentile (default 99.99)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="correct each quantized layer's mean output shift (as ptqseg quantize --bias-correction)")
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")

@@ -43,8 +43,9 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     started = time.perf_counter()
     quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
                    guard=DEFAULT_GUARD if guarded(args) else None, exclude_nodes=args.exclude_nodes,
-                   target_cpu=getattr(args, "target_cpu", "auto"),
-                   monitor=Monitor(on_progress=stage_done))
+                   target_cpu=getattr(args, "target_cpu", "auto"), method=getattr(args, "method", "entropy"),
+                   percentile=getattr(args, "percentile", None),
+                   bias_correction=getattr(args, "bias_correction", False), monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
@@ -56,7 +57,8 @@ def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
 
 
 def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
-    """What else keys the models folder: the guard, a non-default number of calibration CTs, nodes kept in FP32 and
+    """What else keys the models folder: the guard, a non-default number of calibration CTs or calibration method,
+    bias correction, nodes kept in FP32 and
     an INT8 target without int8 dot products (7-bit weights: ``--target-cpu avx2``, or ``auto`` on such a CPU or one
     emulated with ``ONEDNN_MAX_CPU_ISA``), so a run never reuses parts quantized for another CPU unless it asks
     (``--target-cpu vnni`` there: the same parts on both ISAs). Empty for the settings of the committed VNNI/AMX
@@ -66,6 +68,10 @@ def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
     extra: tuple[Any, ...] = ("guard",) if guarded(args) else ()
     extra += ("target_cpu=avx2",) if resolve_target_cpu(getattr(args, "target_cpu", "auto"))[0] == "avx2" else ()
     extra += (f"calibration_cts={args.calibration_cts}",) if args.calibration_cts != 2 else ()
+    method = getattr(args, "method", "entropy")
+    extra += (f"method={method}",) if method != "entropy" else ()
+    extra += (f"percentile={args.percentile}",) if getattr(args, "percentile", None) is not None else ()
+    extra += ("bias_correction",) if getattr(args, "bias_correction", False) else ()
     return extra + ((f"exclude_nodes={sorted(args.exclude_nodes)}",) if args.exclude_nodes else ())
 
 
