@@ -119,6 +119,38 @@ def test_guard_rescues_a_model_that_plain_int8_breaks(outlier_spec, phantom_file
                     ["exclude_nodes"]}
     assert kept_pattern == {"^/conv2/Conv$", "^/head/Conv$"}
     assert result.report["qdq"]["ok"]
+    steps = guard["steps"]
+    assert not steps[0]["scales_reused"] and all(step["scales_reused"] for step in steps[1:])  # calibrated once
+
+
+@pytest.mark.parametrize("method", ["max", "entropy"])
+def test_a_guard_step_reusing_the_first_scales_equals_calibrating_again(outlier_spec, phantom_files, tmp_path,
+                                                                       method):
+    """Keeping layers in FP32 leaves the other tensors' ranges as they were: the INT8 model made from the first
+    quantization's scales is the one a new calibration makes, and its calibration reads one patch, not all."""
+    import onnxruntime as ort
+
+    from PTQLogic.core.spec import load_spec
+    from PTQLogic.quantization.calibration import CalibrationSettings, load_calibration_volumes, sample_calibration_patches
+    from PTQLogic.quantization.quantize import CALIBRATION_STAGE, QuantizeSettings, quantize_onnx
+    from PTQLogic.quantization.scale_reuse import activation_scales
+
+    fp32 = outlier_spec.with_name("outlier.onnx")
+    patches = sample_calibration_patches(load_calibration_volumes(phantom_files["calibration"]),
+                                         load_spec(outlier_spec), CalibrationSettings(num_patches=6, seed=3), None)
+    first = quantize_onnx(fp32, patches, tmp_path / "first.onnx", QuantizeSettings(method=method))
+    kept = QuantizeSettings(method=method, exclude_nodes=("^/conv2/Conv$",))
+    again = quantize_onnx(fp32, patches, tmp_path / "again.onnx", kept)
+    seen = []
+    reused = quantize_onnx(fp32, patches, tmp_path / "reused.onnx", kept,
+                           Monitor(on_progress=lambda *step: seen.append(step)), activation_scales(first.path))
+    assert reused.scales_reused and not again.scales_reused
+    assert {total for stage, _, total in seen if stage == CALIBRATION_STAGE} == {1}
+    scales = activation_scales(again.path)
+    assert activation_scales(reused.path) == scales and len(scales) < len(activation_scales(first.path))
+    outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": patches})[0]
+               for path in (again.path, reused.path)]
+    assert np.array_equal(*outputs)
 
 
 def test_guard_that_cannot_meet_its_target_fails_and_writes_nothing(outlier_spec, phantom_files, tmp_path):

@@ -26,6 +26,7 @@ from ..evaluation.metrics import agreement_dice
 from .held_out import HeldOut, HeldOutPatches
 from .interface import GuardTarget
 from .quantize import QuantizeReport, QuantizeSettings, quantize_onnx
+from .scale_reuse import activation_scales
 from .sensitivity import rank_sensitivity
 
 STAGE = "accuracy guard"
@@ -37,6 +38,7 @@ class GuardStep:
     agreement: float  # INT8-vs-FP32 Dice on the held-out data, on the guard's runtime
     int8_bytes: int
     int8_latency_ms: float  # per network call on the guard's runtime: median per held-out patch, mean per window
+    scales_reused: bool = False  # the first step's activation scales, not a new calibration (scale_reuse)
 
 
 @dataclass
@@ -126,13 +128,14 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: H
         guard.ranking = rank_sensitivity(fp32_onnx, out_path, held_out.ranking_patches, monitor)
     limit = min(target.max_kept, len(guard.ranking))
     count = 0
+    scales = activation_scales(out_path) if limit else None  # each step keeps the first calibration's ranges
     while not guard.met and count < limit:
         count = min(max(1, 2 * count), limit)
         kept = [name for name, _ in guard.ranking[:count]]
         monitor.update(STAGE, count, limit)
-        report = quantize_onnx(fp32_onnx, calibration, out_path, _exclusion(settings, kept), monitor)
+        report = quantize_onnx(fp32_onnx, calibration, out_path, _exclusion(settings, kept), monitor, scales)
         agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
-        guard.steps.append(GuardStep(kept, agreement, report.bytes, latency))
+        guard.steps.append(GuardStep(kept, agreement, report.bytes, latency, report.scales_reused))
     if not guard.met:
         raise AccuracyError(_miss_message(guard, settings))
     return report, guard

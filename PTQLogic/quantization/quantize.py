@@ -89,6 +89,7 @@ class QuantizeReport:
     # {"requested", "resolved", "weight_bits", "narrowed_tensors", "why"}: see _apply_target_cpu
     target_cpu: dict[str, Any] | None = None
     bias_correction: dict[str, Any] | None = None  # BiasCorrectionReport.summary() when settings ask for it
+    scales_reused: bool = False  # activation scales taken from an earlier quantization, not calibrated again
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -250,11 +251,21 @@ def _modelopt_without_old_tensorrt():
 
 
 def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray, settings: QuantizeSettings,
-                  log: io.StringIO, monitor: Monitor, target: str) -> int | None:
+                  log: io.StringIO, monitor: Monitor, target: str,
+                  scales: dict[str, float] | None = None) -> int | None:
     """Write the Q/DQ model to ``dst``; the "cpu" placement also narrows the weights for ``target`` and returns
-    how many tensors it narrowed (None: ModelOpt's placement, whose weights are still 8-bit)."""
+    how many tensors it narrowed (None: ModelOpt's placement, whose weights are still 8-bit). ``scales``: activation
+    scales of an earlier quantization of the same FP32 model (:mod:`.scale_reuse`), used instead of calibrating."""
     if settings.placement == "cpu":
         return _run_cpu_placement(src, dst, calibration, settings, log, monitor, target)
+    cache = None
+    if scales:
+        from .scale_reuse import write_calibration_cache
+
+        cache = src.with_name("calibration.cache")
+        log.write(f"Activation scales: {write_calibration_cache(scales, cache)} reused from an earlier quantization "
+                  "of this model (ModelOpt's calibration cache; ONNX Runtime's quantizer runs on one patch)\n")
+        calibration = calibration[:1]
     with _captured_modelopt_log(log), _silent_third_party_bars(), _modelopt_without_old_tensorrt():
         from modelopt.onnx.quantization import quantize
 
@@ -263,6 +274,7 @@ def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray
             quantize_mode="int8",
             calibration_data_reader=_progress_reader(src, input_name, calibration, monitor),
             calibration_method="max" if settings.method == "percentile" else settings.method,
+            calibration_cache_path=str(cache) if cache else None,
             calibration_eps=["cpu"],
             output_path=str(dst),
             high_precision_dtype=settings.high_precision,
@@ -271,7 +283,7 @@ def _run_modelopt(src: Path, dst: Path, input_name: str, calibration: np.ndarray
             nodes_to_exclude=list(settings.exclude_nodes) or None,
             log_level="INFO",
         )
-    if settings.method == "percentile":  # ModelOpt cannot be asked for it: its placement, then percentile scales
+    if settings.method == "percentile" and not scales:  # ModelOpt's placement, then percentile scales
         from .percentile import apply_percentile
 
         def on_batch(done: int, total: int) -> None:
@@ -320,9 +332,26 @@ def _apply_bias_correction(produced: Path, src: Path, calibration: np.ndarray, s
     return summary
 
 
+def _check_reused(produced: Path, scales: dict[str, float], log: io.StringIO) -> bool:
+    """Whether every activation scale of ``produced`` came from ``scales``; the log says which did not."""
+    from .scale_reuse import unmatched_scales
+
+    unmatched = unmatched_scales(produced, scales)
+    if unmatched:
+        log.write(f"Activation scales not all reused ({len(unmatched)}: {', '.join(unmatched[:5])}); "
+                  "calibrating again\n")
+    return not unmatched
+
+
 def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str | Path,
-                  settings: QuantizeSettings | None = None, monitor: Monitor | None = None) -> QuantizeReport:
-    """Calibrate on CPU and write an INT8 Q/DQ model to ``out_path`` (atomic); see :class:`QuantizeReport`."""
+                  settings: QuantizeSettings | None = None, monitor: Monitor | None = None,
+                  reuse_scales: dict[str, float] | None = None) -> QuantizeReport:
+    """Calibrate on CPU and write an INT8 Q/DQ model to ``out_path`` (atomic); see :class:`QuantizeReport`.
+
+    ``reuse_scales``: the activation scales of an earlier quantization of ``fp32_onnx`` on the same patches and
+    settings but fewer layers kept in FP32 (the accuracy guard's steps; :mod:`.scale_reuse`): calibration ranges do
+    not depend on which layers are quantized, so they are taken instead of calibrating again (ModelOpt placement).
+    """
     settings = settings or QuantizeSettings()
     monitor = monitor or Monitor()
     settings.validate()
@@ -343,8 +372,14 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
         shutil.copyfile(fp32_onnx, src)  # ModelOpt writes intermediates next to its input
         produced = workdir / "out" / "int8.onnx"
         produced.parent.mkdir()
+        reused = False
         try:
-            narrowed = _run_modelopt(src, produced, input_name, calibration, settings, log, monitor, target)
+            narrowed = _run_modelopt(src, produced, input_name, calibration, settings, log, monitor, target,
+                                     reuse_scales)
+            if reuse_scales and settings.placement != "cpu":
+                reused = _check_reused(produced, reuse_scales, log)
+                if not reused:  # a tensor the earlier model did not quantize: calibrate after all
+                    narrowed = _run_modelopt(src, produced, input_name, calibration, settings, log, monitor, target)
         except PTQError:  # cancelled between calibration batches
             raise
         except Exception as exc:
@@ -367,7 +402,8 @@ def quantize_onnx(fp32_onnx: str | Path, calibration: np.ndarray, out_path: str 
     monitor.update("quantize", 1, 1)
     return QuantizeReport(path=out_path, bytes=size, fp32_bytes=fp32_size, ratio=size / fp32_size,
                           seconds=seconds, calibration_patches=int(calibration.shape[0]), settings=settings,
-                          qdq=qdq, log_path=log_path, target_cpu=target_cpu, bias_correction=bias)
+                          qdq=qdq, log_path=log_path, target_cpu=target_cpu, bias_correction=bias,
+                          scales_reused=reused)
 
 
 def quantize_settings_for(architecture: str, method: str = "max", exclude_nodes=(), exclude_op_types=()):
