@@ -130,6 +130,14 @@ def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
     others = [models_key_extra(argparse.Namespace(**dict(defaults, **change)))
               for change in ({"method": "max"}, {"method": "percentile", "percentile": 99.9}, {"bias_correction": True})]
     assert len(set(others)) == 3 and () not in others
+    from whole_ct_setup import guard_target
+
+    guarded = argparse.Namespace(**dict(defaults, no_guard=False, min_agreement=None, max_kept_layers=None))
+    assert guard_target(guarded).min_agreement == 0.98 and guard_target(argparse.Namespace(**defaults)) is None
+    stricter = argparse.Namespace(**dict(vars(guarded), min_agreement=0.995, max_kept_layers=16))
+    assert (guard_target(stricter).min_agreement, guard_target(stricter).max_kept) == (0.995, 16)
+    assert models_key_extra(stricter) == ("guard", "min_agreement=0.995", "max_kept_layers=16")
+    assert models_key_extra(guarded) == ("guard",)  # the committed guarded runs keep their folders
 
 
 def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):

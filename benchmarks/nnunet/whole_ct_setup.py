@@ -29,7 +29,6 @@ def work_dir(args: argparse.Namespace, kind: str, *inputs: Any) -> Path:
 def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namespace) -> float | None:
     """Seconds to quantize one part, or None when an earlier run left it in ``out``."""
     from PTQLogic.pipeline import quantize_model
-    from PTQLogic.quantization.interface import DEFAULT_GUARD
 
     if (out / "nnunet_model.json").is_file():
         return None
@@ -42,13 +41,27 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
     print(f"quantizing {folder.parent.name} ({args.calibration_patches} calibration patches) ...", flush=True)
     started = time.perf_counter()
     quantize_model(folder, cts["calibration"], out, num_patches=args.calibration_patches,
-                   guard=DEFAULT_GUARD if guarded(args) else None, exclude_nodes=args.exclude_nodes,
+                   guard=guard_target(args), exclude_nodes=args.exclude_nodes,
                    target_cpu=getattr(args, "target_cpu", "auto"), method=getattr(args, "method", "entropy"),
                    percentile=getattr(args, "percentile", None),
                    bias_correction=getattr(args, "bias_correction", False), monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
+
+
+def guard_target(args: argparse.Namespace):
+    """The accuracy guard's target for the parts: the product's default unless --min-agreement or
+    --max-kept-layers change it; None without the guard."""
+    from dataclasses import replace
+
+    from PTQLogic.quantization.interface import DEFAULT_GUARD
+
+    if not guarded(args):
+        return None
+    changes = {"min_agreement": getattr(args, "min_agreement", None),
+               "max_kept": getattr(args, "max_kept_layers", None)}
+    return replace(DEFAULT_GUARD, **{k: v for k, v in changes.items() if v is not None})
 
 
 def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
@@ -72,6 +85,9 @@ def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
     extra += (f"method={method}",) if method != "entropy" else ()
     extra += (f"percentile={args.percentile}",) if getattr(args, "percentile", None) is not None else ()
     extra += ("bias_correction",) if getattr(args, "bias_correction", False) else ()
+    if guarded(args):
+        extra += tuple(f"{k}={getattr(args, k)}" for k in ("min_agreement", "max_kept_layers")
+                       if getattr(args, k, None) is not None)
     return extra + ((f"exclude_nodes={sorted(args.exclude_nodes)}",) if args.exclude_nodes else ())
 
 
