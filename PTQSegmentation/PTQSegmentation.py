@@ -278,6 +278,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText("$ " + " ".join(command))
         env = support.engine_environment(os.environ, support.ptqlogic_parent_dir(_MODULE_DIR))
         self._job = support.BackgroundProcess(command, env=env)
+        self._progress = support.RunProgress()
         self._jobFinished = onFinished
         self.ui.statusLabel.text = title + "..."
         self.ui.progressBar.value = 0
@@ -289,7 +290,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         lines, returnCode = self._job.poll()
         for stream, line in lines:
-            progress = support.parse_progress(line) if stream == "stderr" else None
+            progress = self._progress.update(line) if stream == "stderr" else None
             estimate = support.parse_estimate(line) if stream == "stderr" else None
             if progress:
                 self.ui.progressBar.value = int(100 * progress[0])

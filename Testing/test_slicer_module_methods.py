@@ -200,7 +200,8 @@ def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
     said = "Expected: 5 parts, 320 windows, network ~95 s, peak ~6.1 GiB"
     lines = [("stderr", estimate_line({"text": said, "windows": 320})), ("stderr", "note: something"),
              ("stderr", progress_line("part 2/5 (vertebrae): sliding window", 32, 64))]
-    widget = types.SimpleNamespace(_job=types.SimpleNamespace(poll=lambda: (lines, None)), ui=ui)
+    widget = types.SimpleNamespace(_job=types.SimpleNamespace(poll=lambda: (lines, None)), ui=ui,
+                                   _progress=support.RunProgress())
     qt_standin = types.SimpleNamespace(QTableWidgetItem=lambda text: text)
     show = _method("PTQSegmentationWidget", "showResults", support=support, qt=qt_standin)
     widget.showResults = lambda result: show(widget, result)

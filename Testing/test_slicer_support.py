@@ -176,6 +176,20 @@ def test_command_lines_and_parsing():
 
     assert ss.parse_progress(progress_line("calibrate", 3, 4)) == (0.75, "calibrate 3/4")
     assert ss.parse_progress(progress_line("x", 0, 0))[0] == 0.0 and ss.parse_progress("hello") is None
+
+
+def test_the_bar_never_goes_back_when_a_part_exports_beside_the_next_part():
+    bar = ss.RunProgress()
+    lines = [progress_line("part 1/2 (a): sliding window", 4, 4), progress_line("part 1/2 (a): export", 1, 3),
+             progress_line("part 2/2 (b): sliding window", 1, 4),
+             progress_line("part 1/2 (a): export", 3, 3),  # part a's export finishing beside part b's windows
+             progress_line("part 2/2 (b): sliding window", 4, 4), progress_line("part 2/2 (b): export", 3, 3)]
+    shown = [bar.update(line) for line in lines]
+    fractions = [fraction for fraction, _ in shown]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert ss.parse_progress(lines[3])[0] < ss.parse_progress(lines[2])[0]  # what the bar alone would have shown
+    assert shown[3][1] == "part 1/2 (a): export 3/3"  # the status still says what reported
+    assert bar.update(progress_line("calibrate", 1, 4))[0] == 0.25 and bar.update("hello") is None  # other stages
     stdout = 'noise {not json}\n{"a": 1}\n{\n "output": "o.nrrd", "nested": {"k": [1, 2]}\n}\n'
     assert ss.parse_result(stdout) == {"output": "o.nrrd", "nested": {"k": [1, 2]}}
     with pytest.raises(PTQError, match="without printing a result"):

@@ -113,6 +113,28 @@ def parse_progress(line: str) -> tuple[float, str] | None:
     return fraction, f"{stage} {done}/{total}"
 
 
+class RunProgress:
+    """The progress bar of one job: :func:`parse_progress` line by line, except that over the parts of an nnU-Net
+    run the bar never moves back. A part's export runs beside the next part's sliding window, so its last lines
+    can arrive after the next part's first ones (on a busy machine, many of them)."""
+
+    def __init__(self) -> None:
+        self.parts_fraction = 0.0
+
+    def update(self, line: str) -> tuple[float, str] | None:
+        """(fraction for the bar, text for the status) of a progress line; None for other lines."""
+        parsed = parse_progress(line)
+        if parsed is None:
+            return None
+        fraction, text = parsed
+        if _PART_STAGE.match(text):
+            self.parts_fraction = fraction = max(fraction, self.parts_fraction)
+        return fraction, text
+
+
+_PART_STAGE = re.compile(r"part \d+/\d+ \(.*\): ")
+
+
 def parse_estimate(line: str) -> dict | None:
     """A ``PTQSEG_ESTIMATE`` line (what a run is expected to cost, said before it runs) -> its summary, whose
     "text" is one line for the user; else None."""

@@ -25,8 +25,8 @@ from .deps import (  # noqa: F401  (re-export)
 from ..models import model_files
 from ..models.model_files import ModelSource, sample_models  # noqa: F401  (re-export)
 from .process import (  # noqa: F401  (re-export)
-    BackgroundProcess, default_python, engine_environment, info_command, parse_error, parse_estimate, parse_progress,
-    parse_result, ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
+    BackgroundProcess, RunProgress, default_python, engine_environment, info_command, parse_error, parse_estimate,
+    parse_progress, parse_result, ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
 )
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
