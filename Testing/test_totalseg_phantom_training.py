@@ -271,6 +271,22 @@ def test_foreground_patches_centre_each_class_equally_often_as_nnunet_does():
     rng, points = np.random.default_rng(0), training.class_points(labels)
     small = sum(int((training.crop(image, labels, (6, 6, 6), rng, True, points)[1] == 3).any()) for _ in range(400))
     assert 150 < small < 250
+    by_voxel = sum(int((training.crop(image, labels, (6, 6, 6), rng, True, points, by_voxel=True)[1] == 3).any())
+                   for _ in range(400))
+    assert by_voxel < 10  # --class-draw by-voxel: 8 of 8008 foreground voxels
+
+
+@pytest.mark.parametrize("argv, fails", [([], False),
+                                         (["--foreground-share", "0.33", "--class-draw", "by-voxel"], False),
+                                         (["--foreground-share", "1.5"], True), (["--class-draw", "x"], True)])
+def test_patch_sampling_options_are_checked(argv, fails, capsys):
+    if fails:
+        with pytest.raises(SystemExit):
+            training.parse_args(["--out", "w", *argv])
+        assert argv[0] in capsys.readouterr().err
+    else:
+        args = training.parse_args(["--out", "w", *argv])
+        assert (args.foreground_share, args.class_draw) == ((0.33, "by-voxel") if argv else (2 / 3, "balanced"))
 
 
 @pytest.mark.slow

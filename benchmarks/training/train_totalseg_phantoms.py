@@ -117,10 +117,12 @@ def class_points(labels) -> list:
     return [torch.nonzero(labels == c).to(torch.int32) for c in torch.unique(labels).tolist() if c > 0]
 
 
-def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool, points=None):
+def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foreground: bool, points=None,
+         by_voxel: bool = False):
     """One patch (the volume padded with its minimum where smaller). ``foreground``: centred on a voxel of one
     foreground class drawn with equal chance among those present, as nnU-Net's data loader draws them, so that a
-    kidney is centred as often as the liver (five times its size); ``points``: :func:`class_points` of ``labels``
+    kidney is centred as often as the liver (five times its size); ``by_voxel``: on any foreground voxel, so each
+    class in proportion to its size (the runs before 2026-12-06); ``points``: :func:`class_points` of ``labels``
     if known (searching the volume costs tens of ms a patch)."""
     import torch
 
@@ -135,7 +137,9 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
     if foreground and points is None:
         points = class_points(labels)
     if foreground and points:
-        voxels = points[int(rng.integers(len(points)))]
+        sizes = np.array([len(voxels) for voxels in points], dtype=np.float64)
+        pick = rng.choice(len(points), p=sizes / sizes.sum()) if by_voxel else rng.integers(len(points))
+        voxels = points[int(pick)]
         centre = voxels[int(rng.integers(len(voxels)))].tolist()
         start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, patch, labels.shape)]
     else:
@@ -181,7 +185,8 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     losses, started = [], time.perf_counter()
     for step in range(steps):
         picks = [int(i) for i in rng.integers(len(data), size=args.batch)]
-        crops = [crop(*data[i], args.patch, rng, rng.random() < 2 / 3, points[i]) for i in picks]
+        crops = [crop(*data[i], args.patch, rng, rng.random() < args.foreground_share, points[i],
+                      args.class_draw == "by-voxel") for i in picks]
         images = torch.stack([c[0] for c in crops]).to(args.device)
         target = torch.stack([c[1] for c in crops])[:, None].to(args.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -312,6 +317,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, nargs=3, help="training patch KJI (default: the plans' patch)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--phantoms", type=int, default=6, help="training phantoms (seeds from 3000)")
+    p.add_argument("--foreground-share", type=float, default=2 / 3,
+                   help="share of patches centred on a foreground voxel (nnU-Net: 1/3 of a batch at least; the "
+                        "rest anywhere, where the network learns what is not an organ)")
+    p.add_argument("--class-draw", choices=["balanced", "by-voxel"], default="balanced",
+                   help="foreground patches: each class present equally often (nnU-Net), or in proportion to its "
+                        "voxels (the runs before 2026-12-06)")
     p.add_argument("--phantom-grid", choices=["ct", "model"], default="ct",
                    help="draw phantoms on the CT's grid and let nnU-Net resample them, as the test CT (ct), or at the "
                         "model's spacing (model: faster, the runs before 2026-12-06; see network_volumes)")
@@ -332,6 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.phantoms < 1 or not args.lr > 0:
         p.error("--steps, --batch and --phantoms must be at least 1, --lr positive")
+    if not 0 <= args.foreground_share <= 1:
+        p.error(f"--foreground-share must be between 0 and 1, got {args.foreground_share}")
     try:
         args.part_steps = {k: int(v) for k, v in (item.split("=", 1) for item in args.part_steps)}
     except ValueError:
