@@ -93,7 +93,8 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
     return command + _FLAGS
 
 
-# share of one part's time per step of an nnU-Net part ("part 2/5 (vertebrae): sliding window")
+# a stage of an nnU-Net part ("part 2/5 (vertebrae): sliding window") and the share of the part's time per step
+_PART_STAGE = re.compile(r"part (\d+)/(\d+) \(.*\): (.+)$")
 _PART_STEPS = {"preprocessing": (0.0, 0.1), "sliding window": (0.1, 0.9), "export": (0.9, 1.0)}
 
 
@@ -106,7 +107,7 @@ def parse_progress(line: str) -> tuple[float, str] | None:
         return None
     stage, done, total = parsed
     fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
-    part = re.match(r"part (\d+)/(\d+) \(.*\): (.+)$", stage)
+    part = _PART_STAGE.match(stage)
     if part and 0 < int(part.group(1)) <= int(part.group(2)):
         start, end = _PART_STEPS.get(part.group(3), (0.0, 1.0))
         fraction = (int(part.group(1)) - 1 + start + (end - start) * fraction) / int(part.group(2))
@@ -130,9 +131,6 @@ class RunProgress:
         if _PART_STAGE.match(text):
             self.parts_fraction = fraction = max(fraction, self.parts_fraction)
         return fraction, text
-
-
-_PART_STAGE = re.compile(r"part \d+/\d+ \(.*\): ")
 
 
 def parse_estimate(line: str) -> dict | None:

@@ -137,8 +137,11 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
     if foreground and points is None:
         points = class_points(labels)
     if foreground and points:
-        sizes = np.array([len(voxels) for voxels in points], dtype=np.float64)
-        pick = rng.choice(len(points), p=sizes / sizes.sum()) if by_voxel else rng.integers(len(points))
+        if by_voxel:
+            sizes = np.array([len(voxels) for voxels in points], dtype=np.float64)
+            pick = rng.choice(len(points), p=sizes / sizes.sum())
+        else:
+            pick = rng.integers(len(points))
         voxels = points[int(pick)]
         centre = voxels[int(rng.integers(len(voxels)))].tolist()
         start = [min(max(0, c - p // 2), s - p) for c, p, s in zip(centre, patch, labels.shape)]
