@@ -63,6 +63,35 @@ def test_nearest_labels_keep_each_voxel_centres_label():
     assert training.nearest_labels(labels, (8, 6, 2))[::2].tolist() == labels.tolist()
 
 
+def test_augmentation_resamples_the_region_as_asked():
+    import augment
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(size=(1, 12, 14, 16)).astype(np.float32))
+    labels = torch.zeros(12, 14, 16, dtype=torch.int64)
+    labels[3:9, 4:8, 5:13] = 2
+    labels[6, 7, 8] = 5
+    centre = (slice(2, 10), slice(3, 11), slice(4, 12))
+    # no zoom, no turn: the region's centre, voxel for voxel
+    out, lab = augment.resample(image, labels, [8, 8, 8], 1.0, 0.0)
+    assert torch.equal(lab, labels[centre])
+    assert torch.allclose(out, image[(slice(None), *centre)], atol=1e-5)
+    # a quarter turn about K: the centre turned in the J-I plane, labels still only the ones given
+    _, turned = augment.resample(image, labels, [8, 8, 8], 1.0, np.pi / 2)
+    assert set(turned.unique().tolist()) <= {0, 2, 5}
+    assert torch.equal(turned, torch.rot90(labels[centre], 1, (1, 2))) or torch.equal(
+        turned, torch.rot90(labels[centre], -1, (1, 2)))
+    # zooming out by 2: the 6x4x8 organ spans 3-4 x 2-3 x 4-5 voxels, and outside the region is background
+    _, small = augment.resample(image, labels, [8, 8, 8], 2.0, 0.0)
+    assert 3 * 2 * 4 - 1 <= int((small == 2).sum()) <= 4 * 3 * 5
+    assert int(small[0].sum()) == 0
+    # training draws: a region of REGION x the patch, returned at the patch's size
+    region = augment.region_for([8, 8, 8])
+    assert region == [12, 12, 12]
+    a, b = augment.augment(image[:, :12, :12, :12], labels[:12, :12, :12], [8, 8, 8], rng)
+    assert a.shape == (1, 8, 8, 8) and b.shape == (8, 8, 8) and b.dtype == torch.int64
+
+
 def test_phantoms_on_the_ct_grid_are_what_the_network_meets_at_test(tmp_path):
     """grid "ct": drawn as the test CT is (its shape and spacing) and resampled by nnU-Net's own preprocessing to
     the network grid, labels alongside; "model": drawn on the network grid, preprocessing only normalizes."""
@@ -92,7 +121,8 @@ def test_phantoms_on_the_ct_grid_are_what_the_network_meets_at_test(tmp_path):
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("totalseg-train")
     command = [sys.executable, str(TRAIN), "--config", "fast", *CT, "--tiny-networks", "--steps", "60",
-               "--phantoms", "2", "--threads", "1", "--work", str(folder / "work"), "--out", str(folder / "weights")]
+               "--augment", "0.5", "--phantoms", "2", "--threads", "1", "--work", str(folder / "work"),
+               "--out", str(folder / "weights")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"folder": folder, "stdout": done.stdout,

@@ -38,8 +38,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 NNUNET = ROOT / "benchmarks" / "nnunet"
-sys.path[:0] = [str(ROOT), str(NNUNET)]
+sys.path[:0] = [str(ROOT), str(NNUNET), str(Path(__file__).parent)]
 
+import augment  # noqa: E402
 import totalseg_shapes as shapes  # noqa: E402
 from whole_ct_setup import CALIBRATION_SEEDS, TEST_SEED, plans_for, work_dir  # noqa: E402
 
@@ -151,6 +152,17 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
     return image[(slice(None), *window)], labels[window]
 
 
+def augmented_crop(volume, points, args: argparse.Namespace, rng: np.random.Generator):
+    """One training patch of ``volume`` (image, labels): :func:`crop` as ``args`` asks, zoomed, turned and its
+    intensities scaled (``augment.augment``) with chance ``args.augment``; on ``args.device``."""
+    foreground = rng.random() < args.foreground_share
+    by_voxel = args.class_draw == "by-voxel"
+    if not args.augment or rng.random() >= args.augment:
+        return [t.to(args.device) for t in crop(*volume, args.patch, rng, foreground, points, by_voxel)]
+    image, labels = crop(*volume, augment.region_for(args.patch), rng, foreground, points, by_voxel)
+    return augment.augment(image.to(args.device), labels.to(args.device), args.patch, rng)
+
+
 def set_class_priors(network, labels: Sequence[Any], classes: int) -> None:
     """The segmentation head's biases at the log of each class's voxel share in the training labels (a class
     never seen at 1e-6): with 100+ outputs and a handful of organs present, Adam would otherwise spend most
@@ -188,8 +200,7 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
     losses, started = [], time.perf_counter()
     for step in range(steps):
         picks = [int(i) for i in rng.integers(len(data), size=args.batch)]
-        crops = [crop(*data[i], args.patch, rng, rng.random() < args.foreground_share, points[i],
-                      args.class_draw == "by-voxel") for i in picks]
+        crops = [augmented_crop(data[i], points[i], args, rng) for i in picks]
         images = torch.stack([c[0] for c in crops]).to(args.device)
         target = torch.stack([c[1] for c in crops])[:, None].to(args.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -326,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--class-draw", choices=["balanced", "by-voxel"], default="balanced",
                    help="foreground patches: each class present equally often (nnU-Net), or in proportion to its "
                         "voxels (the runs before 2026-12-06)")
+    p.add_argument("--augment", type=float, default=0.0, metavar="CHANCE",
+                   help="share of patches zoomed (0.8-1.25), turned about the body axis (+-0.35 rad) and their "
+                        "intensities scaled (augment.py); 0: none (every run before this option)")
     p.add_argument("--phantom-grid", choices=["ct", "model"], default="ct",
                    help="draw phantoms on the CT's grid and let nnU-Net resample them, as the test CT (ct), or at the "
                         "model's spacing (model: faster, the runs before 2026-12-06; see network_volumes)")
@@ -346,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.phantoms < 1 or not args.lr > 0:
         p.error("--steps, --batch and --phantoms must be at least 1, --lr positive")
+    if not 0 <= args.augment <= 1:
+        p.error(f"--augment must be between 0 and 1, got {args.augment}")
     if not 0 <= args.foreground_share <= 1:
         p.error(f"--foreground-share must be between 0 and 1, got {args.foreground_share}")
     try:
