@@ -38,6 +38,7 @@ def quantize_model(
     target_cpu: str = "auto",
     percentile: float | None = None,
     bias_correction: bool = False,
+    on_miss: str = "fail",
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
@@ -52,13 +53,15 @@ def quantize_model(
     AVX512-VNNI, AVX-VNNI, AMX; also for GPUs) or "avx2" (x86 without them: 7-bit convolution weights).
     ``bias_correction``: empirical bias correction of the INT8 model on the calibration patches (opt-in:
     ``quantization.bias_correction``, benchmarks/results/fidelity/bias_correction_epyc2_avx2.md).
+    ``on_miss``: "fail" (default: ``AccuracyError`` when the guard's target is missed) or, for nnU-Net folders,
+    "fp32": the folder is written without INT8 and ``segment`` runs it (a part of a set) in FP32, saying why.
     """
     from .quantization.quantizers import quantizer_for
 
     options = QuantizeOptions(num_patches=num_patches, seed=seed, method=method, exclude_nodes=tuple(exclude_nodes),
                               guard=guard, folds=None if folds is None else tuple(folds), checkpoint=checkpoint,
                               placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu,
-                              percentile=percentile, bias_correction=bias_correction)
+                              percentile=percentile, bias_correction=bias_correction, on_miss=on_miss)
     return quantizer_for(model).quantize(model, calibration, out_dir, options, monitor or Monitor())
 
 

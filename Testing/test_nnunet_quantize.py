@@ -143,3 +143,68 @@ def test_totalsegmentator_style_parts_merge_into_one_named_map(tmp_path, images,
     assert np.array_equal(total_map, lookup[merged])
     names = {row["value"]: row["name"] for row in json.loads(label_table_paths(tmp_path / "total.nii.gz")[0].read_text())["labels"]}
     assert all(names[int(k)] == v for k, v in total.items())
+
+
+def test_a_part_whose_int8_misses_the_target_runs_in_fp32_with_on_miss_fp32(tmp_path, images, capsys):
+    """quantize --on-miss fp32: the folder keeps FP32 only and says why; segment runs that part in FP32 beside the
+    INT8 parts and says so, with the labels FP32 gives."""
+    organs = write_folder(tmp_path / "organs", plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(LABELS))
+    more = write_folder(tmp_path / "more", plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(["background", "stomach"]),
+                        seed=10)
+    int8_part = tmp_path / "more-int8"
+    _quantize(more, int8_part, images, capsys, patches=2)
+    kept = tmp_path / "organs-q"
+    code = main(["quantize", "--model", str(organs), "--calibration", *images["calibration"], "--out", str(kept),
+                 "--patches", "2", "--min-agreement", "1.0", "--max-kept-layers", "1", "--guard-runtime",
+                 "onnxruntime", "--on-miss", "fp32", "--json"])  # random weights: INT8 cannot agree perfectly
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
+    assert "misses the accuracy target on onnxruntime" in data["int8_fallback"]["reason"]
+    assert data["int8_onnx"] == [] and data["guard"]["met"] is False and len(data["calibration_inputs"]) == 2
+    assert (kept / "fold_0" / "fp32.onnx").is_file() and not (kept / "fold_0" / "int8.onnx").exists()
+    from PTQLogic.slicer import support  # the Slicer panel's results table says it too
+
+    rows = dict(support.results_rows(data))
+    assert rows["INT8"].startswith("not kept") and "INT8 ONNX size" not in rows
+    assert rows["Accuracy guard"].startswith("target 1.000 missed on onnxruntime")
+    report = json.loads((kept / "quantization.json").read_text())
+    assert report["int8_fallback"]["precision"] == "fp32" and report["folds"]["0"]["path"] is None
+    assert report["folds"]["0"]["guard"]["steps"] and report["qdq"]["ok"] is None
+
+    run = ("--runtime", "openvino", "--precision", "int8")
+    alone = _segment(kept, images["image"], tmp_path / "alone.nii.gz", capsys, *run)
+    _segment(kept, images["image"], tmp_path / "fp32.nii.gz", capsys, "--runtime", "openvino", "--precision", "fp32")
+    assert alone["precision"] == "fp32"
+    assert any("ran in FP32, not INT8" in w and "< 1.0000 on onnxruntime" in w for w in alone["warnings"])
+    fp32_labels = read_volume(tmp_path / "fp32.nii.gz").array
+    assert np.array_equal(read_volume(tmp_path / "alone.nii.gz").array, fp32_labels)
+
+    both = _segment([kept, int8_part], images["image"], tmp_path / "both.nii.gz", capsys, *run)
+    assert both["precision"] == "int8"  # the parts that have INT8 ran it
+    assert sum("ran in FP32, not INT8" in w for w in both["warnings"]) == 1
+    _segment(int8_part, images["image"], tmp_path / "more.nii.gz", capsys, *run)
+    expected = fp32_labels.copy()
+    more_labels = read_volume(tmp_path / "more.nii.gz").array
+    expected[more_labels > 0] = more_labels[more_labels > 0] + len(LABELS) - 1
+    assert np.array_equal(read_volume(tmp_path / "both.nii.gz").array, expected)
+
+    # without --on-miss fp32 the same miss is an error and nothing is written
+    code = main(["quantize", "--model", str(organs), "--calibration", *images["calibration"], "--out",
+                 str(tmp_path / "refused"), "--patches", "2", "--min-agreement", "1.0", "--max-kept-layers", "1",
+                 "--guard-runtime", "onnxruntime"])
+    assert code != 0 and "misses the accuracy target" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_on_miss_fp32_is_refused_for_models_that_are_not_nnunet_folders(tmp_path, images, capsys):
+    from pathlib import Path
+
+    import PTQLogic
+
+    spec = Path(PTQLogic.__file__).parent / "samples" / "data" / "phantom_unet.json"
+    code = main(["quantize", "--model", str(spec), "--calibration", *images["calibration"], "--out",
+                 str(tmp_path / "out"), "--on-miss", "fp32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--on-miss fp32 is for nnU-Net folders" in err and "--precision fp32" in err, err
+    assert not (tmp_path / "out").exists()

@@ -223,7 +223,8 @@ def _quantize_from_panel(tmp_path, method, percentile, bias_correction=False):
     started, errors = [], []
     params = types.SimpleNamespace(modelPath=MODULE_DIR.parent / "PTQLogic" / "samples" / "data" / "phantom_unet.json",
                                    calibrationFolder=tmp_path, patches=4, method=method, percentile=percentile,
-                                   biasCorrection=bias_correction, minAgreement=0.98, runtime="openvino")
+                                   biasCorrection=bias_correction, minAgreement=0.98, runtime="openvino",
+                                   keepFp32OnMiss=False)
     widget = types.SimpleNamespace(
         _job=None, _jobTemp=None, _parameterNode=params, ensureDependencies=lambda: True,
         ui=types.SimpleNamespace(calibrationVolumesSelector=types.SimpleNamespace(checkedNodes=lambda: [])),

@@ -410,3 +410,24 @@ def test_bias_correction_is_an_opt_in_checkbox_the_cli_accepts():
     assert build_parser().parse_args(command[3:]).bias_correction is True
     assert build_parser().parse_args(quantize_command("python", "s", ["c"], "o", 4, "entropy")[3:]).bias_correction \
         is False
+
+
+def test_keep_fp32_on_miss_is_an_opt_in_checkbox_that_reaches_quantize():
+    """The Calibration section's nnU-Net box: unchecked (quantizing fails on a miss, as the CLI), saved in the
+    parameter node, its tooltip says what it does, and it reaches quantize as --on-miss fp32 (with the guard on)."""
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.slicer.process import quantize_command
+
+    root = ET.parse(UI_FILE).getroot()
+    box = root.find(".//widget[@name='calibrationCollapsibleButton']//widget[@name='keepFp32OnMissCheckBox']")
+    assert box is not None and box.get("class") == "QCheckBox"
+    values = {p.get("name"): p[0].text for p in box.findall("property")}
+    assert values["SlicerParameterName"] == "keepFp32OnMiss" and values.get("checked", "false") == "false"
+    for needle in ("nnU-Net", "TotalSegmentator", "FP32", "Segment then says", "Off: quantizing fails"):
+        assert needle in values["toolTip"], needle
+    source = MODULE_PY.read_text()
+    assert "keepFp32OnMiss: bool = False" in source and 'on_miss="fp32" if params.keepFp32OnMiss' in source
+    assert "keepFp32OnMiss" in _parameter_fields(_module_tree())
+    command = quantize_command("python", "nnunet_folder", ["c.nrrd"], "out", 4, "entropy", on_miss="fp32")
+    assert build_parser().parse_args(command[3:]).on_miss == "fp32"
+    assert build_parser().parse_args(quantize_command("python", "s", ["c"], "o", 4, "entropy")[3:]).on_miss == "fail"

@@ -92,6 +92,27 @@ def test_augmentation_resamples_the_region_as_asked():
     assert a.shape == (1, 8, 8, 8) and b.shape == (8, 8, 8) and b.dtype == torch.int64
 
 
+def test_check_every_keeps_the_weights_of_the_best_validation_check():
+    import argparse
+
+    network = torch.nn.Conv3d(1, 3, 1)
+    image = torch.randn(1, 8, 8, 8)
+    labels = (image[0] > 0).long() + (image[0] > 1).long()
+    args = argparse.Namespace(device="cpu", amp=False, lr=0.05, batch=1, patch=[8, 8, 8], foreground_share=0.5,
+                              class_draw="balanced", augment=0.0, check_every=2)
+    means, seen, checks = iter([0.5, 0.9, 0.3]), [], []
+
+    def check(net):  # scores in turn; the weights each check saw
+        seen.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return {"dice": {}, "mean": next(means)}
+
+    training.train_part(network, [(image, labels)], np.arange(3), args, seed=0, steps=6, priors=False, check=check,
+                        checks=checks)
+    assert [c["step"] for c in checks] == [2, 4, 6] and [c["mean"] for c in checks] == [0.5, 0.9, 0.3]
+    assert not torch.equal(seen[1]["weight"], seen[2]["weight"])  # training moved on after step 4 ...
+    assert all(torch.equal(v, seen[1][k]) for k, v in network.state_dict().items())  # ... and step 4's were kept
+
+
 def test_phantoms_on_the_ct_grid_are_what_the_network_meets_at_test(tmp_path):
     """grid "ct": drawn as the test CT is (its shape and spacing) and resampled by nnU-Net's own preprocessing to
     the network grid, labels alongside; "model": drawn on the network grid, preprocessing only normalizes."""
@@ -121,7 +142,7 @@ def test_phantoms_on_the_ct_grid_are_what_the_network_meets_at_test(tmp_path):
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("totalseg-train")
     command = [sys.executable, str(TRAIN), "--config", "fast", *CT, "--tiny-networks", "--steps", "60",
-               "--augment", "0.5", "--phantoms", "2", "--threads", "1", "--work", str(folder / "work"),
+               "--augment", "0.5", "--check-every", "30", "--phantoms", "2", "--threads", "1", "--work", str(folder / "work"),
                "--out", str(folder / "weights")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,6 +171,20 @@ def test_training_learns_and_writes_a_folder_the_project_loads(trained):
             assert predicted + true > 0
             if min(predicted, true) == 0:  # a class only one side gives scores 0
                 assert whole["dice"][c] == 0
+    # --check-every 30: the validation phantom (seed 2001, neither trained on nor the held-out one) at steps 30 and
+    # 60; the weights kept are those of the best check
+    checks = record["validation_checks"]
+    assert record["validation_seed"] == 2001 and [c["step"] for c in checks] == [30, 60]
+    assert record["kept_step"] == max(checks, key=lambda c: c["mean"] or -1)["step"]
+    assert "step 30: validation phantom Dice" in trained["stdout"]
+    scored = trained["folder"] / "validation.json"  # the saved weights are the kept step's: they score the same
+    command = [sys.executable, str(TRAIN.parent / "volume_check.py"), "--config", "fast", *CT, "--tiny-networks",
+               "--weights", str(trained["folder"] / "weights"), "--work", str(trained["folder"] / "work"),
+               "--seeds", "2001", "--overlap", "0.5", "--out", str(scored)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = next(c for c in checks if c["step"] == record["kept_step"])
+    assert json.loads(scored.read_text())["scores_by_seed_and_overlap"]["2001"]["0.5"]["dice"] == kept["dice"]
     assert "whole held-out phantom, Dice" in trained["stdout"]
     assert "whole training phantom (3000), Dice" in trained["stdout"]
     assert trained["log"]["train_seeds"] == [3000, 3001] and trained["log"]["held_out_seed"] == 2000

@@ -96,18 +96,24 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         method=args.method, exclude_nodes=args.exclude_nodes or (), guard=guard, monitor=_monitor(args),
         folds=args.folds, checkpoint=args.checkpoint,
         placement=placement, activations=args.activations, subpixel=args.subpixel, target_cpu=args.target_cpu,
-        percentile=args.percentile, bias_correction=args.bias_correction,
+        percentile=args.percentile, bias_correction=args.bias_correction, on_miss=args.on_miss,
     )
     data = result.to_dict()
     chosen = data["placement"]["auto"]
     inputs = data["calibration_inputs"]
+    fallback = data.get("int8_fallback")
+    sizes = (f"  FP32 ONNX {data['fp32_mb']:.2f} MB and no INT8, in {data['seconds']:.1f} s: INT8 missed the accuracy "
+             f"target (agreement {data['guard']['agreement']:.4f} < {data['guard']['threshold']:.4f}), so with "
+             "--on-miss fp32 this folder runs in FP32 (segment says so; quantization.json has what was tried)"
+             if fallback else
+             f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
+             f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
+             + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
+                if data["placement"]["activations"] == "u8" else "FAIL (see quantization.json)"))
     _emit(args, data, (
         f"Calibrated on {len(inputs)} volume(s): {', '.join(inputs)}\n"
         f"Quantized model written to {data['model_dir']}\n"
-        f"  FP32 ONNX {data['fp32_mb']:.2f} MB -> INT8 ONNX {data['int8_mb']:.2f} MB "
-        f"({1 / data['size_ratio']:.2f}x smaller) in {data['seconds']:.1f} s; TensorRT Q/DQ rules "
-        + ("pass" if data["qdq_ok"] else "not met: u8 activations are for ONNX Runtime (use s8 for TensorRT)"
-           if data["placement"]["activations"] == "u8" else "FAIL (see quantization.json)")
+        + sizes
         + (f"\n  {chosen}" if chosen else "")
         + _bias_text(result.report.get("bias_correction"))
         + _guard_text(result.report.get("guard"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..quantization.interface import DEFAULT_METHOD, DEFAULT_MIN_AGREEMENT, METHODS
+from ..quantization.interface import DEFAULT_METHOD, DEFAULT_MIN_AGREEMENT, METHODS, ON_MISS
 from .cli_support import Parser, int_at_least
 
 # Same as engines.base.RUNTIMES/PRECISIONS (a test keeps them equal); engines imports torch.
@@ -121,6 +121,10 @@ def add_guard_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--guard-runtime", choices=RUNTIME_CHOICES, default="auto",
                    help="runtime whose INT8 result the guard checks (default: the one segment would pick)")
     q.add_argument("--max-kept-layers", type=int_at_least(1), default=8, help="accuracy guard: most layers kept in FP32")
+    q.add_argument("--on-miss", choices=list(ON_MISS), default="fail",
+                   help="when INT8 misses the accuracy target: stop with the error (fail, the default), or, for nnU-Net "
+                        "folders, write the folder without INT8 (fp32): segment then runs this model, for example one "
+                        "part of a TotalSegmentator-style set, in FP32 and says why")
 
 
 def add_build_options(b: argparse.ArgumentParser) -> None:

@@ -32,6 +32,14 @@ from .sensitivity import rank_sensitivity
 STAGE = "accuracy guard"
 
 
+class GuardMissed(AccuracyError):
+    """INT8 missed the guard's target; ``report`` (a :class:`GuardReport`) says what was tried."""
+
+    def __init__(self, message: str, report: "GuardReport"):
+        super().__init__(message)
+        self.report = report
+
+
 @dataclass
 class GuardStep:
     kept: list[str]  # compute nodes kept in higher precision in this attempt
@@ -137,7 +145,7 @@ def guarded_quantize(fp32_onnx: str | Path, calibration: np.ndarray, held_out: H
         agreement, latency = _measure(runtime, out_path, held_out, reference, num_classes)
         guard.steps.append(GuardStep(kept, agreement, report.bytes, latency, report.scales_reused))
     if not guard.met:
-        raise AccuracyError(_miss_message(guard, settings))
+        raise GuardMissed(_miss_message(guard, settings), guard)
     return report, guard
 
 

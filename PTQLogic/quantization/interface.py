@@ -23,6 +23,9 @@ DEFAULT_METHOD = "entropy"
 # of the three trained networks measured and tied on the third (docs/fidelity.md).
 METHODS = ("max", "entropy", "percentile")
 DEFAULT_MIN_AGREEMENT = 0.98  # FP32-vs-INT8 Dice on held-out data that every quantize must reach by default
+# what quantize does when INT8 misses the guard's target: stop with the error ("fail"), or (nnU-Net folders) write
+# the folder without INT8 so that `segment` runs that model, or that part of a set, in FP32 ("fp32")
+ON_MISS = ("fail", "fp32")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class QuantizeOptions:
     target_cpu: str = "auto"  # the CPU that runs the INT8 file: "auto" (this one), "vnni" or "avx2" (7-bit weights)
     percentile: float | None = None  # method "percentile" only (None: percentile.DEFAULT_PERCENTILE)
     bias_correction: bool = False  # empirical bias correction after calibration (quantization.bias_correction)
+    on_miss: str = "fail"  # ON_MISS
 
     def validate_method(self) -> None:
         if self.method not in METHODS:
@@ -84,6 +88,8 @@ class QuantizeOptions:
             raise InputError(f"--percentile applies to --method percentile only (the method is '{self.method}').")
         if self.percentile is not None and not 50.0 < self.percentile < 100.0:
             raise InputError(f"--percentile must be in (50, 100), got {self.percentile} (e.g. 99.99).")
+        if self.on_miss not in ON_MISS:
+            raise InputError(f"--on-miss must be one of {', '.join(ON_MISS)}; got '{self.on_miss}'.")
 
     def calibration_method(self) -> dict:
         """QuantizeSettings' ``method``, ``percentile`` and ``bias_correction``."""

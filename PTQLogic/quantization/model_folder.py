@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ModelError
+from ..core.errors import InputError, ModelError
 from ..core.fileio import publish_dir, staging_dir
 from ..core.progress import Monitor
 from ..core.spec import ModelSpec
@@ -74,6 +74,9 @@ def _plan(model: str | Path, calibration: Calibration, out_dir: str | Path, opti
     from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
 
     options.validate_method()
+    if options.on_miss != "fail":
+        raise InputError("--on-miss fp32 is for nnU-Net folders, whose parts must all run in a set; to run this model "
+                         "in FP32, segment it without quantizing (ptqseg segment --model MODEL --precision fp32).")
     placement, activations, subpixel, why = resolve_placement(**options.requested_placement(),
                                                               architecture=spec.architecture)
     chosen = {"placement": placement, "activations": activations, "subpixel": subpixel, "auto": why}

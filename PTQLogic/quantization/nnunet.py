@@ -82,20 +82,23 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
                     method: str = DEFAULT_METHOD, exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
                     target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD,
-                    percentile: float | None = None, bias_correction: bool = False):
+                    percentile: float | None = None, bias_correction: bool = False, on_miss: str = "fail"):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
-    INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only)."""
+    INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only).
+    ``on_miss`` "fp32": a fold whose INT8 misses the guard's target leaves the folder without INT8 (every fold:
+    ``segment`` then runs this model in FP32 and says why) instead of failing, so that a part of a
+    TotalSegmentator-style set that cannot keep FP32's answer in INT8 does not stop the set."""
     import torch
 
     from ..models.onnx_export import export_onnx
     from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
-    from .guard import guarded_quantize
+    from .guard import GuardMissed, guarded_quantize
     from .held_out import calibration_and_held_out
     from .quantize import QuantizeSettings
 
     monitor = monitor or Monitor()
     started = time.perf_counter()
-    chosen = QuantizeOptions(method=method, percentile=percentile, bias_correction=bias_correction)
+    chosen = QuantizeOptions(method=method, percentile=percentile, bias_correction=bias_correction, on_miss=on_miss)
     chosen.validate_method()
     QuantizeSettings(**chosen.calibration_method(), target_cpu=target_cpu).validate()
     calib_settings = CalibrationSettings(num_patches=num_patches, seed=seed)
@@ -119,6 +122,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             shutil.copyfile(source.root / name, staging / name)
         source.spec.save(staging / "spec.json")
         reports: dict[str, Any] = {}
+        fallback: dict[str, Any] | None = None
         settings = QuantizeSettings(**chosen.calibration_method(), exclude_nodes=tuple(exclude_nodes),
                                     target_cpu=target_cpu)
         for fold, network in zip(source.folds, source.networks):
@@ -126,20 +130,37 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             folder.mkdir()
             torch.save(network.state_dict(), folder / "weights.pt")
             exported = export_onnx(network, source.spec, folder / "fp32.onnx", monitor=monitor)
-            report, checked = guarded_quantize(folder / "fp32.onnx", patches, held_out, folder / "int8.onnx", settings,
-                                               guard, source.spec.num_classes, monitor=monitor)
-            reports[fold] = {"export": {"max_abs_error": exported.max_abs_error, "opset": exported.opset},
-                             **report.to_dict(), "guard": checked.to_dict(), "path": f"fold_{fold}/int8.onnx"}
+            export = {"max_abs_error": exported.max_abs_error, "opset": exported.opset}
+            if fallback:  # an earlier fold missed: this model runs in FP32
+                reports[fold] = {"export": export, "path": None}
+                continue
+            try:
+                report, checked = guarded_quantize(folder / "fp32.onnx", patches, held_out, folder / "int8.onnx",
+                                                   settings, guard, source.spec.num_classes, monitor=monitor)
+            except GuardMissed as missed:
+                if on_miss != "fp32":
+                    raise
+                reports[fold] = {"export": export, "guard": missed.report.to_dict(), "path": None}
+                fallback = {"precision": "fp32", "fold": fold, "reason": str(missed)}
+                continue
+            reports[fold] = {"export": export, **report.to_dict(), "guard": checked.to_dict(),
+                             "path": f"fold_{fold}/int8.onnx"}
+        if fallback:  # a part's folds run as one ensemble, so all in FP32
+            for fold in source.folds:
+                (staging / f"fold_{fold}" / "int8.onnx").unlink(missing_ok=True)
+                reports[fold]["path"] = None
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
                 "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size,
                 "checkpoint": checkpoint, "original": str(source.root.resolve())}
         (staging / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         fp32 = sum((staging / f"fold_{f}" / "fp32.onnx").stat().st_size for f in source.folds)
-        int8 = sum((staging / f"fold_{f}" / "int8.onnx").stat().st_size for f in source.folds)
+        int8 = sum(p.stat().st_size for f in source.folds if (p := staging / f"fold_{f}" / "int8.onnx").is_file())
         summary = {"model": source.spec.name, "source": "nnunet", "folds": reports,
-                   "calibration": {"volumes": len(volumes), "patches": num_patches, "seed": seed, "method": method,
+                   **({"int8_fallback": fallback} if fallback else {}),
+                   "calibration": {"volumes": len(volumes), "inputs": [str(path) for path in inputs],
+                                   "patches": num_patches, "seed": seed, "method": method,
                                    **({"percentile": settings.percentile} if method == "percentile" else {})},
-                   "qdq": {"ok": all(r.get("qdq", {}).get("ok") for r in reports.values())}}
+                   "qdq": {"ok": None if fallback else all(r.get("qdq", {}).get("ok") for r in reports.values())}}
         (staging / "quantization.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         monitor.check()
         publish_dir(staging, out_dir)
@@ -155,7 +176,9 @@ class NnUNetQuantizeResult(QuantizeResult):
         data = super().to_dict()
         folds = self.report.get("folds", {})
         data["fp32_onnx"] = [str(self.model_dir / f"fold_{f}" / "fp32.onnx") for f in folds]
-        data["int8_onnx"] = [str(self.model_dir / f"fold_{f}" / "int8.onnx") for f in folds]
+        data["int8_onnx"] = [str(self.model_dir / f"fold_{f}" / "int8.onnx") for f in folds if folds[f].get("path")]
+        if "int8_fallback" in self.report:
+            data["int8_fallback"] = self.report["int8_fallback"]
         data["source"] = "nnunet"
         return data
 
@@ -178,6 +201,6 @@ class NnUNetQuantizer:
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
                                  checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu,
                                  guard=options.guard, percentile=options.percentile,
-                                 bias_correction=options.bias_correction)
+                                 bias_correction=options.bias_correction, on_miss=options.on_miss)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -327,9 +327,10 @@ _RESULT_ROWS = (  # key, label, format
 def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows for the module's results table from a CLI ``--json`` result (quantize or segment)."""
     rows = []
+    fallback = result.get("int8_fallback")  # quantize --on-miss fp32 kept no INT8
     for key, label, fmt in _RESULT_ROWS:
         value = result.get(key)
-        if value is None:
+        if value is None or (fallback and key in ("int8_mb", "size_ratio")):
             continue
         placement = result.get("placement") or {}
         if key == "placement":
@@ -345,6 +346,8 @@ def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         elif key == "runtime" and result.get("runtime_reason"):
             value = f"{value} ({result['runtime_reason']})"
         rows.append((label, fmt.format(value)))
+    if fallback:
+        rows.append(("INT8", "not kept (it missed the accuracy target): this model runs in FP32"))
     return rows
 
 
@@ -354,5 +357,8 @@ def _guard_row(guard: Mapping[str, Any]) -> str:
     if not guard.get("enforced"):
         return f"off: measured {where}, not enforced"
     kept = guard.get("kept") or []
+    if guard.get("met") is False:
+        return (f"target {guard.get('threshold'):.3f} missed {where}: agreement {guard.get('agreement'):.4f} with "
+                f"{len(kept)} layer(s) kept in FP32")
     return (f"target {guard.get('threshold'):.3f} met {where}; "
             + (f"{len(kept)} layer(s) kept in FP32" if kept else "no layer kept in FP32"))

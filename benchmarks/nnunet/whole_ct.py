@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-agreement", type=float,
                    help="the accuracy guard's target (as ptqseg quantize --min-agreement; default 0.98)")
     p.add_argument("--max-kept-layers", type=int, help="the guard's limit (as ptqseg quantize; default 8)")
+    p.add_argument("--on-miss", choices=["fail", "fp32"], default="fail",
+                   help="a part whose INT8 misses the guard's target: stop (fail) or keep it in FP32 (as ptqseg "
+                        "quantize --on-miss)")
     p.add_argument("--no-guard", action="store_true",
                    help="quantize trained weights without the accuracy guard (agreement recorded, not enforced)")
     p.add_argument("--max-minutes", type=float, help="refuse a run whose estimate exceeds this")
@@ -328,7 +331,22 @@ def config_record(config: dict[str, Any], cts) -> dict[str, Any]:
                                                           "spacing_xyz": list(reversed(cts["spacing_kji"]))},
             "window_seconds": config.get("window_seconds"), "estimate_minutes": config.get("estimate_minutes"),
             "quantize_seconds": config["quantize_seconds"], "not_run": config["not_run"], "repeats": repeats,
+            "part_guards": {p.name: part_guard(q) for p, q in zip(config["parts"], config["quantized"])},
             "summary": report.summarize(repeats, config["rows"]) if repeats else {}}
+
+
+def part_guard(folder: Path) -> dict[str, Any] | None:
+    """What the accuracy guard measured and decided for one quantized part (its first fold), and whether the part
+    kept INT8 (``--on-miss fp32``)."""
+    try:
+        data = json.loads((Path(folder) / "quantization.json").read_text())
+    except (OSError, ValueError):
+        return None
+    guard = next(iter((data.get("folds") or {}).values()), {}).get("guard") or {}
+    return {"agreement": guard.get("agreement"), "initial_agreement": guard.get("initial_agreement"),
+            "threshold": guard.get("threshold"), "met": guard.get("met"), "kept_layers": len(guard.get("kept") or []),
+            "held_out": guard.get("held_out"), "runtime": guard.get("runtime"), "isa": guard.get("isa"),
+            "int8": "int8_fallback" not in data}
 
 
 def write_result(args, configs, cts) -> None:

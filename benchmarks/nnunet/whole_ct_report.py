@@ -177,6 +177,18 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
         lines += ["", "Export: the seconds the run waited for it. The rest of each part's export ran beside the next "
                   "part's sliding window (within the network column), for " + ", ".join(
                       f"{_cell(v)} s ({ROW_TITLES[r]})" for r, v in beside.items()) + " in all."]
+    guards = {name: g for name, g in (config.get("part_guards") or {}).items() if g and g.get("threshold")}
+    if guards:
+        lines += ["", "Accuracy guard per part when quantized (INT8-vs-FP32 agreement, first -> last attempt, on "
+                  f"{next(iter(guards.values()))['held_out']}): " + "; ".join(
+                      f"{name} {g['initial_agreement']:.4f} -> {g['agreement']:.4f} with {g['kept_layers']} layer(s) "
+                      f"in FP32, target {g['threshold']:.2f} " + ("met" if g["met"] else "missed")
+                      + ("" if g["int8"] else ": kept in FP32") for name, g in guards.items()) + "."]
+    fallbacks = sorted({(row, note) for rep in config.get("repeats", []) for row, r in rep.get("rows", {}).items()
+                        for note in (r or {}).get("warnings") or [] if "ran in FP32, not INT8" in note})
+    if fallbacks:
+        lines += ["", "Parts that ran in FP32 in an INT8 row (quantized with `--on-miss fp32`: their INT8 missed the "
+                  "accuracy guard's target): " + "; ".join(f"{ROW_TITLES[r]}: {note}" for r, note in fallbacks)]
     stopped = [row for row, s in config["summary"].items() if s.get("stopped_after")]
     if stopped:
         lines += ["", "Stopped by `--row-timeout` (the row took longer; where it is nnunetv2's, the \"vs nnunetv2\" "

@@ -44,7 +44,8 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
                    guard=guard_target(args), exclude_nodes=args.exclude_nodes,
                    target_cpu=getattr(args, "target_cpu", "auto"), method=getattr(args, "method", "entropy"),
                    percentile=getattr(args, "percentile", None),
-                   bias_correction=getattr(args, "bias_correction", False), monitor=Monitor(on_progress=stage_done))
+                   bias_correction=getattr(args, "bias_correction", False), on_miss=getattr(args, "on_miss", "fail"),
+                   monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
@@ -88,6 +89,7 @@ def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
     if guarded(args):
         extra += tuple(f"{k}={getattr(args, k)}" for k in ("min_agreement", "max_kept_layers")
                        if getattr(args, k, None) is not None)
+        extra += ("on_miss=fp32",) if getattr(args, "on_miss", "fail") == "fp32" else ()
     return extra + ((f"exclude_nodes={sorted(args.exclude_nodes)}",) if args.exclude_nodes else ())
 
 

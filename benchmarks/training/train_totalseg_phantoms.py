@@ -45,6 +45,7 @@ import totalseg_shapes as shapes  # noqa: E402
 from whole_ct_setup import CALIBRATION_SEEDS, TEST_SEED, plans_for, work_dir  # noqa: E402
 
 TRAIN_SEED_BASE, HELD_OUT_SEED = 3000, 2000
+VALIDATION_SEED = 2001  # --check-every picks the weights on this phantom, so that 2000 stays unseen
 
 
 def part_lut(part: shapes.Part) -> np.ndarray:
@@ -153,8 +154,8 @@ def crop(image, labels, patch: Sequence[int], rng: np.random.Generator, foregrou
 
 
 def augmented_crop(volume, points, args: argparse.Namespace, rng: np.random.Generator):
-    """One training patch of ``volume`` (image, labels): :func:`crop` as ``args`` asks, zoomed, turned and its
-    intensities scaled (``augment.augment``) with chance ``args.augment``; on ``args.device``."""
+    """One training patch of ``volume`` (image, labels): :func:`crop` as ``args`` asks, zoomed and turned
+    (``augment.augment``) with chance ``args.augment``; on ``args.device``."""
     foreground = rng.random() < args.foreground_share
     by_voxel = args.class_draw == "by-voxel"
     if not args.augment or rng.random() >= args.augment:
@@ -176,9 +177,12 @@ def set_class_priors(network, labels: Sequence[Any], classes: int) -> None:
 
 
 def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed: int, steps: int,
-               priors: bool = True) -> list[float]:
+               priors: bool = True, check=None, checks: list | None = None) -> list[float]:
     """Train ``network`` in place for ``steps`` steps (first its head's class priors, :func:`set_class_priors`,
-    unless it goes on from saved weights); the loss of every step."""
+    unless it goes on from saved weights); the loss of every step. ``check`` (network -> :func:`volume_dice`
+    scores): called every ``args.check_every`` steps and at the end, each result appended to ``checks``; the
+    network ends with the weights whose check scored the highest mean Dice (whole volumes can get worse while the
+    patch loss still falls)."""
     import torch
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -197,7 +201,7 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
                              weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / steps) ** 0.9)
-    losses, started = [], time.perf_counter()
+    losses, started, best = [], time.perf_counter(), None
     for step in range(steps):
         picks = [int(i) for i in rng.integers(len(data), size=args.batch)]
         crops = [augmented_crop(data[i], points[i], args, rng) for i in picks]
@@ -213,7 +217,24 @@ def train_part(network, volumes, lut: np.ndarray, args: argparse.Namespace, seed
         if step % 50 == 0 or step == steps - 1:
             print(f"  step {step + 1}/{steps} loss {np.mean(losses[-10:]):.4f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if check is not None and ((step + 1) % max(args.check_every, 1) == 0 or step == steps - 1):
+            best = _check_step(network, check, step + 1, checks, best)
+    if check is not None and best[1] != steps:
+        network.load_state_dict(best[2])
+        print(f"  kept the weights of step {best[1]} (validation mean Dice {best[0]})", flush=True)
     return losses
+
+
+def _check_step(network, check, step: int, checks: list, best):
+    """One validation check during training: (mean Dice, step, weights) of the best so far."""
+    score = check(network)
+    network.train()
+    checks.append({"step": step, **score})
+    print(f"  step {step}: validation phantom Dice {score['dice']} (mean {score['mean']})", flush=True)
+    mean = score["mean"] if score["mean"] is not None else -1.0
+    if best is None or mean > best[0]:
+        return mean, step, {k: v.detach().clone() for k, v in network.state_dict().items()}
+    return best
 
 
 def held_out_dice(network, volume, lut: np.ndarray, patch: Sequence[int], device: str, windows: int = 4) -> dict:
@@ -338,8 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="foreground patches: each class present equally often (nnU-Net), or in proportion to its "
                         "voxels (the runs before 2026-12-06)")
     p.add_argument("--augment", type=float, default=0.0, metavar="CHANCE",
-                   help="share of patches zoomed (0.8-1.25), turned about the body axis (+-0.35 rad) and their "
-                        "intensities scaled (augment.py); 0: none (every run before this option)")
+                   help="share of patches zoomed (0.8-1.25) and turned about the body axis (+-0.35 rad) "
+                        "(augment.py); 0: none (every run before this option)")
     p.add_argument("--phantom-grid", choices=["ct", "model"], default="ct",
                    help="draw phantoms on the CT's grid and let nnU-Net resample them, as the test CT (ct), or at the "
                         "model's spacing (model: faster, the runs before 2026-12-06; see network_volumes)")
@@ -355,11 +376,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
     p.add_argument("--only", nargs="+", metavar="PART", help="train only these parts (e.g. muscles ribs): the others "
                    "of --parts are left as they are in --out, so parts can be trained on different machines")
+    p.add_argument("--check-every", type=int, default=0, metavar="STEPS",
+                   help="segment a whole validation phantom (seed 2001) every STEPS steps and at the end, and keep "
+                        "the weights that scored best there (0: keep the last weights)")
     p.add_argument("--resume", action="store_true", help="train the parts already in --out further (--steps more)")
     p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (as whole_ct.py)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.phantoms < 1 or not args.lr > 0:
         p.error("--steps, --batch and --phantoms must be at least 1, --lr positive")
+    if args.check_every < 0:
+        p.error(f"--check-every must be 0 (off) or a number of steps, got {args.check_every}")
     if not 0 <= args.augment <= 1:
         p.error(f"--augment must be between 0 and 1, got {args.augment}")
     if not 0 <= args.foreground_share <= 1:
@@ -402,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         record["parts"] = before.get("parts", {})
         record["earlier_runs"] = before.get("earlier_runs", []) + [
             {"command": before.get("command"), "settings": before.get("settings")}]
-    volumes = held_out = None
+    volumes = held_out = validation = None
     for option, named in (("--only", args.only or []), ("--part-steps", args.part_steps)):
         unknown = set(named) - {part.name for part in parts}
         if unknown:
@@ -418,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         dataset = shapes.part_dataset(part, names)
         runner = NnUNetRunner(plans, dataset, "3d_fullres")
         if volumes is None:  # every part shares the plans, so the same network inputs
-            *volumes, held_out = network_volumes(runner, record["train_seeds"] + [HELD_OUT_SEED], cts,
-                                                 models.spacing, args.phantom_grid, args.draw_workers)
+            extra = [HELD_OUT_SEED] + ([VALIDATION_SEED] if args.check_every else [])
+            drawn = network_volumes(runner, record["train_seeds"] + extra, cts, models.spacing, args.phantom_grid,
+                                    args.draw_workers)
+            validation = drawn.pop() if args.check_every else None
+            *volumes, held_out = drawn
         lut = part_lut(part)
         print(f"{part.name}: classes {part.classes}, learns {int((lut > 0).sum())} phantom organ(s)", flush=True)
         earlier = record["parts"].get(part.name, {})
@@ -433,14 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             network.apply(network.initialize)
         started = time.perf_counter()
+        overlap = round(1 - models.step_size, 6)
+        checks: list[dict] = []
+        check = None if validation is None else (
+            lambda net: volume_dice(net, validation, lut, args.patch, args.device, overlap))
         losses = train_part(network, volumes, lut, args, seed=seed, steps=args.part_steps.get(part.name, args.steps),
-                            priors=not target.is_file())
+                            priors=not target.is_file(), check=check, checks=checks)
         losses = earlier.get("losses", []) + losses
         seconds = time.perf_counter() - started + earlier.get("seconds", 0.0)
         dice = held_out_dice(network, held_out, lut, args.patch, args.device)
         # whole phantoms with windows where nnU-Net's predictor puts them at the set's step (TotalSegmentator's 0.8):
         # the held-out one, and the first training one (a network that misses an organ there did not learn it)
-        overlap = round(1 - models.step_size, 6)
         whole, fit = (None, None) if args.no_volume_check else (
             volume_dice(network, v, lut, args.patch, args.device, overlap) for v in (held_out, volumes[0]))
         weights = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
@@ -453,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         record["parts"][part.name] = {"seconds": round(seconds, 1), "losses": [round(v, 5) for v in losses],
                                       "held_out_dice": dice, "held_out_volume": whole, "training_volume": fit,
                                       "volume_check_overlap": overlap,
+                                      **({"validation_seed": VALIDATION_SEED, "validation_checks": checks,
+                                          "kept_step": max(checks, key=lambda c: c["mean"] or -1)["step"]}
+                                         if checks else {}),
                                       "learned_classes": int((lut > 0).sum())}
         print(f"{part.name}: {len(losses)} steps in {seconds / 60:.1f} min, held-out Dice {dice}", flush=True)
         for name, scores in (("held-out phantom", whole), (f"training phantom ({TRAIN_SEED_BASE})", fit)):

@@ -10,9 +10,40 @@ from ...models.nnunet.model_dir import NnUNetModel
 from ...models.nnunet.network import build_network, load_weights
 
 
+def _report(model: NnUNetModel) -> dict[str, Any]:
+    """The quantized folder's ``quantization.json`` ({} where there is none or it cannot be read)."""
+    import json
+
+    path = model.root / "quantization.json"
+    if not model.quantized or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def int8_fallback(model: NnUNetModel) -> dict[str, Any] | None:
+    """Why this quantized folder has no INT8 (``quantize --on-miss fp32``: its INT8 missed the accuracy target),
+    or None."""
+    return _report(model).get("int8_fallback")
+
+
+def fallback_note(model: NnUNetModel) -> str:
+    """What ``segment`` says about a part that runs in FP32 because its INT8 missed the accuracy target."""
+    report = _report(model)
+    fold = str((report.get("int8_fallback") or {}).get("fold"))
+    guard = ((report.get("folds") or {}).get(fold) or {}).get("guard") or {}
+    measured = (f" (agreement {guard['agreement']:.4f} < {guard['threshold']:.4f} on {guard['runtime']}, "
+                f"{guard['isa']})" if guard.get("threshold") is not None else "")
+    return (f"'{model.root}' ran in FP32, not INT8: when it was quantized, its INT8 missed the accuracy "
+            f"target{measured} and quantize --on-miss fp32 kept it in FP32.")
+
+
 def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: str | None = None,
                  monitor: Monitor | None = None) -> tuple[list[Any], str]:
-    """One engine per fold (same runtime and precision for all)."""
+    """One engine per fold (same runtime and precision for all); INT8 asked of a folder whose INT8 missed the
+    accuracy target (:func:`int8_fallback`) gives FP32 engines."""
     from ...engines.cache import model_cache_dir
     from ...engines import choose_runtime, create_engine
     from ...engines.torch_engine import TorchEngine
@@ -26,6 +57,8 @@ def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: st
             "PyTorch FP32: the original nnU-Net weights"
     if runtime == "auto":
         runtime, reason = choose_runtime(precision)
+    if precision == "int8" and int8_fallback(model):
+        precision = "fp32"
     engines = []
     for fold in model.folds:
         folder = model.fold_dir(fold)

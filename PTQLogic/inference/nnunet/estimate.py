@@ -146,6 +146,8 @@ def guard_speed(model: NnUNetModel, runner, runtime: str, precision: str) -> tup
         report = json.loads((model.root / "quantization.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if report.get("int8_fallback"):  # runs in FP32 (quantize --on-miss fp32): the guard timed INT8
+        return None
     isa, device = _where(runtime)
     latencies = []
     for fold in model.folds:

@@ -29,7 +29,7 @@ from ...models.nnunet.folder import is_nnunet_folder
 from ...models.nnunet.model_dir import NnUNetModel, is_nnunet_model_dir, open_nnunet_model
 from ..interface import ModelArg, SegmentOptions
 from ..results import SegmentOutcome
-from .engines import open_engines
+from .engines import fallback_note, open_engines
 
 
 def is_parts_file(path: str | Path) -> bool:
@@ -135,6 +135,7 @@ class _Run:
     patches: int = 0
     build_seconds: float = 0.0
     beside_seconds: float = 0.0  # export work that ran beside the next part's sliding window (not in ``seconds``)
+    fallbacks: list[str] = field(default_factory=list)  # notes on parts run in FP32 for INT8 (engines.fallback_note)
 
 
 class _SharedPreprocessing:
@@ -204,7 +205,11 @@ def _run_all(models, runners, volume, runtime, precision, device, mirroring, mon
                 started = time.perf_counter()
                 engines, why = open_engines(model, runtime, precision, device=device, monitor=monitor)
                 run.build_seconds += time.perf_counter() - started
-                run.info, run.reason = engines[0].info, why or run.reason
+                if engines[0].info.precision != precision:  # INT8 that missed its accuracy target: FP32
+                    run.fallbacks.append(fallback_note(model))
+                if run.info is None or run.info.precision != precision:  # the asked precision where any part ran it
+                    run.info = engines[0].info
+                run.reason = why or run.reason
                 run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
                 if estimate is not None:
                     _show_estimate(estimate, index, engines[0], runner, monitor)
@@ -361,7 +366,7 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                         overlap=overlap)
         agreement = agreement_dice(merged, _merge(fp32.parts, lookups, len(classes)), present)
     on_cpu = str(run.info.device).lower().startswith("cpu")
-    warnings = _int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []
+    warnings = (_int8_warnings(opened) if run.info.precision == "int8" and on_cpu else []) + run.fallbacks
     reference_dice = per_class = None
     if ref_volume is not None:
         comparison = compare_label_maps(merged, ref_volume.array, pred_names={i: c.name for i, c in enumerate(classes)},
