@@ -257,3 +257,31 @@ def test_agreement_of_label_maps_from_other_runs(tmp_path, capsys):
     assert same["identical"] and same["dice"] == 1.0
     assert other_score["dice"] == 0.5 and other_score["per_class"]["3"] == {"dice": 0.0, "reference_voxels": 0,
                                                                             "voxels": 1}
+
+
+def test_the_guard_of_each_part_and_parts_kept_in_fp32_are_said_under_the_table(tmp_path):
+    import json
+
+    note = "'/m/organs' ran in FP32, not INT8: when it was quantized, its INT8 missed the accuracy target (...)"
+    runs = [dict(_row(10.0), warnings=[note]), dict(_row(11.0), warnings=[note])]
+    summary = report.summarize([{"rows": {"int8": r}} for r in runs], ["int8"])
+    organs, ribs = tmp_path / "organs", tmp_path / "ribs"
+    guard = {"agreement": 0.971, "initial_agreement": 0.962, "threshold": 0.98, "met": False,
+             "kept": ["a", "b"], "held_out": "whole volume calibration_103", "runtime": "openvino", "isa": "vnni"}
+    for folder, data in ((organs, {"folds": {"0": {"guard": guard}}, "int8_fallback": {"fold": "0"}}),
+                         (ribs, {"folds": {"0": {"guard": dict(guard, agreement=0.999, met=True, kept=[])}}})):
+        folder.mkdir()
+        (folder / "quantization.json").write_text(json.dumps(data))
+    guards = {"organs": whole_ct.part_guard(organs), "ribs": whole_ct.part_guard(ribs),
+              "vertebrae": whole_ct.part_guard(tmp_path / "missing")}
+    assert guards["organs"]["int8"] is False and guards["organs"]["kept_layers"] == 2
+    assert guards["ribs"]["int8"] is True and guards["vertebrae"] is None
+    config = {"plans": {"spacing": [1.5], "patch_size": [128, 128, 128], "features_per_stage": [32]},
+              "ct": {"shape_xyz": [4, 4, 4], "spacing_xyz": [1, 1, 1]}, "parts": ["organs", "ribs"], "step_size": 0.5,
+              "network_grid_kji": [4, 4, 4], "windows_per_part": 1, "summary": summary, "window_seconds": {},
+              "not_run": {}, "estimate_minutes": None, "part_guards": guards,
+              "repeats": [{"rows": {"int8": r}} for r in runs]}
+    text = "\n".join(report.config_table("total", config))
+    assert ("on whole volume calibration_103): organs 0.9620 -> 0.9710 with 2 layer(s) in FP32, target 0.98 missed: "
+            "kept in FP32; ribs 0.9620 -> 0.9990 with 0 layer(s) in FP32, target 0.98 met.") in text
+    assert text.count(note) == 1 and "Parts that ran in FP32 in an INT8 row" in text
