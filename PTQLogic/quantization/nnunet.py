@@ -147,7 +147,8 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
                              "path": f"fold_{fold}/int8.onnx"}
         if fallback:  # a part's folds run as one ensemble, so all in FP32
             for fold in source.folds:
-                (staging / f"fold_{fold}" / "int8.onnx").unlink(missing_ok=True)
+                for name in ("int8.onnx", "int8.modelopt.log"):  # the attempts' (their record: quantization.json)
+                    (staging / f"fold_{fold}" / name).unlink(missing_ok=True)
                 reports[fold]["path"] = None
         meta = {"format": FORMAT_VERSION, "source": "nnunet", "configuration": source.configuration,
                 "folds": source.folds, "mirror_axes": source.mirror_axes, "step_size": source.step_size,

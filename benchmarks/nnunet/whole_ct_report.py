@@ -182,7 +182,7 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
         lines += ["", "Accuracy guard per part when quantized (INT8-vs-FP32 agreement, first -> last attempt, on "
                   f"{next(iter(guards.values()))['held_out']}): " + "; ".join(
                       f"{name} {g['initial_agreement']:.4f} -> {g['agreement']:.4f} with {g['kept_layers']} layer(s) "
-                      f"in FP32, target {g['threshold']:.2f} " + ("met" if g["met"] else "missed")
+                      f"in FP32, target {g['threshold']:g} " + ("met" if g["met"] else "missed")
                       + ("" if g["int8"] else ": kept in FP32") for name, g in guards.items()) + "."]
     fallbacks = sorted({(row, note) for rep in config.get("repeats", []) for row, r in rep.get("rows", {}).items()
                         for note in (r or {}).get("warnings") or [] if "ran in FP32, not INT8" in note})
