@@ -10,7 +10,7 @@ from ...models.nnunet.model_dir import NnUNetModel
 from ...models.nnunet.network import build_network, load_weights
 
 
-def _report(model: NnUNetModel) -> dict[str, Any]:
+def quantization_report(model: NnUNetModel) -> dict[str, Any]:
     """The quantized folder's ``quantization.json`` ({} where there is none or it cannot be read)."""
     import json
 
@@ -26,12 +26,12 @@ def _report(model: NnUNetModel) -> dict[str, Any]:
 def int8_fallback(model: NnUNetModel) -> dict[str, Any] | None:
     """Why this quantized folder has no INT8 (``quantize --on-miss fp32``: its INT8 missed the accuracy target),
     or None."""
-    return _report(model).get("int8_fallback")
+    return quantization_report(model).get("int8_fallback")
 
 
 def fallback_note(model: NnUNetModel) -> str:
     """What ``segment`` says about a part that runs in FP32 because its INT8 missed the accuracy target."""
-    report = _report(model)
+    report = quantization_report(model)
     fold = str((report.get("int8_fallback") or {}).get("fold"))
     guard = ((report.get("folds") or {}).get(fold) or {}).get("guard") or {}
     measured = (f" (agreement {guard['agreement']:.4f} < {guard['threshold']:.4f} on {guard['runtime']}, "

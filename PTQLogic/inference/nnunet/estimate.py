@@ -20,6 +20,7 @@ import numpy as np
 
 from ...core.volume import Volume
 from ...models.nnunet.model_dir import NnUNetModel
+from .engines import quantization_report
 from .memory import network_grid, peak_bytes_per_part
 
 
@@ -142,11 +143,8 @@ def guard_speed(model: NnUNetModel, runner, runtime: str, precision: str) -> tup
         return None  # the guard timed the f32 remainder
     if tuple(model.spec.patch_size) != tuple(runner.config.patch_size):
         return None
-    try:
-        report = json.loads((model.root / "quantization.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if report.get("int8_fallback"):  # runs in FP32 (quantize --on-miss fp32): the guard timed INT8
+    report = quantization_report(model)
+    if not report or report.get("int8_fallback"):  # runs in FP32 (quantize --on-miss fp32): the guard timed INT8
         return None
     isa, device = _where(runtime)
     latencies = []
