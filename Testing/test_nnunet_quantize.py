@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_factory import dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
+from nnunet_factory import FOLDER_NAME, dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
 from PTQLogic.app.cli import main
+from PTQLogic.core.errors import InputError
 from PTQLogic.io.volumes import label_table_paths, read_volume
 from PTQLogic.samples.phantom import make_phantom
 from PTQLogic.models.model_files import choose_model_source
@@ -208,3 +209,27 @@ def test_on_miss_fp32_is_refused_for_models_that_are_not_nnunet_folders(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "--on-miss fp32 is for nnU-Net folders" in err and "--precision fp32" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_folder_given_for_its_results_folder_names_it(tmp_path, capsys):
+    """TotalSegmentator keeps each part as DatasetNNN_name/<trainer>__<plans>__<configuration>/: a user who picks
+    the Dataset folder, or the folder of all parts, is told which folder(s) to give instead."""
+    parts = tmp_path / "results"
+    for name in ("Dataset291_organs", "Dataset292_vertebrae"):
+        write_folder(parts / name, plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(LABELS))
+    organs = parts / "Dataset291_organs"
+    inner = organs / FOLDER_NAME
+    assert choose_model_source(inner).kind == "nnunet"
+    with pytest.raises(InputError, match="give that folder") as one:
+        choose_model_source(organs)
+    assert f"'{inner}'" in str(one.value)
+    with pytest.raises(InputError, match="give one of them") as both:
+        choose_model_source(parts)
+    assert f"'{inner}'" in str(both.value) and f"'{parts / 'Dataset292_vertebrae' / FOLDER_NAME}'" in str(both.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError) as none:
+        choose_model_source(empty)
+    assert "It holds" not in str(none.value)
+    assert main(["quantize", "--model", str(organs), "--calibration", str(organs), "--out", str(tmp_path / "q")]) == 2
+    assert str(inner) in capsys.readouterr().err and not (tmp_path / "q").exists()

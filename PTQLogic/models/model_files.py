@@ -118,7 +118,28 @@ def _folder(path: Path) -> ModelSource:
                            "not yet supported for quantization.", str(path))
     raise InputError(f"'{path}' is not a model folder: expected a quantized model folder (spec.json + int8.onnx), "
                      "a MONAI bundle (configs/ + models/) or an nnU-Net results folder (dataset.json + plans.json + "
-                     "fold_*).")
+                     "fold_*)." + _nested_results_hint(path))
+
+
+def _nested_results_hint(path: Path, limit: int = 6) -> str:
+    """Where ``path`` holds nnU-Net results folders one or two levels down (a Dataset folder, or TotalSegmentator's
+    results folder of several), a sentence naming them; else ''."""
+    from .nnunet.folder import is_nnunet_folder
+
+    found: list[Path] = []
+    try:
+        for child in sorted(path.iterdir()):
+            if is_nnunet_folder(child):
+                found.append(child)
+            elif child.is_dir():
+                found.extend(sorted(g for g in child.iterdir() if is_nnunet_folder(g)))
+    except OSError:  # unreadable: the message above stands
+        return ""
+    if not found:
+        return ""
+    names = ", ".join(f"'{f}'" for f in found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    what = "that folder" if len(found) == 1 else "one of them (or, to segment, repeat --model for each part)"
+    return f" It holds nnU-Net results folder(s) {names}: give {what}."
 
 
 def choose_model_source(path: str | Path) -> ModelSource:
