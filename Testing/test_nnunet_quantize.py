@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_factory import FOLDER_NAME, dataset, one_thread, plans, write_folder, write_image  # noqa: F401 (autouse fixture)
+from nnunet_factory import (FOLDER_NAME, dataset, one_thread, plans, write_folder,  # noqa: F401 (autouse fixture)
+                             write_image)
 from PTQLogic.app.cli import main
 from PTQLogic.core.errors import InputError
 from PTQLogic.io.volumes import label_table_paths, read_volume

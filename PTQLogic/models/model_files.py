@@ -137,7 +137,9 @@ def _nested_results_hint(path: Path, limit: int = 6) -> str:
         return ""
     if not found:
         return ""
-    names = ", ".join(f"'{f}'" for f in found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    names = ", ".join(f"'{f}'" for f in found[:limit])
+    if len(found) > limit:
+        names += f" and {len(found) - limit} more"
     what = "that folder" if len(found) == 1 else "one of them (or, to segment, repeat --model for each part)"
     return f" It holds nnU-Net results folder(s) {names}: give {what}."
 
