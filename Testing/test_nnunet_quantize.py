@@ -234,3 +234,7 @@ def test_a_dataset_folder_given_for_its_results_folder_names_it(tmp_path, capsys
     assert "It holds" not in str(none.value)
     assert main(["quantize", "--model", str(organs), "--calibration", str(organs), "--out", str(tmp_path / "q")]) == 2
     assert str(inner) in capsys.readouterr().err and not (tmp_path / "q").exists()
+    image = write_image(make_phantom(0, (24, 24, 24), (1.5, 1.5, 1.5))[0], tmp_path / "ct.nii.gz")  # segment: same
+    assert main(["segment", "--model", str(organs), "--input", str(image), "--output", str(tmp_path / "s.nii.gz"),
+                 "--precision", "fp32"]) == 2
+    assert str(inner) in capsys.readouterr().err and not list(tmp_path.glob("s.nii.gz*"))

@@ -118,10 +118,10 @@ def _folder(path: Path) -> ModelSource:
                            "not yet supported for quantization.", str(path))
     raise InputError(f"'{path}' is not a model folder: expected a quantized model folder (spec.json + int8.onnx), "
                      "a MONAI bundle (configs/ + models/) or an nnU-Net results folder (dataset.json + plans.json + "
-                     "fold_*)." + _nested_results_hint(path))
+                     "fold_*)." + nested_results_hint(path))
 
 
-def _nested_results_hint(path: Path, limit: int = 6) -> str:
+def nested_results_hint(path: Path, limit: int = 6) -> str:
     """Where ``path`` holds nnU-Net results folders one or two levels down (a Dataset folder, or TotalSegmentator's
     results folder of several), a sentence naming them; else ''."""
     from .nnunet.folder import is_nnunet_folder

@@ -96,9 +96,12 @@ def open_model_dir(path: str | Path) -> ModelDir:
         raise InputError(f"'{path}' is a quantized nnU-Net model folder (one ONNX per fold); this command does not take "
                          "it yet: use `ptqseg segment --model FOLDER --compare` (sizes, latency, FP32-vs-INT8 agreement).")
     if not (root / SPEC_NAME).is_file() or not (root / FP32_NAME).is_file():
+        from .model_files import nested_results_hint
+
         raise InputError(
             f"'{path}' is not a quantized model folder (it needs {SPEC_NAME} and {FP32_NAME}); "
             "create one with `ptqseg quantize --model SPEC --calibration VOLUMES --out FOLDER`."
+            + (nested_results_hint(root) if root.is_dir() else "")
         )
     return ModelDir(root)
 
