@@ -229,3 +229,17 @@ def test_volume_time_leaves_engine_builds_out(setup, monkeypatch):
     wall = time.perf_counter() - started
     assert outcome.build_seconds >= 2 and outcome.seconds < 2 <= wall - outcome.seconds
     assert outcome.seconds >= outcome.network_seconds > 0
+
+
+@pytest.mark.parametrize("runtime, precision, says", [("auto", "int8", "Quantize it first"),
+                                                      ("torch", "fp16", "CUDA GPU")])
+def test_original_folder_says_what_it_runs_at_other_precisions(setup, capsys, runtime, precision, says):
+    """An original nnU-Net folder runs on PyTorch in FP32, and in FP16 on an NVIDIA GPU (the GPU baseline before
+    quantizing): INT8, or FP16 without a GPU, is one clear error and writes nothing."""
+    folder, image, tmp_path = setup
+    output = tmp_path / "labels.nii.gz"
+    code = main(["segment", "--model", str(folder), "--input", str(image), "--output", str(output),
+                 "--runtime", runtime, "--precision", precision])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "unexpected" not in err, err
+    assert not output.exists()

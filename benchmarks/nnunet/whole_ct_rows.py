@@ -40,6 +40,7 @@ RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "fp3
 DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "cuda"}
 NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
 BASELINE_ROWS = NNUNET_ROWS + TOTALSEG_ROWS  # nnunetv2's predictor, on the CT's grid or TotalSegmentator's way
+TORCH_ROWS = ("fp32-torch", "fp16-torch-cuda")  # the project's pipeline on the original folders, no ONNX needed
 
 
 class StageClock:
@@ -174,14 +175,15 @@ class _WindowCounter:
 
 def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     """``PTQLogic.pipeline.segment`` on the parts file, as ``ptqseg segment`` runs it: OpenVINO (or, on a GPU,
-    TensorRT and PyTorch FP16) on the quantized parts, or (``fp32-torch``) PyTorch on the original folders,
+    TensorRT) on the quantized parts, or (``fp32-torch``, ``fp16-torch-cuda``) PyTorch on the original folders,
     nnunetv2's arithmetic in the project's pipeline."""
     from PTQLogic.core.progress import Monitor
     from PTQLogic.pipeline import segment
 
     row = spec["row"]
-    # fp32-torch: the original nnU-Net folders; every other row the quantized parts (PyTorch FP16 loads their weights)
-    parts_file = spec["torch_parts_file"] if row == "fp32-torch" else spec["parts_file"]
+    # the PyTorch rows run the original nnU-Net folders (as a user's FP32 / FP16 baseline before quantizing);
+    # every other row the quantized parts
+    parts_file = spec["torch_parts_file"] if row in TORCH_ROWS else spec["parts_file"]
     clock, started = ProgressClock(), time.perf_counter()
     outcome = segment(parts_file, spec["ct"], spec["output"], runtime=RUNTIME[row], precision=PRECISION[row],
                       device=DEVICE.get(row), step_size=spec["step_size"], mirroring=False,
@@ -234,7 +236,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
             seconds[row] = _time_window(predictor.network, patch, device)
             continue
         os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row == "int8-bf16" else "f32"
-        model = open_nnunet_model(spec["quantized"][0])
+        model = open_nnunet_model(spec["folders"][0] if row in TORCH_ROWS else spec["quantized"][0])
         engines, _ = open_engines(model, RUNTIME[row], PRECISION[row], device=DEVICE.get(row))
         seconds[row] = _time_window(engines[0], model.spec.patch_size, "cpu" if RUNTIME[row] == "openvino" else "cuda")
     return seconds

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import totalseg_shapes as shapes
-from whole_ct_rows import BASELINE_ROWS
+from whole_ct_rows import BASELINE_ROWS, TORCH_ROWS
 
 TEST_SEED, CALIBRATION_SEEDS = 0, (101, 102)
 
@@ -133,7 +133,7 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
 
 def needs_onnx(args: argparse.Namespace) -> bool:
     """Whether any row runs the quantized folders (their fp32.onnx / int8.onnx)."""
-    return any(row not in (*BASELINE_ROWS, "fp32-torch") for row in args.rows)
+    return any(row not in (*BASELINE_ROWS, *TORCH_ROWS) for row in args.rows)
 
 
 def bf16_reason() -> str | None:

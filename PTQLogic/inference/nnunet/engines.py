@@ -50,11 +50,12 @@ def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: st
 
     reason = ""
     if not model.quantized:
-        if runtime not in ("auto", "torch") or precision != "fp32":
+        if runtime not in ("auto", "torch") or precision not in ("fp32", "fp16"):
             raise InputError(f"'{model.root}' is an original nnU-Net folder: it runs only with --runtime torch "
-                             "--precision fp32. Quantize it first (ptqseg quantize --model FOLDER ...) for other runtimes.")
-        return [TorchEngine(net, "fp32", device=device or "cpu") for net in model.networks], \
-            "PyTorch FP32: the original nnU-Net weights"
+                             "--precision fp32 (or fp16 on an NVIDIA GPU). Quantize it first (ptqseg quantize "
+                             "--model FOLDER ...) for other runtimes and INT8.")
+        return [TorchEngine(net, precision, device=device or "cpu") for net in model.networks], \
+            f"PyTorch {precision.upper()}: the original nnU-Net weights"
     if runtime == "auto":
         runtime, reason = choose_runtime(precision)
     if precision == "int8" and int8_fallback(model):
