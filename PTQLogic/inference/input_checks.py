@@ -72,5 +72,5 @@ def int8_target_warning(report: dict[str, Any], where: str) -> str | None:
     if not any(isinstance(t, dict) and t.get("weight_bits") == 8 for t in targets) or cpu_int8_target() != "avx2":
         return None
     return (f"'{where}' was quantized for CPUs with int8 dot-product instructions (VNNI/AMX: 8-bit weights), but this "
-            "CPU has none, so its INT8 convolutions saturate and lose FP32's answer; quantize it again here (or with "
-            "`--target-cpu avx2`), or use --precision fp32.")
+            "CPU has none, so its INT8 convolutions can saturate and lose FP32's answer (how much depends on the "
+            "network); quantize it again here (or with `--target-cpu avx2`), or use --precision fp32.")

@@ -54,7 +54,9 @@ def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: st
             raise InputError(f"'{model.root}' is an original nnU-Net folder: it runs only with --runtime torch "
                              "--precision fp32 (or fp16 on an NVIDIA GPU). Quantize it first (ptqseg quantize "
                              "--model FOLDER ...) for other runtimes and INT8.")
-        return [TorchEngine(net, precision, device=device or "cpu") for net in model.networks], \
+        # FP16 on the GPU when no device is named (PyTorch's own choice; its error says so without one)
+        device = device or (None if precision == "fp16" else "cpu")
+        return [TorchEngine(net, precision, device=device) for net in model.networks], \
             f"PyTorch {precision.upper()}: the original nnU-Net weights"
     if runtime == "auto":
         runtime, reason = choose_runtime(precision)
