@@ -77,6 +77,19 @@ def test_every_row_has_a_title_runtime_and_precision():
     assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda"}
 
 
+def test_only_rows_that_run_onnx_files_make_the_run_quantize():
+    """PyTorch rows run the original nnU-Net folders (FP32 on the CPU, FP16 on CUDA): a GPU table of nnunetv2 and
+    PyTorch FP16 needs no ModelOpt on the GPU machine; any OpenVINO or TensorRT row does."""
+    import argparse
+    from whole_ct_setup import needs_onnx
+
+    def needs(*names):
+        return needs_onnx(argparse.Namespace(rows=list(names)))
+
+    assert not needs("nnunetv2-cuda", "fp16-torch-cuda", "fp32-torch", "totalseg", "nnunetv2")
+    assert all(needs("fp16-torch-cuda", row) for row in ("int8", "fp32", "int8-bf16", "fp16-tensorrt", "int8-tensorrt"))
+
+
 def test_the_gpu_table_compares_with_nnunetv2_on_cuda():
     repeats = [{"rows": {"nnunetv2-cuda": _row(30.0), "fp16-tensorrt": _row(3.0)}, "reference": "nnunetv2-cuda"}]
     assert report.baseline_of(repeats) == "nnunetv2-cuda"
