@@ -101,7 +101,7 @@ def open_model_dir(path: str | Path) -> ModelDir:
         raise InputError(
             f"'{path}' is not a quantized model folder (it needs {SPEC_NAME} and {FP32_NAME}); "
             "create one with `ptqseg quantize --model SPEC --calibration VOLUMES --out FOLDER`."
-            + (nested_results_hint(root) if root.is_dir() else "")
+            + nested_results_hint(root)
         )
     return ModelDir(root)
 
