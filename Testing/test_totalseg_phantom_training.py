@@ -342,6 +342,21 @@ def test_foreground_patches_centre_each_class_equally_often_as_nnunet_does():
     assert by_voxel < 10  # --class-draw by-voxel: 8 of 8008 foreground voxels
 
 
+def test_mixed_draw_centres_the_small_class_about_half_as_often_as_balanced():
+    """--class-draw mixed: each foreground patch drawn balanced or by voxel with equal chance, so a class of 8 voxels
+    beside one of 8000 is centred in about a quarter of the patches (balanced: half, by voxel: almost never)."""
+    from argparse import Namespace
+
+    labels = torch.zeros((60, 60, 60), dtype=torch.int64)
+    labels[0:20, 0:20, 0:20] = 1
+    labels[50:52, 50:52, 50:52] = 3
+    volume, points = (torch.zeros(1, 60, 60, 60), labels), training.class_points(labels)
+    args = Namespace(foreground_share=1.0, class_draw="mixed", augment=0.0, patch=(6, 6, 6), device="cpu")
+    rng = np.random.default_rng(0)
+    small = sum(int((training.augmented_crop(volume, points, args, rng)[1] == 3).any()) for _ in range(800))
+    assert 150 < small < 250
+
+
 @pytest.mark.parametrize("argv, fails", [([], False),
                                          (["--foreground-share", "0.33", "--class-draw", "by-voxel"], False),
                                          (["--foreground-share", "1.5"], True), (["--class-draw", "x"], True)])

@@ -56,7 +56,7 @@ def augmented_crop(volume, points, args: argparse.Namespace, rng: np.random.Gene
     """One training patch of ``volume`` (image, labels): :func:`crop` as ``args`` asks, zoomed and turned
     (``augment.augment``) with chance ``args.augment``; on ``args.device``."""
     foreground = rng.random() < args.foreground_share
-    by_voxel = args.class_draw == "by-voxel"
+    by_voxel = args.class_draw == "by-voxel" or (args.class_draw == "mixed" and bool(rng.random() < 0.5))
     if not args.augment or rng.random() >= args.augment:
         return [t.to(args.device) for t in crop(*volume, args.patch, rng, foreground, points, by_voxel)]
     image, labels = crop(*volume, augment.region_for(args.patch), rng, foreground, points, by_voxel)

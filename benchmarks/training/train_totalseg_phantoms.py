@@ -302,9 +302,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--foreground-share", type=float, default=2 / 3,
                    help="share of patches centred on a foreground voxel (nnU-Net: 1/3 of a batch at least; the "
                         "rest anywhere, where the network learns what is not an organ)")
-    p.add_argument("--class-draw", choices=["balanced", "by-voxel"], default="balanced",
-                   help="foreground patches: each class present equally often (nnU-Net), or in proportion to its "
-                        "voxels (the runs before 2026-12-06)")
+    p.add_argument("--class-draw", choices=["balanced", "by-voxel", "mixed"], default="balanced",
+                   help="foreground patches: each class present equally often (nnU-Net), in proportion to its "
+                        "voxels (the runs before 2026-12-06), or each patch one of the two with equal chance (mixed)")
     p.add_argument("--augment", type=float, default=0.0, metavar="CHANCE",
                    help="share of patches zoomed (0.8-1.25) and turned about the body axis (+-0.35 rad) "
                         "(augment.py); 0: none (every run before this option)")
