@@ -120,11 +120,14 @@ def test_guard_calibration_cts_and_fp32_nodes_key_the_quantized_parts(tmp_path):
     for weights, no_guard, count, kept in ((None, False, 2, []), ("w", True, 2, []), ("w", False, 2, []),
                                            ("w", False, 3, []), ("w", True, 2, ["seg_layers"])):
         args = argparse.Namespace(work=tmp_path, weights=weights, no_guard=no_guard, calibration_cts=count,
-                                  exclude_nodes=kept)
+                                  exclude_nodes=kept, target_cpu="vnni")
         folders.add(work_dir(args, "models", "same inputs", *models_key_extra(args)))
     assert len(folders) == 4  # random weights and --no-guard: both unguarded, two CTs, the same key
-    args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[])
+    # target_cpu "vnni": the committed VNNI/AMX runs' parts; "auto" would resolve to this machine's CPU
+    args = argparse.Namespace(work=tmp_path, weights="w", no_guard=True, calibration_cts=2, exclude_nodes=[],
+                              target_cpu="vnni")
     assert models_key_extra(args) == ()
+    assert models_key_extra(argparse.Namespace(**dict(vars(args), target_cpu="avx2"))) == ("target_cpu=avx2",)
     defaults = dict(vars(args), method="entropy", percentile=None, bias_correction=False)
     assert models_key_extra(argparse.Namespace(**defaults)) == ()  # the committed runs' folders are found again
     others = [models_key_extra(argparse.Namespace(**dict(defaults, **change)))

@@ -187,6 +187,18 @@ class OrtRunner:
         return self.session.run(None, {self.name: x})[0]
 
 
+def openvino_bf16() -> bool:
+    """Whether OpenVINO runs bf16 natively on this CPU (the product's own check, ISA caps included)."""
+    import sys
+
+    import openvino as ov
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from PTQLogic.engines.openvino_engine import native_bf16
+
+    return native_bf16(ov.Core())
+
+
 def runtime_of(key: str) -> str:
     """'openvino-bf16-cl/fp32' -> 'openvino', 'onnxruntime/u8sub' -> 'onnxruntime': the interleaving group."""
     return key.split("/")[0].split("-")[0]
@@ -206,7 +218,11 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
     files = {p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.xml"))}
     files.update({p.stem[len(name) + 1:]: p for p in sorted(directory.glob(f"{name}_*.onnx"))})
     variants = ["fp32"] + sorted(v for v in files if v != "fp32")
-    runners, errors = {}, {}
+    runners, errors, not_run = {}, {}, {}
+    bf16 = "openvino" in runtimes and openvino_bf16()
+    if "openvino" in runtimes and not bf16:  # a bf16 hint would run f32 (or fail under an ISA cap): no such rows
+        not_run = {"openvino-bf16-*": "OpenVINO does not run bf16 natively here (no AVX512-BF16/AMX, or "
+                                      "ONEDNN_MAX_CPU_ISA caps it)"}
     for variant in variants:
         path = files[variant]
         configs = []
@@ -216,9 +232,9 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
 
             configs += [(f"openvino-f32/{variant}", openvino("f32")),
                         (f"openvino-f32-nocopy/{variant}", openvino("f32", False)),
-                        (f"openvino-bf16-nocopy/{variant}", openvino("bf16", False)),
-                        (f"openvino-f32-cl/{variant}", openvino("f32", False, True)),
-                        (f"openvino-bf16-cl/{variant}", openvino("bf16", False, True))]
+                        (f"openvino-f32-cl/{variant}", openvino("f32", False, True))]
+            configs += [(f"openvino-bf16-nocopy/{variant}", openvino("bf16", False)),
+                        (f"openvino-bf16-cl/{variant}", openvino("bf16", False, True))] if bf16 else []
         if "onnxruntime" in runtimes and path.suffix == ".onnx" and batch == 1:  # the exported files: batch 1
             configs.append((f"onnxruntime/{variant}", lambda p=path: OrtRunner(p, threads)))
         configs = [(key, make) for key, make in configs if not only or key.split("/")[0] in only]
@@ -270,7 +286,7 @@ def bench_model(directory: Path, name: str, patch: int, repeats: int, warmup: in
             row["speedup_vs_openvino_bf16_fp32"] = bf16_fp32[0] / row["median_ms"]
             paired = np.asarray(times[bf16_fp32[1]]) / np.asarray(times[key])
             row["paired_vs_bf16_p10"], row["paired_vs_bf16_p90"] = (float(np.percentile(paired, q)) for q in (10, 90))
-    out = {"rows": result, "errors": errors}
+    out = {"rows": result, "errors": errors, **({"not_run": not_run} if not_run else {})}
     if profile:
         out["profiles"] = {key: runner.profile(x) for key, runner in runners.items()
                            if key.startswith(("openvino-f32/", "openvino-f32-cl/", "openvino-bf16-cl/"))}
@@ -287,20 +303,22 @@ def time_split(profile: dict) -> tuple[float, float]:
 
 
 def split_markdown(report: dict) -> list[str]:
-    """Where the time goes, channels-last: convolutions against everything else, bf16 FP32 against INT8.
+    """Where the time goes, channels-last: convolutions against everything else, FP32 (bf16 where OpenVINO runs
+    it natively, else f32) against INT8.
 
-    INT8 can beat bf16 by no more than its convolutions do unless the other layers shrink by more: this is
-    the ceiling of the INT8-vs-bf16 ratio for a network, measured layer by layer."""
+    INT8 can beat that FP32 by no more than its convolutions do unless the other layers shrink by more: this is
+    the ceiling of the INT8-vs-FP32 ratio for a network, measured layer by layer."""
     lines = []
     for name, result in report["models"].items():
         profiles = result.get("profiles", {})
-        bf16 = {k: v for k, v in profiles.items() if k.startswith("openvino-bf16-cl/") and "/fp32" in k}
+        fp32 = {k: v for k, v in profiles.items() if k.startswith("openvino-bf16-cl/") and "/fp32" in k} or {
+            k: v for k, v in profiles.items() if k.startswith("openvino-f32-cl/") and "/fp32" in k}
         int8 = {k: v for k, v in profiles.items() if k.startswith("openvino-f32-cl/") and "/fp32" not in k}
-        if not bf16 or not int8:
+        if not fp32 or not int8:
             continue
-        ref_key = min(bf16, key=lambda k: bf16[k]["layers_total_ms"])
-        ref_conv, ref_other = time_split(bf16[ref_key])
-        for key, prof in [(ref_key, bf16[ref_key])] + sorted(int8.items()):
+        ref_key = min(fp32, key=lambda k: fp32[k]["layers_total_ms"])
+        ref_conv, ref_other = time_split(fp32[ref_key])
+        for key, prof in [(ref_key, fp32[ref_key])] + sorted(int8.items()):
             conv, other = time_split(prof)
             others = sorted(((ms, kind) for kind, ms in prof["by_kind_ms"].items()
                              if kind.split("/")[0] not in CONV_KINDS), reverse=True)[:3]
@@ -310,9 +328,10 @@ def split_markdown(report: dict) -> list[str]:
     if not lines:
         return []
     return ["", "### Where the time goes (OpenVINO performance counters, logits channels-last)", "",
-            "| Model | Runtime/file | layers ms | convolutions ms | everything else ms | bf16 FP32 / this: convolutions / "
-            "the rest | largest other kinds (ms) |", "|---|---|---|---|---|---|---|", *lines, "",
-            "INT8 can beat bf16 FP32 by more than its convolutions do only if the rest shrinks by more."]
+            "| Model | Runtime/file | layers ms | convolutions ms | everything else ms | the FP32 row (first) / this: "
+            "convolutions / the rest | largest other kinds (ms) |", "|---|---|---|---|---|---|---|", *lines, "",
+            "The first row of each model is its fastest FP32 file, bf16 where OpenVINO runs bf16 natively, else f32. "
+            "INT8 can beat it by more than its convolutions do only if the rest shrinks by more."]
 
 
 def to_markdown(report: dict) -> str:
