@@ -168,3 +168,20 @@ def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
 
     assert whole_ct.parse_args(["--out", "r.json", "--target-cpu", "avx2"]).target_cpu == "avx2"
     assert whole_ct.parse_args(["--out", "r.json"]).target_cpu == "auto"
+
+
+def test_prepare_parts_quantizes_only_the_named_parts_and_a_later_run_reuses_them(tmp_path):
+    """--prepare-parts: a part is quantized while another still trains; the later run quantizes only the rest."""
+    out = tmp_path / "result" / "whole_ct.json"
+    early = _run(tmp_path, out, "--prepare-parts", "vertebrae")
+    assert early.returncode == 0, early.stderr[-3000:]
+    assert "prepared vertebrae" in early.stdout and "_organs" not in early.stdout
+    made = {p.parent.name for p in (tmp_path / "work").glob("models-*/total/quantized/*/nnunet_model.json")}
+    assert made == {"vertebrae"}
+    later = _run(tmp_path, out, "--prepare-only")
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert "quantizing Dataset291_TotalSegShape_organs" in later.stdout and "_vertebrae" not in later.stdout
+    made = {p.parent.name for p in (tmp_path / "work").glob("models-*/total/quantized/*/nnunet_model.json")}
+    assert made == {"organs", "vertebrae"}
+    wrong = _run(tmp_path, out, "--prepare-parts", "lungs")
+    assert wrong.returncode != 0 and "no part ['lungs']" in wrong.stderr

@@ -62,7 +62,8 @@ from whole_ct_rows import NNUNET_ROWS, started_mark  # noqa: E402
 from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402
 from whole_ct_totalseg import missing_reason as totalseg_missing  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
-                            needs_onnx, nnunetv2_memory_reason, prepare, quantize, work_dir)
+                            needs_onnx, nnunetv2_memory_reason, prepare, prepare_parts, quantize,
+                            work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch", "totalseg")
 GPU_ROWS = report.GPU_ROWS
@@ -128,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prepare-only", action="store_true",
                    help="write the CTs and models and quantize every part into --work, then stop (a later run "
                         "with the same settings reuses them: splits a long run over several commands)")
+    p.add_argument("--prepare-parts", nargs="+", metavar="PART",
+                   help="with --config total: write and quantize only these parts (e.g. while the organ part still "
+                        "trains), then stop; a later run with the same settings reuses them")
     p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (implies smoke)")
     p.add_argument("--smoke", action="store_true", help="label the result a smoke run, not a measurement")
     args = p.parse_args(argv)
@@ -135,6 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeats, --threads and --calibration-cts must be at least 1, --calibration-patches at least 2")
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
+    if args.prepare_parts and args.config != "total":
+        p.error("--prepare-parts names parts of the 'total' set: use it with --config total")
     args.smoke = args.smoke or args.tiny_networks
     try:
         args.row_timeout = row_timeouts(args.row_timeout, args.rows)
@@ -397,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     # the guard and the calibration CTs change the INT8 parts: a run never reuses parts quantized otherwise
     work = work_dir(args, "models", args.shape, args.spacing, args.tiny_networks, args.weights,
                     args.calibration_patches, args.labels, *models_key_extra(args))
+    if args.prepare_parts:
+        prepare_parts(args, cts, work, args.prepare_parts)
+        print(f"prepared {', '.join(args.prepare_parts)} in {work}")
+        return 0
     names = ["total", "fast"] if args.config == "both" else [args.config]
     configs = [prepare(name, args, cts, work) for name in names]
     if args.prepare_only:

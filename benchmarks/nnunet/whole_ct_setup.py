@@ -131,6 +131,22 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
             "quantize_seconds": [quantize(folders[0], quantized[0], cts, args) if needs_onnx(args) else None]}
 
 
+def prepare_parts(args: argparse.Namespace, cts: dict[str, Any], work: Path, wanted: list[str]) -> list[float | None]:
+    """Write and quantize only the parts of 'total' named in ``wanted`` (the others may still be training): the
+    folders and INT8 parts that :func:`prepare` and ``quantize_rest`` of a later run with the same settings reuse.
+    Seconds to quantize each (None where an earlier run left it)."""
+    models, parts, _, plans = plans_for("total", args, cts)
+    unknown = sorted(set(wanted) - {p.name for p in parts})
+    if unknown:
+        raise SystemExit(f"--prepare-parts: no part {unknown} in {[p.name for p in parts]}")
+    names = shapes.label_names(args.labels)
+    root = work / "total"
+    (root / "quantized").mkdir(parents=True, exist_ok=True)
+    chosen = [p for p in parts if p.name in wanted]
+    folders = [shapes.write_part(root / "nnunet", models, p, plans, names, TEST_SEED, args.weights) for p in chosen]
+    return [quantize(f, root / "quantized" / p.name, cts, args) for f, p in zip(folders, chosen)]
+
+
 def needs_onnx(args: argparse.Namespace) -> bool:
     """Whether any row runs the quantized folders (their fp32.onnx / int8.onnx)."""
     return any(row not in (*BASELINE_ROWS, *TORCH_ROWS) for row in args.rows)

@@ -1,0 +1,48 @@
+"""benchmarks/nnunet/device_stint.sh (issue 25's train-quantize-table stint on a lent GPU machine), run end to end on
+the CPU with tiny networks: the other parts are quantized before the organ part is done, the table quantizes only
+the organ part and runs every row on the trained set."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "nnunet" / "device_stint.sh"
+
+pytestmark = pytest.mark.slow  # about a minute: two trainings, the prepare run and the table, each importing torch
+
+
+def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(tmp_path):
+    labels = ROOT.parent / "shared" / "data" / "totalsegmentator_total_labels.json"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), DEVICE="cpu",
+               EXTRA="--tiny-networks --shape 48 48 32 --spacing 1.5 1.5 1.5",
+               ORGANS="--phantoms 2 --part-steps organs=2",
+               OTHERS="--phantoms 2 --part-steps vertebrae=2 cardiac=2 muscles=1 ribs=1",
+               ROWS="--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --repeats 1")
+    if labels.is_file():
+        env["LABELS"] = str(labels)
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    out = tmp_path / "out"
+    assert done.returncode == 0, (done.stderr[-2000:], (out / "times").read_text() if (out / "times").is_file() else "")
+    steps = [line.split()[0] for line in (out / "times").read_text().splitlines()]
+    assert steps == ["start", "others-trained", "others-quantized", "organs-trained", "table-done"]
+    prepared = (out / "prepare_others.log").read_text()
+    assert all(f"quantized Dataset29{i}_TotalSegShape_" in prepared for i in (2, 3, 4, 5))
+    table_log = (out / "table.log").read_text()
+    assert "quantizing Dataset291_TotalSegShape_organs" in table_log and "quantizing Dataset292" not in table_log
+    result = json.loads((out / "total_table.json").read_text())
+    config = result["configs"]["total"]
+    assert config["parts"] == ["organs", "vertebrae", "cardiac", "muscles", "ribs"]
+    assert result["settings"]["weights"] == str(tmp_path / "work" / "set")
+    rows = config["repeats"][0]["rows"]
+    assert set(rows) == {"fp32-torch", "int8", "nnunetv2"} and all(r["seconds"] > 0 for r in rows.values())
+    assert rows["nnunetv2"]["agreement"]["dice"] == pytest.approx(1.0)  # the project's FP32 = nnunetv2's labels
+    assert 0 <= rows["int8"]["agreement"]["dice"] <= 1
+    assert json.loads((out / "training_organs.json").read_text())["parts"].keys() == {"organs"}
+    assert set(json.loads((out / "training_others.json").read_text())["parts"]) == {"vertebrae", "cardiac",
+                                                                                   "muscles", "ribs"}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 25's whole 16-core table in one stint on a lent GPU machine, where neither the trained weights nor the
+# machine outlast a session: train the 5-part 'total' set on the GPU (the organ part, the longest, in its own
+# process), quantize the other parts on the CPU while the organ part still trains (whole_ct.py --prepare-parts),
+# then run the CPU table with the GPU hidden (whole_ct.py; the organ part is quantized first).
+#   OUT=/root/res WORK=/root/stint LABELS=.../totalsegmentator_total_labels.json benchmarks/nnunet/device_stint.sh
+# Environment (defaults in brackets): OUT, WORK (required); LABELS [shapes.TOTAL_LABELS]; DEVICE [cuda];
+# ORGANS: the organ part's training options [--phantoms 32 --part-steps organs=3500 --class-draw by-voxel];
+# OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
+# QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
+# ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
+# PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
+# $OUT/times gets one line per finished step (seconds since the epoch); $WORK/stop_before_table skips the table.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${OUT:?set OUT}" "${WORK:?set WORK}"
+mkdir -p "$OUT" "$WORK"
+LABELS_ARG=(); [ -n "${LABELS:-}" ] && LABELS_ARG=(--labels "$LABELS")
+TRAIN=("${PYTHON:-python}" benchmarks/training/train_totalseg_phantoms.py --config total --device "${DEVICE:-cuda}" --amp
+       "${LABELS_ARG[@]}" ${EXTRA:-})
+read -r -a QUANTIZE_ARGS <<< "${QUANTIZE:---no-guard --calibration-patches 4 --exclude-nodes ^/encoder/stages\.0/stages\.0\.0/convs/convs\.0/ ^/decoder/seg_layers\.}"
+TABLE=("${PYTHON:-python}" benchmarks/nnunet/whole_ct.py ${EXTRA:-} --config total --weights "$WORK/set" --work "$WORK/ct"
+       "${LABELS_ARG[@]}" "${QUANTIZE_ARGS[@]}")
+step() { echo "$1 $(date +%s)" >> "$OUT/times"; }
+step start
+# the organ part's own CT folder, so that the two trainings never write the same CT at once
+"${TRAIN[@]}" ${ORGANS:---phantoms 32 --part-steps organs=3500 --class-draw by-voxel} --only organs --threads 6 \
+  --draw-workers 10 --out "$WORK/organs" --work "$WORK/ct-organs" > "$OUT/train_organs.log" 2>&1 &
+organs=$!
+"${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
+  --only vertebrae cardiac muscles ribs --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
+  > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
+step others-trained
+CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts vertebrae cardiac muscles ribs --out "$OUT/prepare.json" \
+  > "$OUT/prepare_others.log" 2>&1 || { step "prepare-failed"; exit 1; }
+step others-quantized
+wait "$organs" || { step "organs-failed"; exit 1; }
+step organs-trained
+cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
+cp "$WORK/set/training_total.json" "$OUT/training_others.json"
+[ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
+read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"
+CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${ROW_ARGS[@]}" --no-probe --note "${NOTE:-set trained in this stint}" \
+  --out "$OUT/total_table.json" > "$OUT/table.log" 2>&1 || { step "table-failed"; exit 1; }
+step table-done
