@@ -183,5 +183,5 @@ def test_prepare_parts_quantizes_only_the_named_parts_and_a_later_run_reuses_the
     assert "quantizing Dataset291_TotalSegShape_organs" in later.stdout and "_vertebrae" not in later.stdout
     made = {p.parent.name for p in (tmp_path / "work").glob("models-*/total/quantized/*/nnunet_model.json")}
     assert made == {"organs", "vertebrae"}
-    wrong = _run(tmp_path, out, "--prepare-parts", "lungs")
-    assert wrong.returncode != 0 and "no part ['lungs']" in wrong.stderr
+    wrong = _run(tmp_path / "other", out, "--prepare-parts", "lungs")  # refused before any CT is drawn
+    assert wrong.returncode != 0 and "no part ['lungs']" in wrong.stderr and not (tmp_path / "other").exists()

@@ -141,6 +141,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     if args.prepare_parts and args.config != "total":
         p.error("--prepare-parts names parts of the 'total' set: use it with --config total")
+    if args.prepare_parts:  # checked before the CTs are drawn (minutes)
+        known = [part.name for part in shapes.MODEL_SETS["total"].parts[:args.parts]]
+        unknown = sorted(set(args.prepare_parts) - set(known))
+        if unknown:
+            p.error(f"--prepare-parts: no part {unknown} in {known}")
     args.smoke = args.smoke or args.tiny_networks
     try:
         args.row_timeout = row_timeouts(args.row_timeout, args.rows)
