@@ -82,6 +82,7 @@ def segment(
     label_map: str | dict[int, int] | None = None,
     torch_compile: str | None = None,
     reference_labels: str | Path | None = None,
+    fp32_windows: float | None = None,
 ) -> SegmentOutcome:
     """Segment one volume file; optionally compare with FP32 (agreement Dice) and a reference label map
     (the same Dice as ``ptqseg evaluate``: model classes paired by ``label_map``, else by name through the
@@ -89,7 +90,8 @@ def segment(
 
     Several models (part folders or a parts file) are nnU-Net parts merged into one map (TotalSegmentator's
     tasks); nnU-Net models run nnU-Net's own inference (``mirroring``: its test-time mirroring;
-    ``step_size``: its sliding-window step, default the model's 0.5).
+    ``step_size``: its sliding-window step, default the model's 0.5; ``fp32_windows``: INT8 on the CPU takes at
+    most this share of each part's windows, those where INT8 is least sure, from FP32).
     """
     from .inference.segmenters import open_segmenter
 
@@ -100,5 +102,6 @@ def segment(
         precision, _ = choose_precision(runtime, model_onnx_files(model))
     options = SegmentOptions(runtime=runtime, precision=precision, batch_size=batch_size, compare=compare,
                              reference=reference, device=device, mirroring=mirroring, step_size=step_size,
-                             label_map=label_map, torch_compile=torch_compile, reference_labels=reference_labels)
+                             label_map=label_map, torch_compile=torch_compile, reference_labels=reference_labels,
+                             fp32_windows=fp32_windows)
     return open_segmenter(model, options).segment(input_path, output, options, monitor or Monitor())

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "nnunet" / "whole_ct.py"
-ROWS = ["nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch"]
+ROWS = ["nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "fp32-torch"]
 STAGES = {"build", "preprocess", "network", "export", "other"}
 
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # about a minute: five processes that each import
 def _run(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), "--config", "total", "--parts", "2", "--shape", "32", "32", "24",
                "--spacing", "1.5", "1.5", "1.5", "--tiny-networks", "--repeats", "1", "--calibration-patches", "4",
-               "--threads", "1", "--rows", *ROWS, "--work", str(folder / "work"), "--out", str(out), *extra]
+               "--threads", "1", "--rows", *ROWS, "--fp32-windows", "1", "--work", str(folder / "work"), "--out", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
@@ -70,6 +70,11 @@ def test_agreement_with_nnunetv2(smoke):
     # OpenVINO FP32 differs from PyTorch only where two classes nearly tie (nnunetv2 sums windows in fp16)
     assert rows["fp32"]["agreement"]["voxels"] > 0.995 and rows["fp32"]["agreement"]["dice"] > 0.98
     assert 0 < rows["int8"]["agreement"]["dice"] <= 1.0  # random weights: a number, not a fidelity claim
+    # INT8 with the unsure windows from FP32 (at most all: one window per part here)
+    taken = rows["int8-fp32w"]["fp32_windows"]
+    assert taken["of"] == 2 and taken["max_share"] == 1.0 and sum(taken["per_part"]) == taken["windows"] <= 2
+    assert "windows taken from FP32" in smoke["markdown"]
+    assert smoke["result"]["settings"]["fp32_windows"] == 1.0
 
 
 def test_merged_label_map(smoke):

@@ -173,6 +173,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, compare=compare, reference=args.reference, monitor=_monitor(args),
         mirroring=args.mirroring, step_size=args.step_size,
         label_map=args.label_map, torch_compile=args.torch_compile, reference_labels=args.reference_labels,
+        fp32_windows=args.fp32_windows,
     )
     data = outcome.to_dict()
     lines = [
@@ -185,6 +186,9 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if outcome.fp32_seconds is not None:
         lines.append(f"  {outcome.runtime} fp32: {outcome.fp32_seconds:.2f} s for the volume, "
                      f"{outcome.fp32_latency_ms:.1f} ms per patch")
+    if outcome.fp32_windows is not None:
+        lines.append(f"  {outcome.fp32_windows['windows']} of {outcome.fp32_windows['of']} windows taken from FP32 "
+                     "(--fp32-windows: where INT8 was least sure)")
     if outcome.agreement_dice is not None:
         lines.append(f"  FP32-vs-{outcome.precision.upper()} agreement Dice {outcome.agreement_dice:.4f}")
     if outcome.reference_dice is not None:

@@ -31,6 +31,7 @@ class SegmentOptions:
     label_map: str | dict[int, int] | None = None
     reference_labels: str | Path | None = None  # the reference's label table (names)
     torch_compile: str | None = None
+    fp32_windows: float | None = None  # nnU-Net INT8: share of windows INT8 is least sure of taken from FP32
 
 
 class Segmenter(Protocol):

@@ -39,6 +39,7 @@ class SegmentOutcome:
     warnings: list[str] = field(default_factory=list)
     estimate: dict[str, Any] | None = None  # nnU-Net: what was expected before the run (estimate.RunEstimate)
     overlapped_seconds: float = 0.0  # nnU-Net parts: export work that ran beside the sliding window (not in seconds)
+    fp32_windows: dict[str, Any] | None = None  # nnU-Net --fp32-windows: windows taken from FP32 (fp32_windows.summary)
 
     def __post_init__(self) -> None:  # with --compare: say so when low precision did not pay off in speed
         note = self.fp32_latency_ms and speed_note(self.runtime, self.precision, self.latency_ms, self.fp32_latency_ms)

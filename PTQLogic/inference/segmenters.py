@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from ..core.errors import InputError
 from ..models.model_folder import FP32_NAME, check_model_path
 from .folder_segmenter import ModelFolderKind
 from .fp32_segmenter import UnquantizedKind
@@ -18,6 +19,9 @@ def open_segmenter(model: ModelArg, options: SegmentOptions) -> Segmenter:
     for path in [model] if isinstance(model, (str, Path)) else model:
         check_model_path(path)  # missing or unreadable: said so, before any kind looks inside
     kind = next(kind for kind in KINDS if kind.can_open(model))
+    if options.fp32_windows and not isinstance(kind, NnUNetKind):
+        raise InputError("--fp32-windows is for nnU-Net models (it works on nnU-Net's sliding window); leave it "
+                         "out for this model.")
     return kind.open(model, options)
 
 

@@ -65,7 +65,7 @@ from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, 
                             needs_onnx, nnunetv2_memory_reason, prepare, prepare_parts, quantize,
                             work_dir)
 
-ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "fp32-torch", "totalseg")
+ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "fp32-torch", "totalseg")
 GPU_ROWS = report.GPU_ROWS
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU rows (totalseg: the CT as TotalSegmentator runs it, whole_ct_totalseg.py), and on an "
                         "NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), totalseg-cuda, fp16-torch-cuda "
                         "(the project's pipeline, PyTorch FP16), fp16-tensorrt, int8-tensorrt")
+    p.add_argument("--fp32-windows", type=float, default=0.25, metavar="SHARE",
+                   help="row int8-fp32w: INT8 with at most this share of each part's windows, those INT8 is least "
+                        "sure of, taken from FP32 (as ptqseg segment --fp32-windows)")
     p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
@@ -137,6 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.calibration_patches < 2 or args.calibration_cts < 1:
         p.error("--repeats, --threads and --calibration-cts must be at least 1, --calibration-patches at least 2")
+    if not 0 < args.fp32_windows <= 1:
+        p.error("--fp32-windows must be a share of the windows in (0, 1]")
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
     if args.prepare_parts and args.config != "total":
@@ -237,7 +242,8 @@ def base_spec(config: dict[str, Any], cts: dict[str, Any], args: argparse.Namesp
     return {"ct": str(cts["test"]), "folders": [str(f) for f in config["folders"]], "labels": config["labels"],
             "quantized": [str(q) for q in config["quantized"]], "parts_file": str(config["parts_file"]),
             "torch_parts_file": str(config["torch_parts_file"]),
-            "step_size": config["models"].step_size, "threads": args.threads, "cpus": cpus}
+            "step_size": config["models"].step_size, "threads": args.threads, "cpus": cpus,
+            "fp32_windows": args.fp32_windows}
 
 
 def estimate(configs: list[dict[str, Any]], cts, args, work: Path) -> float:
@@ -375,6 +381,7 @@ def write_result(args, configs, cts) -> None:
                            "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
                            "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
+                           "fp32_windows": args.fp32_windows if "int8-fp32w" in args.rows else None,
                            "reference_labels": args.reference_labels and {
                                "path": str(args.reference_labels),
                                "sha256": hashlib.sha256(args.reference_labels.read_bytes()).hexdigest()}},

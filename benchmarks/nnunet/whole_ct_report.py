@@ -19,6 +19,7 @@ ROW_TITLES = {
     "fp32": "this project, OpenVINO FP32",
     "int8": "this project, OpenVINO INT8 (f32 remainder)",
     "int8-bf16": "this project, OpenVINO INT8 (bf16 remainder)",
+    "int8-fp32w": "this project, OpenVINO INT8 (f32 remainder), unsure windows from FP32 (--fp32-windows)",
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
     "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor`, PyTorch FP32 on CUDA",
     "totalseg": "TotalSegmentator's way: CT resampled to the model's spacing, nnunetv2 FP32 there, labels back",
@@ -121,7 +122,8 @@ def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, A
             "dice_vs_reference": spread([r.get("agreement", {}).get("dice") for r in runs]),
             "voxels_vs_reference": spread([r.get("agreement", {}).get("voxels") for r in runs]),
             "dice_vs_truth": spread([r.get("truth", {}).get("dice") for r in runs]),
-            "windows": runs[0]["windows"] if runs else None, "errors": errors}
+            "windows": runs[0]["windows"] if runs else None, "errors": errors,
+            "fp32_windows": [r.get("fp32_windows") for r in runs if r.get("fp32_windows")]}
     return summary
 
 
@@ -189,6 +191,14 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
     if fallbacks:
         lines += ["", "Parts that ran in FP32 in an INT8 row (quantized with `--on-miss fp32`: their INT8 missed the "
                   "accuracy guard's target): " + "; ".join(f"{ROW_TITLES[r]}: {note}" for r, note in fallbacks)]
+    taken = {row: s["fp32_windows"] for row, s in config["summary"].items() if s.get("fp32_windows")}
+    for row, runs in taken.items():
+        first = runs[0]
+        counts = sorted({r["windows"] for r in runs})
+        lines += ["", f"{ROW_TITLES[row]}: {'-'.join(map(str, counts))} of {first['of']} windows taken from FP32 "
+                  f"(per part {first['per_part']} in the first repeat): the most unsure, with more than "
+                  f"{first['unsure_share']:.0%} of voxels whose two top logits are within {first['margin']:g}, at "
+                  f"most {first['max_share']:g} of each part's windows."]
     stopped = [row for row, s in config["summary"].items() if s.get("stopped_after")]
     if stopped:
         lines += ["", "Stopped by `--row-timeout` (the row took longer; where it is nnunetv2's, the \"vs nnunetv2\" "

@@ -43,6 +43,7 @@ class RunEstimate:
     parts: list[PartEstimate]
     preprocessings: int  # the volume is preprocessed once per distinct preprocessing, shared by the parts
     compare: bool = False  # --compare runs FP32 afterwards (not in the seconds)
+    fp32_windows: int = 0  # --fp32-windows: at most this many windows run again, in INT8 and FP32 (not in the seconds)
     shown: bool = field(default=False, repr=False)  # reported to the monitor already
 
     @property
@@ -75,12 +76,14 @@ class RunEstimate:
         sources = sorted({p.speed_source for p in self.parts if p.speed_source})
         speed = f" (speed {'; '.join(sources)})" if sources else ""
         extra = "; --compare then runs FP32 too" if self.compare else ""
+        if self.fp32_windows:
+            extra += f"; up to {self.fp32_windows} unsure windows again in INT8 and FP32 (--fp32-windows)"
         return (f"Expected: {what}{self.windows} windows, {timing}, peak ~{self.peak_bytes / 2**30:.1f} GiB"
                 f"{shared}{speed}{extra}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text(), "windows": self.windows, "seconds": self.seconds, "peak_bytes": self.peak_bytes,
-                "preprocessings": self.preprocessings,
+                "preprocessings": self.preprocessings, "fp32_windows": self.fp32_windows,
                 "parts": [{"name": p.name, "windows": p.windows, "peak_bytes": p.peak_bytes, "seconds": p.seconds,
                            "seconds_per_window": p.seconds_per_window, "speed_source": p.speed_source}
                           for p in self.parts]}

@@ -25,6 +25,7 @@ from ...core.errors import InputError, ModelError, PTQError
 from ...core.progress import Monitor
 from ...core.volume import Volume
 from ...models.nnunet.model_dir import NnUNetModel
+from .fp32_windows import Fp32Windows, chosen_windows, unsure_share
 from .parallel_zoom import as_float64, in_slabs, parallel_zoom
 
 STAGE = "nnU-Net sliding window"
@@ -153,14 +154,17 @@ class _EngineNetwork(torch.nn.Module):
     without mirroring), so an engine that offers ``forward_transient`` hands out its own output buffer instead of
     a copy: a 117-class 128x112x112 window is 750 MB, and copying it cost 0.5 s a window on 2 cores."""
 
-    def __init__(self, monitor: Monitor, channels: int, stage: str = STAGE, transient: bool = False):
+    def __init__(self, monitor: Monitor, channels: int, stage: str = STAGE, transient: bool = False,
+                 fp32_windows: Fp32Windows | None = None):
         super().__init__()
         self.engine: Engine | None = None
+        self.fp32_windows = fp32_windows
         self.transient = transient
         self.monitor = monitor
         self.stage = stage
         self.channels = channels
         self.calls = 0
+        self.extra_calls = 0  # the FP32 windows' calls (INT8 again and FP32)
         self.total = 1
         self.seconds = 0.0
 
@@ -189,9 +193,10 @@ class PredictedLogits(NamedTuple):
 
     logits: torch.Tensor  # (classes, *network grid), fp16 as nnU-Net accumulates them
     properties: dict[str, Any]  # nnU-Net's preprocessing properties (cropping, spacing) for the export
-    seconds: float  # preprocessing (if done here) and sliding window
+    seconds: float  # preprocessing (if done here) and sliding window (FP32 engine builds left out)
     network_seconds: float  # in the engines only
-    patches: int
+    patches: int  # network calls of the sliding window (FP32 windows' calls not counted)
+    fp32_windows: Fp32Windows | None = None  # what ran again in FP32 (``--fp32-windows``)
 
 
 @dataclass
@@ -279,8 +284,9 @@ class NnUNetRunner:
 
     def predict_logits(self, volume: Volume, engines: Sequence[Engine], *, mirroring: bool = False,
                        monitor: Monitor | None = None, preprocessed: tuple[np.ndarray, dict[str, Any]] | None = None,
-                       stages: Stages | None = None) -> PredictedLogits:
-        """The first half of :meth:`predict`: preprocessing (unless given) and the sliding window."""
+                       stages: Stages | None = None, fp32_windows: Fp32Windows | None = None) -> PredictedLogits:
+        """The first half of :meth:`predict`: preprocessing (unless given) and the sliding window; with
+        ``fp32_windows`` (CPU engines), the windows INT8 is least sure of are taken from FP32 (:mod:`.fp32_windows`)."""
         monitor = monitor or Monitor()
         stages = stages or stages_for()
         if not engines:
@@ -293,13 +299,24 @@ class NnUNetRunner:
         data, properties = preprocessed[0], dict(preprocessed[1])
         del preprocessed
         # mirroring adds a flipped window's logits to the first window's, which must then be a copy of its own
+        device = _engines_device(engines)
+        if fp32_windows is not None and (device is None or device.type != "cpu"):
+            raise InputError("--fp32-windows takes FP32 windows on CPU engines (OpenVINO, ONNX Runtime); "
+                             "leave it out on a GPU.")
         network = _EngineNetwork(monitor, self.label_manager.num_segmentation_heads, stages.sliding_window,
-                                 transient=not mirroring)
-        predictor = self._predictor(network, mirroring, _engines_device(engines))
+                                 transient=not mirroring, fp32_windows=fp32_windows)
+        predictor = self._predictor(network, mirroring, device)
         network.total = self._count_windows(predictor, data.shape[1:], mirroring) * len(engines)
-        with contextlib.redirect_stdout(io.StringIO()):
-            logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
-        return PredictedLogits(logits, properties, time.perf_counter() - started, network.seconds, network.calls)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                logits = _predict_logits(predictor, network, engines, torch.from_numpy(data))
+        finally:
+            if fp32_windows is not None:
+                fp32_windows.release()
+        built = fp32_windows.build_seconds if fp32_windows is not None else 0.0
+        counted = network.calls - network.extra_calls
+        return PredictedLogits(logits, properties, time.perf_counter() - started - built, network.seconds, counted,
+                               fp32_windows)
 
     def export(self, predicted: PredictedLogits, monitor: Monitor | None = None,
                stage: str | None = None) -> tuple[np.ndarray, float]:
@@ -367,16 +384,47 @@ def _blending_predictor(base):
             counts = torch.zeros(data.shape[1:], dtype=torch.half)
             gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
                                         value_scaling_factor=10, device=cpu) if self.use_gaussian else 1
+            fp32 = self.network.fp32_windows
+            shares = []
             for window in slicers:
                 patch = torch.clone(data[window][None], memory_format=torch.contiguous_format).to(self.device)
                 prediction = self._internal_maybe_mirror_and_predict(patch)[0].to(cpu)
+                if fp32 is not None:
+                    shares.append(unsure_share(prediction, fp32.policy.margin, fp32.policy.stride))
                 add_in_slabs(logits[window], prediction, gaussian if self.use_gaussian else None)
                 counts[window[1:]] += gaussian
+            if fp32 is not None:
+                self._take_fp32_windows(data, slicers, shares, logits, gaussian if self.use_gaussian else None)
             for sums in logits:  # one class at a time: its division and inf check stay in cache
                 torch.div(sums, counts, out=sums)
                 if torch.isinf(sums).any():
                     raise RuntimeError("Encountered inf in predicted array (nnU-Net's half-precision sums).")
             return logits
+
+        def _take_fp32_windows(self, data, slicers, shares, logits, gaussian) -> None:
+            """Replace the chosen windows' INT8 logits in the blended sums by FP32's: INT8 runs again (its logits
+            are not kept: a 117-class window is 750 MB) and the weighted difference is added."""
+            fp32, network = self.network.fp32_windows, self.network
+            chosen = chosen_windows(shares, fp32.policy)
+            fp32.record(shares, chosen)
+            if not chosen:
+                return
+            calls = len(self.allowed_mirroring_axes or ()) if self.use_mirroring else 0
+            network.total += 2 * len(chosen) * 2 ** calls
+            int8_engine, fp32_engine = network.engine, fp32.engine()
+            before = network.calls
+            try:
+                for index in chosen:
+                    window = slicers[index]
+                    patch = torch.clone(data[window][None], memory_format=torch.contiguous_format)
+                    int8 = self._internal_maybe_mirror_and_predict(patch)[0].to(torch.float32, copy=True)
+                    network.engine = fp32_engine
+                    difference = self._internal_maybe_mirror_and_predict(patch)[0].to(torch.float32) - int8
+                    network.engine = int8_engine
+                    add_in_slabs(logits[window], difference, gaussian)
+            finally:
+                network.engine = int8_engine
+                network.extra_calls += network.calls - before
 
     return BlendingPredictor
 
@@ -401,8 +449,10 @@ def _predict_logits(predictor, network: _EngineNetwork, engines: Sequence[Engine
     torch.set_num_threads(default_num_processes if default_num_processes < threads else threads)
     try:
         prediction = None
-        for engine in engines:
+        for fold, engine in enumerate(engines):
             network.engine = engine
+            if network.fp32_windows is not None:
+                network.fp32_windows.fold = fold
             if prediction is None:
                 prediction = predictor.predict_sliding_window_return_logits(data).to("cpu")
             else:

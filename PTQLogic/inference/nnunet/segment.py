@@ -30,6 +30,7 @@ from ...models.nnunet.model_dir import NnUNetModel, is_nnunet_model_dir, open_nn
 from ..interface import ModelArg, SegmentOptions
 from ..results import SegmentOutcome
 from .engines import fallback_note, open_engines
+from .fp32_windows import Fp32WindowPolicy, Fp32Windows, summary
 
 
 def is_parts_file(path: str | Path) -> bool:
@@ -136,6 +137,7 @@ class _Run:
     build_seconds: float = 0.0
     beside_seconds: float = 0.0  # export work that ran beside the next part's sliding window (not in ``seconds``)
     fallbacks: list[str] = field(default_factory=list)  # notes on parts run in FP32 for INT8 (engines.fallback_note)
+    fp32_windows: list[Fp32Windows] = field(default_factory=list)  # --fp32-windows: per part, what ran in FP32
 
 
 class _SharedPreprocessing:
@@ -185,8 +187,16 @@ def _show_estimate(estimate, index: int, engine, runner, monitor: Monitor) -> No
         estimate.shown = True
 
 
+def _fp32_windows(policy: Fp32WindowPolicy | None, engines, model, device, monitor) -> Fp32Windows | None:
+    """The part's FP32 windows where asked and its engines run INT8 (FP32 engines opened on first use)."""
+    if policy is None or engines[0].info.precision != "int8":
+        return None
+    runtime = engines[0].info.runtime
+    return Fp32Windows(policy, lambda: open_engines(model, runtime, "fp32", device=device, monitor=monitor)[0])
+
+
 def _run_all(models, runners, volume, runtime, precision, device, mirroring, monitor, estimate=None,
-             overlap: bool = False) -> _Run:
+             overlap: bool = False, fp32_windows: Fp32WindowPolicy | None = None) -> _Run:
     """Every part in turn (engines opened per part); parts with the same preprocessing share it. ``overlap``: each
     part's export runs in a second thread while the next part's sliding window runs (the export is mostly
     single-threaded, the engines use every core), so at most two parts' logits are held. ``seconds``: the time
@@ -213,9 +223,14 @@ def _run_all(models, runners, volume, runtime, precision, device, mirroring, mon
                 run.engine_bytes += sum(e.info.bytes_on_disk for e in engines)
                 if estimate is not None:
                     _show_estimate(estimate, index, engines[0], runner, monitor)
+                windows = _fp32_windows(fp32_windows, engines, model, device, monitor)
                 predicted = runner.predict_logits(volume, engines, mirroring=mirroring, monitor=monitor,
-                                                  preprocessed=shared.get(runner, stages.preprocessing), stages=stages)
-                del engines  # before the next part's are built
+                                                  preprocessed=shared.get(runner, stages.preprocessing), stages=stages,
+                                                  fp32_windows=windows)
+                del engines, windows  # before the next part's are built
+                if predicted.fp32_windows is not None:
+                    run.fp32_windows.append(predicted.fp32_windows)
+                    run.build_seconds += predicted.fp32_windows.build_seconds
                 run.seconds += predicted.seconds
                 run.network_seconds += predicted.network_seconds
                 run.patches += predicted.patches
@@ -318,9 +333,11 @@ def _int8_warnings(models: Sequence[NnUNetModel]) -> list[str]:
 def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precision: str = "int8",
                    compare: bool = False, reference=None, device: str | None = None, mirroring: bool = False,
                    step_size: float | None = None, monitor: Monitor | None = None,
-                   label_map: str | dict[int, int] | None = None, reference_labels=None):
+                   label_map: str | dict[int, int] | None = None, reference_labels=None,
+                   fp32_windows: float | None = None):
     """``pipeline.segment`` for nnU-Net models (one, several parts, or a parts file); Dice against ``reference``
-    pairs classes as ``ptqseg evaluate`` does (``label_map``, else names, else values)."""
+    pairs classes as ``ptqseg evaluate`` does (``label_map``, else names, else values). ``fp32_windows``: INT8
+    on the CPU, at most this share of each part's windows, those INT8 is least sure of, are taken from FP32."""
     from ...evaluation.metrics import agreement_dice, check_label_map, compare_label_maps, reference_names
     from ...evaluation.metrics import parse_label_map as parse_pairs
     from ..input_checks import refuse_label_map
@@ -331,6 +348,10 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     from .predict import runner_for
 
     monitor = monitor or Monitor()
+    policy = Fp32WindowPolicy(fp32_windows) if fp32_windows else None
+    if policy is not None and precision != "int8":
+        raise InputError(f"--fp32-windows takes some INT8 windows from FP32; it needs --precision int8, "
+                         f"not {precision}.")
     paths, labels = expand_models(models)
     output = check_output_path(output, [input_path] + ([reference] if reference else []))
     if step_size is not None and not 0 < step_size <= 1:
@@ -356,10 +377,11 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
     overlap = overlap_fits(runners, volume, folds)
     estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32",
                             overlap)
+    estimate.fp32_windows = sum(policy.most(p.windows) for p in estimate.parts) if policy else 0
     if estimate.seconds is not None:  # measured by the accuracy guard here: said before any engine is built
         monitor.estimate(estimate.to_dict())
         estimate.shown = True
-    run = _run_all(opened, runners, volume, runtime, precision, device, mirroring, monitor, estimate, overlap)
+    run = _run_all(opened, runners, volume, runtime, precision, device, mirroring, monitor, estimate, overlap, policy)
     merged = _merge(run.parts, lookups, len(classes))
     present = list(range(1, len(classes)))
     agreement = fp32 = None
@@ -386,7 +408,8 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
                           agreement_dice=agreement, reference_dice=reference_dice, reference_per_class=per_class,
                           fp32_seconds=None if fp32 is None else fp32.seconds,
                           fp32_network_seconds=None if fp32 is None else fp32.network_seconds, warnings=warnings,
-                          estimate=estimate.to_dict())
+                          estimate=estimate.to_dict(),
+                          fp32_windows=summary(run.fp32_windows, policy) if run.fp32_windows else None)
 
 
 class NnUNetKind:
@@ -410,4 +433,5 @@ class NnUNetSegmenter:
         return segment_nnunet(self.models, input_path, output, runtime=options.runtime, precision=options.precision,
                               compare=options.compare, reference=options.reference, device=options.device,
                               mirroring=options.mirroring, step_size=options.step_size, monitor=monitor,
-                              label_map=options.label_map, reference_labels=options.reference_labels)
+                              label_map=options.label_map, reference_labels=options.reference_labels,
+                              fp32_windows=options.fp32_windows)
