@@ -17,20 +17,33 @@ SCRIPT = ROOT / "benchmarks" / "nnunet" / "device_stint.sh"
 pytestmark = pytest.mark.slow  # about a minute: two trainings, the prepare run and the table, each importing torch
 
 
-def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(tmp_path):
+def _stint(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
     labels = ROOT.parent / "shared" / "data" / "totalsegmentator_total_labels.json"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), DEVICE="cpu",
                EXTRA="--tiny-networks --shape 48 48 32 --spacing 1.5 1.5 1.5",
                ORGANS="--phantoms 2 --part-steps organs=2",
                OTHERS="--phantoms 2 --part-steps vertebrae=2 cardiac=2 muscles=1 ribs=1",
-               ROWS="--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --repeats 1")
+               ROWS="--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --repeats 1", **settings)
     if labels.is_file():
         env["LABELS"] = str(labels)
-    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _steps(out: Path) -> list[str]:
+    return [line.split()[0] for line in (out / "times").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_stint(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("stint")
+    return tmp_path, _stint(tmp_path)
+
+
+def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(first_stint):
+    tmp_path, done = first_stint
     out = tmp_path / "out"
     assert done.returncode == 0, (done.stderr[-2000:], (out / "times").read_text() if (out / "times").is_file() else "")
-    steps = [line.split()[0] for line in (out / "times").read_text().splitlines()]
-    assert steps == ["start", "others-trained", "others-quantized", "organs-trained", "table-done"]
+    assert _steps(out) == ["start", "others-trained", "others-quantized", "organs-trained", "table-done"]
     prepared = (out / "prepare_others.log").read_text()
     assert all(f"quantized Dataset29{i}_TotalSegShape_" in prepared for i in (2, 3, 4, 5))
     table_log = (out / "table.log").read_text()
@@ -46,3 +59,27 @@ def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(tmp_pa
     assert json.loads((out / "training_organs.json").read_text())["parts"].keys() == {"organs"}
     assert set(json.loads((out / "training_others.json").read_text())["parts"]) == {"vertebrae", "cardiac",
                                                                                    "muscles", "ribs"}
+
+
+def test_an_organ_part_trained_earlier_is_used_instead_of_training_one(first_stint, tmp_path):
+    import hashlib
+
+    earlier = first_stint[0] / "work" / "organs"  # what the first stint's organ training wrote
+    done = _stint(tmp_path, ORGANS_FROM=str(earlier), ROWS="--rows int8 --repeats 1")
+    out = tmp_path / "out"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _steps(out) == ["start", "others-trained", "others-quantized", "organs-given", "table-done"]
+    assert not (out / "train_organs.log").exists() and not (out / "training_organs.json").exists()
+    digest = [hashlib.sha256(next(root.glob("Dataset291_*/*/fold_0/checkpoint_final.pth")).read_bytes()).hexdigest()
+              for root in (earlier, tmp_path / "work" / "set")]
+    assert digest[0] == digest[1]
+    assert "quantizing Dataset291_TotalSegShape_organs" in (out / "table.log").read_text()
+    rows = json.loads((out / "total_table.json").read_text())["configs"]["total"]["repeats"][0]["rows"]
+    assert rows["int8"]["seconds"] > 0
+
+
+def test_a_missing_organ_part_stops_the_stint_before_any_training(tmp_path):
+    done = _stint(tmp_path, ORGANS_FROM=str(tmp_path / "nothing-here"))
+    assert done.returncode == 1
+    assert _steps(tmp_path / "out") == ["start", "organs-missing"]
+    assert not (tmp_path / "out" / "train_others.log").exists()

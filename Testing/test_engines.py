@@ -293,8 +293,13 @@ def test_openvino_bf16_float_layers_on_request(artifacts, monkeypatch):
     with pytest.raises(InputError, match="PTQSEG_CPU_FLOAT"):
         cpu_float_precision()
     assert cpu_float_precision("f32") == "f32"
-    fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2, float_precision="bf16")  # FP32 stays FP32
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "bf16")
+    fp32 = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2)  # FP32 stays FP32 whatever the setting says ...
     assert fp32.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+    # ... unless its caller names a float precision for it (segment --fp32-windows under --cpu-float bf16)
+    asked = OpenVINOEngine(artifacts["fp32"], "fp32", threads=2, float_precision="bf16")
+    assert asked.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == expected_hint
+    assert asked.float_precision == expected_hint and fp32.float_precision == "f32"
 
 
 def test_onnxruntime_fp32_runs_transposed_convs_as_subpixel_convs(artifacts):

@@ -21,6 +21,7 @@ from PTQLogic.core.errors import InputError
 from PTQLogic.inference.nnunet.engines import open_engines
 from PTQLogic.inference.nnunet.fp32_windows import Fp32WindowPolicy, Fp32Windows, chosen_windows, unsure_share
 from PTQLogic.inference.nnunet.predict import runner_for
+from PTQLogic.inference.nnunet.segment import _fp32_windows
 from PTQLogic.io.volumes import read_volume
 from PTQLogic.models.nnunet.model_dir import open_nnunet_model
 from PTQLogic.samples.phantom import make_phantom
@@ -138,3 +139,23 @@ def test_fp32_windows_are_refused_for_models_without_nnunets_sliding_window(quan
                  str(tmp_path / "out.nii.gz"), "--fp32-windows", "0.25"])
     assert code == 2
     assert "--fp32-windows is for nnU-Net models" in capsys.readouterr().err
+
+
+def test_the_fp32_windows_float_layers_follow_cpu_float_and_the_reference_stays_f32(quantized, monkeypatch):
+    import openvino as ov
+
+    from PTQLogic.core.progress import Monitor
+    from PTQLogic.engines.openvino_engine import native_bf16
+
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "bf16")  # what `ptqseg --cpu-float bf16` sets
+    model = open_nnunet_model(quantized["folder"])
+    int8, _ = open_engines(model, "openvino", "int8")
+    reference, _ = open_engines(model, "openvino", "fp32")
+    assert reference[0].float_precision == "f32"  # FP32 runs are the agreement reference: never bf16
+    expected = "bf16" if native_bf16(ov.Core()) else "f32"  # emulated bf16 would be slower than f32
+    windows = _fp32_windows(Fp32WindowPolicy(max_share=1.0), int8, model, None, Monitor())
+    assert int8[0].float_precision == expected and windows.engine().float_precision == expected
+    assert windows.float_precision == expected
+    monkeypatch.setenv("PTQSEG_CPU_FLOAT", "f32")
+    int8, _ = open_engines(model, "openvino", "int8")
+    assert _fp32_windows(Fp32WindowPolicy(max_share=1.0), int8, model, None, Monitor()).engine().float_precision == "f32"

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "nnunet" / "whole_ct.py"
-ROWS = ["nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "fp32-torch"]
+ROWS = ["nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "int8-bf16-fp32w", "fp32-torch"]
 STAGES = {"build", "preprocess", "network", "export", "other"}
 
 
@@ -55,8 +55,8 @@ def test_rows_stages_and_windows(smoke):
         assert sum(row["stages"].values()) == pytest.approx(row["seconds"], rel=0.05)
         assert row["windows"] == 2 * config["windows_per_part"]  # one window per part at this size
         assert config["window_seconds"][name] > 0
-    if "int8-bf16" in config["not_run"]:
-        assert "bf16" in config["not_run"]["int8-bf16"]
+    for name in ("int8-bf16", "int8-bf16-fp32w"):  # run only where OpenVINO has bf16 natively
+        assert name not in config["not_run"] or "bf16" in config["not_run"][name]
     assert config["summary"]["nnunetv2"]["speedup_vs_nnunetv2"]["median"] == pytest.approx(1.0)
 
 
@@ -73,6 +73,9 @@ def test_agreement_with_nnunetv2(smoke):
     # INT8 with the unsure windows from FP32 (at most all: one window per part here)
     taken = rows["int8-fp32w"]["fp32_windows"]
     assert taken["of"] == 2 and taken["max_share"] == 1.0 and sum(taken["per_part"]) == taken["windows"] <= 2
+    assert taken["float_precision"] in (None, "f32")  # None: no window was unsure enough to open FP32
+    if "int8-bf16-fp32w" in rows:  # the bf16 remainder's row: the FP32 graph's float layers in bf16 too
+        assert rows["int8-bf16-fp32w"]["fp32_windows"]["float_precision"] in (None, "bf16")
     assert "windows taken from FP32" in smoke["markdown"]
     assert smoke["result"]["settings"]["fp32_windows"] == 1.0
 

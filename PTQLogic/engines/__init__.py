@@ -132,8 +132,11 @@ def create_engine(
     max_batch: int = 4,
     monitor: Monitor | None = None,
     torch_compile: str | None = None,
+    float_precision: str | None = None,
 ) -> Engine:
     """An engine for ``runtime`` ("auto" picks one) at ``precision``, from the matching artifact.
+    ``float_precision`` (OpenVINO): what layers left in floating point run in, for FP32 engines too (default:
+    f32 for FP32, ``$PTQSEG_CPU_FLOAT`` or f32 for INT8's remainder).
 
     fp32 runs ``fp32_onnx`` (or ``torch_model`` for "torch"), int8 runs ``int8_onnx``; TensorRT plans
     (and the FP16 ONNX TensorRT needs) are built once and kept in ``cache_dir``.
@@ -176,7 +179,8 @@ def create_engine(
 
         ov_cache = None if cache_dir is None else Path(cache_dir) / "openvino"
         ov_device = "CPU" if device in (None, "cpu", "CPU") else device  # OpenVINO device names
-        return OpenVINOEngine(onnx_path, precision, device=ov_device, threads=threads, cache_dir=ov_cache)
+        return OpenVINOEngine(onnx_path, precision, device=ov_device, threads=threads, cache_dir=ov_cache,
+                              float_precision=float_precision)
     return _tensorrt_engine(onnx_path, precision, cache_dir, device, max_batch, monitor or Monitor())
 
 

@@ -79,8 +79,12 @@ class OpenVINOEngine:
         except Exception as exc:
             raise ModelError(f"OpenVINO cannot read '{onnx_path}': {exc}") from None
         self._partial_shape = self._batch_dynamic_shape(ov, model.inputs[0].get_partial_shape(), patch_size)
-        # FP32 engines stay FP32 (they are the agreement reference); the setting is for INT8's float remainder
-        float_precision = cpu_float_precision(float_precision) if precision == "int8" else "f32"
+        # FP32 engines stay FP32 (they are the agreement reference) unless a caller names a float precision for
+        # them (segment --fp32-windows with --cpu-float bf16); $PTQSEG_CPU_FLOAT is for INT8's float remainder
+        if precision == "int8":
+            float_precision = cpu_float_precision(float_precision)
+        else:
+            float_precision = "f32" if float_precision is None else cpu_float_precision(float_precision)
         if float_precision == "bf16" and not native_bf16(core, device):
             float_precision = "f32"  # no native bf16 here: OpenVINO would emulate it, slower than f32
         config: dict = {"PERFORMANCE_HINT": "LATENCY"}
@@ -101,6 +105,7 @@ class OpenVINOEngine:
         if first.is_static:
             self._requests[tuple(d.get_length() for d in first)] = self._bind(self.compiled, True)
         self.precision = precision
+        self.float_precision = float_precision  # what OpenVINO gives layers left in floating point
         self.device = torch.device("cpu")  # inputs and outputs live in host memory
         self.fixed_batch = True  # a request per input shape: callers pad a last partial batch (one shape)
         self.info = EngineInfo(

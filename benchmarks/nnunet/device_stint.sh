@@ -6,11 +6,15 @@
 #   OUT=/root/res WORK=/root/stint LABELS=.../totalsegmentator_total_labels.json benchmarks/nnunet/device_stint.sh
 # Environment (defaults in brackets): OUT, WORK (required); LABELS [shapes.TOTAL_LABELS]; DEVICE [cuda];
 # ORGANS: the organ part's training options [--phantoms 32 --part-steps organs=3500 --class-draw by-voxel];
+# ORGANS_FROM: a folder holding an organ part trained earlier (Dataset*_organs, as the training writes it): used
+#   instead of training one (the other parts then set the pace);
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
 # ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
 # PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
 # $OUT/times gets one line per finished step (seconds since the epoch); $WORK/stop_before_table skips the table.
+# Start it detached (setsid nohup) and poll with calls back to back: a lent machine left idle for 30 s is given
+# back, and everything on it (here: the trainings) is lost.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT}" "${WORK:?set WORK}"
@@ -23,10 +27,15 @@ TABLE=("${PYTHON:-python}" benchmarks/nnunet/whole_ct.py ${EXTRA:-} --config tot
        "${LABELS_ARG[@]}" "${QUANTIZE_ARGS[@]}")
 step() { echo "$1 $(date +%s)" >> "$OUT/times"; }
 step start
-# the organ part's own CT folder, so that the two trainings never write the same CT at once
-"${TRAIN[@]}" ${ORGANS:---phantoms 32 --part-steps organs=3500 --class-draw by-voxel} --only organs --threads 6 \
-  --draw-workers 10 --out "$WORK/organs" --work "$WORK/ct-organs" > "$OUT/train_organs.log" 2>&1 &
-organs=$!
+organs=""
+if [ -z "${ORGANS_FROM:-}" ]; then
+  # the organ part's own CT folder, so that the two trainings never write the same CT at once
+  "${TRAIN[@]}" ${ORGANS:---phantoms 32 --part-steps organs=3500 --class-draw by-voxel} --only organs --threads 6 \
+    --draw-workers 10 --out "$WORK/organs" --work "$WORK/ct-organs" > "$OUT/train_organs.log" 2>&1 &
+  organs=$!
+elif ! ls -d "$ORGANS_FROM"/Dataset*_organs > /dev/null 2>&1; then
+  step "organs-missing"; exit 1
+fi
 "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
   --only vertebrae cardiac muscles ribs --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
   > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
@@ -34,9 +43,13 @@ step others-trained
 CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts vertebrae cardiac muscles ribs --out "$OUT/prepare.json" \
   > "$OUT/prepare_others.log" 2>&1 || { step "prepare-failed"; exit 1; }
 step others-quantized
-wait "$organs" || { step "organs-failed"; exit 1; }
-step organs-trained
-cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
+if [ -n "$organs" ]; then
+  wait "$organs" || { step "organs-failed"; exit 1; }
+  step organs-trained
+  cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
+else
+  cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
+fi
 cp "$WORK/set/training_total.json" "$OUT/training_others.json"
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
 read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"

@@ -65,7 +65,8 @@ from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, 
                             needs_onnx, nnunetv2_memory_reason, prepare, prepare_parts, quantize,
                             work_dir)
 
-ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "fp32-torch", "totalseg")
+ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "int8-bf16-fp32w", "fp32-torch", "totalseg")
+BF16_ROWS = ("int8-bf16", "int8-bf16-fp32w")  # OpenVINO's float layers in bf16 (PTQSEG_CPU_FLOAT=bf16)
 GPU_ROWS = report.GPU_ROWS
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request
@@ -84,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), totalseg-cuda, fp16-torch-cuda "
                         "(the project's pipeline, PyTorch FP16), fp16-tensorrt, int8-tensorrt")
     p.add_argument("--fp32-windows", type=float, default=0.25, metavar="SHARE",
-                   help="row int8-fp32w: INT8 with at most this share of each part's windows, those INT8 is least "
-                        "sure of, taken from FP32 (as ptqseg segment --fp32-windows)")
+                   help="rows int8-fp32w, int8-bf16-fp32w: INT8 with at most this share of each part's windows, "
+                        "those INT8 is least sure of, taken from the FP32 graph (as ptqseg segment --fp32-windows; "
+                        "with the bf16 remainder, that graph's float layers run in bf16 too)")
     p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
@@ -221,7 +223,7 @@ def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
     started_mark(result_path).unlink(missing_ok=True)
     env = dict(os.environ, nnUNet_def_n_proc=str(threads), OMP_NUM_THREADS=str(threads),
                PTQSEG_CACHE_DIR=str(work / "engine-cache"),
-               PTQSEG_CPU_FLOAT="bf16" if spec.get("row") == "int8-bf16" else "f32")
+               PTQSEG_CPU_FLOAT="bf16" if spec.get("row") in BF16_ROWS else "f32")
     try:
         done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path),
                                str(result_path)], env=env, capture_output=True, text=True, timeout=timeout)
@@ -381,7 +383,8 @@ def write_result(args, configs, cts) -> None:
                            "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
                            "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
-                           "fp32_windows": args.fp32_windows if "int8-fp32w" in args.rows else None,
+                           "fp32_windows": args.fp32_windows if any(r.endswith("-fp32w") for r in args.rows)
+                           else None,
                            "reference_labels": args.reference_labels and {
                                "path": str(args.reference_labels),
                                "sha256": hashlib.sha256(args.reference_labels.read_bytes()).hexdigest()}},
@@ -426,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             quantize_rest(config, cts, args)
         print(f"prepared {', '.join(names)} in {work}")
         return 0
-    reason = bf16_reason() if "int8-bf16" in args.rows else None
+    reason = bf16_reason() if set(BF16_ROWS) & set(args.rows) else None
     for config in configs:
         memory = nnunetv2_memory_reason(config, cts) if set(NNUNET_ROWS) & set(args.rows) else None
-        not_run = {"int8-bf16": reason, **{row: memory for row in NNUNET_ROWS}}
+        not_run = {**{row: reason for row in BF16_ROWS}, **{row: memory for row in NNUNET_ROWS}}
         config["not_run"] = {k: why for k, why in not_run.items() if why and k in args.rows}
         config["rows"] = [r for r in args.rows if r not in config["not_run"]]
     minutes = estimate(configs, cts, args, work)

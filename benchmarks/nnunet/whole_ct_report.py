@@ -20,6 +20,8 @@ ROW_TITLES = {
     "int8": "this project, OpenVINO INT8 (f32 remainder)",
     "int8-bf16": "this project, OpenVINO INT8 (bf16 remainder)",
     "int8-fp32w": "this project, OpenVINO INT8 (f32 remainder), unsure windows from FP32 (--fp32-windows)",
+    "int8-bf16-fp32w": "this project, OpenVINO INT8 (bf16 remainder), unsure windows from the FP32 graph in bf16 "
+                       "(--fp32-windows --cpu-float bf16)",
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
     "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor`, PyTorch FP32 on CUDA",
     "totalseg": "TotalSegmentator's way: CT resampled to the model's spacing, nnunetv2 FP32 there, labels back",
@@ -195,7 +197,9 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
     for row, runs in taken.items():
         first = runs[0]
         counts = sorted({r["windows"] for r in runs})
-        lines += ["", f"{ROW_TITLES[row]}: {'-'.join(map(str, counts))} of {first['of']} windows taken from FP32 "
+        floats = f" (float layers in {first['float_precision']})" if first.get("float_precision") else ""
+        lines += ["", f"{ROW_TITLES[row]}: {'-'.join(map(str, counts))} of {first['of']} windows taken from FP32"
+                  f"{floats} "
                   f"(per part {first['per_part']} in the first repeat): the most unsure, with more than "
                   f"{first['unsure_share']:.0%} of voxels whose two top logits are within {first['margin']:g}, at "
                   f"most {first['max_share']:g} of each part's windows."]

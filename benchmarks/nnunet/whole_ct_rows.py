@@ -3,12 +3,12 @@
     python benchmarks/nnunet/whole_ct_rows.py row SPEC.json RESULT.json
     python benchmarks/nnunet/whole_ct_rows.py windows SPEC.json RESULT.json
 
-SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, totalseg, fp32, int8, int8-bf16, int8-fp32w, fp32-torch; on a GPU
+SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, totalseg, fp32, int8, int8-bf16, int8-fp32w, int8-bf16-fp32w, fp32-torch; on a GPU
 nnunetv2-cuda, totalseg-cuda, fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
 ``folders`` (the nnU-Net results folders, nnunetv2's row), ``parts_file`` (the quantized parts, this project's
 OpenVINO rows), ``torch_parts_file`` (the original folders, the project's pipeline on PyTorch),
 ``labels`` (global value -> name), ``step_size``, ``threads``, ``cpus``, ``fp32_windows`` (the int8-fp32w row's
-share: ``segment --fp32-windows``). The caller sets the environment
+share: ``segment --fp32-windows``, for the rows ending in -fp32w). The caller sets the environment
 (``nnUNet_def_n_proc``, ``PTQSEG_CACHE_DIR``, ``PTQSEG_CPU_FLOAT``) before this process starts.
 
 Stages, in seconds: ``build`` (load checkpoints / compile engines), ``preprocess`` (nnU-Net's crop, normalize,
@@ -33,9 +33,11 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from whole_ct_totalseg import TOTALSEG_ROWS, run_totalseg  # noqa: E402
 
-PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "int8-fp32w": "int8", "fp32-torch": "fp32",
+PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "int8-fp32w": "int8", "int8-bf16-fp32w": "int8",
+             "fp32-torch": "fp32",
              "fp16-torch-cuda": "fp16", "fp16-tensorrt": "fp16", "int8-tensorrt": "int8"}
 RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "int8-fp32w": "openvino",
+           "int8-bf16-fp32w": "openvino",
            "fp32-torch": "torch",
            "fp16-torch-cuda": "torch", "fp16-tensorrt": "tensorrt", "int8-tensorrt": "tensorrt"}
 # the rest: the CPU, or TensorRT's own GPU
@@ -190,7 +192,7 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     outcome = segment(parts_file, spec["ct"], spec["output"], runtime=RUNTIME[row], precision=PRECISION[row],
                       device=DEVICE.get(row), step_size=spec["step_size"], mirroring=False,
                       monitor=Monitor(on_progress=clock.record),
-                      fp32_windows=spec.get("fp32_windows") if row == "int8-fp32w" else None)
+                      fp32_windows=spec.get("fp32_windows") if row.endswith("-fp32w") else None)
     seconds = time.perf_counter() - started
     stages = {"build": outcome.build_seconds, **clock.seconds}
     # outcome.seconds: every part's preprocessing, sliding window and export (engine builds left out), where an
@@ -238,7 +240,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
             patch = predictor.configuration_manager.patch_size
             seconds[row] = _time_window(predictor.network, patch, device)
             continue
-        os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row == "int8-bf16" else "f32"
+        os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row.startswith("int8-bf16") else "f32"
         model = open_nnunet_model(spec["folders"][0] if row in TORCH_ROWS else spec["quantized"][0])
         engines, _ = open_engines(model, RUNTIME[row], PRECISION[row], device=DEVICE.get(row))
         seconds[row] = _time_window(engines[0], model.spec.patch_size, "cpu" if RUNTIME[row] == "openvino" else "cuda")

@@ -41,9 +41,10 @@ def fallback_note(model: NnUNetModel) -> str:
 
 
 def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: str | None = None,
-                 monitor: Monitor | None = None) -> tuple[list[Any], str]:
+                 monitor: Monitor | None = None, float_precision: str | None = None) -> tuple[list[Any], str]:
     """One engine per fold (same runtime and precision for all); INT8 asked of a folder whose INT8 missed the
-    accuracy target (:func:`int8_fallback`) gives FP32 engines."""
+    accuracy target (:func:`int8_fallback`) gives FP32 engines. ``float_precision``: OpenVINO's, see
+    :func:`~PTQLogic.engines.create_engine`."""
     from ...engines.cache import model_cache_dir
     from ...engines import choose_runtime, create_engine
     from ...engines.torch_engine import TorchEngine
@@ -77,5 +78,5 @@ def open_engines(model: NnUNetModel, runtime: str, precision: str, *, device: st
             int8_onnx=(folder / "int8.onnx") if (folder / "int8.onnx").is_file() else None,
             torch_model=torch_model, weights_path=(folder / "weights.pt") if runtime == "torch" else None,
             cache_dir=model_cache_dir([p for p in (folder / "fp32.onnx", folder / "int8.onnx") if p.is_file()]),
-            device=device, monitor=monitor or Monitor()))
+            device=device, monitor=monitor or Monitor(), float_precision=float_precision))
     return engines, reason

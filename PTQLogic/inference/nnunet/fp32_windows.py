@@ -67,6 +67,7 @@ class Fp32Windows:
     considered: int = 0
     shares: list[list[float]] = field(default_factory=list)
     build_seconds: float = 0.0
+    float_precision: str | None = None  # what the FP32 windows' float layers ran in (OpenVINO: f32 or bf16)
     _engines: Sequence | None = None
 
     def engine(self):
@@ -75,6 +76,7 @@ class Fp32Windows:
             started = time.perf_counter()
             self._engines = self.open_fp32()
             self.build_seconds += time.perf_counter() - started
+            self.float_precision = getattr(self._engines[0], "float_precision", "f32")
         return self._engines[self.fold]
 
     def record(self, shares: list[float], chosen: list[int]) -> None:
@@ -89,6 +91,7 @@ class Fp32Windows:
 
 def summary(parts: Sequence[Fp32Windows], policy: Fp32WindowPolicy) -> dict:
     """What ``segment`` reports: FP32 windows of all windows, per part, and the policy."""
+    floats = sorted({p.float_precision for p in parts if p.float_precision})
     return {"windows": sum(p.windows for p in parts), "of": sum(p.considered for p in parts),
             "per_part": [p.windows for p in parts], "max_share": policy.max_share, "margin": policy.margin,
-            "unsure_share": policy.unsure_share}
+            "unsure_share": policy.unsure_share, "float_precision": "/".join(floats) or None}

@@ -188,11 +188,15 @@ def _show_estimate(estimate, index: int, engine, runner, monitor: Monitor) -> No
 
 
 def _fp32_windows(policy: Fp32WindowPolicy | None, engines, model, device, monitor) -> Fp32Windows | None:
-    """The part's FP32 windows where asked and its engines run INT8 (FP32 engines opened on first use)."""
+    """The part's FP32 windows where asked and its engines run INT8 (FP32 engines opened on first use). On
+    OpenVINO they run the FP32 graph with the float precision of INT8's remainder (``--cpu-float``): bf16 when a
+    user chose it (much faster on AMX CPUs), else f32."""
     if policy is None or engines[0].info.precision != "int8":
         return None
     runtime = engines[0].info.runtime
-    return Fp32Windows(policy, lambda: open_engines(model, runtime, "fp32", device=device, monitor=monitor)[0])
+    floats = getattr(engines[0], "float_precision", None) if runtime == "openvino" else None
+    return Fp32Windows(policy, lambda: open_engines(model, runtime, "fp32", device=device, monitor=monitor,
+                                                    float_precision=floats)[0])
 
 
 def _run_all(models, runners, volume, runtime, precision, device, mirroring, monitor, estimate=None,
