@@ -76,6 +76,7 @@ class PTQSegmentationParameterNode:
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
     cpuBf16: bool = False  # OpenVINO INT8: float remainder in bf16 (AMX CPUs)
+    fp32Windows: Annotated[float, WithinRange(0.0, 1.0)] = 0.0  # nnU-Net INT8: share of unsure windows from FP32
     modelDir: Path
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: vtkMRMLSegmentationNode
@@ -253,7 +254,9 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                              Path(params.modelDir) / "spec.json", temp / "reference.nrrd")
             command = support.segment_command(self.logic.pythonExecutable(), params.modelDir, inputPath,
                                               temp / "labels.nrrd", params.runtime, precision, compare, reference,
-                                              trt_opt_level=params.trtOptLevel, cpu_bf16=params.cpuBf16)
+                                              trt_opt_level=params.trtOptLevel, cpu_bf16=params.cpuBf16,
+                                              fp32_windows=support.fp32_windows_for(params.modelDir, precision,
+                                                                                    params.fp32Windows))
         except Exception as error:  # PTQError, or SimpleITK/segmentation/OS errors while exporting inputs
             self.cleanupJobTemp()
             self.showError(str(error))

@@ -360,6 +360,37 @@ def test_cpu_bf16_is_an_advanced_option_the_cli_accepts():
     assert "--cpu-float" not in segment_command("python", "m", "in.nrrd", "out.nrrd", "auto", "int8", False)
 
 
+def test_fp32_windows_is_an_advanced_option_passed_only_where_it_applies(tmp_path):
+    """--fp32-windows: a spin box saved in the parameter node, passed to segment for nnU-Net models at INT8 or
+    auto precision (other models and precisions would refuse it), shown in the results table."""
+    import json
+
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.slicer.process import segment_command
+    from PTQLogic.slicer.support import fp32_windows_for, results_rows
+
+    box = ET.parse(UI_FILE).getroot().find(".//widget[@name='fp32WindowsSpinBox']")
+    assert box is not None and box.get("class") == "QDoubleSpinBox"
+    assert next(p for p in box.findall("property") if p.get("name") == "SlicerParameterName").find("string").text \
+        == "fp32Windows"
+    source = MODULE_PY.read_text()
+    assert "fp32Windows: Annotated[float, WithinRange(0.0, 1.0)] = 0.0" in source
+    assert "support.fp32_windows_for(params.modelDir, precision," in source and "params.fp32Windows" in source
+    parts = tmp_path / "parts.json"
+    parts.write_text(json.dumps({"parts": ["a", "b"]}))
+    monai_folder = tmp_path / "unet"
+    monai_folder.mkdir()
+    (monai_folder / "spec.json").write_text("{}")
+    assert fp32_windows_for(parts, "int8", 0.25) == 0.25 and fp32_windows_for(parts, "auto", 0.25) == 0.25
+    assert fp32_windows_for(parts, "fp32", 0.25) == 0.0 and fp32_windows_for(parts, "int8", 0.0) == 0.0
+    assert fp32_windows_for(monai_folder, "int8", 0.25) == 0.0 and fp32_windows_for("", "int8", 0.25) == 0.0
+    command = segment_command("python", parts, "in.nrrd", "out.nrrd", "auto", "int8", False, fp32_windows=0.25)
+    assert build_parser().parse_args(command[3:]).fp32_windows == 0.25
+    assert "--fp32-windows" not in segment_command("python", parts, "in.nrrd", "out.nrrd", "auto", "int8", False)
+    rows = dict(results_rows({"fp32_windows": {"windows": 9, "of": 135}, "seconds": 50.0}))
+    assert rows["Windows from FP32"] == "9 of 135 (where INT8 was least sure)"
+
+
 def test_percentile_is_a_calibration_option_the_cli_accepts():
     """Issue 22: the method combo offers percentile; its spin box starts disabled (entropy is the default), uses
     PTQLogic's default percentile, is saved in the parameter node and reaches quantize as --percentile."""

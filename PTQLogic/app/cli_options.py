@@ -153,7 +153,8 @@ def add_segment_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--fp32-windows", type=float, default=None, metavar="SHARE",
                    help="nnU-Net INT8 on the CPU: run again in FP32 the windows where INT8 is least sure (more than "
                         "1%% of voxels with their two top logits within 1.0), at most SHARE of each part's windows, "
-                        "e.g. 0.25; slower by up to SHARE x (FP32 + INT8) window time (default: off)")
+                        "e.g. 0.25; slower by up to SHARE x (FP32 + INT8) window time; with --cpu-float bf16 the "
+                        "FP32 graph's float layers run in bf16 (default: off)")
     add_pairing_options(s)
     add_tensorrt_options(s)
 

@@ -75,10 +75,12 @@ def runtime_choice_text(info: dict) -> str:
 
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
                     runtime: str, precision: str, compare: bool, reference: str | Path | None = None,
-                    trt_opt_level: int | None = None, cpu_bf16: bool = False) -> list[str]:
+                    trt_opt_level: int | None = None, cpu_bf16: bool = False,
+                    fp32_windows: float = 0.0) -> list[str]:
     """``python -m PTQLogic.app.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice;
     ``trt_opt_level`` is the TensorRT builder optimization level (0-5) if a TensorRT engine gets built;
-    ``cpu_bf16`` runs the float remainder of OpenVINO INT8 engines in bf16 (AMX CPUs)."""
+    ``cpu_bf16`` runs the float remainder of OpenVINO INT8 engines in bf16 (AMX CPUs); ``fp32_windows`` (nnU-Net
+    INT8): at most this share of the windows, those INT8 is least sure of, from FP32 (0: off)."""
     command = [str(python_exe), "-m", "PTQLogic.app.cli", "segment", "--model", str(model_dir),
                "--input", str(input_path), "--output", str(output_path),
                "--runtime", str(runtime), "--precision", str(precision)]
@@ -92,6 +94,8 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
         command += ["--trt-opt-level", str(int(trt_opt_level))]
     if cpu_bf16:
         command += ["--cpu-float", "bf16"]
+    if fp32_windows:
+        command += ["--fp32-windows", f"{float(fp32_windows):g}"]
     return command + _FLAGS
 
 

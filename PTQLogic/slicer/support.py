@@ -64,6 +64,16 @@ def check_segment_model(model: str | Path, reference: bool = False) -> None:
         raise PTQError("Quantize a model first (or choose a quantized model folder or an nnU-Net parts file as the "
                        "model).")
 
+def fp32_windows_for(model: str | Path, precision: str, share: float) -> float:
+    """The ``--fp32-windows`` share Segment passes: the panel's, for nnU-Net models (a quantized folder or parts
+    file) run at INT8 or auto precision; 0 (off) for other models and precisions, which do not take it."""
+    from ..inference.nnunet.segment import is_nnunet_target
+
+    if not share or precision not in ("int8", "auto") or str(model) in ("", "."):
+        return 0.0
+    return float(share) if is_nnunet_target(model) else 0.0
+
+
 # ---------------------------------------------------------------- geometry (vtkMRMLVolumeNode)
 
 
@@ -312,6 +322,7 @@ _RESULT_ROWS = (  # key, label, format
     ("build_seconds", "Engine build/load time", "{:.2f} s"),
     ("latency_ms", "Latency per patch", "{:.1f} ms"),
     ("seconds", "Total time", "{:.2f} s"),
+    ("fp32_windows", "Windows from FP32", "{}"),
     ("agreement_dice", "Agreement Dice (vs FP32)", "{:.4f}"),
     ("agreement", "INT8-vs-FP32 agreement (held out)", "{:.4f}"),
     ("guard", "Accuracy guard", "{}"),
@@ -341,6 +352,8 @@ def results_rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
                                           if placement.get("activations") == "u8" else "FAIL (see quantization.json)")
         elif key == "guard":
             value = _guard_row(value)
+        elif key == "fp32_windows":  # nnU-Net --fp32-windows
+            value = f"{value.get('windows')} of {value.get('of')} (where INT8 was least sure)"
         elif key == "estimate":  # nnU-Net: said before the run (e.g. "Expected: 5 parts, 320 windows, ...")
             value = str(value.get("text", "")).removeprefix("Expected: ")
         elif key == "runtime" and result.get("runtime_reason"):
