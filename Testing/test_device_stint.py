@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow  # about a minute: two trainings, the prepare run 
 
 def _stint(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
     labels = ROOT.parent / "shared" / "data" / "totalsegmentator_total_labels.json"
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), DEVICE="cpu",
-               EXTRA="--tiny-networks --shape 48 48 32 --spacing 1.5 1.5 1.5",
-               ORGANS="--phantoms 2 --part-steps organs=2",
-               OTHERS="--phantoms 2 --part-steps vertebrae=2 cardiac=2 muscles=1 ribs=1",
-               ROWS="--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --repeats 1", **settings)
+    defaults = dict(DEVICE="cpu", EXTRA="--tiny-networks --shape 48 48 32 --spacing 1.5 1.5 1.5",
+                    ORGANS="--phantoms 2 --part-steps organs=2",
+                    OTHERS="--phantoms 2 --part-steps vertebrae=2 cardiac=2 muscles=1 ribs=1",
+                    ROWS="--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --repeats 1")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+               **{**defaults, **settings})
     if labels.is_file():
         env["LABELS"] = str(labels)
     return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)

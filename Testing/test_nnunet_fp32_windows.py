@@ -158,4 +158,18 @@ def test_the_fp32_windows_float_layers_follow_cpu_float_and_the_reference_stays_
     assert windows.float_precision == expected
     monkeypatch.setenv("PTQSEG_CPU_FLOAT", "f32")
     int8, _ = open_engines(model, "openvino", "int8")
-    assert _fp32_windows(Fp32WindowPolicy(max_share=1.0), int8, model, None, Monitor()).engine().float_precision == "f32"
+    windows = _fp32_windows(Fp32WindowPolicy(max_share=1.0), int8, model, None, Monitor())
+    assert windows.engine().float_precision == "f32"
+
+
+def test_the_fp32_engine_counts_in_the_memory_check_before_any_engine_is_built(quantized, monkeypatch):
+    from PTQLogic.inference.nnunet.memory import check_nnunet_memory, fp32_windows_bytes, peak_bytes_per_part
+
+    runner, volume = runner_for(open_nnunet_model(quantized["folder"])), read_volume(quantized["image"])
+    plain = peak_bytes_per_part([runner], volume, [2])[0]
+    more = peak_bytes_per_part([runner], volume, [2], fp32_windows=True)[0]
+    assert more - plain == fp32_windows_bytes(runner) > 2**30  # a second engine and one window's float copies
+    monkeypatch.setenv("PTQSEG_MAX_MEMORY_GB", f"{(plain + more) / 2 / 2**30:.3f}")  # room for INT8 alone
+    assert check_nnunet_memory([runner], volume, [2]) == plain
+    with pytest.raises(InputError, match="would need about"):
+        check_nnunet_memory([runner], volume, [2], fp32_windows=True)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # about a minute: five processes that each import
 def _run(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), "--config", "total", "--parts", "2", "--shape", "32", "32", "24",
                "--spacing", "1.5", "1.5", "1.5", "--tiny-networks", "--repeats", "1", "--calibration-patches", "4",
-               "--threads", "1", "--rows", *ROWS, "--fp32-windows", "1", "--work", str(folder / "work"), "--out", str(out), *extra]
+               "--threads", "1", "--rows", *ROWS, "--fp32-windows", "1", "--work", str(folder / "work"),
+               "--out", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 

@@ -140,7 +140,8 @@ def test_a_row_stopped_once_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["nnunetv2", "int8"], "folders": [], "labels": {}, "quantized": [],
               "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0}, once=[], reference_labels=None, fp32_windows=0.25)
+    args = SimpleNamespace(threads=1, row_timeout={"nnunetv2": 300.0}, once=[], reference_labels=None,
+                           fp32_windows=0.25)
     saved = []  # what the run writes after each row: a run cut off keeps every finished row
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path,
                                    on_row=lambda partial: saved.append(sorted(partial["rows"]))) for k in range(3)]
@@ -173,7 +174,8 @@ def test_once_rows_run_in_the_first_repeat_and_stay_the_reference(tmp_path, monk
     monkeypatch.setattr(whole_ct, "run_child", child)
     config = {"name": "fast", "rows": ["totalseg", "fp32-torch", "int8"], "folders": [], "labels": {},
               "quantized": [], "parts_file": "p", "torch_parts_file": "t", "models": SimpleNamespace(step_size=0.8)}
-    args = SimpleNamespace(threads=1, row_timeout={}, once=["totalseg", "fp32-torch"], reference_labels=None, fp32_windows=0.25)
+    args = SimpleNamespace(threads=1, row_timeout={}, once=["totalseg", "fp32-torch"], reference_labels=None,
+                           fp32_windows=0.25)
     repeats = [whole_ct.run_repeat(config, k, {"test": "ct.nii.gz"}, args, tmp_path) for k in range(3)]
     assert sorted(ran) == ["fp32-torch", "int8", "int8", "int8", "totalseg"]
     assert [r["reference"] for r in repeats] == ["fp32-torch"] * 3

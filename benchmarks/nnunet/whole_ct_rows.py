@@ -3,12 +3,12 @@
     python benchmarks/nnunet/whole_ct_rows.py row SPEC.json RESULT.json
     python benchmarks/nnunet/whole_ct_rows.py windows SPEC.json RESULT.json
 
-SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, totalseg, fp32, int8, int8-bf16, int8-fp32w, int8-bf16-fp32w, fp32-torch; on a GPU
-nnunetv2-cuda, totalseg-cuda, fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
+SPEC (written by ``whole_ct.py``): ``row`` (nnunetv2, totalseg, fp32, int8, int8-bf16, int8-fp32w, int8-bf16-fp32w,
+fp32-torch; on a GPU nnunetv2-cuda, totalseg-cuda, fp16-torch-cuda, fp16-tensorrt, int8-tensorrt), ``ct``, ``output``,
 ``folders`` (the nnU-Net results folders, nnunetv2's row), ``parts_file`` (the quantized parts, this project's
 OpenVINO rows), ``torch_parts_file`` (the original folders, the project's pipeline on PyTorch),
-``labels`` (global value -> name), ``step_size``, ``threads``, ``cpus``, ``fp32_windows`` (the int8-fp32w row's
-share: ``segment --fp32-windows``, for the rows ending in -fp32w). The caller sets the environment
+``labels`` (global value -> name), ``step_size``, ``threads``, ``cpus``, ``fp32_windows`` (the share
+of ``segment --fp32-windows`` for the rows ending in -fp32w). The caller sets the environment
 (``nnUNet_def_n_proc``, ``PTQSEG_CACHE_DIR``, ``PTQSEG_CPU_FLOAT``) before this process starts.
 
 Stages, in seconds: ``build`` (load checkpoints / compile engines), ``preprocess`` (nnU-Net's crop, normalize,

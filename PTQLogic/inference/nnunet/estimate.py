@@ -179,11 +179,13 @@ def _network(model: NnUNetModel, runner) -> str:
 
 
 def estimate_run(models: Sequence[NnUNetModel], runners: Sequence, volume: Volume, runtime: str, precision: str,
-                 mirroring: bool, compare: bool = False, overlap: bool = False) -> RunEstimate:
+                 mirroring: bool, compare: bool = False, overlap: bool = False,
+                 fp32_windows: bool = False) -> RunEstimate:
     """Windows, memory and (where the accuracy guard measured it here) speed of each part; no engine is built.
-    ``overlap``: each part's export runs beside the next part's sliding window (its memory counts there)."""
+    ``overlap``: each part's export runs beside the next part's sliding window (its memory counts there);
+    ``fp32_windows``: ``segment --fp32-windows`` (the FP32 engine's memory counts)."""
     cropped = cropped_shape(volume)
-    peaks = peak_bytes_per_part(runners, volume, [len(m.folds) for m in models], overlap)
+    peaks = peak_bytes_per_part(runners, volume, [len(m.folds) for m in models], overlap, fp32_windows)
     parts = []
     for model, runner, peak in zip(models, runners, peaks):
         windows = window_count(runner, network_grid(runner, volume, cropped), mirroring) * len(model.folds)

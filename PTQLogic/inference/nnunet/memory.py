@@ -70,6 +70,13 @@ def export_bytes(runner, volume: Volume) -> int:
     return int(classes * grid * 2 + one_class + voxels * (2 + 2 + 1 + 1 + 1))
 
 
+def fp32_windows_bytes(runner) -> int:
+    """What ``--fp32-windows`` adds while a part runs: the FP32 engine beside the INT8 one (its working memory
+    counted twice: float activations), and one window's INT8 copy, FP32 logits and their difference (float32)."""
+    window = float(np.prod(runner.config.patch_size, dtype=float))
+    return int(2 * ENGINE_WORKING_BYTES + 3 * runner.label_manager.num_segmentation_heads * window * 4)
+
+
 def _kept_for_later_bytes(runners: Sequence, volume: Volume, index: int) -> int:
     """Preprocessed grids that segment.py keeps while part ``index`` runs: those of other preprocessings that
     an earlier part made and a later part reuses."""
@@ -79,28 +86,31 @@ def _kept_for_later_bytes(runners: Sequence, volume: Volume, index: int) -> int:
     return sum(int(r.in_channels * np.prod(network_grid(r, volume), dtype=float) * 4) for r in kept.values())
 
 
-def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int], overlap: bool = False) -> list[int]:
-    """Peak bytes while each part runs (one after another; ``overlap``: with the previous part's export beside it);
-    the largest is the run's peak."""
+def peak_bytes_per_part(runners: Sequence, volume: Volume, folds: Sequence[int], overlap: bool = False,
+                        fp32_windows: bool = False) -> list[int]:
+    """Peak bytes while each part runs (one after another; ``overlap``: with the previous part's export beside it;
+    ``fp32_windows``: with ``segment --fp32-windows``); the largest is the run's peak."""
     voxels = float(np.prod(volume.spatial_shape, dtype=float))
     maps = voxels * (len(runners) + 1)  # each part's label map is kept until they are merged
     alone = [int(prediction_bytes(r, volume, f) + maps + volume.array.nbytes
-                 + _kept_for_later_bytes(runners, volume, i)) for i, (r, f) in enumerate(zip(runners, folds))]
+                 + _kept_for_later_bytes(runners, volume, i) + (fp32_windows_bytes(r) if fp32_windows else 0))
+             for i, (r, f) in enumerate(zip(runners, folds))]
     if not overlap:
         return alone
     return alone[:1] + [alone[i] + export_bytes(runners[i - 1], volume) for i in range(1, len(runners))]
 
 
-def overlap_fits(runners: Sequence, volume: Volume, folds: Sequence[int]) -> bool:
+def overlap_fits(runners: Sequence, volume: Volume, folds: Sequence[int], fp32_windows: bool = False) -> bool:
     """Whether several parts can run with each part's export beside the next part's sliding window: that part's
     peak plus the previous part's export (its logits, its working set) fit in the memory available now."""
-    peak = max(peak_bytes_per_part(runners, volume, folds, overlap=True))
+    peak = max(peak_bytes_per_part(runners, volume, folds, overlap=True, fp32_windows=fp32_windows))
     return len(runners) > 1 and peak <= available_memory_bytes()
 
 
-def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume") -> int:
+def check_nnunet_memory(runners: Sequence, volume: Volume, folds: Sequence[int], what: str = "input volume",
+                        fp32_windows: bool = False) -> int:
     """Refuse a volume whose nnU-Net prediction would not fit; parts run one after another."""
-    sizes = peak_bytes_per_part(runners, volume, folds)
+    sizes = peak_bytes_per_part(runners, volume, folds, fp32_windows=fp32_windows)
     runner = runners[int(np.argmax(sizes))]
     needed = max(sizes)
     available = available_memory_bytes()

@@ -377,10 +377,11 @@ def segment_nnunet(models, input_path, output, *, runtime: str = "auto", precisi
         ref_names = reference_names(reference, reference_labels)
     runners = [runner_for(m) for m in opened]
     folds = [len(m.folds) for m in opened]
-    check_nnunet_memory(runners, volume, folds, f"input volume '{input_path}'")  # before any engine is built
-    overlap = overlap_fits(runners, volume, folds)
+    # before any engine is built
+    check_nnunet_memory(runners, volume, folds, f"input volume '{input_path}'", fp32_windows=policy is not None)
+    overlap = overlap_fits(runners, volume, folds, fp32_windows=policy is not None)
     estimate = estimate_run(opened, runners, volume, runtime, precision, mirroring, compare and precision != "fp32",
-                            overlap)
+                            overlap, fp32_windows=policy is not None)
     estimate.fp32_windows = sum(policy.most(p.windows) for p in estimate.parts) if policy else 0
     if estimate.seconds is not None:  # measured by the accuracy guard here: said before any engine is built
         monitor.estimate(estimate.to_dict())
