@@ -39,6 +39,7 @@ def quantize_model(
     percentile: float | None = None,
     bias_correction: bool = False,
     on_miss: str = "fail",
+    equalize: bool = False,
 ) -> QuantizeResult:
     """Model and unlabeled volumes -> model folder with verified FP32 and INT8 Q/DQ ONNX.
 
@@ -55,13 +56,16 @@ def quantize_model(
     ``quantization.bias_correction``, benchmarks/results/fidelity/bias_correction_epyc2_avx2.md).
     ``on_miss``: "fail" (default: ``AccuracyError`` when the guard's target is missed) or, for nnU-Net folders,
     "fp32": the folder is written without INT8 and ``segment`` runs it (a part of a set) in FP32, saying why.
+    ``equalize`` (nnU-Net PlainConvUNet folders): channel equalization before export, exact in FP32
+    (``quantization.equalize``).
     """
     from .quantization.quantizers import quantizer_for
 
     options = QuantizeOptions(num_patches=num_patches, seed=seed, method=method, exclude_nodes=tuple(exclude_nodes),
                               guard=guard, folds=None if folds is None else tuple(folds), checkpoint=checkpoint,
                               placement=placement, activations=activations, subpixel=subpixel, target_cpu=target_cpu,
-                              percentile=percentile, bias_correction=bias_correction, on_miss=on_miss)
+                              percentile=percentile, bias_correction=bias_correction, on_miss=on_miss,
+                              equalize=equalize)
     return quantizer_for(model).quantize(model, calibration, out_dir, options, monitor or Monitor())
 
 

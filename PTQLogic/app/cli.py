@@ -97,6 +97,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         folds=args.folds, checkpoint=args.checkpoint,
         placement=placement, activations=args.activations, subpixel=args.subpixel, target_cpu=args.target_cpu,
         percentile=args.percentile, bias_correction=args.bias_correction, on_miss=args.on_miss,
+        equalize=args.equalize,
     )
     data = result.to_dict()
     chosen = data["placement"]["auto"]

@@ -80,6 +80,7 @@ class QuantizeOptions:
     percentile: float | None = None  # method "percentile" only (None: percentile.DEFAULT_PERCENTILE)
     bias_correction: bool = False  # empirical bias correction after calibration (quantization.bias_correction)
     on_miss: str = "fail"  # ON_MISS
+    equalize: bool = False  # nnU-Net PlainConvUNet: channel equalization before export (quantization.equalize)
 
     def validate_method(self) -> None:
         if self.method not in METHODS:

@@ -74,6 +74,9 @@ def _plan(model: str | Path, calibration: Calibration, out_dir: str | Path, opti
     from .calibration import CalibrationSettings, calibration_inputs, load_calibration_volumes, validate_settings
 
     options.validate_method()
+    if options.equalize:
+        raise InputError("--equalize is for nnU-Net folders (their PlainConvUNet's blocks); leave it out for this "
+                         "model.")
     if options.on_miss != "fail":
         raise InputError("--on-miss fp32 is for nnU-Net folders, whose parts must all run in a set; to run this model "
                          "in FP32, segment it without quantizing (ptqseg segment --model MODEL --precision fp32).")

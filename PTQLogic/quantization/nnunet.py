@@ -82,12 +82,15 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
                     method: str = DEFAULT_METHOD, exclude_nodes: Sequence[str] = (), folds: Sequence[str] | None = None,
                     checkpoint: str = "checkpoint_final.pth", monitor: Monitor | None = None,
                     target_cpu: str = "auto", guard: GuardTarget | None = DEFAULT_GUARD,
-                    percentile: float | None = None, bias_correction: bool = False, on_miss: str = "fail"):
+                    percentile: float | None = None, bias_correction: bool = False, on_miss: str = "fail",
+                    equalize: bool = False):
     """nnU-Net results folder + unlabeled volumes -> model folder with per-fold FP32 and INT8 ONNX; each fold's
     INT8 goes through the accuracy guard (``guard=None``: its agreement is measured and recorded only).
     ``on_miss`` "fp32": a fold whose INT8 misses the guard's target leaves the folder without INT8 (every fold:
     ``segment`` then runs this model in FP32 and says why) instead of failing, so that a part of a
-    TotalSegmentator-style set that cannot keep FP32's answer in INT8 does not stop the set."""
+    TotalSegmentator-style set that cannot keep FP32's answer in INT8 does not stop the set. ``equalize``: each
+    fold's network is channel-equalized on the calibration patches before export (:mod:`.equalize`: the same
+    function in FP32, ranges that INT8 keeps better); its FP32 and INT8 files are then the equalized network's."""
     import torch
 
     from ..models.onnx_export import export_onnx
@@ -128,9 +131,11 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
         for fold, network in zip(source.folds, source.networks):
             folder = staging / f"fold_{fold}"
             folder.mkdir()
+            equalized = _equalized(network, patches, monitor) if equalize else None
             torch.save(network.state_dict(), folder / "weights.pt")
             exported = export_onnx(network, source.spec, folder / "fp32.onnx", monitor=monitor)
-            export = {"max_abs_error": exported.max_abs_error, "opset": exported.opset}
+            export = {"max_abs_error": exported.max_abs_error, "opset": exported.opset,
+                      **({"equalize": equalized.to_dict()} if equalized else {})}
             if fallback:  # an earlier fold missed: this model runs in FP32
                 reports[fold] = {"export": export, "path": None}
                 continue
@@ -159,7 +164,7 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
         summary = {"model": source.spec.name, "source": "nnunet", "folds": reports,
                    **({"int8_fallback": fallback} if fallback else {}),
                    "calibration": {"volumes": len(volumes), "inputs": [str(path) for path in inputs],
-                                   "patches": num_patches, "seed": seed, "method": method,
+                                   "patches": num_patches, "seed": seed, "method": method, "equalize": equalize,
                                    **({"percentile": settings.percentile} if method == "percentile" else {})},
                    "qdq": {"ok": None if fallback else all(r.get("qdq", {}).get("ok") for r in reports.values())}}
         (staging / "quantization.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
@@ -170,6 +175,22 @@ def quantize_nnunet(model: str | Path, calibration, out_dir: str | Path, *, num_
             shutil.rmtree(staging, ignore_errors=True)
     return NnUNetQuantizeResult(model_dir=out_dir, fp32_bytes=fp32, int8_bytes=int8,
                                 seconds=time.perf_counter() - started, report=summary)
+
+
+EQUALIZE_WINDOWS = 8  # calibration patches the equalization measures channel ranges on (FP32 forward passes)
+
+
+def _equalized(network, patches, monitor: Monitor):
+    """Channel-equalize ``network`` in place on the first calibration patches; its report."""
+    import torch
+
+    from .equalize import equalize_plain_unet
+
+    monitor.update("equalizing channels", 0, 1)
+    windows = [torch.from_numpy(patches[i:i + 1]) for i in range(min(EQUALIZE_WINDOWS, len(patches)))]
+    report = equalize_plain_unet(network, windows)
+    monitor.update("equalizing channels", 1, 1)
+    return report
 
 
 class NnUNetQuantizeResult(QuantizeResult):
@@ -202,6 +223,7 @@ class NnUNetQuantizer:
                                  method=options.method, exclude_nodes=options.exclude_nodes, folds=options.folds,
                                  checkpoint=options.checkpoint, monitor=monitor, target_cpu=options.target_cpu,
                                  guard=options.guard, percentile=options.percentile,
-                                 bias_correction=options.bias_correction, on_miss=options.on_miss)
+                                 bias_correction=options.bias_correction, on_miss=options.on_miss,
+                                 equalize=options.equalize)
         return replace(result, placement={"placement": placement, "activations": activations, "subpixel": subpixel,
                                           "auto": why})

@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--percentile", type=float, help="with --method percentile (default 99.99)")
     p.add_argument("--bias-correction", action="store_true",
                    help="correct each quantized layer's mean output shift (as ptqseg quantize --bias-correction)")
+    p.add_argument("--equalize", action="store_true",
+                   help="equalize each part's channel ranges before export (as ptqseg quantize --equalize)")
     p.add_argument("--min-agreement", type=float,
                    help="the accuracy guard's target (as ptqseg quantize --min-agreement; default 0.98)")
     p.add_argument("--max-kept-layers", type=int, help="the guard's limit (as ptqseg quantize; default 8)")

@@ -45,7 +45,7 @@ def quantize(folder: Path, out: Path, cts: dict[str, Any], args: argparse.Namesp
                    target_cpu=getattr(args, "target_cpu", "auto"), method=getattr(args, "method", "entropy"),
                    percentile=getattr(args, "percentile", None),
                    bias_correction=getattr(args, "bias_correction", False), on_miss=getattr(args, "on_miss", "fail"),
-                   monitor=Monitor(on_progress=stage_done))
+                   equalize=getattr(args, "equalize", False), monitor=Monitor(on_progress=stage_done))
     seconds = time.perf_counter() - started
     print(f"quantized {folder.parent.name} in {seconds / 60:.1f} min", flush=True)
     return seconds
@@ -72,7 +72,7 @@ def calibration_seeds(count: int = len(CALIBRATION_SEEDS)) -> tuple[int, ...]:
 
 def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
     """What else keys the models folder: the guard, a non-default number of calibration CTs or calibration method,
-    bias correction, nodes kept in FP32 and
+    bias correction, channel equalization, nodes kept in FP32 and
     an INT8 target without int8 dot products (7-bit weights: ``--target-cpu avx2``, or ``auto`` on such a CPU or one
     emulated with ``ONEDNN_MAX_CPU_ISA``), so a run never reuses parts quantized for another CPU unless it asks
     (``--target-cpu vnni`` there: the same parts on both ISAs). Empty for the settings of the committed VNNI/AMX
@@ -86,6 +86,7 @@ def models_key_extra(args: argparse.Namespace) -> tuple[Any, ...]:
     extra += (f"method={method}",) if method != "entropy" else ()
     extra += (f"percentile={args.percentile}",) if getattr(args, "percentile", None) is not None else ()
     extra += ("bias_correction",) if getattr(args, "bias_correction", False) else ()
+    extra += ("equalize",) if getattr(args, "equalize", False) else ()
     if guarded(args):
         extra += tuple(f"{k}={getattr(args, k)}" for k in ("min_agreement", "max_kept_layers")
                        if getattr(args, k, None) is not None)
