@@ -72,6 +72,7 @@ class PTQSegmentationParameterNode:
     biasCorrection: bool = False  # opt-in --bias-correction (any method; docs/fidelity.md)
     minAgreement: Annotated[float, WithinRange(0.0, 1.0)] = 0.98  # accuracy guard; 0 = measure only (--no-guard)
     keepFp32OnMiss: bool = False  # nnU-Net: --on-miss fp32 (a part whose INT8 misses the guard runs in FP32)
+    equalizeChannels: bool = False  # nnU-Net PlainConvUNet: --equalize (channel equalization before export)
     precision: Annotated[str, Choice(["auto", "int8", "fp16", "fp32"])] = "auto"
     runtime: Annotated[str, Choice(RUNTIMES)] = "auto"
     trtOptLevel: Annotated[int, WithinRange(0, 5)] = 2  # TensorRT builder level; PTQLogic's default too
@@ -222,7 +223,8 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                params.patches, params.method,
                                                min_agreement=params.minAgreement or None, runtime=params.runtime,
                                                percentile=params.percentile, bias_correction=params.biasCorrection,
-                                               on_miss="fp32" if params.keepFp32OnMiss else "fail")
+                                               on_miss="fp32" if params.keepFp32OnMiss else "fail",
+                                               equalize=params.equalizeChannels and source.kind == "nnunet")
         except Exception as error:  # PTQError, or SimpleITK/OS errors while exporting the scene volumes
             self.cleanupJobTemp()
             self.showError(str(error))

@@ -4,6 +4,7 @@ that must never lose a node's segments, and the command line Quantize builds fro
 from __future__ import annotations
 
 import ast
+import sys
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -211,7 +212,7 @@ def test_polling_shows_the_estimate_before_the_run_and_one_bar_over_the_parts():
     assert ui.statusLabel.text == "part 2/5 (vertebrae): sliding window 32/64" and ui.progressBar.value == 30
 
 
-def _quantize_from_panel(tmp_path, method, percentile, bias_correction=False):
+def _quantize_from_panel(tmp_path, method, percentile, bias_correction=False, equalize=False, model=None):
     """The module's real onQuantize, on a stand-in panel set to ``method``/``percentile``/``bias_correction`` with
     the shipped sample spec; returns the command line it hands to the background job."""
     import tempfile
@@ -221,10 +222,11 @@ def _quantize_from_panel(tmp_path, method, percentile, bias_correction=False):
     from PTQLogic.slicer import support
 
     started, errors = [], []
-    params = types.SimpleNamespace(modelPath=MODULE_DIR.parent / "PTQLogic" / "samples" / "data" / "phantom_unet.json",
+    params = types.SimpleNamespace(modelPath=model or MODULE_DIR.parent / "PTQLogic" / "samples" / "data" /
+                                   "phantom_unet.json",
                                    calibrationFolder=tmp_path, patches=4, method=method, percentile=percentile,
                                    biasCorrection=bias_correction, minAgreement=0.98, runtime="openvino",
-                                   keepFp32OnMiss=False)
+                                   keepFp32OnMiss=False, equalizeChannels=equalize)
     widget = types.SimpleNamespace(
         _job=None, _jobTemp=None, _parameterNode=params, ensureDependencies=lambda: True,
         ui=types.SimpleNamespace(calibrationVolumesSelector=types.SimpleNamespace(checkedNodes=lambda: [])),
@@ -324,3 +326,17 @@ def test_toggling_bias_correction_never_reuses_a_model_made_without_it(quantized
     assert engine_cache_dir(corrected) != engine_cache_dir(plain)
     shutil.copyfile(plain.int8_onnx, corrected.int8_onnx)  # the same content: the same engines (no false misses)
     assert engine_cache_dir(corrected) == engine_cache_dir(plain)
+
+
+def test_equalize_box_reaches_quantize_for_nnunet_folders_and_not_for_other_models(tmp_path):
+    """The real onQuantize: the box adds --equalize for an nnU-Net results folder; for the sample spec (a MONAI
+    UNet, which quantize would refuse it for) it is left out."""
+    sys.path.insert(0, str(MODULE_DIR.parent / "Testing"))
+    try:
+        from nnunet_factory import dataset, plans, write_folder
+    finally:
+        sys.path.remove(str(MODULE_DIR.parent / "Testing"))
+    folder = write_folder(tmp_path / "results", plans([1.5, 1.5, 1.5], [24, 24, 24]), dataset(["background", "liver"]))
+    assert "--equalize" in _quantize_from_panel(tmp_path, "entropy", 99.99, equalize=True, model=folder)
+    assert "--equalize" not in _quantize_from_panel(tmp_path, "entropy", 99.99, equalize=False, model=folder)
+    assert "--equalize" not in _quantize_from_panel(tmp_path, "entropy", 99.99, equalize=True)

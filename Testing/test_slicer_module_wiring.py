@@ -391,6 +391,23 @@ def test_fp32_windows_is_an_advanced_option_passed_only_where_it_applies(tmp_pat
     assert rows["Windows from FP32"] == "9 of 135 (where INT8 was least sure)"
 
 
+def test_equalize_is_an_opt_in_checkbox_passed_for_nnunet_folders_only():
+    from PTQLogic.app.cli import build_parser
+    from PTQLogic.slicer.process import quantize_command
+
+    box = ET.parse(UI_FILE).getroot().find(".//widget[@name='calibrationCollapsibleButton']"
+                                           "//widget[@name='equalizeChannelsCheckBox']")
+    assert box is not None and box.get("class") == "QCheckBox"
+    values = {p.get("name"): p.find("string").text for p in box.findall("property")}
+    assert values["SlicerParameterName"] == "equalizeChannels" and "same in FP32" in values["toolTip"]
+    source = MODULE_PY.read_text()
+    assert "equalizeChannels: bool = False" in source
+    assert 'equalize=params.equalizeChannels and source.kind == "nnunet"' in source
+    command = quantize_command("python", "folder", ["c.nii.gz"], "out", 8, "entropy", equalize=True)
+    assert build_parser().parse_args(command[3:]).equalize is True
+    assert "--equalize" not in quantize_command("python", "folder", ["c.nii.gz"], "out", 8, "entropy")
+
+
 def test_percentile_is_a_calibration_option_the_cli_accepts():
     """Issue 22: the method combo offers percentile; its spin box starts disabled (entropy is the default), uses
     PTQLogic's default percentile, is saved in the parameter node and reaches quantize as --percentile."""

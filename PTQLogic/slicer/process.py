@@ -29,7 +29,7 @@ _FLAGS = ["--progress-lines", "--json"]
 def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: Sequence[str | Path],
                      out_dir: str | Path, patches: int, method: str, min_agreement: float | None = DEFAULT_MIN_AGREEMENT,
                      runtime: str = "auto", percentile: float | None = None,
-                     bias_correction: bool = False, on_miss: str = "fail") -> list[str]:
+                     bias_correction: bool = False, on_miss: str = "fail", equalize: bool = False) -> list[str]:
     """``python -m PTQLogic.app.cli quantize ...`` (always machine progress + JSON result).
 
     The accuracy guard checks INT8-vs-FP32 agreement on held-out data on ``runtime``, the one chosen for
@@ -39,6 +39,7 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
     keeps its value while another method is chosen; the CLI refuses ``--percentile`` with other methods).
     ``bias_correction`` adds ``--bias-correction`` (opt-in, any method; docs/fidelity.md). ``on_miss`` "fp32"
     adds ``--on-miss fp32`` (nnU-Net folders: a part whose INT8 misses the guard's target is kept in FP32).
+    ``equalize`` adds ``--equalize`` (nnU-Net PlainConvUNet folders: channel equalization before export).
     """
     if not calibration_paths:
         raise PTQError("Choose at least one calibration volume or a folder of volumes.")
@@ -48,6 +49,7 @@ def quantize_command(python_exe: str, spec_path: str | Path, calibration_paths: 
     QuantizeOptions(method=str(method), percentile=percentile, on_miss=on_miss).validate_method()  # before a job
     calibration = ["--method", str(method)] + (["--percentile", repr(percentile)] if percentile is not None else [])
     calibration += ["--bias-correction"] if bias_correction else []
+    calibration += ["--equalize"] if equalize else []
     guard = ["--min-agreement", f"{float(min_agreement):g}"] if min_agreement else ["--no-guard"]
     guard += ["--on-miss", on_miss] if on_miss != "fail" and min_agreement else []
     guard_runtime = runtime if runtime in ("openvino", "onnxruntime", "tensorrt") else "auto"
