@@ -1,7 +1,7 @@
 """A tiny nnU-Net (PlainConvUNet) trained on phantoms, saved as an nnU-Net v2 results folder, then
 quantized and segmented through the nnU-Net path: Dice vs truth and FP32-vs-INT8 agreement per runtime.
 
-    python benchmarks/fidelity/nnunet_phantom.py [--steps 250] [--out /tmp/nnunet-phantom]
+    python benchmarks/fidelity/nnunet_phantom.py [--steps 250] [--out /tmp/nnunet-phantom] [--equalize] [--no-guard]
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="/tmp/nnunet-phantom")
+    parser.add_argument("--equalize", action="store_true", help="quantize with --equalize (channel equalization)")
+    parser.add_argument("--no-guard", action="store_true", help="quantize without the accuracy guard (raw INT8)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -77,7 +79,8 @@ def main() -> None:
     image, truth = make_phantom(0, (44, 52, 52), (1.4, 1.4, 1.6))  # resampled to about the training size
     image_file = write_image(image, out / "test.nii.gz")
     write_image(truth, out / "truth.nii.gz")
-    result = quantize_model(folder, calibration, out / "int8", num_patches=16)
+    guard = {"guard": None} if args.no_guard else {}
+    result = quantize_model(folder, calibration, out / "int8", num_patches=16, equalize=args.equalize, **guard)
     rows = []
     for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "int8"),
                                ("onnxruntime", "int8")):
@@ -87,6 +90,7 @@ def main() -> None:
                      "agreement": outcome.agreement_dice, "latency_ms": outcome.latency_ms,
                      "onnx_mb": outcome.engine_size_mb})
     summary = {"train_steps": args.steps, "train_seconds": train_seconds, "final_loss": float(loss.detach()),
+               "equalize": args.equalize, "guard": not args.no_guard,
                "fp32_mb": result.fp32_bytes / 1e6, "int8_mb": result.int8_bytes / 1e6,
                "qdq_ok": result.report["qdq"]["ok"], "rows": rows}
     print(json.dumps(summary, indent=2))
