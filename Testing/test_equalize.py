@@ -68,6 +68,23 @@ def test_the_equalized_network_computes_the_same_function(tmp_path, build):
     assert report.max_fp32_change < 1e-3 * float(expected.abs().max())
 
 
+def test_a_cancel_between_windows_leaves_the_network_unchanged(tmp_path):
+    from PTQLogic.core.errors import Cancelled
+
+    network = _network(tmp_path)
+    original = copy.deepcopy(network.state_dict())
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done == 2:
+            raise Cancelled("cancelled")
+    with pytest.raises(Cancelled):
+        equalize_plain_unet(network, [torch.randn(1, 1, 24, 24, 24) for _ in range(3)], progress=progress)
+    assert seen == [(1, 3), (2, 3)]
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in original.items())
+
+
 def test_every_tensor_it_scales_has_its_consumers_named(tmp_path):
     network = _network(tmp_path)
     groups = plain_unet_groups(network)

@@ -186,11 +186,14 @@ def _equalized(network, patches, monitor: Monitor):
 
     from .equalize import equalize_plain_unet
 
-    monitor.update("equalizing channels", 0, 1)
     windows = [torch.from_numpy(patches[i:i + 1]) for i in range(min(EQUALIZE_WINDOWS, len(patches)))]
-    report = equalize_plain_unet(network, windows)
-    monitor.update("equalizing channels", 1, 1)
-    return report
+    monitor.update("equalizing channels", 0, len(windows))
+
+    def progress(done: int, total: int) -> None:
+        monitor.update("equalizing channels", done, total)
+        monitor.check()  # Ctrl-C / Cancel between windows
+
+    return equalize_plain_unet(network, windows, progress=progress)
 
 
 class NnUNetQuantizeResult(QuantizeResult):
