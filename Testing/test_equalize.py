@@ -125,6 +125,9 @@ def test_quantize_equalize_writes_the_equalized_network_and_records_it(tmp_path,
     assert report["calibration"]["equalize"] is True
     equalized = report["folds"]["0"]["export"]["equalize"]
     assert equalized["groups"] == 7 and equalized["windows"] == 4
+    from PTQLogic.app.cli import _equalize_text  # the line quantize prints without --json
+
+    assert _equalize_text(equalized, "0").startswith("\n  fold 0: channels equalized before export (7 tensors on 4 ")
     # the exported FP32 file is the original network's function
     original = open_nnunet_model(folder).networks[0].eval()
     x = np.random.default_rng(0).standard_normal((1, 1, 24, 24, 24)).astype(np.float32)

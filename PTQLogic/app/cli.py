@@ -117,10 +117,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         + sizes
         + (f"\n  {chosen}" if chosen else "")
         + _bias_text(result.report.get("bias_correction"))
+        + "".join(_equalize_text(((report.get("export") or {}).get("equalize")), fold)
+                  for fold, report in (result.report.get("folds") or {}).items())
         + _guard_text(result.report.get("guard"))
         + "".join(_guard_text(report.get("guard"), f"fold {fold}: ")
                   for fold, report in (result.report.get("folds") or {}).items())
     ))
+
+
+def _equalize_text(equalize: dict[str, Any] | None, fold: str) -> str:
+    if not equalize:
+        return ""
+    return (f"\n  fold {fold}: channels equalized before export ({equalize['groups']} tensors on {equalize['windows']} "
+            f"calibration window(s); FP32 output changed by at most {equalize['max_fp32_change']:.1e})")
 
 
 def _bias_text(bias: dict[str, Any] | None) -> str:
