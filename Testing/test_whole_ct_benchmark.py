@@ -79,6 +79,7 @@ def test_agreement_with_nnunetv2(smoke):
         assert rows["int8-bf16-fp32w"]["fp32_windows"]["float_precision"] in (None, "bf16")
     assert "windows taken from FP32" in smoke["markdown"]
     assert smoke["result"]["settings"]["fp32_windows"] == 1.0
+    assert smoke["result"]["settings"]["equalize"] is False  # quantize --equalize only on request (--equalize)
 
 
 def test_merged_label_map(smoke):

@@ -385,6 +385,7 @@ def write_result(args, configs, cts) -> None:
                            "tiny_networks": args.tiny_networks,
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
                            "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
+                           "equalize": args.equalize,
                            "fp32_windows": args.fp32_windows if any(r.endswith("-fp32w") for r in args.rows)
                            else None,
                            "reference_labels": args.reference_labels and {
