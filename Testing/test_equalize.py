@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
@@ -142,7 +143,7 @@ def test_quantize_equalize_writes_the_equalized_network_and_records_it(tmp_path,
 
 def test_equalize_is_refused_for_models_that_are_not_nnunet_folders(quantized_unet, tmp_path, capsys):
     image = write_image(make_phantom(5, (40, 40, 40), (1.5, 1.5, 1.5))[0], tmp_path / "image.nii.gz")
-    spec = "PTQLogic/samples/data/phantom_unet.json"
+    spec = str(Path(__file__).resolve().parents[1] / "PTQLogic" / "samples" / "data" / "phantom_unet.json")
     code = main(["quantize", "--model", spec, "--calibration", str(image), "--out", str(tmp_path / "q"),
                  "--equalize", "--no-guard"])
     assert code == 2
