@@ -257,8 +257,7 @@ class PTQSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             command = support.segment_command(self.logic.pythonExecutable(), params.modelDir, inputPath,
                                               temp / "labels.nrrd", params.runtime, precision, compare, reference,
                                               trt_opt_level=params.trtOptLevel, cpu_bf16=params.cpuBf16,
-                                              fp32_windows=support.fp32_windows_for(params.modelDir, precision,
-                                                                                    params.fp32Windows))
+                                              fp32_windows=params.fp32Windows)
         except Exception as error:  # PTQError, or SimpleITK/segmentation/OS errors while exporting inputs
             self.cleanupJobTemp()
             self.showError(str(error))

@@ -375,12 +375,17 @@ def test_fp32_windows_is_an_advanced_option_passed_only_where_it_applies(tmp_pat
         == "fp32Windows"
     source = MODULE_PY.read_text()
     assert "fp32Windows: Annotated[float, WithinRange(0.0, 1.0)] = 0.0" in source
-    assert "support.fp32_windows_for(params.modelDir, precision," in source and "params.fp32Windows" in source
+    assert "fp32_windows=params.fp32Windows" in source  # segment_command passes it only where it applies
     parts = tmp_path / "parts.json"
     parts.write_text(json.dumps({"parts": ["a", "b"]}))
     monai_folder = tmp_path / "unet"
     monai_folder.mkdir()
     (monai_folder / "spec.json").write_text("{}")
+    for model in (monai_folder, ""):
+        assert "--fp32-windows" not in segment_command("python", model, "in.nrrd", "out.nrrd", "auto", "int8", False,
+                                                       fp32_windows=0.25)
+    assert "--fp32-windows" not in segment_command("python", parts, "in.nrrd", "out.nrrd", "auto", "fp32", False,
+                                                   fp32_windows=0.25)
     assert fp32_windows_for(parts, "int8", 0.25) == 0.25 and fp32_windows_for(parts, "auto", 0.25) == 0.25
     assert fp32_windows_for(parts, "fp32", 0.25) == 0.0 and fp32_windows_for(parts, "int8", 0.0) == 0.0
     assert fp32_windows_for(monai_folder, "int8", 0.25) == 0.0 and fp32_windows_for("", "int8", 0.25) == 0.0

@@ -67,6 +67,16 @@ def _check_block(block, where: str) -> None:
             raise InputError(f"--equalize: {where} has dropout in the block; leave --equalize out.")
 
 
+def _chain(where: str, name: str, blocks: list, outputs: list[tuple[torch.Tensor, int, int]]) -> list[_Group]:
+    """A stage's blocks: each feeds the next block's convolution, the last one ``outputs``."""
+    groups = []
+    for j, block in enumerate(blocks):
+        _check_block(block, f"{where} block {j}")
+        consumers = [(blocks[j + 1].conv.weight, 1, 0)] if j + 1 < len(blocks) else list(outputs)
+        groups.append(_Group(f"{name}.{j}", block, "norm", consumers))
+    return groups
+
+
 def plain_unet_groups(network: torch.nn.Module) -> list[_Group]:
     """The equalizable tensors of a ``dynamic_network_architectures`` PlainConvUNet; refuses other networks."""
     encoder, decoder = getattr(network, "encoder", None), getattr(network, "decoder", None)
@@ -81,29 +91,17 @@ def plain_unet_groups(network: torch.nn.Module) -> list[_Group]:
     transposed, heads = list(decoder.transpconvs), list(decoder.seg_layers)
     groups: list[_Group] = []
     for i, blocks in enumerate(stages):
-        for j, block in enumerate(blocks):
-            _check_block(block, f"encoder stage {i} block {j}")
-            group = _Group(f"encoder.{i}.{j}", block, "norm")
-            if j + 1 < len(blocks):
-                group.consumers.append((blocks[j + 1].conv.weight, 1, 0))
-            elif i + 1 < len(stages):  # a stage's output: the next stage, and the decoder after its upsampling
-                level = len(stages) - 2 - i
-                group.consumers.append((stages[i + 1][0].conv.weight, 1, 0))
-                group.consumers.append((up[level][0].conv.weight, 1, transposed[level].weight.shape[1]))
-            else:  # the bottleneck: the first transposed convolution
-                group.consumers.append((transposed[0].weight, 0, 0))
-            groups.append(group)
+        if i + 1 < len(stages):  # a stage's output: the next stage, and the decoder after its upsampling
+            level = len(stages) - 2 - i
+            outputs = [(stages[i + 1][0].conv.weight, 1, 0),
+                       (up[level][0].conv.weight, 1, transposed[level].weight.shape[1])]
+        else:  # the bottleneck: the first transposed convolution
+            outputs = [(transposed[0].weight, 0, 0)]
+        groups += _chain(f"encoder stage {i}", f"encoder.{i}", blocks, outputs)
     for level, blocks in enumerate(up):
-        for j, block in enumerate(blocks):
-            _check_block(block, f"decoder stage {level} block {j}")
-            group = _Group(f"decoder.{level}.{j}", block, "norm")
-            if j + 1 < len(blocks):
-                group.consumers.append((blocks[j + 1].conv.weight, 1, 0))
-            else:
-                group.consumers.append((heads[level].weight, 1, 0))
-                if level + 1 < len(transposed):
-                    group.consumers.append((transposed[level + 1].weight, 0, 0))
-            groups.append(group)
+        outputs = [(heads[level].weight, 1, 0)]
+        outputs += [(transposed[level + 1].weight, 0, 0)] if level + 1 < len(transposed) else []
+        groups += _chain(f"decoder stage {level}", f"decoder.{level}", blocks, outputs)
     for level, conv in enumerate(transposed):
         groups.append(_Group(f"transposed.{level}", conv, "transposed", [(up[level][0].conv.weight, 1, 0)]))
     return groups

@@ -75,6 +75,16 @@ def runtime_choice_text(info: dict) -> str:
     return "\n".join(lines)
 
 
+def fp32_windows_for(model: str | Path, precision: str, share: float) -> float:
+    """The ``--fp32-windows`` share Segment passes: the panel's, for nnU-Net models (a quantized folder or parts
+    file) run at INT8 or auto precision; 0 (off) for other models and precisions, which do not take it."""
+    from ..inference.nnunet.segment import is_nnunet_target
+
+    if not share or precision not in ("int8", "auto") or str(model) in ("", "."):
+        return 0.0
+    return float(share) if is_nnunet_target(model) else 0.0
+
+
 def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Path, output_path: str | Path,
                     runtime: str, precision: str, compare: bool, reference: str | Path | None = None,
                     trt_opt_level: int | None = None, cpu_bf16: bool = False,
@@ -82,7 +92,8 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
     """``python -m PTQLogic.app.cli segment ...``; ``compare`` adds the FP32 run for agreement Dice;
     ``trt_opt_level`` is the TensorRT builder optimization level (0-5) if a TensorRT engine gets built;
     ``cpu_bf16`` runs the float remainder of OpenVINO INT8 engines in bf16 (AMX CPUs); ``fp32_windows`` (nnU-Net
-    INT8): at most this share of the windows, those INT8 is least sure of, from FP32 (0: off)."""
+    INT8): at most this share of the windows, those INT8 is least sure of, from FP32 (0: off; passed only where
+    segment takes it, :func:`fp32_windows_for`)."""
     command = [str(python_exe), "-m", "PTQLogic.app.cli", "segment", "--model", str(model_dir),
                "--input", str(input_path), "--output", str(output_path),
                "--runtime", str(runtime), "--precision", str(precision)]
@@ -96,6 +107,7 @@ def segment_command(python_exe: str, model_dir: str | Path, input_path: str | Pa
         command += ["--trt-opt-level", str(int(trt_opt_level))]
     if cpu_bf16:
         command += ["--cpu-float", "bf16"]
+    fp32_windows = fp32_windows_for(model_dir, precision, fp32_windows)
     if fp32_windows:
         command += ["--fp32-windows", f"{float(fp32_windows):g}"]
     return command + _FLAGS

@@ -26,7 +26,8 @@ from ..models import model_files
 from ..models.model_files import ModelSource, sample_models  # noqa: F401  (re-export)
 from .process import (  # noqa: F401  (re-export)
     BackgroundProcess, RunProgress, default_python, engine_environment, info_command, parse_error, parse_estimate,
-    parse_progress, parse_result, ptqlogic_parent_dir, quantize_command, runtime_choice_text, segment_command,
+    fp32_windows_for, parse_progress, parse_result, ptqlogic_parent_dir, quantize_command, runtime_choice_text,
+    segment_command,
 )
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
@@ -63,16 +64,6 @@ def check_segment_model(model: str | Path, reference: bool = False) -> None:
     if str(model) in ("", ".") or not (Path(model) / "spec.json").is_file():
         raise PTQError("Quantize a model first (or choose a quantized model folder or an nnU-Net parts file as the "
                        "model).")
-
-def fp32_windows_for(model: str | Path, precision: str, share: float) -> float:
-    """The ``--fp32-windows`` share Segment passes: the panel's, for nnU-Net models (a quantized folder or parts
-    file) run at INT8 or auto precision; 0 (off) for other models and precisions, which do not take it."""
-    from ..inference.nnunet.segment import is_nnunet_target
-
-    if not share or precision not in ("int8", "auto") or str(model) in ("", "."):
-        return 0.0
-    return float(share) if is_nnunet_target(model) else 0.0
-
 
 # ---------------------------------------------------------------- geometry (vtkMRMLVolumeNode)
 
