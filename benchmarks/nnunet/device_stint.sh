@@ -7,7 +7,7 @@
 # Environment (defaults in brackets): OUT, WORK (required); LABELS [shapes.TOTAL_LABELS]; DEVICE [cuda];
 # ORGANS: the organ part's training options [--phantoms 32 --part-steps organs=3500 --class-draw by-voxel];
 # ORGANS_FROM: a folder holding an organ part trained earlier (Dataset*_organs, as the training writes it): used
-#   instead of training one (the other parts then set the pace);
+#   instead of training one, and quantized on the CPU while the other parts train (they then set the pace);
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
 # ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
@@ -35,6 +35,11 @@ if [ -z "${ORGANS_FROM:-}" ]; then
   organs=$!
 elif ! ls -d "$ORGANS_FROM"/Dataset*_organs > /dev/null 2>&1; then
   step "organs-missing"; exit 1
+else
+  mkdir -p "$WORK/set" && cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
+  CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts organs --out "$OUT/prepare.json" \
+    > "$OUT/prepare_organs.log" 2>&1 &
+  organs=$!
 fi
 "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
   --only vertebrae cardiac muscles ribs --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
@@ -43,12 +48,13 @@ step others-trained
 CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts vertebrae cardiac muscles ribs --out "$OUT/prepare.json" \
   > "$OUT/prepare_others.log" 2>&1 || { step "prepare-failed"; exit 1; }
 step others-quantized
-if [ -n "$organs" ]; then
+if [ -z "${ORGANS_FROM:-}" ]; then
   wait "$organs" || { step "organs-failed"; exit 1; }
   step organs-trained
   cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
 else
-  cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
+  wait "$organs" || { step "organs-prepare-failed"; exit 1; }
+  step organs-quantized
 fi
 cp "$WORK/set/training_total.json" "$OUT/training_others.json"
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }

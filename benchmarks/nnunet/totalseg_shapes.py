@@ -78,6 +78,12 @@ def label_names(labels_file: Path | None) -> dict[int, str]:
     return {v: f"class_{v:03d}" for v in range(1, 118)}
 
 
+def _own_tmp(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process writes (device_stint.sh draws the same CT in
+    several processes at once; each then replaces ``path`` with identical content)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.part.nii.gz")
+
+
 def write_ct(path: Path, seed: int, shape_kji: Sequence[int], spacing_ijk: Sequence[float]) -> Path:
     """A synthetic abdominal CT (int16 HU, LPS-like axes) as NIfTI; kept if it is already there."""
     import SimpleITK as sitk
@@ -87,7 +93,7 @@ def write_ct(path: Path, seed: int, shape_kji: Sequence[int], spacing_ijk: Seque
 
     if not path.is_file():
         image, _ = make_phantom(seed, shape_kji, spacing_ijk)
-        tmp = path.with_name(path.name + ".part.nii.gz")
+        tmp = _own_tmp(path)
         sitk.WriteImage(to_sitk_image(image.array, image.ijk_to_ras), str(tmp), True)
         tmp.replace(path)
     return path
@@ -117,7 +123,7 @@ def write_truth(path: Path, seed: int, cts: dict[str, Any]) -> Path:
 
     if not path.is_file():
         _, labels = make_phantom(seed, cts["shape_kji"], tuple(reversed(cts["spacing_kji"])))
-        tmp = path.with_name(path.name + ".part.nii.gz")
+        tmp = _own_tmp(path)
         sitk.WriteImage(to_sitk_image(phantom_lut()[labels.array], labels.ijk_to_ras), str(tmp), True)
         tmp.replace(path)
     return path
