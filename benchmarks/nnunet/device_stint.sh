@@ -45,8 +45,15 @@ fi
   --only vertebrae cardiac muscles ribs --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
   > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
 step others-trained
-CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts vertebrae cardiac muscles ribs --out "$OUT/prepare.json" \
-  > "$OUT/prepare_others.log" 2>&1 || { step "prepare-failed"; exit 1; }
+# one process per part: much of quantizing is serial (export, calibration histograms, graph passes); torch gets
+# its share of the cores (not taskset: ONNX Runtime pins its threads to cores outside a reduced affinity mask)
+pids=()
+for part in vertebrae cardiac muscles ribs; do
+  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(( $(nproc) > 4 ? $(nproc) / 4 : 1 )) "${TABLE[@]}" --prepare-parts "$part" \
+    --out "$OUT/prepare.json" > "$OUT/prepare_$part.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { step "prepare-failed"; exit 1; }; done
 step others-quantized
 if [ -z "${ORGANS_FROM:-}" ]; then
   wait "$organs" || { step "organs-failed"; exit 1; }
