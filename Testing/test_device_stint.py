@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
 SCRIPT = ROOT / "benchmarks" / "nnunet" / "device_stint.sh"
 
 pytestmark = pytest.mark.slow  # about a minute: two trainings, the prepare run and the table, each importing torch
@@ -44,7 +45,11 @@ def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(first_
     tmp_path, done = first_stint
     out = tmp_path / "out"
     assert done.returncode == 0, (done.stderr[-2000:], (out / "times").read_text() if (out / "times").is_file() else "")
-    assert _steps(out) == ["start", "others-trained", "others-quantized", "organs-trained", "table-done"]
+    assert _steps(out) == ["start", "others-trained", "others-packed", "others-quantized", "organs-trained",
+                           "organs-packed", "table-done"]
+    manifest = json.loads((out / "packs" / "manifest.json").read_text())
+    assert len(manifest["parts"]) == 5 and all((out / "packs" / c).is_file()
+                                               for part in manifest["parts"].values() for c in part["chunks"])
     for i, part in zip((2, 3, 4, 5), ("vertebrae", "cardiac", "muscles", "ribs")):  # one process each
         assert f"quantized Dataset29{i}_TotalSegShape_{part}" in (out / f"prepare_{part}.log").read_text()
     table_log = (out / "table.log").read_text()
@@ -70,8 +75,9 @@ def test_an_organ_part_trained_earlier_is_used_instead_of_training_one(first_sti
     out = tmp_path / "out"
     assert done.returncode == 0, done.stderr[-2000:]
     # the given organ part is quantized while the others train: the table quantizes nothing
-    assert _steps(out) == ["start", "organs-given", "others-trained", "others-quantized", "organs-quantized",
-                           "table-done"]
+    assert _steps(out) == ["start", "organs-given", "others-trained", "others-packed", "others-quantized",
+                           "organs-quantized", "table-done"]
+    assert "Dataset291_TotalSegShape_organs" not in json.loads((out / "packs" / "manifest.json").read_text())["parts"]
     assert not (out / "train_organs.log").exists() and not (out / "training_organs.json").exists()
     assert "quantized Dataset291_TotalSegShape_organs" in (out / "prepare_organs.log").read_text()
     digest = [hashlib.sha256(next(root.glob("Dataset291_*/*/fold_0/checkpoint_final.pth")).read_bytes()).hexdigest()
@@ -87,3 +93,33 @@ def test_a_missing_organ_part_stops_the_stint_before_any_training(tmp_path):
     assert done.returncode == 1
     assert _steps(tmp_path / "out") == ["start", "organs-missing"]
     assert not (tmp_path / "out" / "train_others.log").exists()
+
+
+def test_a_set_carried_in_packs_runs_without_training_on_the_very_weights_packed(first_stint, tmp_path):
+    import torch
+
+    from carry_weights import unpack
+
+    first = first_stint[0]
+    unpack(first / "out" / "packs", tmp_path / "carried")
+    done = _stint(tmp_path, SET_FROM=str(tmp_path / "carried"), ROWS="--rows int8 --repeats 1")
+    out = tmp_path / "out"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _steps(out) == ["start", "set-given", "set-quantized", "table-done"]
+    assert not (out / "train_others.log").exists() and not (out / "packs").exists()
+    assert "quantizing" not in (out / "table.log").read_text()
+    for packed in sorted((first / "work" / "set").glob("Dataset*/*/fold_0/checkpoint_final.pth")):
+        carried = tmp_path / "work" / "set" / packed.relative_to(first / "work" / "set")
+        theirs, ours = (torch.load(f, weights_only=True)["network_weights"] for f in (packed, carried))
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    rows = json.loads((out / "total_table.json").read_text())["configs"]["total"]["repeats"][0]["rows"]
+    assert rows["int8"]["seconds"] > 0
+
+
+def test_a_set_missing_a_part_stops_the_stint_before_any_work(first_stint, tmp_path):
+    import shutil
+
+    shutil.copytree(first_stint[0] / "work" / "set", tmp_path / "four", ignore=shutil.ignore_patterns("*_ribs"))
+    done = _stint(tmp_path, SET_FROM=str(tmp_path / "four"))
+    assert done.returncode == 1
+    assert _steps(tmp_path / "out") == ["start", "set-missing-ribs"]

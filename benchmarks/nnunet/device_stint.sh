@@ -8,10 +8,15 @@
 # ORGANS: the organ part's training options [--phantoms 32 --part-steps organs=3500 --class-draw by-voxel];
 # ORGANS_FROM: a folder holding an organ part trained earlier (Dataset*_organs, as the training writes it): used
 #   instead of training one, and quantized on the CPU while the other parts train (they then set the pace);
+# SET_FROM: a folder holding all five parts (e.g. carry_weights.py unpack's): nothing trains, all are quantized;
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
 # ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
 # PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
+# Parts trained here are rounded to fp16 values and packed into $OUT/packs (benchmarks/training/carry_weights.py:
+# chunks of 16 MiB) before they are quantized: copy them off the machine while the stint goes on.
+# Parts are quantized in one process each (much of quantizing is serial), torch's threads shared out (not taskset:
+# ONNX Runtime pins its threads to cores outside a reduced affinity mask).
 # $OUT/times gets one line per finished step (seconds since the epoch); $WORK/stop_before_table skips the table.
 # Start it detached (setsid nohup) and poll with calls back to back: a lent machine left idle for 30 s is given
 # back, and everything on it (here: the trainings) is lost.
@@ -27,43 +32,58 @@ TABLE=("${PYTHON:-python}" benchmarks/nnunet/whole_ct.py ${EXTRA:-} --config tot
        "${LABELS_ARG[@]}" "${QUANTIZE_ARGS[@]}")
 step() { echo "$1 $(date +%s)" >> "$OUT/times"; }
 step start
-organs=""
-if [ -z "${ORGANS_FROM:-}" ]; then
-  # the organ part's own CT folder, so that the two trainings never write the same CT at once
-  "${TRAIN[@]}" ${ORGANS:---phantoms 32 --part-steps organs=3500 --class-draw by-voxel} --only organs --threads 6 \
-    --draw-workers 10 --out "$WORK/organs" --work "$WORK/ct-organs" > "$OUT/train_organs.log" 2>&1 &
-  organs=$!
-elif ! ls -d "$ORGANS_FROM"/Dataset*_organs > /dev/null 2>&1; then
-  step "organs-missing"; exit 1
+prepare() {  # quantize the named parts, one process each
+  local pids=() part threads=$(( $(nproc) / $# > 1 ? $(nproc) / $# : 1 ))
+  for part in "$@"; do
+    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$threads "${TABLE[@]}" --prepare-parts "$part" --out "$OUT/prepare.json" \
+      > "$OUT/prepare_$part.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || return 1; done
+}
+pack() { "${PYTHON:-python}" benchmarks/training/carry_weights.py pack "$WORK/set" "$OUT/packs" --only "$@" >> "$OUT/pack.log" 2>&1; }
+OTHER_PARTS=(vertebrae cardiac muscles ribs)
+if [ -n "${SET_FROM:-}" ]; then
+  for part in organs "${OTHER_PARTS[@]}"; do
+    ls -d "$SET_FROM"/Dataset*_"$part" > /dev/null 2>&1 || { step "set-missing-$part"; exit 1; }
+  done
+  mkdir -p "$WORK/set" && cp -r "$SET_FROM"/Dataset* "$WORK/set/" && step set-given
+  prepare organs "${OTHER_PARTS[@]}" || { step "prepare-failed"; exit 1; }
+  step set-quantized
 else
-  mkdir -p "$WORK/set" && cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
-  CUDA_VISIBLE_DEVICES= "${TABLE[@]}" --prepare-parts organs --out "$OUT/prepare.json" \
-    > "$OUT/prepare_organs.log" 2>&1 &
-  organs=$!
+  organs=""
+  if [ -z "${ORGANS_FROM:-}" ]; then
+    # the organ part's own CT folder, so that the two trainings never write the same CT at once
+    "${TRAIN[@]}" ${ORGANS:---phantoms 32 --part-steps organs=3500 --class-draw by-voxel} --only organs --threads 6 \
+      --draw-workers 10 --out "$WORK/organs" --work "$WORK/ct-organs" > "$OUT/train_organs.log" 2>&1 &
+    organs=$!
+  elif ! ls -d "$ORGANS_FROM"/Dataset*_organs > /dev/null 2>&1; then
+    step "organs-missing"; exit 1
+  else
+    mkdir -p "$WORK/set" && cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
+    prepare organs &
+    organs=$!
+  fi
+  "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
+    --only "${OTHER_PARTS[@]}" --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
+    > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
+  step others-trained
+  pack "${OTHER_PARTS[@]}" || { step "pack-failed"; exit 1; }
+  step others-packed
+  prepare "${OTHER_PARTS[@]}" || { step "prepare-failed"; exit 1; }
+  step others-quantized
+  if [ -z "${ORGANS_FROM:-}" ]; then
+    wait "$organs" || { step "organs-failed"; exit 1; }
+    step organs-trained
+    cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
+    pack organs || { step "pack-failed"; exit 1; }
+    step organs-packed
+  else
+    wait "$organs" || { step "organs-prepare-failed"; exit 1; }
+    step organs-quantized
+  fi
+  cp "$WORK/set/training_total.json" "$OUT/training_others.json"
 fi
-"${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
-  --only vertebrae cardiac muscles ribs --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
-  > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
-step others-trained
-# one process per part: much of quantizing is serial (export, calibration histograms, graph passes); torch gets
-# its share of the cores (not taskset: ONNX Runtime pins its threads to cores outside a reduced affinity mask)
-pids=()
-for part in vertebrae cardiac muscles ribs; do
-  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(( $(nproc) > 4 ? $(nproc) / 4 : 1 )) "${TABLE[@]}" --prepare-parts "$part" \
-    --out "$OUT/prepare.json" > "$OUT/prepare_$part.log" 2>&1 &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || { step "prepare-failed"; exit 1; }; done
-step others-quantized
-if [ -z "${ORGANS_FROM:-}" ]; then
-  wait "$organs" || { step "organs-failed"; exit 1; }
-  step organs-trained
-  cp -r "$WORK"/organs/Dataset*_organs "$WORK/set/" && cp "$WORK/organs/training_total.json" "$OUT/training_organs.json"
-else
-  wait "$organs" || { step "organs-prepare-failed"; exit 1; }
-  step organs-quantized
-fi
-cp "$WORK/set/training_total.json" "$OUT/training_others.json"
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
 read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"
 CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${ROW_ARGS[@]}" --no-probe --note "${NOTE:-set trained in this stint}" \
