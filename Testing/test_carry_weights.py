@@ -75,8 +75,9 @@ def test_only_the_named_parts_are_packed_and_later_packs_add_to_the_manifest(tmp
 
 def test_a_damaged_or_missing_chunk_is_refused_before_anything_is_written(tmp_path):
     _part(tmp_path / "set", "organs", 1)
+    _part(tmp_path / "set", "ribs", 5)
     manifest = pack(tmp_path / "set", tmp_path / "packs", chunk_mib=0.005)
-    chunks = manifest["parts"]["Dataset291_TotalSegShape_organs"]["chunks"]
+    chunks = manifest["parts"]["Dataset295_TotalSegShape_ribs"]["chunks"]  # the second part: the first is intact
     damaged = tmp_path / "packs" / chunks[1]
     data = bytearray(damaged.read_bytes())
     data[100] ^= 0xFF

@@ -107,12 +107,14 @@ def unpack(packs: Path, set_dir: Path) -> list[Path]:
     missing = [c for p in manifest["parts"].values() for c in p["chunks"] if not (packs / c).is_file()]
     if missing:
         raise SystemExit(f"unpack: missing chunk(s) in {packs}: {', '.join(missing)}")
+    archives = {}
+    for name, part in manifest["parts"].items():  # every part checked before any is written
+        archives[name] = b"".join((packs / c).read_bytes() for c in part["chunks"])
+        if hashlib.sha256(archives[name]).hexdigest() != part["sha256"]:
+            raise SystemExit(f"unpack: {name}: sha256 differs from the manifest (a chunk is damaged or missing)")
     written = []
     for name, part in manifest["parts"].items():
-        data = b"".join((packs / c).read_bytes() for c in part["chunks"])
-        if hashlib.sha256(data).hexdigest() != part["sha256"]:
-            raise SystemExit(f"unpack: {name}: sha256 differs from the manifest (a chunk is damaged or missing)")
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archives[name])) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
         folder = set_dir / part["folder"]
         (folder / "fold_0").mkdir(parents=True, exist_ok=True)
