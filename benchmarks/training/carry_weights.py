@@ -63,6 +63,16 @@ def _shrunk(record: dict[str, Any]) -> dict[str, Any]:
     return dict(record, network_weights=keep, aliases=aliases, order=list(record["network_weights"]))
 
 
+def _tar(files: dict[str, bytes]) -> bytes:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
+
+
 def pack(set_dir: Path, out: Path, chunk_mib: float = 16, only: list[str] | None = None) -> dict[str, Any]:
     """Round, shrink and split the parts of ``set_dir`` (``only`` those named) into ``out``; the manifest (also
     ``out/manifest.json``, with the parts packed there earlier)."""
@@ -76,16 +86,10 @@ def pack(set_dir: Path, out: Path, chunk_mib: float = 16, only: list[str] | None
     chunk = int(chunk_mib * 2**20)
     manifest = json.loads(earlier.read_text()) if earlier.is_file() else {"parts": {}}
     for folder in folders:
-        buffer = io.BytesIO()
-        torch.save(_shrunk(round_in_place(folder / CHECKPOINT)), buffer)
-        archive = io.BytesIO()
-        with tarfile.open(fileobj=archive, mode="w") as tar:
-            for name, data in [(n, (folder / n).read_bytes()) for n in FOLDER_FILES] + [("weights16.pt",
-                                                                                       buffer.getvalue())]:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        data, name = archive.getvalue(), folder.parent.name
+        weights = io.BytesIO()
+        torch.save(_shrunk(round_in_place(folder / CHECKPOINT)), weights)
+        files = {n: (folder / n).read_bytes() for n in FOLDER_FILES} | {"weights16.pt": weights.getvalue()}
+        data, name = _tar(files), folder.parent.name
         chunks = []
         for i in range(0, len(data), chunk):
             chunks.append(f"{name}.tar.{i // chunk:03d}")
