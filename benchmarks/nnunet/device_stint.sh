@@ -64,8 +64,10 @@ else
     prepare organs &
     organs=$!
   fi
+  # phantoms are drawn on the CPU (about 40 s and 3 GB each): more at once where no organ part trains beside them
+  workers=$([ -z "${ORGANS_FROM:-}" ] && echo 6 || echo 12)
   "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
-    --only "${OTHER_PARTS[@]}" --threads 4 --draw-workers 6 --out "$WORK/set" --work "$WORK/ct" \
+    --only "${OTHER_PARTS[@]}" --threads 4 --draw-workers "$workers" --out "$WORK/set" --work "$WORK/ct" \
     > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
   step others-trained
   pack "${OTHER_PARTS[@]}" || { step "pack-failed"; exit 1; }
