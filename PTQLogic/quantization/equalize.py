@@ -62,9 +62,8 @@ def _check_block(block, where: str) -> None:
             or not last:
         raise InputError(f"--equalize needs conv -> affine norm -> (Leaky)ReLU blocks; {where} has "
                          f"{type(norm).__name__} and {type(nonlin).__name__}. Leave --equalize out for this network.")
-    if getattr(block, "dropout", None) is not None and not isinstance(block.dropout, torch.nn.Identity):
-        if getattr(block.dropout, "p", 0):
-            raise InputError(f"--equalize: {where} has dropout in the block; leave --equalize out.")
+    if getattr(getattr(block, "dropout", None), "p", 0):  # nn.Dropout with p > 0 (None or Identity: none)
+        raise InputError(f"--equalize: {where} has dropout in the block; leave --equalize out.")
 
 
 def _chain(where: str, name: str, blocks: list, outputs: list[tuple[torch.Tensor, int, int]]) -> list[_Group]:
@@ -108,8 +107,10 @@ def plain_unet_groups(network: torch.nn.Module) -> list[_Group]:
 
 
 def _channel_ranges(network: torch.nn.Module, groups: Sequence[_Group], windows: Sequence[torch.Tensor],
-                    progress: Callable[[int, int], None]) -> list:
+                    progress: Callable[[int, int], None]) -> tuple[list, torch.Tensor]:
+    """Each group's largest magnitude per channel over ``windows``, and the network's output on the first."""
     ranges: list[torch.Tensor | None] = [None] * len(groups)
+    first = None
     hooks = []
     for index, group in enumerate(groups):
         target = group.producer.nonlin if group.kind == "norm" else group.producer
@@ -121,12 +122,13 @@ def _channel_ranges(network: torch.nn.Module, groups: Sequence[_Group], windows:
     try:
         with torch.inference_mode():
             for done, window in enumerate(windows, 1):
-                network(window)
+                output = network(window)
+                first = output if first is None else first
                 progress(done, len(windows))
     finally:
         for hook in hooks:
             hook.remove()
-    return ranges
+    return ranges, first
 
 
 def equalize_plain_unet(network: torch.nn.Module, windows: Sequence[torch.Tensor], alpha: float = DEFAULT_ALPHA,
@@ -140,9 +142,7 @@ def equalize_plain_unet(network: torch.nn.Module, windows: Sequence[torch.Tensor
         raise InputError("--equalize needs calibration windows.")
     groups = plain_unet_groups(network)
     network.eval()
-    with torch.inference_mode():
-        before = network(windows[0]).clone()
-    ranges = _channel_ranges(network, groups, windows, progress or (lambda done, total: None))
+    ranges, before = _channel_ranges(network, groups, windows, progress or (lambda done, total: None))
     spreads = []
     with torch.no_grad():
         for group, activation in zip(groups, ranges):
@@ -171,7 +171,6 @@ def equalize_plain_unet(network: torch.nn.Module, windows: Sequence[torch.Tensor
                 weight[tuple(index)] *= factor.view(shape)
     with torch.inference_mode():
         change = float((network(windows[0]) - before).abs().max())
-    spreads.sort()
     return EqualizeReport(alpha=alpha, groups=len(groups), windows=len(windows), max_fp32_change=change,
                           spread_before=_median([b for b, _ in spreads]), spread_after=_median([a for _, a in spreads]))
 

@@ -58,7 +58,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
-from whole_ct_rows import NNUNET_ROWS, started_mark  # noqa: E402
+from whole_ct_rows import BF16_ROWS, NNUNET_ROWS, started_mark  # noqa: E402
 from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402
 from whole_ct_totalseg import missing_reason as totalseg_missing  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
@@ -66,7 +66,6 @@ from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, 
                             work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "int8-bf16-fp32w", "fp32-torch", "totalseg")
-BF16_ROWS = ("int8-bf16", "int8-bf16-fp32w")  # OpenVINO's float layers in bf16 (PTQSEG_CPU_FLOAT=bf16)
 GPU_ROWS = report.GPU_ROWS
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN (OpenVINO, PyTorch) limited to an older ISA
 DEFAULT_ROWS = ROWS[:4]  # fp32-torch (the project's pipeline on PyTorch: labels identical to nnunetv2) on request

@@ -45,6 +45,7 @@ DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "
 NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
 BASELINE_ROWS = NNUNET_ROWS + TOTALSEG_ROWS  # nnunetv2's predictor, on the CT's grid or TotalSegmentator's way
 TORCH_ROWS = ("fp32-torch", "fp16-torch-cuda")  # the project's pipeline on the original folders, no ONNX needed
+BF16_ROWS = ("int8-bf16", "int8-bf16-fp32w")  # OpenVINO's float layers in bf16 (PTQSEG_CPU_FLOAT=bf16)
 
 
 class StageClock:
@@ -240,7 +241,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
             patch = predictor.configuration_manager.patch_size
             seconds[row] = _time_window(predictor.network, patch, device)
             continue
-        os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row.startswith("int8-bf16") else "f32"
+        os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row in BF16_ROWS else "f32"
         model = open_nnunet_model(spec["folders"][0] if row in TORCH_ROWS else spec["quantized"][0])
         engines, _ = open_engines(model, RUNTIME[row], PRECISION[row], device=DEVICE.get(row))
         seconds[row] = _time_window(engines[0], model.spec.patch_size, "cpu" if RUNTIME[row] == "openvino" else "cuda")
