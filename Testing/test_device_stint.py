@@ -45,8 +45,11 @@ def test_stint_trains_quantizes_the_other_parts_early_then_runs_the_table(first_
     tmp_path, done = first_stint
     out = tmp_path / "out"
     assert done.returncode == 0, (done.stderr[-2000:], (out / "times").read_text() if (out / "times").is_file() else "")
-    assert _steps(out) == ["start", "others-trained", "others-packed", "others-quantized", "organs-trained",
-                           "organs-packed", "table-done"]
+    # the quick parts first, each packed and quantized as soon as it is trained
+    assert _steps(out) == ["start", "muscles-trained", "ribs-trained", "vertebrae-trained", "cardiac-trained",
+                           "others-trained", "others-quantized", "organs-trained", "organs-packed", "table-done"]
+    training = json.loads((out / "training_others.json").read_text())
+    assert list(training["parts"]) == ["muscles", "ribs", "vertebrae", "cardiac"]
     manifest = json.loads((out / "packs" / "manifest.json").read_text())
     assert len(manifest["parts"]) == 5 and all((out / "packs" / c).is_file()
                                                for part in manifest["parts"].values() for c in part["chunks"])
@@ -75,8 +78,8 @@ def test_an_organ_part_trained_earlier_is_used_instead_of_training_one(first_sti
     out = tmp_path / "out"
     assert done.returncode == 0, done.stderr[-2000:]
     # the given organ part is quantized while the others train: the table quantizes nothing
-    assert _steps(out) == ["start", "organs-given", "others-trained", "others-packed", "others-quantized",
-                           "organs-quantized", "table-done"]
+    assert _steps(out) == ["start", "organs-given", "muscles-trained", "ribs-trained", "vertebrae-trained",
+                           "cardiac-trained", "others-trained", "others-quantized", "organs-quantized", "table-done"]
     assert "Dataset291_TotalSegShape_organs" not in json.loads((out / "packs" / "manifest.json").read_text())["parts"]
     assert not (out / "train_organs.log").exists() and not (out / "training_organs.json").exists()
     assert "quantized Dataset291_TotalSegShape_organs" in (out / "prepare_organs.log").read_text()

@@ -15,8 +15,9 @@
 # PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
 # Parts trained here are rounded to fp16 values and packed into $OUT/packs (benchmarks/training/carry_weights.py:
 # chunks of 16 MiB) before they are quantized: copy them off the machine while the stint goes on.
-# Parts are quantized in one process each (much of quantizing is serial), torch's threads shared out (not taskset:
-# ONNX Runtime pins its threads to cores outside a reduced affinity mask).
+# The other parts train quickest first (muscles, ribs, vertebrae, cardiac); each is packed and quantized as soon as
+# its checkpoint lands, while the next trains. Parts are quantized in one process each (much of quantizing is
+# serial), torch's threads shared out (not taskset: ONNX Runtime pins its threads to cores outside a reduced mask).
 # $OUT/times gets one line per finished step (seconds since the epoch); $WORK/stop_before_table skips the table.
 # Start it detached (setsid nohup) and poll with calls back to back: a lent machine left idle for 30 s is given
 # back, and everything on it (here: the trainings) is lost.
@@ -32,8 +33,8 @@ TABLE=("${PYTHON:-python}" benchmarks/nnunet/whole_ct.py ${EXTRA:-} --config tot
        "${LABELS_ARG[@]}" "${QUANTIZE_ARGS[@]}")
 step() { echo "$1 $(date +%s)" >> "$OUT/times"; }
 step start
-prepare() {  # quantize the named parts, one process each
-  local pids=() part threads=$(( $(nproc) / $# > 1 ? $(nproc) / $# : 1 ))
+prepare() {  # quantize the named parts, one process each ($THREADS torch threads each, else the cores shared out)
+  local pids=() part threads=${THREADS:-$(( $(nproc) / $# > 1 ? $(nproc) / $# : 1 ))}
   for part in "$@"; do
     CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$threads "${TABLE[@]}" --prepare-parts "$part" --out "$OUT/prepare.json" \
       > "$OUT/prepare_$part.log" 2>&1 &
@@ -42,7 +43,29 @@ prepare() {  # quantize the named parts, one process each
   for pid in "${pids[@]}"; do wait "$pid" || return 1; done
 }
 pack() { "${PYTHON:-python}" benchmarks/training/carry_weights.py pack "$WORK/set" "$OUT/packs" --only "$@" >> "$OUT/pack.log" 2>&1; }
-OTHER_PARTS=(vertebrae cardiac muscles ribs)
+OTHER_PARTS=(muscles ribs vertebrae cardiac)  # the order they train in: quick ones first
+train_others() {  # train the other parts; pack and quantize each as soon as its checkpoint is written
+  local workers=$1 trainer part pid quantizing=()
+  "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
+    --only "${OTHER_PARTS[@]}" --threads 4 --draw-workers "$workers" --out "$WORK/set" --work "$WORK/ct" \
+    > "$OUT/train_others.log" 2>&1 &
+  trainer=$!
+  for part in "${OTHER_PARTS[@]}"; do
+    until ls "$WORK"/set/Dataset*_"$part"/*/fold_0/checkpoint_final.pth > /dev/null 2>&1; do
+      kill -0 "$trainer" 2> /dev/null || ls "$WORK"/set/Dataset*_"$part"/*/fold_0/checkpoint_final.pth > /dev/null 2>&1 \
+        || { step others-failed; return 1; }  # (the trainer may have written it and ended since the first look)
+      sleep 2
+    done
+    step "$part-trained"
+    pack "$part" || { step pack-failed; return 1; }
+    THREADS=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 )) prepare "$part" &
+    quantizing+=($!)
+  done
+  wait "$trainer" || { step others-failed; return 1; }
+  step others-trained
+  for pid in "${quantizing[@]}"; do wait "$pid" || { step prepare-failed; return 1; }; done
+  step others-quantized
+}
 if [ -n "${SET_FROM:-}" ]; then
   for part in organs "${OTHER_PARTS[@]}"; do
     ls -d "$SET_FROM"/Dataset*_"$part" > /dev/null 2>&1 || { step "set-missing-$part"; exit 1; }
@@ -61,19 +84,11 @@ else
     step "organs-missing"; exit 1
   else
     mkdir -p "$WORK/set" && cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
-    prepare organs &
+    THREADS=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 )) prepare organs &
     organs=$!
   fi
   # phantoms are drawn on the CPU (about 40 s and 3 GB each): more at once where no organ part trains beside them
-  workers=$([ -z "${ORGANS_FROM:-}" ] && echo 6 || echo 12)
-  "${TRAIN[@]}" ${OTHERS:---phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10} \
-    --only "${OTHER_PARTS[@]}" --threads 4 --draw-workers "$workers" --out "$WORK/set" --work "$WORK/ct" \
-    > "$OUT/train_others.log" 2>&1 || { step "others-failed"; exit 1; }
-  step others-trained
-  pack "${OTHER_PARTS[@]}" || { step "pack-failed"; exit 1; }
-  step others-packed
-  prepare "${OTHER_PARTS[@]}" || { step "prepare-failed"; exit 1; }
-  step others-quantized
+  train_others "$([ -z "${ORGANS_FROM:-}" ] && echo 6 || echo 12)" || exit 1
   if [ -z "${ORGANS_FROM:-}" ]; then
     wait "$organs" || { step "organs-failed"; exit 1; }
     step organs-trained

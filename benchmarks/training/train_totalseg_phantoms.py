@@ -321,8 +321,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast on CUDA, as nnU-Net trains in mixed precision (ignored on the CPU)")
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
-    p.add_argument("--only", nargs="+", metavar="PART", help="train only these parts (e.g. muscles ribs): the others "
-                   "of --parts are left as they are in --out, so parts can be trained on different machines")
+    p.add_argument("--only", nargs="+", metavar="PART",
+                   help="train only these parts, in this order (e.g. muscles ribs): the others of --parts are left "
+                   "as they are in --out, so parts can be trained on different machines")
     p.add_argument("--check-every", type=int, default=0, metavar="STEPS",
                    help="segment a whole validation phantom (seed 2001) every STEPS steps and at the end, and keep "
                         "the weights that scored best there (0: keep the last weights)")
@@ -380,9 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(named) - {part.name for part in parts}
         if unknown:
             raise SystemExit(f"{option}: no part {sorted(unknown)} in {[part.name for part in parts]}")
-    for part in parts:
-        if args.only and part.name not in args.only:
-            continue
+    # in --only's order: a caller can take each part as soon as its checkpoint lands (quick parts first)
+    for part in [q for name in args.only for q in parts if q.name == name] if args.only else parts:
         folder = shapes.part_folder(args.out, models, part)
         target = folder / "fold_0" / "checkpoint_final.pth"
         if target.is_file() and not args.resume:
