@@ -42,6 +42,8 @@ prepare() {  # quantize the named parts, one process each ($THREADS torch thread
   done
   for pid in "${pids[@]}"; do wait "$pid" || return 1; done
 }
+QUARTER=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 ))  # torch threads of a part quantized beside other work
+trained() { ls "$WORK"/set/Dataset*_"$1"/*/fold_0/checkpoint_final.pth > /dev/null 2>&1; }
 pack() { "${PYTHON:-python}" benchmarks/training/carry_weights.py pack "$WORK/set" "$OUT/packs" --only "$@" >> "$OUT/pack.log" 2>&1; }
 OTHER_PARTS=(muscles ribs vertebrae cardiac)  # the order they train in: quick ones first
 train_others() {  # train the other parts; pack and quantize each as soon as its checkpoint is written
@@ -51,14 +53,13 @@ train_others() {  # train the other parts; pack and quantize each as soon as its
     > "$OUT/train_others.log" 2>&1 &
   trainer=$!
   for part in "${OTHER_PARTS[@]}"; do
-    until ls "$WORK"/set/Dataset*_"$part"/*/fold_0/checkpoint_final.pth > /dev/null 2>&1; do
-      kill -0 "$trainer" 2> /dev/null || ls "$WORK"/set/Dataset*_"$part"/*/fold_0/checkpoint_final.pth > /dev/null 2>&1 \
-        || { step others-failed; return 1; }  # (the trainer may have written it and ended since the first look)
+    until trained "$part"; do  # (the trainer may have written it and ended since the first look)
+      kill -0 "$trainer" 2> /dev/null || trained "$part" || { step others-failed; return 1; }
       sleep 2
     done
     step "$part-trained"
     pack "$part" || { step pack-failed; return 1; }
-    THREADS=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 )) prepare "$part" &
+    THREADS=$QUARTER prepare "$part" &
     quantizing+=($!)
   done
   wait "$trainer" || { step others-failed; return 1; }
@@ -84,7 +85,7 @@ else
     step "organs-missing"; exit 1
   else
     mkdir -p "$WORK/set" && cp -r "$ORGANS_FROM"/Dataset*_organs "$WORK/set/" && step organs-given
-    THREADS=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 : 1 )) prepare organs &
+    THREADS=$QUARTER prepare organs &
     organs=$!
   fi
   # phantoms are drawn on the CPU (about 40 s and 3 GB each): more at once where no organ part trains beside them
