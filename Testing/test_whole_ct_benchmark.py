@@ -180,6 +180,16 @@ def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
     assert whole_ct.parse_args(["--out", "r.json"]).target_cpu == "auto"
 
 
+def test_out_is_required_except_when_only_preparing_parts(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import whole_ct
+
+    assert whole_ct.parse_args(["--config", "total", "--prepare-parts", "organs"]).out is None
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "total"])
+    assert "--out is required" in capsys.readouterr().err
+
+
 def test_prepare_parts_quantizes_only_the_named_parts_and_a_later_run_reuses_them(tmp_path):
     """--prepare-parts: a part is quantized while another still trains; the later run quantizes only the rest."""
     out = tmp_path / "result" / "whole_ct.json"

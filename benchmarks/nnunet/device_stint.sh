@@ -36,7 +36,7 @@ step start
 prepare() {  # quantize the named parts, one process each ($THREADS torch threads each, else the cores shared out)
   local pids=() part threads=${THREADS:-$(( $(nproc) / $# > 1 ? $(nproc) / $# : 1 ))}
   for part in "$@"; do
-    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$threads "${TABLE[@]}" --prepare-parts "$part" --out "$OUT/prepare.json" \
+    CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$threads "${TABLE[@]}" --prepare-parts "$part" \
       > "$OUT/prepare_$part.log" 2>&1 &
     pids+=($!)
   done

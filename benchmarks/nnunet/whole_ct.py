@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rows int8-fp32w, int8-bf16-fp32w: INT8 with at most this share of each part's windows, "
                         "those INT8 is least sure of, taken from the FP32 graph (as ptqseg segment --fp32-windows; "
                         "with the bf16 remainder, that graph's float layers run in bf16 too)")
-    p.add_argument("--out", required=True, type=Path, help="raw JSON to write (the .md goes next to it)")
+    p.add_argument("--out", type=Path, help="raw JSON to write (the .md goes next to it); required but with "
+                   "--prepare-parts, which writes only the quantized parts")
     p.add_argument("--work", type=Path, default=Path("/tmp/ptqseg-whole-ct"), help="CTs, models, label maps")
     p.add_argument("--weights", type=Path, help="trained checkpoints, DIR/Dataset29x_*/*__3d_fullres/fold_0")
     p.add_argument("--labels", type=Path, default=shapes.TOTAL_LABELS, help="the 117 'total' label names (JSON)")
@@ -147,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--fp32-windows must be a share of the windows in (0, 1]")
     if args.parts is not None and not 1 <= args.parts <= 5:
         p.error("--parts must be 1 to 5 (the 'total' set has five parts)")
+    if args.out is None and not args.prepare_parts:
+        p.error("--out is required (the raw JSON to write), except with --prepare-parts")
     if args.prepare_parts and args.config != "total":
         p.error("--prepare-parts names parts of the 'total' set: use it with --config total")
     if args.prepare_parts:  # checked before the CTs are drawn (minutes)
