@@ -55,6 +55,8 @@ def test_rows_stages_and_windows(smoke):
         assert name == "nnunetv2" or ("export_beside_network" in row and row["stages"]["export"] >= 0), name
         assert sum(row["stages"].values()) == pytest.approx(row["seconds"], rel=0.05)
         assert row["windows"] == 2 * config["windows_per_part"]  # one window per part at this size
+        # the row's own process (importing torch alone faults in tens of thousands of pages)
+        assert row["cpu"]["user_s"] > 1 and row["cpu"]["minor_faults"] > 10_000, (name, row["cpu"])
         assert config["window_seconds"][name] > 0
     for name in ("int8-bf16", "int8-bf16-fp32w"):  # run only where OpenVINO has bf16 natively
         assert name not in config["not_run"] or "bf16" in config["not_run"][name]
@@ -99,6 +101,7 @@ def test_markdown_and_estimate(smoke):
     assert "says nothing about its fidelity" in text
     assert "estimated run:" in smoke["stdout"] and "one window" in smoke["stdout"]
     assert "One window per row before the run (first part, batch 1): nnunetv2 " in text
+    assert "CPU time (user + kernel, medians over the repeats that ran the row" in text
 
 
 def test_max_minutes_refuses(smoke):

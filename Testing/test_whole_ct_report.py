@@ -51,8 +51,29 @@ def test_run_child_stops_a_row_at_the_timeout(tmp_path):
     no lower bound, not raised."""
     spec = {"row": "fp32", "threads": 1, "cpus": None}
     result = whole_ct.run_child("row", spec, tmp_path, 1, timeout=0.05)
-    assert result == {"error": "stopped after 0.05 s (--row-timeout)"}
+    assert result["error"] == "stopped after 0.05 s (--row-timeout)" and "stopped_after" not in result
+    assert set(result["cpu"]) == set(report.CPU_USAGE)  # the killed child's usage: small, but counted
+    assert result["cpu"]["user_s"] >= 0 and result["cpu"]["minor_faults"] > 0
     assert not (tmp_path / "row-result.json").exists()
+
+
+def test_each_rows_cpu_time_and_page_faults_are_said_under_the_table():
+    """Medians over every repeat that ran the row (a stopped row's usage too, a carried one's not counted twice);
+    the kernel's share of the CPU time tells a machine faulting memory in slowly from a slow row."""
+    cpu = [{"user_s": u, "system_s": k, "minor_faults": f, "major_faults": 0}
+           for u, k, f in ((400.0, 100.0, 2_000_000), (300.0, 100.0, 1_000_000))]
+    stopped = {"error": "stopped after 900 s (--row-timeout)", "stopped_after": 885.1, "cpu": cpu[0]}
+    repeats = [{"rows": {"int8": dict(_row(10.0), cpu=cpu[0]), "nnunetv2": stopped}},
+               {"rows": {"int8": dict(_row(12.0), cpu=cpu[1]),
+                         "nnunetv2": {"stopped_after": 885.1, "error": "not run again", "carried": True}}}]
+    summary = report.summarize(repeats, ["int8", "nnunetv2"])
+    assert summary["int8"]["cpu"]["user_s"] == {"median": 350.0, "min": 300.0, "max": 400.0, "n": 2}
+    assert summary["nnunetv2"]["cpu"]["minor_faults"]["n"] == 1
+    text = "\n".join(report.cpu_usage_lines(summary))
+    assert "OpenVINO INT8 (f32 remainder) 350 s + 100 s (22% in the kernel), 1.50 M minor and 0 major" in text
+    assert "nnunetv2 `nnUNetPredictor`, PyTorch FP32 400 s + 100 s (20% in the kernel), 2.00 M minor" in text
+    old = report.summarize([{"rows": {"int8": _row(10.0)}}], ["int8"])  # a result from before rows recorded it
+    assert report.cpu_usage_lines(old) == []
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -220,7 +221,8 @@ def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
               timeout: float | None = None) -> dict[str, Any]:
     """``whole_ct_rows.py`` in its own process; its result dict, or {"error": ...}; stopped after ``timeout``
     seconds: {"error": ..., "stopped_after": S}, S the seconds its end-to-end clock had run (imports excluded, as
-    in a finished row), absent if it was stopped before its clock started."""
+    in a finished row), absent if it was stopped before its clock started. Every outcome gets "cpu": the CPU
+    seconds (user, kernel) and page faults of the child and its own children (:func:`child_usage`)."""
     spec_path, result_path = work / f"{mode}-spec.json", work / f"{mode}-result.json"
     spec_path.write_text(json.dumps(spec, default=str))
     result_path.unlink(missing_ok=True)
@@ -228,19 +230,30 @@ def run_child(mode: str, spec: dict[str, Any], work: Path, threads: int,
     env = dict(os.environ, nnUNet_def_n_proc=str(threads), OMP_NUM_THREADS=str(threads),
                PTQSEG_CACHE_DIR=str(work / "engine-cache"),
                PTQSEG_CPU_FLOAT="bf16" if spec.get("row") in BF16_ROWS else "f32")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run([sys.executable, str(HERE / "whole_ct_rows.py"), mode, str(spec_path),
                                str(result_path)], env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:  # the child was killed
+    except subprocess.TimeoutExpired:  # the child was killed (and waited for: its usage is counted)
         mark = started_mark(result_path)
-        stopped = {"error": f"stopped after {timeout:g} s (--row-timeout)"}
+        stopped = {"error": f"stopped after {timeout:g} s (--row-timeout)", "cpu": child_usage(before)}
         if mark.is_file():
             stopped["stopped_after"] = round(time.time() - mark.stat().st_mtime, 1)
             stopped["error"] += f", {stopped['stopped_after']:g} s after its clock started"
         return stopped
     if done.returncode != 0 or not result_path.is_file():
-        return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}"}
-    return json.loads(result_path.read_text())
+        return {"error": f"exit {done.returncode}: {done.stderr[-3000:]}", "cpu": child_usage(before)}
+    return dict(json.loads(result_path.read_text()), cpu=child_usage(before))
+
+
+def child_usage(before: resource.struct_rusage) -> dict[str, float]:
+    """What the children that ended since ``before`` used: CPU seconds in user code and in the kernel, minor and
+    major page faults. Kernel time and faults tell a machine where memory is slow to come by (a VM faulting
+    pages in) from one where the row's own work is slow."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"user_s": round(after.ru_utime - before.ru_utime, 2),
+            "system_s": round(after.ru_stime - before.ru_stime, 2),
+            "minor_faults": after.ru_minflt - before.ru_minflt, "major_faults": after.ru_majflt - before.ru_majflt}
 
 
 def base_spec(config: dict[str, Any], cts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

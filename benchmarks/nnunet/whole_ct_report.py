@@ -31,6 +31,7 @@ ROW_TITLES = {
     "int8-tensorrt": "this project, TensorRT INT8",
 }
 STAGES = ("build", "preprocess", "network", "export", "other")
+CPU_USAGE = ("user_s", "system_s", "minor_faults", "major_faults")  # whole_ct.child_usage's keys
 # issue 25's GPU counterpart
 GPU_ROWS = ("nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
 REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
@@ -125,7 +126,10 @@ def summarize(repeats: list[dict[str, Any]], rows: Sequence[str]) -> dict[str, A
             "voxels_vs_reference": spread([r.get("agreement", {}).get("voxels") for r in runs]),
             "dice_vs_truth": spread([r.get("truth", {}).get("dice") for r in runs]),
             "windows": runs[0]["windows"] if runs else None, "errors": errors,
-            "fp32_windows": [r.get("fp32_windows") for r in runs if r.get("fp32_windows")]}
+            "fp32_windows": [r.get("fp32_windows") for r in runs if r.get("fp32_windows")],
+            # every repeat that ran it, stopped ones too: what the row cost the machine, not only how long it took
+            "cpu": {k: spread([r["rows"][row]["cpu"][k] for r in repeats if "cpu" in r["rows"].get(row, {})])
+                    for k in CPU_USAGE}}
     return summary
 
 
@@ -154,6 +158,22 @@ def _row_line(row: str, s: dict[str, Any]) -> str:
             + " | ".join(stages) + f" | {_cell(s['peak_rss_gb'], '{:.2f}', False)} | "
             f"{_cell(s['dice_vs_reference'], '{:.4f}')} | {_cell(s['voxels_vs_reference'], '{:.5f}')} | "
             f"{_cell(s['dice_vs_truth'], '{:.4f}')} | {s['windows']} |")
+
+
+def cpu_usage_lines(summary: dict[str, Any]) -> list[str]:
+    """One sentence on each row's CPU seconds (user + kernel) and page faults, medians over the repeats that ran it
+    (stopped ones included); none for results written before rows recorded them."""
+    used = {row: s["cpu"] for row, s in summary.items() if (s.get("cpu") or {}).get("user_s")}
+    if not used:
+        return []
+
+    def said(c: dict[str, Any]) -> str:
+        user, kernel = c["user_s"]["median"], c["system_s"]["median"]
+        return (f"{user:.0f} s + {kernel:.0f} s ({kernel / max(user + kernel, 1e-9):.0%} in the kernel), "
+                f"{c['minor_faults']['median'] / 1e6:.2f} M minor and {c['major_faults']['median']:.0f} major "
+                "page faults")
+    return ["", "CPU time (user + kernel, medians over the repeats that ran the row, stopped ones included) and page "
+            "faults: " + "; ".join(f"{ROW_TITLES[row]} {said(c)}" for row, c in used.items()) + "."]
 
 
 def config_table(name: str, config: dict[str, Any]) -> list[str]:
@@ -203,6 +223,7 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
                   f"(per part {first['per_part']} in the first repeat): the most unsure, with more than "
                   f"{first['unsure_share']:.0%} of voxels whose two top logits are within {first['margin']:g}, at "
                   f"most {first['max_share']:g} of each part's windows."]
+    lines += cpu_usage_lines(config["summary"])
     stopped = [row for row, s in config["summary"].items() if s.get("stopped_after")]
     if stopped:
         lines += ["", "Stopped by `--row-timeout` (the row took longer; where it is nnunetv2's, the \"vs nnunetv2\" "
