@@ -159,38 +159,36 @@ def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, t
     info = np.finfo(torch.empty(0, dtype=logits.dtype).numpy().dtype)
     if logits.shape[0] == 1:
         return torch.zeros(logits.shape[1:], dtype=torch.uint8), torch.ones(logits.shape[1:], dtype=torch.bool)
-    top, first, second, lowest = _top_two(logits)
-    margin = first.double() - second.double()
-    magnitude = torch.maximum(first.abs(), lowest.abs()).double()
-    threshold = magnitude * (float(info.eps) + 2.0**-40) + float(info.smallest_subnormal)
-    low, high = top.clone(), top.clone()
-    for a in plan.corner_axes:  # each block: the grid voxel and its successor along every interpolated axis
-        low, high = torch.minimum(low, _successor(low, a)), torch.maximum(high, _successor(high, a))
-        margin, threshold = torch.minimum(margin, _successor(margin, a)), torch.maximum(threshold, _successor(threshold, a))
+    top, first, second, lowest = _top_two(logits)  # (its float32 buffers are ours to overwrite)
+    margin = first.double().sub_(second)
+    threshold = torch.maximum(first.abs_(), lowest.abs_()).double()
+    threshold.mul_(float(info.eps) + 2.0**-40).add_(float(info.smallest_subnormal))
+    # each block: the grid voxel and its successors along every interpolated axis; one spare buffer per dtype
+    low, spare = _over_block(top.clone(), plan, torch.minimum, torch.empty_like(top))
+    high, _ = _over_block(top.clone(), plan, torch.maximum, spare)
+    margin, spare = _over_block(margin, plan, torch.minimum, torch.empty_like(margin))
+    threshold, _ = _over_block(threshold, plan, torch.maximum, spare)
     return top.to(torch.uint8 if logits.shape[0] < 256 else torch.int16), (low == high) & (margin > threshold)
 
 
 def _top_two(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per grid voxel: index of the first largest class, the largest and second largest value (equal on a tie)
-    and the smallest, in float32 (exact for fp16), one class at a time (torch.topk over classes is slow)."""
+    and the smallest, in float32 (exact for fp16), one class at a time (torch.topk over classes is slow) in
+    buffers made once: fresh ones per class brought in gigabytes of new pages per part."""
     first = logits[0].to(torch.float32, copy=True)  # never the caller's tensor: it is updated in place
     top = torch.zeros(first.shape, dtype=torch.int16)
     second = torch.full_like(first, float("-inf"))
     lowest = first.clone()
+    value, runner = torch.empty_like(first), torch.empty_like(first)
+    better = torch.empty(first.shape, dtype=torch.bool)
     for k in range(1, logits.shape[0]):
-        value = logits[k].float()
-        better = value > first
-        torch.maximum(second, torch.where(better, first, value), out=second)
+        value.copy_(logits[k])
+        torch.gt(value, first, out=better)
+        torch.maximum(second, torch.where(better, first, value, out=runner), out=second)
         torch.maximum(first, value, out=first)
         top.masked_fill_(better, k)
         torch.minimum(lowest, value, out=lowest)
     return top, first, second, lowest
-
-
-def _successor(values: torch.Tensor, axis: int) -> torch.Tensor:
-    """values[i + 1] along ``axis`` (the last entry repeated)."""
-    n = values.shape[axis]
-    return torch.cat((values.narrow(axis, 1, n - 1), values.narrow(axis, n - 1, 1)), dim=axis)
 
 
 def _by_voxel(logits: torch.Tensor) -> torch.Tensor:
@@ -203,15 +201,16 @@ def _class_ranges(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torc
     return flat.amin(dim=-1).double(), flat.amax(dim=-1).double()
 
 
-def _over_block(values: torch.Tensor, plan: _Plan, reduce) -> torch.Tensor:
-    """``reduce`` of each voxel with its successors along the interpolated axes (``reduce(v, _successor(v, a))``
-    without the copy: the last entry, reduced with itself, stays as it is). ``values`` is left as it was."""
+def _over_block(values: torch.Tensor, plan: _Plan, reduce, spare: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reduce`` of each voxel with its successors along the interpolated axes (``reduce(v, v[i + 1])``, the last
+    entry reduced with itself, so as it is), passed back and forth between ``values`` and ``spare`` (same shape
+    and dtype; both are overwritten). Returns (the result, the other buffer, free for the caller's next use)."""
     for a in plan.corner_axes:
         n = values.shape[a]
-        out = values.clone()
-        reduce(values.narrow(a, 0, n - 1), values.narrow(a, 1, n - 1), out=out.narrow(a, 0, n - 1))
-        values = out
-    return values
+        reduce(values.narrow(a, 0, n - 1), values.narrow(a, 1, n - 1), out=spare.narrow(a, 0, n - 1))
+        spare.narrow(a, n - 1, 1).copy_(values.narrow(a, n - 1, 1))
+        values, spare = spare, values
+    return values, spare
 
 
 def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,17 +220,22 @@ def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, 
     between their corners' (up to float64 rounding, far below the logits' ulp), the corners are numbers of the
     logits' dtype, and the clip keeps each class within its own range, so after rounding back to that dtype the
     one is at most its largest corner and the other at least its smallest: strictly below, never a tie."""
-    floor, wide = None, torch.promote_types(logits.dtype, torch.float32)  # exact: fp16 and fp32 values as they are
+    wide = torch.promote_types(logits.dtype, torch.float32)  # exact: fp16 and fp32 values as they are
+    # two buffers for every class's block bounds (fresh tensors per class brought in gigabytes of new pages)
+    first, second = (torch.empty(logits.shape[1:], dtype=wide) for _ in range(2))
+    floor = None
     for c in range(logits.shape[0]):
-        low = _over_block(logits[c].to(wide), plan, torch.minimum)
-        floor = low if floor is None else torch.maximum(floor, low)
+        low, _ = _over_block(first.copy_(logits[c]), plan, torch.minimum, second)
+        floor = low.clone() if floor is None else torch.maximum(floor, low, out=floor)
     k = min(CANDIDATES[1], max(CANDIDATES[0], logits.shape[0] // 6))  # 24 classes: 4, 96 or more: 16
     count = torch.zeros(logits.shape[1:].numel(), dtype=torch.int16)
     chosen = torch.zeros((k, count.numel()), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
+    can, room = (torch.empty(count.numel(), dtype=torch.bool) for _ in range(2))
     for c in range(logits.shape[0]):
-        can = (_over_block(logits[c].to(wide), plan, torch.maximum) >= floor).flatten()
-        hit = torch.nonzero(can & (count < k)).squeeze(1)  # few blocks per class: write only those
-        chosen[count[hit].long(), hit] = c
+        high, _ = _over_block(first.copy_(logits[c]), plan, torch.maximum, second)
+        torch.ge(high.flatten(), floor.flatten(), out=can)
+        hit = torch.nonzero(torch.logical_and(can, torch.lt(count, k, out=room), out=room)).squeeze(1)
+        chosen[count[hit].long(), hit] = c  # few blocks per class: write only those
         count += can
     for slot in range(1, k):
         chosen[slot] = torch.where(count > slot, chosen[slot], chosen[0])
