@@ -126,3 +126,30 @@ def test_a_set_missing_a_part_stops_the_stint_before_any_work(first_stint, tmp_p
     done = _stint(tmp_path, SET_FROM=str(tmp_path / "four"))
     assert done.returncode == 1
     assert _steps(tmp_path / "out") == ["start", "set-missing-ribs"]
+
+
+def test_a_set_and_int8_parts_quantized_elsewhere_run_the_table_without_quantizing(first_stint, tmp_path):
+    """SET_FROM with QUANTIZED_FROM (the INT8 parts of another machine, same settings): nothing is quantized, the
+    table runs those very int8.onnx files and records where they came from."""
+    import hashlib
+    import shutil
+
+    from carry_weights import unpack
+
+    first = first_stint[0]
+    unpack(first / "out" / "packs", tmp_path / "carried")
+    quantized = next((first / "work" / "ct").glob("models-*/total/quantized"))
+    shutil.copytree(quantized, tmp_path / "int8", ignore=shutil.ignore_patterns("*.json.part"))
+    done = _stint(tmp_path, SET_FROM=str(tmp_path / "carried"), QUANTIZED_FROM=str(tmp_path / "int8"),
+                  ROWS="--rows int8 --repeats 1")
+    out = tmp_path / "out"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _steps(out) == ["start", "set-given", "set-quantized-elsewhere", "table-done"]
+    assert not list(out.glob("prepare_*.log")) and "quantizing" not in (out / "table.log").read_text()
+    result = json.loads((out / "total_table.json").read_text())
+    record = result["settings"]["quantized_from"]
+    assert record["path"] == str(tmp_path / "int8")
+    for part, digest in record["int8_sha256"].items():
+        assert digest == hashlib.sha256((quantized / part / "fold_0" / "int8.onnx").read_bytes()).hexdigest()
+    assert "INT8 parts quantized elsewhere with the same settings, copied in" in (out / "total_table.md").read_text()
+    assert result["configs"]["total"]["repeats"][0]["rows"]["int8"]["seconds"] > 0

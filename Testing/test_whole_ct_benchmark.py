@@ -183,6 +183,23 @@ def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
     assert whole_ct.parse_args(["--out", "r.json"]).target_cpu == "auto"
 
 
+def test_int8_parts_quantized_elsewhere_must_all_be_there(tmp_path, capsys, monkeypatch):
+    """--quantized-from is checked before anything is drawn or quantized: every part of the run, one config."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import whole_ct
+
+    (tmp_path / "organs").mkdir()
+    (tmp_path / "organs" / "nnunet_model.json").write_text("{}")
+    base = ["--config", "total", "--out", str(tmp_path / "r.json"), "--quantized-from", str(tmp_path)]
+    assert whole_ct.parse_args(base + ["--parts", "1"]).quantized_from == tmp_path
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(base)  # vertebrae, cardiac, muscles and ribs are not there
+    assert "no quantized part ['vertebrae', 'cardiac', 'muscles', 'ribs']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "both", "--out", "x", "--quantized-from", str(tmp_path)])
+    assert "use it with one --config" in capsys.readouterr().err
+
+
 def test_out_is_required_except_when_only_preparing_parts(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import whole_ct

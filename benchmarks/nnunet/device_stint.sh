@@ -9,6 +9,8 @@
 # ORGANS_FROM: a folder holding an organ part trained earlier (Dataset*_organs, as the training writes it): used
 #   instead of training one, and quantized on the CPU while the other parts train (they then set the pace);
 # SET_FROM: a folder holding all five parts (e.g. carry_weights.py unpack's): nothing trains, all are quantized;
+# QUANTIZED_FROM (with SET_FROM): the five INT8 parts quantized elsewhere with the same settings (<part>/ folders,
+#   as whole_ct.py writes them): nothing is quantized here either (whole_ct.py --quantized-from);
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
 # ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
@@ -31,6 +33,7 @@ TRAIN=("${PYTHON:-python}" benchmarks/training/train_totalseg_phantoms.py --conf
 read -r -a QUANTIZE_ARGS <<< "${QUANTIZE:---no-guard --calibration-patches 4 --exclude-nodes ^/encoder/stages\.0/stages\.0\.0/convs/convs\.0/ ^/decoder/seg_layers\.}"
 TABLE=("${PYTHON:-python}" benchmarks/nnunet/whole_ct.py ${EXTRA:-} --config total --weights "$WORK/set" --work "$WORK/ct"
        "${LABELS_ARG[@]}" "${QUANTIZE_ARGS[@]}")
+FROM_ARG=(); [ -n "${QUANTIZED_FROM:-}" ] && FROM_ARG=(--quantized-from "$QUANTIZED_FROM")
 step() { echo "$1 $(date +%s)" >> "$OUT/times"; }
 step start
 prepare() {  # quantize the named parts, one process each ($THREADS torch threads each, else the cores shared out)
@@ -72,8 +75,12 @@ if [ -n "${SET_FROM:-}" ]; then
     ls -d "$SET_FROM"/Dataset*_"$part" > /dev/null 2>&1 || { step "set-missing-$part"; exit 1; }
   done
   mkdir -p "$WORK/set" && cp -r "$SET_FROM"/Dataset* "$WORK/set/" && step set-given
-  prepare organs "${OTHER_PARTS[@]}" || { step "prepare-failed"; exit 1; }
-  step set-quantized
+  if [ -n "${QUANTIZED_FROM:-}" ]; then
+    step set-quantized-elsewhere  # the table copies them in
+  else
+    prepare organs "${OTHER_PARTS[@]}" || { step "prepare-failed"; exit 1; }
+    step set-quantized
+  fi
 else
   organs=""
   if [ -z "${ORGANS_FROM:-}" ]; then
@@ -104,6 +111,6 @@ else
 fi
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
 read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"
-CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${ROW_ARGS[@]}" --no-probe --note "${NOTE:-set trained in this stint}" \
+CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${FROM_ARG[@]}" "${ROW_ARGS[@]}" --no-probe --note "${NOTE:-set trained in this stint}" \
   --out "$OUT/total_table.json" > "$OUT/table.log" 2>&1 || { step "table-failed"; exit 1; }
 step table-done

@@ -140,6 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prepare-parts", nargs="+", metavar="PART",
                    help="with --config total: write and quantize only these parts (e.g. while the organ part still "
                         "trains), then stop; a later run with the same settings reuses them")
+    p.add_argument("--quantized-from", type=Path, metavar="DIR",
+                   help="INT8 parts quantized elsewhere with the same settings (DIR/<part>/, as this script writes "
+                        "them under its models folder's <config>/quantized/): copied in instead of quantizing here; "
+                        "the result records where from and each int8.onnx's sha256")
     p.add_argument("--tiny-networks", action="store_true", help="tests: feature widths / 8 (implies smoke)")
     p.add_argument("--smoke", action="store_true", help="label the result a smoke run, not a measurement")
     args = p.parse_args(argv)
@@ -158,6 +162,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(set(args.prepare_parts) - set(known))
         if unknown:
             p.error(f"--prepare-parts: no part {unknown} in {known}")
+    if args.quantized_from is not None:  # checked before the CTs are drawn (minutes)
+        if args.config == "both" or args.prepare_parts:
+            p.error("--quantized-from: use it with one --config, without --prepare-parts")
+        wanted = [part.name for part in shapes.MODEL_SETS[args.config].parts[:args.parts if args.config == "total"
+                                                                              else None]]
+        missing = [name for name in wanted if not (args.quantized_from / name / "nnunet_model.json").is_file()]
+        if missing:
+            p.error(f"--quantized-from {args.quantized_from}: no quantized part {missing} there (expected "
+                    f"<part>/nnunet_model.json for each of {wanted})")
     args.smoke = args.smoke or args.tiny_networks
     try:
         args.row_timeout = row_timeouts(args.row_timeout, args.rows)
@@ -401,6 +414,7 @@ def write_result(args, configs, cts) -> None:
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
                            "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
                            "equalize": args.equalize,
+                           "quantized_from": getattr(args, "quantized_from_record", None),
                            "fp32_windows": args.fp32_windows if any(r.endswith("-fp32w") for r in args.rows)
                            else None,
                            "reference_labels": args.reference_labels and {

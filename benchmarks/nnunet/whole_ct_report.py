@@ -270,6 +270,12 @@ def markdown(result: dict[str, Any]) -> str:
                 "agreement recorded in quantization.json, not enforced).")), ""]
     if settings.get("note"):
         lines += [f"Note: {settings['note']}", ""]
+    elsewhere = settings.get("quantized_from")
+    if elsewhere:
+        lines += [f"INT8 parts quantized elsewhere with the same settings, copied in (`--quantized-from "
+                  f"{elsewhere['path']}`): int8.onnx sha256 " + ", ".join(
+                      f"{part} {(digest or 'none')[:16]}" for part, digest in elsewhere["int8_sha256"].items()) + ".",
+                  ""]
     given = settings.get("reference_labels")
     if given:
         lines += [f"Reference labels given: `{given['path']}` (sha256 {given['sha256'][:16]}...), used where no "

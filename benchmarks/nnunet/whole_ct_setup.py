@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
     folders = [shapes.write_part(root / "nnunet", models, p, plans, names, TEST_SEED, args.weights) for p in parts]
     quantized = [root / "quantized" / p.name for p in parts]
     (root / "quantized").mkdir(exist_ok=True)
+    if getattr(args, "quantized_from", None) is not None:
+        args.quantized_from_record = copy_quantized(args.quantized_from, quantized)
     arch = plans["configurations"]["3d_fullres"]
     return {"name": name, "models": models, "parts": parts, "folders": folders, "quantized": quantized,
             "torch_parts_file": shapes.write_parts_file(root / "nnunet" / "parts.json", folders, names),
@@ -130,6 +133,21 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
                       "n_stages": arch["architecture"]["arch_kwargs"]["n_stages"]},
             "windows": shapes.count_windows(grid, arch["patch_size"], models.step_size),
             "quantize_seconds": [quantize(folders[0], quantized[0], cts, args) if needs_onnx(args) else None]}
+
+
+def copy_quantized(source: Path, targets: list[Path]) -> dict[str, Any]:
+    """Put the INT8 parts quantized elsewhere (``source/<part>/``) where this run would quantize them, replacing
+    any there; where from, and each part's int8.onnx sha256."""
+    digests = {}
+    for target in targets:
+        tmp = target.with_name(target.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source / target.name, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        int8 = target / "fold_0" / "int8.onnx"
+        digests[target.name] = hashlib.sha256(int8.read_bytes()).hexdigest() if int8.is_file() else None
+    return {"path": str(source), "int8_sha256": digests}
 
 
 def prepare_parts(args: argparse.Namespace, cts: dict[str, Any], work: Path, wanted: list[str]) -> list[float | None]:
