@@ -111,6 +111,7 @@ else
 fi
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
 read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"
-CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${FROM_ARG[@]}" "${ROW_ARGS[@]}" --no-probe --note "${NOTE:-set trained in this stint}" \
-  --out "$OUT/total_table.json" > "$OUT/table.log" 2>&1 || { step "table-failed"; exit 1; }
+CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${FROM_ARG[@]}" "${ROW_ARGS[@]}" --no-probe \
+  --note "${NOTE:-set trained in this stint}" --out "$OUT/total_table.json" > "$OUT/table.log" 2>&1 \
+  || { step "table-failed"; exit 1; }
 step table-done
