@@ -64,7 +64,7 @@ from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402
 from whole_ct_totalseg import missing_reason as totalseg_missing  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
                             needs_onnx, nnunetv2_memory_reason, prepare, prepare_parts, quantize,
-                            work_dir)
+                            run_parts, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "int8-bf16-fp32w", "fp32-torch", "totalseg")
 GPU_ROWS = report.GPU_ROWS
@@ -158,15 +158,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.prepare_parts and args.config != "total":
         p.error("--prepare-parts names parts of the 'total' set: use it with --config total")
     if args.prepare_parts:  # checked before the CTs are drawn (minutes)
-        known = [part.name for part in shapes.MODEL_SETS["total"].parts[:args.parts]]
+        known = [part.name for part in run_parts("total", args.parts)]
         unknown = sorted(set(args.prepare_parts) - set(known))
         if unknown:
             p.error(f"--prepare-parts: no part {unknown} in {known}")
     if args.quantized_from is not None:  # checked before the CTs are drawn (minutes)
         if args.config == "both" or args.prepare_parts:
             p.error("--quantized-from: use it with one --config, without --prepare-parts")
-        wanted = [part.name for part in shapes.MODEL_SETS[args.config].parts[:args.parts if args.config == "total"
-                                                                              else None]]
+        wanted = [part.name for part in run_parts(args.config, args.parts)]
         missing = [name for name in wanted if not (args.quantized_from / name / "nnunet_model.json").is_file()]
         if missing:
             p.error(f"--quantized-from {args.quantized_from}: no quantized part {missing} there (expected "

@@ -101,12 +101,18 @@ def guarded(args: argparse.Namespace) -> bool:
     return bool(args.weights) and not args.no_guard
 
 
+def run_parts(name: str, count: int | None) -> tuple[Any, ...]:
+    """The parts of model set ``name`` a run uses: the first ``count`` (``--parts``) of 'total', else all."""
+    parts = shapes.MODEL_SETS[name].parts
+    return parts[:count] if name == "total" and count else parts
+
+
 def plans_for(name: str, args: argparse.Namespace, cts: dict[str, Any]) -> tuple[Any, tuple[Any, ...], list[int], dict]:
     """The model set, its parts (``--parts``), the CT's network grid and the plans every part shares: nnunetv2's
     planner on that grid, intensities from the first calibration CT (``train_totalseg_phantoms.py`` trains with
     the same plans)."""
     models = shapes.MODEL_SETS[name]
-    parts = models.parts[:args.parts] if name == "total" and args.parts else models.parts
+    parts = run_parts(name, args.parts)
     grid = shapes.network_grid(cts, models.spacing)
     plans = shapes.plan(models.spacing, grid, max(p.classes for p in parts) + 1,
                         shapes.intensity_properties(cts["calibration"][0]))
@@ -138,6 +144,8 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
 def copy_quantized(source: Path, targets: list[Path]) -> dict[str, Any]:
     """Put the INT8 parts quantized elsewhere (``source/<part>/``) where this run would quantize them, replacing
     any there; where from, and each part's int8.onnx sha256."""
+    from PTQLogic.core.fileio import sha256_file
+
     digests = {}
     for target in targets:
         tmp = target.with_name(target.name + ".copying")
@@ -146,7 +154,7 @@ def copy_quantized(source: Path, targets: list[Path]) -> dict[str, Any]:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         int8 = target / "fold_0" / "int8.onnx"
-        digests[target.name] = hashlib.sha256(int8.read_bytes()).hexdigest() if int8.is_file() else None
+        digests[target.name] = sha256_file(int8) if int8.is_file() else None
     return {"path": str(source), "int8_sha256": digests}
 
 
