@@ -234,6 +234,40 @@ def test_export_reports_progress_and_can_be_cancelled(path):
         logits_to_labels(logits, runner.plans_manager, runner.config, runner.label_manager, properties, monitor)
 
 
+class _CancelOnCheck(Monitor):
+    """Cancels itself at its ``at``-th check (every update checks too)."""
+
+    def __init__(self, at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.checks = at, 0
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.at:
+            self.cancel()
+        super().check()
+
+
+def test_export_can_be_cancelled_inside_its_grid_pass():
+    """The grid pass over every class takes seconds for a 25-class part of a whole CT: a cancel there stops it
+    before the first slab of labels, not after the pass."""
+    from PTQLogic.inference.nnunet import sparse_export
+
+    classes, grid, shape = 30, (6, 7, 8), (9, 10, 11)
+    logits = torch.randn((classes, *grid), generator=torch.Generator().manual_seed(0)).half()
+    events = []
+    monitor = _CancelOnCheck(5, on_progress=lambda *e: events.append(e[1:]))  # 2 checks before the grid pass
+    with pytest.raises(Cancelled):
+        sparse_export.resampled_labels(logits, shape, [1.0] * 3, [0.6] * 3, None, np.uint8, monitor)
+    assert [done for done, _ in events] == [0] and monitor.checks == 5  # no slab began: stopped at the grid pass's third class
+    plan = sparse_export._Plan(grid, shape, None)
+    for grid_pass in (sparse_export._certain_on_grid, sparse_export._block_candidates):
+        stopper = _CancelOnCheck(classes // 2)
+        with pytest.raises(Cancelled):
+            grid_pass(logits, plan, stopper.check)
+        assert stopper.checks == classes // 2
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_resampled_values_are_nnunets_bit_for_bit(seed):
     """The exact path alone, at every output voxel: the same fp16/fp32 numbers as nnunetv2's resampling (weights,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
                      monitor: Monitor | None = None, stage: str = "export",
                      counts: dict[str, int] | None = None) -> np.ndarray:
     """argmax over classes of ``resample_data_or_seg_to_shape(logits, shape, ..., order=1, order_z=0)``;
-    progress: the grid pass, then each slab of output slices; cancel between them. ``counts``, if given,
+    progress: the grid pass, then each slab of output slices; cancel between them and between the grid pass's
+    classes (a many-class part's pass takes seconds). ``counts``, if given,
     receives the output voxels, how many of them were resampled exactly, and how many of those were decided
     among their block's candidate classes only."""
     monitor = monitor or Monitor()
@@ -106,7 +107,7 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
     monitor.check()
     monitor.update(stage, 0, len(slabs) + 1)
     plan = _Plan.of(logits, shape, current_spacing, new_spacing, force_separate_z)
-    top, certain = _certain_on_grid(logits, plan)
+    top, certain = _certain_on_grid(logits, plan, monitor.check)
     doubt = ~certain
     bounds, by_voxel, candidates, flat_logits = _class_ranges(logits, plan), None, None, None
     origins = [plan.start(a) for a in range(plan.rank)]
@@ -122,7 +123,7 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
         resampled += len(doubtful)
         for chunk in range(0, len(doubtful), CHUNK):
             if candidates is None and logits.shape[0] > 2 * CANDIDATES[0]:
-                candidates, flat_logits = _block_candidates(logits, plan), logits.reshape(-1)  # a view if contiguous
+                candidates, flat_logits = _block_candidates(logits, plan, monitor.check), logits.reshape(-1)  # a view if contiguous
             where = doubtful[chunk:chunk + CHUNK]
             chosen, many = _chosen(candidates, plan, where)
             if chosen is not None:
@@ -154,12 +155,14 @@ def _gather(grid: torch.Tensor, indices: Sequence[torch.Tensor]) -> torch.Tensor
     return grid
 
 
-def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top class per grid voxel, and whether every block of corners starting there keeps it ahead by > 1 ulp."""
+def _certain_on_grid(logits: torch.Tensor, plan: _Plan,
+                     check: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top class per grid voxel, and whether every block of corners starting there keeps it ahead by > 1 ulp;
+    ``check`` is called before each class (it raises to cancel)."""
     info = np.finfo(torch.empty(0, dtype=logits.dtype).numpy().dtype)
     if logits.shape[0] == 1:
         return torch.zeros(logits.shape[1:], dtype=torch.uint8), torch.ones(logits.shape[1:], dtype=torch.bool)
-    top, first, second, lowest = _top_two(logits)  # (its float32 buffers are ours to overwrite)
+    top, first, second, lowest = _top_two(logits, check)  # (its float32 buffers are ours to overwrite)
     margin = first.double().sub_(second)
     threshold = torch.maximum(first.abs_(), lowest.abs_()).double()
     threshold.mul_(float(info.eps) + 2.0**-40).add_(float(info.smallest_subnormal))
@@ -171,7 +174,7 @@ def _certain_on_grid(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, t
     return top.to(torch.uint8 if logits.shape[0] < 256 else torch.int16), (low == high) & (margin > threshold)
 
 
-def _top_two(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _top_two(logits: torch.Tensor, check: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, ...]:
     """Per grid voxel: index of the first largest class, the largest and second largest value (equal on a tie)
     and the smallest, in float32 (exact for fp16), one class at a time (torch.topk over classes is slow) in
     buffers made once: fresh ones per class brought in gigabytes of new pages per part."""
@@ -182,6 +185,7 @@ def _top_two(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     value, runner = torch.empty_like(first), torch.empty_like(first)
     better = torch.empty(first.shape, dtype=torch.bool)
     for k in range(1, logits.shape[0]):
+        check()
         value.copy_(logits[k])
         torch.gt(value, first, out=better)
         torch.maximum(second, torch.where(better, first, value, out=runner), out=second)
@@ -213,7 +217,8 @@ def _over_block(values: torch.Tensor, plan: _Plan, reduce, spare: torch.Tensor) 
     return values, spare
 
 
-def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_candidates(logits: torch.Tensor, plan: _Plan,
+                      check: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of corners (by its grid origin): how many classes can be the argmax somewhere in it, and the first
     k of them in class order (the rest of a row repeats its first); k grows with the classes, within CANDIDATES.
     A class cannot win where its largest corner value is below another class's smallest: interpolated values lie
@@ -225,6 +230,7 @@ def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, 
     first, second = (torch.empty(logits.shape[1:], dtype=wide) for _ in range(2))
     floor = None
     for c in range(logits.shape[0]):
+        check()
         low, _ = _over_block(first.copy_(logits[c]), plan, torch.minimum, second)
         floor = low.clone() if floor is None else torch.maximum(floor, low, out=floor)
     k = min(CANDIDATES[1], max(CANDIDATES[0], logits.shape[0] // 6))  # 24 classes: 4, 96 or more: 16
@@ -232,6 +238,7 @@ def _block_candidates(logits: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, 
     chosen = torch.zeros((k, count.numel()), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
     can, room = (torch.empty(count.numel(), dtype=torch.bool) for _ in range(2))
     for c in range(logits.shape[0]):
+        check()
         high, _ = _over_block(first.copy_(logits[c]), plan, torch.maximum, second)
         torch.ge(high.flatten(), floor.flatten(), out=can)
         hit = torch.nonzero(torch.logical_and(can, torch.lt(count, k, out=room), out=room)).squeeze(1)
