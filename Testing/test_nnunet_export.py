@@ -259,7 +259,8 @@ def test_export_can_be_cancelled_inside_its_grid_pass():
     monitor = _CancelOnCheck(5, on_progress=lambda *e: events.append(e[1:]))  # 2 checks before the grid pass
     with pytest.raises(Cancelled):
         sparse_export.resampled_labels(logits, shape, [1.0] * 3, [0.6] * 3, None, np.uint8, monitor)
-    assert [done for done, _ in events] == [0] and monitor.checks == 5  # no slab began: stopped at the grid pass's third class
+    # no slab began: it stopped at the grid pass's third class
+    assert [done for done, _ in events] == [0] and monitor.checks == 5
     plan = sparse_export._Plan(grid, shape, None)
     for grid_pass in (sparse_export._certain_on_grid, sparse_export._block_candidates):
         stopper = _CancelOnCheck(classes // 2)

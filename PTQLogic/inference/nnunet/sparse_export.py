@@ -123,7 +123,8 @@ def resampled_labels(logits: torch.Tensor, shape: Sequence[int], current_spacing
         resampled += len(doubtful)
         for chunk in range(0, len(doubtful), CHUNK):
             if candidates is None and logits.shape[0] > 2 * CANDIDATES[0]:
-                candidates, flat_logits = _block_candidates(logits, plan, monitor.check), logits.reshape(-1)  # a view if contiguous
+                candidates = _block_candidates(logits, plan, monitor.check)
+                flat_logits = logits.reshape(-1)  # a view if contiguous
             where = doubtful[chunk:chunk + CHUNK]
             chosen, many = _chosen(candidates, plan, where)
             if chosen is not None:
