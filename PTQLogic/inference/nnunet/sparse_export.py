@@ -238,13 +238,14 @@ def _block_candidates(logits: torch.Tensor, plan: _Plan,
     count = torch.zeros(logits.shape[1:].numel(), dtype=torch.int16)
     chosen = torch.zeros((k, count.numel()), dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int16)
     can, room = (torch.empty(count.numel(), dtype=torch.bool) for _ in range(2))
+    step = torch.empty_like(count)  # count += can would make a fresh int16 copy of can for every class
     for c in range(logits.shape[0]):
         check()
         high, _ = _over_block(first.copy_(logits[c]), plan, torch.maximum, second)
         torch.ge(high.flatten(), floor.flatten(), out=can)
         hit = torch.nonzero(torch.logical_and(can, torch.lt(count, k, out=room), out=room)).squeeze(1)
         chosen[count[hit].long(), hit] = c  # few blocks per class: write only those
-        count += can
+        count += step.copy_(can)
     for slot in range(1, k):
         chosen[slot] = torch.where(count > slot, chosen[slot], chosen[0])
     return count, chosen
