@@ -413,7 +413,8 @@ def write_result(args, configs, cts) -> None:
                            "nnUNet_def_n_proc": args.threads, "guard": guarded(args), "note": args.note,
                            "exclude_nodes": args.exclude_nodes, "target_cpu": args.target_cpu,
                            "equalize": args.equalize,
-                           "quantized_from": getattr(args, "quantized_from_record", None),
+                           "quantized_from": next((c["quantized_from"] for c in configs if c.get("quantized_from")),
+                                                  None),
                            "fp32_windows": args.fp32_windows if any(r.endswith("-fp32w") for r in args.rows)
                            else None,
                            "reference_labels": args.reference_labels and {

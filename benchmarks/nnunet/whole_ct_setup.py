@@ -127,8 +127,8 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
     folders = [shapes.write_part(root / "nnunet", models, p, plans, names, TEST_SEED, args.weights) for p in parts]
     quantized = [root / "quantized" / p.name for p in parts]
     (root / "quantized").mkdir(exist_ok=True)
-    if getattr(args, "quantized_from", None) is not None:
-        args.quantized_from_record = copy_quantized(args.quantized_from, quantized)
+    source = getattr(args, "quantized_from", None)
+    copied = copy_quantized(source, quantized) if source is not None else None
     arch = plans["configurations"]["3d_fullres"]
     return {"name": name, "models": models, "parts": parts, "folders": folders, "quantized": quantized,
             "torch_parts_file": shapes.write_parts_file(root / "nnunet" / "parts.json", folders, names),
@@ -137,7 +137,7 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
             "plans": {"patch_size": arch["patch_size"], "spacing": arch["spacing"],
                       "features_per_stage": arch["architecture"]["arch_kwargs"]["features_per_stage"],
                       "n_stages": arch["architecture"]["arch_kwargs"]["n_stages"]},
-            "windows": shapes.count_windows(grid, arch["patch_size"], models.step_size),
+            "windows": shapes.count_windows(grid, arch["patch_size"], models.step_size), "quantized_from": copied,
             "quantize_seconds": [quantize(folders[0], quantized[0], cts, args) if needs_onnx(args) else None]}
 
 
