@@ -183,21 +183,43 @@ def test_parts_quantized_for_an_avx2_cpu_are_kept_apart(monkeypatch):
     assert whole_ct.parse_args(["--out", "r.json"]).target_cpu == "auto"
 
 
-def test_int8_parts_quantized_elsewhere_must_all_be_there(tmp_path, capsys, monkeypatch):
-    """--quantized-from is checked before anything is drawn or quantized: every part of the run, one config."""
+def test_int8_parts_quantized_elsewhere_must_all_be_there_and_open(tmp_path, capsys, monkeypatch):
+    """--quantized-from is checked before anything is drawn or quantized: every part of the run, one config, each a
+    folder the INT8 row can open (a copy without fold_0/fp32.onnx stopped a lent machine's table at its first row)."""
+    import shutil
+
+    from nnunet_factory import dataset, plans, write_folder, write_image
+    from PTQLogic.app.cli import main
+    from PTQLogic.samples.phantom import make_phantom
+
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import whole_ct
 
-    (tmp_path / "organs").mkdir()
-    (tmp_path / "organs" / "nnunet_model.json").write_text("{}")
-    base = ["--config", "total", "--out", str(tmp_path / "r.json"), "--quantized-from", str(tmp_path)]
-    assert whole_ct.parse_args(base + ["--parts", "1"]).quantized_from == tmp_path
+    source = write_folder(tmp_path / "src", plans([1.5, 1.5, 1.5], [32, 32, 32]), dataset(["background", "liver"]))
+    image = write_image(make_phantom(1, (32, 32, 32), (1.5, 1.5, 1.5))[0], tmp_path / "cal.nii.gz")
+    parts = tmp_path / "int8"
+    assert main(["quantize", "--model", str(source), "--calibration", str(image), "--out", str(parts / "organs"),
+                 "--patches", "2", "--no-guard"]) == 0
+    base = ["--config", "total", "--out", str(tmp_path / "r.json"), "--quantized-from", str(parts)]
+    assert whole_ct.parse_args(base + ["--parts", "1"]).quantized_from == parts
     with pytest.raises(SystemExit):
         whole_ct.parse_args(base)  # vertebrae, cardiac, muscles and ribs are not there
     assert "no quantized part ['vertebrae', 'cardiac', 'muscles', 'ribs']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        whole_ct.parse_args(["--config", "both", "--out", "x", "--quantized-from", str(tmp_path)])
+        whole_ct.parse_args(["--config", "both", "--out", "x", "--quantized-from", str(parts)])
     assert "use it with one --config" in capsys.readouterr().err
+
+    shutil.copytree(parts / "organs", tmp_path / "copy" / "organs", ignore=shutil.ignore_patterns("fp32.onnx"))
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "total", "--parts", "1", "--out", "x", "--quantized-from",
+                             str(tmp_path / "copy")])
+    err = capsys.readouterr().err
+    assert "part 'organs'" in err and "fold_0/fp32.onnx is missing" in err, err
+    (tmp_path / "copy" / "organs" / "nnunet_model.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        whole_ct.parse_args(["--config", "total", "--parts", "1", "--out", "x", "--quantized-from",
+                             str(tmp_path / "copy")])
+    assert "is damaged" in capsys.readouterr().err
 
 
 def test_out_is_required_except_when_only_preparing_parts(capsys, monkeypatch):

@@ -170,6 +170,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if missing:
             p.error(f"--quantized-from {args.quantized_from}: no quantized part {missing} there (expected "
                     f"<part>/nnunet_model.json for each of {wanted})")
+        from PTQLogic.core.errors import PTQError
+        from PTQLogic.models.nnunet.model_dir import open_nnunet_model
+
+        for name in wanted:  # a folder the INT8 row cannot open would fail only after the CTs and the other rows
+            try:
+                open_nnunet_model(args.quantized_from / name)
+            except PTQError as error:
+                p.error(f"--quantized-from {args.quantized_from}: part '{name}': {error}")
     args.smoke = args.smoke or args.tiny_networks
     try:
         args.row_timeout = row_timeouts(args.row_timeout, args.rows)

@@ -59,19 +59,20 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
             meta = json.loads((root / MODEL_DIR_MARKER).read_text(encoding="utf-8"))
             plans = json.loads((root / PLANS_JSON).read_text(encoding="utf-8"))
             dataset = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            configuration, saved_folds = meta["configuration"], [str(f) for f in meta["folds"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({exc}); quantize it again.") from None
         class_names(dataset)
-        validate_plans(plans, meta["configuration"], dataset)
-        chosen = [str(f) for f in folds] if folds else list(meta["folds"])
-        unknown = [f for f in chosen if f not in meta["folds"]]
+        validate_plans(plans, configuration, dataset)
+        chosen = [str(f) for f in folds] if folds else saved_folds
+        unknown = [f for f in chosen if f not in saved_folds]
         if unknown:
-            raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {unknown} (it has {meta['folds']}).")
+            raise ModelError(f"Quantized nnU-Net model '{root}' has no fold(s) {unknown} (it has {saved_folds}).")
         lost = [f"fold_{f}/fp32.onnx" for f in chosen if not (root / f"fold_{f}" / "fp32.onnx").is_file()]
         if lost:
             raise ModelError(f"Quantized nnU-Net model folder '{root}' is incomplete: {', '.join(lost)} is missing; "
                              "copy the whole folder again, or quantize the original nnU-Net folder again.")
-        return NnUNetModel(root, load_spec(root / "spec.json"), plans, dataset, meta["configuration"], chosen,
+        return NnUNetModel(root, load_spec(root / "spec.json"), plans, dataset, configuration, chosen,
                            meta.get("mirror_axes"), float(meta.get("step_size", 0.5)), quantized=True)
     loaded = NnUNetSource().load(root, folds=list(folds) if folds else None, checkpoint=checkpoint)
     details = loaded.details
