@@ -60,7 +60,10 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
             plans = json.loads((root / PLANS_JSON).read_text(encoding="utf-8"))
             dataset = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
             configuration, saved_folds = meta["configuration"], [str(f) for f in meta["folds"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({MODEL_DIR_MARKER} lacks {exc}); "
+                             "quantize it again.") from None
+        except (OSError, ValueError, TypeError) as exc:
             raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({exc}); quantize it again.") from None
         class_names(dataset)
         validate_plans(plans, configuration, dataset)
