@@ -64,7 +64,8 @@ def open_nnunet_model(path: str | Path, folds: Sequence[str] | None = None,
             raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({MODEL_DIR_MARKER} lacks {exc}); "
                              "quantize it again.") from None
         except (OSError, ValueError, TypeError) as exc:
-            raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({exc}); quantize it again.") from None
+            raise ModelError(f"Quantized nnU-Net model folder '{root}' is damaged ({exc}); "
+                             "quantize it again.") from None
         class_names(dataset)
         validate_plans(plans, configuration, dataset)
         chosen = [str(f) for f in folds] if folds else saved_folds
