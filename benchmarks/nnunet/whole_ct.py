@@ -64,7 +64,7 @@ from whole_ct_totalseg import TOTALSEG_ROWS  # noqa: E402
 from whole_ct_totalseg import missing_reason as totalseg_missing  # noqa: E402
 from whole_ct_setup import (TEST_SEED, bf16_reason, calibration_seeds, guarded, models_key_extra,  # noqa: E402
                             needs_onnx, nnunetv2_memory_reason, prepare, prepare_parts, quantize,
-                            run_parts, work_dir)
+                            quantized_parts_problem, run_parts, work_dir)
 
 ROWS = ("nnunetv2", "fp32", "int8", "int8-bf16", "int8-fp32w", "int8-bf16-fp32w", "fp32-torch", "totalseg")
 GPU_ROWS = report.GPU_ROWS
@@ -166,18 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.config == "both" or args.prepare_parts:
             p.error("--quantized-from: use it with one --config, without --prepare-parts")
         wanted = [part.name for part in run_parts(args.config, args.parts)]
-        missing = [name for name in wanted if not (args.quantized_from / name / "nnunet_model.json").is_file()]
-        if missing:
-            p.error(f"--quantized-from {args.quantized_from}: no quantized part {missing} there (expected "
-                    f"<part>/nnunet_model.json for each of {wanted})")
-        from PTQLogic.core.errors import PTQError
-        from PTQLogic.models.nnunet.model_dir import open_nnunet_model
-
-        for name in wanted:  # a folder the INT8 row cannot open would fail only after the CTs and the other rows
-            try:
-                open_nnunet_model(args.quantized_from / name)
-            except PTQError as error:
-                p.error(f"--quantized-from {args.quantized_from}: part '{name}': {error}")
+        problem = quantized_parts_problem(args.quantized_from, wanted)
+        if problem:
+            p.error(f"--quantized-from {args.quantized_from}: {problem}")
     args.smoke = args.smoke or args.tiny_networks
     try:
         args.row_timeout = row_timeouts(args.row_timeout, args.rows)

@@ -141,6 +141,23 @@ def prepare(name: str, args: argparse.Namespace, cts: dict[str, Any], work: Path
             "quantize_seconds": [quantize(folders[0], quantized[0], cts, args) if needs_onnx(args) else None]}
 
 
+def quantized_parts_problem(source: Path, wanted: list[str]) -> str | None:
+    """Why the INT8 parts quantized elsewhere (``source/<part>/``) cannot run, or None: checked before the CTs are
+    drawn, since a folder the INT8 row cannot open would fail only after the CTs and the other rows."""
+    from PTQLogic.core.errors import PTQError
+    from PTQLogic.models.nnunet.model_dir import open_nnunet_model
+
+    missing = [name for name in wanted if not (source / name / "nnunet_model.json").is_file()]
+    if missing:
+        return f"no quantized part {missing} there (expected <part>/nnunet_model.json for each of {wanted})"
+    for name in wanted:
+        try:
+            open_nnunet_model(source / name)
+        except PTQError as error:
+            return f"part '{name}': {error}"
+    return None
+
+
 def copy_quantized(source: Path, targets: list[Path]) -> dict[str, Any]:
     """Put the INT8 parts quantized elsewhere (``source/<part>/``) where this run would quantize them, replacing
     any there; where from, and each part's int8.onnx sha256."""
