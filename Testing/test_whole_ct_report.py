@@ -95,7 +95,26 @@ def test_every_row_has_a_title_runtime_and_precision():
     assert set(report.ROW_TITLES) == set(whole_ct.ROWS + whole_ct.GPU_ROWS)
     project = [r for r in whole_ct.ROWS + whole_ct.GPU_ROWS if r not in rows.BASELINE_ROWS]
     assert all(r in rows.RUNTIME and r in rows.PRECISION for r in project)
-    assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda"}
+    assert {r for r, d in rows.DEVICE.items() if d == "cuda"} == {"nnunetv2-cuda", "totalseg-cuda", "fp32-torch-cuda",
+                                                                  "fp16-torch-cuda"}
+
+
+def test_the_fp32_reference_on_a_gpu_runs_without_tf32_and_outranks_nnunetv2s_autocast():
+    """nnunetv2's predictor runs CUDA under autocast (FP16): its labels are no FP32 reference. fp32-torch-cuda, with
+    TF32 off, is taken before it; the CPU rows before both."""
+    order = report.REFERENCES
+    assert order.index("nnunetv2") < order.index("fp32-torch") < order.index("fp32-torch-cuda") < order.index(
+        "nnunetv2-cuda")
+    assert "autocast" in report.ROW_TITLES["nnunetv2-cuda"] and "FP32" not in report.ROW_TITLES["nnunetv2-cuda"]
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        rows.strict_fp32("fp16-torch-cuda")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        rows.strict_fp32("fp32-torch-cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_only_rows_that_run_onnx_files_make_the_run_quantize():
@@ -107,7 +126,7 @@ def test_only_rows_that_run_onnx_files_make_the_run_quantize():
     def needs(*names):
         return needs_onnx(argparse.Namespace(rows=list(names)))
 
-    assert not needs("nnunetv2-cuda", "fp16-torch-cuda", "fp32-torch", "totalseg", "nnunetv2")
+    assert not needs("nnunetv2-cuda", "fp16-torch-cuda", "fp32-torch", "fp32-torch-cuda", "totalseg", "nnunetv2")
     assert all(needs("fp16-torch-cuda", row) for row in ("int8", "fp32", "int8-bf16", "fp16-tensorrt", "int8-tensorrt"))
 
 

@@ -13,7 +13,8 @@
 #   as whole_ct.py writes them): nothing is quantized here either (whole_ct.py --quantized-from);
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
-# ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3];
+# ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3]; with
+#   a GPU row (e.g. fp32-torch-cuda, the FP32 reference in a minute instead of fp32-torch's five) the GPU stays visible;
 # PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
 # Parts trained here are rounded to fp16 values and packed into $OUT/packs (benchmarks/training/carry_weights.py:
 # chunks of 16 MiB) before they are quantized: copy them off the machine while the stint goes on.
@@ -111,7 +112,9 @@ else
 fi
 [ -f "$WORK/stop_before_table" ] && { step stopped-before-table; exit 0; }
 read -r -a ROW_ARGS <<< "${ROWS:---rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3}"
-CUDA_VISIBLE_DEVICES= "${TABLE[@]}" "${FROM_ARG[@]}" "${ROW_ARGS[@]}" --no-probe \
+GPU=(env CUDA_VISIBLE_DEVICES=)  # the CPU table with the GPU hidden, unless a GPU row (the FP32 reference) is asked
+case " ${ROW_ARGS[*]} " in *-cuda\ *|*-tensorrt\ *) GPU=(env) ;; esac
+"${GPU[@]}" "${TABLE[@]}" "${FROM_ARG[@]}" "${ROW_ARGS[@]}" --no-probe \
   --note "${NOTE:-set trained in this stint}" --out "$OUT/total_table.json" > "$OUT/table.log" 2>&1 \
   || { step "table-failed"; exit 1; }
 step table-done

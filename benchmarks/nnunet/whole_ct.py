@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--rows", nargs="+", choices=ROWS + GPU_ROWS, default=list(DEFAULT_ROWS),
                    help="CPU rows (totalseg: the CT as TotalSegmentator runs it, whole_ct_totalseg.py), and on an "
-                        "NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA), totalseg-cuda, fp16-torch-cuda "
-                        "(the project's pipeline, PyTorch FP16), fp16-tensorrt, int8-tensorrt")
+                        "NVIDIA GPU: nnunetv2-cuda (its predictor on CUDA, autocast), totalseg-cuda, fp32-torch-cuda "
+                        "(the project's pipeline, PyTorch FP32, TF32 off: the FP32 reference on a GPU), "
+                        "fp16-torch-cuda (PyTorch FP16), fp16-tensorrt, int8-tensorrt")
     p.add_argument("--fp32-windows", type=float, default=0.25, metavar="SHARE",
                    help="rows int8-fp32w, int8-bf16-fp32w: INT8 with at most this share of each part's windows, "
                         "those INT8 is least sure of, taken from the FP32 graph (as ptqseg segment --fp32-windows; "

@@ -23,7 +23,8 @@ ROW_TITLES = {
     "int8-bf16-fp32w": "this project, OpenVINO INT8 (bf16 remainder), unsure windows from the FP32 graph in bf16 "
                        "(--fp32-windows --cpu-float bf16)",
     "fp32-torch": "this project's pipeline, PyTorch FP32 (nnunetv2's arithmetic)",
-    "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor`, PyTorch FP32 on CUDA",
+    "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor` on CUDA (its autocast: FP16 where torch allows)",
+    "fp32-torch-cuda": "this project's pipeline, PyTorch FP32 on CUDA (TF32 off)",
     "totalseg": "TotalSegmentator's way: CT resampled to the model's spacing, nnunetv2 FP32 there, labels back",
     "totalseg-cuda": "TotalSegmentator's way, nnunetv2 FP32 on CUDA",
     "fp16-torch-cuda": "this project, PyTorch FP16 on CUDA",
@@ -33,8 +34,9 @@ ROW_TITLES = {
 STAGES = ("build", "preprocess", "network", "export", "other")
 CPU_USAGE = ("user_s", "system_s", "minor_faults", "major_faults")  # whole_ct.child_usage's keys
 # issue 25's GPU counterpart
-GPU_ROWS = ("nnunetv2-cuda", "totalseg-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
-REFERENCES = ("nnunetv2", "fp32-torch", "nnunetv2-cuda")  # agreement: with the first of these that ran
+GPU_ROWS = ("nnunetv2-cuda", "totalseg-cuda", "fp32-torch-cuda", "fp16-torch-cuda", "fp16-tensorrt", "int8-tensorrt")
+# agreement: with the first of these that ran (nnunetv2-cuda last: its autocast makes it no FP32 reference)
+REFERENCES = ("nnunetv2", "fp32-torch", "fp32-torch-cuda", "nnunetv2-cuda")
 GIVEN = "reference-labels"  # else with the label map given with --reference-labels
 GIVEN_TITLE = "the label map given with `--reference-labels` (nnunetv2's FP32 labels from an earlier run)"
 
@@ -189,7 +191,9 @@ def config_table(name: str, config: dict[str, Any]) -> list[str]:
              f"Agreement (mean Dice over the labels present, and voxels with the same label) is with the labels "
              f"of: {ROW_TITLES.get(reference, GIVEN_TITLE) if reference else 'no reference row ran'}"
              + (" (nnunetv2's row did not run; this row gives nnunetv2's labels voxel for voxel wherever both "
-                "ran)" if reference == "fp32-torch" else "") + ". Dice vs truth: the phantom's own labels "
+                "ran)" if reference == "fp32-torch" else " (nnunetv2's FP32 arithmetic on the GPU: the CPU's labels "
+                "up to the order of summation)" if reference == "fp32-torch-cuda" else "")
+             + ". Dice vs truth: the phantom's own labels "
              "(trained weights only).", "",
              "| row | end to end s | vs nnunetv2 | vs TotalSegmentator's way | build | preprocess | network | export "
              "| other | peak RSS GB | Dice vs reference | voxel agreement | Dice vs truth | windows |",

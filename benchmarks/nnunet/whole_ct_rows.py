@@ -34,17 +34,17 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 from whole_ct_totalseg import TOTALSEG_ROWS, run_totalseg  # noqa: E402
 
 PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "int8-fp32w": "int8", "int8-bf16-fp32w": "int8",
-             "fp32-torch": "fp32",
+             "fp32-torch": "fp32", "fp32-torch-cuda": "fp32",
              "fp16-torch-cuda": "fp16", "fp16-tensorrt": "fp16", "int8-tensorrt": "int8"}
 RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "int8-fp32w": "openvino",
            "int8-bf16-fp32w": "openvino",
-           "fp32-torch": "torch",
+           "fp32-torch": "torch", "fp32-torch-cuda": "torch",
            "fp16-torch-cuda": "torch", "fp16-tensorrt": "tensorrt", "int8-tensorrt": "tensorrt"}
 # the rest: the CPU, or TensorRT's own GPU
-DEVICE = {"nnunetv2-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "cuda"}
+DEVICE = {"nnunetv2-cuda": "cuda", "fp32-torch-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "cuda"}
 NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
 BASELINE_ROWS = NNUNET_ROWS + TOTALSEG_ROWS  # nnunetv2's predictor, on the CT's grid or TotalSegmentator's way
-TORCH_ROWS = ("fp32-torch", "fp16-torch-cuda")  # the project's pipeline on the original folders, no ONNX needed
+TORCH_ROWS = ("fp32-torch", "fp32-torch-cuda", "fp16-torch-cuda")  # the project's pipeline on the original folders, no ONNX needed
 BF16_ROWS = ("int8-bf16", "int8-bf16-fp32w")  # OpenVINO's float layers in bf16 (PTQSEG_CPU_FLOAT=bf16)
 
 
@@ -180,12 +180,13 @@ class _WindowCounter:
 
 def run_project(spec: dict[str, Any]) -> dict[str, Any]:
     """``PTQLogic.pipeline.segment`` on the parts file, as ``ptqseg segment`` runs it: OpenVINO (or, on a GPU,
-    TensorRT) on the quantized parts, or (``fp32-torch``, ``fp16-torch-cuda``) PyTorch on the original folders,
-    nnunetv2's arithmetic in the project's pipeline."""
+    TensorRT) on the quantized parts, or (``fp32-torch``, ``fp32-torch-cuda``, ``fp16-torch-cuda``) PyTorch on the
+    original folders, nnunetv2's arithmetic in the project's pipeline."""
     from PTQLogic.core.progress import Monitor
     from PTQLogic.pipeline import segment
 
     row = spec["row"]
+    strict_fp32(row)
     # the PyTorch rows run the original nnU-Net folders (as a user's FP32 / FP16 baseline before quantizing);
     # every other row the quantized parts
     parts_file = spec["torch_parts_file"] if row in TORCH_ROWS else spec["parts_file"]
@@ -205,6 +206,16 @@ def run_project(spec: dict[str, Any]) -> dict[str, Any]:
             "windows": outcome.patches,
             "engine_seconds": outcome.network_seconds, "engine": outcome.runtime_reason or outcome.runtime,
             "warnings": outcome.warnings, "fp32_windows": outcome.fp32_windows}
+
+
+def strict_fp32(row: str) -> None:
+    """``fp32-torch-cuda`` is the FP32 reference on a GPU: CUDA's convolutions and matmuls without TF32 (torch's
+    default lets cuDNN use it), so its labels are FP32's, as on the CPU, up to the order of summation."""
+    if row == "fp32-torch-cuda":
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _time_window(call, patch, device: str = "cpu") -> float:
@@ -242,6 +253,7 @@ def measure_windows(spec: dict[str, Any]) -> dict[str, float]:
             seconds[row] = _time_window(predictor.network, patch, device)
             continue
         os.environ["PTQSEG_CPU_FLOAT"] = "bf16" if row in BF16_ROWS else "f32"
+        strict_fp32(row)
         model = open_nnunet_model(spec["folders"][0] if row in TORCH_ROWS else spec["quantized"][0])
         engines, _ = open_engines(model, RUNTIME[row], PRECISION[row], device=DEVICE.get(row))
         seconds[row] = _time_window(engines[0], model.spec.patch_size, "cpu" if RUNTIME[row] == "openvino" else "cuda")
