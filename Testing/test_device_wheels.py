@@ -1,9 +1,10 @@
 """benchmarks/device/: the wheels a lent GPU machine gets for issue 25's stint. Every listed package has its tested
-version in constraints.txt (staging would stop on the first that is not), and install_wheels.sh joins carried pieces, refuses a
-set with a piece missing, and installs the wheels where PYTHONPATH finds them."""
+version in constraints.txt (staging would stop on the first that is not), and install_wheels.sh joins carried
+pieces, refuses a set with a piece missing, and installs the wheels where PYTHONPATH finds them."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +84,30 @@ def test_a_missing_piece_is_refused_before_anything_is_installed(tmp_path):
     done = _install(pieces, sha, site)
     assert done.returncode == 1
     assert "a piece missing?" in done.stderr and not site.exists()
+
+
+@pytest.mark.slow  # about two minutes: the tiny stint of test_device_stint.py behind the install
+def test_the_stint_installs_the_carried_wheels_then_trains_quantizes_and_runs_the_table(tmp_path):
+    """total_stint.sh as a lent machine runs it, on the CPU with tiny networks: the wheels installed first, the
+    stint's steps in order, and the table's rows on the trained set."""
+    pieces, sha = _pieces(tmp_path, 2)
+    out = tmp_path / "res"
+    labels = ROOT.parent / "shared" / "data" / "totalsegmentator_total_labels.json"
+    env = dict(os.environ, PY=sys.executable, PIECES=str(pieces), SITE=str(tmp_path / "site"), OUT=str(out),
+               WORK=str(tmp_path / "work"), DEVICE="cpu",
+               EXTRA="--tiny-networks --shape 48 48 32 --spacing 1.5 1.5 1.5",
+               ORGANS="--phantoms 2 --part-steps organs=2 --class-draw mixed",
+               OTHERS="--phantoms 2 --part-steps vertebrae=2 cardiac=2 muscles=1 ribs=1",
+               ROWS="--rows int8 fp32-torch nnunetv2 --once fp32-torch nnunetv2 --repeats 1")
+    args = [str(sha), str(labels)] if labels.is_file() else [str(sha), ""]
+    done = subprocess.run(["bash", str(DEVICE / "total_stint.sh"), *args], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    steps = [line.split()[0] for line in (out / "times").read_text().splitlines()]
+    assert steps[:3] == ["begin", "installed", "start"] and steps[-2:] == ["table-done", "stint-exit"], (
+        steps, done.stderr[-2000:])
+    assert (out / "times").read_text().splitlines()[-1].split()[1] == "0"
+    assert (tmp_path / "site" / "carried_one").is_dir() and "imports ok" in (out / "install.log").read_text()
+    result = json.loads((out / "total_table.json").read_text())
+    assert result["settings"]["equalize"] and result["settings"]["guard"] is False
+    rows = result["configs"]["total"]["repeats"][0]["rows"]
+    assert set(rows) == {"int8", "fp32-torch", "nnunetv2"} and all(r["seconds"] > 0 for r in rows.values())

@@ -225,6 +225,21 @@ def test_torch_fp16_needs_cuda(artifacts):
         OnnxRuntimeEngine(artifacts["fp32"], "fp32", device="cuda")
 
 
+def test_an_fp32_torch_engine_stays_fp32_inside_a_callers_autocast():
+    """nnunetv2's predictor runs every CUDA sliding window inside torch.autocast; an FP32 engine must not take its
+    convolutions to lower precision there. Checked on the CPU, where autocast goes to bf16 the same way."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1)).eval()
+    engine = TorchEngine(net, precision="fp32", device="cpu")
+    x = torch.randn(1, 1, 16, 16, 16)
+    plain = engine(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = engine(x)
+        lowered = net(x)  # what the same network does there without the engine's guard
+    assert lowered.dtype == torch.bfloat16 and not torch.equal(lowered.float(), plain)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
 def test_broken_onnx_is_a_model_error(tmp_path):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not an onnx file")

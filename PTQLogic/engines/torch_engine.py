@@ -123,7 +123,11 @@ class TorchEngine:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         first = self.compile_mode is not None and self.compile_seconds is None
         started = time.perf_counter()
-        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark), \
+        # an FP32 engine runs FP32 inside a caller's autocast too: nnunetv2's predictor wraps every CUDA sliding
+        # window in one, which would run this engine's convolutions in FP16
+        own_precision = (torch.autocast(self.device.type, enabled=False) if self._dtype == torch.float32
+                         else contextlib.nullcontext())
+        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark), own_precision, \
                 (_utf8_text_files() if first else contextlib.nullcontext()):
             x = batch.to(device=self.device, dtype=self._dtype)
             if self.channels_last and x.dim() == 5:

@@ -9,7 +9,10 @@ want=$(cat "${1:?the wheels.sha that stage_wheels.sh wrote}")
 work=$(mktemp -d)
 cat $(ls "$PIECES"/wheels.tar.part* | sort) > "$work/wheels.tar"
 got=$(sha256sum "$work/wheels.tar" | cut -d' ' -f1)
-[ "$got" = "$want" ] || { echo "install_wheels: pieces joined to sha256 $got, want $want (a piece missing?)" >&2; exit 1; }
+if [ "$got" != "$want" ]; then
+  echo "install_wheels: pieces joined to sha256 $got, want $want (a piece missing?)" >&2
+  exit 1
+fi
 mkdir -p "$work/wheels" && tar xf "$work/wheels.tar" -C "$work/wheels" && rm -rf "$SITE" && mkdir -p "$SITE"
 if "$PY" -m pip --version > /dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$work"/wheels/*.whl
@@ -22,4 +25,5 @@ cd "$(dirname "$0")/../.."
 PYTHONPATH="$SITE:$PWD" "$PY" -c "
 import torch, numpy, openvino, onnxruntime, monai, modelopt.onnx.quantization, nnunetv2.inference.predict_from_raw_data
 import nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring, PTQLogic.pipeline
-print('install_wheels: imports ok; torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__)"
+print('install_wheels: imports ok; torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      'numpy', numpy.__version__)"

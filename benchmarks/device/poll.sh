@@ -10,4 +10,5 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 echo "now $(date +%s)"; cat "$RES/times" 2> /dev/null
 tail -n 2 "$RES/install.log" "$RES/train_organs.log" 2> /dev/null; tail -n 4 "$RES/table.log" 2> /dev/null
-mkdir -p "$OUT" && tar czf "$OUT/res.tgz" -C "$(dirname "$RES")" --exclude="$(basename "$RES")/packs" "$(basename "$RES")"
+name=$(basename "$RES")
+mkdir -p "$OUT" && tar czf "$OUT/res.tgz" -C "$(dirname "$RES")" --exclude="$name/packs" "$name"

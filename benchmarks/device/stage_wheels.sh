@@ -45,4 +45,5 @@ split -b "${PIECE_MIB}M" -d -a 2 "$DEST/wheels.tar" "$DEST/wheels.tar.part"
 i=1
 for part in "$DEST"/wheels.tar.part*; do mkdir -p "$DEST/p$i" && mv "$part" "$DEST/p$i/"; i=$((i + 1)); done
 rm "$DEST/wheels.tar"
-echo "stage_wheels: $(ls "$DEST/wheels" | wc -l) wheels, $(du -sh "$DEST/wheels" | cut -f1), in $((i - 1)) pieces under $DEST"
+echo "stage_wheels: $(ls "$DEST/wheels" | wc -l) wheels, $(du -sh "$DEST/wheels" | cut -f1)," \
+     "in $((i - 1)) pieces under $DEST"

@@ -14,7 +14,7 @@
 # OTHERS: the other parts' [--phantoms 16 --part-steps vertebrae=1000 cardiac=1000 muscles=10 ribs=10];
 # QUANTIZE: the INT8 parts' options [the committed AMX run's: --no-guard, 4 patches, first conv and head in FP32];
 # ROWS [--rows fp32-torch int8 nnunetv2 --once fp32-torch nnunetv2 --row-timeout nnunetv2=270 --repeats 3]; with
-#   a GPU row (e.g. fp32-torch-cuda, the FP32 reference in a minute instead of fp32-torch's five) the GPU stays visible;
+#   a GPU row (fp32-torch-cuda: the FP32 reference in a minute, not fp32-torch's five) the GPU stays visible;
 # PYTHON [python]; EXTRA: options for every script (tests: --tiny-networks --shape ...); NOTE: the table's header line.
 # Parts trained here are rounded to fp16 values and packed into $OUT/packs (benchmarks/training/carry_weights.py:
 # chunks of 16 MiB) before they are quantized: copy them off the machine while the stint goes on.

@@ -26,7 +26,7 @@ ROW_TITLES = {
     "nnunetv2-cuda": "nnunetv2 `nnUNetPredictor` on CUDA (its autocast: FP16 where torch allows)",
     "fp32-torch-cuda": "this project's pipeline, PyTorch FP32 on CUDA (TF32 off)",
     "totalseg": "TotalSegmentator's way: CT resampled to the model's spacing, nnunetv2 FP32 there, labels back",
-    "totalseg-cuda": "TotalSegmentator's way, nnunetv2 FP32 on CUDA",
+    "totalseg-cuda": "TotalSegmentator's way, nnunetv2 on CUDA (its autocast)",
     "fp16-torch-cuda": "this project, PyTorch FP16 on CUDA",
     "fp16-tensorrt": "this project, TensorRT FP16",
     "int8-tensorrt": "this project, TensorRT INT8",

@@ -44,7 +44,8 @@ RUNTIME = {"fp32": "openvino", "int8": "openvino", "int8-bf16": "openvino", "int
 DEVICE = {"nnunetv2-cuda": "cuda", "fp32-torch-cuda": "cuda", "fp16-torch-cuda": "cuda", "totalseg-cuda": "cuda"}
 NNUNET_ROWS = ("nnunetv2", "nnunetv2-cuda")
 BASELINE_ROWS = NNUNET_ROWS + TOTALSEG_ROWS  # nnunetv2's predictor, on the CT's grid or TotalSegmentator's way
-TORCH_ROWS = ("fp32-torch", "fp32-torch-cuda", "fp16-torch-cuda")  # the project's pipeline on the original folders, no ONNX needed
+# the project's pipeline on the original folders, no ONNX needed
+TORCH_ROWS = ("fp32-torch", "fp32-torch-cuda", "fp16-torch-cuda")
 BF16_ROWS = ("int8-bf16", "int8-bf16-fp32w")  # OpenVINO's float layers in bf16 (PTQSEG_CPU_FLOAT=bf16)
 
 
