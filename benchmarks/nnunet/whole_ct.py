@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+import PTQLogic  # noqa: E402,F401 - first: no library telemetry, no caches in ~ (PTQLogic/core/offline.py)
 import totalseg_shapes as shapes  # noqa: E402
 import whole_ct_report as report  # noqa: E402
 from whole_ct_rows import BF16_ROWS, NNUNET_ROWS, started_mark  # noqa: E402

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
+import PTQLogic  # noqa: E402,F401 - first: no library telemetry, no caches in ~ (PTQLogic/core/offline.py)
 from whole_ct_totalseg import TOTALSEG_ROWS, run_totalseg  # noqa: E402
 
 PRECISION = {"fp32": "fp32", "int8": "int8", "int8-bf16": "int8", "int8-fp32w": "int8", "int8-bf16-fp32w": "int8",

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NNUNET = ROOT / "benchmarks" / "nnunet"
 sys.path[:0] = [str(ROOT), str(NNUNET), str(Path(__file__).parent)]
 
+import PTQLogic  # noqa: E402,F401 - first: no library telemetry, no caches in ~ (PTQLogic/core/offline.py)
 import totalseg_shapes as shapes  # noqa: E402
 from patches import augmented_crop, class_points, crop  # noqa: E402,F401 (crop, class_points: tests and callers)
 from whole_ct_setup import CALIBRATION_SEEDS, TEST_SEED, plans_for, work_dir  # noqa: E402
